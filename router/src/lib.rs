@@ -1,0 +1,169 @@
+//! ste-router: an etcd v3 server that spreads keys over single-member RAM
+//! etcd shards and presents one revision space.
+//!
+//! Where things are:
+//! - `server/`: one file per etcd service (KV, Watch, Lease, Maintenance, Cluster);
+//! - `txn_shapes`: which Txn shapes are accepted, and the errors for the rest;
+//! - `store`: the narrow interface the services call, and the index;
+//! - `sequencer/`: where a revision comes from, and when it becomes visible;
+//! - `history/`: where watch events come from, and compaction;
+//! - `ring/`: where a key is placed;
+//! - `shard/`: one shard's client, write lock and revision cuts;
+//! - `envelope`: the global revisions stored with each value;
+//! - `leases`, `admin`, `metrics`.
+
+pub mod admin;
+pub mod envelope;
+pub mod error;
+pub mod history;
+pub mod leases;
+pub mod metrics;
+pub mod ring;
+pub mod sequencer;
+pub mod server;
+pub mod shard;
+pub mod store;
+pub mod txn_shapes;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ste_etcd_proto::pb::{
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+
+pub use error::{StoreError, StoreResult};
+pub use shard::ShardSpec;
+pub use store::{Store, StoreConfig};
+
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    pub store: StoreConfig,
+    pub shards: Vec<ShardSpec>,
+    /// Interval of progress notifications for watches that ask for them.
+    pub progress_interval: Duration,
+    /// Interval of shard health checks, reconciliation and lease expiry.
+    pub maintain_interval: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            store: StoreConfig::default(),
+            shards: Vec::new(),
+            progress_interval: Duration::from_secs(600),
+            maintain_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("no shards given: pass at least one with --shards")]
+    NoShards,
+    #[error("opening the store failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("admin server failed: {0}")]
+    Admin(#[from] std::io::Error),
+}
+
+/// Serves the router on `listener` (gRPC) and `admin` (HTTP) until `shutdown` completes.
+pub async fn run(
+    config: RouterConfig,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    if config.shards.is_empty() {
+        return Err(RouterError::NoShards);
+    }
+    let metrics = Arc::new(metrics::Metrics::default());
+    let store = Store::open(config.store.clone(), &config.shards, metrics).await?;
+    let client_url = format!("http://{}", listener.local_addr()?);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+
+    let maintainer = {
+        let store = store.clone();
+        let interval = config.maintain_interval;
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            loop {
+                ticker.tick().await;
+                store.maintain().await;
+            }
+        })
+    };
+
+    let admin_task = match admin {
+        Some(admin) => {
+            let app = admin::router(store.clone());
+            info!(address = %admin.local_addr()?, "admin server listening");
+            Some(tokio::spawn(async move {
+                if let Err(err) = axum::serve(admin, app).await {
+                    warn!(error = %err, "admin server stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    {
+        let store = store.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            // End long-lived streams first, or the graceful shutdown would wait for them.
+            store.shutdown();
+            let _ = stop_tx.send(());
+        });
+    }
+
+    let member_id = config.store.member_id;
+    info!(address = %client_url, shards = config.shards.len(), "ste-router serving etcd v3 gRPC");
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(
+            KvServer::new(server::kv::KvService { store: store.clone() })
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(
+            WatchServer::new(server::watch::WatchService {
+                store: store.clone(),
+                progress_interval: config.progress_interval,
+            })
+            .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(LeaseServer::new(server::lease::LeaseService { store: store.clone() }))
+        .add_service(MaintenanceServer::new(server::maintenance::MaintenanceService {
+            store: store.clone(),
+        }))
+        .add_service(ClusterServer::new(server::cluster::ClusterService {
+            store: store.clone(),
+            member_id,
+            client_url,
+        }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        })
+        .await;
+    maintainer.abort();
+    if let Some(task) = admin_task {
+        task.abort();
+    }
+    info!("ste-router stopped");
+    Ok(result?)
+}

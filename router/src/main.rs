@@ -1,0 +1,106 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ste_router::{RouterConfig, ShardSpec, StoreConfig};
+use tokio::net::TcpListener;
+
+/// ste-router: one etcd, seen from kube-apiserver, over many RAM etcd shards.
+///
+/// Serves the etcd v3 gRPC API (KV, Watch, Lease, Maintenance.Status,
+/// Cluster.MemberList and gRPC health) for the keys kube-apiserver sends it
+/// with `--etcd-servers-overrides=/pods#http://<listen>`, spreads them over
+/// the shards by consistent hashing, and gives every write one global
+/// revision. Shards must be dedicated to the router.
+#[derive(Parser, Debug)]
+#[command(name = "ste-router", version, about, long_about)]
+struct Args {
+    /// Address of the etcd gRPC API.
+    #[arg(long, env = "STE_ROUTER_LISTEN", default_value = "127.0.0.1:2479")]
+    listen: SocketAddr,
+
+    /// Address of the admin HTTP server (/livez, /readyz, /metrics).
+    #[arg(long, env = "STE_ROUTER_ADMIN_LISTEN", default_value = "127.0.0.1:2480")]
+    admin_listen: SocketAddr,
+
+    /// Shards, comma separated: `name=http://host:port` or a bare URL (then the URL is its name).
+    /// Placement hashes the name, so keep names stable when addresses change.
+    #[arg(long, env = "STE_ROUTER_SHARDS", value_delimiter = ',', required = true)]
+    shards: Vec<String>,
+
+    /// Deadline of one request to a shard.
+    #[arg(long, env = "STE_ROUTER_SHARD_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    shard_timeout: Duration,
+
+    /// How long startup waits for unreachable shards before serving without them
+    /// (their keys answer Unavailable until they are back).
+    #[arg(long, env = "STE_ROUTER_LOAD_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    load_timeout: Duration,
+
+    /// Virtual nodes per shard on the hash ring.
+    #[arg(long, env = "STE_ROUTER_VNODES", default_value_t = 128)]
+    vnodes: u32,
+
+    /// Events kept for watches; older ones are compacted automatically even if
+    /// no client compacts (kube-apiserver compacts every 5 minutes).
+    #[arg(long, env = "STE_ROUTER_HISTORY_MAX_EVENTS", default_value_t = 200_000)]
+    history_max_events: usize,
+
+    /// Interval of progress notifications for watches that request them (etcd's default is 10m).
+    #[arg(long, env = "STE_ROUTER_PROGRESS_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    progress_interval: Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let shards = args
+        .shards
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| ShardSpec::parse(s).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("invalid --shards")?;
+    let config = RouterConfig {
+        store: StoreConfig {
+            shard_timeout: args.shard_timeout,
+            vnodes: args.vnodes,
+            history_max_events: args.history_max_events,
+            load_timeout: args.load_timeout,
+            ..StoreConfig::default()
+        },
+        shards,
+        progress_interval: args.progress_interval,
+        ..RouterConfig::default()
+    };
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let admin = TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding {}", args.admin_listen))?;
+    ste_router::run(config, listener, Some(admin), shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

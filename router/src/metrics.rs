@@ -1,0 +1,136 @@
+//! Prometheus metrics of the router (served on the admin port's /metrics).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub method: &'static str,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    pub shard: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    rpcs: Family<RpcLabels, Counter>,
+    rpc_seconds: Family<MethodLabels, Histogram>,
+    events: Counter,
+    keys_lost: Counter,
+    pub watchers: Gauge,
+    pub revision: Gauge,
+    pub compact_revision: Gauge,
+    pub history_events: Gauge,
+    pub leases: Gauge,
+    pub shard_keys: Family<ShardLabels, Gauge>,
+    pub shard_up: Family<ShardLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("ste_router");
+        let rpcs = Family::<RpcLabels, Counter>::default();
+        registry.register("rpcs", "gRPC requests served, by method and status code", rpcs.clone());
+        let rpc_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+        });
+        registry.register(
+            "rpc_duration_seconds",
+            "Time to answer a unary gRPC request",
+            rpc_seconds.clone(),
+        );
+        let events = Counter::default();
+        registry.register("events", "Watch events committed (one per key changed)", events.clone());
+        let keys_lost = Counter::default();
+        registry.register(
+            "keys_lost",
+            "Keys a shard no longer held when reconciled (announced as DELETE events)",
+            keys_lost.clone(),
+        );
+        let watchers = Gauge::default();
+        registry.register("watchers", "Open watches", watchers.clone());
+        let revision = Gauge::default();
+        registry.register("revision", "Current (published) global revision", revision.clone());
+        let compact_revision = Gauge::default();
+        registry.register("compact_revision", "Oldest readable global revision", compact_revision.clone());
+        let history_events = Gauge::default();
+        registry.register("history_events", "Events kept for watches", history_events.clone());
+        let leases = Gauge::default();
+        registry.register("leases", "Live leases", leases.clone());
+        let shard_keys = Family::<ShardLabels, Gauge>::default();
+        registry.register("shard_keys", "Keys per shard", shard_keys.clone());
+        let shard_up = Family::<ShardLabels, Gauge>::default();
+        registry.register("shard_up", "1 when the shard is loaded and answered its last health check", shard_up.clone());
+        Metrics {
+            registry,
+            rpcs,
+            rpc_seconds,
+            events,
+            keys_lost,
+            watchers,
+            revision,
+            compact_revision,
+            history_events,
+            leases,
+            shard_keys,
+            shard_up,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn rpc(&self, method: &'static str, code: tonic::Code, seconds: f64) {
+        self.rpcs
+            .get_or_create(&RpcLabels {
+                method,
+                code: code_name(code),
+            })
+            .inc();
+        self.rpc_seconds
+            .get_or_create(&MethodLabels { method })
+            .observe(seconds);
+    }
+
+    pub fn events_written(&self, n: usize) {
+        self.events.inc_by(n as u64);
+    }
+
+    pub fn keys_lost(&self, n: usize) {
+        self.keys_lost.inc_by(n as u64);
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}

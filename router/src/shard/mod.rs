@@ -1,0 +1,198 @@
+//! One shard: its client, its write lock (one write in flight, so the shard
+//! commits in global revision order), and its revision cuts.
+
+mod cuts;
+
+pub use cuts::{CutLookup, Cuts};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ste_etcd_proto::pb::{
+    kv_client::KvClient, maintenance_client::MaintenanceClient, CompactionRequest, RangeRequest,
+    RangeResponse, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::error::{StoreError, StoreResult};
+use crate::ring::ShardId;
+
+/// How the router reaches one shard.
+#[derive(Clone, Debug)]
+pub struct ShardSpec {
+    pub id: ShardId,
+    pub endpoint: String,
+}
+
+impl ShardSpec {
+    /// Parses `name=http://host:port` or a bare URL (then the URL is the name).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let (name, endpoint) = match text.split_once('=') {
+            Some((name, endpoint)) => (name.trim(), endpoint.trim()),
+            None => (text, text),
+        };
+        if name.is_empty() {
+            return Err(format!("shard {text:?} has an empty name"));
+        }
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            return Err(format!(
+                "shard endpoint {endpoint:?} must start with http:// or https://"
+            ));
+        }
+        endpoint
+            .parse::<tonic::transport::Uri>()
+            .map_err(|e| format!("shard endpoint {endpoint:?} is not a valid URL: {e}"))?;
+        Ok(ShardSpec {
+            id: ShardId::new(name),
+            endpoint: endpoint.to_string(),
+        })
+    }
+}
+
+/// State only the holder of the shard's write lock may touch.
+#[derive(Debug, Default)]
+pub struct WriteState {
+    /// A write failed in a way that leaves its outcome unknown, or the shard
+    /// was unreachable: the router's index must be checked against the shard
+    /// before the next write.
+    pub needs_reconcile: bool,
+    /// The last global revision committed on this shard.
+    pub last_revision: i64,
+}
+
+pub struct Shard {
+    pub id: ShardId,
+    pub endpoint: String,
+    kv: KvClient<Channel>,
+    maintenance: MaintenanceClient<Channel>,
+    pub write: tokio::sync::Mutex<WriteState>,
+    pub cuts: Mutex<Cuts>,
+    /// The shard's keys are in the index. Until then every request that may
+    /// touch it answers Unavailable rather than a result that misses keys.
+    loaded: AtomicBool,
+    healthy: AtomicBool,
+}
+
+impl Shard {
+    pub fn connect(spec: &ShardSpec, timeout: Duration) -> StoreResult<Self> {
+        let endpoint = Endpoint::from_shared(spec.endpoint.clone())
+            .map_err(|e| StoreError::unavailable(spec.id.as_str(), e))?
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(timeout);
+        let channel = endpoint.connect_lazy();
+        Ok(Shard {
+            id: spec.id.clone(),
+            endpoint: spec.endpoint.clone(),
+            kv: KvClient::new(channel.clone())
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+            maintenance: MaintenanceClient::new(channel),
+            write: tokio::sync::Mutex::new(WriteState::default()),
+            cuts: Mutex::new(Cuts::unloaded()),
+            loaded: AtomicBool::new(false),
+            healthy: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    pub fn set_loaded(&self, loaded: bool) {
+        self.loaded.store(loaded, Ordering::Release);
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    pub fn require_loaded(&self) -> StoreResult<()> {
+        if self.is_loaded() {
+            Ok(())
+        } else {
+            Err(StoreError::unavailable(
+                self.id.as_str(),
+                "its keys are not loaded yet (shard unreachable since the router started or rejoined)",
+            ))
+        }
+    }
+
+    pub async fn range(&self, req: RangeRequest) -> StoreResult<RangeResponse> {
+        let result = self.kv.clone().range(req).await;
+        self.answer(result)
+    }
+
+    pub async fn txn(&self, req: TxnRequest) -> StoreResult<TxnResponse> {
+        let result = self.kv.clone().txn(req).await;
+        self.answer(result)
+    }
+
+    pub async fn compact(&self, shard_revision: i64) -> StoreResult<()> {
+        let result = self
+            .kv
+            .clone()
+            .compact(CompactionRequest {
+                revision: shard_revision,
+                physical: false,
+            })
+            .await;
+        self.answer(result).map(|_| ())
+    }
+
+    pub async fn status(&self) -> StoreResult<StatusResponse> {
+        let result = self.maintenance.clone().status(StatusRequest {}).await;
+        let answer = self.answer(result);
+        self.set_healthy(answer.is_ok());
+        answer
+    }
+
+    fn answer<T>(&self, result: Result<tonic::Response<T>, Status>) -> StoreResult<T> {
+        match result {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(self.classify(status)),
+        }
+    }
+
+    /// Errors that are the request's fault pass through with etcd's own
+    /// message; everything else means the shard cannot serve right now.
+    fn classify(&self, status: Status) -> StoreError {
+        match status.code() {
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition | Code::NotFound
+            | Code::ResourceExhausted => StoreError::ShardRejected(status),
+            _ => {
+                self.set_healthy(false);
+                StoreError::unavailable(self.id.as_str(), status.message())
+            }
+        }
+    }
+}
+
+/// True when a failed shard write certainly did not change the shard.
+pub fn write_certainly_not_applied(err: &StoreError) -> bool {
+    matches!(err, StoreError::ShardRejected(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_specs_parse_with_and_without_names() {
+        let named = ShardSpec::parse("a=http://127.0.0.1:2380").unwrap();
+        assert_eq!((named.id.as_str(), named.endpoint.as_str()), ("a", "http://127.0.0.1:2380"));
+        let bare = ShardSpec::parse(" http://127.0.0.1:2381 ").unwrap();
+        assert_eq!(bare.id.as_str(), "http://127.0.0.1:2381");
+        assert!(ShardSpec::parse("127.0.0.1:2380").unwrap_err().contains("http://"));
+        assert!(ShardSpec::parse("=http://x:1").unwrap_err().contains("empty name"));
+    }
+}

@@ -1,0 +1,1658 @@
+//! The narrow interface the etcd services call: range, txn (put and delete
+//! are txns), multi-shard delete, compact, leases, status. Everything about
+//! shards, global revisions and the index stays behind it.
+//!
+//! Invariants:
+//! - the index (`key → shard, shard revision, global revisions, version,
+//!   lease`) is exactly the content of the loaded shards, because the router is
+//!   their only writer and every write holds its shard's write lock;
+//! - a global revision is assigned under the write lock of every shard the
+//!   write touches, so each shard commits in revision order and its cuts are
+//!   monotonic;
+//! - a response carrying revision G is sent only once G is published.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::join_all;
+use ste_etcd_proto::mvccpb::KeyValue;
+use ste_etcd_proto::pb::{
+    compare::{CompareResult, CompareTarget, TargetUnion},
+    range_request::{SortOrder, SortTarget},
+    request_op::Request,
+    response_op::Response,
+    Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, RequestOp, ResponseHeader, ResponseOp, StatusResponse, TxnRequest,
+    TxnResponse,
+};
+use tokio::sync::MutexGuard;
+use tracing::{info, warn};
+
+use crate::envelope::{self, Meta};
+use crate::error::{StoreError, StoreResult};
+use crate::history::{History, StoredEvent};
+use crate::leases::{LeaseInfo, Leases};
+use crate::metrics::Metrics;
+use crate::ring::{Ring, ShardId};
+use crate::sequencer::{starting_revision, Sequencer};
+use crate::shard::{write_certainly_not_applied, CutLookup, Shard, ShardSpec, WriteState};
+use crate::txn_shapes::{self, show_key, MAX_TXN_OPS};
+
+/// The version reported by Maintenance.Status when no shard reports a newer
+/// one: kube-apiserver keeps watch-progress based consistent reads only from 3.5.13 on.
+pub const MIN_REPORTED_ETCD_VERSION: &str = "3.5.13";
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub shard_timeout: Duration,
+    pub vnodes: u32,
+    pub history_max_events: usize,
+    pub cluster_id: u64,
+    pub member_id: u64,
+    /// How long startup waits for unreachable shards before serving without them.
+    pub load_timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            shard_timeout: Duration::from_secs(5),
+            vnodes: 128,
+            history_max_events: 200_000,
+            cluster_id: 0x5445_5354_4552_4f55,
+            member_id: 0x5354_452d_726f_7574,
+            load_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a key lives and its global metadata; the router's copy of the shards' state.
+#[derive(Debug, Clone)]
+struct IndexEntry {
+    shard: ShardId,
+    shard_mod_revision: i64,
+    meta: Meta,
+}
+
+/// What a write txn will do to one key, decided before the shard is asked.
+enum PlannedOp {
+    Put {
+        key: Bytes,
+        meta: Meta,
+        value: Bytes,
+        want_prev: bool,
+        old_lease: i64,
+    },
+    Delete {
+        key: Bytes,
+        want_prev: bool,
+        existed: bool,
+    },
+    Range {
+        keys_only: bool,
+        count_only: bool,
+    },
+}
+
+pub struct Store {
+    config: StoreConfig,
+    shards: RwLock<BTreeMap<ShardId, Arc<Shard>>>,
+    ring: RwLock<Ring>,
+    index: RwLock<BTreeMap<Bytes, IndexEntry>>,
+    sequencer: Sequencer,
+    history: Arc<History>,
+    leases: Leases,
+    metrics: Arc<Metrics>,
+    closed: AtomicBool,
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+fn zero_kv_meta() -> Meta {
+    Meta::default()
+}
+
+impl Store {
+    /// Connects to the shards, loads their keys (waiting up to
+    /// `load_timeout` for unreachable ones, which then load in the
+    /// background) and picks the starting revision.
+    pub async fn open(
+        config: StoreConfig,
+        specs: &[ShardSpec],
+        metrics: Arc<Metrics>,
+    ) -> StoreResult<Arc<Store>> {
+        let mut shards = BTreeMap::new();
+        let mut ring = Ring::new(config.vnodes);
+        for spec in specs {
+            if shards.contains_key(&spec.id) {
+                return Err(StoreError::Internal(format!(
+                    "shard name {} is given twice",
+                    spec.id
+                )));
+            }
+            let shard = Arc::new(Shard::connect(spec, config.shard_timeout)?);
+            ring.add(&spec.id);
+            shards.insert(spec.id.clone(), shard);
+        }
+
+        // Scan every shard, retrying unreachable ones until the deadline.
+        let deadline = Instant::now() + config.load_timeout;
+        let mut scans: HashMap<ShardId, Scan> = HashMap::new();
+        loop {
+            let pending: Vec<Arc<Shard>> = shards
+                .values()
+                .filter(|s| !scans.contains_key(&s.id))
+                .cloned()
+                .collect();
+            let results = join_all(pending.iter().map(|s| scan_shard(s))).await;
+            for (shard, result) in pending.iter().zip(results) {
+                match result {
+                    Ok(scan) => {
+                        info!(shard = %shard.id, keys = scan.items.len(), "loaded shard");
+                        scans.insert(shard.id.clone(), scan);
+                    }
+                    Err(StoreError::Internal(msg)) => return Err(StoreError::Internal(msg)),
+                    Err(err) => warn!(shard = %shard.id, error = %err, "shard not reachable yet"),
+                }
+            }
+            if scans.len() == shards.len() || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+
+        let highest = scans
+            .values()
+            .flat_map(|scan| scan.items.iter().map(|item| item.meta.mod_revision))
+            .max()
+            .unwrap_or(0);
+        let start = starting_revision(highest);
+        let history = Arc::new(History::new(start, config.history_max_events));
+        let store = Arc::new(Store {
+            sequencer: Sequencer::new(start, history.clone()),
+            history,
+            config,
+            shards: RwLock::new(shards),
+            ring: RwLock::new(ring),
+            index: RwLock::new(BTreeMap::new()),
+            leases: Leases::default(),
+            metrics,
+            closed: AtomicBool::new(false),
+            closing: tokio::sync::watch::channel(false).0,
+        });
+        for (id, scan) in scans {
+            let shard = store.shard(&id).expect("shard exists");
+            store.adopt_scan(&shard, scan, start);
+        }
+        info!(revision = start, "router store open");
+        Ok(store)
+    }
+
+    /// Puts a scanned shard's keys into the index, as they are (no events:
+    /// nobody could have listed the shard while it was not loaded).
+    fn adopt_scan(&self, shard: &Shard, scan: Scan, at: i64) {
+        {
+            let mut index = self.index.write().expect("index lock");
+            for item in scan.items {
+                if item.meta.lease != 0 {
+                    self.leases
+                        .restore(item.meta.lease, item.meta.lease_ttl, item.key.clone());
+                }
+                index.insert(
+                    item.key,
+                    IndexEntry {
+                        shard: shard.id.clone(),
+                        shard_mod_revision: item.shard_mod_revision,
+                        meta: item.meta,
+                    },
+                );
+            }
+        }
+        shard
+            .cuts
+            .lock()
+            .expect("cuts lock")
+            .reset(at, scan.revision, CutLookup::Unknown);
+        shard.set_loaded(true);
+        shard.set_healthy(true);
+    }
+
+    pub fn sequencer(&self) -> &Sequencer {
+        &self.sequencer
+    }
+
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.config.cluster_id,
+            member_id: self.config.member_id,
+            revision,
+            raft_term: 1,
+        }
+    }
+
+    /// Refuses new requests and ends open watch and keep-alive streams.
+    pub fn shutdown(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.closing.send_replace(true);
+    }
+
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    /// Completes once `shutdown` was called.
+    pub async fn until_closed(rx: &mut tokio::sync::watch::Receiver<bool>) {
+        let _ = rx.wait_for(|closed| *closed).await.map(|_| ());
+    }
+
+    fn check_open(&self) -> StoreResult<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(StoreError::NotReady("shutting down".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn shard_list(&self) -> Vec<Arc<Shard>> {
+        self.shards.read().expect("shards lock").values().cloned().collect()
+    }
+
+    fn shard(&self, id: &ShardId) -> Option<Arc<Shard>> {
+        self.shards.read().expect("shards lock").get(id).cloned()
+    }
+
+    /// True when every shard is loaded and answered its last health check.
+    pub fn is_ready(&self) -> bool {
+        let shards = self.shard_list();
+        !shards.is_empty() && shards.iter().all(|s| s.is_loaded() && s.is_healthy())
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.index.read().expect("index lock").len()
+    }
+
+    pub fn keys_per_shard(&self) -> BTreeMap<ShardId, usize> {
+        let mut counts: BTreeMap<ShardId, usize> =
+            self.shard_list().iter().map(|s| (s.id.clone(), 0)).collect();
+        for entry in self.index.read().expect("index lock").values() {
+            *counts.entry(entry.shard.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// The shard that holds `key`, or where a new `key` goes.
+    fn shard_for_key(&self, key: &[u8]) -> StoreResult<Arc<Shard>> {
+        let located = self
+            .index
+            .read()
+            .expect("index lock")
+            .get(key)
+            .map(|e| e.shard.clone());
+        let id = match located {
+            Some(id) => id,
+            None => self
+                .ring
+                .read()
+                .expect("ring lock")
+                .locate(key)
+                .ok_or_else(|| StoreError::NotReady("no shards are configured".into()))?,
+        };
+        self.shard(&id)
+            .ok_or_else(|| StoreError::Internal(format!("shard {id} is placed but not known")))
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    /// Resolves a requested read revision (0 = current) against the window.
+    fn read_revision(&self, requested: i64) -> StoreResult<i64> {
+        let current = self.sequencer.published();
+        if requested <= 0 {
+            return Ok(current);
+        }
+        if requested > current {
+            return Err(StoreError::FutureRevision);
+        }
+        if requested < self.history.compact_revision() {
+            return Err(StoreError::Compacted);
+        }
+        Ok(requested)
+    }
+
+    pub async fn range(&self, req: RangeRequest) -> StoreResult<RangeResponse> {
+        self.check_open()?;
+        if req.key.is_empty() {
+            return Err(StoreError::EmptyKey);
+        }
+        check_range_options(&req)?;
+        let revision = self.read_revision(req.revision)?;
+        let shards = if req.range_end.is_empty() {
+            vec![self.shard_for_key(&req.key)?]
+        } else {
+            self.shard_list()
+        };
+        let mut reads = Vec::new();
+        for shard in &shards {
+            shard.require_loaded()?;
+            let cut = shard.cuts.lock().expect("cuts lock").at(revision);
+            match cut {
+                CutLookup::At(shard_revision) => reads.push((shard.clone(), shard_revision)),
+                CutLookup::Empty => {}
+                CutLookup::Unknown => return Err(StoreError::Compacted),
+            }
+        }
+        let answers = join_all(reads.iter().map(|(shard, shard_revision)| {
+            shard.range(RangeRequest {
+                key: req.key.clone(),
+                range_end: req.range_end.clone(),
+                limit: req.limit,
+                revision: *shard_revision,
+                count_only: req.count_only,
+                ..Default::default()
+            })
+        }))
+        .await;
+
+        let mut count = 0;
+        let mut kvs = Vec::new();
+        for ((shard, _), answer) in reads.iter().zip(answers) {
+            let answer = answer.map_err(|err| match err {
+                // The shard was compacted under a concurrent Compact of ours.
+                StoreError::ShardRejected(status) if status.message().contains("compacted") => {
+                    StoreError::Compacted
+                }
+                other => other,
+            })?;
+            count += answer.count;
+            for kv in answer.kvs {
+                kvs.push(translate_kv(&shard.id, kv)?);
+            }
+        }
+        if req.count_only {
+            kvs.clear();
+        } else {
+            kvs.sort_by(|a, b| a.key.cmp(&b.key));
+            if req.sort_order == SortOrder::Descend as i32 {
+                kvs.reverse();
+            }
+        }
+        let mut more = false;
+        if req.limit > 0 && kvs.len() > req.limit as usize {
+            kvs.truncate(req.limit as usize);
+        }
+        if req.limit > 0 && !req.count_only && count > kvs.len() as i64 {
+            more = true;
+        }
+        if req.keys_only {
+            for kv in &mut kvs {
+                kv.value = Bytes::new();
+            }
+        }
+        Ok(RangeResponse {
+            header: Some(self.header(self.sequencer.published().max(revision))),
+            kvs,
+            more,
+            count,
+        })
+    }
+
+    // ---------------------------------------------------------------- writes
+
+    /// Runs a write to completion even if the caller goes away: a revision,
+    /// once assigned, must always be finished or publication would stall.
+    async fn detached<T, F>(self: &Arc<Self>, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = StoreResult<T>> + Send + 'static,
+    {
+        tokio::spawn(work)
+            .await
+            .map_err(|e| StoreError::Internal(format!("write task failed: {e}")))?
+    }
+
+    pub async fn put(self: &Arc<Self>, req: PutRequest) -> StoreResult<PutResponse> {
+        let txn = TxnRequest {
+            success: vec![RequestOp {
+                request: Some(Request::RequestPut(req)),
+            }],
+            ..Default::default()
+        };
+        let mut resp = self.txn(txn).await?;
+        let prev_kv = match resp.responses.pop().and_then(|r| r.response) {
+            Some(Response::ResponsePut(put)) => put.prev_kv,
+            _ => None,
+        };
+        Ok(PutResponse {
+            header: resp.header,
+            prev_kv,
+        })
+    }
+
+    pub async fn delete_range(
+        self: &Arc<Self>,
+        req: DeleteRangeRequest,
+    ) -> StoreResult<DeleteRangeResponse> {
+        if req.key.is_empty() {
+            return Err(StoreError::EmptyKey);
+        }
+        if req.range_end.is_empty() {
+            let txn = TxnRequest {
+                success: vec![RequestOp {
+                    request: Some(Request::RequestDeleteRange(req)),
+                }],
+                ..Default::default()
+            };
+            let mut resp = self.txn(txn).await?;
+            return match resp.responses.pop().and_then(|r| r.response) {
+                Some(Response::ResponseDeleteRange(mut delete)) => {
+                    delete.header = resp.header;
+                    Ok(delete)
+                }
+                _ => Err(StoreError::Internal("delete produced no response".into())),
+            };
+        }
+        let store = self.clone();
+        self.detached(async move {
+            let (revision, deleted) = store
+                .delete_many(Selection::Range(req.key.clone(), req.range_end.clone()))
+                .await?;
+            Ok(DeleteRangeResponse {
+                header: Some(store.header(revision)),
+                deleted: deleted.len() as i64,
+                prev_kvs: if req.prev_kv { deleted } else { Vec::new() },
+            })
+        })
+        .await
+    }
+
+    pub async fn txn(self: &Arc<Self>, req: TxnRequest) -> StoreResult<TxnResponse> {
+        self.check_open()?;
+        let keys = txn_shapes::txn_keys(&req)?;
+        if keys.is_empty() {
+            // Nothing to read or write: only the (empty) compares decide.
+            return Ok(TxnResponse {
+                header: Some(self.header(self.sequencer.published())),
+                succeeded: true,
+                responses: Vec::new(),
+            });
+        }
+        let store = self.clone();
+        self.detached(async move { store.txn_on_one_shard(req, keys).await })
+            .await
+    }
+
+    async fn txn_on_one_shard(
+        self: Arc<Self>,
+        req: TxnRequest,
+        keys: BTreeSet<Bytes>,
+    ) -> StoreResult<TxnResponse> {
+        let shard = self.single_shard_for(&keys)?;
+        let mut state = shard.write.lock().await;
+        self.ensure_reconciled(&shard, &mut state).await?;
+        // Placement cannot have changed while we waited: only this shard's
+        // writer places keys on it. Re-check the ring for new keys anyway, so a
+        // ring change during the wait sends the write to the right shard.
+        let again = self.single_shard_for(&keys)?;
+        if again.id != shard.id {
+            drop(state);
+            return Box::pin(self.txn_on_one_shard(req, keys)).await;
+        }
+
+        let succeeded = self.evaluate_compares(&shard, &req.compare).await?;
+        let ops = if succeeded { req.success } else { req.failure };
+        let effective_write = {
+            let index = self.index.read().expect("index lock");
+            ops.iter().any(|op| match &op.request {
+                Some(Request::RequestPut(_)) => true,
+                Some(Request::RequestDeleteRange(d)) => index.contains_key(&d.key),
+                _ => false,
+            })
+        };
+        if !effective_write {
+            return self.read_only_branch(&shard, state, ops, succeeded).await;
+        }
+
+        let mut planned = Vec::with_capacity(ops.len());
+        let mut shard_ops = Vec::with_capacity(ops.len());
+        let mut fences = Vec::new();
+        // Validate everything before a revision is taken.
+        let mut prepared = Vec::with_capacity(ops.len());
+        for op in ops {
+            prepared.push(self.prepare_op(&shard, op).await?);
+        }
+        let g = self.sequencer.assign();
+        for prep in prepared {
+            let (plan, shard_op, fence) = prep.finish(g);
+            planned.push(plan);
+            shard_ops.push(shard_op);
+            fences.extend(fence);
+        }
+        let shard_request = TxnRequest {
+            compare: fences,
+            success: shard_ops,
+            failure: Vec::new(),
+        };
+        let answer = shard.txn(shard_request).await;
+        let answer = match answer {
+            Ok(answer) if answer.succeeded => answer,
+            Ok(_) => {
+                state.needs_reconcile = true;
+                self.sequencer.finish(g, Vec::new());
+                return Err(StoreError::Internal(format!(
+                    "shard {} changed behind the router's back (its revisions no longer match the index); it is being reconciled, retry",
+                    shard.id
+                )));
+            }
+            Err(err) => {
+                if !write_certainly_not_applied(&err) {
+                    state.needs_reconcile = true;
+                }
+                self.sequencer.finish(g, Vec::new());
+                return Err(err);
+            }
+        };
+        let shard_revision = answer.header.as_ref().map(|h| h.revision).unwrap_or(0);
+
+        let mut events = Vec::new();
+        let mut responses = Vec::with_capacity(planned.len());
+        for (plan, response) in planned.into_iter().zip(answer.responses) {
+            responses.push(self.apply_op_result(
+                &shard,
+                plan,
+                response,
+                g,
+                shard_revision,
+                &mut events,
+            )?);
+        }
+        shard
+            .cuts
+            .lock()
+            .expect("cuts lock")
+            .push(g, shard_revision);
+        state.last_revision = g;
+        self.metrics.events_written(events.len());
+        self.sequencer.finish(g, events);
+        drop(state);
+        self.compact_overflow();
+        self.sequencer.wait_published(g).await;
+        Ok(TxnResponse {
+            header: Some(self.header(g)),
+            succeeded,
+            responses,
+        })
+    }
+
+    /// The shard of all `keys`, or the error naming them if they are on several.
+    fn single_shard_for(&self, keys: &BTreeSet<Bytes>) -> StoreResult<Arc<Shard>> {
+        let mut placed: BTreeMap<ShardId, Vec<&Bytes>> = BTreeMap::new();
+        let mut first = None;
+        for key in keys {
+            let shard = self.shard_for_key(key)?;
+            placed.entry(shard.id.clone()).or_default().push(key);
+            first.get_or_insert(shard);
+        }
+        if placed.len() > 1 {
+            let detail = placed
+                .iter()
+                .map(|(shard, keys)| {
+                    let keys: Vec<String> = keys.iter().map(|k| show_key(k)).collect();
+                    format!("{} on shard {}", keys.join(", "), shard)
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(StoreError::CrossShard(detail));
+        }
+        let shard = first.expect("keys is not empty");
+        shard.require_loaded()?;
+        Ok(shard)
+    }
+
+    async fn evaluate_compares(&self, shard: &Shard, compares: &[Compare]) -> StoreResult<bool> {
+        for compare in compares {
+            let entry = self.index.read().expect("index lock").get(&compare.key).cloned();
+            let ordering = match (CompareTarget::try_from(compare.target), &compare.target_union) {
+                (Ok(CompareTarget::Value), Some(TargetUnion::Value(expected))) => {
+                    if entry.is_none() {
+                        // etcd: a value compare on a missing key is always false.
+                        return Ok(false);
+                    }
+                    let current = self.read_latest_value(shard, &compare.key).await?;
+                    match current {
+                        Some(value) => value[..].cmp(&expected[..]),
+                        None => return Ok(false),
+                    }
+                }
+                (Ok(target), Some(union)) => {
+                    let meta = entry.map(|e| e.meta).unwrap_or_else(zero_kv_meta);
+                    let (have, want) = match (target, union) {
+                        (CompareTarget::Version, TargetUnion::Version(v)) => (meta.version, *v),
+                        (CompareTarget::Create, TargetUnion::CreateRevision(v)) => {
+                            (meta.create_revision, *v)
+                        }
+                        (CompareTarget::Mod, TargetUnion::ModRevision(v)) => (meta.mod_revision, *v),
+                        (CompareTarget::Lease, TargetUnion::Lease(v)) => (meta.lease, *v),
+                        _ => {
+                            return Err(StoreError::Unsupported(format!(
+                                "a compare whose target ({:?}) and value disagree",
+                                target
+                            )))
+                        }
+                    };
+                    have.cmp(&want)
+                }
+                (Ok(CompareTarget::Version), None) => {
+                    // proto3 drops zero: `Version(k) == 0` arrives without a union.
+                    let meta = entry.map(|e| e.meta).unwrap_or_else(zero_kv_meta);
+                    meta.version.cmp(&0)
+                }
+                (Ok(target), None) => {
+                    let meta = entry.map(|e| e.meta).unwrap_or_else(zero_kv_meta);
+                    let have = match target {
+                        CompareTarget::Create => meta.create_revision,
+                        CompareTarget::Mod => meta.mod_revision,
+                        CompareTarget::Lease => meta.lease,
+                        CompareTarget::Version => meta.version,
+                        CompareTarget::Value => return Ok(false),
+                    };
+                    have.cmp(&0)
+                }
+                (Err(_), _) => {
+                    return Err(StoreError::Unsupported(format!(
+                        "compare target {}",
+                        compare.target
+                    )))
+                }
+            };
+            let holds = match CompareResult::try_from(compare.result) {
+                Ok(CompareResult::Equal) => ordering.is_eq(),
+                Ok(CompareResult::NotEqual) => !ordering.is_eq(),
+                Ok(CompareResult::Greater) => ordering.is_gt(),
+                Ok(CompareResult::Less) => ordering.is_lt(),
+                Err(_) => {
+                    return Err(StoreError::Unsupported(format!(
+                        "compare result {}",
+                        compare.result
+                    )))
+                }
+            };
+            if !holds {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The current client value of a key (the caller holds the shard's write lock).
+    async fn read_latest_value(&self, shard: &Shard, key: &Bytes) -> StoreResult<Option<Bytes>> {
+        let answer = shard
+            .range(RangeRequest {
+                key: key.clone(),
+                ..Default::default()
+            })
+            .await?;
+        match answer.kvs.into_iter().next() {
+            Some(kv) => Ok(Some(translate_kv(&shard.id, kv)?.value)),
+            None => Ok(None),
+        }
+    }
+
+    /// A branch that changes nothing: its reads run on the shard (consistent,
+    /// as we hold its write lock) and answer at the current revision.
+    async fn read_only_branch(
+        &self,
+        shard: &Shard,
+        state: MutexGuard<'_, WriteState>,
+        ops: Vec<RequestOp>,
+        succeeded: bool,
+    ) -> StoreResult<TxnResponse> {
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            let response = match op.request {
+                Some(Request::RequestRange(range)) => {
+                    check_range_options(&range)?;
+                    let answer = shard
+                        .range(RangeRequest {
+                            key: range.key.clone(),
+                            limit: range.limit,
+                            count_only: range.count_only,
+                            ..Default::default()
+                        })
+                        .await?;
+                    Response::ResponseRange(self.translate_range(&shard.id, answer, &range)?)
+                }
+                Some(Request::RequestDeleteRange(_)) => {
+                    Response::ResponseDeleteRange(DeleteRangeResponse::default())
+                }
+                _ => return Err(StoreError::Internal("unexpected op in a read-only branch".into())),
+            };
+            responses.push(ResponseOp {
+                response: Some(response),
+            });
+        }
+        let last = state.last_revision;
+        drop(state);
+        let revision = self.sequencer.wait_published(last).await;
+        let header = self.header(revision);
+        for response in &mut responses {
+            match &mut response.response {
+                Some(Response::ResponseRange(r)) => r.header = Some(header),
+                Some(Response::ResponseDeleteRange(d)) => d.header = Some(header),
+                _ => {}
+            }
+        }
+        Ok(TxnResponse {
+            header: Some(header),
+            succeeded,
+            responses,
+        })
+    }
+
+    fn translate_range(
+        &self,
+        shard: &ShardId,
+        answer: RangeResponse,
+        asked: &RangeRequest,
+    ) -> StoreResult<RangeResponse> {
+        let mut kvs = Vec::with_capacity(answer.kvs.len());
+        for kv in answer.kvs {
+            let mut kv = translate_kv(shard, kv)?;
+            if asked.keys_only {
+                kv.value = Bytes::new();
+            }
+            kvs.push(kv);
+        }
+        Ok(RangeResponse {
+            header: None,
+            kvs,
+            more: answer.more,
+            count: answer.count,
+        })
+    }
+
+    async fn prepare_op(&self, shard: &Shard, op: RequestOp) -> StoreResult<PreparedOp> {
+        match op.request {
+            Some(Request::RequestPut(put)) => {
+                let entry = self.index.read().expect("index lock").get(&put.key).cloned();
+                if put.ignore_value && !put.value.is_empty() {
+                    return Err(StoreError::ValueProvided);
+                }
+                if put.ignore_lease && put.lease != 0 {
+                    return Err(StoreError::LeaseProvided);
+                }
+                if (put.ignore_value || put.ignore_lease) && entry.is_none() {
+                    return Err(StoreError::KeyNotFound);
+                }
+                let value = if put.ignore_value {
+                    self.read_latest_value(shard, &put.key)
+                        .await?
+                        .ok_or(StoreError::KeyNotFound)?
+                } else {
+                    put.value.clone()
+                };
+                let lease = if put.ignore_lease {
+                    entry.as_ref().map(|e| e.meta.lease).unwrap_or(0)
+                } else {
+                    put.lease
+                };
+                let lease_ttl = if lease != 0 {
+                    self.leases.attachable_ttl(lease)?
+                } else {
+                    0
+                };
+                Ok(PreparedOp::Put {
+                    key: put.key,
+                    value,
+                    lease,
+                    lease_ttl,
+                    want_prev: put.prev_kv,
+                    entry,
+                })
+            }
+            Some(Request::RequestDeleteRange(delete)) => {
+                let entry = self.index.read().expect("index lock").get(&delete.key).cloned();
+                Ok(PreparedOp::Delete {
+                    key: delete.key,
+                    want_prev: delete.prev_kv,
+                    entry,
+                })
+            }
+            Some(Request::RequestRange(range)) => {
+                check_range_options(&range)?;
+                Ok(PreparedOp::Range(range))
+            }
+            _ => Err(StoreError::Unsupported("this Txn operation".into())),
+        }
+    }
+
+    fn apply_op_result(
+        &self,
+        shard: &Shard,
+        plan: PlannedOp,
+        response: ResponseOp,
+        g: i64,
+        shard_revision: i64,
+        events: &mut Vec<Arc<StoredEvent>>,
+    ) -> StoreResult<ResponseOp> {
+        let response = match (plan, response.response) {
+            (
+                PlannedOp::Put {
+                    key,
+                    meta,
+                    value,
+                    want_prev,
+                    old_lease,
+                },
+                Some(Response::ResponsePut(put)),
+            ) => {
+                let prev = put.prev_kv.map(|kv| translate_kv(&shard.id, kv)).transpose()?;
+                let kv = KeyValue {
+                    key: key.clone(),
+                    create_revision: meta.create_revision,
+                    mod_revision: meta.mod_revision,
+                    version: meta.version,
+                    value,
+                    lease: meta.lease,
+                };
+                self.index.write().expect("index lock").insert(
+                    key.clone(),
+                    IndexEntry {
+                        shard: shard.id.clone(),
+                        shard_mod_revision: shard_revision,
+                        meta,
+                    },
+                );
+                self.leases.reattach(&key, old_lease, meta.lease);
+                events.push(Arc::new(StoredEvent::put(kv, prev.clone())));
+                Response::ResponsePut(PutResponse {
+                    header: Some(self.header(g)),
+                    prev_kv: if want_prev { prev } else { None },
+                })
+            }
+            (
+                PlannedOp::Delete {
+                    key,
+                    want_prev,
+                    existed,
+                },
+                Some(Response::ResponseDeleteRange(delete)),
+            ) => {
+                let prev: Vec<KeyValue> = delete
+                    .prev_kvs
+                    .into_iter()
+                    .map(|kv| translate_kv(&shard.id, kv))
+                    .collect::<StoreResult<_>>()?;
+                if existed || !prev.is_empty() {
+                    let removed = self.index.write().expect("index lock").remove(&key);
+                    if let Some(removed) = removed {
+                        self.leases.reattach(&key, removed.meta.lease, 0);
+                    }
+                    events.push(Arc::new(StoredEvent::delete(
+                        key,
+                        g,
+                        prev.first().cloned(),
+                    )));
+                }
+                Response::ResponseDeleteRange(DeleteRangeResponse {
+                    header: Some(self.header(g)),
+                    deleted: delete.deleted,
+                    prev_kvs: if want_prev { prev } else { Vec::new() },
+                })
+            }
+            (
+                PlannedOp::Range {
+                    keys_only,
+                    count_only,
+                },
+                Some(Response::ResponseRange(range)),
+            ) => {
+                let asked = RangeRequest {
+                    keys_only,
+                    count_only,
+                    ..Default::default()
+                };
+                let mut translated = self.translate_range(&shard.id, range, &asked)?;
+                translated.header = Some(self.header(g));
+                Response::ResponseRange(translated)
+            }
+            _ => {
+                return Err(StoreError::Internal(
+                    "shard answered a Txn with responses of the wrong kind".into(),
+                ))
+            }
+        };
+        Ok(ResponseOp {
+            response: Some(response),
+        })
+    }
+
+    // -------------------------------------------------- multi-shard deletes
+
+    /// Deletes every key of the selection, on every shard, at one revision.
+    /// Atomic per shard; if a shard fails midway the keys deleted on the
+    /// others stay deleted (and are announced) and the caller gets the error.
+    async fn delete_many(&self, selection: Selection) -> StoreResult<(i64, Vec<KeyValue>)> {
+        self.check_open()?;
+        let shards = self.shard_list();
+        // Every shard, in name order (single-shard writers hold one lock, so no deadlock).
+        let mut guards: Vec<(&Arc<Shard>, MutexGuard<'_, WriteState>)> = Vec::new();
+        for shard in &shards {
+            guards.push((shard, shard.write.lock().await));
+        }
+        let mut by_shard: BTreeMap<ShardId, Vec<(Bytes, i64)>> = BTreeMap::new();
+        {
+            let index = self.index.read().expect("index lock");
+            let mut add = |key: &Bytes, entry: &IndexEntry| {
+                by_shard
+                    .entry(entry.shard.clone())
+                    .or_default()
+                    .push((key.clone(), entry.shard_mod_revision));
+            };
+            match &selection {
+                Selection::Range(from, to) => {
+                    let upper = if to.as_ref() == [0] {
+                        Bound::Unbounded
+                    } else {
+                        Bound::Excluded(to.clone())
+                    };
+                    if matches!(&upper, Bound::Excluded(end) if end <= from) {
+                        // An empty range deletes nothing.
+                    } else {
+                        for (key, entry) in index.range((Bound::Included(from.clone()), upper)) {
+                            add(key, entry);
+                        }
+                    }
+                }
+                Selection::Lease(id) => {
+                    for key in self.leases.keys_of(*id) {
+                        if let Some(entry) = index.get(&key) {
+                            add(&key, entry);
+                        }
+                    }
+                }
+            }
+        }
+        for (shard, state) in guards.iter_mut() {
+            if by_shard.contains_key(&shard.id) {
+                shard.require_loaded()?;
+                self.ensure_reconciled(shard, state).await?;
+            }
+        }
+        if by_shard.is_empty() {
+            let last = guards.iter().map(|(_, s)| s.last_revision).max().unwrap_or(0);
+            drop(guards);
+            return Ok((self.sequencer.wait_published(last).await, Vec::new()));
+        }
+
+        let g = self.sequencer.assign();
+        let work = guards
+            .iter()
+            .filter_map(|(shard, _)| by_shard.get(&shard.id).map(|keys| (*shard, keys)));
+        let results = join_all(work.map(|(shard, keys)| async move {
+            let mut deleted = Vec::new();
+            let mut last_revision = None;
+            for chunk in keys.chunks(MAX_TXN_OPS) {
+                let request = TxnRequest {
+                    compare: chunk
+                        .iter()
+                        .map(|(key, shard_mod)| fence(key, *shard_mod))
+                        .collect(),
+                    success: chunk
+                        .iter()
+                        .map(|(key, _)| RequestOp {
+                            request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                                key: key.clone(),
+                                prev_kv: true,
+                                ..Default::default()
+                            })),
+                        })
+                        .collect(),
+                    failure: Vec::new(),
+                };
+                match shard.txn(request).await {
+                    Ok(answer) if answer.succeeded => {
+                        last_revision = answer.header.map(|h| h.revision);
+                        for response in answer.responses {
+                            if let Some(Response::ResponseDeleteRange(d)) = response.response {
+                                deleted.extend(d.prev_kvs);
+                            }
+                        }
+                    }
+                    Ok(_) => {
+                        return (
+                            shard,
+                            deleted,
+                            last_revision,
+                            Some(StoreError::Internal(
+                                "shard changed behind the router's back; reconciling".into(),
+                            )),
+                        )
+                    }
+                    Err(err) => return (shard, deleted, last_revision, Some(err)),
+                }
+            }
+            (shard, deleted, last_revision, None)
+        }))
+        .await;
+
+        let mut events = Vec::new();
+        let mut all_deleted = Vec::new();
+        let mut first_error = None;
+        for (shard, deleted, last_revision, error) in results {
+            if let Some(err) = error {
+                if let Some((_, state)) = guards.iter_mut().find(|(s, _)| s.id == shard.id) {
+                    state.needs_reconcile = true;
+                }
+                first_error.get_or_insert(err);
+            }
+            let Some(shard_revision) = last_revision else { continue };
+            for kv in deleted {
+                let kv = translate_kv(&shard.id, kv)?;
+                if let Some(removed) = self.index.write().expect("index lock").remove(&kv.key) {
+                    self.leases.reattach(&kv.key, removed.meta.lease, 0);
+                }
+                events.push(Arc::new(StoredEvent::delete(kv.key.clone(), g, Some(kv.clone()))));
+                all_deleted.push(kv);
+            }
+            shard
+                .cuts
+                .lock()
+                .expect("cuts lock")
+                .push(g, shard_revision);
+            if let Some((_, state)) = guards.iter_mut().find(|(s, _)| s.id == shard.id) {
+                state.last_revision = g;
+            }
+        }
+        // etcd orders the events of one revision by key.
+        events.sort_by(|a, b| a.key().cmp(b.key()));
+        all_deleted.sort_by(|a, b| a.key.cmp(&b.key));
+        self.metrics.events_written(events.len());
+        self.sequencer.finish(g, events);
+        drop(guards);
+        self.compact_overflow();
+        self.sequencer.wait_published(g).await;
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok((g, all_deleted)),
+        }
+    }
+
+    // ---------------------------------------------------------- reconcile
+
+    async fn ensure_reconciled(&self, shard: &Shard, state: &mut WriteState) -> StoreResult<()> {
+        if state.needs_reconcile || !shard.is_loaded() {
+            self.reconcile(shard, state).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the index back in line with what the shard really holds, after
+    /// a write with an unknown outcome, an outage, or a shard that lost its
+    /// data. Differences become ordinary events at a new revision: a value the
+    /// router never announced is rewritten (PUT), a key the shard lost is
+    /// announced deleted (DELETE), so every watcher converges on the truth.
+    pub async fn reconcile(&self, shard: &Shard, state: &mut WriteState) -> StoreResult<()> {
+        let scan = scan_shard(shard).await?;
+        if !shard.is_loaded() && !state.needs_reconcile {
+            // First contact since startup: the keys were never visible, adopt them as they are.
+            let at = self.sequencer.published();
+            let count = scan.items.len();
+            self.adopt_scan(shard, scan, at);
+            info!(shard = %shard.id, keys = count, "loaded shard late");
+            return Ok(());
+        }
+        let lost_history = shard
+            .cuts
+            .lock()
+            .expect("cuts lock")
+            .latest_shard_revision()
+            .is_some_and(|last| scan.revision < last);
+
+        let known: BTreeMap<Bytes, IndexEntry> = self
+            .index
+            .read()
+            .expect("index lock")
+            .iter()
+            .filter(|(_, e)| e.shard == shard.id)
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        let mut rewrites = Vec::new();
+        let mut in_shard = BTreeSet::new();
+        for item in scan.items {
+            in_shard.insert(item.key.clone());
+            match known.get(&item.key) {
+                Some(entry) if entry.meta == item.meta => {
+                    if entry.shard_mod_revision != item.shard_mod_revision {
+                        if let Some(e) = self.index.write().expect("index lock").get_mut(&item.key) {
+                            e.shard_mod_revision = item.shard_mod_revision;
+                        }
+                    }
+                }
+                _ => rewrites.push(item),
+            }
+        }
+        let lost: Vec<(Bytes, IndexEntry)> = known
+            .into_iter()
+            .filter(|(key, _)| !in_shard.contains(key))
+            .collect();
+        if rewrites.is_empty() && lost.is_empty() && !lost_history {
+            state.needs_reconcile = false;
+            shard.set_loaded(true);
+            shard.set_healthy(true);
+            return Ok(());
+        }
+
+        let g = self.sequencer.assign();
+        let mut events = Vec::new();
+        let mut shard_revision = scan.revision;
+        for chunk in rewrites.chunks(MAX_TXN_OPS) {
+            let mut ops = Vec::new();
+            let mut compares = Vec::new();
+            let mut written = Vec::new();
+            for item in chunk {
+                let meta = Meta {
+                    mod_revision: g,
+                    create_revision: if item.meta.create_revision == item.meta.mod_revision {
+                        g
+                    } else {
+                        item.meta.create_revision
+                    },
+                    ..item.meta
+                };
+                compares.push(fence(&item.key, item.shard_mod_revision));
+                ops.push(RequestOp {
+                    request: Some(Request::RequestPut(PutRequest {
+                        key: item.key.clone(),
+                        value: envelope::encode(&meta, &item.value),
+                        ..Default::default()
+                    })),
+                });
+                written.push((item.key.clone(), meta, item.value.clone()));
+            }
+            let answer = shard
+                .txn(TxnRequest {
+                    compare: compares,
+                    success: ops,
+                    failure: Vec::new(),
+                })
+                .await;
+            let answer = match answer {
+                Ok(a) if a.succeeded => a,
+                Ok(_) => {
+                    self.sequencer.finish(g, events);
+                    return Err(StoreError::unavailable(
+                        shard.id.as_str(),
+                        "changed during reconciliation",
+                    ));
+                }
+                Err(err) => {
+                    self.sequencer.finish(g, events);
+                    return Err(err);
+                }
+            };
+            shard_revision = answer.header.map(|h| h.revision).unwrap_or(shard_revision);
+            let mut index = self.index.write().expect("index lock");
+            for (key, meta, value) in written {
+                let old_lease = index.get(&key).map(|e| e.meta.lease).unwrap_or(0);
+                index.insert(
+                    key.clone(),
+                    IndexEntry {
+                        shard: shard.id.clone(),
+                        shard_mod_revision: shard_revision,
+                        meta,
+                    },
+                );
+                if meta.lease != 0 && self.leases.attachable_ttl(meta.lease).is_err() {
+                    self.leases.restore(meta.lease, meta.lease_ttl, key.clone());
+                } else {
+                    self.leases.reattach(&key, old_lease, meta.lease);
+                }
+                events.push(Arc::new(StoredEvent::put(
+                    KeyValue {
+                        key,
+                        create_revision: meta.create_revision,
+                        mod_revision: g,
+                        version: meta.version,
+                        value,
+                        lease: meta.lease,
+                    },
+                    None,
+                )));
+            }
+        }
+        {
+            let mut index = self.index.write().expect("index lock");
+            for (key, entry) in &lost {
+                index.remove(key);
+                self.leases.reattach(key, entry.meta.lease, 0);
+                let prev = self.last_known_value(key, entry);
+                events.push(Arc::new(StoredEvent::delete(key.clone(), g, prev)));
+            }
+        }
+        {
+            let mut cuts = shard.cuts.lock().expect("cuts lock");
+            if lost_history {
+                cuts.reset(g, shard_revision, CutLookup::Unknown);
+            } else {
+                cuts.push(g, shard_revision);
+            }
+        }
+        warn!(
+            shard = %shard.id,
+            rewritten = rewrites.len(),
+            lost = lost.len(),
+            lost_history,
+            revision = g,
+            "reconciled shard with the index"
+        );
+        self.metrics.keys_lost(lost.len());
+        events.sort_by(|a, b| a.key().cmp(b.key()));
+        self.metrics.events_written(events.len());
+        self.sequencer.finish(g, events);
+        state.last_revision = g;
+        state.needs_reconcile = false;
+        shard.set_loaded(true);
+        shard.set_healthy(true);
+        Ok(())
+    }
+
+    /// The value a lost key had, from the event history if it is still there.
+    fn last_known_value(&self, key: &Bytes, entry: &IndexEntry) -> Option<KeyValue> {
+        let revision = entry.meta.mod_revision;
+        let found = self
+            .history
+            .read(revision, revision, |e| e.key() == &key[..])
+            .ok()?;
+        found.last().and_then(|e| e.event.kv.clone())
+    }
+
+    /// Health checks every shard and repairs what needs it. Called periodically.
+    pub async fn maintain(&self) {
+        for shard in self.shard_list() {
+            let healthy = shard.status().await.is_ok();
+            if !healthy {
+                if let Ok(mut state) = shard.write.try_lock() {
+                    // Whatever happened while it was away must be checked on return.
+                    state.needs_reconcile |= shard.is_loaded();
+                }
+                continue;
+            }
+            if let Ok(mut state) = shard.write.try_lock() {
+                if state.needs_reconcile || !shard.is_loaded() {
+                    if let Err(err) = self.reconcile(&shard, &mut state).await {
+                        warn!(shard = %shard.id, error = %err, "reconciliation failed; will retry");
+                    }
+                }
+            }
+        }
+        self.expire_leases().await;
+    }
+
+    // ---------------------------------------------------------- compaction
+
+    pub fn compact(&self, revision: i64) -> StoreResult<i64> {
+        let current = self.sequencer.published();
+        if revision > current {
+            return Err(StoreError::FutureRevision);
+        }
+        if !self.history.compact(revision) {
+            return Err(StoreError::Compacted);
+        }
+        self.compact_shards(revision);
+        Ok(current)
+    }
+
+    fn compact_overflow(&self) {
+        if let Some(revision) = self.history.overflow_revision() {
+            if self.history.compact(revision) {
+                self.compact_shards(revision);
+            }
+        }
+    }
+
+    fn compact_shards(&self, revision: i64) {
+        for shard in self.shard_list() {
+            let physical = shard.cuts.lock().expect("cuts lock").compact(revision);
+            if let Some(shard_revision) = physical {
+                tokio::spawn(async move {
+                    if let Err(err) = shard.compact(shard_revision).await {
+                        // Already compacted further, or briefly down: harmless.
+                        tracing::debug!(shard = %shard.id, error = %err, "shard compaction skipped");
+                    }
+                });
+            }
+        }
+    }
+
+    // ---------------------------------------------------------- leases
+
+    pub fn lease_grant(&self, id: i64, ttl: i64) -> StoreResult<(i64, i64)> {
+        self.check_open()?;
+        self.leases.grant(id, ttl)
+    }
+
+    pub async fn lease_revoke(self: &Arc<Self>, id: i64) -> StoreResult<i64> {
+        self.check_open()?;
+        if !self.leases.begin_revoke(id) {
+            return Err(StoreError::LeaseNotFound);
+        }
+        let store = self.clone();
+        self.detached(async move {
+            let (revision, _) = store.delete_many(Selection::Lease(id)).await?;
+            store.leases.remove(id);
+            Ok(revision)
+        })
+        .await
+    }
+
+    pub fn lease_keep_alive(&self, id: i64) -> Option<i64> {
+        self.leases.keep_alive(id)
+    }
+
+    pub fn lease_info(&self, id: i64) -> Option<LeaseInfo> {
+        self.leases.info(id)
+    }
+
+    pub fn lease_ids(&self) -> Vec<i64> {
+        self.leases.ids()
+    }
+
+    async fn expire_leases(&self) {
+        for id in self.leases.expired(Instant::now()) {
+            if !self.leases.begin_revoke(id) {
+                continue;
+            }
+            match self.delete_many(Selection::Lease(id)).await {
+                Ok(_) => self.leases.remove(id),
+                Err(err) => warn!(lease = id, error = %err, "expiring lease failed; will retry"),
+            }
+        }
+    }
+
+    // ---------------------------------------------------------- status
+
+    pub async fn status(&self) -> StoreResult<StatusResponse> {
+        let shards = self.shard_list();
+        let answers = join_all(shards.iter().map(|s| s.status())).await;
+        let mut db_size = 0;
+        let mut db_size_in_use = 0;
+        let mut db_size_quota = 0;
+        let mut versions = Vec::new();
+        let mut errors = Vec::new();
+        for (shard, answer) in shards.iter().zip(answers) {
+            match answer {
+                Ok(status) => {
+                    db_size += status.db_size;
+                    db_size_in_use += status.db_size_in_use;
+                    db_size_quota += status.db_size_quota;
+                    versions.push(status.version);
+                    errors.extend(status.errors.into_iter().map(|e| format!("shard {}: {e}", shard.id)));
+                }
+                Err(err) => errors.push(format!("shard {} unreachable: {err}", shard.id)),
+            }
+        }
+        if versions.is_empty() {
+            return Err(StoreError::NotReady(format!(
+                "no shard answered a status request: {}",
+                errors.join("; ")
+            )));
+        }
+        let version = versions
+            .into_iter()
+            .min_by_key(|v| version_key(v))
+            .filter(|v| version_key(v) >= version_key(MIN_REPORTED_ETCD_VERSION))
+            .unwrap_or_else(|| MIN_REPORTED_ETCD_VERSION.to_string());
+        let revision = self.sequencer.published();
+        Ok(StatusResponse {
+            header: Some(self.header(revision)),
+            version,
+            db_size,
+            leader: self.config.member_id,
+            raft_index: revision as u64,
+            raft_term: 1,
+            raft_applied_index: revision as u64,
+            errors,
+            db_size_in_use,
+            is_learner: false,
+            storage_version: String::new(),
+            db_size_quota,
+            downgrade_info: None,
+        })
+    }
+}
+
+enum Selection {
+    Range(Bytes, Bytes),
+    Lease(i64),
+}
+
+/// An op validated against the index, waiting for its revision.
+enum PreparedOp {
+    Put {
+        key: Bytes,
+        value: Bytes,
+        lease: i64,
+        lease_ttl: i64,
+        want_prev: bool,
+        entry: Option<IndexEntry>,
+    },
+    Delete {
+        key: Bytes,
+        want_prev: bool,
+        entry: Option<IndexEntry>,
+    },
+    Range(RangeRequest),
+}
+
+impl PreparedOp {
+    /// The plan, the op sent to the shard, and the fence guarding it.
+    fn finish(self, g: i64) -> (PlannedOp, RequestOp, Option<Compare>) {
+        match self {
+            PreparedOp::Put {
+                key,
+                value,
+                lease,
+                lease_ttl,
+                want_prev,
+                entry,
+            } => {
+                let meta = Meta {
+                    mod_revision: g,
+                    create_revision: entry.as_ref().map(|e| e.meta.create_revision).unwrap_or(g),
+                    version: entry.as_ref().map(|e| e.meta.version).unwrap_or(0) + 1,
+                    lease,
+                    lease_ttl,
+                };
+                let fence = fence(&key, entry.as_ref().map(|e| e.shard_mod_revision).unwrap_or(0));
+                let op = RequestOp {
+                    request: Some(Request::RequestPut(PutRequest {
+                        key: key.clone(),
+                        value: envelope::encode(&meta, &value),
+                        prev_kv: true,
+                        ..Default::default()
+                    })),
+                };
+                let plan = PlannedOp::Put {
+                    key,
+                    meta,
+                    value,
+                    want_prev,
+                    old_lease: entry.map(|e| e.meta.lease).unwrap_or(0),
+                };
+                (plan, op, Some(fence))
+            }
+            PreparedOp::Delete {
+                key,
+                want_prev,
+                entry,
+            } => {
+                let fence = fence(&key, entry.as_ref().map(|e| e.shard_mod_revision).unwrap_or(0));
+                let op = RequestOp {
+                    request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                        key: key.clone(),
+                        prev_kv: true,
+                        ..Default::default()
+                    })),
+                };
+                let plan = PlannedOp::Delete {
+                    key,
+                    want_prev,
+                    existed: entry.is_some(),
+                };
+                (plan, op, Some(fence))
+            }
+            PreparedOp::Range(range) => {
+                let plan = PlannedOp::Range {
+                    keys_only: range.keys_only,
+                    count_only: range.count_only,
+                };
+                let op = RequestOp {
+                    request: Some(Request::RequestRange(RangeRequest {
+                        key: range.key,
+                        limit: range.limit,
+                        count_only: range.count_only,
+                        ..Default::default()
+                    })),
+                };
+                (plan, op, None)
+            }
+        }
+    }
+}
+
+/// "The key is still exactly what the index says": the shard refuses the
+/// write if anything but the router changed it.
+fn fence(key: &Bytes, shard_mod_revision: i64) -> Compare {
+    Compare {
+        key: key.clone(),
+        target: CompareTarget::Mod as i32,
+        result: CompareResult::Equal as i32,
+        target_union: Some(TargetUnion::ModRevision(shard_mod_revision)),
+        range_end: Bytes::new(),
+    }
+}
+
+/// Replaces a shard's revisions by the global ones from the envelope.
+fn translate_kv(shard: &ShardId, kv: KeyValue) -> StoreResult<KeyValue> {
+    let (meta, value) = envelope::decode(&kv.value).map_err(|_| {
+        StoreError::Internal(format!(
+            "shard {shard} holds key {} with a value not written by ste-router",
+            show_key(&kv.key)
+        ))
+    })?;
+    Ok(KeyValue {
+        key: kv.key,
+        create_revision: meta.create_revision,
+        mod_revision: meta.mod_revision,
+        version: meta.version,
+        value,
+        lease: meta.lease,
+    })
+}
+
+fn check_range_options(req: &RangeRequest) -> StoreResult<()> {
+    let sort_by_key = req.sort_target == SortTarget::Key as i32;
+    match SortOrder::try_from(req.sort_order) {
+        Ok(SortOrder::None) | Ok(SortOrder::Ascend) if sort_by_key || req.sort_order == 0 => {}
+        Ok(SortOrder::Descend) if sort_by_key && req.limit == 0 => {}
+        _ => {
+            return Err(StoreError::Unsupported(format!(
+                "range sorting other than by key (sort_order={}, sort_target={}; descending only without limit)",
+                req.sort_order, req.sort_target
+            )))
+        }
+    }
+    if req.min_mod_revision != 0
+        || req.max_mod_revision != 0
+        || req.min_create_revision != 0
+        || req.max_create_revision != 0
+    {
+        return Err(StoreError::Unsupported(
+            "range filters on min/max mod or create revision".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn version_key(version: &str) -> Vec<u64> {
+    version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(3)
+        .map(|s| s.parse().unwrap_or(0))
+        .collect()
+}
+
+struct ScannedKey {
+    key: Bytes,
+    meta: Meta,
+    value: Bytes,
+    shard_mod_revision: i64,
+}
+
+struct Scan {
+    revision: i64,
+    items: Vec<ScannedKey>,
+}
+
+/// Reads a whole shard at one revision, page by page.
+async fn scan_shard(shard: &Shard) -> StoreResult<Scan> {
+    const PAGE: i64 = 1000;
+    let mut items = Vec::new();
+    let mut from = Bytes::from_static(&[0]);
+    let mut revision = 0;
+    loop {
+        let answer = shard
+            .range(RangeRequest {
+                key: from.clone(),
+                range_end: Bytes::from_static(&[0]),
+                limit: PAGE,
+                revision,
+                ..Default::default()
+            })
+            .await?;
+        if revision == 0 {
+            revision = answer.header.as_ref().map(|h| h.revision).unwrap_or(0);
+        }
+        let last = answer.kvs.last().map(|kv| kv.key.clone());
+        for kv in answer.kvs {
+            let (meta, value) = envelope::decode(&kv.value).map_err(|_| {
+                StoreError::Internal(format!(
+                    "shard {} holds key {} whose value was not written by ste-router; \
+                     shards must be dedicated to the router (remove the key or use an empty shard)",
+                    shard.id,
+                    show_key(&kv.key)
+                ))
+            })?;
+            items.push(ScannedKey {
+                key: kv.key,
+                meta,
+                value,
+                shard_mod_revision: kv.mod_revision,
+            });
+        }
+        match last {
+            Some(last) if answer.more => {
+                let mut next = last.to_vec();
+                next.push(0);
+                from = Bytes::from(next);
+            }
+            _ => break,
+        }
+    }
+    Ok(Scan { revision, items })
+}
