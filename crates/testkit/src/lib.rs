@@ -1,1 +1,302 @@
-pub fn placeholder() {}
+//! Real etcd processes and in-process routers on 127.0.0.1, with free ports,
+//! for tests and benchmarks. Every wait has a deadline and says what it waited for.
+
+use std::net::TcpListener as StdTcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ste_etcd_proto::pb::{kv_client::KvClient, maintenance_client::MaintenanceClient, StatusRequest};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestkitError {
+    #[error("{what} not found at {path}: run `hack/build-upstream.sh` (or set {env})")]
+    MissingBinary { what: &'static str, path: PathBuf, env: &'static str },
+    #[error("starting {what} failed: {source}")]
+    Spawn { what: String, source: std::io::Error },
+    #[error("{what} was not ready within {seconds:.0}s (log: {log})")]
+    NotReady { what: String, seconds: f64, log: String },
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("router failed: {0}")]
+    Router(#[from] ste_router::RouterError),
+    #[error("gRPC connection failed: {0}")]
+    Connect(#[from] tonic::transport::Error),
+}
+
+pub type Result<T> = std::result::Result<T, TestkitError>;
+
+/// The repository root (two levels above this crate).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+}
+
+fn upstream_binary(name: &'static str, env: &'static str) -> Result<PathBuf> {
+    let path = std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/upstream/bin").join(name));
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(TestkitError::MissingBinary { what: name, path, env })
+    }
+}
+
+pub fn etcd_binary() -> Result<PathBuf> {
+    upstream_binary("etcd", "STE_ETCD_BIN")
+}
+
+pub fn etcdctl_binary() -> Result<PathBuf> {
+    upstream_binary("etcdctl", "STE_ETCDCTL_BIN")
+}
+
+/// A port nobody listens on right now (the kernel's choice).
+pub fn free_port() -> u16 {
+    StdTcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
+}
+
+/// A single-member etcd on loopback, the way shards run: no fsync.
+pub struct Etcd {
+    pub name: String,
+    pub client_port: u16,
+    peer_port: u16,
+    data_dir: PathBuf,
+    _dir: TempDir,
+    child: Option<Child>,
+    log: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Etcd {
+    pub async fn start(name: &str) -> Result<Etcd> {
+        Self::start_with(name, &[]).await
+    }
+
+    /// Starts etcd with extra flags (e.g. `--unsafe-no-fsync`).
+    pub async fn start_with(name: &str, extra: &[&str]) -> Result<Etcd> {
+        let dir = tempfile::Builder::new().prefix(&format!("ste-etcd-{name}-")).tempdir()?;
+        let mut etcd = Etcd {
+            name: name.to_string(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            data_dir: dir.path().join("data"),
+            log: dir.path().join("etcd.log"),
+            _dir: dir,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        etcd.spawn().await?;
+        Ok(etcd)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let binary = etcd_binary()?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(&binary)
+            .arg("--name").arg(&self.name)
+            .arg("--data-dir").arg(&self.data_dir)
+            .arg("--listen-client-urls").arg(self.endpoint())
+            .arg("--advertise-client-urls").arg(self.endpoint())
+            .arg("--listen-peer-urls").arg(&peer)
+            .arg("--initial-advertise-peer-urls").arg(&peer)
+            .arg("--initial-cluster").arg(format!("{}={}", self.name, peer))
+            .arg("--log-level").arg("warn")
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|source| TestkitError::Spawn { what: format!("etcd {}", self.name), source })?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(30)).await
+    }
+
+    async fn wait_ready(&mut self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(channel) = Channel::from_shared(self.endpoint()).expect("url").connect().await {
+                if MaintenanceClient::new(channel).status(StatusRequest {}).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some();
+            if exited || Instant::now() >= deadline {
+                return Err(TestkitError::NotReady {
+                    what: format!("etcd {}", self.name),
+                    seconds: within.as_secs_f64(),
+                    log: self.log.display().to_string(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, like a crashed node. The data directory stays.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same ports, with the data it had.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+
+    /// Starts again on the same ports with an empty data directory, like a
+    /// RAM disk after a node reboot.
+    pub async fn restart_empty(&mut self) -> Result<()> {
+        self.kill();
+        std::fs::remove_dir_all(&self.data_dir).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
+        })?;
+        self.spawn().await
+    }
+
+    pub async fn kv(&self) -> Result<KvClient<Channel>> {
+        Ok(KvClient::new(Channel::from_shared(self.endpoint()).expect("url").connect().await?))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `n` shards named shard-0… as the router is given them.
+pub async fn start_shards(n: usize) -> Result<Vec<Etcd>> {
+    let mut shards = Vec::new();
+    for i in 0..n {
+        shards.push(Etcd::start_with(&format!("shard-{i}"), &["--unsafe-no-fsync"]).await?);
+    }
+    Ok(shards)
+}
+
+pub fn shard_specs(shards: &[Etcd]) -> Vec<ste_router::ShardSpec> {
+    shards
+        .iter()
+        .map(|s| ste_router::ShardSpec::parse(&format!("{}={}", s.name, s.endpoint())).expect("spec"))
+        .collect()
+}
+
+/// A router running in this process (tokio's mini-redis style: a real
+/// listener on port 0 and the real `run`).
+pub struct Router {
+    pub addr: std::net::SocketAddr,
+    pub admin_addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::result::Result<(), ste_router::RouterError>>>,
+}
+
+impl Router {
+    pub async fn start(shards: Vec<ste_router::ShardSpec>) -> Result<Router> {
+        let config = ste_router::RouterConfig {
+            shards,
+            store: ste_router::StoreConfig {
+                load_timeout: Duration::from_secs(3),
+                shard_timeout: Duration::from_secs(3),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Self::start_with(config).await
+    }
+
+    pub async fn start_with(config: ste_router::RouterConfig) -> Result<Router> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let admin = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let admin_addr = admin.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(ste_router::run(config, listener, Some(admin), async {
+            let _ = stopped.await;
+        }));
+        let router = Router { addr, admin_addr, stop: Some(stop), task: Some(task) };
+        router.wait_serving(Duration::from_secs(30)).await?;
+        Ok(router)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn wait_serving(&self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(channel) = Channel::from_shared(self.endpoint()).expect("url").connect().await {
+                if MaintenanceClient::new(channel).status(StatusRequest {}).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(TestkitError::NotReady {
+                    what: "ste-router".into(),
+                    seconds: within.as_secs_f64(),
+                    log: "test output".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn channel(&self) -> Result<Channel> {
+        Ok(Channel::from_shared(self.endpoint()).expect("url").connect().await?)
+    }
+
+    /// Stops the router gracefully and waits for it to finish.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            match task.await {
+                Ok(result) => result?,
+                Err(join) => panic!("router task panicked: {join}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Waits for `condition` with a deadline, polling every 20 ms.
+pub async fn wait_until<F, Fut>(what: &str, within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -71,6 +71,10 @@ struct Inner {
     events: VecDeque<std::sync::Arc<StoredEvent>>,
     /// Revisions below this are gone; reads and watches from them get ErrCompacted.
     compact_revision: i64,
+    /// The last revision a Compact request succeeded at (0: none yet). At
+    /// startup the floor is the starting revision, which may still be
+    /// compacted once, as a fresh etcd accepts Compact(1).
+    last_compaction: i64,
     /// Beyond this many events the oldest are compacted away automatically,
     /// so memory stays bounded even if no client ever compacts.
     max_events: usize,
@@ -82,6 +86,7 @@ impl History {
             inner: RwLock::new(Inner {
                 events: VecDeque::new(),
                 compact_revision,
+                last_compaction: 0,
                 max_events: max_events.max(1),
             }),
         }
@@ -106,10 +111,11 @@ impl History {
     /// Drops events below `revision`. Returns false if it was already compacted further.
     pub fn compact(&self, revision: i64) -> bool {
         let mut inner = self.inner.write().expect("history lock");
-        if revision <= inner.compact_revision {
+        if revision < inner.compact_revision || revision <= inner.last_compaction {
             return false;
         }
         inner.compact_revision = revision;
+        inner.last_compaction = revision;
         while inner.events.front().is_some_and(|e| e.revision < revision) {
             inner.events.pop_front();
         }
@@ -164,8 +170,11 @@ mod tests {
             .map(|e| e.revision)
             .collect();
         assert_eq!(got, vec![12, 13, 14]);
+        assert!(history.compact(10), "the starting floor may be compacted once");
+        assert!(!history.compact(10));
         assert!(history.compact(13));
         assert!(!history.compact(12));
+        assert!(!history.compact(13));
         assert!(matches!(history.read(12, 20, |_| true), Err(StoreError::Compacted)));
         assert_eq!(history.read(13, 20, |_| true).unwrap().len(), 3);
     }

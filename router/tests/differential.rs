@@ -1,0 +1,413 @@
+//! Differential tests: the same operations against one plain etcd and against
+//! the router over 3 shards; responses and watch event sequences must be equal
+//! once the router's revisions are mapped onto etcd's (a constant offset: both
+//! count one revision per committed write).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ste_etcd_proto::mvccpb::KeyValue;
+use ste_etcd_proto::pb::{
+    compare::{CompareResult, CompareTarget, TargetUnion},
+    kv_client::KvClient,
+    request_op::Request,
+    response_op::Response,
+    watch_client::WatchClient,
+    watch_request::RequestUnion,
+    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    ResponseHeader, TxnRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+};
+use ste_testkit::{shard_specs, start_shards, Etcd, Router};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+struct Side {
+    kv: KvClient<Channel>,
+    channel: Channel,
+    /// router revision - etcd revision
+    offset: i64,
+}
+
+fn norm_header(header: &mut Option<ResponseHeader>, offset: i64) {
+    if let Some(h) = header {
+        *h = ResponseHeader {
+            revision: h.revision - offset,
+            ..Default::default()
+        };
+    }
+}
+
+fn norm_kv(kv: &mut KeyValue, offset: i64) {
+    if kv.mod_revision != 0 {
+        kv.mod_revision -= offset;
+    }
+    if kv.create_revision != 0 {
+        kv.create_revision -= offset;
+    }
+}
+
+/// One operation, in etcd's revisions; the router side adds its offset.
+#[derive(Debug, Clone)]
+enum Op {
+    Put { key: Bytes, value: Bytes, prev_kv: bool },
+    Get { key: Bytes, revision: i64 },
+    List { prefix: Bytes, limit: i64, revision: i64, count_only: bool, keys_only: bool },
+    Delete { key: Bytes, prev_kv: bool },
+    DeletePrefix { prefix: Bytes, prev_kv: bool },
+    Create { key: Bytes, value: Bytes },
+    Update { key: Bytes, expected: i64, value: Bytes },
+    GuardedDelete { key: Bytes, expected: i64 },
+    VersionSwap { key: Bytes, version: i64, value: Bytes },
+    ValueSwap { key: Bytes, expected: Bytes, value: Bytes },
+    Compact { revision: i64 },
+}
+
+fn prefix_end(prefix: &[u8]) -> Bytes {
+    let mut end = prefix.to_vec();
+    *end.last_mut().unwrap() += 1;
+    Bytes::from(end)
+}
+
+fn mod_compare(key: &Bytes, revision: i64) -> Compare {
+    Compare {
+        key: key.clone(),
+        target: CompareTarget::Mod as i32,
+        result: CompareResult::Equal as i32,
+        target_union: Some(TargetUnion::ModRevision(revision)),
+        ..Default::default()
+    }
+}
+
+fn op(request: Request) -> RequestOp {
+    RequestOp { request: Some(request) }
+}
+
+fn get(key: &Bytes) -> RequestOp {
+    op(Request::RequestRange(RangeRequest { key: key.clone(), ..Default::default() }))
+}
+
+fn put(key: &Bytes, value: &Bytes) -> RequestOp {
+    op(Request::RequestPut(PutRequest { key: key.clone(), value: value.clone(), ..Default::default() }))
+}
+
+fn shift(revision: i64, offset: i64) -> i64 {
+    if revision > 0 { revision + offset } else { revision }
+}
+
+/// Runs `op` on one side and renders the normalized answer.
+async fn run(side: &mut Side, op: &Op) -> Result<String, (tonic::Code, String)> {
+    let o = side.offset;
+    let status = |s: tonic::Status| (s.code(), s.message().to_string());
+    match op {
+        Op::Put { key, value, prev_kv } => {
+            let mut r = side.kv.put(PutRequest { key: key.clone(), value: value.clone(), prev_kv: *prev_kv, ..Default::default() })
+                .await.map_err(status)?.into_inner();
+            norm_header(&mut r.header, o);
+            if let Some(kv) = &mut r.prev_kv { norm_kv(kv, o) }
+            Ok(format!("{r:?}"))
+        }
+        Op::Get { key, revision } => {
+            let mut r = side.kv.range(RangeRequest { key: key.clone(), revision: shift(*revision, o), ..Default::default() })
+                .await.map_err(status)?.into_inner();
+            norm_header(&mut r.header, o);
+            r.kvs.iter_mut().for_each(|kv| norm_kv(kv, o));
+            Ok(format!("{r:?}"))
+        }
+        Op::List { prefix, limit, revision, count_only, keys_only } => {
+            let mut r = side.kv.range(RangeRequest {
+                key: prefix.clone(), range_end: prefix_end(prefix), limit: *limit,
+                revision: shift(*revision, o), count_only: *count_only, keys_only: *keys_only,
+                ..Default::default()
+            }).await.map_err(status)?.into_inner();
+            norm_header(&mut r.header, o);
+            r.kvs.iter_mut().for_each(|kv| norm_kv(kv, o));
+            Ok(format!("{r:?}"))
+        }
+        Op::Delete { key, prev_kv } | Op::DeletePrefix { prefix: key, prev_kv } => {
+            let range_end = if matches!(op, Op::DeletePrefix { .. }) { prefix_end(key) } else { Bytes::new() };
+            let mut r = side.kv.delete_range(DeleteRangeRequest { key: key.clone(), range_end, prev_kv: *prev_kv })
+                .await.map_err(status)?.into_inner();
+            norm_header(&mut r.header, o);
+            r.prev_kvs.iter_mut().for_each(|kv| norm_kv(kv, o));
+            Ok(format!("{r:?}"))
+        }
+        Op::Compact { revision } => {
+            let mut r = side.kv.compact(CompactionRequest { revision: shift(*revision, o), physical: false })
+                .await.map_err(status)?.into_inner();
+            norm_header(&mut r.header, o);
+            Ok(format!("{r:?}"))
+        }
+        _ => {
+            let txn = match op {
+                Op::Create { key, value } => TxnRequest {
+                    compare: vec![mod_compare(key, 0)],
+                    success: vec![put(key, value)],
+                    failure: vec![],
+                },
+                Op::Update { key, expected, value } => TxnRequest {
+                    compare: vec![mod_compare(key, shift(*expected, o))],
+                    success: vec![put(key, value)],
+                    failure: vec![get(key)],
+                },
+                Op::GuardedDelete { key, expected } => TxnRequest {
+                    compare: vec![mod_compare(key, shift(*expected, o))],
+                    success: vec![op_delete(key)],
+                    failure: vec![get(key)],
+                },
+                Op::VersionSwap { key, version, value } => TxnRequest {
+                    compare: vec![Compare {
+                        key: key.clone(),
+                        target: CompareTarget::Version as i32,
+                        result: CompareResult::Equal as i32,
+                        target_union: Some(TargetUnion::Version(*version)),
+                        ..Default::default()
+                    }],
+                    success: vec![put(key, value)],
+                    failure: vec![get(key)],
+                },
+                Op::ValueSwap { key, expected, value } => TxnRequest {
+                    compare: vec![Compare {
+                        key: key.clone(),
+                        target: CompareTarget::Value as i32,
+                        result: CompareResult::Equal as i32,
+                        target_union: Some(TargetUnion::Value(expected.clone())),
+                        ..Default::default()
+                    }],
+                    success: vec![put(key, value), get(key)],
+                    failure: vec![get(key)],
+                },
+                _ => unreachable!(),
+            };
+            let mut r = side.kv.txn(txn).await.map_err(status)?.into_inner();
+            norm_header(&mut r.header, o);
+            for response in &mut r.responses {
+                match &mut response.response {
+                    Some(Response::ResponseRange(x)) => {
+                        norm_header(&mut x.header, o);
+                        x.kvs.iter_mut().for_each(|kv| norm_kv(kv, o));
+                    }
+                    Some(Response::ResponsePut(x)) => {
+                        norm_header(&mut x.header, o);
+                        if let Some(kv) = &mut x.prev_kv { norm_kv(kv, o) }
+                    }
+                    Some(Response::ResponseDeleteRange(x)) => {
+                        norm_header(&mut x.header, o);
+                        x.prev_kvs.iter_mut().for_each(|kv| norm_kv(kv, o));
+                    }
+                    _ => {}
+                }
+            }
+            Ok(format!("{r:?}"))
+        }
+    }
+}
+
+fn op_delete(key: &Bytes) -> RequestOp {
+    op(Request::RequestDeleteRange(DeleteRangeRequest { key: key.clone(), prev_kv: true, ..Default::default() }))
+}
+
+/// Opens a watch and collects its responses.
+async fn open_watch(channel: Channel, create: WatchCreateRequest) -> mpsc::UnboundedReceiver<WatchResponse> {
+    let (req_tx, req_rx) = mpsc::channel(4);
+    req_tx.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) }).await.unwrap();
+    let mut stream = WatchClient::new(channel).watch(ReceiverStream::new(req_rx)).await.unwrap().into_inner();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _keep_open = req_tx;
+        while let Ok(Some(response)) = stream.message().await {
+            if tx.send(response).is_err() { break; }
+        }
+    });
+    rx
+}
+
+/// Events of a watch, normalized, until the sentinel key shows up (with a deadline).
+async fn drain_events(rx: &mut mpsc::UnboundedReceiver<WatchResponse>, offset: i64, sentinel: &[u8]) -> Vec<String> {
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = tokio::time::timeout_at(deadline, rx.recv()).await
+            .expect("sentinel event within 20s").expect("watch stream open");
+        if response.canceled {
+            events.push(format!("canceled compact_revision={}", shift(response.compact_revision, -offset)));
+            return events;
+        }
+        for mut event in response.events {
+            let done = event.kv.as_ref().is_some_and(|kv| kv.key == sentinel);
+            if let Some(kv) = &mut event.kv { norm_kv(kv, offset) }
+            if let Some(kv) = &mut event.prev_kv { norm_kv(kv, offset) }
+            events.push(format!("{event:?}"));
+            if done { return events; }
+        }
+    }
+}
+
+struct Pair {
+    etcd: Side,
+    router: Side,
+    _reference: Etcd,
+    _shards: Vec<Etcd>,
+    _router: Router,
+}
+
+async fn pair() -> Pair {
+    let reference = Etcd::start_with("reference", &["--unsafe-no-fsync"]).await.expect("reference etcd");
+    let shards = start_shards(3).await.expect("shards");
+    let router = Router::start(shard_specs(&shards)).await.expect("router");
+    let etcd_channel = Channel::from_shared(reference.endpoint()).unwrap().connect().await.unwrap();
+    let router_channel = router.channel().await.unwrap();
+    let mut etcd = Side { kv: KvClient::new(etcd_channel.clone()), channel: etcd_channel, offset: 0 };
+    let mut router_side = Side { kv: KvClient::new(router_channel.clone()), channel: router_channel, offset: 0 };
+    let probe = RangeRequest { key: Bytes::from_static(b"probe"), ..Default::default() };
+    let e = etcd.kv.range(probe.clone()).await.unwrap().into_inner().header.unwrap().revision;
+    let r = router_side.kv.range(probe).await.unwrap().into_inner().header.unwrap().revision;
+    router_side.offset = r - e;
+    etcd.offset = 0;
+    Pair { etcd, router: router_side, _reference: reference, _shards: shards, _router: router }
+}
+
+fn keys() -> Vec<Bytes> {
+    (0..16).map(|i| Bytes::from(format!("/registry/pods/ns{}/p{i}", i % 3))).collect()
+}
+
+fn random_op(rng: &mut StdRng, current: i64, compacted: i64, last_mod: &BTreeMap<Bytes, i64>, values: &BTreeMap<Bytes, Bytes>) -> Op {
+    let keys = keys();
+    let key = keys[rng.random_range(0..keys.len())].clone();
+    let value = Bytes::from(format!("v{}", rng.random_range(0..1000)));
+    let known = last_mod.get(&key).copied().unwrap_or(0);
+    let any_revision = |rng: &mut StdRng| match rng.random_range(0..10) {
+        0 => 0,
+        1 => current + rng.random_range(1..4), // future
+        _ => rng.random_range(1.max(compacted - 2)..=current.max(1)),
+    };
+    match rng.random_range(0..100) {
+        0..=14 => Op::Put { key, value, prev_kv: rng.random_bool(0.5) },
+        15..=24 => Op::Get { key, revision: any_revision(rng) },
+        25..=36 => {
+            let prefix = Bytes::from(["/registry/pods/", "/registry/pods/ns1/", "/registry/"][rng.random_range(0..3)]);
+            Op::List { prefix, limit: [0, 1, 3, 7][rng.random_range(0..4)], revision: any_revision(rng),
+                count_only: rng.random_bool(0.15), keys_only: rng.random_bool(0.15) }
+        }
+        37..=42 => Op::Delete { key, prev_kv: rng.random_bool(0.5) },
+        43..=44 => Op::DeletePrefix { prefix: Bytes::from("/registry/pods/ns2/"), prev_kv: rng.random_bool(0.5) },
+        45..=59 => Op::Create { key, value },
+        60..=76 => Op::Update { key, expected: if rng.random_bool(0.8) { known } else { rng.random_range(0..=current) }, value },
+        77..=84 => Op::GuardedDelete { key, expected: if rng.random_bool(0.8) { known } else { rng.random_range(0..=current) } },
+        85..=89 => Op::VersionSwap { key, version: rng.random_range(0..3), value },
+        90..=95 => {
+            let expected = if rng.random_bool(0.7) { values.get(&key).cloned().unwrap_or_default() } else { Bytes::from("nope") };
+            Op::ValueSwap { key, expected, value }
+        }
+        _ => Op::Compact { revision: rng.random_range(compacted.max(1)..=current.max(1) + 1) },
+    }
+}
+
+/// Reads the reference state the generator needs (etcd only; reads do not change revisions).
+async fn observe(etcd: &mut Side) -> (i64, BTreeMap<Bytes, i64>, BTreeMap<Bytes, Bytes>) {
+    let r = etcd.kv.range(RangeRequest { key: Bytes::from_static(b"/"), range_end: Bytes::from_static(b"0"), ..Default::default() })
+        .await.unwrap().into_inner();
+    let current = r.header.unwrap().revision;
+    let mods = r.kvs.iter().map(|kv| (kv.key.clone(), kv.mod_revision)).collect();
+    let values = r.kvs.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect();
+    (current, mods, values)
+}
+
+async fn differential_run(seed: u64, steps: usize) {
+    let mut p = pair().await;
+    let watch_all = WatchCreateRequest { key: Bytes::from_static(b"/registry/"), range_end: Bytes::from_static(b"/registry0"), prev_kv: true, ..Default::default() };
+    let mut etcd_watch = open_watch(p.etcd.channel.clone(), watch_all.clone()).await;
+    let mut router_watch = open_watch(p.router.channel.clone(), watch_all).await;
+    // Both watches must be established before the first write.
+    assert!(etcd_watch.recv().await.unwrap().created);
+    assert!(router_watch.recv().await.unwrap().created);
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut compacted = 1;
+    let mut mid_watch_from = 0;
+    for step in 0..steps {
+        let (current, mods, values) = observe(&mut p.etcd).await;
+        let op = random_op(&mut rng, current, compacted, &mods, &values);
+        let expected = run(&mut p.etcd, &op).await;
+        let got = run(&mut p.router, &op).await;
+        assert_eq!(got, expected, "seed {seed} step {step}: {op:?}");
+        if let (Op::Compact { revision }, Ok(_)) = (&op, &expected) {
+            compacted = *revision;
+        }
+        if step == steps / 2 {
+            mid_watch_from = compacted.max(current - 5);
+        }
+    }
+
+    // A watch that replays history from the middle of the run.
+    let replay = WatchCreateRequest { key: Bytes::from_static(b"/registry/pods/"), range_end: Bytes::from_static(b"/registry/pods0"), start_revision: mid_watch_from, prev_kv: true, ..Default::default() };
+    let mut etcd_replay = open_watch(p.etcd.channel.clone(), replay.clone()).await;
+    let mut router_replay = open_watch(p.router.channel.clone(), WatchCreateRequest { start_revision: shift(mid_watch_from, p.router.offset), ..replay }).await;
+    assert!(etcd_replay.recv().await.unwrap().created);
+    assert!(router_replay.recv().await.unwrap().created);
+
+    let sentinel = Bytes::from_static(b"/registry/pods/zz-sentinel");
+    let end = Op::Put { key: sentinel.clone(), value: Bytes::from_static(b"end"), prev_kv: false };
+    assert_eq!(run(&mut p.router, &end).await, run(&mut p.etcd, &end).await);
+    let etcd_events = drain_events(&mut etcd_watch, 0, &sentinel).await;
+    let router_events = drain_events(&mut router_watch, p.router.offset, &sentinel).await;
+    assert!(etcd_events.len() > steps / 4, "the run produced too few events to compare: {}", etcd_events.len());
+    assert_eq!(router_events, etcd_events, "seed {seed}: watch from the start");
+    let etcd_replayed = drain_events(&mut etcd_replay, 0, &sentinel).await;
+    let router_replayed = drain_events(&mut router_replay, p.router.offset, &sentinel).await;
+    assert_eq!(router_replayed, etcd_replayed, "seed {seed}: watch replayed from {mid_watch_from}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_sequences_match_etcd() {
+    let seeds: Vec<u64> = match std::env::var("STE_DIFF_SEEDS") {
+        Ok(list) => list.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+        Err(_) => vec![1, 2, 3],
+    };
+    for seed in seeds {
+        differential_run(seed, 300).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_apiserver_shapes_match_etcd() {
+    let mut p = pair().await;
+    let key = Bytes::from_static(b"/registry/pods/default/web-1");
+    let compact_key = Bytes::from_static(b"compact_rev_key");
+    let script = vec![
+        Op::Create { key: key.clone(), value: Bytes::from_static(b"v1") },
+        Op::Create { key: key.clone(), value: Bytes::from_static(b"again") }, // exists: fails
+        Op::Update { key: key.clone(), expected: 2, value: Bytes::from_static(b"v2") },
+        Op::Update { key: key.clone(), expected: 2, value: Bytes::from_static(b"stale") }, // conflict
+        Op::VersionSwap { key: compact_key.clone(), version: 0, value: Bytes::from_static(b"3") },
+        Op::VersionSwap { key: compact_key.clone(), version: 0, value: Bytes::from_static(b"3") }, // lost race
+        Op::Compact { revision: 3 },
+        Op::Compact { revision: 3 }, // already compacted
+        Op::Compact { revision: 100 }, // future
+        Op::Get { key: key.clone(), revision: 2 }, // compacted
+        Op::Get { key: key.clone(), revision: 99 }, // future
+        Op::List { prefix: Bytes::from_static(b"/registry/pods/"), limit: 1, revision: 0, count_only: false, keys_only: false },
+        Op::GuardedDelete { key: key.clone(), expected: 1 }, // conflict
+        Op::GuardedDelete { key: key.clone(), expected: 3 },
+        Op::Get { key: key.clone(), revision: 0 },
+        Op::Delete { key: key.clone(), prev_kv: true }, // already gone
+    ];
+    for (step, op) in script.iter().enumerate() {
+        let expected = run(&mut p.etcd, op).await;
+        let got = run(&mut p.router, op).await;
+        assert_eq!(got, expected, "step {step}: {op:?}");
+    }
+    // The compacted watch answers like etcd: created, then canceled with the compact revision.
+    let from_compacted = WatchCreateRequest { key: key.clone(), start_revision: 1, ..Default::default() };
+    let mut e = open_watch(p.etcd.channel.clone(), from_compacted.clone()).await;
+    let mut r = open_watch(p.router.channel.clone(), WatchCreateRequest { start_revision: shift(1, p.router.offset), ..from_compacted }).await;
+    for rx in [&mut e, &mut r] {
+        assert!(rx.recv().await.unwrap().created);
+    }
+    let (e, r) = (e.recv().await.unwrap(), r.recv().await.unwrap());
+    assert!(e.canceled && r.canceled);
+    assert_eq!(r.compact_revision - p.router.offset, e.compact_revision);
+}
