@@ -1120,7 +1120,8 @@ impl Store {
             .lock()
             .expect("cuts lock")
             .latest_shard_revision()
-            .is_some_and(|last| scan.revision < last);
+            .is_some_and(|last| scan.revision < last)
+            || scan.replaced;
 
         let known: BTreeMap<Bytes, IndexEntry> = self
             .index
@@ -1283,13 +1284,14 @@ impl Store {
     /// Health checks every shard and repairs what needs it. Called periodically.
     pub async fn maintain(&self) {
         for shard in self.shard_list() {
-            let healthy = shard.status().await.is_ok();
-            if !healthy {
-                if let Ok(mut state) = shard.write.try_lock() {
-                    // Whatever happened while it was away must be checked on return.
-                    state.needs_reconcile |= shard.is_loaded();
+            let check = shard.check().await;
+            let replaced = matches!(check, Ok(true));
+            if check.is_err() || replaced {
+                // Whatever happened while it was away must be checked on return.
+                shard.write.lock().await.needs_reconcile |= shard.is_loaded();
+                if check.is_err() {
+                    continue;
                 }
-                continue;
             }
             if let Ok(mut state) = shard.write.try_lock() {
                 if state.needs_reconcile || !shard.is_loaded() {
@@ -1607,11 +1609,14 @@ struct ScannedKey {
 struct Scan {
     revision: i64,
     items: Vec<ScannedKey>,
+    /// The etcd answering is not the one the router knew: its history is gone.
+    replaced: bool,
 }
 
 /// Reads a whole shard at one revision, page by page.
 async fn scan_shard(shard: &Shard) -> StoreResult<Scan> {
     const PAGE: i64 = 1000;
+    let replaced = shard.check().await?;
     let mut items = Vec::new();
     let mut from = Bytes::from_static(&[0]);
     let mut revision = 0;
@@ -1654,5 +1659,5 @@ async fn scan_shard(shard: &Shard) -> StoreResult<Scan> {
             _ => break,
         }
     }
-    Ok(Scan { revision, items })
+    Ok(Scan { revision, items, replaced })
 }

@@ -212,20 +212,30 @@ pub struct Router {
 
 impl Router {
     pub async fn start(shards: Vec<ste_router::ShardSpec>) -> Result<Router> {
-        let config = ste_router::RouterConfig {
+        Self::start_with(Self::test_config(shards)).await
+    }
+
+    /// Short timeouts, so tests of failures finish quickly.
+    pub fn test_config(shards: Vec<ste_router::ShardSpec>) -> ste_router::RouterConfig {
+        ste_router::RouterConfig {
             shards,
             store: ste_router::StoreConfig {
                 load_timeout: Duration::from_secs(3),
                 shard_timeout: Duration::from_secs(3),
                 ..Default::default()
             },
+            maintain_interval: Duration::from_millis(100),
             ..Default::default()
-        };
-        Self::start_with(config).await
+        }
     }
 
     pub async fn start_with(config: ste_router::RouterConfig) -> Result<Router> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_at(config, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// Starts on a given address (a restarted router keeps its clients' endpoint).
+    pub async fn start_at(config: ste_router::RouterConfig, addr: std::net::SocketAddr) -> Result<Router> {
+        let listener = TcpListener::bind(addr).await?;
         let admin = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let admin_addr = admin.local_addr()?;

@@ -74,6 +74,9 @@ pub struct Shard {
     /// touch it answers Unavailable rather than a result that misses keys.
     loaded: AtomicBool,
     healthy: AtomicBool,
+    /// (cluster id, member id) of the etcd answering: a new one means the
+    /// shard was recreated and lost its data.
+    identity: Mutex<Option<(u64, u64)>>,
 }
 
 impl Shard {
@@ -97,6 +100,7 @@ impl Shard {
             cuts: Mutex::new(Cuts::unloaded()),
             loaded: AtomicBool::new(false),
             healthy: AtomicBool::new(false),
+            identity: Mutex::new(None),
         })
     }
 
@@ -154,6 +158,26 @@ impl Shard {
         let answer = self.answer(result);
         self.set_healthy(answer.is_ok());
         answer
+    }
+
+    /// Health check; Ok(true) when the etcd answering is not the one seen
+    /// before (it was recreated, e.g. its RAM disk was lost).
+    pub async fn check(&self) -> StoreResult<bool> {
+        let status = self.status().await?;
+        let header = status.header.unwrap_or_default();
+        let seen = (header.cluster_id, header.member_id);
+        let mut identity = self.identity.lock().expect("identity lock");
+        // Only the router writes to a shard, so its revision never goes back
+        // unless the data is gone (a recreated etcd may keep the same ids).
+        let went_back = self
+            .cuts
+            .lock()
+            .expect("cuts lock")
+            .latest_shard_revision()
+            .is_some_and(|last| header.revision < last);
+        let replaced = went_back || identity.is_some_and(|known| known != seen);
+        *identity = Some(seen);
+        Ok(replaced)
     }
 
     fn answer<T>(&self, result: Result<tonic::Response<T>, Status>) -> StoreResult<T> {

@@ -1,0 +1,244 @@
+//! Faults with real processes: router restarts during writes and watches,
+//! shards killed and brought back with and without their data.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ste_etcd_proto::mvccpb::event::EventType;
+use ste_etcd_proto::pb::{
+    compare::{CompareResult, CompareTarget, TargetUnion},
+    kv_client::KvClient,
+    lease_client::LeaseClient,
+    request_op::Request,
+    watch_client::WatchClient,
+    watch_request::RequestUnion,
+    Compare, LeaseGrantRequest, LeaseLeasesRequest, PutRequest, RangeRequest, RequestOp,
+    TxnRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+};
+use ste_testkit::{shard_specs, start_shards, wait_until, Router};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+const PODS: &[u8] = b"/registry/pods/";
+const PODS_END: &[u8] = b"/registry/pods0";
+
+fn lazy_channel(endpoint: &str) -> Channel {
+    Endpoint::from_shared(endpoint.to_string())
+        .unwrap()
+        .timeout(Duration::from_secs(5))
+        .connect_lazy()
+}
+
+async fn list(kv: &mut KvClient<Channel>) -> Result<BTreeMap<Bytes, (Bytes, i64, i64)>, tonic::Status> {
+    let r = kv
+        .range(RangeRequest { key: Bytes::from_static(PODS), range_end: Bytes::from_static(PODS_END), ..Default::default() })
+        .await?
+        .into_inner();
+    assert_eq!(r.count as usize, r.kvs.len(), "count must match the listed keys");
+    Ok(r.kvs.into_iter().map(|kv| (kv.key, (kv.value, kv.mod_revision, kv.create_revision))).collect())
+}
+
+async fn watch(channel: Channel, start_revision: i64) -> mpsc::UnboundedReceiver<Result<WatchResponse, tonic::Status>> {
+    let (req_tx, req_rx) = mpsc::channel(4);
+    req_tx
+        .send(WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: Bytes::from_static(PODS),
+                range_end: Bytes::from_static(PODS_END),
+                start_revision,
+                prev_kv: true,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    let mut stream = WatchClient::new(channel).watch(ReceiverStream::new(req_rx)).await.unwrap().into_inner();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _keep = req_tx;
+        loop {
+            match stream.message().await {
+                Ok(Some(r)) => { if tx.send(Ok(r)).is_err() { return; } }
+                Ok(None) => return,
+                Err(status) => { let _ = tx.send(Err(status)); return; }
+            }
+        }
+    });
+    rx
+}
+
+async fn next_response(rx: &mut mpsc::UnboundedReceiver<Result<WatchResponse, tonic::Status>>) -> Result<WatchResponse, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(15), rx.recv()).await.expect("watch answer within 15s").expect("watch stream open")
+}
+
+fn pod(i: usize) -> Bytes {
+    Bytes::from(format!("/registry/pods/default/pod-{i:04}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_restart_during_writes_loses_no_acknowledged_write() {
+    let shards = start_shards(3).await.unwrap();
+    let router = Router::start(shard_specs(&shards)).await.unwrap();
+    let addr = router.addr;
+    let channel = lazy_channel(&router.endpoint());
+    let mut kv = KvClient::new(channel.clone());
+
+    // A lease-attached key must survive too (events use leases).
+    let lease = LeaseClient::new(channel.clone()).lease_grant(LeaseGrantRequest { ttl: 3600, id: 0 }).await.unwrap().into_inner().id;
+    kv.put(PutRequest { key: Bytes::from_static(b"/registry/pods/default/leased"), value: Bytes::from_static(b"l"), lease, ..Default::default() }).await.unwrap();
+
+    let mut events = watch(channel.clone(), 0).await;
+    assert!(next_response(&mut events).await.unwrap().created);
+
+    // A writer that keeps going through the restart, retrying what failed.
+    let writer = tokio::spawn({
+        let mut kv = kv.clone();
+        async move {
+            let mut acknowledged = Vec::new();
+            for i in 0..150 {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                loop {
+                    let put = PutRequest { key: pod(i), value: Bytes::from(format!("v{i}")), ..Default::default() };
+                    match kv.put(put).await {
+                        Ok(r) => { acknowledged.push((i, r.into_inner().header.unwrap().revision)); break; }
+                        Err(status) => {
+                            assert!(tokio::time::Instant::now() < deadline, "write {i} kept failing: {status}");
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            }
+            acknowledged
+        }
+    });
+
+    wait_until("40 writes before the restart", Duration::from_secs(20), || {
+        let mut kv = kv.clone();
+        async move { list(&mut kv).await.map(|l| l.len() > 40).unwrap_or(false) }
+    }).await;
+    let before = list(&mut kv).await.unwrap();
+    router.stop().await.unwrap();
+    // The open watch ends with an error the client can resume from.
+    loop {
+        match next_response(&mut events).await {
+            Ok(r) => assert!(!r.canceled, "no cancel expected before the stream ends"),
+            Err(status) => { assert_eq!(status.code(), Code::Unavailable); break; }
+        }
+    }
+    let router = Router::start_at(Router::test_config(shard_specs(&shards)), addr).await.unwrap();
+
+    let acknowledged = writer.await.unwrap();
+    assert_eq!(acknowledged.len(), 150);
+    let revisions: Vec<i64> = acknowledged.iter().map(|(_, r)| *r).collect();
+    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "revisions went backwards across the restart: {revisions:?}");
+
+    let after = list(&mut kv).await.unwrap();
+    for (key, (value, mod_revision, create_revision)) in &before {
+        let (v, m, c) = after.get(key).unwrap_or_else(|| panic!("{key:?} lost by the restart"));
+        // Keys not rewritten after the restart keep their revisions exactly.
+        if !acknowledged.iter().any(|(i, r)| &pod(*i) == key && r > mod_revision) {
+            assert_eq!((v, m, c), (value, mod_revision, create_revision), "{key:?} changed");
+        }
+    }
+    for (i, _) in &acknowledged {
+        assert_eq!(after.get(&pod(*i)).map(|(v, _, _)| v.clone()), Some(Bytes::from(format!("v{i}"))));
+    }
+    let leased = after.get(&Bytes::from_static(b"/registry/pods/default/leased")).expect("leased key kept");
+    assert_eq!(leased.0, Bytes::from_static(b"l"));
+    let leases = LeaseClient::new(channel.clone()).lease_leases(LeaseLeasesRequest {}).await.unwrap().into_inner();
+    assert!(leases.leases.iter().any(|l| l.id == lease), "lease re-created after restart");
+
+    // History from before the restart is gone: clients relist (410 in kube-apiserver).
+    let old = acknowledged[0].1;
+    let mut stale = watch(channel.clone(), old).await;
+    assert!(next_response(&mut stale).await.unwrap().created);
+    let compacted = next_response(&mut stale).await.unwrap();
+    assert!(compacted.canceled && compacted.compact_revision > old);
+
+    // The rebuilt index answers optimistic concurrency with the old revisions.
+    let key = pod(3);
+    let current = after[&key].1;
+    let txn = TxnRequest {
+        compare: vec![Compare { key: key.clone(), target: CompareTarget::Mod as i32, result: CompareResult::Equal as i32, target_union: Some(TargetUnion::ModRevision(current)), ..Default::default() }],
+        success: vec![RequestOp { request: Some(Request::RequestPut(PutRequest { key: key.clone(), value: Bytes::from_static(b"updated"), ..Default::default() })) }],
+        failure: vec![],
+    };
+    let r = kv.txn(txn).await.unwrap().into_inner();
+    assert!(r.succeeded);
+    assert!(r.header.unwrap().revision > *revisions.last().unwrap());
+    router.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_shard_fails_only_its_keys_and_comes_back() {
+    let mut shards = start_shards(3).await.unwrap();
+    let router = Router::start(shard_specs(&shards)).await.unwrap();
+    let channel = lazy_channel(&router.endpoint());
+    let mut kv = KvClient::new(channel.clone());
+    for i in 0..60 {
+        kv.put(PutRequest { key: pod(i), value: Bytes::from(format!("v{i}")), ..Default::default() }).await.unwrap();
+    }
+    let before = list(&mut kv).await.unwrap();
+    // Which keys shard-1 holds, asked of the shard itself.
+    let on_victim: Vec<Bytes> = shards[1].kv().await.unwrap()
+        .range(RangeRequest { key: Bytes::from_static(PODS), range_end: Bytes::from_static(PODS_END), keys_only: true, ..Default::default() })
+        .await.unwrap().into_inner().kvs.into_iter().map(|kv| kv.key).collect();
+    assert!(on_victim.len() > 5 && on_victim.len() < 40, "shard-1 holds {} of 60 keys", on_victim.len());
+    let survivor = (0..60).map(pod).find(|k| !on_victim.contains(k)).unwrap();
+
+    let mut events = watch(channel.clone(), 0).await;
+    assert!(next_response(&mut events).await.unwrap().created);
+
+    shards[1].kill();
+    let err = kv.range(RangeRequest { key: on_victim[0].clone(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(err.message().contains("shard-1"), "the error names the shard: {err}");
+    let err = kv.put(PutRequest { key: on_victim[1].clone(), value: Bytes::from_static(b"x"), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    // A list would miss keys: it is refused rather than answered wrong.
+    assert_eq!(list(&mut kv).await.unwrap_err().code(), Code::Unavailable);
+    // Other keys keep working, and their events flow.
+    kv.put(PutRequest { key: survivor.clone(), value: Bytes::from_static(b"still here"), ..Default::default() }).await.unwrap();
+    let r = next_response(&mut events).await.unwrap();
+    assert_eq!(r.events.len(), 1);
+    assert_eq!(r.events[0].kv.as_ref().unwrap().key, survivor);
+
+    // Back with its data: nothing changed, no events.
+    shards[1].restart().await.unwrap();
+    wait_until("the shard's keys to be served again", Duration::from_secs(20), || {
+        let mut kv = kv.clone();
+        async move { list(&mut kv).await.is_ok() }
+    }).await;
+    let after = list(&mut kv).await.unwrap();
+    for key in &on_victim {
+        assert_eq!(after[key], before[key], "{key:?} changed across the outage");
+    }
+
+    // Back without its data (a RAM disk after a reboot): its keys are
+    // announced deleted, once each, so controllers recreate them.
+    shards[1].restart_empty().await.unwrap();
+    let mut deleted = Vec::new();
+    while deleted.len() < on_victim.len() {
+        let r = next_response(&mut events).await.unwrap();
+        for event in r.events {
+            assert_eq!(event.r#type, EventType::Delete as i32, "unexpected event {event:?}");
+            let kv = event.kv.unwrap();
+            let prev = event.prev_kv.expect("a lost key's DELETE carries its last value when the history still has it");
+            assert_eq!(prev.key, kv.key);
+            deleted.push(kv.key);
+        }
+    }
+    deleted.sort();
+    let mut expected = on_victim.clone();
+    expected.sort();
+    assert_eq!(deleted, expected);
+    let remaining = list(&mut kv).await.unwrap();
+    assert_eq!(remaining.len(), 60 - on_victim.len());
+    assert!(on_victim.iter().all(|k| !remaining.contains_key(k)));
+    // The lost keys can be created again.
+    kv.put(PutRequest { key: on_victim[0].clone(), value: Bytes::from_static(b"recreated"), ..Default::default() }).await.unwrap();
+    router.stop().await.unwrap();
+}
