@@ -74,6 +74,19 @@ pub enum RouterError {
     Admin(#[from] std::io::Error),
 }
 
+/// Accepted connections, with Nagle's algorithm off: gRPC sends small
+/// frames and waits for answers, so a delayed ACK would add ~40 ms to each.
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
+}
+
 /// Serves the router on `listener` (gRPC) and `admin` (HTTP) until `shutdown` completes.
 pub async fn run(
     config: RouterConfig,
@@ -156,7 +169,7 @@ pub async fn run(
             member_id,
             client_url,
         }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(incoming(listener), async {
             let _ = stop_rx.await;
         })
         .await;

@@ -80,7 +80,12 @@ impl Etcd {
 
     /// Starts etcd with extra flags (e.g. `--unsafe-no-fsync`).
     pub async fn start_with(name: &str, extra: &[&str]) -> Result<Etcd> {
-        let dir = tempfile::Builder::new().prefix(&format!("ste-etcd-{name}-")).tempdir()?;
+        Self::start_in(name, &std::env::temp_dir(), extra).await
+    }
+
+    /// Starts etcd with its data under `base` (e.g. /dev/shm for a RAM disk).
+    pub async fn start_in(name: &str, base: &Path, extra: &[&str]) -> Result<Etcd> {
+        let dir = tempfile::Builder::new().prefix(&format!("ste-etcd-{name}-")).tempdir_in(base)?;
         let mut etcd = Etcd {
             name: name.to_string(),
             client_port: free_port(),

@@ -1,0 +1,367 @@
+//! `ste-bench router`: the router over 1, 2, 4 RAM shards against one plain
+//! etcd on a RAM disk with `--unsafe-no-fsync`, side by side in one run.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use serde::Serialize;
+use ste_etcd_proto::pb::{
+    compare::{CompareResult, CompareTarget, TargetUnion},
+    kv_client::KvClient,
+    maintenance_client::MaintenanceClient,
+    request_op::Request,
+    watch_client::WatchClient,
+    watch_request::RequestUnion,
+    Compare, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest, WatchCreateRequest,
+    WatchRequest,
+};
+use ste_testkit::{free_port, Etcd};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::stats::{process_cpu_seconds, Samples};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Router arms to run, by number of shards (a plain etcd arm always runs first).
+    #[arg(long, env = "STE_BENCH_SHARD_COUNTS", value_delimiter = ',', default_value = "1,2,4")]
+    shard_counts: Vec<usize>,
+    /// Keys loaded before the List measurement (kube-apiserver pages by 500).
+    #[arg(long, env = "STE_BENCH_KEYS", default_value_t = 10_000)]
+    keys: usize,
+    /// Value size in bytes (a small pod is 1–4 KiB).
+    #[arg(long, env = "STE_BENCH_VALUE_SIZE", default_value_t = 1024)]
+    value_size: usize,
+    /// Sequential creates and updates timed one by one (one client, no queueing).
+    #[arg(long, env = "STE_BENCH_LATENCY_OPS", default_value_t = 2000)]
+    latency_ops: usize,
+    /// Concurrent clients for the saturation phase.
+    #[arg(long, env = "STE_BENCH_CONCURRENCY", default_value_t = 64)]
+    concurrency: usize,
+    /// Writes timed from send to their watch event.
+    #[arg(long, env = "STE_BENCH_WATCH_OPS", default_value_t = 500)]
+    watch_ops: usize,
+    /// Where the etcd data directories go (a RAM disk, like the shards').
+    #[arg(long, env = "STE_BENCH_DATA_DIR", default_value = "/dev/shm")]
+    data_dir: PathBuf,
+    /// The ste-router binary (default: next to this one).
+    #[arg(long, env = "STE_ROUTER_BIN")]
+    router_bin: Option<PathBuf>,
+    /// JSON results file.
+    #[arg(long, env = "STE_BENCH_OUTPUT", default_value = "target/bench/router.json")]
+    output: PathBuf,
+}
+
+#[derive(Serialize, Clone)]
+struct ArmResult {
+    arm: String,
+    shards: usize,
+    create_p50_us: f64,
+    create_p99_us: f64,
+    update_p50_us: f64,
+    update_p99_us: f64,
+    list_all_ms: f64,
+    watch_p50_us: f64,
+    watch_p99_us: f64,
+    saturated_writes_per_s: f64,
+    router_cpu_us_per_write: Option<f64>,
+    etcd_cpu_us_per_write: f64,
+}
+
+struct RouterProcess(Child);
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.latency_ops >= args.keys {
+        bail!("--latency-ops ({}) must be smaller than --keys ({})", args.latency_ops, args.keys);
+    }
+    if args.shard_counts.iter().any(|n| *n == 0) {
+        bail!("--shard-counts must be positive");
+    }
+    let router_bin = match &args.router_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("ste-router"),
+    };
+    if !router_bin.is_file() {
+        bail!("ste-router binary not found at {} (build it with `cargo build --release -p ste-router` or pass --router-bin)", router_bin.display());
+    }
+    let mut results = Vec::new();
+
+    eprintln!("[1/{}] plain etcd (RAM disk, --unsafe-no-fsync)", args.shard_counts.len() + 1);
+    {
+        let etcd = start_etcd("plain", &args).await?;
+        let pids = vec![etcd.pid().context("etcd pid")?];
+        results.push(measure("etcd", 0, &etcd.endpoint(), None, &pids, &args).await?);
+    }
+    for (i, &count) in args.shard_counts.iter().enumerate() {
+        eprintln!("[{}/{}] ste-router over {count} shard(s)", i + 2, args.shard_counts.len() + 1);
+        let mut shards = Vec::new();
+        for s in 0..count {
+            shards.push(start_etcd(&format!("shard-{s}"), &args).await?);
+        }
+        let listen = format!("127.0.0.1:{}", free_port());
+        let spec: Vec<String> = shards.iter().map(|s| format!("{}={}", s.name, s.endpoint())).collect();
+        let child = Command::new(&router_bin)
+            .args(["--listen", &listen, "--admin-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--shards", &spec.join(",")])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", router_bin.display()))?;
+        let router = RouterProcess(child);
+        let endpoint = format!("http://{listen}");
+        wait_ready(&endpoint).await?;
+        let pids: Vec<u32> = shards.iter().filter_map(|s| s.pid()).collect();
+        results.push(measure("ste-router", count, &endpoint, Some(router.0.id()), &pids, &args).await?);
+    }
+
+    print_report(&results, &args);
+    if let Some(parent) = args.output.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.output, serde_json::to_string_pretty(&results)?)?;
+    eprintln!("raw results: {}", args.output.display());
+    Ok(())
+}
+
+async fn start_etcd(name: &str, args: &Args) -> anyhow::Result<Etcd> {
+    Etcd::start_in(name, &args.data_dir, &["--unsafe-no-fsync", "--quota-backend-bytes", "4294967296"])
+        .await
+        .with_context(|| format!("starting etcd {name} in {}", args.data_dir.display()))
+}
+
+async fn wait_ready(endpoint: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(channel) = Channel::from_shared(endpoint.to_string())?.connect().await {
+            if MaintenanceClient::new(channel).status(StatusRequest {}).await.is_ok() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("ste-router at {endpoint} not ready within 30s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn key(i: usize) -> Bytes {
+    Bytes::from(format!("/registry/pods/bench/pod-{i:06}"))
+}
+
+fn create_txn(key: Bytes, value: Bytes) -> TxnRequest {
+    TxnRequest {
+        compare: vec![mod_equals(&key, 0)],
+        success: vec![RequestOp { request: Some(Request::RequestPut(PutRequest { key, value, ..Default::default() })) }],
+        failure: vec![],
+    }
+}
+
+fn mod_equals(key: &Bytes, revision: i64) -> Compare {
+    Compare {
+        key: key.clone(),
+        target: CompareTarget::Mod as i32,
+        result: CompareResult::Equal as i32,
+        target_union: Some(TargetUnion::ModRevision(revision)),
+        ..Default::default()
+    }
+}
+
+fn cpu(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|p| process_cpu_seconds(*p)).sum()
+}
+
+async fn measure(
+    arm: &str,
+    shards: usize,
+    endpoint: &str,
+    router_pid: Option<u32>,
+    etcd_pids: &[u32],
+    args: &Args,
+) -> anyhow::Result<ArmResult> {
+    let channel = Channel::from_shared(endpoint.to_string())?.tcp_nodelay(true).connect().await?;
+    let mut kv = KvClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
+    let value = Bytes::from(vec![b'x'; args.value_size]);
+
+    // Sequential creates and updates: the latency of one request with no queueing.
+    let mut create = Samples::default();
+    let mut revisions = Vec::with_capacity(args.latency_ops);
+    for i in 0..args.latency_ops {
+        let started = Instant::now();
+        let r = kv.txn(create_txn(key(i), value.clone())).await?.into_inner();
+        create.push(started.elapsed());
+        if !r.succeeded {
+            bail!("{arm}: create of {:?} failed", key(i));
+        }
+        revisions.push(r.header.map(|h| h.revision).unwrap_or(0));
+    }
+    let mut update = Samples::default();
+    for (i, revision) in revisions.iter().enumerate() {
+        let k = key(i);
+        let txn = TxnRequest {
+            compare: vec![mod_equals(&k, *revision)],
+            success: vec![RequestOp { request: Some(Request::RequestPut(PutRequest { key: k.clone(), value: value.clone(), ..Default::default() })) }],
+            failure: vec![RequestOp { request: Some(Request::RequestRange(RangeRequest { key: k, ..Default::default() })) }],
+        };
+        let started = Instant::now();
+        let r = kv.txn(txn).await?.into_inner();
+        update.push(started.elapsed());
+        if !r.succeeded {
+            bail!("{arm}: update {i} lost its compare");
+        }
+    }
+    eprintln!("  creates p50 {:.0} µs, updates p50 {:.0} µs", create.percentile(50.0), update.percentile(50.0));
+
+    // Saturation: the rest of the keys from many concurrent clients.
+    let cpu_router_before = router_pid.and_then(process_cpu_seconds);
+    let cpu_etcd_before = cpu(etcd_pids);
+    let next = Arc::new(AtomicUsize::new(args.latency_ops));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.concurrency {
+        let next = next.clone();
+        let mut kv = kv.clone();
+        let value = value.clone();
+        let total = args.keys;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<(), tonic::Status>(());
+                }
+                kv.txn(create_txn(key(i), value.clone())).await?;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let writes = (args.keys - args.latency_ops) as f64;
+    let router_cpu = router_pid
+        .and_then(process_cpu_seconds)
+        .zip(cpu_router_before)
+        .map(|(after, before)| (after - before) / writes * 1e6);
+    let etcd_cpu = (cpu(etcd_pids) - cpu_etcd_before) / writes * 1e6;
+    eprintln!("  saturated: {:.0} writes/s with {} clients", writes / elapsed, args.concurrency);
+
+    // Paged List of every key, as kube-apiserver pages (limit 500, one revision).
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let mut from = Bytes::from_static(b"/registry/pods/bench/");
+        let end = Bytes::from_static(b"/registry/pods/bench0");
+        let mut revision = 0;
+        let mut seen = 0;
+        loop {
+            let r = kv.range(RangeRequest { key: from.clone(), range_end: end.clone(), limit: 500, revision, ..Default::default() }).await?.into_inner();
+            if revision == 0 {
+                revision = r.header.map(|h| h.revision).unwrap_or(0);
+            }
+            seen += r.kvs.len();
+            match (r.more, r.kvs.last()) {
+                (true, Some(last)) => {
+                    let mut next = last.key.to_vec();
+                    next.push(0);
+                    from = Bytes::from(next);
+                }
+                _ => break,
+            }
+        }
+        if seen != args.keys {
+            bail!("{arm}: paged list returned {seen} keys, expected {}", args.keys);
+        }
+        best = best.min(started.elapsed().as_secs_f64() * 1e3);
+    }
+    eprintln!("  paged list of {} keys: {best:.1} ms", args.keys);
+
+    // Watch delivery: from sending a write to receiving its event.
+    let (req_tx, req_rx) = mpsc::channel(1);
+    req_tx.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+        key: Bytes::from_static(b"/registry/pods/watch/"),
+        range_end: Bytes::from_static(b"/registry/pods/watch0"),
+        ..Default::default()
+    })) }).await?;
+    let mut stream = WatchClient::new(channel).watch(ReceiverStream::new(req_rx)).await?.into_inner();
+    let created = stream.message().await?.context("watch stream closed")?;
+    if !created.created {
+        bail!("{arm}: watch not created");
+    }
+    let mut watch = Samples::default();
+    for i in 0..args.watch_ops {
+        let k = Bytes::from(format!("/registry/pods/watch/{i}"));
+        let started = Instant::now();
+        let put = kv.put(PutRequest { key: k.clone(), value: value.clone(), ..Default::default() });
+        let event = async {
+            loop {
+                let r = stream.message().await?.context("watch stream closed")?;
+                if r.events.iter().any(|e| e.kv.as_ref().is_some_and(|kv| kv.key == k)) {
+                    return anyhow::Ok(started.elapsed());
+                }
+            }
+        };
+        let (put, delivered) = tokio::join!(put, event);
+        put?;
+        watch.push(delivered?);
+    }
+    drop(req_tx);
+    eprintln!("  watch delivery p99 {:.0} µs", watch.percentile(99.0));
+
+    Ok(ArmResult {
+        arm: arm.to_string(),
+        shards,
+        create_p50_us: create.percentile(50.0),
+        create_p99_us: create.percentile(99.0),
+        update_p50_us: update.percentile(50.0),
+        update_p99_us: update.percentile(99.0),
+        list_all_ms: best,
+        watch_p50_us: watch.percentile(50.0),
+        watch_p99_us: watch.percentile(99.0),
+        saturated_writes_per_s: writes / elapsed,
+        router_cpu_us_per_write: router_cpu,
+        etcd_cpu_us_per_write: etcd_cpu,
+    })
+}
+
+fn print_report(results: &[ArmResult], args: &Args) {
+    let base = &results[0];
+    println!();
+    println!(
+        "Router benchmark: {} keys of {} B, {} sequential ops, {} clients at saturation, {} watched writes",
+        args.keys, args.value_size, args.latency_ops, args.concurrency, args.watch_ops
+    );
+    println!();
+    println!("| arm | create p50/p99 µs | update p50/p99 µs | List {} keys (limit 500) ms | watch p50/p99 µs | writes/s saturated | × etcd | router CPU µs/write | etcd CPU µs/write |", args.keys);
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in results {
+        let name = if r.shards == 0 { "plain etcd".to_string() } else { format!("router, {} shard(s)", r.shards) };
+        println!(
+            "| {name} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} | {:.0} / {:.0} | {:.0} | {:.2} | {} | {:.0} |",
+            r.create_p50_us, r.create_p99_us, r.update_p50_us, r.update_p99_us, r.list_all_ms,
+            r.watch_p50_us, r.watch_p99_us, r.saturated_writes_per_s,
+            r.saturated_writes_per_s / base.saturated_writes_per_s,
+            r.router_cpu_us_per_write.map(|c| format!("{c:.0}")).unwrap_or_else(|| "–".into()),
+            r.etcd_cpu_us_per_write,
+        );
+    }
+    if let Some(one) = results.iter().find(|r| r.shards == 1) {
+        println!();
+        println!(
+            "Router overhead at 1 shard, p50: create +{:.0} µs, update +{:.0} µs",
+            one.create_p50_us - base.create_p50_us,
+            one.update_p50_us - base.update_p50_us
+        );
+    }
+}

@@ -1,0 +1,67 @@
+//! Percentiles and process CPU time.
+
+use std::time::Duration;
+
+/// Latency samples in microseconds.
+#[derive(Default, Clone)]
+pub struct Samples(Vec<f64>);
+
+impl Samples {
+    pub fn push(&mut self, d: Duration) {
+        self.0.push(d.as_secs_f64() * 1e6);
+    }
+
+    pub fn percentile(&self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return f64::NAN;
+        }
+        let mut sorted = self.0.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+        sorted[rank.min(sorted.len() - 1)]
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// User + system CPU seconds a process has used so far (Linux /proc).
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // sysconf(_SC_CLK_TCK) is 100 on every Linux this runs on.
+    100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_ranks() {
+        let mut s = Samples::default();
+        for us in 1..=100 {
+            s.push(Duration::from_micros(us));
+        }
+        assert!((s.percentile(50.0) - 50.0).abs() <= 1.0);
+        assert!((s.percentile(99.0) - 99.0).abs() <= 1.0);
+        assert_eq!(s.len(), 100);
+        assert!(Samples::default().percentile(50.0).is_nan());
+    }
+
+    #[test]
+    fn own_cpu_time_is_readable() {
+        let spent = process_cpu_seconds(std::process::id()).expect("/proc readable");
+        assert!(spent >= 0.0);
+    }
+}
