@@ -4,7 +4,7 @@
 
 use tonic::{Code, Status};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("etcdserver: mvcc: required revision has been compacted")]
     Compacted,

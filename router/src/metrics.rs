@@ -29,6 +29,7 @@ pub struct Metrics {
     rpc_seconds: Family<MethodLabels, Histogram>,
     events: Counter,
     keys_lost: Counter,
+    batch_writes: Histogram,
     pub watchers: Gauge,
     pub revision: Gauge,
     pub compact_revision: Gauge,
@@ -59,6 +60,12 @@ impl Default for Metrics {
             "Keys a shard no longer held when reconciled (announced as DELETE events)",
             keys_lost.clone(),
         );
+        let batch_writes = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        registry.register(
+            "batch_writes",
+            "Writes committed together in one shard Txn (group commit)",
+            batch_writes.clone(),
+        );
         let watchers = Gauge::default();
         registry.register("watchers", "Open watches", watchers.clone());
         let revision = Gauge::default();
@@ -79,6 +86,7 @@ impl Default for Metrics {
             rpc_seconds,
             events,
             keys_lost,
+            batch_writes,
             watchers,
             revision,
             compact_revision,
@@ -105,6 +113,10 @@ impl Metrics {
 
     pub fn events_written(&self, n: usize) {
         self.events.inc_by(n as u64);
+    }
+
+    pub fn batch(&self, writes: i64) {
+        self.batch_writes.observe(writes as f64);
     }
 
     pub fn keys_lost(&self, n: usize) {

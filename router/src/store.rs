@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::join_all;
-use ste_etcd_proto::mvccpb::KeyValue;
+use ste_etcd_proto::mvccpb::{event::EventType, KeyValue};
 use ste_etcd_proto::pb::{
     compare::{CompareResult, CompareTarget, TargetUnion},
     range_request::{SortOrder, SortTarget},
@@ -29,12 +29,12 @@ use ste_etcd_proto::pb::{
     RangeResponse, RequestOp, ResponseHeader, ResponseOp, StatusResponse, TxnRequest,
     TxnResponse,
 };
-use tokio::sync::MutexGuard;
+use tokio::sync::{oneshot, MutexGuard};
 use tracing::{info, warn};
 
 use crate::envelope::{self, Meta};
 use crate::error::{StoreError, StoreResult};
-use crate::history::{History, StoredEvent};
+use crate::history::{key_in_range, History, StoredEvent};
 use crate::leases::{LeaseInfo, Leases};
 use crate::metrics::Metrics;
 use crate::ring::{Ring, ShardId};
@@ -91,11 +91,18 @@ enum PlannedOp {
         key: Bytes,
         want_prev: bool,
         existed: bool,
+        sent: bool,
     },
     Range {
         keys_only: bool,
         count_only: bool,
     },
+}
+
+impl PlannedOp {
+    fn sent_to_shard(&self) -> bool {
+        !matches!(self, PlannedOp::Delete { sent: false, .. })
+    }
 }
 
 pub struct Store {
@@ -349,38 +356,20 @@ impl Store {
         for shard in &shards {
             shard.require_loaded()?;
             let cut = shard.cuts.lock().expect("cuts lock").at(revision);
-            match cut {
-                CutLookup::At(shard_revision) => reads.push((shard.clone(), shard_revision)),
-                CutLookup::Empty => {}
-                CutLookup::Unknown => return Err(StoreError::Compacted),
-            }
+            reads.push((shard.clone(), cut));
         }
-        let answers = join_all(reads.iter().map(|(shard, shard_revision)| {
-            shard.range(RangeRequest {
-                key: req.key.clone(),
-                range_end: req.range_end.clone(),
-                limit: req.limit,
-                revision: *shard_revision,
-                count_only: req.count_only,
-                ..Default::default()
-            })
-        }))
+        let answers = join_all(
+            reads
+                .iter()
+                .map(|(shard, cut)| self.read_shard_at(shard, &req, *cut, revision)),
+        )
         .await;
-
         let mut count = 0;
         let mut kvs = Vec::new();
-        for ((shard, _), answer) in reads.iter().zip(answers) {
-            let answer = answer.map_err(|err| match err {
-                // The shard was compacted under a concurrent Compact of ours.
-                StoreError::ShardRejected(status) if status.message().contains("compacted") => {
-                    StoreError::Compacted
-                }
-                other => other,
-            })?;
-            count += answer.count;
-            for kv in answer.kvs {
-                kvs.push(translate_kv(&shard.id, kv)?);
-            }
+        for answer in answers {
+            let (shard_count, shard_kvs) = answer?;
+            count += shard_count;
+            kvs.extend(shard_kvs);
         }
         if req.count_only {
             kvs.clear();
@@ -408,6 +397,85 @@ impl Store {
             more,
             count,
         })
+    }
+
+    /// One shard's part of a Range at global `revision`: its count and kvs
+    /// (with global revisions), at most `limit` + what the batch overlay needs.
+    async fn read_shard_at(
+        &self,
+        shard: &Shard,
+        req: &RangeRequest,
+        cut: CutLookup,
+        revision: i64,
+    ) -> StoreResult<(i64, Vec<KeyValue>)> {
+        let read = |shard_revision: i64, extra: i64| {
+            shard.range(RangeRequest {
+                key: req.key.clone(),
+                range_end: req.range_end.clone(),
+                limit: if req.limit > 0 { req.limit + extra } else { 0 },
+                revision: shard_revision,
+                count_only: req.count_only,
+                ..Default::default()
+            })
+        };
+        let translate_all = |answer: RangeResponse| -> StoreResult<(i64, Vec<KeyValue>, bool)> {
+            let kvs = answer
+                .kvs
+                .into_iter()
+                .map(|kv| translate_kv(&shard.id, kv))
+                .collect::<StoreResult<Vec<_>>>()?;
+            Ok((answer.count, kvs, answer.more))
+        };
+        match cut {
+            CutLookup::Unknown => Err(StoreError::Compacted),
+            CutLookup::Empty => Ok((0, Vec::new())),
+            CutLookup::At(shard_revision) => {
+                let answer = read(shard_revision, 0).await.map_err(compacted_on_shard)?;
+                let (count, kvs, _) = translate_all(answer)?;
+                Ok((count, kvs))
+            }
+            CutLookup::Within { base, from } => {
+                // The batch's events up to `revision`, applied to the shard before the batch.
+                let overlay = self
+                    .history
+                    .read(from, revision, |e| key_in_range(e.key(), &req.key, &req.range_end))?;
+                let (mut count, kvs, more) = match base {
+                    Some(shard_revision) => translate_all(
+                        read(shard_revision, overlay.len() as i64)
+                            .await
+                            .map_err(compacted_on_shard)?,
+                    )?,
+                    None => (0, Vec::new(), false),
+                };
+                let last_read = kvs.last().map(|kv| kv.key.clone());
+                let mut by_key: BTreeMap<Bytes, KeyValue> =
+                    kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+                for stored in overlay {
+                    let existed = stored.event.prev_kv.is_some();
+                    let Some(kv) = stored.event.kv.clone() else { continue };
+                    if stored.event.r#type == EventType::Put as i32 {
+                        if !existed {
+                            count += 1;
+                        }
+                        if !req.count_only {
+                            by_key.insert(kv.key.clone(), kv);
+                        }
+                    } else {
+                        if existed {
+                            count -= 1;
+                        }
+                        by_key.remove(&kv.key);
+                    }
+                }
+                if more {
+                    // Keys past the last one read may have others before them on the shard.
+                    if let Some(last) = last_read {
+                        by_key.retain(|key, _| *key <= last);
+                    }
+                }
+                Ok((count, by_key.into_values().collect()))
+            }
+        }
     }
 
     // ---------------------------------------------------------------- writes
@@ -495,106 +563,215 @@ impl Store {
             .await
     }
 
+    /// Queues the txn on its shard and commits it in a group: whoever holds
+    /// the shard's write lock commits everything queued so far as one shard
+    /// Txn (group commit), so a shard takes one round trip per batch instead
+    /// of one per write, while each write keeps its own global revision.
     async fn txn_on_one_shard(
         self: Arc<Self>,
         req: TxnRequest,
         keys: BTreeSet<Bytes>,
     ) -> StoreResult<TxnResponse> {
         let shard = self.single_shard_for(&keys)?;
-        let mut state = shard.write.lock().await;
-        self.ensure_reconciled(&shard, &mut state).await?;
-        // Placement cannot have changed while we waited: only this shard's
-        // writer places keys on it. Re-check the ring for new keys anyway, so a
-        // ring change during the wait sends the write to the right shard.
-        let again = self.single_shard_for(&keys)?;
-        if again.id != shard.id {
-            drop(state);
-            return Box::pin(self.txn_on_one_shard(req, keys)).await;
+        let (reply, answer) = oneshot::channel();
+        shard
+            .queue
+            .lock()
+            .expect("queue lock")
+            .push_back(PendingTxn { req, keys, reply });
+        {
+            let mut state = shard.write.lock().await;
+            let queued: Vec<PendingTxn> = shard.queue.lock().expect("queue lock").drain(..).collect();
+            if !queued.is_empty() {
+                self.commit_queued(&shard, &mut state, queued).await;
+            }
         }
+        let committed = answer
+            .await
+            .map_err(|_| StoreError::Internal("write dropped before commit".into()))??;
+        let published = self.sequencer.wait_published(committed.visible_at).await;
+        let mut response = committed.response;
+        // A write answers at its own revision, a read-only txn at the current one.
+        set_revision(&mut response, if committed.wrote { committed.visible_at } else { published }, &self);
+        self.compact_overflow();
+        Ok(response)
+    }
 
-        let succeeded = self.evaluate_compares(&shard, &req.compare).await?;
-        let ops = if succeeded { req.success } else { req.failure };
-        let effective_write = {
-            let index = self.index.read().expect("index lock");
-            ops.iter().any(|op| match &op.request {
-                Some(Request::RequestPut(_)) => true,
-                Some(Request::RequestDeleteRange(d)) => index.contains_key(&d.key),
-                _ => false,
-            })
-        };
-        if !effective_write {
-            return self.read_only_branch(&shard, state, ops, succeeded).await;
+    /// Plans the queued txns in order and commits them in batches; a txn
+    /// that touches a key written earlier in the batch starts the next batch.
+    async fn commit_queued(&self, shard: &Shard, state: &mut WriteState, queued: Vec<PendingTxn>) {
+        if let Err(err) = self.ensure_reconciled(shard, state).await {
+            for pending in queued {
+                let _ = pending.reply.send(Err(err.clone()));
+            }
+            return;
         }
+        let mut batch = Batch::default();
+        for pending in queued {
+            match self.single_shard_for(&pending.keys) {
+                Ok(placed) if placed.id == shard.id => {}
+                Ok(_) | Err(_) => {
+                    let _ = pending.reply.send(Err(StoreError::unavailable(
+                        shard.id.as_str(),
+                        "the keys' placement changed while the write waited; retry",
+                    )));
+                    continue;
+                }
+            }
+            if !batch.accepts(&pending) {
+                self.commit_batch(shard, state, std::mem::take(&mut batch)).await;
+            }
+            match self.plan_txn(shard, &pending.req).await {
+                Ok(plan) => batch.add(pending, plan),
+                Err(err) => {
+                    let _ = pending.reply.send(Err(err));
+                }
+            }
+        }
+        if !batch.items.is_empty() {
+            self.commit_batch(shard, state, batch).await;
+        }
+    }
 
-        let mut planned = Vec::with_capacity(ops.len());
-        let mut shard_ops = Vec::with_capacity(ops.len());
-        let mut fences = Vec::new();
-        // Validate everything before a revision is taken.
+    /// Decides the branch of a txn from the index and validates its ops.
+    async fn plan_txn(&self, shard: &Shard, req: &TxnRequest) -> StoreResult<TxnPlan> {
+        let succeeded = self.evaluate_compares(shard, &req.compare).await?;
+        let ops = if succeeded { &req.success } else { &req.failure };
         let mut prepared = Vec::with_capacity(ops.len());
         for op in ops {
-            prepared.push(self.prepare_op(&shard, op).await?);
+            prepared.push(self.prepare_op(shard, op.clone()).await?);
         }
-        let g = self.sequencer.assign();
-        for prep in prepared {
-            let (plan, shard_op, fence) = prep.finish(g);
-            planned.push(plan);
-            shard_ops.push(shard_op);
-            fences.extend(fence);
-        }
-        let shard_request = TxnRequest {
-            compare: fences,
-            success: shard_ops,
-            failure: Vec::new(),
-        };
-        let answer = shard.txn(shard_request).await;
-        let answer = match answer {
-            Ok(answer) if answer.succeeded => answer,
-            Ok(_) => {
-                state.needs_reconcile = true;
-                self.sequencer.finish(g, Vec::new());
-                return Err(StoreError::Internal(format!(
-                    "shard {} changed behind the router's back (its revisions no longer match the index); it is being reconciled, retry",
-                    shard.id
-                )));
-            }
-            Err(err) => {
-                if !write_certainly_not_applied(&err) {
-                    state.needs_reconcile = true;
+        let writes = prepared.iter().any(|op| match op {
+            PreparedOp::Put { .. } => true,
+            PreparedOp::Delete { entry, .. } => entry.is_some(),
+            PreparedOp::Range(_) => false,
+        });
+        Ok(TxnPlan {
+            succeeded,
+            ops: prepared,
+            writes,
+        })
+    }
+
+    async fn commit_batch(&self, shard: &Shard, state: &mut WriteState, batch: Batch) {
+        let writers = batch.items.iter().filter(|(_, plan)| plan.writes).count() as i64;
+        // A block of consecutive revisions, so a read inside the batch can be
+        // answered from the shard before it plus the batch's events.
+        let first = if writers > 0 { self.sequencer.assign_block(writers) } else { 0 };
+        let mut next = first;
+        let mut shard_ops = Vec::new();
+        let mut fences = Vec::new();
+        let mut planned = Vec::with_capacity(batch.items.len());
+        for (pending, plan) in batch.items {
+            let g = if plan.writes {
+                next += 1;
+                next - 1
+            } else {
+                0
+            };
+            let mut item_plans = Vec::with_capacity(plan.ops.len());
+            for op in plan.ops {
+                let (item_plan, shard_op, fence) = op.finish(g);
+                if let Some(shard_op) = shard_op {
+                    shard_ops.push(shard_op);
                 }
-                self.sequencer.finish(g, Vec::new());
-                return Err(err);
+                fences.extend(fence);
+                item_plans.push(item_plan);
+            }
+            planned.push((pending, plan.succeeded, g, item_plans));
+        }
+        let last = if writers > 0 { first + writers - 1 } else { 0 };
+
+        let answer = if shard_ops.is_empty() {
+            Ok(TxnResponse {
+                header: None,
+                succeeded: true,
+                responses: Vec::new(),
+            })
+        } else {
+            match shard
+                .txn(TxnRequest {
+                    compare: fences,
+                    success: shard_ops,
+                    failure: Vec::new(),
+                })
+                .await
+            {
+                Ok(answer) if answer.succeeded => Ok(answer),
+                Ok(_) => {
+                    state.needs_reconcile = true;
+                    Err(StoreError::Internal(format!(
+                        "shard {} changed behind the router's back (its revisions no longer match the index); it is being reconciled, retry",
+                        shard.id
+                    )))
+                }
+                Err(err) => {
+                    if !write_certainly_not_applied(&err) {
+                        state.needs_reconcile = true;
+                    }
+                    Err(err)
+                }
+            }
+        };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(err) => {
+                for g in (first..=last).filter(|_| writers > 0) {
+                    self.sequencer.finish(g, Vec::new());
+                }
+                for (pending, ..) in planned {
+                    let _ = pending.reply.send(Err(err.clone()));
+                }
+                return;
             }
         };
         let shard_revision = answer.header.as_ref().map(|h| h.revision).unwrap_or(0);
-
-        let mut events = Vec::new();
-        let mut responses = Vec::with_capacity(planned.len());
-        for (plan, response) in planned.into_iter().zip(answer.responses) {
-            responses.push(self.apply_op_result(
-                &shard,
-                plan,
-                response,
-                g,
-                shard_revision,
-                &mut events,
-            )?);
+        if writers > 0 {
+            self.metrics.batch(writers);
+            shard
+                .cuts
+                .lock()
+                .expect("cuts lock")
+                .push_batch(first, last, shard_revision);
+            state.last_revision = last;
         }
-        shard
-            .cuts
-            .lock()
-            .expect("cuts lock")
-            .push(g, shard_revision);
-        state.last_revision = g;
-        self.metrics.events_written(events.len());
-        self.sequencer.finish(g, events);
-        drop(state);
-        self.compact_overflow();
-        self.sequencer.wait_published(g).await;
-        Ok(TxnResponse {
-            header: Some(self.header(g)),
-            succeeded,
-            responses,
-        })
+        let mut responses = answer.responses.into_iter();
+        for (pending, succeeded, g, item_plans) in planned {
+            let mut events = Vec::new();
+            let mut item_responses = Vec::with_capacity(item_plans.len());
+            let mut failure = None;
+            for plan in item_plans {
+                let response = if plan.sent_to_shard() {
+                    responses.next().unwrap_or_default()
+                } else {
+                    ResponseOp::default()
+                };
+                match self.apply_op_result(shard, plan, response, g, shard_revision, &mut events) {
+                    Ok(response) => item_responses.push(response),
+                    Err(err) => {
+                        failure.get_or_insert(err);
+                    }
+                }
+            }
+            if g != 0 {
+                self.metrics.events_written(events.len());
+                self.sequencer.finish(g, events);
+            }
+            let visible_at = if g != 0 { g } else { state.last_revision };
+            let reply = match failure {
+                Some(err) => Err(err),
+                None => Ok(Committed {
+                    response: TxnResponse {
+                        header: None,
+                        succeeded,
+                        responses: item_responses,
+                    },
+                    visible_at,
+                    wrote: g != 0,
+                }),
+            };
+            let _ = pending.reply.send(reply);
+        }
     }
 
     /// The shard of all `keys`, or the error naming them if they are on several.
@@ -709,57 +886,6 @@ impl Store {
             Some(kv) => Ok(Some(translate_kv(&shard.id, kv)?.value)),
             None => Ok(None),
         }
-    }
-
-    /// A branch that changes nothing: its reads run on the shard (consistent,
-    /// as we hold its write lock) and answer at the current revision.
-    async fn read_only_branch(
-        &self,
-        shard: &Shard,
-        state: MutexGuard<'_, WriteState>,
-        ops: Vec<RequestOp>,
-        succeeded: bool,
-    ) -> StoreResult<TxnResponse> {
-        let mut responses = Vec::with_capacity(ops.len());
-        for op in ops {
-            let response = match op.request {
-                Some(Request::RequestRange(range)) => {
-                    check_range_options(&range)?;
-                    let answer = shard
-                        .range(RangeRequest {
-                            key: range.key.clone(),
-                            limit: range.limit,
-                            count_only: range.count_only,
-                            ..Default::default()
-                        })
-                        .await?;
-                    Response::ResponseRange(self.translate_range(&shard.id, answer, &range)?)
-                }
-                Some(Request::RequestDeleteRange(_)) => {
-                    Response::ResponseDeleteRange(DeleteRangeResponse::default())
-                }
-                _ => return Err(StoreError::Internal("unexpected op in a read-only branch".into())),
-            };
-            responses.push(ResponseOp {
-                response: Some(response),
-            });
-        }
-        let last = state.last_revision;
-        drop(state);
-        let revision = self.sequencer.wait_published(last).await;
-        let header = self.header(revision);
-        for response in &mut responses {
-            match &mut response.response {
-                Some(Response::ResponseRange(r)) => r.header = Some(header),
-                Some(Response::ResponseDeleteRange(d)) => d.header = Some(header),
-                _ => {}
-            }
-        }
-        Ok(TxnResponse {
-            header: Some(header),
-            succeeded,
-            responses,
-        })
     }
 
     fn translate_range(
@@ -883,11 +1009,15 @@ impl Store {
                     prev_kv: if want_prev { prev } else { None },
                 })
             }
+            (PlannedOp::Delete { sent: false, .. }, _) => {
+                Response::ResponseDeleteRange(DeleteRangeResponse::default())
+            }
             (
                 PlannedOp::Delete {
                     key,
                     want_prev,
                     existed,
+                    ..
                 },
                 Some(Response::ResponseDeleteRange(delete)),
             ) => {
@@ -1437,6 +1567,95 @@ impl Store {
     }
 }
 
+/// A txn waiting in its shard's queue for the next group commit.
+pub struct PendingTxn {
+    req: TxnRequest,
+    keys: BTreeSet<Bytes>,
+    reply: oneshot::Sender<StoreResult<Committed>>,
+}
+
+/// What a group commit hands back to the txn's caller.
+pub struct Committed {
+    response: TxnResponse,
+    /// The revision to wait for before answering (the txn's own, or the
+    /// shard's last write for a read-only txn).
+    visible_at: i64,
+    wrote: bool,
+}
+
+struct TxnPlan {
+    succeeded: bool,
+    ops: Vec<PreparedOp>,
+    writes: bool,
+}
+
+/// Txns committed together as one shard Txn.
+#[derive(Default)]
+struct Batch {
+    items: Vec<(PendingTxn, TxnPlan)>,
+    written: BTreeSet<Bytes>,
+    ops: usize,
+    bytes: usize,
+}
+
+impl Batch {
+    /// etcd's defaults: 128 ops per Txn, 1.5 MiB per request.
+    const MAX_OPS: usize = MAX_TXN_OPS;
+    const MAX_BYTES: usize = 1024 * 1024;
+
+    fn accepts(&self, pending: &PendingTxn) -> bool {
+        if self.items.is_empty() {
+            return true;
+        }
+        let ops = pending.req.success.len().max(pending.req.failure.len());
+        let bytes = txn_bytes(&pending.req);
+        pending.keys.is_disjoint(&self.written)
+            && self.ops + ops <= Self::MAX_OPS
+            && self.bytes + bytes <= Self::MAX_BYTES
+    }
+
+    fn add(&mut self, pending: PendingTxn, plan: TxnPlan) {
+        for op in &plan.ops {
+            match op {
+                PreparedOp::Put { key, .. } | PreparedOp::Delete { key, .. } => {
+                    self.written.insert(key.clone());
+                }
+                PreparedOp::Range(_) => {}
+            }
+        }
+        self.ops += plan.ops.len();
+        self.bytes += txn_bytes(&pending.req);
+        self.items.push((pending, plan));
+    }
+}
+
+fn txn_bytes(req: &TxnRequest) -> usize {
+    req.success
+        .iter()
+        .chain(&req.failure)
+        .map(|op| match &op.request {
+            Some(Request::RequestPut(p)) => p.key.len() + p.value.len() + 64,
+            Some(Request::RequestRange(r)) => r.key.len() + 16,
+            Some(Request::RequestDeleteRange(d)) => d.key.len() + 16,
+            _ => 16,
+        })
+        .sum()
+}
+
+/// Sets the revision of a txn answer and of every response inside it.
+fn set_revision(response: &mut TxnResponse, revision: i64, store: &Store) {
+    let header = store.header(revision);
+    response.header = Some(header);
+    for op in &mut response.responses {
+        match &mut op.response {
+            Some(Response::ResponseRange(r)) => r.header = Some(header),
+            Some(Response::ResponsePut(r)) => r.header = Some(header),
+            Some(Response::ResponseDeleteRange(r)) => r.header = Some(header),
+            _ => {}
+        }
+    }
+}
+
 enum Selection {
     Range(Bytes, Bytes),
     Lease(i64),
@@ -1461,8 +1680,9 @@ enum PreparedOp {
 }
 
 impl PreparedOp {
-    /// The plan, the op sent to the shard, and the fence guarding it.
-    fn finish(self, g: i64) -> (PlannedOp, RequestOp, Option<Compare>) {
+    /// The plan, the op sent to the shard (none for a delete of a key that
+    /// does not exist), and the fence guarding it.
+    fn finish(self, g: i64) -> (PlannedOp, Option<RequestOp>, Option<Compare>) {
         match self {
             PreparedOp::Put {
                 key,
@@ -1495,14 +1715,28 @@ impl PreparedOp {
                     want_prev,
                     old_lease: entry.map(|e| e.meta.lease).unwrap_or(0),
                 };
-                (plan, op, Some(fence))
+                (plan, Some(op), Some(fence))
             }
             PreparedOp::Delete {
                 key,
                 want_prev,
-                entry,
+                entry: None,
             } => {
-                let fence = fence(&key, entry.as_ref().map(|e| e.shard_mod_revision).unwrap_or(0));
+                // The index is exact: the key is absent, nothing to send.
+                let plan = PlannedOp::Delete {
+                    key,
+                    want_prev,
+                    existed: false,
+                    sent: false,
+                };
+                (plan, None, None)
+            }
+            PreparedOp::Delete {
+                key,
+                want_prev,
+                entry: Some(entry),
+            } => {
+                let fence = fence(&key, entry.shard_mod_revision);
                 let op = RequestOp {
                     request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
                         key: key.clone(),
@@ -1513,9 +1747,10 @@ impl PreparedOp {
                 let plan = PlannedOp::Delete {
                     key,
                     want_prev,
-                    existed: entry.is_some(),
+                    existed: true,
+                    sent: true,
                 };
-                (plan, op, Some(fence))
+                (plan, Some(op), Some(fence))
             }
             PreparedOp::Range(range) => {
                 let plan = PlannedOp::Range {
@@ -1530,7 +1765,7 @@ impl PreparedOp {
                         ..Default::default()
                     })),
                 };
-                (plan, op, None)
+                (plan, Some(op), None)
             }
         }
     }
@@ -1545,6 +1780,16 @@ fn fence(key: &Bytes, shard_mod_revision: i64) -> Compare {
         result: CompareResult::Equal as i32,
         target_union: Some(TargetUnion::ModRevision(shard_mod_revision)),
         range_end: Bytes::new(),
+    }
+}
+
+/// A shard's "compacted" for a revision we asked: our own concurrent Compact won the race.
+fn compacted_on_shard(err: StoreError) -> StoreError {
+    match err {
+        StoreError::ShardRejected(status) if status.message().contains("compacted") => {
+            StoreError::Compacted
+        }
+        other => other,
     }
 }
 

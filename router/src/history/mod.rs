@@ -63,6 +63,18 @@ impl StoredEvent {
     }
 }
 
+/// etcd's key range rule: no end = the key alone, end "\0" = every key from
+/// `start` on, otherwise [start, end).
+pub fn key_in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+    if end.is_empty() {
+        key == start
+    } else if end == [0] {
+        key >= start
+    } else {
+        key >= start && key < end
+    }
+}
+
 pub struct History {
     inner: RwLock<Inner>,
 }

@@ -67,6 +67,17 @@ impl Sequencer {
         g
     }
 
+    /// Reserves `n` consecutive revisions and returns the first (same rules as `assign`).
+    pub fn assign_block(&self, n: i64) -> i64 {
+        let mut inner = self.inner.lock().expect("sequencer lock");
+        let first = inner.last_assigned + 1;
+        inner.last_assigned += n;
+        for g in first..=inner.last_assigned {
+            inner.in_flight.insert(g);
+        }
+        first
+    }
+
     /// Marks `g` finished with the events it produced (none if it failed) and
     /// publishes every revision that no longer waits on a smaller one.
     pub fn finish(&self, g: i64, events: Vec<Arc<StoredEvent>>) {

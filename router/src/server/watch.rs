@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::StoreError;
-use crate::history::StoredEvent;
+use crate::history::{key_in_range, StoredEvent};
 use crate::store::Store;
 
 /// Events per response; a revision is never split across responses.
@@ -45,15 +45,7 @@ struct Watcher {
 
 impl Watcher {
     fn matches(&self, event: &StoredEvent) -> bool {
-        let key = event.key();
-        let in_range = if self.range_end.is_empty() {
-            key == &self.key[..]
-        } else if self.range_end[..] == [0] {
-            key >= &self.key[..]
-        } else {
-            key >= &self.key[..] && key < &self.range_end[..]
-        };
-        if !in_range {
+        if !key_in_range(event.key(), &self.key, &self.range_end) {
             return false;
         }
         let is_put = event.event.r#type == EventType::Put as i32;

@@ -69,6 +69,8 @@ pub struct Shard {
     kv: KvClient<Channel>,
     maintenance: MaintenanceClient<Channel>,
     pub write: tokio::sync::Mutex<WriteState>,
+    /// Txns waiting for the next group commit (see `Store::txn`).
+    pub queue: Mutex<std::collections::VecDeque<crate::store::PendingTxn>>,
     pub cuts: Mutex<Cuts>,
     /// The shard's keys are in the index. Until then every request that may
     /// touch it answers Unavailable rather than a result that misses keys.
@@ -97,6 +99,7 @@ impl Shard {
                 .max_encoding_message_size(usize::MAX),
             maintenance: MaintenanceClient::new(channel),
             write: tokio::sync::Mutex::new(WriteState::default()),
+            queue: Mutex::new(std::collections::VecDeque::new()),
             cuts: Mutex::new(Cuts::unloaded()),
             loaded: AtomicBool::new(false),
             healthy: AtomicBool::new(false),
