@@ -62,6 +62,8 @@ pub struct Args {
 struct ArmResult {
     arm: String,
     shards: usize,
+    get_p50_us: f64,
+    get_p99_us: f64,
     create_p50_us: f64,
     create_p99_us: f64,
     update_p50_us: f64,
@@ -222,7 +224,19 @@ async fn measure(
             bail!("{arm}: update {i} lost its compare");
         }
     }
-    eprintln!("  creates p50 {:.0} µs, updates p50 {:.0} µs", create.percentile(50.0), update.percentile(50.0));
+    // Sequential single-key reads: the cost of the extra hop without the write path.
+    let mut get = Samples::default();
+    for i in 0..args.latency_ops {
+        let started = Instant::now();
+        kv.range(RangeRequest { key: key(i), ..Default::default() }).await?;
+        get.push(started.elapsed());
+    }
+    eprintln!(
+        "  gets p50 {:.0} µs, creates p50 {:.0} µs, updates p50 {:.0} µs",
+        get.percentile(50.0),
+        create.percentile(50.0),
+        update.percentile(50.0)
+    );
 
     // Saturation: the rest of the keys from many concurrent clients.
     let cpu_router_before = router_pid.and_then(process_cpu_seconds);
@@ -322,6 +336,8 @@ async fn measure(
     Ok(ArmResult {
         arm: arm.to_string(),
         shards,
+        get_p50_us: get.percentile(50.0),
+        get_p99_us: get.percentile(99.0),
         create_p50_us: create.percentile(50.0),
         create_p99_us: create.percentile(99.0),
         update_p50_us: update.percentile(50.0),
@@ -343,13 +359,13 @@ fn print_report(results: &[ArmResult], args: &Args) {
         args.keys, args.value_size, args.latency_ops, args.concurrency, args.watch_ops
     );
     println!();
-    println!("| arm | create p50/p99 µs | update p50/p99 µs | List {} keys (limit 500) ms | watch p50/p99 µs | writes/s saturated | × etcd | router CPU µs/write | etcd CPU µs/write |", args.keys);
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| arm | get p50/p99 µs | create p50/p99 µs | update p50/p99 µs | List {} keys (limit 500) ms | watch p50/p99 µs | writes/s saturated | × etcd | router CPU µs/write | etcd CPU µs/write |", args.keys);
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let name = if r.shards == 0 { "plain etcd".to_string() } else { format!("router, {} shard(s)", r.shards) };
         println!(
-            "| {name} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} | {:.0} / {:.0} | {:.0} | {:.2} | {} | {:.0} |",
-            r.create_p50_us, r.create_p99_us, r.update_p50_us, r.update_p99_us, r.list_all_ms,
+            "| {name} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} | {:.0} / {:.0} | {:.0} | {:.2} | {} | {:.0} |",
+            r.get_p50_us, r.get_p99_us, r.create_p50_us, r.create_p99_us, r.update_p50_us, r.update_p99_us, r.list_all_ms,
             r.watch_p50_us, r.watch_p99_us, r.saturated_writes_per_s,
             r.saturated_writes_per_s / base.saturated_writes_per_s,
             r.router_cpu_us_per_write.map(|c| format!("{c:.0}")).unwrap_or_else(|| "–".into()),
@@ -359,7 +375,8 @@ fn print_report(results: &[ArmResult], args: &Args) {
     if let Some(one) = results.iter().find(|r| r.shards == 1) {
         println!();
         println!(
-            "Router overhead at 1 shard, p50: create +{:.0} µs, update +{:.0} µs",
+            "Router overhead at 1 shard, p50: get +{:.0} µs, create +{:.0} µs, update +{:.0} µs",
+            one.get_p50_us - base.get_p50_us,
             one.create_p50_us - base.create_p50_us,
             one.update_p50_us - base.update_p50_us
         );

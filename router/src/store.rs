@@ -358,19 +358,79 @@ impl Store {
             let cut = shard.cuts.lock().expect("cuts lock").at(revision);
             reads.push((shard.clone(), cut));
         }
+        // Keys are spread evenly, so a page of `limit` needs about limit/n keys
+        // from each shard: ask for a little more than that and fetch the rest
+        // of a shard only if the merge shows it may hold keys of the page.
+        let lazy = req.limit > 0
+            && !req.count_only
+            && reads.len() > 1
+            && req.sort_order != SortOrder::Descend as i32
+            && reads.iter().all(|(_, cut)| matches!(cut, CutLookup::At(_) | CutLookup::Empty));
+        let first_limit = if lazy {
+            let n = reads.len() as i64;
+            (req.limit / n + req.limit / (4 * n) + 16).min(req.limit)
+        } else {
+            req.limit
+        };
         let answers = join_all(
             reads
                 .iter()
-                .map(|(shard, cut)| self.read_shard_at(shard, &req, *cut, revision)),
+                .map(|(shard, cut)| self.read_shard_at(shard, &req, *cut, revision, first_limit)),
         )
         .await;
         let mut count = 0;
-        let mut kvs = Vec::new();
+        let mut parts = Vec::with_capacity(answers.len());
         for answer in answers {
-            let (shard_count, shard_kvs) = answer?;
+            let (shard_count, shard_kvs, shard_more) = answer?;
             count += shard_count;
-            kvs.extend(shard_kvs);
+            parts.push((shard_kvs, shard_more));
         }
+        if lazy {
+            loop {
+                let mut fetched: Vec<&Bytes> = parts.iter().flat_map(|(kvs, _)| kvs.iter().map(|kv| &kv.key)).collect();
+                // The page ends at the limit-th key fetched so far (or is open-ended).
+                let boundary = if fetched.len() >= req.limit as usize {
+                    fetched.sort();
+                    Some(fetched[req.limit as usize - 1].clone())
+                } else {
+                    None
+                };
+                let behind: Vec<usize> = parts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (kvs, more))| {
+                        *more && match (kvs.last(), &boundary) {
+                            (Some(last), Some(boundary)) => last.key < *boundary,
+                            _ => true,
+                        }
+                    })
+                    .map(|(i, _)| i)
+                    .collect();
+                if behind.is_empty() {
+                    break;
+                }
+                let more = join_all(behind.iter().map(|&i| {
+                    let (shard, cut) = &reads[i];
+                    let after = parts[i].0.last().map(|kv| {
+                        let mut next = kv.key.to_vec();
+                        next.push(0);
+                        Bytes::from(next)
+                    });
+                    let next = RangeRequest {
+                        key: after.unwrap_or_else(|| req.key.clone()),
+                        ..req.clone()
+                    };
+                    async move { self.read_shard_at(shard, &next, *cut, revision, first_limit).await }
+                }))
+                .await;
+                for (&i, answer) in behind.iter().zip(more) {
+                    let (_, shard_kvs, shard_more) = answer?;
+                    parts[i].0.extend(shard_kvs);
+                    parts[i].1 = shard_more;
+                }
+            }
+        }
+        let mut kvs: Vec<KeyValue> = parts.into_iter().flat_map(|(kvs, _)| kvs).collect();
         if req.count_only {
             kvs.clear();
         } else {
@@ -407,12 +467,13 @@ impl Store {
         req: &RangeRequest,
         cut: CutLookup,
         revision: i64,
-    ) -> StoreResult<(i64, Vec<KeyValue>)> {
+        limit: i64,
+    ) -> StoreResult<(i64, Vec<KeyValue>, bool)> {
         let read = |shard_revision: i64, extra: i64| {
             shard.range(RangeRequest {
                 key: req.key.clone(),
                 range_end: req.range_end.clone(),
-                limit: if req.limit > 0 { req.limit + extra } else { 0 },
+                limit: if limit > 0 { limit + extra } else { 0 },
                 revision: shard_revision,
                 count_only: req.count_only,
                 ..Default::default()
@@ -428,11 +489,10 @@ impl Store {
         };
         match cut {
             CutLookup::Unknown => Err(StoreError::Compacted),
-            CutLookup::Empty => Ok((0, Vec::new())),
+            CutLookup::Empty => Ok((0, Vec::new(), false)),
             CutLookup::At(shard_revision) => {
                 let answer = read(shard_revision, 0).await.map_err(compacted_on_shard)?;
-                let (count, kvs, _) = translate_all(answer)?;
-                Ok((count, kvs))
+                translate_all(answer)
             }
             CutLookup::Within { base, from } => {
                 // The batch's events up to `revision`, applied to the shard before the batch.
@@ -473,7 +533,7 @@ impl Store {
                         by_key.retain(|key, _| *key <= last);
                     }
                 }
-                Ok((count, by_key.into_values().collect()))
+                Ok((count, by_key.into_values().collect(), more))
             }
         }
     }

@@ -411,3 +411,66 @@ async fn kube_apiserver_shapes_match_etcd() {
     assert!(e.canceled && r.canceled);
     assert_eq!(r.compact_revision - p.router.offset, e.compact_revision);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_match_etcd_when_one_shard_holds_most_keys() {
+    let mut p = pair().await;
+    // Place most keys on shard-0 (the router's ring, same names and vnodes),
+    // so a page needs far more than its even share from one shard.
+    let mut ring = ste_router::ring::Ring::new(ste_router::StoreConfig::default().vnodes);
+    for i in 0..3 {
+        ring.add(&ste_router::ring::ShardId::new(&format!("shard-{i}")));
+    }
+    let mut keys = Vec::new();
+    let (mut on_zero, mut elsewhere) = (0, 0);
+    for i in 0.. {
+        let key = Bytes::from(format!("/registry/pods/skew/p{i:05}"));
+        let zero = ring.locate(&key).unwrap().as_str() == "shard-0";
+        if zero && on_zero < 240 {
+            on_zero += 1;
+            keys.push(key);
+        } else if !zero && elsewhere < 60 {
+            elsewhere += 1;
+            keys.push(key);
+        }
+        if on_zero == 240 && elsewhere == 60 {
+            break;
+        }
+    }
+    for key in &keys {
+        let op = Op::Put { key: key.clone(), value: Bytes::from_static(b"v"), prev_kv: false };
+        assert_eq!(run(&mut p.router, &op).await, run(&mut p.etcd, &op).await);
+    }
+    for limit in [7, 100, 299, 300, 500] {
+        let mut pages = 0;
+        let mut from = Bytes::from_static(b"/registry/pods/skew/");
+        let end = Bytes::from_static(b"/registry/pods/skew0");
+        let revision = p.etcd.kv.range(RangeRequest { key: from.clone(), ..Default::default() }).await.unwrap().into_inner().header.unwrap().revision;
+        loop {
+            let page = |side: &mut Side| {
+                let req = RangeRequest { key: from.clone(), range_end: end.clone(), limit, revision: shift(revision, side.offset), ..Default::default() };
+                let mut kv = side.kv.clone();
+                let offset = side.offset;
+                async move {
+                    let mut r = kv.range(req).await.unwrap().into_inner();
+                    norm_header(&mut r.header, offset);
+                    r.kvs.iter_mut().for_each(|kv| norm_kv(kv, offset));
+                    r
+                }
+            };
+            let expected = page(&mut p.etcd).await;
+            let got = page(&mut p.router).await;
+            assert_eq!(got, expected, "limit {limit}, page from {from:?}");
+            pages += 1;
+            match expected.kvs.last() {
+                Some(last) if expected.more => {
+                    let mut next = last.key.to_vec();
+                    next.push(0);
+                    from = Bytes::from(next);
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(pages, 300usize.div_ceil(limit as usize).max(1));
+    }
+}
