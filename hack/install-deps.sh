@@ -7,6 +7,8 @@ set -euo pipefail
 need_apt=()
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v strace >/dev/null 2>&1 || need_apt+=(strace)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if ((${#need_apt[@]})); then
   echo "installing ${need_apt[*]} (apt)…"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

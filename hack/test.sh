@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source hack/install-deps.sh
-hack/build-upstream.sh etcd etcdctl
+hack/build-upstream.sh etcd etcdctl kube-apiserver
 echo "running cargo test (first build takes a few minutes)…"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

@@ -315,3 +315,132 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+pub fn kube_apiserver_binary() -> Result<PathBuf> {
+    upstream_binary("kube-apiserver", "STE_KUBE_APISERVER_BIN")
+}
+
+/// A real kube-apiserver on 127.0.0.1 with a static admin token, its pods
+/// (optionally) stored through a router: `--etcd-servers-overrides=/pods#…`.
+pub struct KubeApiserver {
+    pub port: u16,
+    pub token: String,
+    dir: TempDir,
+    child: Option<Child>,
+    args: Vec<String>,
+}
+
+impl KubeApiserver {
+    pub async fn start(etcd: &str, pods: Option<&str>) -> Result<KubeApiserver> {
+        let dir = tempfile::Builder::new().prefix("ste-kube-apiserver-").tempdir()?;
+        let key = dir.path().join("sa.key");
+        let public = dir.path().join("sa.pub");
+        let status = Command::new("openssl")
+            .args(["genrsa", "-out"]).arg(&key).arg("2048")
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|source| TestkitError::Spawn { what: "openssl".into(), source })?;
+        let status2 = Command::new("openssl")
+            .args(["rsa", "-pubout", "-in"]).arg(&key).arg("-out").arg(&public)
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|source| TestkitError::Spawn { what: "openssl".into(), source })?;
+        if !status.success() || !status2.success() {
+            return Err(TestkitError::Spawn {
+                what: "openssl (service-account key)".into(),
+                source: std::io::Error::other("openssl failed"),
+            });
+        }
+        let token = "ste-test-token".to_string();
+        std::fs::write(dir.path().join("tokens.csv"), format!("{token},admin,admin,system:masters\n"))?;
+        let port = free_port();
+        let mut args = vec![
+            "--bind-address=127.0.0.1".to_string(),
+            format!("--secure-port={port}"),
+            format!("--cert-dir={}", dir.path().join("certs").display()),
+            format!("--token-auth-file={}", dir.path().join("tokens.csv").display()),
+            "--authorization-mode=RBAC".into(),
+            format!("--etcd-servers={etcd}"),
+            format!("--service-account-key-file={}", public.display()),
+            format!("--service-account-signing-key-file={}", key.display()),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--disable-admission-plugins=ServiceAccount".into(),
+        ];
+        if let Some(pods) = pods {
+            args.push(format!("--etcd-servers-overrides=/pods#{pods}"));
+        }
+        let mut server = KubeApiserver { port, token, dir, child: None, args };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("kube-apiserver.log")
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let child = Command::new(kube_apiserver_binary()?)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|source| TestkitError::Spawn { what: "kube-apiserver".into(), source })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok((200, _)) = self.curl(&["/readyz"]) {
+                return Ok(());
+            }
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some();
+            if exited || Instant::now() >= deadline {
+                return Err(TestkitError::NotReady {
+                    what: "kube-apiserver".into(),
+                    seconds: 90.0,
+                    log: self.log_path().display().to_string(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Stops and starts it again with the same flags and port.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn().await
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `curl` against the API with the admin token: (HTTP status, body).
+    /// `args` is the path followed by extra curl arguments.
+    pub fn curl(&self, args: &[&str]) -> std::io::Result<(u16, String)> {
+        let (path, extra) = args.split_first().expect("a path");
+        let out = Command::new("curl")
+            .args(["-sk", "--max-time", "30", "-w", "\n%{http_code}", "-H"])
+            .arg(format!("Authorization: Bearer {}", self.token))
+            .args(extra)
+            .arg(format!("{}{}", self.url(), path))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+    }
+}
+
+impl Drop for KubeApiserver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
