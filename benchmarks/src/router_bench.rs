@@ -17,7 +17,7 @@ use ste_etcd_proto::pb::{
     request_op::Request,
     watch_client::WatchClient,
     watch_request::RequestUnion,
-    Compare, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest, WatchCreateRequest,
+    AlarmRequest, Compare, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest, WatchCreateRequest,
     WatchRequest,
 };
 use ste_testkit::{free_port, Etcd};
@@ -53,6 +53,9 @@ pub struct Args {
     /// The ste-router binary (default: next to this one).
     #[arg(long, env = "STE_ROUTER_BIN")]
     router_bin: Option<PathBuf>,
+    /// Worker threads of the router (its --worker-threads; default: one per CPU).
+    #[arg(long, env = "STE_BENCH_ROUTER_THREADS")]
+    router_threads: Option<usize>,
     /// JSON results file.
     #[arg(long, env = "STE_BENCH_OUTPUT", default_value = "target/bench/router.json")]
     output: PathBuf,
@@ -118,6 +121,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let child = Command::new(&router_bin)
             .args(["--listen", &listen, "--admin-listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--shards", &spec.join(",")])
+            .args(args.router_threads.map(|n| format!("--worker-threads={n}")))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()
@@ -224,6 +228,15 @@ async fn measure(
             bail!("{arm}: update {i} lost its compare");
         }
     }
+    // An RPC the server answers by itself (Maintenance.Alarm list): the bare gRPC hop.
+    let mut maintenance = MaintenanceClient::new(channel.clone());
+    let mut bare = Samples::default();
+    for _ in 0..args.latency_ops {
+        let started = Instant::now();
+        maintenance.alarm(AlarmRequest::default()).await?;
+        bare.push(started.elapsed());
+    }
+    eprintln!("  bare gRPC round trip p50 {:.0} µs", bare.percentile(50.0));
     // Sequential single-key reads: the cost of the extra hop without the write path.
     let mut get = Samples::default();
     for i in 0..args.latency_ops {

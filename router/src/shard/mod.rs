@@ -134,7 +134,11 @@ impl Shard {
         }
     }
 
-    pub async fn range(&self, req: RangeRequest) -> StoreResult<RangeResponse> {
+    pub async fn range(&self, mut req: RangeRequest) -> StoreResult<RangeResponse> {
+        // A shard is a single member written only by the router, which reads
+        // after its writes were applied: a serializable read sees them all,
+        // without the Raft read-index round a linearizable read pays.
+        req.serializable = true;
         let result = self.kv.clone().range(req).await;
         self.answer(result)
     }
