@@ -34,10 +34,18 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
 }
 
-fn upstream_binary(name: &'static str, env: &'static str) -> Result<PathBuf> {
+/// Where `hack/build-upstream.sh` puts the pinned upstream binaries.
+pub fn upstream_dir() -> PathBuf {
+    std::env::var_os("STE_UPSTREAM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/upstream/bin"))
+}
+
+/// An upstream binary by name (`STE_<NAME>_BIN` overrides its path).
+pub fn upstream_binary(name: &'static str, env: &'static str) -> Result<PathBuf> {
     let path = std::env::var_os(env)
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/upstream/bin").join(name));
+        .unwrap_or_else(|| upstream_dir().join(name));
     if path.is_file() {
         Ok(path)
     } else {
@@ -333,43 +341,18 @@ pub struct KubeApiserver {
 impl KubeApiserver {
     pub async fn start(etcd: &str, pods: Option<&str>) -> Result<KubeApiserver> {
         let dir = tempfile::Builder::new().prefix("ste-kube-apiserver-").tempdir()?;
-        let key = dir.path().join("sa.key");
-        let public = dir.path().join("sa.pub");
-        let status = Command::new("openssl")
-            .args(["genrsa", "-out"]).arg(&key).arg("2048")
-            .stderr(Stdio::null())
-            .status()
-            .map_err(|source| TestkitError::Spawn { what: "openssl".into(), source })?;
-        let status2 = Command::new("openssl")
-            .args(["rsa", "-pubout", "-in"]).arg(&key).arg("-out").arg(&public)
-            .stderr(Stdio::null())
-            .status()
-            .map_err(|source| TestkitError::Spawn { what: "openssl".into(), source })?;
-        if !status.success() || !status2.success() {
-            return Err(TestkitError::Spawn {
-                what: "openssl (service-account key)".into(),
-                source: std::io::Error::other("openssl failed"),
-            });
-        }
+        let (key, public) = service_account_keys(dir.path())?;
         let token = "ste-test-token".to_string();
         std::fs::write(dir.path().join("tokens.csv"), format!("{token},admin,admin,system:masters\n"))?;
         let port = free_port();
-        let mut args = vec![
-            "--bind-address=127.0.0.1".to_string(),
-            format!("--secure-port={port}"),
-            format!("--cert-dir={}", dir.path().join("certs").display()),
-            format!("--token-auth-file={}", dir.path().join("tokens.csv").display()),
-            "--authorization-mode=RBAC".into(),
-            format!("--etcd-servers={etcd}"),
-            format!("--service-account-key-file={}", public.display()),
-            format!("--service-account-signing-key-file={}", key.display()),
-            "--service-account-issuer=https://kubernetes.default.svc".into(),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
-            "--disable-admission-plugins=ServiceAccount".into(),
-        ];
-        if let Some(pods) = pods {
-            args.push(format!("--etcd-servers-overrides=/pods#{pods}"));
-        }
+        let args = kube_apiserver_args(&KubeApiserverFlags {
+            port,
+            dir: dir.path(),
+            service_account_key: &key,
+            service_account_public_key: &public,
+            etcd,
+            overrides: pods.map(|p| vec![format!("/pods#{p}")]).unwrap_or_default(),
+        });
         let mut server = KubeApiserver { port, token, dir, child: None, args };
         server.spawn().await?;
         Ok(server)
@@ -423,19 +406,13 @@ impl KubeApiserver {
         }
     }
 
-    /// `curl` against the API with the admin token: (HTTP status, body).
-    /// `args` is the path followed by extra curl arguments.
+    pub fn api(&self) -> Api {
+        Api { url: self.url(), token: self.token.clone() }
+    }
+
+    /// See [`Api::curl`].
     pub fn curl(&self, args: &[&str]) -> std::io::Result<(u16, String)> {
-        let (path, extra) = args.split_first().expect("a path");
-        let out = Command::new("curl")
-            .args(["-sk", "--max-time", "30", "-w", "\n%{http_code}", "-H"])
-            .arg(format!("Authorization: Bearer {}", self.token))
-            .args(extra)
-            .arg(format!("{}{}", self.url(), path))
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+        self.api().curl(args)
     }
 }
 
@@ -444,3 +421,94 @@ impl Drop for KubeApiserver {
         self.stop();
     }
 }
+
+/// A Kubernetes API endpoint and a bearer token, spoken to with `curl`.
+#[derive(Clone, Debug)]
+pub struct Api {
+    pub url: String,
+    pub token: String,
+}
+
+impl Api {
+    /// `curl` against the API: (HTTP status, body); `args` is the path
+    /// followed by extra curl arguments.
+    pub fn curl(&self, args: &[&str]) -> std::io::Result<(u16, String)> {
+        let (path, extra) = args.split_first().expect("a path");
+        let out = Command::new("curl")
+            .args(["-sk", "--max-time", "30", "-w", "\n%{http_code}", "-H"])
+            .arg(format!("Authorization: Bearer {}", self.token))
+            .args(extra)
+            .arg(format!("{}{}", self.url, path))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+    }
+
+    /// POSTs (or otherwise sends) a JSON body; returns (status, body).
+    pub fn send_json(&self, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+        let content_type = if method == "PATCH" {
+            "Content-Type: application/merge-patch+json"
+        } else {
+            "Content-Type: application/json"
+        };
+        self.curl(&[path, "-X", method, "-H", content_type, "-d", body])
+    }
+}
+
+/// What kube-apiserver needs to run on one machine for tests and the local cluster.
+pub struct KubeApiserverFlags<'a> {
+    pub port: u16,
+    /// Holds tokens.csv (written by the caller) and receives the serving certs.
+    pub dir: &'a Path,
+    pub service_account_key: &'a Path,
+    pub service_account_public_key: &'a Path,
+    pub etcd: &'a str,
+    /// `--etcd-servers-overrides` entries, e.g. `/pods#http://127.0.0.1:2479`.
+    pub overrides: Vec<String>,
+}
+
+pub fn kube_apiserver_args(flags: &KubeApiserverFlags) -> Vec<String> {
+    let mut args = vec![
+        "--bind-address=127.0.0.1".to_string(),
+        format!("--secure-port={}", flags.port),
+        format!("--cert-dir={}", flags.dir.join("certs").display()),
+        format!("--token-auth-file={}", flags.dir.join("tokens.csv").display()),
+        "--authorization-mode=RBAC".into(),
+        format!("--etcd-servers={}", flags.etcd),
+        format!("--service-account-key-file={}", flags.service_account_public_key.display()),
+        format!("--service-account-signing-key-file={}", flags.service_account_key.display()),
+        "--service-account-issuer=https://kubernetes.default.svc".into(),
+        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        // No kubelet mounts tokens here (kwok is the kubelet).
+        "--disable-admission-plugins=ServiceAccount".into(),
+    ];
+    if !flags.overrides.is_empty() {
+        args.push(format!("--etcd-servers-overrides={}", flags.overrides.join(",")));
+    }
+    args
+}
+
+/// An RSA service-account key pair (openssl), as kube-apiserver and the controller-manager need.
+pub fn service_account_keys(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let key = dir.join("sa.key");
+    let public = dir.join("sa.pub");
+    for args in [
+        vec!["genrsa".to_string(), "-out".into(), key.display().to_string(), "2048".into()],
+        vec!["rsa".into(), "-pubout".into(), "-in".into(), key.display().to_string(), "-out".into(), public.display().to_string()],
+    ] {
+        let status = Command::new("openssl")
+            .args(&args)
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|source| TestkitError::Spawn { what: "openssl".into(), source })?;
+        if !status.success() {
+            return Err(TestkitError::Spawn {
+                what: format!("openssl {}", args[0]),
+                source: std::io::Error::other("openssl failed"),
+            });
+        }
+    }
+    Ok((key, public))
+}
+

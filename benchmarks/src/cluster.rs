@@ -1,0 +1,513 @@
+//! `ste-bench cluster up|down`: a real local control plane on 127.0.0.1, in
+//! one of two arms. `stock`: one durable etcd (on disk, fsync on) holds
+//! everything. `ste`: the durable etcd holds everything but pods (and, with
+//! `--events-to-ste`, events), which kube-apiserver stores through ste-router
+//! over N RAM etcd shards (`--etcd-servers-overrides`). Both: kube-apiserver,
+//! kube-controller-manager, kube-scheduler and kwok with M fake Ready nodes.
+//!
+//! Processes outlive the command (their own process group, logs in D/logs);
+//! `down` stops exactly the ones `up` recorded in D/cluster.json.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use ste_testkit::{free_port, kube_apiserver_args, service_account_keys, upstream_binary, Api, KubeApiserverFlags};
+
+const KWOK_STAGES: &str = include_str!("../../hack/kwok/stages.yaml");
+const TOKEN: &str = "ste-admin-token";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+pub enum Arm {
+    /// One durable etcd (on disk, fsync on) stores everything.
+    Stock,
+    /// Pods go through ste-router to RAM etcd shards; the rest stays in the durable etcd.
+    Ste,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct UpArgs {
+    /// Which storage arm to start.
+    #[arg(long, value_enum, env = "STE_CLUSTER_ARM", default_value = "ste")]
+    pub arm: Arm,
+    /// RAM etcd shards behind the router (ste arm).
+    #[arg(long, env = "STE_CLUSTER_SHARDS", default_value_t = 3)]
+    pub shards: usize,
+    /// Fake (kwok) nodes, all Ready.
+    #[arg(long, env = "STE_CLUSTER_NODES", default_value_t = 100)]
+    pub nodes: usize,
+    /// Store events through the router too (ste arm).
+    #[arg(long, env = "STE_CLUSTER_EVENTS_TO_STE")]
+    pub events_to_ste: bool,
+    /// Client QPS and burst of kube-controller-manager and kube-scheduler
+    /// (Kubernetes' defaults are 20/30 and 50/100).
+    #[arg(long, env = "STE_CLUSTER_CLIENT_QPS")]
+    pub client_qps: Option<u32>,
+    /// Directory for data, logs, PID records and the kubeconfig.
+    #[arg(long, env = "STE_CLUSTER_DIR", default_value = "target/cluster")]
+    pub dir: PathBuf,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct DownArgs {
+    /// The directory given to `cluster up`.
+    #[arg(long, env = "STE_CLUSTER_DIR", default_value = "target/cluster")]
+    pub dir: PathBuf,
+}
+
+/// What `up` started, as recorded in D/cluster.json.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ClusterRecord {
+    pub arm: Arm,
+    pub api_url: String,
+    pub token: String,
+    pub kubeconfig: PathBuf,
+    pub router: Option<String>,
+    pub router_admin: Option<String>,
+    pub processes: Vec<ProcessRecord>,
+    /// Shard data on a RAM disk, removed by `down`.
+    pub ram_dir: Option<PathBuf>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ProcessRecord {
+    pub name: String,
+    pub pid: u32,
+    pub binary: String,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl ClusterRecord {
+    pub fn api(&self) -> Api {
+        Api { url: self.api_url.clone(), token: self.token.clone() }
+    }
+
+    pub fn pid_of(&self, name: &str) -> Option<u32> {
+        self.processes.iter().find(|p| p.name == name).map(|p| p.pid)
+    }
+}
+
+struct Launcher {
+    dir: PathBuf,
+    record: ClusterRecord,
+}
+
+impl Launcher {
+    fn log(&self, name: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{name}.log"))
+    }
+
+    fn spawn(&mut self, name: &str, binary: &Path, args: &[String]) -> anyhow::Result<()> {
+        use std::os::unix::process::CommandExt;
+        let log_path = self.log(name);
+        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let child = Command::new(binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: Ctrl-C on `cluster up` must not stop the cluster.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", binary.display()))?;
+        let record = ProcessRecord {
+            name: name.to_string(),
+            pid: child.id(),
+            binary: binary.display().to_string(),
+            args: args.to_vec(),
+            log: log_path,
+        };
+        match self.record.processes.iter_mut().find(|p| p.name == name) {
+            Some(existing) => *existing = record,
+            None => self.record.processes.push(record),
+        }
+        self.save()?;
+        Ok(())
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        std::fs::write(self.dir.join("cluster.json"), serde_json::to_string_pretty(&self.record)?)?;
+        Ok(())
+    }
+
+    fn alive(&self, name: &str) -> bool {
+        self.record.pid_of(name).is_some_and(process_alive)
+    }
+
+    /// Waits for `check`, failing early if the process died, and naming its log.
+    async fn wait(&self, name: &str, within: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if check() {
+                return Ok(());
+            }
+            if !self.alive(name) {
+                bail!("{name} exited during startup; see {}", self.log(name).display());
+            }
+            if Instant::now() >= deadline {
+                bail!("{name} was not ready within {}s; see {}", within.as_secs(), self.log(name).display());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn start_etcd(&mut self, name: &str, data: &Path, ram: bool) -> anyhow::Result<String> {
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut args = vec![
+            format!("--name={name}"),
+            format!("--data-dir={}", data.display()),
+            format!("--listen-client-urls={endpoint}"),
+            format!("--advertise-client-urls={endpoint}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster={name}={peer_url}"),
+            "--log-level=warn".into(),
+            "--quota-backend-bytes=4294967296".into(),
+        ];
+        if ram {
+            args.push("--unsafe-no-fsync".into());
+        }
+        self.spawn(name, &upstream_binary("etcd", "STE_ETCD_BIN")?, &args)?;
+        Ok(endpoint)
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    // A zombie (exited, not yet reaped) is not alive.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn http_ok(url: &str) -> bool {
+    Command::new("curl")
+        .args(["-skf", "--max-time", "2", url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn router_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("STE_ROUTER_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let beside = std::env::current_exe()?.with_file_name("ste-router");
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    // Test binaries live one level below the binaries (target/<profile>/deps).
+    let above = std::env::current_exe()?
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("ste-router"));
+    match above {
+        Some(path) if path.is_file() => Ok(path),
+        _ => bail!("ste-router not found next to ste-bench: build it (cargo build -p ste-router) or set STE_ROUTER_BIN"),
+    }
+}
+
+pub async fn up(args: &UpArgs) -> anyhow::Result<ClusterRecord> {
+    if args.arm == Arm::Ste && args.shards == 0 {
+        bail!("--shards must be at least 1 for the ste arm");
+    }
+    let dir = std::path::absolute(&args.dir)?;
+    if let Ok(existing) = read_record(&dir) {
+        if existing.processes.iter().any(|p| process_alive(p.pid)) {
+            bail!("a cluster is already up in {}; run `ste-bench cluster down --dir {}` first", dir.display(), args.dir.display());
+        }
+    }
+    for sub in ["logs", "etcd-durable"] {
+        let path = dir.join(sub);
+        if sub != "logs" && path.exists() {
+            std::fs::remove_dir_all(&path)?;
+        }
+        std::fs::create_dir_all(dir.join("logs"))?;
+    }
+    let api_port = free_port();
+    let mut launcher = Launcher {
+        dir: dir.clone(),
+        record: ClusterRecord {
+            arm: args.arm,
+            api_url: format!("https://127.0.0.1:{api_port}"),
+            token: TOKEN.into(),
+            kubeconfig: dir.join("kubeconfig"),
+            router: None,
+            router_admin: None,
+            processes: Vec::new(),
+            ram_dir: None,
+        },
+    };
+    let result = start_all(&mut launcher, args, api_port).await;
+    if let Err(err) = result {
+        eprintln!("startup failed, stopping what was started…");
+        let _ = stop(&launcher.record).await;
+        return Err(err);
+    }
+    Ok(launcher.record)
+}
+
+async fn start_all(launcher: &mut Launcher, args: &UpArgs, api_port: u16) -> anyhow::Result<()> {
+    let dir = launcher.dir.clone();
+    let step = |text: &str| eprintln!("• {text}");
+
+    step("durable etcd (on disk, fsync on)");
+    let durable = launcher.start_etcd("etcd-durable", &dir.join("etcd-durable"), false)?;
+    let mut overrides = Vec::new();
+    if args.arm == Arm::Ste {
+        step(&format!("{} RAM etcd shard(s) and ste-router", args.shards));
+        let ram_base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { dir.clone() };
+        let ram = ram_base.join(format!("ste-shards-{}", std::process::id()));
+        std::fs::create_dir_all(&ram)?;
+        launcher.record.ram_dir = Some(ram.clone());
+        let mut shard_specs = Vec::new();
+        for i in 0..args.shards {
+            let name = format!("shard-{i}");
+            let endpoint = launcher.start_etcd(&name, &ram.join(&name), true)?;
+            shard_specs.push(format!("{name}={endpoint}"));
+        }
+        let listen = format!("127.0.0.1:{}", free_port());
+        let admin = format!("127.0.0.1:{}", free_port());
+        let router_args = vec![
+            format!("--listen={listen}"),
+            format!("--admin-listen={admin}"),
+            format!("--shards={}", shard_specs.join(",")),
+        ];
+        launcher.spawn("ste-router", &router_binary()?, &router_args)?;
+        let ready = format!("http://{admin}/readyz");
+        launcher.wait("ste-router", Duration::from_secs(60), || http_ok(&ready)).await?;
+        overrides.push(format!("/pods#http://{listen}"));
+        if args.events_to_ste {
+            overrides.push(format!("/events#http://{listen}"));
+        }
+        launcher.record.router = Some(format!("http://{listen}"));
+        launcher.record.router_admin = Some(format!("http://{admin}"));
+        launcher.save()?;
+    }
+
+    step("kube-apiserver");
+    let (key, public) = service_account_keys(&dir)?;
+    std::fs::write(dir.join("tokens.csv"), format!("{TOKEN},admin,admin,system:masters\n"))?;
+    let api_args = kube_apiserver_args(&KubeApiserverFlags {
+        port: api_port,
+        dir: &dir,
+        service_account_key: &key,
+        service_account_public_key: &public,
+        etcd: &durable,
+        overrides,
+    });
+    launcher.spawn("kube-apiserver", &upstream_binary("kube-apiserver", "STE_KUBE_APISERVER_BIN")?, &api_args)?;
+    let api = launcher.record.api();
+    launcher
+        .wait("kube-apiserver", Duration::from_secs(120), || matches!(api.curl(&["/readyz"]), Ok((200, _))))
+        .await?;
+    write_kubeconfig(&launcher.record)?;
+
+    step("kube-controller-manager and kube-scheduler");
+    let kubeconfig = launcher.record.kubeconfig.display().to_string();
+    let mut kcm = vec![
+        format!("--kubeconfig={kubeconfig}"),
+        format!("--authentication-kubeconfig={kubeconfig}"),
+        format!("--authorization-kubeconfig={kubeconfig}"),
+        "--leader-elect=false".into(),
+        "--bind-address=127.0.0.1".into(),
+        format!("--secure-port={}", free_port()),
+        format!("--service-account-private-key-file={}", key.display()),
+        "--use-service-account-credentials=false".into(),
+        // No cloud, no real node IPAM: the rest of the controllers run as in any cluster.
+        "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller".into(),
+    ];
+    let mut scheduler = vec![
+        format!("--kubeconfig={kubeconfig}"),
+        format!("--authentication-kubeconfig={kubeconfig}"),
+        format!("--authorization-kubeconfig={kubeconfig}"),
+        "--leader-elect=false".into(),
+        "--bind-address=127.0.0.1".into(),
+        format!("--secure-port={}", free_port()),
+    ];
+    if let Some(qps) = args.client_qps {
+        kcm.push(format!("--kube-api-qps={qps}"));
+        kcm.push(format!("--kube-api-burst={}", qps + qps / 2));
+        scheduler.push(format!("--kube-api-qps={qps}"));
+        scheduler.push(format!("--kube-api-burst={}", qps * 2));
+    }
+    launcher.spawn("kube-controller-manager", &upstream_binary("kube-controller-manager", "STE_KCM_BIN")?, &kcm)?;
+    launcher.spawn("kube-scheduler", &upstream_binary("kube-scheduler", "STE_KUBE_SCHEDULER_BIN")?, &scheduler)?;
+
+    step(&format!("kwok and {} fake node(s)", args.nodes));
+    let stages = dir.join("kwok-stages.yaml");
+    std::fs::write(&stages, KWOK_STAGES)?;
+    let kwok = vec![
+        format!("--kubeconfig={kubeconfig}"),
+        format!("--config={}", stages.display()),
+        "--manage-all-nodes=true".into(),
+        format!("--server-address=127.0.0.1:{}", free_port()),
+        "--cidr=10.244.0.1/16".into(),
+        "--node-ip=10.0.0.2".into(),
+    ];
+    launcher.spawn("kwok", &upstream_binary("kwok", "STE_KWOK_BIN")?, &kwok)?;
+    for i in 0..args.nodes {
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {
+                "name": format!("kwok-node-{i}"),
+                "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                "labels": {"type": "kwok", "kubernetes.io/hostname": format!("kwok-node-{i}")}
+            },
+            "status": {
+                "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+                "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"}
+            }
+        });
+        let (code, body) = api.send_json("POST", "/api/v1/nodes", &node.to_string())?;
+        if code != 201 && code != 409 {
+            bail!("creating node kwok-node-{i}: HTTP {code}: {body}");
+        }
+    }
+    let nodes = args.nodes;
+    launcher
+        .wait("kwok", Duration::from_secs(120), || ready_nodes(&api).is_ok_and(|n| n >= nodes))
+        .await?;
+    // The controllers must be serving too before anyone relies on them.
+    for name in ["kube-controller-manager", "kube-scheduler"] {
+        if !launcher.alive(name) {
+            bail!("{name} exited; see {}", launcher.log(name).display());
+        }
+    }
+    launcher.save()?;
+    Ok(())
+}
+
+/// Nodes whose Ready condition is True.
+pub fn ready_nodes(api: &Api) -> anyhow::Result<usize> {
+    let (code, body) = api.curl(&["/api/v1/nodes"])?;
+    if code != 200 {
+        bail!("listing nodes: HTTP {code}");
+    }
+    let list: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(list["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter(|node| {
+                    node["status"]["conditions"]
+                        .as_array()
+                        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+                })
+                .count()
+        })
+        .unwrap_or(0))
+}
+
+fn write_kubeconfig(record: &ClusterRecord) -> anyhow::Result<()> {
+    // Everything is on loopback with a self-signed serving certificate.
+    let text = format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: ste-local
+  cluster:
+    server: {}
+    insecure-skip-tls-verify: true
+users:
+- name: admin
+  user:
+    token: {}
+contexts:
+- name: ste-local
+  context:
+    cluster: ste-local
+    user: admin
+current-context: ste-local
+",
+        record.api_url, record.token
+    );
+    std::fs::write(&record.kubeconfig, text)?;
+    Ok(())
+}
+
+pub fn read_record(dir: &Path) -> anyhow::Result<ClusterRecord> {
+    let path = dir.join("cluster.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("no cluster recorded in {}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Kills one component with SIGKILL (a crash) and starts it again with the
+/// same flags; `wipe` first deletes its `--data-dir` (a RAM disk lost with its
+/// node). Returns the updated record.
+pub async fn crash_and_restart(dir: &Path, name: &str, wipe: bool) -> anyhow::Result<ClusterRecord> {
+    let dir = std::path::absolute(dir)?;
+    let record = read_record(&dir)?;
+    let process = record
+        .processes
+        .iter()
+        .find(|p| p.name == name)
+        .with_context(|| format!("no component named {name} in {}", dir.display()))?
+        .clone();
+    let _ = Command::new("kill").args(["-KILL", &process.pid.to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(process.pid) {
+        if Instant::now() >= deadline {
+            bail!("{name} (pid {}) did not die", process.pid);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if wipe {
+        if let Some(data) = process.args.iter().find_map(|a| a.strip_prefix("--data-dir=")) {
+            std::fs::remove_dir_all(data).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })?;
+        }
+    }
+    let mut launcher = Launcher { dir, record };
+    launcher.spawn(name, Path::new(&process.binary), &process.args)?;
+    Ok(launcher.record)
+}
+
+/// Stops the recorded processes, newest first: SIGTERM, then SIGKILL after 10 s.
+pub async fn stop(record: &ClusterRecord) -> anyhow::Result<()> {
+    for process in record.processes.iter().rev() {
+        // Only a process that still runs the recorded binary (PIDs get reused).
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", process.pid)).unwrap_or_default();
+        let binary_name = Path::new(&process.binary).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        if !process_alive(process.pid) || !String::from_utf8_lossy(&cmdline).contains(&binary_name) {
+            continue;
+        }
+        let _ = Command::new("kill").args(["-TERM", &process.pid.to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(process.pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if process_alive(process.pid) {
+            let _ = Command::new("kill").args(["-KILL", &process.pid.to_string()]).status();
+        }
+        eprintln!("stopped {} (pid {})", process.name, process.pid);
+    }
+    if let Some(ram) = &record.ram_dir {
+        let _ = std::fs::remove_dir_all(ram);
+    }
+    Ok(())
+}
+
+pub async fn down(args: &DownArgs) -> anyhow::Result<()> {
+    let dir = std::path::absolute(&args.dir)?;
+    let record = read_record(&dir)?;
+    stop(&record).await?;
+    eprintln!("cluster in {} is down; logs kept in {}", dir.display(), dir.join("logs").display());
+    Ok(())
+}
+
+pub fn print_summary(record: &ClusterRecord, dir: &Path) {
+    println!("STE local cluster ({:?} arm) is up", record.arm);
+    println!("  kubeconfig:     {}", record.kubeconfig.display());
+    println!("  kube-apiserver: {}", record.api_url);
+    if let (Some(router), Some(admin)) = (&record.router, &record.router_admin) {
+        println!("  ste-router:     {router} (admin {admin}/metrics)");
+    }
+    println!("  logs:           {}", dir.join("logs").display());
+    println!("  stop it with:   ste-bench cluster down --dir {}", dir.display());
+}

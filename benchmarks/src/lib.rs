@@ -1,0 +1,5 @@
+//! STE's benchmarks and the local control plane they run on.
+
+pub mod cluster;
+pub mod router_bench;
+pub mod stats;

@@ -1,0 +1,155 @@
+//! End to end on the real local control plane: kube-apiserver,
+//! kube-controller-manager, kube-scheduler and kwok (fake nodes), on the
+//! stock arm and on the STE arm, with the same assertions on both.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use ste_bench::cluster::{self, Arm, ClusterRecord, UpArgs};
+use ste_testkit::Api;
+
+fn up_args(arm: Arm, dir: &std::path::Path) -> UpArgs {
+    UpArgs { arm, shards: 3, nodes: 5, events_to_ste: false, client_qps: None, dir: dir.to_path_buf() }
+}
+
+/// Stops the cluster even when an assertion fails.
+struct Running(ClusterRecord);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let record = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(cluster::stop(&record))
+        })
+        .join();
+    }
+}
+
+fn get(api: &Api, path: &str) -> Value {
+    let (code, body) = api.curl(&[path]).unwrap();
+    assert_eq!(code, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn create_deployment(api: &Api, name: &str, replicas: u32) {
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                         "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
+        }
+    });
+    let (code, body) = api.send_json("POST", "/apis/apps/v1/namespaces/default/deployments", &deployment.to_string()).unwrap();
+    assert_eq!(code, 201, "{body}");
+}
+
+fn scale(api: &Api, name: &str, replicas: u32) {
+    let path = format!("/apis/apps/v1/namespaces/default/deployments/{name}");
+    let (code, body) = api.send_json("PATCH", &path, &json!({"spec": {"replicas": replicas}}).to_string()).unwrap();
+    assert_eq!(code, 200, "{body}");
+}
+
+/// (pods of the app, of which bound and Running).
+fn pods(api: &Api, app: &str) -> (Vec<String>, usize) {
+    let list = get(api, &format!("/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"));
+    let items = list["items"].as_array().unwrap();
+    let names = items.iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_string()).collect();
+    let running = items
+        .iter()
+        .filter(|p| p["status"]["phase"] == "Running" && p["spec"]["nodeName"].is_string() && p["metadata"]["deletionTimestamp"].is_null())
+        .count();
+    (names, running)
+}
+
+async fn wait_pods(api: &Api, app: &str, want: usize, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let (names, running) = pods(api, app);
+        if names.len() == want && running == want {
+            return names;
+        }
+        assert!(Instant::now() < deadline, "{app}: wanted {want} Running pods, have {} pods, {running} Running", names.len());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Every pod name, listed in chunks of `limit`.
+fn chunked_names(api: &Api, limit: usize) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut token = String::new();
+    loop {
+        let list = get(api, &format!("/api/v1/pods?limit={limit}&continue={token}"));
+        names.extend(list["items"].as_array().unwrap().iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_string()));
+        match list["metadata"]["continue"].as_str() {
+            Some(next) if !next.is_empty() => token = next.to_string(),
+            _ => return names,
+        }
+    }
+}
+
+async fn lifecycle(arm: Arm) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running(cluster::up(&up_args(arm, dir.path())).await.unwrap());
+    let api = running.0.api();
+    let started = Instant::now();
+    create_deployment(&api, "web", 5);
+    wait_pods(&api, "web", 5, Duration::from_secs(60)).await;
+    scale(&api, "web", 50);
+    let names = wait_pods(&api, "web", 50, Duration::from_secs(120)).await;
+    let chunked = chunked_names(&api, 7);
+    assert_eq!(chunked.len(), 50, "{arm:?}: chunked list");
+    assert_eq!(chunked.iter().collect::<BTreeSet<_>>(), names.iter().collect::<BTreeSet<_>>());
+    scale(&api, "web", 0);
+    wait_pods(&api, "web", 0, Duration::from_secs(120)).await;
+    let (code, _) = api.curl(&["/apis/apps/v1/namespaces/default/deployments/web", "-X", "DELETE"]).unwrap();
+    assert_eq!(code, 200);
+    let elapsed = started.elapsed();
+    if arm == Arm::Ste {
+        // The pods really went through the router.
+        let metrics = std::process::Command::new("curl")
+            .args(["-s", &format!("{}/metrics", running.0.router_admin.as_ref().unwrap())])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&metrics.stdout);
+        let events: f64 = text.lines().find_map(|l| l.strip_prefix("ste_router_events_total ")).unwrap().trim().parse().unwrap();
+        assert!(events >= 100.0, "router saw {events} events");
+    }
+    elapsed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_converge_on_both_arms() {
+    let stock = lifecycle(Arm::Stock).await;
+    let ste = lifecycle(Arm::Ste).await;
+    eprintln!("deployment 5→50→0 and delete: stock {stock:?}, ste {ste:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_of_a_lost_shard_come_back_through_their_replicaset() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running(cluster::up(&up_args(Arm::Ste, dir.path())).await.unwrap());
+    let api = running.0.api();
+    create_deployment(&api, "svc", 30);
+    let before: BTreeSet<String> = wait_pods(&api, "svc", 30, Duration::from_secs(120)).await.into_iter().collect();
+
+    // shard-1's node reboots: its RAM disk is gone.
+    let record = cluster::crash_and_restart(dir.path(), "shard-1", true).await.unwrap();
+    let running = Running(record);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let after = loop {
+        let (names, ready) = pods(&api, "svc");
+        let names: BTreeSet<String> = names.into_iter().collect();
+        if names.len() == 30 && ready == 30 && names != before {
+            break names;
+        }
+        assert!(Instant::now() < deadline, "pods did not come back: {} pods, {ready} Running, replaced: {}", names.len(), names != before);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let replaced = before.difference(&after).count();
+    assert!(replaced > 0 && replaced < 30, "only the lost shard's pods are replaced ({replaced} of 30)");
+    drop(running);
+}
