@@ -2,7 +2,8 @@
 # Builds the real upstream binaries STE's tests run against, from the Go
 # modules pinned in this repository:
 #
-#   kube-apiserver, kube-controller-manager, kube-scheduler  hack/k8s/go.mod
+#   kube-apiserver, kube-controller-manager, kube-scheduler,
+#   kubectl                                                  hack/k8s/go.mod
 #   kwok (fake kubelet)                                      hack/k8s/kwok/go.mod
 #   etcd, etcdctl                                            hack/etcd/go.mod
 #
@@ -21,7 +22,7 @@ BIN="${STE_UPSTREAM_BIN:-${ROOT}/target/upstream/bin}"
 STAMPS="${BIN}/.stamps"
 GO="${GO:-go}"
 
-ALL=(etcd etcdctl kube-apiserver kube-controller-manager kube-scheduler kwok)
+ALL=(etcd etcdctl kube-apiserver kube-controller-manager kube-scheduler kubectl kwok)
 
 # Modules are resolved from go.mod + go.sum as committed; -buildvcs=false keeps
 # the repository's git state out of the binaries (and out of the stamps).
@@ -37,7 +38,7 @@ usage() {
 module_dir() {
   case "$1" in
     etcd | etcdctl) echo "${ROOT}/hack/etcd" ;;
-    kube-apiserver | kube-controller-manager | kube-scheduler) echo "${ROOT}/hack/k8s" ;;
+    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl) echo "${ROOT}/hack/k8s" ;;
     kwok) echo "${ROOT}/hack/k8s/kwok" ;;
     *) return 1 ;;
   esac
@@ -91,7 +92,7 @@ build_args() {
     etcd | etcdctl)
       printf '%s\n' -trimpath -ldflags "-s -w" "./$1"
       ;;
-    kube-apiserver | kube-controller-manager | kube-scheduler)
+    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl)
       # Same tags as upstream's non-debug builds (hack/lib/golang.sh).
       printf '%s\n' -trimpath -tags selinux,notest,grpcnotrace \
         -ldflags "$(k8s_ldflags)" "k8s.io/kubernetes/cmd/$1"

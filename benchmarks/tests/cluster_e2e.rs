@@ -153,3 +153,30 @@ async fn pods_of_a_lost_shard_come_back_through_their_replicaset() {
     assert!(replaced > 0 && replaced < 30, "only the lost shard's pods are replaced ({replaced} of 30)");
     drop(running);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_and_apiserver_restarts_during_churn_lose_no_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Running(cluster::up(&up_args(Arm::Ste, dir.path())).await.unwrap());
+    let api = running.0.api();
+    create_deployment(&api, "churn", 20);
+    wait_pods(&api, "churn", 20, Duration::from_secs(120)).await;
+
+    // The router crashes while the ReplicaSet controller is creating pods.
+    scale(&api, "churn", 60);
+    let record = cluster::crash_and_restart(dir.path(), "ste-router", false).await.unwrap();
+    let _running = Running(record);
+    let names: BTreeSet<String> = wait_pods(&api, "churn", 60, Duration::from_secs(180)).await.into_iter().collect();
+    assert_eq!(names.len(), 60);
+
+    // kube-apiserver crashes and comes back: every pod is still there, the same ones.
+    let record = cluster::crash_and_restart(dir.path(), "kube-apiserver", false).await.unwrap();
+    let _running = Running(record);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !matches!(api.curl(&["/readyz"]), Ok((200, _))) {
+        assert!(Instant::now() < deadline, "kube-apiserver not ready again within 120s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let after: BTreeSet<String> = wait_pods(&api, "churn", 60, Duration::from_secs(60)).await.into_iter().collect();
+    assert_eq!(after, names, "the same pods after the kube-apiserver restart");
+}
