@@ -91,11 +91,71 @@ fn chunked_names(api: &Api, limit: usize) -> Vec<String> {
     }
 }
 
+/// `GET …/pods?watch=1` streamed by curl: (type, pod name, resourceVersion) per event.
+struct PodWatch {
+    child: std::process::Child,
+    events: std::sync::mpsc::Receiver<(String, String, u64)>,
+}
+
+impl PodWatch {
+    fn start(api: &Api, resource_version: &str) -> PodWatch {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("curl")
+            .args(["-sk", "-N", "--max-time", "300", "-H", &format!("Authorization: Bearer {}", api.token)])
+            .arg(format!("{}/api/v1/namespaces/default/pods?watch=1&allowWatchBookmarks=false&resourceVersion={resource_version}", api.url))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, events) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
+                let object = &event["object"]["metadata"];
+                let rv = object["resourceVersion"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+                let entry = (event["type"].as_str().unwrap_or("").to_string(), object["name"].as_str().unwrap_or("").to_string(), rv);
+                if tx.send(entry).is_err() {
+                    return;
+                }
+            }
+        });
+        PodWatch { child, events }
+    }
+
+    /// Events until `pods` distinct pods were deleted.
+    async fn until_deleted(mut self, pods: usize, within: Duration) -> Vec<(String, String, u64)> {
+        let deadline = Instant::now() + within;
+        let mut events = Vec::new();
+        let mut deleted = 0;
+        while deleted < pods {
+            match self.events.try_recv() {
+                Ok(event) => {
+                    deleted += (event.0 == "DELETED") as usize;
+                    events.push(event);
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    assert!(Instant::now() < deadline, "watch saw {deleted} of {pods} deletions within {within:?}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => panic!("watch stream ended early after {} events", events.len()),
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        events
+    }
+}
+
 async fn lifecycle(arm: Arm) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     let running = Running(cluster::up(&up_args(arm, dir.path())).await.unwrap());
     let api = running.0.api();
     let started = Instant::now();
+    // A watch on pods from now on: every change must arrive once, in order.
+    let list = get(&api, "/api/v1/namespaces/default/pods");
+    let from = list["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let watch = PodWatch::start(&api, &from);
     create_deployment(&api, "web", 5);
     wait_pods(&api, "web", 5, Duration::from_secs(60)).await;
     scale(&api, "web", 50);
@@ -103,8 +163,29 @@ async fn lifecycle(arm: Arm) -> Duration {
     let chunked = chunked_names(&api, 7);
     assert_eq!(chunked.len(), 50, "{arm:?}: chunked list");
     assert_eq!(chunked.iter().collect::<BTreeSet<_>>(), names.iter().collect::<BTreeSet<_>>());
+    // A stale update is a conflict.
+    let mut stale = get(&api, &format!("/api/v1/namespaces/default/pods/{}", names[0]));
+    stale["metadata"]["resourceVersion"] = json!(from);
+    let (code, _) = api.send_json("PUT", &format!("/api/v1/namespaces/default/pods/{}", names[0]), &stale.to_string()).unwrap();
+    assert_eq!(code, 409, "{arm:?}: stale update");
     scale(&api, "web", 0);
     wait_pods(&api, "web", 0, Duration::from_secs(120)).await;
+    let events = watch.until_deleted(50, Duration::from_secs(60)).await;
+    let mut added = BTreeSet::new();
+    let mut deleted = BTreeSet::new();
+    let mut last = 0u64;
+    for (kind, name, rv) in &events {
+        assert!(*rv > last, "{arm:?}: resourceVersions must increase ({rv} after {last})");
+        last = *rv;
+        match kind.as_str() {
+            "ADDED" => assert!(added.insert(name.clone()), "{arm:?}: {name} ADDED twice"),
+            "DELETED" => assert!(deleted.insert(name.clone()), "{arm:?}: {name} DELETED twice"),
+            "MODIFIED" => assert!(added.contains(name) && !deleted.contains(name), "{arm:?}: {name} MODIFIED outside its life"),
+            other => panic!("{arm:?}: unexpected watch event {other}"),
+        }
+    }
+    assert_eq!(added.len(), 50, "{arm:?}: every pod ADDED once");
+    assert_eq!(added, deleted, "{arm:?}: every pod DELETED once");
     let (code, _) = api.curl(&["/apis/apps/v1/namespaces/default/deployments/web", "-X", "DELETE"]).unwrap();
     assert_eq!(code, 200);
     let elapsed = started.elapsed();
