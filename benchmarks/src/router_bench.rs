@@ -11,16 +11,13 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use serde::Serialize;
 use ste_etcd_proto::pb::{
-    compare::{CompareResult, CompareTarget, TargetUnion},
     kv_client::KvClient,
     maintenance_client::MaintenanceClient,
-    request_op::Request,
     watch_client::WatchClient,
     watch_request::RequestUnion,
-    AlarmRequest, Compare, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest, WatchCreateRequest,
-    WatchRequest,
+    AlarmRequest, PutRequest, RangeRequest, StatusRequest, WatchCreateRequest, WatchRequest,
 };
-use ste_testkit::{free_port, Etcd};
+use ste_testkit::{free_port, shapes, Etcd};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -167,24 +164,6 @@ fn key(i: usize) -> Bytes {
     Bytes::from(format!("/registry/pods/bench/pod-{i:06}"))
 }
 
-fn create_txn(key: Bytes, value: Bytes) -> TxnRequest {
-    TxnRequest {
-        compare: vec![mod_equals(&key, 0)],
-        success: vec![RequestOp { request: Some(Request::RequestPut(PutRequest { key, value, ..Default::default() })) }],
-        failure: vec![],
-    }
-}
-
-fn mod_equals(key: &Bytes, revision: i64) -> Compare {
-    Compare {
-        key: key.clone(),
-        target: CompareTarget::Mod as i32,
-        result: CompareResult::Equal as i32,
-        target_union: Some(TargetUnion::ModRevision(revision)),
-        ..Default::default()
-    }
-}
-
 fn cpu(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|p| process_cpu_seconds(*p)).sum()
 }
@@ -206,7 +185,7 @@ async fn measure(
     let mut revisions = Vec::with_capacity(args.latency_ops);
     for i in 0..args.latency_ops {
         let started = Instant::now();
-        let r = kv.txn(create_txn(key(i), value.clone())).await?.into_inner();
+        let r = kv.txn(shapes::create(&key(i), &value)).await?.into_inner();
         create.push(started.elapsed());
         if !r.succeeded {
             bail!("{arm}: create of {:?} failed", key(i));
@@ -215,12 +194,7 @@ async fn measure(
     }
     let mut update = Samples::default();
     for (i, revision) in revisions.iter().enumerate() {
-        let k = key(i);
-        let txn = TxnRequest {
-            compare: vec![mod_equals(&k, *revision)],
-            success: vec![RequestOp { request: Some(Request::RequestPut(PutRequest { key: k.clone(), value: value.clone(), ..Default::default() })) }],
-            failure: vec![RequestOp { request: Some(Request::RequestRange(RangeRequest { key: k, ..Default::default() })) }],
-        };
+        let txn = shapes::update(&key(i), *revision, &value);
         let started = Instant::now();
         let r = kv.txn(txn).await?.into_inner();
         update.push(started.elapsed());
@@ -268,7 +242,7 @@ async fn measure(
                 if i >= total {
                     return Ok::<(), tonic::Status>(());
                 }
-                kv.txn(create_txn(key(i), value.clone())).await?;
+                kv.txn(shapes::create(&key(i), &value)).await?;
             }
         }));
     }

@@ -9,35 +9,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use ste_etcd_proto::mvccpb::event::EventType;
 use ste_etcd_proto::pb::{
-    compare::{CompareResult, CompareTarget, TargetUnion},
-    kv_client::KvClient,
-    request_op::Request,
-    response_op::Response,
-    watch_client::WatchClient,
-    watch_request::RequestUnion,
-    Compare, PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
+    kv_client::KvClient, response_op::Response, watch_client::WatchClient,
+    watch_request::RequestUnion, RangeRequest, WatchCreateRequest, WatchRequest,
 };
-use ste_testkit::{shard_specs, start_shards, Router};
+use ste_testkit::{shapes, shard_specs, start_shards, Router};
 use tokio::sync::{mpsc, Mutex};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 const PREFIX: &[u8] = b"/registry/pods/";
 const PREFIX_END: &[u8] = b"/registry/pods0";
-
-fn txn_put_if(key: &Bytes, mod_revision: i64, value: Bytes) -> TxnRequest {
-    TxnRequest {
-        compare: vec![Compare {
-            key: key.clone(),
-            target: CompareTarget::Mod as i32,
-            result: CompareResult::Equal as i32,
-            target_union: Some(TargetUnion::ModRevision(mod_revision)),
-            ..Default::default()
-        }],
-        success: vec![RequestOp { request: Some(Request::RequestPut(PutRequest { key: key.clone(), value, ..Default::default() })) }],
-        failure: vec![RequestOp { request: Some(Request::RequestRange(RangeRequest { key: key.clone(), ..Default::default() })) }],
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_see_one_consistent_history() {
@@ -68,11 +49,11 @@ async fn concurrent_writers_see_one_consistent_history() {
             for round in 0..12 {
                 // Own key: create, then update with its revision.
                 let own = Bytes::from(format!("/registry/pods/w{worker:02}/k{round:02}"));
-                let created = kv.txn(txn_put_if(&own, 0, Bytes::from(format!("c{worker}-{round}")))).await.unwrap().into_inner();
+                let created = kv.txn(shapes::update(&own, 0, &Bytes::from(format!("c{worker}-{round}")))).await.unwrap().into_inner();
                 assert!(created.succeeded);
                 let rev = created.header.unwrap().revision;
                 acked.lock().await.insert(rev, (own.clone(), Bytes::from(format!("c{worker}-{round}"))));
-                let updated = kv.txn(txn_put_if(&own, rev, Bytes::from(format!("u{worker}-{round}")))).await.unwrap().into_inner();
+                let updated = kv.txn(shapes::update(&own, rev, &Bytes::from(format!("u{worker}-{round}")))).await.unwrap().into_inner();
                 assert!(updated.succeeded, "update with the create's revision must win");
                 acked.lock().await.insert(updated.header.unwrap().revision, (own, Bytes::from(format!("u{worker}-{round}"))));
                 // Shared counter: read-modify-write until the compare holds.
@@ -81,7 +62,7 @@ async fn concurrent_writers_see_one_consistent_history() {
                     let current = kv.range(RangeRequest { key: counter.clone(), ..Default::default() }).await.unwrap().into_inner();
                     let (value, mod_rev) = current.kvs.first().map(|kv| (String::from_utf8_lossy(&kv.value).parse::<i64>().unwrap(), kv.mod_revision)).unwrap_or((0, 0));
                     let next = Bytes::from((value + 1).to_string());
-                    let r = kv.txn(txn_put_if(counter, mod_rev, next.clone())).await.unwrap().into_inner();
+                    let r = kv.txn(shapes::update(counter, mod_rev, &next)).await.unwrap().into_inner();
                     if r.succeeded {
                         acked.lock().await.insert(r.header.unwrap().revision, (counter.clone(), next));
                         *increments.entry(counter.clone()).or_default() += 1;

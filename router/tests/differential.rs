@@ -20,7 +20,7 @@ use ste_etcd_proto::pb::{
     CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
     ResponseHeader, TxnRequest, WatchCreateRequest, WatchRequest, WatchResponse,
 };
-use ste_testkit::{shard_specs, start_shards, Etcd, Router};
+use ste_testkit::{shapes, shard_specs, start_shards, Etcd, Router};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -72,26 +72,8 @@ fn prefix_end(prefix: &[u8]) -> Bytes {
     Bytes::from(end)
 }
 
-fn mod_compare(key: &Bytes, revision: i64) -> Compare {
-    Compare {
-        key: key.clone(),
-        target: CompareTarget::Mod as i32,
-        result: CompareResult::Equal as i32,
-        target_union: Some(TargetUnion::ModRevision(revision)),
-        ..Default::default()
-    }
-}
-
 fn op(request: Request) -> RequestOp {
     RequestOp { request: Some(request) }
-}
-
-fn get(key: &Bytes) -> RequestOp {
-    op(Request::RequestRange(RangeRequest { key: key.clone(), ..Default::default() }))
-}
-
-fn put(key: &Bytes, value: &Bytes) -> RequestOp {
-    op(Request::RequestPut(PutRequest { key: key.clone(), value: value.clone(), ..Default::default() }))
 }
 
 fn shift(revision: i64, offset: i64) -> i64 {
@@ -144,19 +126,19 @@ async fn run(side: &mut Side, op: &Op) -> Result<String, (tonic::Code, String)> 
         _ => {
             let txn = match op {
                 Op::Create { key, value } => TxnRequest {
-                    compare: vec![mod_compare(key, 0)],
-                    success: vec![put(key, value)],
+                    compare: vec![shapes::mod_revision_is(key, 0)],
+                    success: vec![shapes::put(key, value)],
                     failure: vec![],
                 },
                 Op::Update { key, expected, value } => TxnRequest {
-                    compare: vec![mod_compare(key, shift(*expected, o))],
-                    success: vec![put(key, value)],
-                    failure: vec![get(key)],
+                    compare: vec![shapes::mod_revision_is(key, shift(*expected, o))],
+                    success: vec![shapes::put(key, value)],
+                    failure: vec![shapes::get(key)],
                 },
                 Op::GuardedDelete { key, expected } => TxnRequest {
-                    compare: vec![mod_compare(key, shift(*expected, o))],
+                    compare: vec![shapes::mod_revision_is(key, shift(*expected, o))],
                     success: vec![op_delete(key)],
-                    failure: vec![get(key)],
+                    failure: vec![shapes::get(key)],
                 },
                 Op::VersionSwap { key, version, value } => TxnRequest {
                     compare: vec![Compare {
@@ -166,8 +148,8 @@ async fn run(side: &mut Side, op: &Op) -> Result<String, (tonic::Code, String)> 
                         target_union: Some(TargetUnion::Version(*version)),
                         ..Default::default()
                     }],
-                    success: vec![put(key, value)],
-                    failure: vec![get(key)],
+                    success: vec![shapes::put(key, value)],
+                    failure: vec![shapes::get(key)],
                 },
                 Op::ValueSwap { key, expected, value } => TxnRequest {
                     compare: vec![Compare {
@@ -177,8 +159,8 @@ async fn run(side: &mut Side, op: &Op) -> Result<String, (tonic::Code, String)> 
                         target_union: Some(TargetUnion::Value(expected.clone())),
                         ..Default::default()
                     }],
-                    success: vec![put(key, value), get(key)],
-                    failure: vec![get(key)],
+                    success: vec![shapes::put(key, value), shapes::get(key)],
+                    failure: vec![shapes::get(key)],
                 },
                 _ => unreachable!(),
             };

@@ -7,16 +7,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use ste_etcd_proto::mvccpb::event::EventType;
 use ste_etcd_proto::pb::{
-    compare::{CompareResult, CompareTarget, TargetUnion},
-    kv_client::KvClient,
-    lease_client::LeaseClient,
-    request_op::Request,
-    watch_client::WatchClient,
-    watch_request::RequestUnion,
-    Compare, LeaseGrantRequest, LeaseLeasesRequest, PutRequest, RangeRequest, RequestOp,
-    TxnRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+    kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient,
+    watch_request::RequestUnion, LeaseGrantRequest, LeaseLeasesRequest, PutRequest, RangeRequest,
+    WatchCreateRequest, WatchRequest, WatchResponse,
 };
-use ste_testkit::{shard_specs, start_shards, wait_until, Router};
+use ste_testkit::{shapes, shard_specs, start_shards, wait_until, Router};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -161,11 +156,7 @@ async fn router_restart_during_writes_loses_no_acknowledged_write() {
     // The rebuilt index answers optimistic concurrency with the old revisions.
     let key = pod(3);
     let current = after[&key].1;
-    let txn = TxnRequest {
-        compare: vec![Compare { key: key.clone(), target: CompareTarget::Mod as i32, result: CompareResult::Equal as i32, target_union: Some(TargetUnion::ModRevision(current)), ..Default::default() }],
-        success: vec![RequestOp { request: Some(Request::RequestPut(PutRequest { key: key.clone(), value: Bytes::from_static(b"updated"), ..Default::default() })) }],
-        failure: vec![],
-    };
+    let txn = shapes::update(&key, current, &Bytes::from_static(b"updated"));
     let r = kv.txn(txn).await.unwrap().into_inner();
     assert!(r.succeeded);
     assert!(r.header.unwrap().revision > *revisions.last().unwrap());

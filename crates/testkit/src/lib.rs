@@ -512,3 +512,42 @@ pub fn service_account_keys(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((key, public))
 }
 
+
+/// The request shapes kube-apiserver sends, for tests and benchmarks.
+pub mod shapes {
+    use bytes::Bytes;
+    use ste_etcd_proto::pb::{
+        compare::{CompareResult, CompareTarget, TargetUnion},
+        request_op::Request,
+        Compare, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    };
+
+    /// `ModRevision(key) == revision` (0: the key does not exist).
+    pub fn mod_revision_is(key: &Bytes, revision: i64) -> Compare {
+        Compare {
+            key: key.clone(),
+            target: CompareTarget::Mod as i32,
+            result: CompareResult::Equal as i32,
+            target_union: Some(TargetUnion::ModRevision(revision)),
+            ..Default::default()
+        }
+    }
+
+    pub fn put(key: &Bytes, value: &Bytes) -> RequestOp {
+        RequestOp { request: Some(Request::RequestPut(PutRequest { key: key.clone(), value: value.clone(), ..Default::default() })) }
+    }
+
+    pub fn get(key: &Bytes) -> RequestOp {
+        RequestOp { request: Some(Request::RequestRange(RangeRequest { key: key.clone(), ..Default::default() })) }
+    }
+
+    /// Create: put only if the key does not exist.
+    pub fn create(key: &Bytes, value: &Bytes) -> TxnRequest {
+        TxnRequest { compare: vec![mod_revision_is(key, 0)], success: vec![put(key, value)], failure: vec![] }
+    }
+
+    /// Update (GuaranteedUpdate): put if unchanged since `revision`, else read the current value.
+    pub fn update(key: &Bytes, revision: i64, value: &Bytes) -> TxnRequest {
+        TxnRequest { compare: vec![mod_revision_is(key, revision)], success: vec![put(key, value)], failure: vec![get(key)] }
+    }
+}
