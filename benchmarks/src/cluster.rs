@@ -45,6 +45,11 @@ pub struct UpArgs {
     /// (Kubernetes' defaults are 20/30 and 50/100).
     #[arg(long, env = "STE_CLUSTER_CLIENT_QPS")]
     pub client_qps: Option<u32>,
+    /// Delay added to every fsync/fdatasync of the durable etcd (e.g. 8ms),
+    /// injected with strace; this VM's disk makes fsync nearly free, cloud
+    /// block storage does not.
+    #[arg(long, env = "STE_CLUSTER_FSYNC_DELAY", value_parser = humantime::parse_duration)]
+    pub fsync_delay: Option<Duration>,
     /// Directory for data, logs, PID records and the kubeconfig.
     #[arg(long, env = "STE_CLUSTER_DIR", default_value = "target/cluster")]
     pub dir: PathBuf,
@@ -154,7 +159,7 @@ impl Launcher {
         }
     }
 
-    fn start_etcd(&mut self, name: &str, data: &Path, ram: bool) -> anyhow::Result<String> {
+    fn start_etcd(&mut self, name: &str, data: &Path, ram: bool, fsync_delay: Option<Duration>) -> anyhow::Result<String> {
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -172,9 +177,34 @@ impl Launcher {
         if ram {
             args.push("--unsafe-no-fsync".into());
         }
-        self.spawn(name, &upstream_binary("etcd", "STE_ETCD_BIN")?, &args)?;
+        let etcd = upstream_binary("etcd", "STE_ETCD_BIN")?;
+        match fsync_delay {
+            None => self.spawn(name, &etcd, &args)?,
+            Some(delay) => {
+                // Only fsync and fdatasync are stopped, each for `delay` on exit.
+                let us = delay.as_micros();
+                let mut traced = vec![
+                    "-f".to_string(), "--seccomp-bpf".into(), "-qq".into(), "-o".into(), "/dev/null".into(),
+                    "-e".into(), "trace=fdatasync,fsync".into(),
+                    "-e".into(), format!("inject=fdatasync:delay_exit={us}"),
+                    "-e".into(), format!("inject=fsync:delay_exit={us}"),
+                    etcd.display().to_string(),
+                ];
+                traced.extend(args);
+                let strace = which("strace").context("--fsync-delay needs strace (apt-get install strace)")?;
+                self.spawn(name, &strace, &traced)?;
+            }
+        }
         Ok(endpoint)
     }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|path| path.is_file())
 }
 
 fn process_alive(pid: u32) -> bool {
@@ -257,7 +287,7 @@ async fn start_all(launcher: &mut Launcher, args: &UpArgs, api_port: u16) -> any
     let step = |text: &str| eprintln!("• {text}");
 
     step("durable etcd (on disk, fsync on)");
-    let durable = launcher.start_etcd("etcd-durable", &dir.join("etcd-durable"), false)?;
+    let durable = launcher.start_etcd("etcd-durable", &dir.join("etcd-durable"), false, args.fsync_delay)?;
     let mut overrides = Vec::new();
     if args.arm == Arm::Ste {
         step(&format!("{} RAM etcd shard(s) and ste-router", args.shards));
@@ -268,7 +298,7 @@ async fn start_all(launcher: &mut Launcher, args: &UpArgs, api_port: u16) -> any
         let mut shard_specs = Vec::new();
         for i in 0..args.shards {
             let name = format!("shard-{i}");
-            let endpoint = launcher.start_etcd(&name, &ram.join(&name), true)?;
+            let endpoint = launcher.start_etcd(&name, &ram.join(&name), true, None)?;
             shard_specs.push(format!("{name}={endpoint}"));
         }
         let listen = format!("127.0.0.1:{}", free_port());
@@ -450,7 +480,7 @@ pub async fn crash_and_restart(dir: &Path, name: &str, wipe: bool) -> anyhow::Re
         .find(|p| p.name == name)
         .with_context(|| format!("no component named {name} in {}", dir.display()))?
         .clone();
-    let _ = Command::new("kill").args(["-KILL", &process.pid.to_string()]).status();
+    let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", process.pid)]).status();
     let deadline = Instant::now() + Duration::from_secs(10);
     while process_alive(process.pid) {
         if Instant::now() >= deadline {
@@ -477,13 +507,15 @@ pub async fn stop(record: &ClusterRecord) -> anyhow::Result<()> {
         if !process_alive(process.pid) || !String::from_utf8_lossy(&cmdline).contains(&binary_name) {
             continue;
         }
-        let _ = Command::new("kill").args(["-TERM", &process.pid.to_string()]).status();
+        // The whole process group: a component may run under strace.
+        let group = format!("-{}", process.pid);
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while process_alive(process.pid) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if process_alive(process.pid) {
-            let _ = Command::new("kill").args(["-KILL", &process.pid.to_string()]).status();
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         }
         eprintln!("stopped {} (pid {})", process.name, process.pid);
     }

@@ -1,7 +1,7 @@
 //! ste-bench: STE's benchmarks. Every suite runs its arms side by side in one
 //! run on the same machine and reports ratios.
 
-use ste_bench::{cluster, router_bench};
+use ste_bench::{churn, cluster, router_bench};
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +18,17 @@ enum Command {
     /// delivery, saturated throughput and CPU per operation, over 1, 2 and 4
     /// RAM shards. Everything runs on 127.0.0.1 with etcd data on /dev/shm.
     Router(router_bench::Args),
+    /// Pod churn on a real local control plane, arms side by side: a
+    /// Deployment every T (burst), or create-one-delete-one (steady);
+    /// latency from each Deployment to its pod bound and Running.
+    Churn(churn::ChurnArgs),
+    /// The README's demo: the stock and STE arms side by side on a short churn
+    /// burst, with an 8 ms fsync on the durable etcd, then the table.
+    Demo {
+        /// Seconds of churn per arm.
+        #[arg(long, env = "STE_DEMO_SECONDS", default_value_t = 30)]
+        seconds: u64,
+    },
     /// A real local control plane (kube-apiserver, controller-manager,
     /// scheduler, kwok fake nodes) on the stock or the STE storage arm.
     Cluster {
@@ -44,5 +55,21 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cluster { command: ClusterCommand::Down(args) } => cluster::down(&args).await,
+        Command::Churn(args) => churn::run(args).await.map(|_| ()),
+        Command::Demo { seconds } => {
+            let args = churn::ChurnArgs {
+                arms: vec![cluster::Arm::Stock, cluster::Arm::Ste],
+                mode: churn::Mode::Burst,
+                interarrival: std::time::Duration::from_millis(100),
+                duration: std::time::Duration::from_secs(seconds),
+                initial: 0,
+                nodes: 10,
+                shards: 2,
+                client_qps: Some(200),
+                fsync_delay: Some(std::time::Duration::from_millis(8)),
+                output: "target/bench/demo".into(),
+            };
+            churn::run(args).await.map(|_| ())
+        }
     }
 }

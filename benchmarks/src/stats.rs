@@ -21,9 +21,12 @@ impl Samples {
         sorted[rank.min(sorted.len() - 1)]
     }
 
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -36,6 +39,24 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / clock_ticks_per_second())
+}
+
+/// User + system CPU seconds of every live process in process group `pgid`
+/// (a component started as its own group, e.g. etcd under strace).
+pub fn process_group_cpu_seconds(pgid: u32) -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            (fields.get(2)?.parse::<u32>().ok()? == pgid).then(|| {
+                let utime: f64 = fields.get(11)?.parse().ok()?;
+                let stime: f64 = fields.get(12)?.parse().ok()?;
+                Some((utime + stime) / clock_ticks_per_second())
+            })?
+        })
+        .sum()
 }
 
 fn clock_ticks_per_second() -> f64 {

@@ -10,7 +10,7 @@ use ste_bench::cluster::{self, Arm, ClusterRecord, UpArgs};
 use ste_testkit::Api;
 
 fn up_args(arm: Arm, dir: &std::path::Path) -> UpArgs {
-    UpArgs { arm, shards: 3, nodes: 5, events_to_ste: false, client_qps: None, dir: dir.to_path_buf() }
+    UpArgs { arm, shards: 3, nodes: 5, events_to_ste: false, client_qps: None, fsync_delay: None, dir: dir.to_path_buf() }
 }
 
 /// Stops the cluster even when an assertion fails.

@@ -104,6 +104,16 @@ func newPodList() runtime.Object {
 	return &example.PodList{}
 }
 
+// TestMain fails the whole run at once, with one clear message, when
+// $STE_CONFORMANCE_ENDPOINT is unset.
+func TestMain(m *testing.M) {
+	if strings.TrimSpace(os.Getenv(EndpointEnv)) == "" {
+		fmt.Fprintf(os.Stderr, "FAIL: %s is not set: point it at the etcd v3 gRPC endpoint under test, e.g. %s=http://127.0.0.1:2379\n", EndpointEnv, EndpointEnv)
+		os.Exit(1)
+	}
+	os.Exit(m.Run())
+}
+
 // endpoints returns the endpoint(s) from $STE_CONFORMANCE_ENDPOINT or fails the test.
 func endpoints(t testing.TB) []string {
 	t.Helper()

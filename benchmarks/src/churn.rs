@@ -1,0 +1,386 @@
+//! `ste-bench churn`: the two-tier storage thesis' pod-churn client, run on
+//! each arm of a real local control plane side by side.
+//!
+//! Open loop (no coordinated omission): the i-th Deployment (replicas 1,
+//! nginx, `app: <its name>`) is sent at start + i·T whether or not earlier
+//! ones were answered. A watch on pods records when each Deployment's pod is
+//! first bound to a node and first Running; latency is from sending the
+//! Deployment to those moments. `steady` first creates an initial set, then
+//! alternates creating a new Deployment and deleting the oldest every T.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::cluster::{self, Arm, ClusterRecord, UpArgs};
+use crate::stats::{process_group_cpu_seconds, Samples};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum Mode {
+    /// A Deployment every T.
+    Burst,
+    /// An initial set, then create one and delete the oldest every T.
+    Steady,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ChurnArgs {
+    /// Arms to run, one after the other on this machine, each on a fresh cluster.
+    #[arg(long, env = "STE_CHURN_ARMS", value_enum, value_delimiter = ',', default_value = "stock,ste")]
+    pub arms: Vec<Arm>,
+    #[arg(long, env = "STE_CHURN_MODE", value_enum, default_value = "burst")]
+    pub mode: Mode,
+    /// Time between two Deployments (the offered rate is 1/T).
+    #[arg(long, env = "STE_CHURN_INTERARRIVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub interarrival: Duration,
+    /// How long Deployments are sent.
+    #[arg(long, env = "STE_CHURN_DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Deployments created before the measured phase in steady mode.
+    #[arg(long, env = "STE_CHURN_INITIAL", default_value_t = 50)]
+    pub initial: usize,
+    /// Fake nodes.
+    #[arg(long, env = "STE_CHURN_NODES", default_value_t = 10)]
+    pub nodes: usize,
+    /// RAM shards of the ste arm.
+    #[arg(long, env = "STE_CHURN_SHARDS", default_value_t = 2)]
+    pub shards: usize,
+    /// Raise the controller-manager's and scheduler's client QPS to this
+    /// (default: Kubernetes' own limits, which cap churn at a few Deployments/s).
+    #[arg(long, env = "STE_CHURN_CLIENT_QPS")]
+    pub client_qps: Option<u32>,
+    /// Delay added to every fsync/fdatasync of the durable etcd (e.g. 8ms), as
+    /// cloud block storage has; this VM's disk makes fsync nearly free.
+    #[arg(long, env = "STE_CHURN_FSYNC_DELAY", value_parser = humantime::parse_duration)]
+    pub fsync_delay: Option<Duration>,
+    /// Where clusters, logs and results go.
+    #[arg(long, env = "STE_CHURN_OUTPUT", default_value = "target/bench/churn")]
+    pub output: PathBuf,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct ArmResult {
+    pub arm: Arm,
+    pub mode: Mode,
+    pub offered_per_s: f64,
+    pub sent: usize,
+    pub bound: usize,
+    pub achieved_per_s: f64,
+    pub bound_p50_ms: f64,
+    pub bound_p99_ms: f64,
+    pub bound_p999_ms: f64,
+    pub running_p50_ms: f64,
+    pub running_p99_ms: f64,
+    /// CPU seconds per component during the measured phase.
+    pub cpu_seconds: Vec<(String, f64)>,
+}
+
+/// When each Deployment's first pod was bound and Running, by Deployment name.
+#[derive(Default)]
+struct PodTimes {
+    bound: HashMap<String, Instant>,
+    running: HashMap<String, Instant>,
+}
+
+fn client() -> anyhow::Result<reqwest::Client> {
+    // Loopback, self-signed serving certificate.
+    Ok(reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .tcp_nodelay(true)
+        .build()?)
+}
+
+/// Follows pods from `resource_version` on and records bound/Running times per `app` label.
+fn watch_pods(record: &ClusterRecord, resource_version: String, times: Arc<Mutex<PodTimes>>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let http = client()?;
+    let url = format!(
+        "{}/api/v1/namespaces/default/pods?watch=1&resourceVersion={resource_version}&allowWatchBookmarks=true&timeoutSeconds=3600",
+        record.api_url
+    );
+    let token = record.token.clone();
+    Ok(tokio::spawn(async move {
+        let Ok(response) = http.get(&url).bearer_auth(&token).send().await else { return };
+        let mut stream = response.bytes_stream();
+        let mut buffer = Vec::new();
+        while let Some(Ok(chunk)) = stream.next().await {
+            let now = Instant::now();
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                let Ok(event) = serde_json::from_slice::<Value>(&line) else { continue };
+                let pod = &event["object"];
+                let Some(app) = pod["metadata"]["labels"]["app"].as_str() else { continue };
+                let mut times = times.lock().expect("times lock");
+                if pod["spec"]["nodeName"].is_string() {
+                    times.bound.entry(app.to_string()).or_insert(now);
+                }
+                if pod["status"]["phase"] == "Running" {
+                    times.running.entry(app.to_string()).or_insert(now);
+                }
+            }
+        }
+    }))
+}
+
+fn deployment(name: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                         "spec": {"containers": [{"name": "nginx", "image": "nginx"}]}}
+        }
+    })
+}
+
+async fn create(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> anyhow::Result<()> {
+    let response = http
+        .post(format!("{}/apis/apps/v1/namespaces/default/deployments", record.api_url))
+        .bearer_auth(&record.token)
+        .json(&deployment(name))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("creating {name}: HTTP {}", response.status());
+    }
+    Ok(())
+}
+
+async fn delete(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> anyhow::Result<()> {
+    let response = http
+        .delete(format!("{}/apis/apps/v1/namespaces/default/deployments/{name}?propagationPolicy=Background", record.api_url))
+        .bearer_auth(&record.token)
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("deleting {name}: HTTP {}", response.status());
+    }
+    Ok(())
+}
+
+async fn run_arm(args: &ChurnArgs, arm: Arm) -> anyhow::Result<ArmResult> {
+    let dir = std::path::absolute(args.output.join(format!("{arm:?}").to_lowercase()))?;
+    let record = cluster::up(&UpArgs {
+        arm,
+        shards: args.shards,
+        nodes: args.nodes,
+        events_to_ste: arm == Arm::Ste,
+        client_qps: args.client_qps,
+        fsync_delay: args.fsync_delay,
+        dir: dir.clone(),
+    })
+    .await?;
+    let result = measure(args, arm, &record).await;
+    cluster::stop(&record).await?;
+    result
+}
+
+async fn measure(args: &ChurnArgs, arm: Arm, record: &ClusterRecord) -> anyhow::Result<ArmResult> {
+    let http = client()?;
+    let list: Value = http
+        .get(format!("{}/api/v1/namespaces/default/pods?limit=1", record.api_url))
+        .bearer_auth(&record.token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let resource_version = list["metadata"]["resourceVersion"].as_str().context("list without resourceVersion")?.to_string();
+    let times = Arc::new(Mutex::new(PodTimes::default()));
+    let watcher = watch_pods(record, resource_version, times.clone())?;
+
+    let mut live: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    if args.mode == Mode::Steady {
+        eprintln!("  creating {} initial Deployments…", args.initial);
+        for i in 0..args.initial {
+            let name = format!("init-{i}");
+            create(&http, record, &name).await?;
+            live.push_back(name);
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while times.lock().expect("times").running.len() < args.initial {
+            if Instant::now() > deadline {
+                bail!("initial Deployments not Running within 120s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let cpu_before = cpu_by_component(record);
+    let total = (args.duration.as_secs_f64() / args.interarrival.as_secs_f64()).floor() as usize;
+    let start = Instant::now();
+    let mut sent_at = HashMap::new();
+    let mut requests = Vec::with_capacity(total);
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    for i in 0..total {
+        let due = start + args.interarrival.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let name = format!("churn-{i}");
+        // Latency counts from when the Deployment was due (open loop).
+        sent_at.insert(name.clone(), due);
+        let (http, record, errors) = (http.clone(), record.clone(), errors.clone());
+        let victim = if args.mode == Mode::Steady { live.pop_front() } else { None };
+        live.push_back(name.clone());
+        requests.push(tokio::spawn(async move {
+            if let Err(err) = create(&http, &record, &name).await {
+                errors.lock().expect("errors").push(err.to_string());
+            }
+            if let Some(victim) = victim {
+                if let Err(err) = delete(&http, &record, &victim).await {
+                    errors.lock().expect("errors").push(err.to_string());
+                }
+            }
+        }));
+        if i % 50 == 0 {
+            eprint!("\r  {arm:?}: sent {i}/{total}, bound {}   ", times.lock().expect("times").bound.len());
+        }
+    }
+    for request in requests {
+        request.await?;
+    }
+    // Let the backlog drain (bounded), then stop measuring.
+    let drain_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let bound = sent_at.keys().filter(|n| times.lock().expect("times").bound.contains_key(*n)).count();
+        eprint!("\r  {arm:?}: sent {total}/{total}, bound {bound}   ");
+        if bound == total || Instant::now() > drain_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!();
+    let cpu_after = cpu_by_component(record);
+    watcher.abort();
+    let errors = errors.lock().expect("errors").clone();
+    if !errors.is_empty() {
+        eprintln!("  {} request errors, first: {}", errors.len(), errors[0]);
+    }
+
+    let times = times.lock().expect("times");
+    let window_end = start + args.duration;
+    let mut bound = Samples::default();
+    let mut running = Samples::default();
+    let mut bound_in_window = 0;
+    for (name, due) in &sent_at {
+        if let Some(at) = times.bound.get(name) {
+            bound.push(at.saturating_duration_since(*due));
+            bound_in_window += (*at <= window_end) as usize;
+        }
+        if let Some(at) = times.running.get(name) {
+            running.push(at.saturating_duration_since(*due));
+        }
+    }
+    let cpu_seconds = cpu_after
+        .iter()
+        .map(|(name, after)| {
+            let before = cpu_before.iter().find(|(n, _)| n == name).map(|(_, b)| *b).unwrap_or(0.0);
+            (name.clone(), after - before)
+        })
+        .collect();
+    Ok(ArmResult {
+        arm,
+        mode: args.mode,
+        offered_per_s: 1.0 / args.interarrival.as_secs_f64(),
+        sent: total,
+        bound: bound.len(),
+        achieved_per_s: bound_in_window as f64 / args.duration.as_secs_f64(),
+        bound_p50_ms: bound.percentile(50.0) / 1e3,
+        bound_p99_ms: bound.percentile(99.0) / 1e3,
+        bound_p999_ms: bound.percentile(99.9) / 1e3,
+        running_p50_ms: running.percentile(50.0) / 1e3,
+        running_p99_ms: running.percentile(99.0) / 1e3,
+        cpu_seconds,
+    })
+}
+
+/// CPU seconds used so far by each component (its whole process group).
+fn cpu_by_component(record: &ClusterRecord) -> Vec<(String, f64)> {
+    let mut by_kind: Vec<(String, f64)> = Vec::new();
+    for process in &record.processes {
+        // Shards are summed as one "shards" component.
+        let kind = if process.name.starts_with("shard-") { "shards".to_string() } else { process.name.clone() };
+        let cpu = process_group_cpu_seconds(process.pid);
+        match by_kind.iter_mut().find(|(k, _)| *k == kind) {
+            Some(entry) => entry.1 += cpu,
+            None => by_kind.push((kind, cpu)),
+        }
+    }
+    by_kind
+}
+
+pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
+    if args.interarrival.is_zero() || args.duration.is_zero() {
+        bail!("--interarrival and --duration must be positive");
+    }
+    if args.arms.is_empty() {
+        bail!("--arms needs at least one arm");
+    }
+    std::fs::create_dir_all(&args.output)?;
+    let mut results = Vec::new();
+    for (i, arm) in args.arms.iter().enumerate() {
+        eprintln!("[{}/{}] {arm:?} arm: {:?} churn, a Deployment every {:?} for {:?}", i + 1, args.arms.len(), args.mode, args.interarrival, args.duration);
+        results.push(run_arm(&args, *arm).await?);
+    }
+    print_report(&args, &results);
+    let json_path = args.output.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
+    let mut csv = String::from("arm,mode,offered_per_s,sent,bound,achieved_per_s,bound_p50_ms,bound_p99_ms,bound_p999_ms,running_p50_ms,running_p99_ms\n");
+    for r in &results {
+        csv.push_str(&format!(
+            "{:?},{:?},{:.2},{},{},{:.2},{:.1},{:.1},{:.1},{:.1},{:.1}\n",
+            r.arm, r.mode, r.offered_per_s, r.sent, r.bound, r.achieved_per_s, r.bound_p50_ms, r.bound_p99_ms, r.bound_p999_ms, r.running_p50_ms, r.running_p99_ms
+        ));
+    }
+    std::fs::write(args.output.join("results.csv"), csv)?;
+    eprintln!("raw results: {} and results.csv", json_path.display());
+    Ok(results)
+}
+
+fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
+    println!();
+    println!(
+        "Pod churn ({:?}): a Deployment every {:?} for {:?}, {} fake nodes, client QPS {}, durable etcd fsync delay {}",
+        args.mode,
+        args.interarrival,
+        args.duration,
+        args.nodes,
+        args.client_qps.map(|q| q.to_string()).unwrap_or_else(|| "Kubernetes defaults".into()),
+        args.fsync_delay.map(|d| format!("{d:?}")).unwrap_or_else(|| "none".into()),
+    );
+    println!();
+    println!("| arm | offered/s | achieved/s | bound | create→bound p50 / p99 / p99.9 ms | create→Running p50 / p99 ms | CPU s per 100 Deployments |");
+    println!("|---|---|---|---|---|---|---|");
+    let base = results.first();
+    for r in results {
+        let cpu: Vec<String> = r
+            .cpu_seconds
+            .iter()
+            .filter(|(_, s)| *s > 0.0)
+            .map(|(n, s)| format!("{n} {:.1}", s * 100.0 / r.sent.max(1) as f64))
+            .collect();
+        println!(
+            "| {:?} | {:.1} | {:.1} | {}/{} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {} |",
+            r.arm, r.offered_per_s, r.achieved_per_s, r.bound, r.sent, r.bound_p50_ms, r.bound_p99_ms, r.bound_p999_ms,
+            r.running_p50_ms, r.running_p99_ms, cpu.join(", ")
+        );
+    }
+    if let (Some(base), true) = (base, results.len() > 1) {
+        println!();
+        for r in &results[1..] {
+            println!(
+                "{:?} vs {:?}: achieved rate ×{:.2}, create→bound p99 ×{:.2}",
+                r.arm,
+                base.arm,
+                r.achieved_per_s / base.achieved_per_s,
+                r.bound_p99_ms / base.bound_p99_ms
+            );
+        }
+    }
+}
