@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
 # README's test command: installs what the tests need, builds the pinned
-# upstream etcd, and runs every test of the workspace (real etcd processes on
-# 127.0.0.1; nothing else on the network).
+# upstream binaries, runs every test of the workspace (real etcd,
+# kube-apiserver, controller-manager, scheduler and kwok processes on
+# 127.0.0.1; nothing else on the network), then kube-apiserver's own storage
+# conformance suite against plain etcd (harness check) and against the router.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source hack/install-deps.sh
 hack/build-upstream.sh
 echo "running cargo test (first build takes a few minutes)…"
-# The local-cluster tests start the ste-router binary itself.
+# The local-cluster and conformance tests start the ste-router binary itself.
 cargo build --locked -p ste-router
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
+status=0
 set +e
-cargo test --workspace --all-targets --locked 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
+cargo test --workspace --all-targets --locked 2>&1 | tee -a "$log"
+((status |= PIPESTATUS[0]))
+for target in etcd router; do
+  echo "running kube-apiserver's storage conformance suite against ${target} (first compile takes a few minutes)…"
+  hack/conformance/run.sh "${target}" 2>&1 | tee -a "$log"
+  ((status |= PIPESTATUS[0]))
+done
 set -e
-# One closing line for the whole workspace (cargo prints one per test binary).
+# One closing line for everything (cargo prints one per test binary, go test one per run).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
-     END { printf "workspace: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+     /^--- PASS/ { p++ } /^--- FAIL/ { f++ } /^--- SKIP/ { s++ }
+     END { printf "all tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit "$status"

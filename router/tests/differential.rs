@@ -382,6 +382,39 @@ async fn kube_apiserver_shapes_match_etcd() {
         let got = run(&mut p.router, op).await;
         assert_eq!(got, expected, "step {step}: {op:?}");
     }
+    // At the compaction boundary: a watch from the compaction revision gets its
+    // event, without a previous value (etcd reads it at revision - 1, compacted).
+    let boundary = Bytes::from_static(b"/registry/pods/default/boundary");
+    for op in [
+        Op::Put { key: boundary.clone(), value: Bytes::from_static(b"v1"), prev_kv: false },
+        Op::Put { key: boundary.clone(), value: Bytes::from_static(b"v2"), prev_kv: false },
+    ] {
+        assert_eq!(run(&mut p.router, &op).await, run(&mut p.etcd, &op).await);
+    }
+    let (current, _, _) = observe(&mut p.etcd).await;
+    let op = Op::Compact { revision: current };
+    assert_eq!(run(&mut p.router, &op).await, run(&mut p.etcd, &op).await);
+    let at_boundary = WatchCreateRequest { key: boundary.clone(), start_revision: current, prev_kv: true, ..Default::default() };
+    let mut e = open_watch(p.etcd.channel.clone(), at_boundary.clone()).await;
+    let mut r = open_watch(p.router.channel.clone(), WatchCreateRequest { start_revision: shift(current, p.router.offset), ..at_boundary }).await;
+    assert!(e.recv().await.unwrap().created && r.recv().await.unwrap().created);
+    let sentinel = Op::Put { key: boundary.clone(), value: Bytes::from_static(b"end"), prev_kv: false };
+    assert_eq!(run(&mut p.router, &sentinel).await, run(&mut p.etcd, &sentinel).await);
+    let mut last_events = Vec::new();
+    for (rx, offset) in [(&mut e, 0), (&mut r, p.router.offset)] {
+        let mut events = Vec::new();
+        while events.len() < 2 {
+            let response = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+            for mut event in response.events {
+                if let Some(kv) = &mut event.kv { norm_kv(kv, offset) }
+                if let Some(kv) = &mut event.prev_kv { norm_kv(kv, offset) }
+                events.push(format!("{event:?}"));
+            }
+        }
+        last_events.push(events);
+    }
+    assert_eq!(last_events[1], last_events[0], "events from the compaction revision");
+
     // The compacted watch answers like etcd: created, then canceled with the compact revision.
     let from_compacted = WatchCreateRequest { key: key.clone(), start_revision: 1, ..Default::default() };
     let mut e = open_watch(p.etcd.channel.clone(), from_compacted.clone()).await;

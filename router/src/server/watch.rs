@@ -234,10 +234,14 @@ impl WatchStream {
                 Err(_) => compacted.push(*id),
             }
         }
+        let compact_revision = self.store.history().compact_revision();
         for (id, prev_kv, events) in batches {
             for chunk in chunk_by_revision(&events, MAX_EVENTS_PER_RESPONSE) {
                 let mut response = self.response(current, id);
-                response.events = chunk.iter().map(|e| client_event(e, prev_kv)).collect();
+                response.events = chunk
+                    .iter()
+                    .map(|e| client_event(e, prev_kv, compact_revision))
+                    .collect();
                 self.send(response).await?;
             }
         }
@@ -254,9 +258,12 @@ impl WatchStream {
     }
 }
 
-fn client_event(stored: &StoredEvent, with_prev: bool) -> Event {
+/// The event as the watcher asked for it. Like etcd, which reads the previous
+/// value at revision - 1, an event at or below the compaction revision has no
+/// previous value any more.
+fn client_event(stored: &StoredEvent, with_prev: bool, compact_revision: i64) -> Event {
     let mut event = stored.event.clone();
-    if !with_prev {
+    if !with_prev || stored.revision <= compact_revision {
         event.prev_kv = None;
     }
     event
