@@ -292,8 +292,12 @@ async fn start_all(launcher: &mut Launcher, args: &UpArgs, api_port: u16) -> any
     if args.arm == Arm::Ste {
         step(&format!("{} RAM etcd shard(s) and ste-router", args.shards));
         let ram_base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { dir.clone() };
-        let ram = ram_base.join(format!("ste-shards-{}", std::process::id()));
-        std::fs::create_dir_all(&ram)?;
+        // A directory of its own: several clusters may run at once (tests do).
+        let ram = tempfile::Builder::new()
+            .prefix("ste-shards-")
+            .tempdir_in(&ram_base)
+            .with_context(|| format!("creating the shards' directory in {}", ram_base.display()))?
+            .keep();
         launcher.record.ram_dir = Some(ram.clone());
         let mut shard_specs = Vec::new();
         for i in 0..args.shards {
