@@ -51,10 +51,16 @@ pub struct ChurnArgs {
     /// RAM shards of the ste arm.
     #[arg(long, env = "STE_CHURN_SHARDS", default_value_t = 2)]
     pub shards: usize,
-    /// Raise the controller-manager's and scheduler's client QPS to this
-    /// (default: Kubernetes' own limits, which cap churn at a few Deployments/s).
-    #[arg(long, env = "STE_CHURN_CLIENT_QPS")]
-    pub client_qps: Option<u32>,
+    /// Client rate limits of the controller-manager and scheduler to run under,
+    /// comma separated: `default` (Kubernetes' own, which cap churn at a few
+    /// Deployments/s) and/or a QPS to raise them to. Each is a separate run.
+    #[arg(long, env = "STE_CHURN_CLIENT_QPS", value_delimiter = ',', default_value = "200", value_parser = parse_qps)]
+    pub client_qps: Vec<Option<u32>>,
+    /// Instead of one rate, offered rates (Deployments/s) to try in turn on each
+    /// arm until one is not sustained (fewer than 95% of its pods bound within
+    /// the window); reports the highest sustained rate. Overrides --interarrival.
+    #[arg(long, env = "STE_CHURN_SWEEP", value_delimiter = ',')]
+    pub sweep: Vec<f64>,
     /// Delay added to every fsync/fdatasync of the durable etcd (e.g. 8ms), as
     /// cloud block storage has; this VM's disk makes fsync nearly free.
     #[arg(long, env = "STE_CHURN_FSYNC_DELAY", value_parser = humantime::parse_duration)]
@@ -64,10 +70,21 @@ pub struct ChurnArgs {
     pub output: PathBuf,
 }
 
+fn parse_qps(text: &str) -> Result<Option<u32>, String> {
+    match text.trim() {
+        "default" => Ok(None),
+        n => n.parse().map(Some).map_err(|_| format!("{n:?} is neither `default` nor a number")),
+    }
+}
+
 #[derive(Serialize, Clone, Debug)]
 pub struct ArmResult {
     pub arm: Arm,
     pub mode: Mode,
+    /// None: Kubernetes' default client limits.
+    pub client_qps: Option<u32>,
+    /// At least 95% of the Deployments sent had their pod bound within the window.
+    pub sustained: bool,
     pub offered_per_s: f64,
     pub sent: usize,
     pub bound: usize,
@@ -79,6 +96,8 @@ pub struct ArmResult {
     pub running_p99_ms: f64,
     /// CPU seconds per component during the measured phase.
     pub cpu_seconds: Vec<(String, f64)>,
+    /// Raw data: per bound Deployment, (seconds from start to bound, create→bound ms).
+    pub bound_samples: Vec<(f64, f64)>,
 }
 
 /// When each Deployment's first pod was bound and Running, by Deployment name.
@@ -166,24 +185,54 @@ async fn delete(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> a
     Ok(())
 }
 
-async fn run_arm(args: &ChurnArgs, arm: Arm) -> anyhow::Result<ArmResult> {
-    let dir = std::path::absolute(args.output.join(format!("{arm:?}").to_lowercase()))?;
+async fn run_arm(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>) -> anyhow::Result<Vec<ArmResult>> {
+    let setting = client_qps.map(|q| format!("qps{q}")).unwrap_or_else(|| "default".into());
+    let dir = std::path::absolute(args.output.join(format!("{arm:?}-{setting}").to_lowercase()))?;
     let record = cluster::up(&UpArgs {
         arm,
         shards: args.shards,
         nodes: args.nodes,
         events_to_ste: arm == Arm::Ste,
-        client_qps: args.client_qps,
+        client_qps,
         fsync_delay: args.fsync_delay,
         dir: dir.clone(),
     })
     .await?;
-    let result = measure(args, arm, &record).await;
+    let rates: Vec<f64> = if args.sweep.is_empty() {
+        vec![1.0 / args.interarrival.as_secs_f64()]
+    } else {
+        args.sweep.clone()
+    };
+    let mut results = Vec::new();
+    for (step, rate) in rates.iter().enumerate() {
+        let interarrival = Duration::from_secs_f64(1.0 / rate);
+        let result = measure(args, arm, client_qps, interarrival, &format!("s{step}"), &record).await;
+        match result {
+            Ok(result) => {
+                let sustained = result.sustained;
+                results.push(result);
+                if !sustained {
+                    break;
+                }
+            }
+            Err(err) => {
+                cluster::stop(&record).await?;
+                return Err(err);
+            }
+        }
+    }
     cluster::stop(&record).await?;
-    result
+    Ok(results)
 }
 
-async fn measure(args: &ChurnArgs, arm: Arm, record: &ClusterRecord) -> anyhow::Result<ArmResult> {
+async fn measure(
+    args: &ChurnArgs,
+    arm: Arm,
+    client_qps: Option<u32>,
+    interarrival: Duration,
+    prefix: &str,
+    record: &ClusterRecord,
+) -> anyhow::Result<ArmResult> {
     let http = client()?;
     let list: Value = http
         .get(format!("{}/api/v1/namespaces/default/pods?limit=1", record.api_url))
@@ -200,12 +249,12 @@ async fn measure(args: &ChurnArgs, arm: Arm, record: &ClusterRecord) -> anyhow::
     if args.mode == Mode::Steady {
         eprintln!("  creating {} initial Deployments…", args.initial);
         for i in 0..args.initial {
-            let name = format!("init-{i}");
+            let name = format!("{prefix}-init-{i}");
             create(&http, record, &name).await?;
             live.push_back(name);
         }
         let deadline = Instant::now() + Duration::from_secs(120);
-        while times.lock().expect("times").running.len() < args.initial {
+        while live.iter().filter(|n| times.lock().expect("times").running.contains_key(*n)).count() < args.initial {
             if Instant::now() > deadline {
                 bail!("initial Deployments not Running within 120s");
             }
@@ -214,15 +263,16 @@ async fn measure(args: &ChurnArgs, arm: Arm, record: &ClusterRecord) -> anyhow::
     }
 
     let cpu_before = cpu_by_component(record);
-    let total = (args.duration.as_secs_f64() / args.interarrival.as_secs_f64()).floor() as usize;
+    let total = (args.duration.as_secs_f64() / interarrival.as_secs_f64()).floor() as usize;
+    eprintln!("  {arm:?}: {:.1} Deployments/s for {:?}", 1.0 / interarrival.as_secs_f64(), args.duration);
     let start = Instant::now();
     let mut sent_at = HashMap::new();
     let mut requests = Vec::with_capacity(total);
     let errors = Arc::new(Mutex::new(Vec::new()));
     for i in 0..total {
-        let due = start + args.interarrival.mul_f64(i as f64);
+        let due = start + interarrival.mul_f64(i as f64);
         tokio::time::sleep_until(due.into()).await;
-        let name = format!("churn-{i}");
+        let name = format!("{prefix}-churn-{i}");
         // Latency counts from when the Deployment was due (open loop).
         sent_at.insert(name.clone(), due);
         let (http, record, errors) = (http.clone(), record.clone(), errors.clone());
@@ -268,10 +318,14 @@ async fn measure(args: &ChurnArgs, arm: Arm, record: &ClusterRecord) -> anyhow::
     let mut bound = Samples::default();
     let mut running = Samples::default();
     let mut bound_in_window = 0;
+    let mut bound_samples = Vec::new();
     for (name, due) in &sent_at {
         if let Some(at) = times.bound.get(name) {
-            bound.push(at.saturating_duration_since(*due));
-            bound_in_window += (*at <= window_end) as usize;
+            let latency = at.saturating_duration_since(*due);
+            bound.push(latency);
+            bound_samples.push((at.saturating_duration_since(start).as_secs_f64(), latency.as_secs_f64() * 1e3));
+            // Sustained: bound within the window, or within one interarrival after it.
+            bound_in_window += (*at <= window_end + interarrival) as usize;
         }
         if let Some(at) = times.running.get(name) {
             running.push(at.saturating_duration_since(*due));
@@ -284,10 +338,14 @@ async fn measure(args: &ChurnArgs, arm: Arm, record: &ClusterRecord) -> anyhow::
             (name.clone(), after - before)
         })
         .collect();
+    bound_samples.sort_by(|a, b| a.0.total_cmp(&b.0));
     Ok(ArmResult {
         arm,
         mode: args.mode,
-        offered_per_s: 1.0 / args.interarrival.as_secs_f64(),
+        client_qps,
+        sustained: bound_in_window as f64 >= 0.95 * total as f64,
+        bound_samples,
+        offered_per_s: 1.0 / interarrival.as_secs_f64(),
         sent: total,
         bound: bound.len(),
         achieved_per_s: bound_in_window as f64 / args.duration.as_secs_f64(),
@@ -323,19 +381,37 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
         bail!("--arms needs at least one arm");
     }
     std::fs::create_dir_all(&args.output)?;
-    let mut results = Vec::new();
-    for (i, arm) in args.arms.iter().enumerate() {
-        eprintln!("[{}/{}] {arm:?} arm: {:?} churn, a Deployment every {:?} for {:?}", i + 1, args.arms.len(), args.mode, args.interarrival, args.duration);
-        results.push(run_arm(&args, *arm).await?);
+    if args.sweep.iter().any(|r| !(*r > 0.0)) {
+        bail!("--sweep rates must be positive");
     }
+    if args.client_qps.is_empty() {
+        bail!("--client-qps needs at least one setting");
+    }
+    let mut results = Vec::new();
+    let runs: Vec<(Arm, Option<u32>)> = args
+        .client_qps
+        .iter()
+        .flat_map(|qps| args.arms.iter().map(move |arm| (*arm, *qps)))
+        .collect();
+    for (i, (arm, qps)) in runs.iter().enumerate() {
+        eprintln!(
+            "[{}/{}] {arm:?} arm, client QPS {}: {:?} churn",
+            i + 1,
+            runs.len(),
+            qps.map(|q| q.to_string()).unwrap_or_else(|| "default".into()),
+            args.mode
+        );
+        results.extend(run_arm(&args, *arm, *qps).await?);
+    }
+    crate::plots::churn(&results, &args.output)?;
     print_report(&args, &results);
     let json_path = args.output.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
-    let mut csv = String::from("arm,mode,offered_per_s,sent,bound,achieved_per_s,bound_p50_ms,bound_p99_ms,bound_p999_ms,running_p50_ms,running_p99_ms\n");
+    let mut csv = String::from("arm,mode,client_qps,offered_per_s,sustained,sent,bound,achieved_per_s,bound_p50_ms,bound_p99_ms,bound_p999_ms,running_p50_ms,running_p99_ms\n");
     for r in &results {
         csv.push_str(&format!(
-            "{:?},{:?},{:.2},{},{},{:.2},{:.1},{:.1},{:.1},{:.1},{:.1}\n",
-            r.arm, r.mode, r.offered_per_s, r.sent, r.bound, r.achieved_per_s, r.bound_p50_ms, r.bound_p99_ms, r.bound_p999_ms, r.running_p50_ms, r.running_p99_ms
+            "{:?},{:?},{},{:.2},{},{},{},{:.2},{:.1},{:.1},{:.1},{:.1},{:.1}\n",
+            r.arm, r.mode, r.client_qps.map(|q| q.to_string()).unwrap_or_else(|| "default".into()), r.offered_per_s, r.sustained, r.sent, r.bound, r.achieved_per_s, r.bound_p50_ms, r.bound_p99_ms, r.bound_p999_ms, r.running_p50_ms, r.running_p99_ms
         ));
     }
     std::fs::write(args.output.join("results.csv"), csv)?;
@@ -343,21 +419,23 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
     Ok(results)
 }
 
+fn qps_name(qps: Option<u32>) -> String {
+    qps.map(|q| format!("QPS {q}")).unwrap_or_else(|| "default QPS".into())
+}
+
 fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
     println!();
     println!(
-        "Pod churn ({:?}): a Deployment every {:?} for {:?}, {} fake nodes, client QPS {}, durable etcd fsync delay {}",
+        "Pod churn ({:?}): {} for {:?} per step, {} fake nodes, durable etcd fsync delay {}",
         args.mode,
-        args.interarrival,
+        if args.sweep.is_empty() { format!("a Deployment every {:?}", args.interarrival) } else { format!("sweep {:?}/s", args.sweep) },
         args.duration,
         args.nodes,
-        args.client_qps.map(|q| q.to_string()).unwrap_or_else(|| "Kubernetes defaults".into()),
         args.fsync_delay.map(|d| format!("{d:?}")).unwrap_or_else(|| "none".into()),
     );
     println!();
-    println!("| arm | offered/s | achieved/s | bound | create→bound p50 / p99 / p99.9 ms | create→Running p50 / p99 ms | CPU s per 100 Deployments |");
-    println!("|---|---|---|---|---|---|---|");
-    let base = results.first();
+    println!("| arm | client limits | offered/s | achieved/s | sustained | bound | create→bound p50 / p99 / p99.9 ms | create→Running p50 / p99 ms | CPU s per 100 Deployments |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let cpu: Vec<String> = r
             .cpu_seconds
@@ -366,21 +444,37 @@ fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
             .map(|(n, s)| format!("{n} {:.1}", s * 100.0 / r.sent.max(1) as f64))
             .collect();
         println!(
-            "| {:?} | {:.1} | {:.1} | {}/{} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {} |",
-            r.arm, r.offered_per_s, r.achieved_per_s, r.bound, r.sent, r.bound_p50_ms, r.bound_p99_ms, r.bound_p999_ms,
-            r.running_p50_ms, r.running_p99_ms, cpu.join(", ")
+            "| {:?} | {} | {:.1} | {:.1} | {} | {}/{} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {} |",
+            r.arm, qps_name(r.client_qps), r.offered_per_s, r.achieved_per_s, if r.sustained { "yes" } else { "no" },
+            r.bound, r.sent, r.bound_p50_ms, r.bound_p99_ms, r.bound_p999_ms, r.running_p50_ms, r.running_p99_ms, cpu.join(", ")
         );
     }
-    if let (Some(base), true) = (base, results.len() > 1) {
-        println!();
-        for r in &results[1..] {
-            println!(
-                "{:?} vs {:?}: achieved rate ×{:.2}, create→bound p99 ×{:.2}",
-                r.arm,
-                base.arm,
-                r.achieved_per_s / base.achieved_per_s,
-                r.bound_p99_ms / base.bound_p99_ms
-            );
+    println!();
+    // Ratios against stock and tuned, at the same client limits and offered rate.
+    for r in results.iter().filter(|r| r.arm == Arm::Ste) {
+        for base_arm in [Arm::Stock, Arm::Tuned] {
+            let base = results.iter().find(|b| {
+                b.arm == base_arm && b.client_qps == r.client_qps && (b.offered_per_s - r.offered_per_s).abs() < 1e-6
+            });
+            if let Some(base) = base {
+                println!(
+                    "Ste vs {:?} ({}, {:.1}/s offered): create→bound p50 ×{:.2}, p99 ×{:.2}, achieved ×{:.2}",
+                    base_arm, qps_name(r.client_qps), r.offered_per_s,
+                    r.bound_p50_ms / base.bound_p50_ms, r.bound_p99_ms / base.bound_p99_ms, r.achieved_per_s / base.achieved_per_s
+                );
+            }
+        }
+    }
+    if !args.sweep.is_empty() {
+        for qps in &args.client_qps {
+            for arm in &args.arms {
+                let best = results
+                    .iter()
+                    .filter(|r| r.arm == *arm && r.client_qps == *qps && r.sustained)
+                    .map(|r| r.offered_per_s)
+                    .fold(f64::NAN, f64::max);
+                println!("highest sustained rate, {arm:?}, {}: {}", qps_name(*qps), if best.is_nan() { "none of the swept rates".into() } else { format!("{best:.1}/s") });
+            }
         }
     }
 }

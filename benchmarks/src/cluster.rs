@@ -23,6 +23,9 @@ const TOKEN: &str = "ste-admin-token";
 pub enum Arm {
     /// One durable etcd (on disk, fsync on) stores everything.
     Stock,
+    /// One etcd on a RAM disk without fsync stores everything: what a user
+    /// would try first (and loses the whole cluster with the node).
+    Tuned,
     /// Pods go through ste-router to RAM etcd shards; the rest stays in the durable etcd.
     Ste,
 }
@@ -199,6 +202,17 @@ impl Launcher {
     }
 }
 
+/// A directory of its own on the RAM disk (/dev/shm, or under `dir` where
+/// there is none): several clusters may run at once (tests do).
+fn ram_directory(dir: &Path, prefix: &str) -> anyhow::Result<PathBuf> {
+    let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { dir.to_path_buf() };
+    Ok(tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&base)
+        .with_context(|| format!("creating a directory in {}", base.display()))?
+        .keep())
+}
+
 fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
@@ -286,18 +300,19 @@ async fn start_all(launcher: &mut Launcher, args: &UpArgs, api_port: u16) -> any
     let dir = launcher.dir.clone();
     let step = |text: &str| eprintln!("• {text}");
 
-    step("durable etcd (on disk, fsync on)");
-    let durable = launcher.start_etcd("etcd-durable", &dir.join("etcd-durable"), false, args.fsync_delay)?;
+    let durable = if args.arm == Arm::Tuned {
+        step("etcd on a RAM disk, no fsync");
+        let ram = ram_directory(&dir, "ste-tuned-")?;
+        launcher.record.ram_dir = Some(ram.clone());
+        launcher.start_etcd("etcd-durable", &ram.join("etcd"), true, None)?
+    } else {
+        step("durable etcd (on disk, fsync on)");
+        launcher.start_etcd("etcd-durable", &dir.join("etcd-durable"), false, args.fsync_delay)?
+    };
     let mut overrides = Vec::new();
     if args.arm == Arm::Ste {
         step(&format!("{} RAM etcd shard(s) and ste-router", args.shards));
-        let ram_base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { dir.clone() };
-        // A directory of its own: several clusters may run at once (tests do).
-        let ram = tempfile::Builder::new()
-            .prefix("ste-shards-")
-            .tempdir_in(&ram_base)
-            .with_context(|| format!("creating the shards' directory in {}", ram_base.display()))?
-            .keep();
+        let ram = ram_directory(&dir, "ste-shards-")?;
         launcher.record.ram_dir = Some(ram.clone());
         let mut shard_specs = Vec::new();
         for i in 0..args.shards {

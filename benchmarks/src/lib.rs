@@ -2,5 +2,6 @@
 
 pub mod churn;
 pub mod cluster;
+pub mod plots;
 pub mod router_bench;
 pub mod stats;

@@ -22,8 +22,8 @@ enum Command {
     /// Deployment every T (burst), or create-one-delete-one (steady);
     /// latency from each Deployment to its pod bound and Running.
     Churn(churn::ChurnArgs),
-    /// The README's demo: the stock and STE arms side by side on a short churn
-    /// burst, with an 8 ms fsync on the durable etcd, then the table.
+    /// The README's demo: the stock, tuned and STE arms side by side on a short
+    /// churn burst, with an 8 ms fsync on the durable etcd, then the table and plots.
     Demo {
         /// Seconds of churn per arm.
         #[arg(long, env = "STE_DEMO_SECONDS", default_value_t = 30)]
@@ -58,14 +58,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Churn(args) => churn::run(args).await.map(|_| ()),
         Command::Demo { seconds } => {
             let args = churn::ChurnArgs {
-                arms: vec![cluster::Arm::Stock, cluster::Arm::Ste],
+                arms: vec![cluster::Arm::Stock, cluster::Arm::Tuned, cluster::Arm::Ste],
                 mode: churn::Mode::Burst,
                 interarrival: std::time::Duration::from_millis(100),
                 duration: std::time::Duration::from_secs(seconds),
                 initial: 0,
                 nodes: 10,
                 shards: 2,
-                client_qps: Some(200),
+                client_qps: vec![Some(200)],
+                sweep: Vec::new(),
                 fsync_delay: Some(std::time::Duration::from_millis(8)),
                 output: "target/bench/demo".into(),
             };
