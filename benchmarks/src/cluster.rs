@@ -266,7 +266,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClusterRecord> {
             bail!("a cluster is already up in {}; run `ste-bench cluster down --dir {}` first", dir.display(), args.dir.display());
         }
     }
-    for sub in ["logs", "etcd-durable"] {
+    for sub in ["logs", "etcd-main"] {
         let path = dir.join(sub);
         if sub != "logs" && path.exists() {
             std::fs::remove_dir_all(&path)?;
@@ -304,10 +304,10 @@ async fn start_all(launcher: &mut Launcher, args: &UpArgs, api_port: u16) -> any
         step("etcd on a RAM disk, no fsync");
         let ram = ram_directory(&dir, "ste-tuned-")?;
         launcher.record.ram_dir = Some(ram.clone());
-        launcher.start_etcd("etcd-durable", &ram.join("etcd"), true, None)?
+        launcher.start_etcd("etcd-main", &ram.join("etcd"), true, None)?
     } else {
         step("durable etcd (on disk, fsync on)");
-        launcher.start_etcd("etcd-durable", &dir.join("etcd-durable"), false, args.fsync_delay)?
+        launcher.start_etcd("etcd-main", &dir.join("etcd-main"), false, args.fsync_delay)?
     };
     let mut overrides = Vec::new();
     if args.arm == Arm::Ste {
