@@ -45,8 +45,8 @@ pub struct ChurnArgs {
     /// Deployments created before the measured phase in steady mode.
     #[arg(long, env = "STE_CHURN_INITIAL", default_value_t = 50)]
     pub initial: usize,
-    /// Fake nodes.
-    #[arg(long, env = "STE_CHURN_NODES", default_value_t = 10)]
+    /// Fake nodes (110 pods each).
+    #[arg(long, env = "STE_CHURN_NODES", default_value_t = 50)]
     pub nodes: usize,
     /// RAM shards of the ste arm.
     #[arg(long, env = "STE_CHURN_SHARDS", default_value_t = 2)]
@@ -205,6 +205,13 @@ async fn run_arm(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>) -> anyhow:
     };
     let mut results = Vec::new();
     for (step, rate) in rates.iter().enumerate() {
+        if step > 0 {
+            // Each step starts from an empty namespace: leftovers would fill the nodes.
+            if let Err(err) = clear_namespace(&record).await {
+                cluster::stop(&record).await?;
+                return Err(err);
+            }
+        }
         let interarrival = Duration::from_secs_f64(1.0 / rate);
         let result = measure(args, arm, client_qps, interarrival, &format!("s{step}"), &record).await;
         match result {
@@ -223,6 +230,39 @@ async fn run_arm(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>) -> anyhow:
     }
     cluster::stop(&record).await?;
     Ok(results)
+}
+
+/// Deletes every Deployment in the namespace and waits until no pod is left.
+async fn clear_namespace(record: &ClusterRecord) -> anyhow::Result<()> {
+    let http = client()?;
+    let response = http
+        .delete(format!("{}/apis/apps/v1/namespaces/default/deployments?propagationPolicy=Background", record.api_url))
+        .bearer_auth(&record.token)
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("deleting the Deployments: HTTP {}", response.status());
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let pods: Value = http
+            .get(format!("{}/api/v1/namespaces/default/pods?limit=1", record.api_url))
+            .bearer_auth(&record.token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let left = pods["items"].as_array().map(|i| i.len()).unwrap_or(0)
+            + pods["metadata"]["remainingItemCount"].as_u64().unwrap_or(0) as usize;
+        if left == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{left} pods still there 180s after deleting their Deployments");
+        }
+        eprint!("\r  waiting for {left} pods to go…   ");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 async fn measure(

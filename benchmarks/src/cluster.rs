@@ -359,26 +359,25 @@ async fn start_all(launcher: &mut Launcher, args: &UpArgs, api_port: u16) -> any
 
     step("kube-controller-manager and kube-scheduler");
     let kubeconfig = launcher.record.kubeconfig.display().to_string();
-    let mut kcm = vec![
-        format!("--kubeconfig={kubeconfig}"),
-        format!("--authentication-kubeconfig={kubeconfig}"),
-        format!("--authorization-kubeconfig={kubeconfig}"),
-        "--leader-elect=false".into(),
-        "--bind-address=127.0.0.1".into(),
-        format!("--secure-port={}", free_port()),
+    // What both need: the admin kubeconfig for everything, one instance, loopback.
+    let common = || {
+        vec![
+            format!("--kubeconfig={kubeconfig}"),
+            format!("--authentication-kubeconfig={kubeconfig}"),
+            format!("--authorization-kubeconfig={kubeconfig}"),
+            "--leader-elect=false".to_string(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", free_port()),
+        ]
+    };
+    let mut kcm = common();
+    kcm.extend([
         format!("--service-account-private-key-file={}", key.display()),
         "--use-service-account-credentials=false".into(),
         // No cloud, no real node IPAM: the rest of the controllers run as in any cluster.
         "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller".into(),
-    ];
-    let mut scheduler = vec![
-        format!("--kubeconfig={kubeconfig}"),
-        format!("--authentication-kubeconfig={kubeconfig}"),
-        format!("--authorization-kubeconfig={kubeconfig}"),
-        "--leader-elect=false".into(),
-        "--bind-address=127.0.0.1".into(),
-        format!("--secure-port={}", free_port()),
-    ];
+    ]);
+    let mut scheduler = common();
     if let Some(qps) = args.client_qps {
         kcm.push(format!("--kube-api-qps={qps}"));
         kcm.push(format!("--kube-api-burst={}", qps + qps / 2));
