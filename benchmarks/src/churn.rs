@@ -107,7 +107,7 @@ struct PodTimes {
     running: HashMap<String, Instant>,
 }
 
-fn client() -> anyhow::Result<reqwest::Client> {
+pub fn client() -> anyhow::Result<reqwest::Client> {
     // Loopback, self-signed serving certificate.
     Ok(reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
@@ -116,35 +116,86 @@ fn client() -> anyhow::Result<reqwest::Client> {
 }
 
 /// Follows pods from `resource_version` on and records bound/Running times per `app` label.
-fn watch_pods(record: &ClusterRecord, resource_version: String, times: Arc<Mutex<PodTimes>>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// Follows pods of the default namespace from `resource_version` on and calls
+/// `on_pod` with each event's pod and its arrival time (sub-millisecond, unlike
+/// the 1-second condition timestamps). Like a reflector, it re-watches from the
+/// last resourceVersion when kube-apiserver ends the watch, and relists on 410.
+pub fn watch_pods<F>(record: &ClusterRecord, resource_version: &str, mut on_pod: F) -> anyhow::Result<tokio::task::JoinHandle<()>>
+where
+    F: FnMut(&Value, Instant) + Send + 'static,
+{
     let http = client()?;
-    let url = format!(
-        "{}/api/v1/namespaces/default/pods?watch=1&resourceVersion={resource_version}&allowWatchBookmarks=true&timeoutSeconds=3600",
-        record.api_url
-    );
+    let base = format!("{}/api/v1/namespaces/default/pods", record.api_url);
     let token = record.token.clone();
+    let mut last = resource_version.to_string();
     Ok(tokio::spawn(async move {
-        let Ok(response) = http.get(&url).bearer_auth(&token).send().await else { return };
-        let mut stream = response.bytes_stream();
-        let mut buffer = Vec::new();
-        while let Some(Ok(chunk)) = stream.next().await {
-            let now = Instant::now();
-            buffer.extend_from_slice(&chunk);
-            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buffer.drain(..=end).collect();
-                let Ok(event) = serde_json::from_slice::<Value>(&line) else { continue };
-                let pod = &event["object"];
-                let Some(app) = pod["metadata"]["labels"]["app"].as_str() else { continue };
-                let mut times = times.lock().expect("times lock");
-                if pod["spec"]["nodeName"].is_string() {
-                    times.bound.entry(app.to_string()).or_insert(now);
+        loop {
+            let url = format!("{base}?watch=1&resourceVersion={last}&allowWatchBookmarks=true&timeoutSeconds=3600");
+            let mut gone = false;
+            if let Ok(response) = http.get(&url).bearer_auth(&token).send().await {
+                let mut stream = response.bytes_stream();
+                let mut buffer = Vec::new();
+                while let Some(Ok(chunk)) = stream.next().await {
+                    let now = Instant::now();
+                    buffer.extend_from_slice(&chunk);
+                    while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buffer.drain(..=end).collect();
+                        let Ok(event) = serde_json::from_slice::<Value>(&line) else { continue };
+                        if event["type"] == "ERROR" {
+                            gone |= event["object"]["code"] == 410;
+                            continue;
+                        }
+                        if let Some(rv) = event["object"]["metadata"]["resourceVersion"].as_str() {
+                            last = rv.to_string();
+                        }
+                        if event["type"] != "BOOKMARK" {
+                            on_pod(&event["object"], now);
+                        }
+                    }
                 }
-                if pod["status"]["phase"] == "Running" {
-                    times.running.entry(app.to_string()).or_insert(now);
+            }
+            if gone {
+                // Too old: relist, report what is there now, and watch from the list.
+                let Ok(response) = http.get(&base).bearer_auth(&token).send().await else { continue };
+                let Ok(list) = response.json::<Value>().await else { continue };
+                let now = Instant::now();
+                for pod in list["items"].as_array().into_iter().flatten() {
+                    on_pod(pod, now);
                 }
+                if let Some(rv) = list["metadata"]["resourceVersion"].as_str() {
+                    last = rv.to_string();
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }))
+}
+
+/// Records when each Deployment's (`app` label) first pod was bound and Running.
+fn track_deployments(times: Arc<Mutex<PodTimes>>) -> impl FnMut(&Value, Instant) + Send + 'static {
+    move |pod, now| {
+        let Some(app) = pod["metadata"]["labels"]["app"].as_str() else { return };
+        let mut times = times.lock().expect("times lock");
+        if pod["spec"]["nodeName"].is_string() {
+            times.bound.entry(app.to_string()).or_insert(now);
+        }
+        if pod["status"]["phase"] == "Running" {
+            times.running.entry(app.to_string()).or_insert(now);
+        }
+    }
+}
+
+/// The namespace's current resourceVersion, to watch from.
+pub async fn current_resource_version(record: &ClusterRecord) -> anyhow::Result<String> {
+    let list: Value = client()?
+        .get(format!("{}/api/v1/namespaces/default/pods?limit=1", record.api_url))
+        .bearer_auth(&record.token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(list["metadata"]["resourceVersion"].as_str().context("list without resourceVersion")?.to_string())
 }
 
 fn deployment(name: &str) -> Value {
@@ -233,7 +284,7 @@ async fn run_arm(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>) -> anyhow:
 }
 
 /// Deletes every Deployment in the namespace and waits until no pod is left.
-async fn clear_namespace(record: &ClusterRecord) -> anyhow::Result<()> {
+pub async fn clear_namespace(record: &ClusterRecord) -> anyhow::Result<()> {
     let http = client()?;
     let response = http
         .delete(format!("{}/apis/apps/v1/namespaces/default/deployments?propagationPolicy=Background", record.api_url))
@@ -274,16 +325,9 @@ async fn measure(
     record: &ClusterRecord,
 ) -> anyhow::Result<ArmResult> {
     let http = client()?;
-    let list: Value = http
-        .get(format!("{}/api/v1/namespaces/default/pods?limit=1", record.api_url))
-        .bearer_auth(&record.token)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let resource_version = list["metadata"]["resourceVersion"].as_str().context("list without resourceVersion")?.to_string();
+    let resource_version = current_resource_version(record).await?;
     let times = Arc::new(Mutex::new(PodTimes::default()));
-    let watcher = watch_pods(record, resource_version, times.clone())?;
+    let watcher = watch_pods(record, &resource_version, track_deployments(times.clone()))?;
 
     let mut live: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     if args.mode == Mode::Steady {
