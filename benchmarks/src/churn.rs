@@ -224,16 +224,21 @@ async fn create(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> a
     Ok(())
 }
 
-async fn delete(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> anyhow::Result<()> {
+/// DELETE on an API path (background propagation), failing on any non-2xx answer.
+pub async fn delete_path(http: &reqwest::Client, record: &ClusterRecord, path: &str) -> anyhow::Result<()> {
     let response = http
-        .delete(format!("{}/apis/apps/v1/namespaces/default/deployments/{name}?propagationPolicy=Background", record.api_url))
+        .delete(format!("{}{path}?propagationPolicy=Background", record.api_url))
         .bearer_auth(&record.token)
         .send()
         .await?;
     if !response.status().is_success() {
-        bail!("deleting {name}: HTTP {}", response.status());
+        bail!("DELETE {path}: HTTP {}", response.status());
     }
     Ok(())
+}
+
+async fn delete(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> anyhow::Result<()> {
+    delete_path(http, record, &format!("/apis/apps/v1/namespaces/default/deployments/{name}")).await
 }
 
 async fn run_arm(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>) -> anyhow::Result<Vec<ArmResult>> {
@@ -286,14 +291,7 @@ async fn run_arm(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>) -> anyhow:
 /// Deletes every Deployment in the namespace and waits until no pod is left.
 pub async fn clear_namespace(record: &ClusterRecord) -> anyhow::Result<()> {
     let http = client()?;
-    let response = http
-        .delete(format!("{}/apis/apps/v1/namespaces/default/deployments?propagationPolicy=Background", record.api_url))
-        .bearer_auth(&record.token)
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!("deleting the Deployments: HTTP {}", response.status());
-    }
+    delete_path(&http, record, "/apis/apps/v1/namespaces/default/deployments").await?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let pods: Value = http

@@ -12,7 +12,7 @@ use anyhow::bail;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::churn::{clear_namespace, client, current_resource_version, watch_pods};
+use crate::churn::{clear_namespace, client, current_resource_version, delete_path, watch_pods};
 use crate::cluster::{self, Arm, ClusterRecord, UpArgs};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -141,14 +141,7 @@ async fn burst(record: &ClusterRecord, arm: Arm, scenario: &str, jobs: usize, po
 }
 
 async fn delete_jobs(record: &ClusterRecord) -> anyhow::Result<()> {
-    let response = client()?
-        .delete(format!("{}/apis/batch/v1/namespaces/default/jobs?propagationPolicy=Background", record.api_url))
-        .bearer_auth(&record.token)
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!("deleting the Jobs: HTTP {}", response.status());
-    }
+    delete_path(&client()?, record, "/apis/batch/v1/namespaces/default/jobs").await?;
     clear_namespace(record).await
 }
 
