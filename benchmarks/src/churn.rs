@@ -186,15 +186,21 @@ fn track_deployments(times: Arc<Mutex<PodTimes>>) -> impl FnMut(&Value, Instant)
     }
 }
 
-/// The namespace's current resourceVersion, to watch from.
-pub async fn current_resource_version(record: &ClusterRecord) -> anyhow::Result<String> {
-    let list: Value = client()?
+/// The first page (one pod) of the namespace's pods: its resourceVersion and
+/// how many pods there are.
+async fn first_pod_page(http: &reqwest::Client, record: &ClusterRecord) -> anyhow::Result<Value> {
+    Ok(http
         .get(format!("{}/api/v1/namespaces/default/pods?limit=1", record.api_url))
         .bearer_auth(&record.token)
         .send()
         .await?
         .json()
-        .await?;
+        .await?)
+}
+
+/// The namespace's current resourceVersion, to watch from.
+pub async fn current_resource_version(record: &ClusterRecord) -> anyhow::Result<String> {
+    let list = first_pod_page(&client()?, record).await?;
     Ok(list["metadata"]["resourceVersion"].as_str().context("list without resourceVersion")?.to_string())
 }
 
@@ -294,13 +300,7 @@ pub async fn clear_namespace(record: &ClusterRecord) -> anyhow::Result<()> {
     delete_path(&http, record, "/apis/apps/v1/namespaces/default/deployments").await?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let pods: Value = http
-            .get(format!("{}/api/v1/namespaces/default/pods?limit=1", record.api_url))
-            .bearer_auth(&record.token)
-            .send()
-            .await?
-            .json()
-            .await?;
+        let pods = first_pod_page(&http, record).await?;
         let left = pods["items"].as_array().map(|i| i.len()).unwrap_or(0)
             + pods["metadata"]["remainingItemCount"].as_u64().unwrap_or(0) as usize;
         if left == 0 {
