@@ -23,6 +23,7 @@ pub mod sequencer;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod tls;
 pub mod txn_shapes;
 
 use std::future::Future;
@@ -49,6 +50,8 @@ pub struct RouterConfig {
     pub progress_interval: Duration,
     /// Interval of shard health checks, reconciliation and lease expiry.
     pub maintain_interval: Duration,
+    /// Serve the etcd API over TLS (client certificates required when a CA is given).
+    pub server_tls: Option<tls::ServerTls>,
 }
 
 impl Default for RouterConfig {
@@ -58,6 +61,7 @@ impl Default for RouterConfig {
             shards: Vec::new(),
             progress_interval: Duration::from_secs(600),
             maintain_interval: Duration::from_millis(500),
+            server_tls: None,
         }
     }
 }
@@ -99,7 +103,8 @@ pub async fn run(
     }
     let metrics = Arc::new(metrics::Metrics::default());
     let store = Store::open(config.store.clone(), &config.shards, metrics).await?;
-    let client_url = format!("http://{}", listener.local_addr()?);
+    let scheme = if config.server_tls.is_some() { "https" } else { "http" };
+    let client_url = format!("{scheme}://{}", listener.local_addr()?);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -144,7 +149,7 @@ pub async fn run(
 
     let member_id = config.store.member_id;
     info!(address = %client_url, shards = config.shards.len(), "ste-router serving etcd v3 gRPC");
-    let result = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
@@ -169,10 +174,14 @@ pub async fn run(
             member_id,
             client_url,
         }))
-        .serve_with_incoming_shutdown(incoming(listener), async {
-            let _ = stop_rx.await;
-        })
-        .await;
+        ;
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
+    let result = match &config.server_tls {
+        Some(tls) => server.serve_with_incoming_shutdown(tls.incoming(listener), stopped).await,
+        None => server.serve_with_incoming_shutdown(incoming(listener), stopped).await,
+    };
     maintainer.abort();
     if let Some(task) = admin_task {
         task.abort();

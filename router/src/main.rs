@@ -1,8 +1,10 @@
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use ste_router::tls::{ClientTls, ServerTls, TlsFiles};
 use ste_router::{RouterConfig, ShardSpec, StoreConfig};
 use tokio::net::TcpListener;
 
@@ -55,6 +57,35 @@ struct Args {
     /// Interval of progress notifications for watches that request them (etcd's default is 10m).
     #[arg(long, env = "STE_ROUTER_PROGRESS_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     progress_interval: Duration,
+
+    /// Serve the etcd API over TLS with this certificate (PEM). Files are
+    /// re-read when they change: a rotated certificate applies to new
+    /// connections without a restart.
+    #[arg(long, env = "STE_ROUTER_CERT_FILE", requires = "key_file")]
+    cert_file: Option<PathBuf>,
+
+    /// The private key of --cert-file (PEM).
+    #[arg(long, env = "STE_ROUTER_KEY_FILE", requires = "cert_file")]
+    key_file: Option<PathBuf>,
+
+    /// CA bundle (PEM) that signs client certificates: with it, clients
+    /// without a valid certificate are refused (kube-apiserver presents its
+    /// --etcd-certfile).
+    #[arg(long, env = "STE_ROUTER_TRUSTED_CA_FILE", requires = "cert_file")]
+    trusted_ca_file: Option<PathBuf>,
+
+    /// CA bundle (PEM) that signs the shards' server certificates; required
+    /// for `https://` shards.
+    #[arg(long, env = "STE_ROUTER_SHARD_CA_FILE")]
+    shard_ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) the router presents to shards.
+    #[arg(long, env = "STE_ROUTER_SHARD_CERT_FILE", requires_all = ["shard_key_file", "shard_ca_file"])]
+    shard_cert_file: Option<PathBuf>,
+
+    /// Private key of --shard-cert-file (PEM).
+    #[arg(long, env = "STE_ROUTER_SHARD_KEY_FILE", requires = "shard_cert_file")]
+    shard_key_file: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,8 +113,32 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .map(|s| ShardSpec::parse(s).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()
         .context("invalid --shards")?;
+    let server_tls = match &args.cert_file {
+        Some(_) => Some(
+            ServerTls::load(TlsFiles {
+                cert: args.cert_file.clone(),
+                key: args.key_file.clone(),
+                ca: args.trusted_ca_file.clone(),
+            })
+            .context("loading the router's TLS files")?,
+        ),
+        None => None,
+    };
+    let shard_tls = match &args.shard_ca_file {
+        Some(_) => Some(
+            ClientTls::load(TlsFiles {
+                cert: args.shard_cert_file.clone(),
+                key: args.shard_key_file.clone(),
+                ca: args.shard_ca_file.clone(),
+            })
+            .context("loading the TLS files for shards")?,
+        ),
+        None => None,
+    };
     let config = RouterConfig {
+        server_tls,
         store: StoreConfig {
+            shard_tls,
             shard_timeout: args.shard_timeout,
             vnodes: args.vnodes,
             history_max_events: args.history_max_events,

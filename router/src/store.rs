@@ -55,6 +55,8 @@ pub struct StoreConfig {
     pub member_id: u64,
     /// How long startup waits for unreachable shards before serving without them.
     pub load_timeout: Duration,
+    /// mTLS towards `https://` shards.
+    pub shard_tls: Option<crate::tls::ClientTls>,
 }
 
 impl Default for StoreConfig {
@@ -66,6 +68,7 @@ impl Default for StoreConfig {
             cluster_id: 0x5445_5354_4552_4f55,
             member_id: 0x5354_452d_726f_7574,
             load_timeout: Duration::from_secs(30),
+            shard_tls: None,
         }
     }
 }
@@ -140,7 +143,7 @@ impl Store {
                     spec.id
                 )));
             }
-            let shard = Arc::new(Shard::connect(spec, config.shard_timeout)?);
+            let shard = Arc::new(Shard::connect(spec, config.shard_timeout, config.shard_tls.as_ref())?);
             ring.add(&spec.id);
             shards.insert(spec.id.clone(), shard);
         }

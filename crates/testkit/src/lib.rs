@@ -79,6 +79,17 @@ pub struct Etcd {
     child: Option<Child>,
     log: PathBuf,
     extra: Vec<String>,
+    tls: Option<EtcdTls>,
+    /// Plain-HTTP port of /health, used to wait for a TLS member.
+    metrics_port: u16,
+}
+
+/// Server certificate and client CA of an etcd that requires client certificates.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl Etcd {
@@ -93,6 +104,16 @@ impl Etcd {
 
     /// Starts etcd with its data under `base` (e.g. /dev/shm for a RAM disk).
     pub async fn start_in(name: &str, base: &Path, extra: &[&str]) -> Result<Etcd> {
+        Self::start_full(name, base, extra, None).await
+    }
+
+    /// Starts etcd serving clients over TLS only, refusing clients without a
+    /// certificate signed by `tls.ca`.
+    pub async fn start_tls(name: &str, tls: EtcdTls, extra: &[&str]) -> Result<Etcd> {
+        Self::start_full(name, &std::env::temp_dir(), extra, Some(tls)).await
+    }
+
+    async fn start_full(name: &str, base: &Path, extra: &[&str], tls: Option<EtcdTls>) -> Result<Etcd> {
         let dir = tempfile::Builder::new().prefix(&format!("ste-etcd-{name}-")).tempdir_in(base)?;
         let mut etcd = Etcd {
             name: name.to_string(),
@@ -103,13 +124,16 @@ impl Etcd {
             _dir: dir,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls,
+            metrics_port: free_port(),
         };
         etcd.spawn().await?;
         Ok(etcd)
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn log_path(&self) -> &Path {
@@ -129,6 +153,15 @@ impl Etcd {
             .arg("--initial-advertise-peer-urls").arg(&peer)
             .arg("--initial-cluster").arg(format!("{}={}", self.name, peer))
             .arg("--log-level").arg("warn")
+            .arg("--listen-metrics-urls").arg(format!("http://127.0.0.1:{}", self.metrics_port))
+            .args(self.tls.iter().flat_map(|tls| {
+                [
+                    "--cert-file".into(), tls.cert.clone().into_os_string(),
+                    "--key-file".into(), tls.key.clone().into_os_string(),
+                    "--trusted-ca-file".into(), tls.ca.clone().into_os_string(),
+                    "--client-cert-auth".into(),
+                ]
+            }))
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -142,7 +175,11 @@ impl Etcd {
     async fn wait_ready(&mut self, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(channel) = Channel::from_shared(self.endpoint()).expect("url").connect().await {
+            if self.tls.is_some() {
+                if http_get_ok(self.metrics_port, "/health").await {
+                    return Ok(());
+                }
+            } else if let Ok(channel) = Channel::from_shared(self.endpoint()).expect("url").connect().await {
                 if MaintenanceClient::new(channel).status(StatusRequest {}).await.is_ok() {
                     return Ok(());
                 }
@@ -192,6 +229,21 @@ impl Etcd {
     }
 }
 
+/// True when `GET path` on 127.0.0.1:port answers 200.
+async fn http_get_ok(port: u16, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer)).await;
+    matches!(read, Ok(Ok(_))) && answer.starts_with(b"HTTP/1.1 200")
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
@@ -219,6 +271,7 @@ pub fn shard_specs(shards: &[Etcd]) -> Vec<ste_router::ShardSpec> {
 pub struct Router {
     pub addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
+    tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::result::Result<(), ste_router::RouterError>>>,
 }
@@ -253,22 +306,29 @@ impl Router {
         let addr = listener.local_addr()?;
         let admin_addr = admin.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let tls = config.server_tls.is_some();
         let task = tokio::spawn(ste_router::run(config, listener, Some(admin), async {
             let _ = stopped.await;
         }));
-        let router = Router { addr, admin_addr, stop: Some(stop), task: Some(task) };
+        let router = Router { addr, admin_addr, tls, stop: Some(stop), task: Some(task) };
         router.wait_serving(Duration::from_secs(30)).await?;
         Ok(router)
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     async fn wait_serving(&self, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(channel) = Channel::from_shared(self.endpoint()).expect("url").connect().await {
+            if self.tls {
+                // The gRPC port needs a client certificate; the admin port says it is up.
+                if http_get_ok(self.admin_addr.port(), "/livez").await {
+                    return Ok(());
+                }
+            } else if let Ok(channel) = Channel::from_shared(self.endpoint()).expect("url").connect().await {
                 if MaintenanceClient::new(channel).status(StatusRequest {}).await.is_ok() {
                     return Ok(());
                 }

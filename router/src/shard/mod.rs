@@ -82,7 +82,11 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn connect(spec: &ShardSpec, timeout: Duration) -> StoreResult<Self> {
+    pub fn connect(
+        spec: &ShardSpec,
+        timeout: Duration,
+        tls: Option<&crate::tls::ClientTls>,
+    ) -> StoreResult<Self> {
         let endpoint = Endpoint::from_shared(spec.endpoint.clone())
             .map_err(|e| StoreError::unavailable(spec.id.as_str(), e))?
             .connect_timeout(timeout.min(Duration::from_secs(2)))
@@ -90,7 +94,22 @@ impl Shard {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(timeout);
-        let channel = endpoint.connect_lazy();
+        let channel = match (spec.endpoint.starts_with("https://"), tls) {
+            (false, _) => endpoint.connect_lazy(),
+            (true, Some(tls)) => {
+                let tls = tls.clone();
+                endpoint.connect_with_connector_lazy(tower::service_fn(move |uri| {
+                    let tls = tls.clone();
+                    async move { tls.connect(&uri).await }
+                }))
+            }
+            (true, None) => {
+                return Err(StoreError::Internal(format!(
+                    "shard {} is at an https:// URL but no shard CA is configured (--shard-ca-file)",
+                    spec.id
+                )))
+            }
+        };
         Ok(Shard {
             id: spec.id.clone(),
             endpoint: spec.endpoint.clone(),
