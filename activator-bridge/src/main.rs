@@ -1,11 +1,203 @@
-//! ste-activator-bridge (being built).
+//! ste-activator-bridge: pre-stages pods on Knative's scale-from-zero path,
+//! Knative unchanged. See docs/activator-bridge.md.
+
+mod bridge;
+mod leader;
+mod metrics;
+mod placement;
+mod ratelimit;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
 use clap::Parser;
+use tracing::info;
 
-#[derive(Parser)]
-#[command(version, about = "Pre-stages pods on Knative's scale-from-zero path")]
-struct Args {}
+/// Label Knative puts on every revision's Deployment, ReplicaSet and pods.
+pub const REVISION_UID_LABEL: &str = "serving.knative.dev/revisionUID";
+/// Marks the pods the bridge created.
+pub const CREATED_BY_ANNOTATION: &str = "ste.dev/activator-bridge";
+pub const DELETION_COST_ANNOTATION: &str = "controller.kubernetes.io/pod-deletion-cost";
 
-fn main() -> anyhow::Result<()> {
-    let _ = Args::parse();
-    anyhow::bail!("not built yet")
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Act when a revision's ReplicaSet goes from 0 to N replicas (after the
+    /// Deployment controller has propagated the autoscaler's scale).
+    Default,
+    /// Act already when the revision's Deployment goes from 0 to N: also set
+    /// the current ReplicaSet's scale to N (the value the Deployment
+    /// controller is about to write), then create the pods.
+    Aggressive,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Pre-stages pods on Knative's scale-from-zero path",
+    long_about = "Watches Knative revision ReplicaSets (label serving.knative.dev/revisionUID), Nodes and Pods. \
+When a revision scales up from zero it creates the missing pods itself from the ReplicaSet's template, \
+already bound to a node that clearly fits, owned by the ReplicaSet, so the ReplicaSet controller adopts them \
+and the scheduler has nothing to do. It never writes Endpoints, ServerlessServices, PodAutoscalers or \
+Deployment replicas; when in doubt it does nothing and the normal path runs. \
+One replica acts at a time (coordination.k8s.io Lease). Admin: /livez /readyz /metrics."
+)]
+struct Args {
+    /// Kubeconfig to use; in a pod, leave unset for the in-cluster config.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// When to act: on the ReplicaSet's 0→N (default) or already on the Deployment's 0→N (aggressive).
+    #[arg(long, value_enum, env = "STE_BRIDGE_MODE", default_value = "default")]
+    mode: Mode,
+    /// Decide and log, but create nothing (a safe way to try it, or to turn it off without removing it).
+    #[arg(long, env = "STE_BRIDGE_DRY_RUN")]
+    dry_run: bool,
+    /// Admin HTTP address (/livez, /readyz, /metrics).
+    #[arg(long, env = "STE_BRIDGE_ADMIN_LISTEN", default_value = "127.0.0.1:9464")]
+    admin_listen: SocketAddr,
+    /// Client-side rate limit on the bridge's API requests (requests/s, token bucket; 0 = none).
+    #[arg(long, env = "STE_BRIDGE_KUBE_API_QPS", default_value_t = 50.0)]
+    kube_api_qps: f64,
+    /// Burst of the client-side rate limit.
+    #[arg(long, env = "STE_BRIDGE_KUBE_API_BURST", default_value_t = 100)]
+    kube_api_burst: u32,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "STE_BRIDGE_LEASE_NAMESPACE", default_value = "kube-system")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "STE_BRIDGE_LEASE_NAME", default_value = "ste-activator-bridge")]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: POD_NAME, else hostname and PID).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// How long a Lease stays valid without renewal.
+    #[arg(long, env = "STE_BRIDGE_LEASE_DURATION", value_parser = humantime::parse_duration, default_value = "15s")]
+    lease_duration: Duration,
+    /// The leader stops acting when it could not renew for this long (must be < lease duration).
+    #[arg(long, env = "STE_BRIDGE_RENEW_DEADLINE", value_parser = humantime::parse_duration, default_value = "10s")]
+    renew_deadline: Duration,
+    /// How often to renew, or to try to acquire.
+    #[arg(long, env = "STE_BRIDGE_RETRY_PERIOD", value_parser = humantime::parse_duration, default_value = "2s")]
+    retry_period: Duration,
+    /// pod-deletion-cost on the bridge's pods: the ReplicaSet controller deletes lower costs first when it has duplicates.
+    #[arg(long, env = "STE_BRIDGE_POD_DELETION_COST", default_value_t = 100)]
+    pod_deletion_cost: i64,
+    /// How long after acting to watch a ReplicaSet to count races and duplicates.
+    #[arg(long, env = "STE_BRIDGE_SETTLE", value_parser = humantime::parse_duration, default_value = "10s")]
+    settle: Duration,
+    /// Attempts per scale-up before leaving it to the ReplicaSet controller.
+    #[arg(long, env = "STE_BRIDGE_MAX_ATTEMPTS", default_value_t = 6)]
+    max_attempts: u32,
+    /// Scale-ups handled concurrently.
+    #[arg(long, env = "STE_BRIDGE_WORKERS", default_value_t = 16)]
+    workers: usize,
+}
+
+struct AppState {
+    bridge: Arc<bridge::Bridge>,
+    leading: Arc<AtomicBool>,
+}
+
+async fn metrics_handler(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.bridge.metrics.registry) {
+        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], e.to_string()),
+    }
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let role = if state.leading.load(Ordering::SeqCst) { "leader" } else { "standby" };
+    if state.bridge.synced() {
+        (StatusCode::OK, format!("ok ({role})\n"))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("caches not synced ({role})\n"))
+    }
+}
+
+async fn kube_client(args: &Args) -> anyhow::Result<kube::Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context("no kubeconfig given and no in-cluster config")?,
+    };
+    let builder = kube::client::ClientBuilder::try_from(config).context("building the kube client")?;
+    Ok(builder.with_layer(&ratelimit::RateLimitLayer::new(args.kube_api_qps, args.kube_api_burst)).build())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    if args.renew_deadline >= args.lease_duration {
+        anyhow::bail!("--renew-deadline ({:?}) must be shorter than --lease-duration ({:?})", args.renew_deadline, args.lease_duration);
+    }
+    if !(args.kube_api_qps >= 0.0) {
+        anyhow::bail!("--kube-api-qps must be 0 (no limit) or positive");
+    }
+    let client = kube_client(&args).await?;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "unknown".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let leading = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(metrics::Metrics::new());
+    let settings = bridge::Settings {
+        mode: args.mode,
+        dry_run: args.dry_run,
+        deletion_cost: args.pod_deletion_cost,
+        settle: args.settle,
+        max_attempts: args.max_attempts.max(1),
+        workers: args.workers,
+    };
+    let lease = leader::Config {
+        namespace: args.lease_namespace.clone(),
+        name: args.lease_name.clone(),
+        identity: identity.clone(),
+        lease_duration: args.lease_duration,
+        renew_deadline: args.renew_deadline,
+        retry_period: args.retry_period,
+    };
+    let listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin address {}", args.admin_listen))?;
+    let bridge = bridge::Bridge::start(client.clone(), settings, metrics, leading.clone());
+    tokio::spawn(leader::run(client.clone(), lease.clone(), leading.clone()));
+    let app = axum::Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .with_state(Arc::new(AppState { bridge, leading: leading.clone() }));
+    info!(admin = %listener.local_addr()?, mode = ?args.mode, dry_run = args.dry_run, identity = %identity, "ste-activator-bridge started");
+    let server = axum::serve(listener, app);
+    tokio::select! {
+        result = server => result.context("admin server")?,
+        _ = shutdown_signal() => {
+            info!("shutting down; releasing the lease");
+            leading.store(false, Ordering::SeqCst);
+            leader::release(client, &lease).await;
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

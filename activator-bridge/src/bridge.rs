@@ -1,0 +1,548 @@
+//! The bridge: watches Knative revision ReplicaSets (and, in aggressive
+//! mode, Deployments), and on a scale-up from zero creates the missing pods
+//! itself, already bound to a node, owned by the ReplicaSet.
+//!
+//! It never writes Endpoints, ServerlessServices, PodAutoscalers or a
+//! Deployment's replicas. The ReplicaSet controller stays the arbiter: it
+//! counts the bridge's pods as its own (same labels, controller owner
+//! reference), and if it created pods for the same scale-up too, it deletes
+//! the excess — unbound pods first, then by `pod-deletion-cost`, which keeps
+//! the bridge's bound ones. Those deletions are counted, not prevented.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::ResourceExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::metrics::{CreatorLabels, Metrics, RaceLabels};
+use crate::placement::{self, NodeUsage, Resources};
+use crate::{Mode, CREATED_BY_ANNOTATION, DELETION_COST_ANNOTATION, REVISION_UID_LABEL};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    pub dry_run: bool,
+    pub deletion_cost: i64,
+    pub settle: Duration,
+    pub max_attempts: u32,
+    pub workers: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("{kind} {ns}/{name} not found (yet)")]
+    Missing { kind: &'static str, ns: String, name: String },
+    #[error("kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    ReplicaSet,
+    /// Aggressive mode: the Deployment went 0→N; scale its ReplicaSet too.
+    Deployment { replicas: i32 },
+}
+
+#[derive(Debug, Clone)]
+struct Trigger {
+    ns: String,
+    name: String,
+    target: Target,
+    at: Instant,
+    attempt: u32,
+}
+
+/// A pod the bridge created that the pod cache may not show yet.
+struct Reservation {
+    pod: String,
+    ns: String,
+    owner: String,
+    node: String,
+    requests: Resources,
+    revision: Option<String>,
+    images: Vec<String>,
+    at: Instant,
+}
+
+/// A scale-up the bridge acted on, watched for `settle` to count races.
+struct Tracking {
+    started: Instant,
+    preexisting: HashSet<String>,
+    ours: HashSet<String>,
+    controller_created: bool,
+    deleted: HashSet<String>,
+}
+
+pub struct Bridge {
+    client: kube::Client,
+    settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub leading: Arc<AtomicBool>,
+    nodes: Store<Node>,
+    pods: Store<Pod>,
+    replicasets: Store<ReplicaSet>,
+    reservations: tokio::sync::Mutex<Vec<Reservation>>,
+    tracking: Mutex<HashMap<String, Tracking>>,
+    rejected: Mutex<HashSet<String>>,
+    queue: mpsc::UnboundedSender<Trigger>,
+    synced: [AtomicBool; 4],
+}
+
+fn controller_uid(meta: &ObjectMeta) -> Option<&str> {
+    meta.owner_references.iter().flatten().find(|o| o.controller == Some(true)).map(|o| o.uid.as_str())
+}
+
+fn key(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(9));
+    let capped = base.min(Duration::from_secs(30));
+    capped + Duration::from_millis(rand::random_range(0..=capped.as_millis() as u64 / 4))
+}
+
+impl Bridge {
+    /// Starts the watches and the workers; returns at once.
+    pub fn start(client: kube::Client, settings: Settings, metrics: Arc<Metrics>, leading: Arc<AtomicBool>) -> Arc<Bridge> {
+        let (node_store, node_writer) = reflector::store::<Node>();
+        let (pod_store, pod_writer) = reflector::store::<Pod>();
+        let (rs_store, rs_writer) = reflector::store::<ReplicaSet>();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let bridge = Arc::new(Bridge {
+            client: client.clone(),
+            settings: settings.clone(),
+            metrics,
+            leading,
+            nodes: node_store,
+            pods: pod_store,
+            replicasets: rs_store,
+            reservations: tokio::sync::Mutex::new(Vec::new()),
+            tracking: Mutex::new(HashMap::new()),
+            rejected: Mutex::new(HashSet::new()),
+            queue: tx,
+            synced: Default::default(),
+        });
+        let revisions = watcher::Config::default().labels(REVISION_UID_LABEL);
+
+        let b = bridge.clone();
+        let nodes = reflector::reflector(node_writer, watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff());
+        tokio::spawn(async move {
+            let mut nodes = std::pin::pin!(nodes);
+            while let Some(event) = nodes.next().await {
+                match event {
+                    Ok(Event::InitDone) => b.synced[0].store(true, Ordering::SeqCst),
+                    Ok(_) => {}
+                    Err(err) => warn!(error = %err, "watching nodes"),
+                }
+            }
+        });
+
+        let b = bridge.clone();
+        let pods = reflector::reflector(pod_writer, watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).default_backoff());
+        tokio::spawn(async move {
+            let mut pods = std::pin::pin!(pods);
+            while let Some(event) = pods.next().await {
+                match event {
+                    Ok(Event::InitDone) => b.synced[1].store(true, Ordering::SeqCst),
+                    Ok(Event::Apply(pod)) | Ok(Event::InitApply(pod)) => b.observe_pod(&pod, false).await,
+                    Ok(Event::Delete(pod)) => b.observe_pod(&pod, true).await,
+                    Ok(Event::Init) => {}
+                    Err(err) => warn!(error = %err, "watching pods"),
+                }
+            }
+        });
+
+        let b = bridge.clone();
+        let rses = reflector::reflector(rs_writer, watcher::watcher(Api::<ReplicaSet>::all(client.clone()), revisions.clone()).default_backoff());
+        tokio::spawn(async move {
+            let mut last: HashMap<String, i32> = HashMap::new();
+            let mut rses = std::pin::pin!(rses);
+            while let Some(event) = rses.next().await {
+                match event {
+                    Ok(Event::InitDone) => b.synced[2].store(true, Ordering::SeqCst),
+                    Ok(Event::InitApply(rs)) => {
+                        last.insert(rs.uid().unwrap_or_default(), rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1));
+                    }
+                    Ok(Event::Apply(rs)) => {
+                        let now = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                        let before = last.insert(rs.uid().unwrap_or_default(), now);
+                        if before == Some(0) && now > 0 {
+                            debug!(replicaset = %key(&rs.namespace().unwrap_or_default(), &rs.name_any()), replicas = now, "scale-up from zero");
+                            b.enqueue(Trigger { ns: rs.namespace().unwrap_or_default(), name: rs.name_any(), target: Target::ReplicaSet, at: Instant::now(), attempt: 0 });
+                        }
+                    }
+                    Ok(Event::Delete(rs)) => {
+                        last.remove(&rs.uid().unwrap_or_default());
+                    }
+                    Ok(Event::Init) => {}
+                    Err(err) => warn!(error = %err, "watching replicasets"),
+                }
+            }
+        });
+
+        if settings.mode == Mode::Aggressive {
+            let b = bridge.clone();
+            let deployments = watcher::watcher(Api::<Deployment>::all(client.clone()), revisions).default_backoff();
+            tokio::spawn(async move {
+                let mut last: HashMap<String, i32> = HashMap::new();
+                let mut deployments = std::pin::pin!(deployments);
+                while let Some(event) = deployments.next().await {
+                    match event {
+                        Ok(Event::InitDone) => b.synced[3].store(true, Ordering::SeqCst),
+                        Ok(Event::InitApply(d)) => {
+                            last.insert(d.uid().unwrap_or_default(), d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1));
+                        }
+                        Ok(Event::Apply(d)) => {
+                            let now = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                            let before = last.insert(d.uid().unwrap_or_default(), now);
+                            if before == Some(0) && now > 0 {
+                                b.enqueue(Trigger {
+                                    ns: d.namespace().unwrap_or_default(),
+                                    name: d.name_any(),
+                                    target: Target::Deployment { replicas: now },
+                                    at: Instant::now(),
+                                    attempt: 0,
+                                });
+                            }
+                        }
+                        Ok(Event::Delete(d)) => {
+                            last.remove(&d.uid().unwrap_or_default());
+                        }
+                        Ok(Event::Init) => {}
+                        Err(err) => warn!(error = %err, "watching deployments"),
+                    }
+                }
+            });
+        } else {
+            bridge.synced[3].store(true, Ordering::SeqCst);
+        }
+
+        let b = bridge.clone();
+        tokio::spawn(async move { b.work(rx).await });
+        let b = bridge.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                b.settle().await;
+            }
+        });
+        bridge
+    }
+
+    /// True once every cache has its first full list.
+    pub fn synced(&self) -> bool {
+        self.synced.iter().all(|s| s.load(Ordering::SeqCst))
+    }
+
+    fn enqueue(&self, trigger: Trigger) {
+        let _ = self.queue.send(trigger);
+    }
+
+    async fn work(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Trigger>) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.settings.workers.max(1)));
+        while let Some(trigger) = rx.recv().await {
+            let Ok(permit) = permits.clone().acquire_owned().await else { return };
+            let b = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let what = match trigger.target {
+                    Target::ReplicaSet => "replicaset",
+                    Target::Deployment { .. } => "deployment",
+                };
+                if let Err(err) = b.handle(&trigger).await {
+                    b.metrics.decision("error");
+                    if matches!(err, BridgeError::Api(_)) {
+                        b.metrics.api_errors.inc();
+                    }
+                    if trigger.attempt + 1 < b.settings.max_attempts {
+                        let wait = backoff(trigger.attempt);
+                        warn!(object = %format!("{what} {}", key(&trigger.ns, &trigger.name)), error = %err, attempt = trigger.attempt + 1, retry_in = ?wait, "scale-up not handled; retrying");
+                        b.metrics.retries.inc();
+                        let b2 = b.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(wait).await;
+                            b2.enqueue(Trigger { attempt: trigger.attempt + 1, ..trigger });
+                        });
+                    } else {
+                        warn!(object = %format!("{what} {}", key(&trigger.ns, &trigger.name)), error = %err, "giving up on this scale-up; the ReplicaSet controller handles it");
+                    }
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, trigger: &Trigger) -> Result<(), BridgeError> {
+        if !self.leading.load(Ordering::SeqCst) {
+            self.metrics.decision("not_leader");
+            return Ok(());
+        }
+        if !self.synced() {
+            // Placing from a partial cache would not be clearly safe.
+            return Err(BridgeError::Missing { kind: "synced cache for", ns: trigger.ns.clone(), name: trigger.name.clone() });
+        }
+        let (rs, want) = match trigger.target {
+            Target::ReplicaSet => {
+                let rs = self.get_replicaset(&trigger.ns, &trigger.name).await?;
+                let want = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                (rs, want)
+            }
+            Target::Deployment { replicas } => {
+                let rs = self.current_replicaset(&trigger.ns, &trigger.name).await?;
+                let current = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                if current == 0 && !self.settings.dry_run {
+                    Api::<ReplicaSet>::namespaced(self.client.clone(), &trigger.ns)
+                        .patch_scale(&rs.name_any(), &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}})))
+                        .await?;
+                }
+                (rs, replicas)
+            }
+        };
+        self.create_missing(trigger, &rs, want).await
+    }
+
+    async fn get_replicaset(&self, ns: &str, name: &str) -> Result<ReplicaSet, BridgeError> {
+        let cached = self.replicasets.find(|rs| rs.metadata.name.as_deref() == Some(name) && rs.metadata.namespace.as_deref() == Some(ns));
+        if let Some(rs) = cached {
+            return Ok((*rs).clone());
+        }
+        Api::<ReplicaSet>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await?
+            .ok_or_else(|| BridgeError::Missing { kind: "ReplicaSet", ns: ns.into(), name: name.into() })
+    }
+
+    /// The Deployment's newest ReplicaSet (highest deployment.kubernetes.io/revision).
+    async fn current_replicaset(&self, ns: &str, deployment: &str) -> Result<ReplicaSet, BridgeError> {
+        let d = Api::<Deployment>::namespaced(self.client.clone(), ns)
+            .get_opt(deployment)
+            .await?
+            .ok_or_else(|| BridgeError::Missing { kind: "Deployment", ns: ns.into(), name: deployment.into() })?;
+        let uid = d.uid().unwrap_or_default();
+        let revision = |rs: &ReplicaSet| {
+            rs.annotations().get("deployment.kubernetes.io/revision").and_then(|r| r.parse::<i64>().ok()).unwrap_or(0)
+        };
+        self.replicasets
+            .state()
+            .into_iter()
+            .filter(|rs| rs.metadata.namespace.as_deref() == Some(ns) && controller_uid(&rs.metadata) == Some(uid.as_str()))
+            .max_by_key(|rs| revision(rs))
+            .map(|rs| (*rs).clone())
+            .ok_or_else(|| BridgeError::Missing { kind: "ReplicaSet of Deployment", ns: ns.into(), name: deployment.into() })
+    }
+
+    async fn create_missing(&self, trigger: &Trigger, rs: &ReplicaSet, want: i32) -> Result<(), BridgeError> {
+        let ns = trigger.ns.as_str();
+        let rs_name = rs.name_any();
+        let rs_uid = rs.uid().unwrap_or_default();
+        let object = format!("replicaset {}", key(ns, &rs_name));
+        if want <= 0 {
+            self.metrics.decision("stale");
+            return Ok(());
+        }
+        if let Some(t) = self.tracking.lock().unwrap().get(&rs_uid) {
+            if !t.ours.is_empty() && t.started.elapsed() < self.settings.settle {
+                // Already woken by this bridge (aggressive mode sees both the
+                // Deployment and the ReplicaSet scale-up).
+                return Ok(());
+            }
+        }
+        let Some(template) = rs.spec.as_ref().and_then(|s| s.template.clone()) else {
+            self.metrics.decision("unsafe_template");
+            info!(object = %object, "no pod template; standing aside");
+            return Ok(());
+        };
+        let Some(spec) = template.spec.clone() else {
+            self.metrics.decision("unsafe_template");
+            info!(object = %object, "no pod spec in template; standing aside");
+            return Ok(());
+        };
+        if let Err(why) = placement::check_template(&spec) {
+            self.metrics.decision("unsafe_template");
+            info!(object = %object, reason = %why, "template not clearly safe to place; standing aside");
+            return Ok(());
+        }
+        let requests = placement::pod_requests(&spec).unwrap_or_default();
+        let labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+        let revision = labels.get(REVISION_UID_LABEL).cloned();
+        let images: Vec<String> = spec.containers.iter().filter_map(|c| c.image.clone()).collect();
+
+        // Decide under the reservation lock, so concurrent scale-ups see each other's pods.
+        let mut reservations = self.reservations.lock().await;
+        let all_pods = self.pods.state();
+        let in_cache: HashSet<(String, String)> =
+            all_pods.iter().map(|p| (p.namespace().unwrap_or_default(), p.name_any())).collect();
+        reservations.retain(|r| r.at.elapsed() < Duration::from_secs(60) && !in_cache.contains(&(r.ns.clone(), r.pod.clone())));
+        let active: Vec<&Arc<Pod>> = all_pods
+            .iter()
+            .filter(|p| {
+                controller_uid(&p.metadata) == Some(rs_uid.as_str())
+                    && p.metadata.deletion_timestamp.is_none()
+                    && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
+            })
+            .collect();
+        let reserved_here = reservations.iter().filter(|r| r.owner == rs_uid).count();
+        let missing = want as usize - (active.len() + reserved_here).min(want as usize);
+        if missing == 0 {
+            self.metrics.decision("nothing_missing");
+            self.metrics.races.get_or_create(&RaceLabels { result: "lost".into() }).inc();
+            debug!(object = %object, "the ReplicaSet controller was first");
+            return Ok(());
+        }
+        let mut usage: HashMap<String, NodeUsage> = placement::usage_from_pods(all_pods.iter().map(|p| p.as_ref()));
+        for r in reservations.iter() {
+            usage.entry(r.node.clone()).or_default().add(&r.requests, r.revision.as_deref(), r.images.clone());
+        }
+        let nodes = self.nodes.state();
+        let mut chosen = Vec::with_capacity(missing);
+        for _ in 0..missing {
+            let Some(node) = placement::choose_node(&nodes, &usage, &spec, &requests, revision.as_deref()) else { break };
+            let node = node.name_any();
+            usage.entry(node.clone()).or_default().add(&requests, revision.as_deref(), images.clone());
+            chosen.push(node);
+        }
+        if chosen.len() < missing {
+            self.metrics.decision("no_safe_node");
+            info!(object = %object, missing, placeable = chosen.len(), "no node clearly fits every missing pod; standing aside");
+            return Ok(());
+        }
+        if self.settings.dry_run {
+            self.metrics.decision("dry_run");
+            info!(object = %object, nodes = ?chosen, "dry run: would create {missing} pod(s)");
+            return Ok(());
+        }
+
+        let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let mut annotations: BTreeMap<String, String> =
+            template.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
+        annotations.insert(DELETION_COST_ANNOTATION.into(), self.settings.deletion_cost.to_string());
+        annotations.insert(CREATED_BY_ANNOTATION.into(), "true".into());
+        let owner = OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "ReplicaSet".into(),
+            name: rs_name.clone(),
+            uid: rs_uid.clone(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        let preexisting: HashSet<String> = active.iter().map(|p| p.name_any()).collect();
+        let creations = chosen.iter().map(|node| {
+            let mut pod_spec = spec.clone();
+            pod_spec.node_name = Some(node.clone());
+            let pod = Pod {
+                metadata: ObjectMeta {
+                    generate_name: Some(format!("{rs_name}-")),
+                    namespace: Some(ns.to_string()),
+                    labels: Some(labels.clone()),
+                    annotations: Some(annotations.clone()),
+                    owner_references: Some(vec![owner.clone()]),
+                    ..Default::default()
+                },
+                spec: Some(pod_spec),
+                status: None,
+            };
+            let api = pods_api.clone();
+            async move { (node.clone(), api.create(&PostParams::default(), &pod).await) }
+        });
+        if !self.leading.load(Ordering::SeqCst) {
+            self.metrics.decision("not_leader");
+            return Ok(());
+        }
+        let results = futures::future::join_all(creations).await;
+        let mut created = Vec::new();
+        let mut first_error = None;
+        for (node, result) in results {
+            match result {
+                Ok(pod) => {
+                    self.metrics.pods_created.inc();
+                    self.metrics.trigger_to_created.observe(trigger.at.elapsed().as_secs_f64());
+                    reservations.push(Reservation {
+                        pod: pod.name_any(),
+                        ns: ns.to_string(),
+                        owner: rs_uid.clone(),
+                        node: node.clone(),
+                        requests: requests.clone(),
+                        revision: revision.clone(),
+                        images: images.clone(),
+                        at: Instant::now(),
+                    });
+                    created.push((pod.name_any(), node));
+                }
+                Err(err) => {
+                    warn!(object = %object, node = %node, error = %err, "creating a pod failed");
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        drop(reservations);
+        if !created.is_empty() {
+            self.metrics.decision("created");
+            info!(object = %object, pods = ?created, latency = ?trigger.at.elapsed(), "created pods for the scale-up from zero");
+            let mut tracking = self.tracking.lock().unwrap();
+            let t = tracking.entry(rs_uid).or_insert_with(|| Tracking {
+                started: Instant::now(),
+                preexisting,
+                ours: HashSet::new(),
+                controller_created: false,
+                deleted: HashSet::new(),
+            });
+            t.ours.extend(created.into_iter().map(|(p, _)| p));
+        }
+        match first_error {
+            Some(err) => Err(err.into()),
+            None => Ok(()),
+        }
+    }
+
+    async fn observe_pod(&self, pod: &Pod, deleted: bool) {
+        let ours = pod.annotations().contains_key(CREATED_BY_ANNOTATION);
+        if ours && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed") {
+            let uid = pod.uid().unwrap_or_default();
+            if self.rejected.lock().unwrap().insert(uid) {
+                self.metrics.rejections.inc();
+                let reason = pod.status.as_ref().and_then(|s| s.reason.clone()).unwrap_or_default();
+                warn!(pod = %key(&pod.namespace().unwrap_or_default(), &pod.name_any()), node = ?pod.spec.as_ref().and_then(|s| s.node_name.clone()), reason = %reason, "the kubelet rejected a pod the bridge created");
+            }
+        }
+        let Some(owner) = controller_uid(&pod.metadata) else { return };
+        let mut tracking = self.tracking.lock().unwrap();
+        let Some(t) = tracking.get_mut(owner) else { return };
+        let name = pod.name_any();
+        if !ours && !t.preexisting.contains(&name) {
+            t.controller_created = true;
+        }
+        if (deleted || pod.metadata.deletion_timestamp.is_some()) && t.deleted.insert(name) {
+            let creator = if ours { "bridge" } else { "controller" };
+            self.metrics.duplicates_deleted.get_or_create(&CreatorLabels { creator: creator.into() }).inc();
+        }
+    }
+
+    /// Closes the race accounting of scale-ups older than the settle window.
+    async fn settle(&self) {
+        let mut tracking = self.tracking.lock().unwrap();
+        let settle = self.settings.settle;
+        tracking.retain(|_, t| {
+            if t.started.elapsed() < settle {
+                return true;
+            }
+            let result = if t.controller_created { "lost" } else { "won" };
+            self.metrics.races.get_or_create(&RaceLabels { result: result.into() }).inc();
+            false
+        });
+        self.metrics.leader.set(self.leading.load(Ordering::SeqCst) as i64);
+    }
+}

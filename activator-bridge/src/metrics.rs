@@ -1,0 +1,76 @@
+//! Prometheus metrics of the bridge.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// created, nothing_missing, no_safe_node, unsafe_template, not_leader,
+    /// dry_run, no_replicaset, error.
+    pub decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RaceLabels {
+    /// won: only the bridge's pods; lost: the ReplicaSet controller created
+    /// pods for the same scale-up too (or first).
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CreatorLabels {
+    /// bridge or controller: who created the deleted pod.
+    pub creator: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub races: Family<RaceLabels, Counter>,
+    pub duplicates_deleted: Family<CreatorLabels, Counter>,
+    pub rejections: Counter,
+    pub pods_created: Counter,
+    pub api_errors: Counter,
+    pub retries: Counter,
+    pub trigger_to_created: Histogram,
+    pub leader: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ste_activator_bridge");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        let races = Family::<RaceLabels, Counter>::default();
+        let duplicates_deleted = Family::<CreatorLabels, Counter>::default();
+        let rejections = Counter::default();
+        let pods_created = Counter::default();
+        let api_errors = Counter::default();
+        let retries = Counter::default();
+        let trigger_to_created = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        let leader = Gauge::default();
+        registry.register("decisions", "Scale-ups from zero seen, by what the bridge did", decisions.clone());
+        registry.register("races", "Scale-ups the bridge acted on, by whether the ReplicaSet controller also created pods", races.clone());
+        registry.register("duplicates_deleted", "Pods of a woken ReplicaSet deleted as excess within the settle window, by creator", duplicates_deleted.clone());
+        registry.register("rejections", "Pods created by the bridge that the kubelet rejected (phase Failed)", rejections.clone());
+        registry.register("pods_created", "Pods created by the bridge", pods_created.clone());
+        registry.register("api_errors", "Kubernetes API calls of the bridge that failed", api_errors.clone());
+        registry.register("retries", "Scale-ups retried after an error", retries.clone());
+        registry.register("trigger_to_pod_created_seconds", "From the scale-up event to the bridge's pod created", trigger_to_created.clone());
+        registry.register("leader", "1 while this replica holds the lease", leader.clone());
+        Self { registry, decisions, races, duplicates_deleted, rejections, pods_created, api_errors, retries, trigger_to_created, leader }
+    }
+
+    pub fn decision(&self, decision: &str) {
+        self.decisions.get_or_create(&DecisionLabels { decision: decision.into() }).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
