@@ -384,6 +384,10 @@ where
     }
 }
 
+pub fn kubectl_binary() -> Result<PathBuf> {
+    upstream_binary("kubectl", "STE_KUBECTL_BIN")
+}
+
 pub fn kube_apiserver_binary() -> Result<PathBuf> {
     upstream_binary("kube-apiserver", "STE_KUBE_APISERVER_BIN")
 }
@@ -503,6 +507,20 @@ impl Api {
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
         Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+    }
+
+    /// Writes a kubeconfig for this endpoint and token (loopback, self-signed
+    /// serving certificate: TLS verification is skipped), e.g. for kubectl.
+    pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: ste-test\n  cluster:\n    server: {}\n    insecure-skip-tls-verify: true\n\
+                 users:\n- name: admin\n  user:\n    token: {}\ncontexts:\n- name: ste-test\n  context:\n    cluster: ste-test\n    user: admin\n\
+                 current-context: ste-test\n",
+                self.url, self.token
+            ),
+        )
     }
 
     /// POSTs (or otherwise sends) a JSON body; returns (status, body).

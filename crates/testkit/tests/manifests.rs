@@ -1,0 +1,821 @@
+//! CI checks of the distribution (manifests/, hack/kind/, hack/gen-certs.sh):
+//!
+//! - every file under manifests/ is applied to a real kube-apiserver: the
+//!   Shard CRD and the namespace for real, every other object with a
+//!   server-side dry run and strict field validation, the static pods as Pods
+//!   in their namespace, the ServiceMonitor against a minimal CRD
+//!   (hack/ci/servicemonitor-crd.yaml); then `kubectl apply -f manifests/`
+//!   exactly as the install docs say, twice (the second changes nothing);
+//! - the static pods only use what a kubelet gives static pods, and the
+//!   router, the bootstrap shard and the kind config agree on addresses;
+//! - the kind config parses and its kubeadm patch sets the pods override;
+//! - every metric the Grafana dashboard queries is exported by a real router;
+//! - the certificates hack/gen-certs.sh makes work end to end: a client with
+//!   kube-apiserver's certificate writes through a TLS router to a TLS shard,
+//!   and the router and the shard refuse clients without a certificate.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::Value;
+use ste_testkit::{repo_root, Etcd, EtcdTls, KubeApiserver, Router};
+
+fn manifests() -> PathBuf {
+    repo_root().join("manifests")
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Every YAML document of a file (empty documents dropped).
+fn documents(path: &Path) -> Vec<Value> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&read(path))
+        .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()));
+    docs.into_iter().filter(|d| !d.is_null()).collect()
+}
+
+/// Files directly in `dir` with the given extension, sorted (kubectl's order).
+fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == ext))
+        .collect();
+    out.sort();
+    out
+}
+
+fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(all_files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
+
+fn str_at<'a>(value: &'a Value, pointer: &str) -> &'a str {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+/// The value of `--flag=value` in a container's command + args.
+fn flag<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
+    let prefix = format!("--{name}=");
+    ["/command", "/args"]
+        .iter()
+        .filter_map(|p| container.pointer(p).and_then(Value::as_array))
+        .flatten()
+        .filter_map(Value::as_str)
+        .find_map(|arg| arg.strip_prefix(prefix.as_str()))
+}
+
+struct Kubectl {
+    binary: PathBuf,
+    kubeconfig: PathBuf,
+    cache: PathBuf,
+}
+
+impl Kubectl {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(&self.binary)
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--cache-dir={}", self.cache.display()))
+            .args(args)
+            .output()
+            .expect("running kubectl")
+    }
+
+    /// Runs kubectl and returns its stdout; fails the test with its stderr.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "kubectl {} failed:\n{}{}",
+            args.join(" "),
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    /// Server-side dry run with strict field validation; checks that every
+    /// document of the file was accepted.
+    fn dry_run(&self, file: &Path) {
+        let expected = documents(file).len();
+        let out = self.ok(&[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "--validate=strict",
+            "--field-manager=ste-ci",
+            "-f",
+            file.to_str().unwrap(),
+        ]);
+        let accepted = out
+            .lines()
+            .filter(|l| l.ends_with("(server dry run)"))
+            .count();
+        assert_eq!(
+            accepted,
+            expected,
+            "{}: kubectl accepted {accepted} of {expected} objects:\n{out}",
+            file.display()
+        );
+        println!("dry run ok: {} ({expected} objects)", file.display());
+    }
+
+    fn apply(&self, file: &Path) {
+        self.ok(&[
+            "apply",
+            "--server-side",
+            "--validate=strict",
+            "--field-manager=ste-ci",
+            "-f",
+            file.to_str().unwrap(),
+        ]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_manifest_applies_to_a_real_kube_apiserver() {
+    let kubectl_binary = ste_testkit::kubectl_binary().unwrap();
+    let etcd = Etcd::start("manifests").await.unwrap();
+    let apiserver = KubeApiserver::start(&etcd.endpoint(), None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    apiserver.api().write_kubeconfig(&kubeconfig).unwrap();
+    let kubectl = Kubectl {
+        binary: kubectl_binary,
+        kubeconfig,
+        cache: dir.path().join("cache"),
+    };
+    let root = manifests();
+
+    // Every file must be covered by one of the checks below.
+    let top = files(&root, "yaml");
+    let static_pods = files(&root.join("static-pods"), "yaml");
+    let monitoring = files(&root.join("monitoring"), "yaml");
+    let dashboards = files(&root.join("monitoring"), "json");
+    let covered: BTreeSet<PathBuf> = top
+        .iter()
+        .chain(&static_pods)
+        .chain(&monitoring)
+        .chain(&dashboards)
+        .cloned()
+        .collect();
+    for file in all_files(&root) {
+        assert!(
+            covered.contains(&file),
+            "{} is not checked by this test: put it in manifests/, static-pods/ or monitoring/, or extend the test",
+            file.display()
+        );
+    }
+
+    // The Shard CRD for real: other objects may use its kind.
+    let crd = root.join("00-crd-shards.yaml");
+    assert!(
+        top.contains(&crd),
+        "manifests/00-crd-shards.yaml is missing"
+    );
+    kubectl.apply(&crd);
+    kubectl.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/shards.ste.dev",
+    ]);
+    // The namespace for real: objects cannot even be dry-run into a missing namespace.
+    let namespace = root.join("01-namespace.yaml");
+    kubectl.apply(&namespace);
+    for file in top.iter().filter(|f| **f != crd && **f != namespace) {
+        kubectl.dry_run(file);
+    }
+
+    // A Shard as the agent writes it and the router patches it.
+    let shard = dir.path().join("shard.yaml");
+    std::fs::write(
+        &shard,
+        "apiVersion: ste.dev/v1alpha1\nkind: Shard\nmetadata:\n  name: worker-1\nspec:\n  endpoint: https://10.0.3.7:2379\n  node: worker-1\n  capacityBytes: 1073741824\n  drain: false\n",
+    )
+    .unwrap();
+    kubectl.dry_run(&shard);
+
+    // Static pods are Pods: dry-run them in their namespace.
+    assert!(
+        !static_pods.is_empty(),
+        "manifests/static-pods/ holds no static pod"
+    );
+    for file in &static_pods {
+        kubectl.dry_run(file);
+    }
+
+    // The ServiceMonitor needs the Prometheus operator's CRD: a minimal,
+    // strict one (hack/ci/servicemonitor-crd.yaml) stands in for it.
+    kubectl.apply(&repo_root().join("hack/ci/servicemonitor-crd.yaml"));
+    kubectl.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/servicemonitors.monitoring.coreos.com",
+    ]);
+    for file in &monitoring {
+        kubectl.dry_run(file);
+    }
+
+    // Finally what docs/install.md says, for real, twice: the second run
+    // changes no object (kubectl may still print "configured" for
+    // PodDisruptionBudgets: their selector's patch strategy is "replace").
+    let dir_arg = root.to_str().unwrap();
+    kubectl.ok(&["apply", "--validate=strict", "-f", dir_arg]);
+    let versions = || {
+        let list: Value =
+            serde_json::from_str(&kubectl.ok(&["get", "-f", dir_arg, "-o", "json"])).unwrap();
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                (
+                    format!(
+                        "{}/{}/{}",
+                        str_at(o, "/kind"),
+                        str_at(o, "/metadata/namespace"),
+                        str_at(o, "/metadata/name")
+                    ),
+                    str_at(o, "/metadata/resourceVersion").to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let before = versions();
+    let expected: usize = top.iter().map(|f| documents(f).len()).sum();
+    assert_eq!(
+        before.len(),
+        expected,
+        "`kubectl get -f manifests/` found {} objects, the files hold {expected}",
+        before.len()
+    );
+    kubectl.ok(&["apply", "--validate=strict", "-f", dir_arg]);
+    assert_eq!(
+        versions(),
+        before,
+        "a second `kubectl apply -f manifests/` changed objects"
+    );
+    let daemonset = kubectl.ok(&[
+        "-n",
+        "ste-system",
+        "get",
+        "daemonset",
+        "ste-shard-agent",
+        "-o",
+        "jsonpath={.spec.template.spec.volumes[0].emptyDir.medium}",
+    ]);
+    assert_eq!(daemonset, "Memory");
+}
+
+/// The static pods run before anything else and without the API: no
+/// ServiceAccount, Secret or ConfigMap (the kubelet refuses those for static
+/// pods), host network, and addresses that agree with each other and with
+/// kube-apiserver's override in the kind config.
+#[test]
+fn static_pods_use_only_what_a_kubelet_gives_them() {
+    let dir = manifests().join("static-pods");
+    let mut router = None;
+    let mut shard = None;
+    for file in files(&dir, "yaml") {
+        let docs = documents(&file);
+        assert_eq!(
+            docs.len(),
+            1,
+            "{}: one Pod per static pod file",
+            file.display()
+        );
+        let pod = &docs[0];
+        let name = file.display().to_string();
+        assert_eq!(str_at(pod, "/kind"), "Pod", "{name}");
+        assert_eq!(str_at(pod, "/metadata/namespace"), "kube-system", "{name}");
+        assert_eq!(
+            pod.pointer("/spec/hostNetwork"),
+            Some(&Value::Bool(true)),
+            "{name}: host network"
+        );
+        assert!(
+            pod.pointer("/spec/serviceAccountName").is_none(),
+            "{name}: static pods cannot use ServiceAccounts"
+        );
+        assert_eq!(
+            str_at(pod, "/spec/priorityClassName"),
+            "system-node-critical",
+            "{name}"
+        );
+        for volume in pod
+            .pointer("/spec/volumes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            assert!(
+                volume.get("hostPath").is_some() || volume.get("emptyDir").is_some(),
+                "{name}: static pods can only use hostPath and emptyDir volumes, not {volume}"
+            );
+        }
+        let text = serde_json::to_string(pod).unwrap();
+        for forbidden in ["secretKeyRef", "configMapKeyRef", "envFrom", "projected"] {
+            assert!(
+                !text.contains(forbidden),
+                "{name}: static pods cannot use {forbidden}"
+            );
+        }
+        let container = pod.pointer("/spec/containers/0").unwrap().clone();
+        match str_at(pod, "/metadata/name") {
+            "ste-router" => router = Some(container),
+            "ste-bootstrap-shard" => shard = Some(container),
+            other => panic!("{name}: unexpected static pod {other}"),
+        }
+    }
+    let router = router.expect("a ste-router static pod");
+    let shard = shard.expect("a ste-bootstrap-shard static pod");
+
+    // The router serves kube-apiserver on loopback, over TLS with client certificates.
+    let listen = flag(&router, "listen").expect("--listen");
+    assert_eq!(listen, "127.0.0.1:2479");
+    for name in [
+        "cert-file",
+        "key-file",
+        "trusted-ca-file",
+        "shard-ca-file",
+        "shard-cert-file",
+        "shard-key-file",
+        "kubeconfig",
+    ] {
+        assert!(
+            flag(&router, name).is_some(),
+            "the router static pod lacks --{name}"
+        );
+    }
+    // It finds the bootstrap shard where the shard listens, over TLS.
+    let shards = flag(&router, "shards").expect("--shards");
+    let client_url = flag(&shard, "listen-client-urls").expect("--listen-client-urls");
+    assert!(
+        client_url.starts_with("https://127.0.0.1:"),
+        "the bootstrap shard listens on loopback with TLS: {client_url}"
+    );
+    assert!(
+        shards
+            .split(',')
+            .any(|s| s.ends_with(&format!("={client_url}"))),
+        "--shards={shards} does not name {client_url}"
+    );
+    // The shard refuses clients without a certificate and keeps its data in RAM.
+    assert_eq!(flag(&shard, "client-cert-auth"), Some("true"));
+    assert!(flag(&shard, "trusted-ca-file").is_some());
+    let shard_doc = documents(&dir.join("ste-bootstrap-shard.yaml")).remove(0);
+    let data_dir = flag(&shard, "data-dir").unwrap();
+    let mounts = shard_doc
+        .pointer("/spec/containers/0/volumeMounts")
+        .and_then(Value::as_array)
+        .unwrap();
+    let data_mount = mounts
+        .iter()
+        .find(|m| data_dir.starts_with(str_at(m, "/mountPath")))
+        .expect("data dir on a volume");
+    let data_volume = shard_doc
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == data_mount["name"])
+        .unwrap();
+    assert_eq!(
+        str_at(data_volume, "/emptyDir/medium"),
+        "Memory",
+        "the bootstrap shard's data is on a RAM disk"
+    );
+
+    // kube-apiserver's override (kind config) points at the router's --listen.
+    assert_eq!(kind_override(), format!("/pods#https://{listen}"));
+}
+
+/// The shard-agent DaemonSet: workers only, a RAM disk with a size limit
+/// inside the container's memory limit, probes, and a quota below the disk.
+#[test]
+fn the_shard_agent_keeps_its_etcd_in_ram_on_workers_only() {
+    let docs = documents(&manifests().join("03-shard-agent.yaml"));
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let spec = &ds["spec"]["template"]["spec"];
+    let terms = serde_json::to_string(&spec["affinity"]["nodeAffinity"]).unwrap();
+    assert!(
+        terms.contains("node-role.kubernetes.io/control-plane") && terms.contains("DoesNotExist"),
+        "the DaemonSet must stay off control-plane nodes: {terms}"
+    );
+    let data = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "data")
+        .expect("a data volume");
+    assert_eq!(data["emptyDir"]["medium"], "Memory");
+    let size_limit = quantity(
+        data["emptyDir"]["sizeLimit"]
+            .as_str()
+            .expect("a sizeLimit on the RAM disk"),
+    );
+    let container = &spec["containers"][0];
+    let memory_limit = quantity(
+        container["resources"]["limits"]["memory"]
+            .as_str()
+            .expect("a memory limit"),
+    );
+    assert!(
+        memory_limit > size_limit,
+        "the RAM disk is charged to the container: limit {memory_limit} ≤ disk {size_limit}"
+    );
+    let quota: u64 = flag(container, "quota-bytes")
+        .expect("--quota-bytes")
+        .parse()
+        .unwrap();
+    assert!(
+        quota < size_limit,
+        "etcd's quota {quota} must be below the RAM disk's size {size_limit}"
+    );
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert!(
+            container.get(probe).is_some(),
+            "the shard-agent lacks a {probe}"
+        );
+    }
+    assert!(
+        docs.iter().any(|d| d["kind"] == "PodDisruptionBudget"),
+        "a PodDisruptionBudget for the shards"
+    );
+}
+
+/// Bytes of a Kubernetes quantity like `2Gi` or `1536Mi`.
+fn quantity(text: &str) -> u64 {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let scale: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        other => panic!("unexpected quantity unit {other} in {text}"),
+    };
+    number.parse::<u64>().unwrap() * scale
+}
+
+/// The `--etcd-servers-overrides` value the kind config's kubeadm patch sets.
+fn kind_override() -> String {
+    let path = repo_root().join("hack/kind/cluster.yaml");
+    let config: Value =
+        serde_saphyr::from_str(&read(&path)).expect("hack/kind/cluster.yaml is valid YAML");
+    assert_eq!(config["kind"], "Cluster");
+    assert_eq!(config["apiVersion"], "kind.x-k8s.io/v1alpha4");
+    let mut found = Vec::new();
+    for patch in config["kubeadmConfigPatches"]
+        .as_array()
+        .expect("kubeadmConfigPatches")
+    {
+        let patch: Value =
+            serde_saphyr::from_str(patch.as_str().expect("a patch is a YAML string"))
+                .expect("a patch parses");
+        if patch["kind"] != "ClusterConfiguration" {
+            continue;
+        }
+        match &patch["apiServer"]["extraArgs"] {
+            // kubeadm v1beta3 (a map) or v1beta4 (a list of name/value).
+            Value::Object(map) => found.extend(
+                map.get("etcd-servers-overrides")
+                    .and_then(Value::as_str)
+                    .map(String::from),
+            ),
+            Value::Array(list) => found.extend(
+                list.iter()
+                    .filter(|a| a["name"] == "etcd-servers-overrides")
+                    .filter_map(|a| a["value"].as_str().map(String::from)),
+            ),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        found.len(),
+        1,
+        "exactly one kubeadm patch sets etcd-servers-overrides: {found:?}"
+    );
+    found.remove(0)
+}
+
+#[test]
+fn the_kind_config_stores_pods_through_the_router() {
+    let path = repo_root().join("hack/kind/cluster.yaml");
+    let config: Value = serde_saphyr::from_str(&read(&path)).unwrap();
+    let roles: Vec<&str> = config["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| str_at(n, "/role"))
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "control-plane").count(),
+        1,
+        "one control-plane node (one router): {roles:?}"
+    );
+    assert!(
+        roles.contains(&"worker"),
+        "shards run on workers: {roles:?}"
+    );
+    let value = kind_override();
+    assert!(
+        value.starts_with("/pods#https://127.0.0.1:"),
+        "pods go to the local router over TLS: {value}"
+    );
+}
+
+/// Metric names a Prometheus text exposition declares: sample names and,
+/// from `# TYPE`, the series names of each family.
+fn exported_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total", "_created"],
+                "histogram" => &["_bucket", "_sum", "_count", "_created"],
+                "summary" => &["", "_sum", "_count", "_created"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            names.insert(line[..end].to_string());
+        }
+    }
+    names
+}
+
+/// The metric names (`ste_…`) in every query and variable of a dashboard.
+fn dashboard_metrics(dashboard: &Value) -> BTreeSet<String> {
+    fn walk(value: &Value, out: &mut BTreeSet<String>) {
+        match value {
+            Value::Object(map) => {
+                for (key, item) in map {
+                    if let (Some(text), true) = (
+                        item.as_str(),
+                        ["expr", "definition", "query"].contains(&key.as_str()),
+                    ) {
+                        let mut rest = text;
+                        while let Some(at) = rest.find("ste_") {
+                            let preceded = rest[..at]
+                                .chars()
+                                .last()
+                                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+                            let len = rest[at..]
+                                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                                .unwrap_or(rest.len() - at);
+                            if !preceded {
+                                out.insert(rest[at..at + len].to_string());
+                            }
+                            rest = &rest[at + len..];
+                        }
+                    }
+                    walk(item, out);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            _ => {}
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(dashboard, &mut out);
+    out
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "GET {path}: {}",
+        answer.lines().next().unwrap_or_default()
+    );
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_queries_only_metrics_the_router_exports() {
+    let path = manifests().join("monitoring/grafana-dashboard.json");
+    let dashboard: Value = serde_json::from_str(&read(&path)).expect("the dashboard is valid JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(
+        panels
+            .iter()
+            .filter(|p| p["type"] != "row")
+            .all(|p| p["targets"].as_array().is_some_and(|t| !t.is_empty())),
+        "every panel has a query"
+    );
+    let wanted = dashboard_metrics(&dashboard);
+    assert!(!wanted.is_empty(), "the dashboard queries no ste_ metric");
+
+    let shards = ste_testkit::start_shards(2).await.unwrap();
+    let router = Router::start(ste_testkit::shard_specs(&shards))
+        .await
+        .unwrap();
+    // A write, so that labelled families have samples too.
+    let mut kv = ste_etcd_proto::pb::kv_client::KvClient::new(router.channel().await.unwrap());
+    kv.put(ste_etcd_proto::pb::PutRequest {
+        key: b"/registry/pods/default/dashboard".to_vec().into(),
+        value: b"v".to_vec().into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let exported = exported_names(&http_get(router.admin_addr, "/metrics").await);
+
+    let mut missing = Vec::new();
+    for name in &wanted {
+        if name.starts_with("ste_router_") {
+            if !exported.contains(name) {
+                missing.push(name.clone());
+            }
+        } else {
+            panic!(
+                "{name}: the dashboard queries a metric of a component this test does not start"
+            );
+        }
+    }
+    assert!(missing.is_empty(), "the dashboard queries metrics the router does not export: {missing:?}\nexported: {exported:?}");
+    println!("dashboard metrics found in the router's /metrics: {wanted:?}");
+    router.stop().await.unwrap();
+}
+
+/// etcdctl against `endpoint` with optional (ca, cert, key); Ok(stdout) or Err(stderr).
+fn etcdctl(
+    endpoint: &str,
+    ca: &Path,
+    client: Option<(&Path, &Path)>,
+    args: &[&str],
+) -> Result<String, String> {
+    let mut command = Command::new(ste_testkit::etcdctl_binary().unwrap());
+    command
+        .arg(format!("--endpoints={endpoint}"))
+        .arg(format!("--cacert={}", ca.display()))
+        .args(["--dial-timeout=3s", "--command-timeout=5s"]);
+    if let Some((cert, key)) = client {
+        command
+            .arg(format!("--cert={}", cert.display()))
+            .arg(format!("--key={}", key.display()));
+    }
+    let out = command.args(args).output().expect("running etcdctl");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gen_certs_makes_certificates_that_work_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let status = Command::new(repo_root().join("hack/gen-certs.sh"))
+        .arg(&out)
+        .args(["--shard-san", "10.0.0.7"])
+        .status()
+        .expect("running hack/gen-certs.sh");
+    assert!(status.success(), "hack/gen-certs.sh failed");
+    let f = |name: &str| out.join(name);
+
+    // The bootstrap shard, with the flags of its static pod: client certificates required.
+    let shard = Etcd::start_tls(
+        "bootstrap",
+        EtcdTls {
+            cert: f("bootstrap-shard.crt"),
+            key: f("bootstrap-shard.key"),
+            ca: f("ca.crt"),
+        },
+        &["--unsafe-no-fsync"],
+    )
+    .await
+    .unwrap();
+    // The shard-agent's own client certificate is accepted by a shard…
+    etcdctl(
+        &shard.endpoint(),
+        &f("ca.crt"),
+        Some((&f("shard-agent-client.crt"), &f("shard-agent-client.key"))),
+        &["endpoint", "health"],
+    )
+    .expect("the shard-agent's client certificate is accepted");
+    // …and a client without one is refused.
+    let refused = etcdctl(
+        &shard.endpoint(),
+        &f("ca.crt"),
+        None,
+        &["get", "/registry/pods/", "--prefix"],
+    );
+    assert!(
+        refused.is_err(),
+        "the shard answered a client without a certificate: {refused:?}"
+    );
+
+    // The router with the files its static pod names.
+    use ste_router::tls::{ClientTls, ServerTls, TlsFiles};
+    let mut config = Router::test_config(ste_testkit::shard_specs(std::slice::from_ref(&shard)));
+    config.server_tls = Some(
+        ServerTls::load(TlsFiles {
+            cert: Some(f("router-server.crt")),
+            key: Some(f("router-server.key")),
+            ca: Some(f("router-trusted-ca.crt")),
+        })
+        .expect("the router loads router-server.crt and router-trusted-ca.crt"),
+    );
+    config.store.shard_tls = Some(
+        ClientTls::load(TlsFiles {
+            cert: Some(f("router-client.crt")),
+            key: Some(f("router-client.key")),
+            ca: Some(f("ca.crt")),
+        })
+        .expect("the router loads router-client.crt"),
+    );
+    let router = Router::start_with(config).await.unwrap();
+    let endpoint = router.endpoint();
+    assert!(endpoint.starts_with("https://127.0.0.1:"), "{endpoint}");
+
+    // kube-apiserver's client certificate writes through the router to the shard.
+    let apiserver = (f("apiserver-client.crt"), f("apiserver-client.key"));
+    let client = Some((apiserver.0.as_path(), apiserver.1.as_path()));
+    etcdctl(
+        &endpoint,
+        &f("ca.crt"),
+        client,
+        &["put", "/registry/pods/default/tls", "v"],
+    )
+    .expect("put through the router");
+    let got = etcdctl(
+        &endpoint,
+        &f("ca.crt"),
+        client,
+        &["get", "/registry/pods/default/tls", "--print-value-only"],
+    )
+    .unwrap();
+    assert_eq!(got.trim(), "v");
+    // The router refuses a client without a certificate…
+    let refused = etcdctl(
+        &endpoint,
+        &f("ca.crt"),
+        None,
+        &["get", "/registry/pods/default/tls"],
+    );
+    assert!(
+        refused.is_err(),
+        "the router answered a client without a certificate: {refused:?}"
+    );
+    // …and the key really is on the shard (read with the router's own client certificate).
+    let on_shard = etcdctl(
+        &shard.endpoint(),
+        &f("ca.crt"),
+        Some((&f("router-client.crt"), &f("router-client.key"))),
+        &["get", "/registry/pods/default/tls", "--keys-only"],
+    )
+    .unwrap();
+    assert!(
+        on_shard.contains("/registry/pods/default/tls"),
+        "{on_shard}"
+    );
+    router.stop().await.unwrap();
+}
