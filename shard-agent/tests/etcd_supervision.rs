@@ -1,0 +1,110 @@
+//! The agent runs a real etcd, restarts it after a crash with its data, and
+//! takes it down with itself.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{process_alive, Agent};
+use ste_etcd_proto::pb::{kv_client::KvClient, PutRequest, RangeRequest};
+use ste_testkit::wait_until;
+use tonic::transport::Channel;
+
+async fn kv(endpoint: &str) -> KvClient<Channel> {
+    let channel = Channel::from_shared(endpoint.to_string()).expect("url").connect().await.expect("connect to the shard");
+    KvClient::new(channel)
+}
+
+async fn get(endpoint: &str, key: &str) -> Option<Vec<u8>> {
+    let mut client = kv(endpoint).await;
+    let response = client
+        .range(RangeRequest { key: key.as_bytes().to_vec().into(), ..Default::default() })
+        .await
+        .expect("range")
+        .into_inner();
+    response.kvs.first().map(|kv| kv.value.to_vec())
+}
+
+#[tokio::test]
+async fn etcd_is_served_restarted_after_a_crash_with_its_data_and_stopped_on_sigterm() {
+    let mut agent = Agent::start("shard-a", &["--no-register", "--unhealthy-after=10s"]);
+    agent.wait_ready(Duration::from_secs(30)).await;
+    assert_eq!(agent.admin("/livez").await.0, 200);
+    assert_eq!(agent.metric("ste_shard_agent_etcd_up").await, Some(1.0));
+    assert_eq!(agent.metric("ste_shard_agent_etcd_restarts_total").await, Some(0.0));
+
+    // The shard serves KV.
+    kv(&agent.endpoint())
+        .await
+        .put(PutRequest {
+            key: b"/registry/pods/default/a".to_vec().into(),
+            value: b"pod-a".to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .expect("put");
+    assert_eq!(get(&agent.endpoint(), "/registry/pods/default/a").await.as_deref(), Some(&b"pod-a"[..]));
+
+    // kill -9 of etcd: the agent notices, restarts it on the same data.
+    let first = agent.etcd_pid().expect("etcd runs as the agent's child");
+    // SAFETY: kill(2) on the etcd child of our agent.
+    unsafe { libc::kill(first as libc::pid_t, libc::SIGKILL) };
+    wait_until("the agent to report etcd down", Duration::from_secs(10), || async {
+        agent.admin("/readyz").await.0 == 503
+    })
+    .await;
+    wait_until("etcd to be restarted (a new pid)", Duration::from_secs(30), || async {
+        agent.etcd_pid().is_some_and(|pid| pid != first)
+    })
+    .await;
+    agent.wait_ready(Duration::from_secs(30)).await;
+    assert_eq!(agent.metric("ste_shard_agent_etcd_restarts_total").await, Some(1.0));
+    assert_eq!(
+        get(&agent.endpoint(), "/registry/pods/default/a").await.as_deref(),
+        Some(&b"pod-a"[..]),
+        "the data directory survives an etcd restart"
+    );
+    let logs = agent.logs();
+    assert!(logs.contains("etcd exited (killed by signal 9)"), "the exit is logged:\n{logs}");
+    assert!(logs.contains("Last lines of"), "etcd's log tail is logged:\n{logs}");
+
+    // SIGTERM without registration: etcd stops, the agent exits 0.
+    let second = agent.etcd_pid().expect("etcd runs");
+    agent.signal(libc::SIGTERM);
+    let status = agent.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status}\n{}", agent.logs());
+    assert!(!process_alive(second), "etcd stopped with the agent");
+    assert!(agent.data_dir().join("member").is_dir(), "the data directory is kept");
+}
+
+#[tokio::test]
+async fn etcd_dies_with_a_killed_agent() {
+    let mut agent = Agent::start("shard-b", &["--no-register"]);
+    agent.wait_ready(Duration::from_secs(30)).await;
+    let etcd = agent.etcd_pid().expect("etcd runs");
+    agent.signal(libc::SIGKILL);
+    agent.wait_exit(Duration::from_secs(10)).await;
+    wait_until("etcd to die with its agent (PR_SET_PDEATHSIG)", Duration::from_secs(10), || async {
+        !process_alive(etcd)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_etcd_that_cannot_start_is_retried_with_backoff() {
+    // The peer port is taken: etcd exits at once, every time.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = blocker.local_addr().expect("addr").port();
+    let agent = Agent::start("shard-c", &["--no-register", &format!("--listen-peer=http://127.0.0.1:{port}")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !agent.metric("ste_shard_agent_etcd_restarts_total").await.is_some_and(|n| n >= 2.0) {
+        assert!(std::time::Instant::now() < deadline, "no two restarts within 30s:\n{}", agent.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(agent.admin("/readyz").await.0, 503);
+    assert_eq!(agent.admin("/livez").await.0, 200, "the agent itself is alive");
+    let logs = agent.logs();
+    assert!(logs.contains("restarting etcd in 1s"), "{logs}");
+    assert!(logs.contains("restarting etcd in 2s"), "backoff doubles:\n{logs}");
+    assert!(logs.contains("address already in use"), "etcd's own error is in the log tail:\n{logs}");
+}
