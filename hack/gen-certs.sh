@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Certificates for STE's mTLS, with openssl only.
 #
-#   hack/gen-certs.sh OUT_DIR [--etcd-ca PREFIX] [--days N] [--shard-san SAN]...
+#   hack/gen-certs.sh OUT_DIR [--etcd-ca PREFIX] [--days N] [--shard-san SAN]... [--router-san SAN]...
 #
 # Writes into OUT_DIR (created; existing files are kept, so a second run only
 # adds what is missing — delete a file to re-issue it):
@@ -9,7 +9,8 @@
 #   ca.crt, ca.key                   the STE CA: signs everything below except
 #                                    router-server when --etcd-ca is given
 #   router-server.crt/.key           the router's serving cert (SAN 127.0.0.1,
-#                                    ::1, localhost), what kube-apiserver connects to
+#                                    ::1, localhost, plus every --router-san),
+#                                    what kube-apiserver connects to
 #   apiserver-client.crt/.key        a client cert for kube-apiserver → router
 #                                    (only needed when kube-apiserver does not
 #                                    already have an --etcd-certfile the router trusts)
@@ -26,7 +27,7 @@
 # existing --etcd-cafile/--etcd-certfile/--etcd-keyfile for the router too (it
 # has one TLS config for every etcd backend), and router-trusted-ca.crt is the
 # etcd CA (which signed kube-apiserver's apiserver-etcd-client.crt).
-# A --shard-san is DNS:name, IP:addr, or a bare name/address.
+# A --shard-san / --router-san is DNS:name, IP:addr, or a bare name/address.
 set -euo pipefail
 
 usage() {
@@ -41,11 +42,13 @@ shift
 etcd_ca=""
 days=365
 extra_sans=()
+router_sans=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --etcd-ca) etcd_ca="${2:?--etcd-ca needs a path prefix}"; shift 2 ;;
     --days) days="${2:?--days needs a number}"; shift 2 ;;
     --shard-san) extra_sans+=("${2:?--shard-san needs a value}"); shift 2 ;;
+    --router-san) router_sans+=("${2:?--router-san needs a value}"); shift 2 ;;
     -h|--help) usage 0 ;;
     *) echo "gen-certs.sh: unknown argument '$1'" >&2; usage ;;
   esac
@@ -122,7 +125,7 @@ if [[ ! -s router-trusted-ca.crt || ! -s router-server.crt ]]; then
   cp "$router_ca.crt" router-trusted-ca.crt
 fi
 
-issue router-server ste-router server "$router_ca" 127.0.0.1 ::1 localhost
+issue router-server ste-router server "$router_ca" 127.0.0.1 ::1 localhost ${router_sans[@]+"${router_sans[@]}"}
 issue apiserver-client kube-apiserver-etcd-client client "$router_ca"
 issue router-client ste-router client "$PWD/ca"
 issue shard-server ste-shard server "$PWD/ca" ste-shard localhost 127.0.0.1 ${extra_sans[@]+"${extra_sans[@]}"}
