@@ -2,25 +2,80 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use prometheus_client::encoding::text::encode;
 
+use crate::membership::Membership;
 use crate::metrics::ShardLabels;
+use crate::ring::ShardId;
+use crate::shard::ShardSpec;
 use crate::store::Store;
 
-pub fn router(store: Arc<Store>) -> Router {
+#[derive(Clone)]
+struct AdminState {
+    store: Arc<Store>,
+    membership: Membership,
+}
+
+pub fn router(store: Arc<Store>, membership: Membership) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(store)
+        .route("/shards", get(shards).post(join_shard))
+        .route("/shards/{name}/drain", post(drain_shard))
+        .with_state(AdminState { store, membership })
 }
 
-async fn readyz(State(store): State<Arc<Store>>) -> impl IntoResponse {
+/// GET /shards: members, their keys, bytes and state (JSON).
+async fn shards(State(state): State<AdminState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{}\n", state.membership.describe()),
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct JoinRequest {
+    name: String,
+    endpoint: String,
+}
+
+/// POST /shards {"name": …, "endpoint": …}: a shard joins (registrations
+/// normally do this; for clusters without the Shard resource and for tests).
+async fn join_shard(State(state): State<AdminState>, body: String) -> impl IntoResponse {
+    let request: JoinRequest = match serde_json::from_str(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"name\": …, \"endpoint\": …}}: {err}\n"),
+            )
+        }
+    };
+    match ShardSpec::parse(&format!("{}={}", request.name, request.endpoint)) {
+        Ok(spec) => {
+            state.membership.request_join(&spec);
+            (StatusCode::ACCEPTED, format!("shard {} will join\n", request.name))
+        }
+        Err(reason) => (StatusCode::BAD_REQUEST, format!("{reason}\n")),
+    }
+}
+
+/// POST /shards/{name}/drain: move the shard's keys off, then remove it.
+async fn drain_shard(State(state): State<AdminState>, Path(name): Path<String>) -> impl IntoResponse {
+    if state.membership.request_drain(&ShardId::new(&name)) {
+        (StatusCode::ACCEPTED, format!("shard {name} will be drained\n"))
+    } else {
+        (StatusCode::NOT_FOUND, format!("shard {name} is not a member\n"))
+    }
+}
+
+async fn readyz(State(AdminState { store, .. }): State<AdminState>) -> impl IntoResponse {
     let mut report = String::new();
     for shard in store.shard_list() {
         let state = match (shard.is_loaded(), shard.is_healthy()) {
@@ -37,7 +92,7 @@ async fn readyz(State(store): State<Arc<Store>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(store): State<Arc<Store>>) -> impl IntoResponse {
+async fn metrics(State(AdminState { store, .. }): State<AdminState>) -> impl IntoResponse {
     let m = store.metrics();
     m.revision.set(store.sequencer().published());
     m.compact_revision.set(store.history().compact_revision());
@@ -49,6 +104,9 @@ async fn metrics(State(store): State<Arc<Store>>) -> impl IntoResponse {
             .set(keys as i64);
     }
     for shard in store.shard_list() {
+        m.shard_bytes
+            .get_or_create(&ShardLabels { shard: shard.id.to_string() })
+            .set(shard.db_bytes.load(std::sync::atomic::Ordering::Relaxed));
         m.shard_up
             .get_or_create(&ShardLabels { shard: shard.id.to_string() })
             .set((shard.is_loaded() && shard.is_healthy()) as i64);

@@ -41,6 +41,13 @@ pub enum StoreError {
     ShardRejected(Status),
     #[error("ste-router is not ready: {0}")]
     NotReady(String),
+    /// An admin request named something that does not exist.
+    #[error("ste-router: {0}")]
+    NotFound(String),
+    /// The keys' shard changed while the write waited for its lock (a move):
+    /// the write is retried on the new shard and never reaches clients.
+    #[error("ste-router: the keys moved to another shard while the write waited")]
+    Moved,
     #[error("ste-router internal error: {0}")]
     Internal(String),
 }
@@ -60,7 +67,8 @@ impl From<StoreError> for Status {
             StoreError::Compacted | StoreError::FutureRevision | StoreError::LeaseTtlTooLarge => {
                 Code::OutOfRange
             }
-            StoreError::LeaseNotFound => Code::NotFound,
+            StoreError::LeaseNotFound | StoreError::NotFound(_) => Code::NotFound,
+            StoreError::Moved => Code::Unavailable,
             StoreError::LeaseExists => Code::FailedPrecondition,
             StoreError::EmptyKey
             | StoreError::KeyNotFound

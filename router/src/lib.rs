@@ -17,6 +17,7 @@ pub mod envelope;
 pub mod error;
 pub mod history;
 pub mod leases;
+pub mod membership;
 pub mod metrics;
 pub mod ring;
 pub mod sequencer;
@@ -52,6 +53,8 @@ pub struct RouterConfig {
     pub maintain_interval: Duration,
     /// Serve the etcd API over TLS (client certificates required when a CA is given).
     pub server_tls: Option<tls::ServerTls>,
+    /// Registered shards: where they come from and when one is lost.
+    pub membership: membership::MembershipConfig,
 }
 
 impl Default for RouterConfig {
@@ -62,14 +65,17 @@ impl Default for RouterConfig {
             progress_interval: Duration::from_secs(600),
             maintain_interval: Duration::from_millis(500),
             server_tls: None,
+            membership: membership::MembershipConfig::default(),
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
-    #[error("no shards given: pass at least one with --shards")]
+    #[error("no shards given: pass at least one with --shards (or watch Shard registrations with --watch-shards)")]
     NoShards,
+    #[error(transparent)]
+    Membership(#[from] membership::MembershipError),
     #[error("opening the store failed: {0}")]
     Store(#[from] StoreError),
     #[error("gRPC server failed: {0}")]
@@ -98,11 +104,19 @@ pub async fn run(
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
-    if config.shards.is_empty() {
+    let mut shards = config.shards.clone();
+    for remembered in membership::load_cache(config.membership.cache_file.as_ref())? {
+        if !shards.iter().any(|s| s.id == remembered.id) {
+            shards.push(remembered);
+        }
+    }
+    if shards.is_empty() && config.membership.kube.is_none() {
         return Err(RouterError::NoShards);
     }
     let metrics = Arc::new(metrics::Metrics::default());
-    let store = Store::open(config.store.clone(), &config.shards, metrics).await?;
+    let store = Store::open(config.store.clone(), &shards, metrics).await?;
+    let membership = membership::Membership::new(store.clone(), config.membership.clone());
+    let membership_task = tokio::spawn(membership.clone().run());
     let scheme = if config.server_tls.is_some() { "https" } else { "http" };
     let client_url = format!("{scheme}://{}", listener.local_addr()?);
 
@@ -125,7 +139,7 @@ pub async fn run(
 
     let admin_task = match admin {
         Some(admin) => {
-            let app = admin::router(store.clone());
+            let app = admin::router(store.clone(), membership.clone());
             info!(address = %admin.local_addr()?, "admin server listening");
             Some(tokio::spawn(async move {
                 if let Err(err) = axum::serve(admin, app).await {
@@ -148,7 +162,7 @@ pub async fn run(
     }
 
     let member_id = config.store.member_id;
-    info!(address = %client_url, shards = config.shards.len(), "ste-router serving etcd v3 gRPC");
+    info!(address = %client_url, shards = shards.len(), "ste-router serving etcd v3 gRPC");
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -183,6 +197,7 @@ pub async fn run(
         None => server.serve_with_incoming_shutdown(incoming(listener), stopped).await,
     };
     maintainer.abort();
+    membership_task.abort();
     if let Some(task) = admin_task {
         task.abort();
     }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use ste_router::membership::MembershipConfig;
 use ste_router::tls::{ClientTls, ServerTls, TlsFiles};
 use ste_router::{RouterConfig, ShardSpec, StoreConfig};
 use tokio::net::TcpListener;
@@ -28,8 +29,31 @@ struct Args {
 
     /// Shards, comma separated: `name=http://host:port` or a bare URL (then the URL is its name).
     /// Placement hashes the name, so keep names stable when addresses change.
-    #[arg(long, env = "STE_ROUTER_SHARDS", value_delimiter = ',', required = true)]
+    #[arg(long, env = "STE_ROUTER_SHARDS", value_delimiter = ',', required_unless_present = "watch_shards")]
     shards: Vec<String>,
+
+    /// Watch `Shard` registrations (shards.ste.dev, written by ste-shard-agent)
+    /// through kube-apiserver: registered shards join the ring, drain when their
+    /// agent stops, and are declared lost when unreachable. Needs get/list/watch
+    /// on shards and patch on shards/status.
+    #[arg(long, env = "STE_ROUTER_WATCH_SHARDS")]
+    watch_shards: bool,
+
+    /// Kubeconfig for --watch-shards (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, env = "STE_ROUTER_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+
+    /// A registered shard unreachable this long, whose agent also stopped
+    /// heartbeating, is declared lost: its keys are deleted with DELETE events
+    /// so controllers recreate those pods elsewhere.
+    #[arg(long, env = "STE_ROUTER_SHARD_LOST_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
+    shard_lost_after: Duration,
+
+    /// File remembering the registered shards across router restarts (loaded
+    /// at startup like --shards, so their keys are visible before the
+    /// registrations are read again). Keep it on the node's disk.
+    #[arg(long, env = "STE_ROUTER_MEMBERSHIP_CACHE")]
+    membership_cache: Option<PathBuf>,
 
     /// Deadline of one request to a shard.
     #[arg(long, env = "STE_ROUTER_SHARD_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -90,6 +114,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // One TLS implementation for the shards, the etcd API and the Kubernetes client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(threads) = args.worker_threads {
@@ -135,8 +161,19 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let kube = if args.watch_shards {
+        Some(kube_client(args.kubeconfig.as_ref()).await?)
+    } else {
+        None
+    };
     let config = RouterConfig {
         server_tls,
+        membership: MembershipConfig {
+            kube,
+            lost_after: args.shard_lost_after,
+            cache_file: args.membership_cache.clone(),
+            ..MembershipConfig::default()
+        },
         store: StoreConfig {
             shard_tls,
             shard_timeout: args.shard_timeout,
@@ -157,6 +194,22 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.admin_listen))?;
     ste_router::run(config, listener, Some(admin), shutdown_signal()).await?;
     Ok(())
+}
+
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig found (give --kubeconfig, set KUBECONFIG, or run in a cluster)")?,
+    };
+    kube::Client::try_from(config).context("creating the Kubernetes client")
 }
 
 async fn shutdown_signal() {

@@ -37,6 +37,15 @@ pub struct Metrics {
     pub leases: Gauge,
     pub shard_keys: Family<ShardLabels, Gauge>,
     pub shard_up: Family<ShardLabels, Gauge>,
+    pub shard_bytes: Family<ShardLabels, Gauge>,
+    keys_moved: Counter,
+    pub keys_to_move: Gauge,
+    ring_changes: Family<ChangeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabels {
+    pub change: &'static str,
 }
 
 impl Default for Metrics {
@@ -80,7 +89,19 @@ impl Default for Metrics {
         registry.register("shard_keys", "Keys per shard", shard_keys.clone());
         let shard_up = Family::<ShardLabels, Gauge>::default();
         registry.register("shard_up", "1 when the shard is loaded and answered its last health check", shard_up.clone());
+        let shard_bytes = Family::<ShardLabels, Gauge>::default();
+        registry.register("shard_bytes", "Bytes in use in the shard's etcd backend (from its last health check)", shard_bytes.clone());
+        let keys_moved = Counter::default();
+        registry.register("keys_moved", "Keys moved between shards (invisible to clients: same revisions, no events)", keys_moved.clone());
+        let keys_to_move = Gauge::default();
+        registry.register("keys_to_move", "Keys not on the shard the ring places them on (moves in progress)", keys_to_move.clone());
+        let ring_changes = Family::<ChangeLabels, Counter>::default();
+        registry.register("ring_changes", "Shards joined, drained and declared lost", ring_changes.clone());
         Metrics {
+            shard_bytes,
+            keys_moved,
+            keys_to_move,
+            ring_changes,
             registry,
             rpcs,
             rpc_seconds,
@@ -117,6 +138,14 @@ impl Metrics {
 
     pub fn batch(&self, writes: i64) {
         self.batch_writes.observe(writes as f64);
+    }
+
+    pub fn keys_moved(&self, n: usize) {
+        self.keys_moved.inc_by(n as u64);
+    }
+
+    pub fn ring_change(&self, change: &'static str) {
+        self.ring_changes.get_or_create(&ChangeLabels { change }).inc();
     }
 
     pub fn keys_lost(&self, n: usize) {

@@ -5,7 +5,7 @@ mod cuts;
 
 pub use cuts::{CutLookup, Cuts};
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use crate::ring::ShardId;
 pub struct ShardSpec {
     pub id: ShardId,
     pub endpoint: String,
+    pub origin: Origin,
 }
 
 impl ShardSpec {
@@ -48,6 +49,7 @@ impl ShardSpec {
         Ok(ShardSpec {
             id: ShardId::new(name),
             endpoint: endpoint.to_string(),
+            origin: Origin::Static,
         })
     }
 }
@@ -63,9 +65,28 @@ pub struct WriteState {
     pub last_revision: i64,
 }
 
+/// Where a shard's membership comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// `--shards`: operator-managed (e.g. the bootstrap shard); never declared lost.
+    Static,
+    /// A `Shard` registration (or the admin API): joins, drains and may be declared lost.
+    Registered,
+}
+
 pub struct Shard {
     pub id: ShardId,
     pub endpoint: String,
+    pub origin: Origin,
+    /// Out of the ring: its keys are being moved off (drain or removal).
+    draining: AtomicBool,
+    /// Since when health checks fail (None while healthy).
+    unhealthy_since: Mutex<Option<std::time::Instant>>,
+    /// The global revision from which the shard holds nothing and is not
+    /// read (0: still a member).
+    pub removed_at: AtomicI64,
+    /// Bytes in use in its backend, from the last health check.
+    pub db_bytes: AtomicI64,
     kv: KvClient<Channel>,
     maintenance: MaintenanceClient<Channel>,
     pub write: tokio::sync::Mutex<WriteState>,
@@ -113,6 +134,11 @@ impl Shard {
         Ok(Shard {
             id: spec.id.clone(),
             endpoint: spec.endpoint.clone(),
+            origin: spec.origin,
+            draining: AtomicBool::new(false),
+            unhealthy_since: Mutex::new(None),
+            removed_at: AtomicI64::new(0),
+            db_bytes: AtomicI64::new(0),
             kv: KvClient::new(channel.clone())
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
@@ -140,6 +166,28 @@ impl Shard {
 
     pub fn set_healthy(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::Relaxed);
+        let mut since = self.unhealthy_since.lock().expect("unhealthy lock");
+        match (healthy, *since) {
+            (true, _) => *since = None,
+            (false, None) => *since = Some(std::time::Instant::now()),
+            (false, Some(_)) => {}
+        }
+    }
+
+    /// How long health checks have been failing without a break.
+    pub fn unhealthy_for(&self) -> Option<Duration> {
+        self.unhealthy_since
+            .lock()
+            .expect("unhealthy lock")
+            .map(|since| since.elapsed())
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Release);
     }
 
     pub fn require_loaded(&self) -> StoreResult<()> {
@@ -183,6 +231,9 @@ impl Shard {
         let result = self.maintenance.clone().status(StatusRequest {}).await;
         let answer = self.answer(result);
         self.set_healthy(answer.is_ok());
+        if let Ok(status) = &answer {
+            self.db_bytes.store(status.db_size_in_use, Ordering::Relaxed);
+        }
         answer
     }
 

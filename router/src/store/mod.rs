@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,9 @@ use crate::ring::{Ring, ShardId};
 use crate::sequencer::{starting_revision, Sequencer};
 use crate::shard::{write_certainly_not_applied, CutLookup, Shard, ShardSpec, WriteState};
 use crate::txn_shapes::{self, show_key, MAX_TXN_OPS};
+
+mod moves;
+pub use moves::DrainProgress;
 
 /// The version reported by Maintenance.Status when no shard reports a newer
 /// one: kube-apiserver keeps watch-progress based consistent reads only from 3.5.13 on.
@@ -119,6 +122,13 @@ pub struct Store {
     metrics: Arc<Metrics>,
     closed: AtomicBool,
     closing: tokio::sync::watch::Sender<bool>,
+    /// Ranges below this revision would need a shard that left: ErrCompacted.
+    range_floor: AtomicI64,
+    /// The newest revision of a key move: single-key reads before it cannot
+    /// trust the index for the key's shard and read every shard.
+    last_move: AtomicI64,
+    /// Keys found on two shards when loading: (shard of the copy to drop, key, its shard revision).
+    duplicates: std::sync::Mutex<Vec<(ShardId, Bytes, i64)>>,
 }
 
 fn zero_kv_meta() -> Meta {
@@ -192,21 +202,70 @@ impl Store {
             metrics,
             closed: AtomicBool::new(false),
             closing: tokio::sync::watch::channel(false).0,
+            range_floor: AtomicI64::new(0),
+            last_move: AtomicI64::new(0),
+            duplicates: std::sync::Mutex::new(Vec::new()),
         });
         for (id, scan) in scans {
             let shard = store.shard(&id).expect("shard exists");
             store.adopt_scan(&shard, scan, start);
         }
+        store.resolve_duplicates().await;
         info!(revision = start, "router store open");
         Ok(store)
     }
 
+    /// After a restart, a key on two shards is a move the router did not
+    /// finish: the copy the index did not keep (see `adopt_scan`) is deleted
+    /// before anything is served.
+    async fn resolve_duplicates(&self) {
+        let duplicates: Vec<(ShardId, Bytes, i64)> =
+            std::mem::take(&mut *self.duplicates.lock().expect("duplicates lock"));
+        let mut by_shard: BTreeMap<ShardId, Vec<(Bytes, i64)>> = BTreeMap::new();
+        for (shard, key, shard_mod) in duplicates {
+            by_shard.entry(shard).or_default().push((key, shard_mod));
+        }
+        for (id, keys) in by_shard {
+            let Some(shard) = self.shard(&id) else { continue };
+            match moves::delete_silently(&shard, &keys).await {
+                Ok(revision) => {
+                    info!(shard = %id, keys = keys.len(), "deleted copies left by an interrupted move");
+                    if let Some(revision) = revision {
+                        let at = self.sequencer.published();
+                        shard.cuts.lock().expect("cuts lock").reset(at, revision, CutLookup::Unknown);
+                    }
+                }
+                Err(err) => {
+                    warn!(shard = %id, error = %err, "cannot delete copies left by a move yet; reconciling later");
+                    shard.write.lock().await.needs_reconcile = true;
+                    shard.set_loaded(false);
+                }
+            }
+        }
+    }
+
     /// Puts a scanned shard's keys into the index, as they are (no events:
-    /// nobody could have listed the shard while it was not loaded).
+    /// nobody could have listed the shard while it was not loaded). A key
+    /// already indexed on another shard keeps the copy with the newer
+    /// revision (equal: the one the ring places); the other is a duplicate.
     fn adopt_scan(&self, shard: &Shard, scan: Scan, at: i64) {
         {
             let mut index = self.index.write().expect("index lock");
+            let ring = self.ring.read().expect("ring lock");
+            let mut duplicates = self.duplicates.lock().expect("duplicates lock");
             for item in scan.items {
+                if let Some(existing) = index.get(&item.key) {
+                    if existing.shard != shard.id {
+                        let keep_new = item.meta.mod_revision > existing.meta.mod_revision
+                            || (item.meta.mod_revision == existing.meta.mod_revision
+                                && ring.locate(&item.key).as_ref() == Some(&shard.id));
+                        if !keep_new {
+                            duplicates.push((shard.id.clone(), item.key, item.shard_mod_revision));
+                            continue;
+                        }
+                        duplicates.push((existing.shard.clone(), item.key.clone(), existing.shard_mod_revision));
+                    }
+                }
                 if item.meta.lease != 0 {
                     self.leases
                         .restore(item.meta.lease, item.meta.lease_ttl, item.key.clone());
@@ -337,7 +396,9 @@ impl Store {
         if requested > current {
             return Err(StoreError::FutureRevision);
         }
-        if requested < self.history.compact_revision() {
+        if requested < self.history.compact_revision()
+            || requested < self.range_floor.load(Ordering::Acquire)
+        {
             return Err(StoreError::Compacted);
         }
         Ok(requested)
@@ -351,12 +412,23 @@ impl Store {
         check_range_options(&req)?;
         let revision = self.read_revision(req.revision)?;
         let shards = if req.range_end.is_empty() {
-            vec![self.shard_for_key(&req.key)?]
+            let located = self.shard_for_key(&req.key)?;
+            // Looked up before checking for moves: a move updates the index
+            // only after raising `last_move`.
+            if revision < self.last_move.load(Ordering::Acquire) {
+                self.shard_list()
+            } else {
+                vec![located]
+            }
         } else {
             self.shard_list()
         };
         let mut reads = Vec::new();
         for shard in &shards {
+            let removed_at = shard.removed_at.load(Ordering::Acquire);
+            if removed_at != 0 && revision >= removed_at {
+                continue;
+            }
             shard.require_loaded()?;
             let cut = shard.cuts.lock().expect("cuts lock").at(revision);
             reads.push((shard.clone(), cut));
@@ -635,23 +707,30 @@ impl Store {
         req: TxnRequest,
         keys: BTreeSet<Bytes>,
     ) -> StoreResult<TxnResponse> {
-        let shard = self.single_shard_for(&keys)?;
-        let (reply, answer) = oneshot::channel();
-        shard
-            .queue
-            .lock()
-            .expect("queue lock")
-            .push_back(PendingTxn { req, keys, reply });
-        {
-            let mut state = shard.write.lock().await;
-            let queued: Vec<PendingTxn> = shard.queue.lock().expect("queue lock").drain(..).collect();
-            if !queued.is_empty() {
-                self.commit_queued(&shard, &mut state, queued).await;
+        let committed = loop {
+            let shard = self.single_shard_for(&keys)?;
+            let (reply, answer) = oneshot::channel();
+            shard.queue.lock().expect("queue lock").push_back(PendingTxn {
+                req: req.clone(),
+                keys: keys.clone(),
+                reply,
+            });
+            {
+                let mut state = shard.write.lock().await;
+                let queued: Vec<PendingTxn> = shard.queue.lock().expect("queue lock").drain(..).collect();
+                if !queued.is_empty() {
+                    self.commit_queued(&shard, &mut state, queued).await;
+                }
             }
-        }
-        let committed = answer
-            .await
-            .map_err(|_| StoreError::Internal("write dropped before commit".into()))??;
+            match answer
+                .await
+                .map_err(|_| StoreError::Internal("write dropped before commit".into()))?
+            {
+                // A move took the keys elsewhere before this write was planned: nothing was written.
+                Err(StoreError::Moved) => continue,
+                other => break other?,
+            }
+        };
         let published = self.sequencer.wait_published(committed.visible_at).await;
         let mut response = committed.response;
         // A write answers at its own revision, a read-only txn at the current one.
@@ -673,11 +752,12 @@ impl Store {
         for pending in queued {
             match self.single_shard_for(&pending.keys) {
                 Ok(placed) if placed.id == shard.id => {}
-                Ok(_) | Err(_) => {
-                    let _ = pending.reply.send(Err(StoreError::unavailable(
-                        shard.id.as_str(),
-                        "the keys' placement changed while the write waited; retry",
-                    )));
+                Ok(_) => {
+                    let _ = pending.reply.send(Err(StoreError::Moved));
+                    continue;
+                }
+                Err(err) => {
+                    let _ = pending.reply.send(Err(err));
                     continue;
                 }
             }
@@ -1325,6 +1405,7 @@ impl Store {
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect();
         let mut rewrites = Vec::new();
+        let mut leftovers = Vec::new();
         let mut in_shard = BTreeSet::new();
         for item in scan.items {
             in_shard.insert(item.key.clone());
@@ -1336,23 +1417,44 @@ impl Store {
                         }
                     }
                 }
-                _ => rewrites.push(item),
+                Some(_) => rewrites.push(item),
+                None => {
+                    // The index has it on another shard: a copy left by an
+                    // interrupted move, never visible here. Not a new key.
+                    let elsewhere = self
+                        .index
+                        .read()
+                        .expect("index lock")
+                        .get(&item.key)
+                        .is_some_and(|e| e.shard != shard.id);
+                    if elsewhere {
+                        leftovers.push((item.key.clone(), item.shard_mod_revision));
+                    } else {
+                        rewrites.push(item);
+                    }
+                }
             }
         }
         let lost: Vec<(Bytes, IndexEntry)> = known
             .into_iter()
             .filter(|(key, _)| !in_shard.contains(key))
             .collect();
-        if rewrites.is_empty() && lost.is_empty() && !lost_history {
+        if rewrites.is_empty() && lost.is_empty() && leftovers.is_empty() && !lost_history {
             state.needs_reconcile = false;
             shard.set_loaded(true);
             shard.set_healthy(true);
             return Ok(());
         }
+        let mut shard_revision = scan.revision;
+        if !leftovers.is_empty() {
+            info!(shard = %shard.id, keys = leftovers.len(), "deleting copies left by an interrupted move");
+            shard_revision = moves::delete_silently(shard, &leftovers)
+                .await?
+                .unwrap_or(shard_revision);
+        }
 
         let g = self.sequencer.assign();
         let mut events = Vec::new();
-        let mut shard_revision = scan.revision;
         for chunk in rewrites.chunks(MAX_TXN_OPS) {
             let mut ops = Vec::new();
             let mut compares = Vec::new();
@@ -1493,6 +1595,10 @@ impl Store {
                     }
                 }
             }
+        }
+        let duplicates = !self.duplicates.lock().expect("duplicates lock").is_empty();
+        if duplicates {
+            self.resolve_duplicates().await;
         }
         self.expire_leases().await;
     }
