@@ -87,7 +87,8 @@ pub struct RunArgs {
     pub client_key_file: Option<PathBuf>,
 
     /// Extra etcd flag, repeatable, e.g. `--etcd-arg=--log-level=debug`.
-    /// Passed after the agent's own flags, so it overrides them.
+    /// Passed after the agent's own flags, so it overrides them. In the
+    /// environment variable, separate flags with spaces.
     #[arg(long = "etcd-arg", env = "STE_SHARD_ETCD_ARGS", value_delimiter = ' ', allow_hyphen_values = true)]
     pub etcd_args: Vec<String>,
 

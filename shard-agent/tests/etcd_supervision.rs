@@ -108,3 +108,78 @@ async fn an_etcd_that_cannot_start_is_retried_with_backoff() {
     assert!(logs.contains("restarting etcd in 2s"), "backoff doubles:\n{logs}");
     assert!(logs.contains("address already in use"), "etcd's own error is in the log tail:\n{logs}");
 }
+
+#[tokio::test]
+async fn an_etcd_that_stops_answering_is_restarted() {
+    let agent = Agent::start(
+        "shard-d",
+        &["--no-register", "--unhealthy-after=2s", "--stop-grace=1s", "--etcd-arg=--log-level=debug"],
+    );
+    agent.wait_ready(Duration::from_secs(30)).await;
+    assert!(agent.logs().contains("--auto-compaction-retention=0 --log-level=debug"), "--etcd-arg comes last:\n{}", agent.logs());
+    let frozen = agent.etcd_pid().expect("etcd runs");
+    // SAFETY: kill(2) on the etcd child of our agent.
+    unsafe { libc::kill(frozen as libc::pid_t, libc::SIGSTOP) };
+    wait_until("etcd to be replaced after 2s without a healthy check", Duration::from_secs(30), || async {
+        agent.etcd_pid().is_some_and(|pid| pid != frozen)
+    })
+    .await;
+    agent.wait_ready(Duration::from_secs(30)).await;
+    assert_eq!(agent.metric("ste_shard_agent_etcd_restarts_total").await, Some(1.0));
+    assert!(agent.metric("ste_shard_agent_health_check_failures_total").await.is_some_and(|n| n >= 1.0));
+    let logs = agent.logs();
+    assert!(logs.contains("etcd has not been healthy for"), "{logs}");
+    assert!(logs.contains("did not stop within the grace period: SIGKILL"), "{logs}");
+    assert!(!process_alive(frozen), "the frozen etcd was killed");
+}
+
+#[tokio::test]
+async fn with_tls_the_shard_refuses_clients_without_a_certificate() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let script = ste_testkit::repo_root().join("hack/gen-certs.sh");
+    let out = std::process::Command::new("bash").arg(&script).arg(certs.path()).output().expect("gen-certs.sh");
+    assert!(out.status.success(), "gen-certs.sh: {}", String::from_utf8_lossy(&out.stderr));
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    let port = ste_testkit::free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let agent = Agent::start(
+        "shard-tls",
+        &[
+            "--no-register",
+            &format!("--listen-client={url}"),
+            &format!("--cert-file={}", file("shard-server.crt")),
+            &format!("--key-file={}", file("shard-server.key")),
+            &format!("--trusted-ca-file={}", file("ca.crt")),
+            &format!("--client-cert-file={}", file("shard-agent-client.crt")),
+            &format!("--client-key-file={}", file("shard-agent-client.key")),
+        ],
+    );
+    // Ready means the agent's own mTLS health checks pass.
+    agent.wait_ready(Duration::from_secs(30)).await;
+    let curl = |extra: &[String]| {
+        std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert", &file("ca.crt")])
+            .args(extra)
+            .arg(format!("{url}/health"))
+            .output()
+            .expect("curl")
+    };
+    let without = curl(&[]);
+    assert!(
+        !String::from_utf8_lossy(&without.stdout).contains("\"health\":\"true\""),
+        "a client without a certificate is refused: {}",
+        String::from_utf8_lossy(&without.stdout)
+    );
+    let with = curl(&[
+        "--cert".into(),
+        file("shard-agent-client.crt"),
+        "--key".into(),
+        file("shard-agent-client.key"),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&with.stdout).contains("\"health\":\"true\""),
+        "a client with a certificate from the CA is served: {} {}",
+        String::from_utf8_lossy(&with.stdout),
+        String::from_utf8_lossy(&with.stderr)
+    );
+}

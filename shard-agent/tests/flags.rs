@@ -63,6 +63,17 @@ fn runtime_setup_errors_exit_1_with_the_cause() {
         1,
         "reading kubeconfig",
     );
+    // No kubeconfig anywhere and not in a cluster.
+    let out = std::process::Command::new(common::AGENT)
+        .args(["run", &etcd, &data, "--shard-name=a"])
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", dir.path())
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no Kubernetes configuration") && stderr.contains("--no-register"), "{stderr}");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let admin = format!("--admin-listen={}", taken.local_addr().expect("addr"));
     assert_fails(&["run", &etcd, &data, "--shard-name=a", "--no-register", &admin], 1, "binding the admin server");

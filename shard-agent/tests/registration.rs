@@ -124,6 +124,25 @@ async fn registers_heartbeats_and_drains_on_sigterm() {
     let shard = get(&shards, "shard-b").await.expect("the Shard stays");
     assert!(shard.spec.drain);
     assert_eq!(shard.status.and_then(|s| s.etcd_healthy), Some(false), "the last heartbeat says etcd is down");
+
+    // --- A second signal while draining: etcd is killed at once.
+    let mut agent = Agent::start(
+        "shard-d",
+        &[&format!("--kubeconfig={}", kubeconfig.display()), "--heartbeat-interval=1s", "--drain-timeout=60s"],
+    );
+    agent.wait_ready(Duration::from_secs(30)).await;
+    let etcd_pid = agent.etcd_pid().expect("etcd runs");
+    agent.signal(libc::SIGTERM);
+    wait_until("spec.drain=true", Duration::from_secs(10), || async {
+        get(&shards, "shard-d").await.is_some_and(|s| s.spec.drain)
+    })
+    .await;
+    agent.signal(libc::SIGINT);
+    let status = agent.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(1), "{}", agent.logs());
+    assert!(agent.logs().contains("received a second SIGINT: killing etcd now"), "{}", agent.logs());
+    assert!(!process_alive(etcd_pid), "etcd is killed");
+    assert!(get(&shards, "shard-d").await.is_some(), "the undrained Shard stays for the router to declare Lost");
 }
 
 #[tokio::test]
