@@ -614,31 +614,95 @@ fn dashboard_metrics(dashboard: &Value) -> BTreeSet<String> {
     out
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+/// `GET path` on a loopback admin server: the body when it answers 200.
+async fn try_http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
         .await
-        .unwrap()
-        .unwrap();
+        .ok()?
+        .ok()?;
     let answer = String::from_utf8_lossy(&answer).to_string();
+    answer.starts_with("HTTP/1.1 200").then(|| {
+        answer
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// Waits for an admin server's /metrics and returns the names it exports.
+async fn scrape(what: &str, addr: std::net::SocketAddr) -> BTreeSet<String> {
+    let waiting = format!("{what} to serve /metrics on {addr}");
+    ste_testkit::wait_until(&waiting, Duration::from_secs(60), || async {
+        try_http_get(addr, "/metrics").await.is_some()
+    })
+    .await;
+    exported_names(&try_http_get(addr, "/metrics").await.expect("/metrics"))
+}
+
+/// A binary of this workspace, built next to this test (`cargo test
+/// --workspace --all-targets`, as hack/test.sh runs it, builds every one first).
+fn built_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    // target/<profile>/deps/manifests-… → target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join(name))
+        .expect("target dir");
     assert!(
-        answer.starts_with("HTTP/1.1 200"),
-        "GET {path}: {}",
-        answer.lines().next().unwrap_or_default()
+        path.is_file(),
+        "{} is missing: build it first (`cargo build -p {name}`; hack/test.sh builds every binary before the tests)",
+        path.display()
     );
-    answer
+    path
+}
+
+/// A child process stopped with SIGTERM (so that it stops its own children,
+/// as the shard-agent stops etcd), then SIGKILL after a deadline.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(binary: &Path, args: &[String], log: &Path) -> Process {
+    let log = std::fs::File::create(log).expect("log file");
+    Process(
+        Command::new(binary)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display())),
+    )
+}
+
+fn loopback() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], ste_testkit::free_port()))
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_dashboard_queries_only_metrics_the_router_exports() {
+async fn the_dashboard_queries_only_metrics_the_components_export() {
     let path = manifests().join("monitoring/grafana-dashboard.json");
     let dashboard: Value = serde_json::from_str(&read(&path)).expect("the dashboard is valid JSON");
     let panels = dashboard["panels"].as_array().expect("panels");
@@ -651,12 +715,13 @@ async fn the_dashboard_queries_only_metrics_the_router_exports() {
     );
     let wanted = dashboard_metrics(&dashboard);
     assert!(!wanted.is_empty(), "the dashboard queries no ste_ metric");
+    let dir = tempfile::tempdir().unwrap();
 
+    // The router, in process, after one write (labelled families get samples).
     let shards = ste_testkit::start_shards(2).await.unwrap();
     let router = Router::start(ste_testkit::shard_specs(&shards))
         .await
         .unwrap();
-    // A write, so that labelled families have samples too.
     let mut kv = ste_etcd_proto::pb::kv_client::KvClient::new(router.channel().await.unwrap());
     kv.put(ste_etcd_proto::pb::PutRequest {
         key: b"/registry/pods/default/dashboard".to_vec().into(),
@@ -665,23 +730,194 @@ async fn the_dashboard_queries_only_metrics_the_router_exports() {
     })
     .await
     .unwrap();
-    let exported = exported_names(&http_get(router.admin_addr, "/metrics").await);
+    let router_metrics = scrape("ste-router", router.admin_addr).await;
+
+    // The shard-agent binary with a real etcd, without registering.
+    let agent_admin = loopback();
+    let _agent = spawn(
+        &built_binary("ste-shard-agent"),
+        &[
+            "run".into(),
+            "--no-register".into(),
+            "--shard-name=dashboard".into(),
+            format!(
+                "--etcd-binary={}",
+                ste_testkit::etcd_binary().unwrap().display()
+            ),
+            format!("--data-dir={}", dir.path().join("shard/data").display()),
+            format!("--listen-client=http://{}", loopback()),
+            format!("--listen-peer=http://{}", loopback()),
+            format!("--admin-listen={agent_admin}"),
+        ],
+        &dir.path().join("shard-agent.log"),
+    );
+    let agent_metrics = scrape("ste-shard-agent", agent_admin).await;
+
+    // The activator-bridge binary against a real kube-apiserver.
+    let etcd = Etcd::start("dashboard").await.unwrap();
+    let apiserver = KubeApiserver::start(&etcd.endpoint(), None).await.unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    apiserver.api().write_kubeconfig(&kubeconfig).unwrap();
+    let bridge_admin = loopback();
+    let _bridge = spawn(
+        &built_binary("ste-activator-bridge"),
+        &[
+            format!("--kubeconfig={}", kubeconfig.display()),
+            format!("--admin-listen={bridge_admin}"),
+        ],
+        &dir.path().join("activator-bridge.log"),
+    );
+    let bridge_metrics = scrape("ste-activator-bridge", bridge_admin).await;
 
     let mut missing = Vec::new();
     for name in &wanted {
-        if name.starts_with("ste_router_") {
-            if !exported.contains(name) {
-                missing.push(name.clone());
-            }
+        let (component, exported) = if name.starts_with("ste_router_") {
+            ("ste-router", &router_metrics)
+        } else if name.starts_with("ste_shard_agent_") {
+            ("ste-shard-agent", &agent_metrics)
+        } else if name.starts_with("ste_activator_bridge_") {
+            ("ste-activator-bridge", &bridge_metrics)
         } else {
-            panic!(
-                "{name}: the dashboard queries a metric of a component this test does not start"
-            );
+            panic!("{name}: the dashboard queries a metric of no STE component");
+        };
+        if !exported.contains(name) {
+            missing.push(format!("{name} (not in {component}'s /metrics)"));
         }
     }
-    assert!(missing.is_empty(), "the dashboard queries metrics the router does not export: {missing:?}\nexported: {exported:?}");
-    println!("dashboard metrics found in the router's /metrics: {wanted:?}");
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics nobody exports: {missing:?}"
+    );
+    println!(
+        "{} dashboard metrics found in the components' /metrics: {wanted:?}",
+        wanted.len()
+    );
     router.stop().await.unwrap();
+}
+
+/// The `--flags` a `--help` text lists, and the environment variables it names.
+fn help_words(binary: &Path, subcommand: Option<&str>) -> (BTreeSet<String>, BTreeSet<String>) {
+    let out = Command::new(binary)
+        .args(subcommand)
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("{} --help: {e}", binary.display()));
+    assert!(out.status.success(), "{} --help failed", binary.display());
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let mut flags = BTreeSet::new();
+    for word in text.split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']') {
+        if let Some(rest) = word.strip_prefix("--") {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            if !name.is_empty() {
+                flags.insert(name);
+            }
+        }
+    }
+    let mut envs = BTreeSet::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("[env: ") {
+        rest = &rest[at + 6..];
+        envs.insert(
+            rest.chars()
+                .take_while(|c| *c != '=' && *c != ']')
+                .collect(),
+        );
+    }
+    (flags, envs)
+}
+
+/// Every flag a manifest passes to a container (and every environment
+/// variable it sets that is not only used inside the flags) is one the
+/// binary really accepts: names drift, and a static pod with an unknown flag
+/// is an outage.
+#[test]
+fn every_flag_the_manifests_pass_is_one_the_binaries_accept() {
+    let root = manifests();
+    let first_container = |file: &str, kind: &str| -> Value {
+        let doc = documents(&root.join(file))
+            .into_iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("{file}: no {kind}"));
+        let pointer = if kind == "Pod" {
+            "/spec/containers/0"
+        } else {
+            "/spec/template/spec/containers/0"
+        };
+        doc.pointer(pointer)
+            .unwrap_or_else(|| panic!("{file}: no container"))
+            .clone()
+    };
+    let cases = [
+        (
+            "static-pods/ste-router.yaml",
+            "Pod",
+            built_binary("ste-router"),
+            None,
+        ),
+        (
+            "03-shard-agent.yaml",
+            "DaemonSet",
+            built_binary("ste-shard-agent"),
+            Some("run"),
+        ),
+        (
+            "04-activator-bridge.yaml",
+            "Deployment",
+            built_binary("ste-activator-bridge"),
+            None,
+        ),
+        (
+            "static-pods/ste-bootstrap-shard.yaml",
+            "Pod",
+            ste_testkit::etcd_binary().unwrap(),
+            None,
+        ),
+    ];
+    let mut problems = Vec::new();
+    for (file, kind, binary, subcommand) in cases {
+        let container = first_container(file, kind);
+        let (flags, envs) = help_words(&binary, subcommand);
+        let args: Vec<String> = ["/command", "/args"]
+            .iter()
+            .filter_map(|p| container.pointer(p).and_then(Value::as_array))
+            .flatten()
+            .filter_map(|a| a.as_str().map(String::from))
+            .collect();
+        for arg in &args {
+            if let Some(rest) = arg.strip_prefix("--") {
+                let name = rest.split('=').next().unwrap();
+                if !flags.contains(name) {
+                    problems.push(format!("{file}: {} has no --{name}", binary.display()));
+                }
+            } else if subcommand != Some(arg.as_str()) && !arg.starts_with('/') {
+                problems.push(format!("{file}: unexpected argument {arg:?}"));
+            }
+        }
+        for env in container["env"].as_array().into_iter().flatten() {
+            let name = str_at(env, "/name");
+            let used_in_args = args.iter().any(|a| a.contains(&format!("$({name})")));
+            if !used_in_args && name != "RUST_LOG" && !envs.contains(name) {
+                problems.push(format!(
+                    "{file}: {} reads no environment variable {name}",
+                    binary.display()
+                ));
+            }
+        }
+        println!(
+            "{file}: {} arguments checked against {}",
+            args.len(),
+            binary.display()
+        );
+    }
+    assert!(
+        problems.is_empty(),
+        "manifests and binaries disagree:\n{}",
+        problems.join("\n")
+    );
 }
 
 /// etcdctl against `endpoint` with optional (ca, cert, key); Ok(stdout) or Err(stderr).
