@@ -92,7 +92,8 @@ pub struct RunArgs {
     #[arg(long = "etcd-arg", env = "STE_SHARD_ETCD_ARGS", value_delimiter = ' ', allow_hyphen_values = true)]
     pub etcd_args: Vec<String>,
 
-    /// Interval between health checks of etcd (GET /health).
+    /// Interval between health checks of etcd (GET /health?exclude=NOSPACE:
+    /// a full shard still serves reads and deletes, so it is not restarted).
     #[arg(long, env = "STE_SHARD_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
 

@@ -188,6 +188,9 @@ impl HealthChecker {
             _ => {}
         }
         url.set_path("/health");
+        // A full shard (NOSPACE alarm) still serves reads and deletes, and a
+        // restart would not clear the alarm: it is not a reason to restart.
+        url.set_query(Some("exclude=NOSPACE"));
         let mut builder = reqwest::Client::builder().timeout(config.health_timeout).no_proxy();
         if let Some(tls) = &config.tls {
             builder = builder.use_rustls_tls().tls_built_in_root_certs(false);
@@ -366,6 +369,7 @@ impl Supervisor {
                     return (RunEnd::Stopped, healthy_for);
                 }
                 _ = ticker.tick() => {
+                    self.state.metrics.health_checks.inc();
                     match self.health.check().await {
                         Ok(()) => {
                             if !*self.healthy.borrow() {

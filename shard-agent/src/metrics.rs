@@ -17,6 +17,7 @@ pub struct ResultLabels {
 pub struct Metrics {
     pub registry: Registry,
     pub etcd_restarts: Counter,
+    pub health_checks: Counter,
     pub health_check_failures: Counter,
     pub heartbeats: Family<ResultLabels, Counter>,
     pub etcd_up: Gauge,
@@ -29,6 +30,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("ste_shard_agent");
         let etcd_restarts = Counter::default();
         registry.register("etcd_restarts", "Times etcd was restarted after it exited or stayed unhealthy", etcd_restarts.clone());
+        let health_checks = Counter::default();
+        registry.register("health_checks", "Health checks of etcd (GET /health?exclude=NOSPACE)", health_checks.clone());
         let health_check_failures = Counter::default();
         registry.register("health_check_failures", "Failed health checks of etcd", health_check_failures.clone());
         let heartbeats = Family::<ResultLabels, Counter>::default();
@@ -43,7 +46,7 @@ impl Metrics {
             "Duration of the last drain, from setting spec.drain to the router's Drained (or the timeout)",
             drain_seconds.clone(),
         );
-        Metrics { registry, etcd_restarts, health_check_failures, heartbeats, etcd_up, registered, drain_seconds }
+        Metrics { registry, etcd_restarts, health_checks, health_check_failures, heartbeats, etcd_up, registered, drain_seconds }
     }
 
     pub fn heartbeat(&self, ok: bool) {

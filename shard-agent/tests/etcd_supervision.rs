@@ -183,3 +183,32 @@ async fn with_tls_the_shard_refuses_clients_without_a_certificate() {
         String::from_utf8_lossy(&with.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_full_shard_is_not_restarted() {
+    let agent = Agent::start("shard-full", &["--no-register", "--quota-bytes=1MiB", "--unhealthy-after=1s"]);
+    agent.wait_ready(Duration::from_secs(30)).await;
+    let mut client = kv(&agent.endpoint()).await;
+    let value = vec![b'x'; 64 << 10];
+    let mut filled = false;
+    // etcd measures its size at backend commits (every 100ms): pace the puts.
+    for i in 0..256 {
+        let put = PutRequest { key: format!("/registry/pods/default/p{i}").into_bytes().into(), value: value.clone().into(), ..Default::default() };
+        if let Err(status) = client.put(put).await {
+            assert!(status.message().contains("database space exceeded"), "{status}");
+            filled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(filled, "a 1 MiB quota is exceeded by 16 MiB of values\n{}", agent.logs());
+    // Ten health checks after the NOSPACE alarm, longer than --unhealthy-after: no restart.
+    let checks = agent.metric("ste_shard_agent_health_checks_total").await.expect("health_checks_total");
+    wait_until("ten more health checks", Duration::from_secs(20), || async {
+        agent.metric("ste_shard_agent_health_checks_total").await.is_some_and(|n| n >= checks + 10.0)
+    })
+    .await;
+    assert_eq!(agent.metric("ste_shard_agent_etcd_restarts_total").await, Some(0.0), "{}", agent.logs());
+    assert_eq!(agent.admin("/readyz").await.0, 200);
+    assert_eq!(get(&agent.endpoint(), "/registry/pods/default/p0").await.map(|v| v.len()), Some(64 << 10), "a full shard still serves reads");
+}
