@@ -9,10 +9,18 @@
 //! - the static pods only use what a kubelet gives static pods, and the
 //!   router, the bootstrap shard and the kind config agree on addresses;
 //! - the kind config parses and its kubeadm patch sets the pods override;
-//! - every metric the Grafana dashboard queries is exported by a real router;
+//! - every metric the Grafana dashboard queries is exported by a real router,
+//!   shard-agent or activator-bridge;
 //! - the certificates hack/gen-certs.sh makes work end to end: a client with
 //!   kube-apiserver's certificate writes through a TLS router to a TLS shard,
-//!   and the router and the shard refuse clients without a certificate.
+//!   and the router and the shard refuse clients without a certificate;
+//! - every flag and environment variable the manifests pass exists in the
+//!   binaries' `--help`;
+//! - the install on one machine: the bootstrap shard, the router and a
+//!   shard-agent started with their manifests' flags, authenticated as their
+//!   own ServiceAccounts (RBAC), join, store and drain without losing a key.
+//!
+//! The workspace binaries must be built first (hack/test.sh does).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -666,29 +674,46 @@ fn built_binary(name: &str) -> PathBuf {
 /// as the shard-agent stops etcd), then SIGKILL after a deadline.
 struct Process(std::process::Child);
 
-impl Drop for Process {
-    fn drop(&mut self) {
+impl Process {
+    /// SIGTERM, then waits up to `within`; SIGKILL after that. Returns
+    /// whether it exited by itself in time.
+    fn stop(&mut self, within: Duration) -> bool {
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return true;
+        }
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.0.id().to_string())
             .status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + within;
         while std::time::Instant::now() < deadline {
             if let Ok(Some(_)) = self.0.try_wait() {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.0.kill();
         let _ = self.0.wait();
+        false
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(20));
     }
 }
 
 fn spawn(binary: &Path, args: &[String], log: &Path) -> Process {
+    spawn_with_env(binary, args, &[], log)
+}
+
+fn spawn_with_env(binary: &Path, args: &[String], env: &[(&str, &str)], log: &Path) -> Process {
     let log = std::fs::File::create(log).expect("log file");
     Process(
         Command::new(binary)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -1054,4 +1079,240 @@ async fn gen_certs_makes_certificates_that_work_end_to_end() {
         "{on_shard}"
     );
     router.stop().await.unwrap();
+}
+
+/// The container's command (after the binary) and args from a manifest,
+/// with host paths and addresses replaced, in order, as given.
+fn localized(container: &Value, replace: &[(&str, String)]) -> Vec<String> {
+    let command = container["command"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .skip(1);
+    let args = container["args"].as_array().into_iter().flatten();
+    command
+        .chain(args)
+        .filter_map(Value::as_str)
+        .map(|arg| {
+            replace
+                .iter()
+                .fold(arg.to_string(), |arg, (from, to)| arg.replace(from, to))
+        })
+        .collect()
+}
+
+/// The value of a sample like `name{label="value"} 3` in a metrics text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// The install, on one machine: the CRD, namespace and RBAC applied to a
+/// real kube-apiserver; the bootstrap shard, the router and a shard-agent
+/// started with the flags of their manifests (paths and addresses made
+/// local), the certificates of hack/gen-certs.sh, and each component
+/// authenticated as its own ServiceAccount — so its RBAC is what it gets.
+/// The agent registers its shard, the router takes it into the ring and
+/// stores keys on it; on SIGTERM the agent drains, the router moves the keys
+/// off, and the Shard is deleted with no key lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_components_run_with_the_manifests_flags_rbac_and_certificates() {
+    let router_binary = built_binary("ste-router");
+    let agent_binary = built_binary("ste-shard-agent");
+    let etcd_binary = ste_testkit::etcd_binary().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let certs = dir.path().join("certs");
+    let status = Command::new(repo_root().join("hack/gen-certs.sh"))
+        .arg(&certs)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("running hack/gen-certs.sh");
+    assert!(status.success(), "hack/gen-certs.sh failed");
+    let cert = |name: &str| certs.join(name).display().to_string();
+
+    // kube-apiserver with the CRD, the namespace and the RBAC.
+    let etcd = Etcd::start("install").await.unwrap();
+    let apiserver = KubeApiserver::start(&etcd.endpoint(), None).await.unwrap();
+    let admin = dir.path().join("admin.conf");
+    apiserver.api().write_kubeconfig(&admin).unwrap();
+    let kubectl = Kubectl {
+        binary: ste_testkit::kubectl_binary().unwrap(),
+        kubeconfig: admin,
+        cache: dir.path().join("cache"),
+    };
+    let root = manifests();
+    for file in ["00-crd-shards.yaml", "01-namespace.yaml", "02-rbac.yaml"] {
+        kubectl.apply(&root.join(file));
+    }
+    kubectl.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/shards.ste.dev",
+    ]);
+    // Each component as its own ServiceAccount.
+    let identity = |account: &str| {
+        let token = kubectl.ok(&[
+            "-n",
+            "ste-system",
+            "create",
+            "token",
+            account,
+            "--duration=1h",
+        ]);
+        let file = dir.path().join(format!("{account}.conf"));
+        ste_testkit::Api {
+            url: apiserver.url(),
+            token: token.trim().to_string(),
+        }
+        .write_kubeconfig(&file)
+        .unwrap();
+        file.display().to_string()
+    };
+    let router_kubeconfig = identity("ste-router");
+    let agent_kubeconfig = identity("ste-shard-agent");
+
+    // The bootstrap shard: etcd with its static pod's command.
+    let shard_pod = documents(&root.join("static-pods/ste-bootstrap-shard.yaml")).remove(0);
+    let (client, peer, metrics) = (loopback(), loopback(), loopback());
+    let bootstrap_url = format!("https://{client}");
+    let _bootstrap = spawn(
+        &etcd_binary,
+        &localized(
+            &shard_pod["spec"]["containers"][0],
+            &[
+                ("https://127.0.0.1:2579", bootstrap_url.clone()),
+                ("http://127.0.0.1:2580", format!("http://{peer}")),
+                ("http://127.0.0.1:2581", format!("http://{metrics}")),
+                ("/etc/kubernetes/pki/ste/", format!("{}/", certs.display())),
+                ("/var/lib/ste-shard", path("bootstrap")),
+            ],
+        ),
+        &dir.path().join("bootstrap-shard.log"),
+    );
+    ste_testkit::wait_until(
+        "the bootstrap shard to be ready",
+        Duration::from_secs(60),
+        || async { try_http_get(metrics, "/readyz").await.is_some() },
+    )
+    .await;
+
+    // The router with its static pod's flags.
+    let router_pod = documents(&root.join("static-pods/ste-router.yaml")).remove(0);
+    let (router_addr, router_admin) = (loopback(), loopback());
+    let _router = spawn(
+        &router_binary,
+        &localized(
+            &router_pod["spec"]["containers"][0],
+            &[
+                ("https://127.0.0.1:2579", bootstrap_url.clone()),
+                ("127.0.0.1:2479", router_addr.to_string()),
+                ("0.0.0.0:2480", router_admin.to_string()),
+                ("/etc/kubernetes/pki/ste/", format!("{}/", certs.display())),
+                ("/etc/kubernetes/ste-router.conf", router_kubeconfig),
+                ("/var/lib/ste-router/", format!("{}/", path(""))),
+            ],
+        ),
+        &dir.path().join("router.log"),
+    );
+    ste_testkit::wait_until(
+        "the router to be ready",
+        Duration::from_secs(60),
+        || async { try_http_get(router_admin, "/readyz").await.is_some() },
+    )
+    .await;
+
+    // A shard-agent with the DaemonSet's flags, on "node" worker-1.
+    let daemonset = documents(&root.join("03-shard-agent.yaml"))
+        .into_iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .unwrap();
+    let (shard_client, agent_admin) = (loopback(), loopback());
+    let mut agent_args = localized(
+        &daemonset["spec"]["template"]["spec"]["containers"][0],
+        &[
+            ("https://0.0.0.0:2379", format!("https://{shard_client}")),
+            ("https://$(POD_IP):2379", format!("https://{shard_client}")),
+            ("/usr/local/bin/etcd", etcd_binary.display().to_string()),
+            ("/var/lib/ste-shard/data", path("worker/data")),
+            ("/tmp/etcd.log", path("worker-etcd.log")),
+            ("/etc/ste/tls/tls.crt", cert("shard-server.crt")),
+            ("/etc/ste/tls/tls.key", cert("shard-server.key")),
+            ("/etc/ste/tls/ca.crt", cert("ca.crt")),
+            ("/etc/ste/tls/client.crt", cert("shard-agent-client.crt")),
+            ("/etc/ste/tls/client.key", cert("shard-agent-client.key")),
+            ("0.0.0.0:9482", agent_admin.to_string()),
+        ],
+    );
+    // What the pod gets from elsewhere: its peer port (default 2380, taken
+    // on a shared machine) and, in a pod, the in-cluster ServiceAccount.
+    agent_args.push(format!("--listen-peer=http://{}", loopback()));
+    agent_args.push(format!("--kubeconfig={agent_kubeconfig}"));
+    let mut agent = spawn_with_env(
+        &agent_binary,
+        &agent_args,
+        &[("NODE_NAME", "worker-1")],
+        &dir.path().join("shard-agent.log"),
+    );
+    let phase = || kubectl.run(&["get", "shard", "worker-1", "-o", "jsonpath={.status.phase}"]);
+    ste_testkit::wait_until(
+        "the router to make Shard worker-1 Active",
+        Duration::from_secs(60),
+        || async { String::from_utf8_lossy(&phase().stdout) == "Active" },
+    )
+    .await;
+
+    // Writes through the router (as kube-apiserver: its client certificate) reach the worker shard.
+    let ca = certs.join("ca.crt");
+    let client_cert = (
+        certs.join("apiserver-client.crt"),
+        certs.join("apiserver-client.key"),
+    );
+    let client = Some((client_cert.0.as_path(), client_cert.1.as_path()));
+    let endpoint = format!("https://{router_addr}");
+    for i in 0..40 {
+        etcdctl(
+            &endpoint,
+            &ca,
+            client,
+            &["put", &format!("/registry/pods/default/pod-{i:02}"), "v"],
+        )
+        .unwrap_or_else(|e| panic!("put through the router: {e}"));
+    }
+    let on_worker = sample(
+        &try_http_get(router_admin, "/metrics").await.unwrap(),
+        "ste_router_shard_keys{shard=\"worker-1\"}",
+    );
+    println!("keys on the worker shard: {on_worker:?} of 40");
+    assert!(
+        on_worker.is_some_and(|n| n > 0.0),
+        "no key on the worker shard: {on_worker:?}"
+    );
+
+    // SIGTERM: the agent drains, the router moves every key off, the Shard goes away.
+    let drain = std::time::Instant::now();
+    assert!(
+        agent.stop(Duration::from_secs(90)),
+        "the shard-agent did not stop after its drain"
+    );
+    println!("drained and stopped in {:?}", drain.elapsed());
+    let gone = kubectl.run(&["get", "shard", "worker-1"]);
+    assert!(
+        !gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("NotFound"),
+        "the drained Shard was not deleted: {}",
+        String::from_utf8_lossy(&gone.stdout)
+    );
+    let keys = etcdctl(
+        &endpoint,
+        &ca,
+        client,
+        &["get", "/registry/pods/", "--prefix", "--keys-only"],
+    )
+    .unwrap();
+    assert_eq!(
+        keys.lines().filter(|l| !l.is_empty()).count(),
+        40,
+        "keys lost in the drain:\n{keys}"
+    );
 }
