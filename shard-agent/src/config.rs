@@ -89,7 +89,7 @@ pub struct RunArgs {
     /// Extra etcd flag, repeatable, e.g. `--etcd-arg=--log-level=debug`.
     /// Passed after the agent's own flags, so it overrides them. In the
     /// environment variable, separate flags with spaces.
-    #[arg(long = "etcd-arg", env = "STE_SHARD_ETCD_ARGS", value_delimiter = ' ', allow_hyphen_values = true)]
+    #[arg(long = "etcd-arg", value_name = "FLAG", env = "STE_SHARD_ETCD_ARGS", value_delimiter = ' ', allow_hyphen_values = true)]
     pub etcd_args: Vec<String>,
 
     /// Interval between health checks of etcd (GET /health?exclude=NOSPACE:
