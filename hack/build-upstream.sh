@@ -171,4 +171,27 @@ main() {
   echo "upstream binaries in ${BIN}"
 }
 
+# --- Knative Serving (hack/knative/go.mod) -----------------------------------
+# knative-controller, knative-autoscaler: Knative Serving's
+# own components at the release pinned in hack/knative/go.mod, for the
+# activator-bridge tests and `ste-bench coldstart` (docs/activator-bridge.md).
+# Same stamp cache as above; they are part of the default set.
+KNATIVE=(knative-controller knative-autoscaler)
+ALL+=("${KNATIVE[@]}")
+eval "_core_$(declare -f module_dir)"
+eval "_core_$(declare -f build_args)"
+module_dir() {
+  case "$1" in
+    knative-*) echo "${ROOT}/hack/knative" ;;
+    *) _core_module_dir "$1" ;;
+  esac
+}
+build_args() {
+  case "$1" in
+    knative-*) printf '%s\n' -trimpath -ldflags "-s -w" "knative.dev/serving/cmd/${1#knative-}" ;;
+    *) _core_build_args "$1" ;;
+  esac
+}
+
+
 main "$@"

@@ -139,9 +139,12 @@ async fn kube_client(args: &Args) -> anyhow::Result<kube::Client> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
+    // Both rustls providers are compiled in (workspace features); pick ring as ste-router does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     if args.renew_deadline >= args.lease_duration {
         anyhow::bail!("--renew-deadline ({:?}) must be shorter than --lease-duration ({:?})", args.renew_deadline, args.lease_duration);
     }

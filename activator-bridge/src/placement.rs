@@ -4,9 +4,9 @@
 //! Filters: node Ready and schedulable, taints tolerated (NoSchedule and
 //! NoExecute), `nodeSelector`, required node affinity, CPU/memory/pods (and
 //! any other requested resource) fitting the node's allocatable minus what
-//! is bound there. Score: nodes already holding the image first, then fewer
-//! pods of the same revision (Knative's default preferred anti-affinity on
-//! `kubernetes.io/hostname`), then the least requested CPU.
+//! is bound there. Score: fewest pods of the same revision first (Knative's
+//! default preferred anti-affinity on `kubernetes.io/hostname`), then nodes
+//! already holding the images, then the least requested CPU.
 //!
 //! Anything the cache cannot judge (volumes claims, host ports, pod
 //! affinity, required topology spread, another scheduler, pods asking for
@@ -304,7 +304,7 @@ pub fn choose_node<'a>(
     revision: Option<&str>,
 ) -> Option<&'a Node> {
     let images: Vec<String> = spec.containers.iter().filter_map(|c| c.image.clone()).collect();
-    let mut best: Option<((bool, std::cmp::Reverse<u32>, std::cmp::Reverse<i128>, std::cmp::Reverse<String>), &Node)> = None;
+    let mut best: Option<((std::cmp::Reverse<u32>, bool, std::cmp::Reverse<i128>, std::cmp::Reverse<String>), &Node)> = None;
     for node in nodes {
         let Some(name) = node.metadata.name.as_deref() else { continue };
         if node.metadata.deletion_timestamp.is_some() || !node_admits(node, spec) {
@@ -331,8 +331,8 @@ pub fn choose_node<'a>(
         let same = revision.and_then(|r| used.and_then(|u| u.by_revision.get(r))).copied().unwrap_or(0);
         let cpu_used = used.and_then(|u| u.requested.get("cpu")).copied().unwrap_or(0);
         let key = (
-            node_has_images(node, used, &images),
             std::cmp::Reverse(same),
+            node_has_images(node, used, &images),
             std::cmp::Reverse(cpu_used),
             std::cmp::Reverse(name.to_string()),
         );
@@ -427,16 +427,19 @@ mod tests {
     }
 
     #[test]
-    fn prefers_image_then_spread() {
+    fn spreads_then_prefers_image() {
         let nodes = vec![node("a", "4", json!({})), node("b", "4", json!({"status": {"images": [{"names": ["img:1"]}]}})), node("c", "4", json!({}))];
         let s = spec(json!({}));
         let req = pod_requests(&s).unwrap();
         let mut usage = HashMap::new();
         assert_eq!(choose_node(&nodes, &usage, &s, &req, Some("rev")).unwrap().metadata.name.as_deref(), Some("b"));
-        // b and c hold the image now; b already has one pod of the revision.
+        // b already has one pod of the revision: c (which runs the image for another revision) beats a.
         usage.entry("b".to_string()).or_insert_with(NodeUsage::default).add(&req, Some("rev"), ["img:1".to_string()]);
         usage.entry("c".to_string()).or_insert_with(NodeUsage::default).add(&Resources::new(), Some("other"), ["img:1".to_string()]);
         assert_eq!(choose_node(&nodes, &usage, &s, &req, Some("rev")).unwrap().metadata.name.as_deref(), Some("c"));
+        // One on each: the next goes where the revision has the fewest, then the image.
+        usage.entry("c".to_string()).or_insert_with(NodeUsage::default).add(&req, Some("rev"), []);
+        assert_eq!(choose_node(&nodes, &usage, &s, &req, Some("rev")).unwrap().metadata.name.as_deref(), Some("a"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod churn;
 pub mod cluster;
+pub mod coldstart;
 pub mod jobs;
 pub mod plots;
 pub mod router_bench;

@@ -1,7 +1,7 @@
 //! ste-bench: STE's benchmarks. Every suite runs its arms side by side in one
 //! run on the same machine and reports ratios.
 
-use ste_bench::{churn, cluster, jobs, router_bench};
+use ste_bench::{churn, cluster, coldstart, jobs, router_bench};
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +25,10 @@ enum Command {
     /// Job bursts (Kubeλess): N Jobs × 1 pod and 1 Job × N pods on each arm;
     /// time until every pod was created, bound and Running.
     Jobs(jobs::JobsArgs),
+    /// Knative cold start: 1, 5, 25, 100 revisions woken from zero at once,
+    /// with and without ste-activator-bridge, on the stock and STE arms;
+    /// latency from the autoscaler's scale patch to the first pod bound and Ready.
+    Coldstart(coldstart::ColdstartArgs),
     /// The README's demo: the stock, tuned and STE arms side by side on a short
     /// churn burst, with an 8 ms fsync on the durable etcd, then the table and plots.
     Demo {
@@ -60,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Cluster { command: ClusterCommand::Down(args) } => cluster::down(&args).await,
         Command::Churn(args) => churn::run(args).await.map(|_| ()),
         Command::Jobs(args) => jobs::run(args).await.map(|_| ()),
+        Command::Coldstart(args) => coldstart::run(args).await.map(|_| ()),
         Command::Demo { seconds } => {
             let args = churn::ChurnArgs {
                 arms: vec![cluster::Arm::Stock, cluster::Arm::Tuned, cluster::Arm::Ste],

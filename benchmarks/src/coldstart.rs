@@ -1,0 +1,645 @@
+//! `ste-bench coldstart`: Knative revisions woken from zero at once, with
+//! and without ste-activator-bridge, on the stock and STE arms, in one run.
+//!
+//! Also the launcher the activator-bridge tests use: Knative Serving's own
+//! controller and autoscaler (built by hack/build-upstream.sh from the
+//! release pinned in hack/knative/go.mod), its CRDs and config maps
+//! (vendored in hack/knative/), against the local control plane.
+//!
+//! Knative's webhook and activator do not run (docs/activator-bridge.md
+//! says why): Services are created fully defaulted, and revisions are woken
+//! by the exact JSON patch the autoscaler's KPA scaler sends to the
+//! revision's Deployment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::churn::{client, current_resource_version, watch_pods};
+use crate::cluster::{self, Arm, ClusterRecord, UpArgs};
+use crate::stats::Samples;
+
+const CRDS: &str = include_str!("../../hack/knative/serving-crds.yaml");
+const CONFIG: &str = include_str!("../../hack/knative/serving-config.yaml");
+const STE_CONFIG: &str = include_str!("../../hack/knative/serving-ste.yaml");
+
+pub const REVISION_LABEL: &str = "serving.knative.dev/revision";
+pub const BRIDGE_ANNOTATION: &str = "ste.dev/activator-bridge";
+
+fn kubectl(record: &ClusterRecord, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    use std::io::Write;
+    let binary = ste_testkit::kubectl_binary()?;
+    let mut child = Command::new(&binary)
+        .arg(format!("--kubeconfig={}", record.kubeconfig.display()))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", binary.display()))?;
+    if let Some(input) = stdin {
+        child.stdin.take().context("kubectl stdin")?.write_all(input.as_bytes())?;
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A child process killed (and reaped) on drop.
+struct Owned {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Knative Serving's controller and autoscaler, running against a local cluster.
+pub struct Knative {
+    processes: Vec<Owned>,
+    // Knative's autoscaler binds its stat server to :8080 (a constant in
+    // cmd/autoscaler): one at a time on this machine.
+    _port_lock: std::fs::File,
+}
+
+impl Knative {
+    /// Installs the CRDs and config (vendored release YAML plus
+    /// hack/knative/serving-ste.yaml), starts the controller and the
+    /// autoscaler with their logs in `logs`, and waits until both lead.
+    pub async fn start(record: &ClusterRecord, logs: &Path) -> anyhow::Result<Knative> {
+        let lock_path = std::env::temp_dir().join("ste-knative-autoscaler-8080.lock");
+        let lock = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            eprintln!("  (another Knative autoscaler holds :8080 on this machine; waiting for {})", lock_path.display());
+            let lock = lock.try_clone()?;
+            tokio::task::spawn_blocking(move || lock.lock()).await??;
+        }
+        kubectl(record, &["apply", "--server-side", "-f", "-"], Some(CRDS)).context("installing Knative's CRDs")?;
+        kubectl(record, &["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"], None)?;
+        kubectl(record, &["apply", "--server-side", "-f", "-"], Some(CONFIG)).context("installing Knative's config maps")?;
+        kubectl(record, &["apply", "--server-side", "--force-conflicts", "--field-manager=ste", "-f", "-"], Some(STE_CONFIG))
+            .context("applying hack/knative/serving-ste.yaml")?;
+
+        std::fs::create_dir_all(logs)?;
+        let mut knative = Knative { processes: Vec::new(), _port_lock: lock };
+        let kubeconfig = format!("--kubeconfig={}", record.kubeconfig.display());
+        for (name, binary, env_name, domain) in [
+            ("knative-controller", "knative-controller", "STE_KNATIVE_CONTROLLER_BIN", "knative.dev/internal/serving"),
+            ("knative-autoscaler", "knative-autoscaler", "STE_KNATIVE_AUTOSCALER_BIN", "knative.dev/serving"),
+        ] {
+            let binary = ste_testkit::upstream_binary(binary, env_name)?;
+            let log = logs.join(format!("{name}.log"));
+            let out = std::fs::File::create(&log)?;
+            let child = Command::new(&binary)
+                .arg(&kubeconfig)
+                .env("SYSTEM_NAMESPACE", "knative-serving")
+                .env("POD_NAME", format!("{name}-0"))
+                // Published in the autoscaler's bucket Endpoints, which refuse loopback
+                // addresses; with one autoscaler nothing ever connects to it.
+                .env("POD_IP", "10.0.0.3")
+                .env("CONFIG_LOGGING_NAME", "config-logging")
+                .env("CONFIG_OBSERVABILITY_NAME", "config-observability")
+                .env("METRICS_DOMAIN", domain)
+                // Profiling is off (config-observability) but its server always listens: any free port.
+                .env("PROFILING_PORT", "0")
+                .stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .spawn()
+                .with_context(|| format!("starting {}", binary.display()))?;
+            knative.processes.push(Owned { name: name.into(), child, log });
+        }
+        let api = record.api();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            knative.check()?;
+            let (code, body) = api.curl(&["/apis/coordination.k8s.io/v1/namespaces/knative-serving/leases"])?;
+            let holders: Vec<String> = if code == 200 {
+                serde_json::from_str::<Value>(&body)?["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|l| l["spec"]["holderIdentity"].is_string())
+                    .filter_map(|l| l["metadata"]["name"].as_str().map(String::from))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let controller = holders.iter().any(|h| h.starts_with("controller.knative.dev.serving.pkg.reconciler.revision"));
+            let autoscaler = holders.iter().any(|h| h == "autoscaler-bucket-00-of-01");
+            if controller && autoscaler {
+                return Ok(knative);
+            }
+            if Instant::now() > deadline {
+                bail!("Knative did not take its leases within 90s (controller: {controller}, autoscaler: {autoscaler}); see {}", logs.display());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Fails if a component exited.
+    pub fn check(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.processes {
+            if let Some(status) = p.child.try_wait()? {
+                bail!("{} exited ({status}); see {}", p.name, p.log.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A Knative Service as the webhook would leave it (it does not run here):
+/// every default the controller relies on set, the revision created at
+/// zero (`initial-scale: 0`, allowed by serving-ste.yaml).
+pub fn service(name: &str, cpu: &str) -> Value {
+    json!({
+        "apiVersion": "serving.knative.dev/v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "template": {
+                "metadata": {"annotations": {
+                    "autoscaling.knative.dev/initial-scale": "0",
+                    "autoscaling.knative.dev/class": "kpa.autoscaling.knative.dev",
+                    "autoscaling.knative.dev/metric": "concurrency"
+                }},
+                "spec": {
+                    "containerConcurrency": 0,
+                    "timeoutSeconds": 300,
+                    "enableServiceLinks": false,
+                    "containers": [{
+                        "name": "user-container",
+                        "image": "dev.local/hello:v1",
+                        "readinessProbe": {"successThreshold": 1, "tcpSocket": {"port": 0}},
+                        "resources": {"requests": {"cpu": cpu, "memory": "64Mi"}}
+                    }]
+                }
+            },
+            "traffic": [{"latestRevision": true, "percent": 100}]
+        }
+    })
+}
+
+/// The Deployment Knative's controller makes for a Service's first revision.
+pub fn deployment_of(service: &str) -> String {
+    format!("{service}-00001-deployment")
+}
+
+pub fn revision_of(service: &str) -> String {
+    format!("{service}-00001")
+}
+
+pub async fn create_service(http: &reqwest::Client, record: &ClusterRecord, name: &str, cpu: &str) -> anyhow::Result<()> {
+    let response = http
+        .post(format!("{}/apis/serving.knative.dev/v1/namespaces/default/services", record.api_url))
+        .bearer_auth(&record.token)
+        .json(&service(name, cpu))
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("creating Knative Service {name}: HTTP {}: {}", response.status(), response.text().await.unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// Scales a revision's Deployment with the autoscaler's own request (KPA
+/// scaler.applyScale: a JSON patch of /spec/replicas on the Deployment).
+pub async fn scale_revision(http: &reqwest::Client, record: &ClusterRecord, service: &str, replicas: u32) -> anyhow::Result<()> {
+    let response = http
+        .patch(format!("{}/apis/apps/v1/namespaces/default/deployments/{}", record.api_url, deployment_of(service)))
+        .bearer_auth(&record.token)
+        .header("Content-Type", "application/json-patch+json")
+        .body(json!([{"op": "replace", "path": "/spec/replicas", "value": replicas}]).to_string())
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!("scaling {} to {replicas}: HTTP {}: {}", deployment_of(service), response.status(), response.text().await.unwrap_or_default());
+    }
+    Ok(())
+}
+
+async fn get_json(http: &reqwest::Client, record: &ClusterRecord, path: &str) -> anyhow::Result<Value> {
+    let response = http.get(format!("{}{path}", record.api_url)).bearer_auth(&record.token).send().await?;
+    if !response.status().is_success() {
+        bail!("GET {path}: HTTP {}", response.status());
+    }
+    Ok(response.json().await?)
+}
+
+/// Waits until every named Service's revision is at zero: its Deployment and
+/// ReplicaSet exist with 0 replicas and no pod of it is left.
+pub async fn wait_at_zero(http: &reqwest::Client, record: &ClusterRecord, services: &[String], within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let deployments = get_json(http, record, "/apis/apps/v1/namespaces/default/deployments?labelSelector=serving.knative.dev%2Fservice").await?;
+        let rses = get_json(http, record, "/apis/apps/v1/namespaces/default/replicasets?labelSelector=serving.knative.dev%2Fservice").await?;
+        let pods = get_json(http, record, "/api/v1/namespaces/default/pods?labelSelector=serving.knative.dev%2Fservice").await?;
+        let zero = |list: &Value| -> std::collections::HashSet<String> {
+            list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|o| o["spec"]["replicas"] == 0 && o["status"]["replicas"].as_u64().unwrap_or(0) == 0)
+                .filter_map(|o| o["metadata"]["labels"][REVISION_LABEL].as_str().map(String::from))
+                .collect()
+        };
+        let (d0, r0) = (zero(&deployments), zero(&rses));
+        let with_pods: std::collections::HashSet<String> = pods["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["metadata"]["labels"][REVISION_LABEL].as_str().map(String::from))
+            .collect();
+        let missing: Vec<&String> = services
+            .iter()
+            .filter(|s| {
+                let r = revision_of(s);
+                !d0.contains(&r) || !r0.contains(&r) || with_pods.contains(&r)
+            })
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{} revision(s) not at zero after {within:?}, e.g. {}", missing.len(), missing[0]);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// ste-activator-bridge as a child process with its admin port.
+pub struct BridgeProcess {
+    process: Owned,
+    pub admin: String,
+}
+
+impl BridgeProcess {
+    /// Starts the bridge (extra flags appended) and waits for /readyz.
+    pub async fn start(binary: &Path, record: &ClusterRecord, log: &Path, extra: &[&str]) -> anyhow::Result<BridgeProcess> {
+        let admin = format!("127.0.0.1:{}", ste_testkit::free_port());
+        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(binary)
+            .arg(format!("--kubeconfig={}", record.kubeconfig.display()))
+            .arg(format!("--admin-listen={admin}"))
+            .args(extra)
+            .env("RUST_LOG", "info,ste_activator_bridge=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut bridge = BridgeProcess { process: Owned { name: "ste-activator-bridge".into(), child, log: log.to_path_buf() }, admin };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = bridge.process.child.try_wait()? {
+                bail!("ste-activator-bridge exited ({status}); see {}", log.display());
+            }
+            if let Ok(r) = http.get(format!("http://{}/readyz", bridge.admin)).send().await {
+                if r.status().is_success() {
+                    return Ok(bridge);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("ste-activator-bridge not ready within 30s; see {}", log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.process.child.try_wait(), Ok(None))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
+    /// Its /metrics as (series with labels → value), e.g.
+    /// `ste_activator_bridge_races_total{result="won"}`.
+    pub async fn metrics(&self) -> anyhow::Result<BTreeMap<String, f64>> {
+        let body = reqwest::Client::new().get(format!("http://{}/metrics", self.admin)).send().await?.text().await?;
+        Ok(body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v))))
+            .collect())
+    }
+
+    /// Stops it (SIGTERM, so it releases its Lease) and waits up to 5 s, then kills.
+    pub fn stop(mut self) {
+        let pid = self.process.child.id() as i32;
+        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.process.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Sum of a metric family's series (all label values).
+pub fn metric_sum(metrics: &BTreeMap<String, f64>, prefix: &str) -> f64 {
+    metrics.iter().filter(|(k, _)| *k == prefix || k.starts_with(&format!("{prefix}{{"))).map(|(_, v)| v).sum()
+}
+
+// ---------------------------------------------------------------- benchmark
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ColdstartArgs {
+    /// Storage arms to run, one after the other.
+    #[arg(long, value_enum, value_delimiter = ',', env = "STE_COLDSTART_ARMS", default_value = "stock,ste")]
+    pub arms: Vec<Arm>,
+    /// How many revisions to wake at once, one round per value.
+    #[arg(long, value_delimiter = ',', env = "STE_COLDSTART_REVISIONS", default_value = "1,5,25,100")]
+    pub revisions: Vec<usize>,
+    /// Fake (kwok) nodes.
+    #[arg(long, env = "STE_COLDSTART_NODES", default_value_t = 20)]
+    pub nodes: usize,
+    /// RAM etcd shards (ste arm).
+    #[arg(long, env = "STE_COLDSTART_SHARDS", default_value_t = 3)]
+    pub shards: usize,
+    /// kube-controller-manager/kube-scheduler client QPS (unset: Kubernetes' defaults).
+    #[arg(long, env = "STE_COLDSTART_CLIENT_QPS")]
+    pub client_qps: Option<u32>,
+    /// Bridge mode for the "with bridge" rounds.
+    #[arg(long, env = "STE_COLDSTART_BRIDGE_MODE", default_value = "default")]
+    pub bridge_mode: String,
+    /// The ste-activator-bridge binary (default: next to ste-bench).
+    #[arg(long, env = "STE_ACTIVATOR_BRIDGE_BIN")]
+    pub bridge_bin: Option<PathBuf>,
+    /// Seconds to wait after a round for the bridge's race accounting (its --settle).
+    #[arg(long, env = "STE_COLDSTART_SETTLE", default_value_t = 5)]
+    pub settle: u64,
+    /// Output directory (clusters, logs, coldstart.json, coldstart.md).
+    #[arg(long, env = "STE_COLDSTART_OUTPUT", default_value = "target/bench/coldstart")]
+    pub output: PathBuf,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct RoundResult {
+    pub arm: Arm,
+    pub bridge: bool,
+    pub revisions: usize,
+    /// Milliseconds from the scale patch to the revision's first pod bound / Ready.
+    pub bound_p50_ms: f64,
+    pub bound_p95_ms: f64,
+    pub bound_p99_ms: f64,
+    pub ready_p50_ms: f64,
+    pub ready_p95_ms: f64,
+    pub ready_p99_ms: f64,
+    /// Pods of the woken revisions that existed at some point in the round
+    /// (more than `revisions` means duplicates were created and deleted).
+    pub pods_seen: usize,
+    pub bridge_pods_created: f64,
+    pub races_won: f64,
+    pub races_lost: f64,
+    pub duplicates_deleted: f64,
+    pub rejections: f64,
+}
+
+fn bridge_binary(args: &ColdstartArgs) -> anyhow::Result<PathBuf> {
+    if let Some(b) = &args.bridge_bin {
+        return Ok(b.clone());
+    }
+    let exe = std::env::current_exe()?;
+    let candidate = exe.with_file_name("ste-activator-bridge");
+    if candidate.exists() {
+        return Ok(candidate);
+    }
+    bail!("ste-activator-bridge not found next to ste-bench: build it (cargo build --release -p ste-activator-bridge) or set STE_ACTIVATOR_BRIDGE_BIN")
+}
+
+#[derive(Default)]
+struct Times {
+    bound: HashMap<String, Instant>,
+    ready: HashMap<String, Instant>,
+    pods: std::collections::HashSet<String>,
+}
+
+fn ms(us: f64) -> f64 {
+    (us / 1000.0 * 10.0).round() / 10.0
+}
+
+async fn round(
+    args: &ColdstartArgs,
+    record: &ClusterRecord,
+    dir: &Path,
+    services: &[String],
+    bridge_bin: Option<&Path>,
+    arm: Arm,
+) -> anyhow::Result<RoundResult> {
+    let http = client()?;
+    let k = services.len();
+    let label = if bridge_bin.is_some() { "with bridge" } else { "without bridge" };
+    eprintln!("  {arm:?}: waking {k} revision(s) {label}…");
+    let bridge = match bridge_bin {
+        Some(bin) => Some(
+            BridgeProcess::start(
+                bin,
+                record,
+                &dir.join("logs").join(format!("bridge-{k}.log")),
+                &["--lease-namespace=default", &format!("--mode={}", args.bridge_mode), &format!("--settle={}s", args.settle.max(1))],
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let times = Arc::new(Mutex::new(Times::default()));
+    let rv = current_resource_version(record).await?;
+    let t = times.clone();
+    let watcher = watch_pods(record, &rv, move |pod, now| {
+        let Some(rev) = pod["metadata"]["labels"][REVISION_LABEL].as_str() else { return };
+        let mut t = t.lock().expect("times");
+        if let Some(name) = pod["metadata"]["name"].as_str() {
+            t.pods.insert(name.to_string());
+        }
+        if pod["spec"]["nodeName"].is_string() {
+            t.bound.entry(rev.to_string()).or_insert(now);
+        }
+        let ready = pod["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "Ready" && c["status"] == "True");
+        if ready {
+            t.ready.entry(rev.to_string()).or_insert(now);
+        }
+    })?;
+    // Let the watch start before the first patch.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut triggers = HashMap::new();
+    let patches = services.iter().map(|s| {
+        let http = http.clone();
+        async move {
+            let at = Instant::now();
+            scale_revision(&http, record, s, 1).await.map(|()| (revision_of(s), at))
+        }
+    });
+    for result in futures::future::join_all(patches).await {
+        let (rev, at) = result?;
+        triggers.insert(rev, at);
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let ready = times.lock().expect("times").ready.len();
+        eprint!("\r    {ready}/{k} revisions Ready   ");
+        if ready >= k {
+            break;
+        }
+        if Instant::now() > deadline {
+            watcher.abort();
+            bail!("{arm:?} {label}: only {ready}/{k} revisions Ready after 180s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!();
+    let (mut bound, mut ready) = (Samples::default(), Samples::default());
+    {
+        let t = times.lock().expect("times");
+        for (rev, at) in &triggers {
+            if let Some(b) = t.bound.get(rev) {
+                bound.push(b.saturating_duration_since(*at));
+            }
+            if let Some(r) = t.ready.get(rev) {
+                ready.push(r.saturating_duration_since(*at));
+            }
+        }
+    }
+    let mut result = RoundResult {
+        arm,
+        bridge: bridge.is_some(),
+        revisions: k,
+        bound_p50_ms: ms(bound.percentile(50.0)),
+        bound_p95_ms: ms(bound.percentile(95.0)),
+        bound_p99_ms: ms(bound.percentile(99.0)),
+        ready_p50_ms: ms(ready.percentile(50.0)),
+        ready_p95_ms: ms(ready.percentile(95.0)),
+        ready_p99_ms: ms(ready.percentile(99.0)),
+        pods_seen: 0,
+        bridge_pods_created: 0.0,
+        races_won: 0.0,
+        races_lost: 0.0,
+        duplicates_deleted: 0.0,
+        rejections: 0.0,
+    };
+    // Let duplicates be removed and the bridge close its race accounting.
+    tokio::time::sleep(Duration::from_secs(args.settle.max(1) + 1)).await;
+    if let Some(bridge) = bridge {
+        let m = bridge.metrics().await?;
+        result.bridge_pods_created = metric_sum(&m, "ste_activator_bridge_pods_created_total");
+        result.races_won = m.get("ste_activator_bridge_races_total{result=\"won\"}").copied().unwrap_or(0.0);
+        result.races_lost = m.get("ste_activator_bridge_races_total{result=\"lost\"}").copied().unwrap_or(0.0);
+        result.duplicates_deleted = metric_sum(&m, "ste_activator_bridge_duplicates_deleted_total");
+        result.rejections = metric_sum(&m, "ste_activator_bridge_rejections_total");
+        bridge.stop();
+    }
+    result.pods_seen = times.lock().expect("times").pods.len();
+    watcher.abort();
+    // Back to zero, as the autoscaler would after its grace period.
+    for s in services {
+        scale_revision(&http, record, s, 0).await?;
+    }
+    wait_at_zero(&http, record, services, Duration::from_secs(120)).await?;
+    Ok(result)
+}
+
+async fn run_arm(args: &ColdstartArgs, arm: Arm, bridge_bin: &Path) -> anyhow::Result<Vec<RoundResult>> {
+    let dir = std::path::absolute(args.output.join(format!("{arm:?}").to_lowercase()))?;
+    eprintln!("== {arm:?} arm: cluster with {} nodes", args.nodes);
+    let up = UpArgs {
+        arm,
+        shards: args.shards,
+        nodes: args.nodes,
+        events_to_ste: false,
+        client_qps: args.client_qps,
+        fsync_delay: None,
+        dir: dir.clone(),
+    };
+    let record = cluster::up(&up).await?;
+    let result = async {
+        let mut knative = Knative::start(&record, &dir.join("logs")).await?;
+        let http = client()?;
+        let max = args.revisions.iter().copied().max().unwrap_or(0);
+        let services: Vec<String> = (0..max).map(|i| format!("cold-{i}")).collect();
+        eprintln!("  creating {max} Knative Services at zero…");
+        for s in &services {
+            create_service(&http, &record, s, "100m").await?;
+        }
+        wait_at_zero(&http, &record, &services, Duration::from_secs(300)).await?;
+        let mut results = Vec::new();
+        for &k in &args.revisions {
+            for with_bridge in [false, true] {
+                knative.check()?;
+                let r = round(args, &record, &dir, &services[..k], with_bridge.then_some(bridge_bin), arm).await?;
+                eprintln!(
+                    "    bound p50 {} ms p99 {} ms, Ready p50 {} ms p99 {} ms",
+                    r.bound_p50_ms, r.bound_p99_ms, r.ready_p50_ms, r.ready_p99_ms
+                );
+                results.push(r);
+            }
+        }
+        anyhow::Ok(results)
+    }
+    .await;
+    cluster::stop(&record).await?;
+    result
+}
+
+pub fn markdown(results: &[RoundResult]) -> String {
+    let mut out = String::from(
+        "| arm | revisions | bridge | bound p50 / p95 / p99 (ms) | Ready p50 / p95 / p99 (ms) | pods seen | bridge pods | races won / lost | duplicates deleted | rejections |\n|---|---:|---|---|---|---:|---:|---|---:|---:|\n",
+    );
+    for r in results {
+        out.push_str(&format!(
+            "| {:?} | {} | {} | {} / {} / {} | {} / {} / {} | {} | {} | {} | {} | {} |\n",
+            r.arm,
+            r.revisions,
+            if r.bridge { "yes" } else { "no" },
+            r.bound_p50_ms,
+            r.bound_p95_ms,
+            r.bound_p99_ms,
+            r.ready_p50_ms,
+            r.ready_p95_ms,
+            r.ready_p99_ms,
+            r.pods_seen,
+            if r.bridge { format!("{}", r.bridge_pods_created) } else { "–".into() },
+            if r.bridge { format!("{} / {}", r.races_won, r.races_lost) } else { "–".into() },
+            if r.bridge { format!("{}", r.duplicates_deleted) } else { "–".into() },
+            if r.bridge { format!("{}", r.rejections) } else { "–".into() },
+        ));
+    }
+    out
+}
+
+pub async fn run(args: ColdstartArgs) -> anyhow::Result<Vec<RoundResult>> {
+    if args.revisions.is_empty() || args.revisions.contains(&0) {
+        bail!("--revisions needs positive counts, e.g. 1,5,25,100");
+    }
+    if !matches!(args.bridge_mode.as_str(), "default" | "aggressive") {
+        bail!("--bridge-mode must be default or aggressive");
+    }
+    let bridge_bin = bridge_binary(&args)?;
+    std::fs::create_dir_all(&args.output)?;
+    let mut results = Vec::new();
+    for &arm in &args.arms {
+        results.extend(run_arm(&args, arm, &bridge_bin).await?);
+    }
+    let table = markdown(&results);
+    std::fs::write(args.output.join("coldstart.json"), serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(args.output.join("coldstart.md"), &table)?;
+    println!("{table}");
+    eprintln!("results in {}", args.output.join("coldstart.json").display());
+    Ok(results)
+}
