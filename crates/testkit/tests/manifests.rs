@@ -246,7 +246,18 @@ async fn every_manifest_applies_to_a_real_kube_apiserver() {
     // changes no object (kubectl may still print "configured" for
     // PodDisruptionBudgets: their selector's patch strategy is "replace").
     let dir_arg = root.to_str().unwrap();
-    kubectl.ok(&["apply", "--validate=strict", "-f", dir_arg]);
+    let first = kubectl.run(&["apply", "--validate=strict", "-f", dir_arg]);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(
+        first.status.success(),
+        "kubectl apply -f manifests/ failed: {stderr}"
+    );
+    // The namespace enforces the "restricted" Pod Security Standard: the
+    // workloads' pod templates must pass it (kube-apiserver warns otherwise).
+    assert!(
+        !stderr.contains("violate PodSecurity"),
+        "a pod template breaks the namespace's Pod Security level: {stderr}"
+    );
     let versions = || {
         let list: Value =
             serde_json::from_str(&kubectl.ok(&["get", "-f", dir_arg, "-o", "json"])).unwrap();
