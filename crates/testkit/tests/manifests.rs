@@ -18,7 +18,8 @@
 //!   binaries' `--help`;
 //! - the install on one machine: the bootstrap shard, the router and a
 //!   shard-agent started with their manifests' flags, authenticated as their
-//!   own ServiceAccounts (RBAC), join, store and drain without losing a key.
+//!   own ServiceAccounts (RBAC), join, store and drain without losing a key;
+//!   the activator-bridge, as its own ServiceAccount, syncs and leads.
 //!
 //! The workspace binaries must be built first (hack/test.sh does).
 
@@ -1183,6 +1184,7 @@ async fn the_components_run_with_the_manifests_flags_rbac_and_certificates() {
     };
     let router_kubeconfig = identity("ste-router");
     let agent_kubeconfig = identity("ste-shard-agent");
+    let bridge_kubeconfig = identity("ste-activator-bridge");
 
     // The bootstrap shard: etcd with its static pod's command.
     let shard_pod = documents(&root.join("static-pods/ste-bootstrap-shard.yaml")).remove(0);
@@ -1326,4 +1328,49 @@ async fn the_components_run_with_the_manifests_flags_rbac_and_certificates() {
         40,
         "keys lost in the drain:\n{keys}"
     );
+
+    // The activator-bridge with its Deployment's flags, as its ServiceAccount:
+    // ready once its caches synced (list/watch rights), leader once it holds
+    // its Lease in ste-system (lease rights).
+    let deployment = documents(&root.join("04-activator-bridge.yaml"))
+        .into_iter()
+        .find(|d| d["kind"] == "Deployment")
+        .unwrap();
+    let bridge_admin = loopback();
+    let mut bridge_args = localized(
+        &deployment["spec"]["template"]["spec"]["containers"][0],
+        &[
+            ("$(POD_NAMESPACE)", "ste-system".to_string()),
+            ("$(POD_NAME)", "ste-activator-bridge-0".to_string()),
+            ("0.0.0.0:9464", bridge_admin.to_string()),
+        ],
+    );
+    bridge_args.push(format!("--kubeconfig={bridge_kubeconfig}"));
+    let _bridge = spawn(
+        &built_binary("ste-activator-bridge"),
+        &bridge_args,
+        &dir.path().join("activator-bridge.log"),
+    );
+    ste_testkit::wait_until(
+        "the activator-bridge to sync and lead with its own RBAC",
+        Duration::from_secs(60),
+        || async {
+            try_http_get(bridge_admin, "/readyz").await.is_some()
+                && try_http_get(bridge_admin, "/metrics")
+                    .await
+                    .and_then(|m| sample(&m, "ste_activator_bridge_leader"))
+                    == Some(1.0)
+        },
+    )
+    .await;
+    let holder = kubectl.ok(&[
+        "-n",
+        "ste-system",
+        "get",
+        "lease",
+        "ste-activator-bridge",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(holder, "ste-activator-bridge-0");
 }
