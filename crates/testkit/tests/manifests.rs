@@ -3,14 +3,15 @@
 //! - every file under manifests/ is applied to a real kube-apiserver: the
 //!   Shard CRD and the namespace for real, every other object with a
 //!   server-side dry run and strict field validation, the static pods as Pods
-//!   in their namespace, the ServiceMonitor against a minimal CRD
-//!   (hack/ci/servicemonitor-crd.yaml); then `kubectl apply -f manifests/`
-//!   exactly as the install docs say, twice (the second changes nothing);
+//!   in their namespace, the ServiceMonitor and the PrometheusRule against
+//!   minimal CRDs (hack/ci/); then `kubectl apply -f manifests/` exactly as
+//!   the install docs say, twice (the second changes nothing);
 //! - the static pods only use what a kubelet gives static pods, and the
 //!   router, the bootstrap shard and the kind config agree on addresses;
 //! - the kind config parses and its kubeadm patch sets the pods override;
-//! - every metric the Grafana dashboard queries is exported by a real router,
-//!   shard-agent or activator-bridge;
+//! - every metric the Grafana dashboard and the alerts query is exported by a
+//!   real router, shard-agent or activator-bridge, and docs/operations.md
+//!   shows the shipped alerts;
 //! - the certificates hack/gen-certs.sh makes work end to end: a client with
 //!   kube-apiserver's certificate writes through a TLS router to a TLS shard,
 //!   and the router and the shard refuse clients without a certificate;
@@ -230,15 +231,18 @@ async fn every_manifest_applies_to_a_real_kube_apiserver() {
         kubectl.dry_run(file);
     }
 
-    // The ServiceMonitor needs the Prometheus operator's CRD: a minimal,
-    // strict one (hack/ci/servicemonitor-crd.yaml) stands in for it.
-    kubectl.apply(&repo_root().join("hack/ci/servicemonitor-crd.yaml"));
-    kubectl.ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/servicemonitors.monitoring.coreos.com",
-    ]);
+    // The ServiceMonitor and the PrometheusRule need the Prometheus
+    // operator's CRDs: minimal, strict ones (hack/ci/*-crd.yaml) stand in.
+    for crd in ["servicemonitors", "prometheusrules"] {
+        let singular = crd.trim_end_matches('s');
+        kubectl.apply(&repo_root().join(format!("hack/ci/{singular}-crd.yaml")));
+        kubectl.ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            &format!("crd/{crd}.monitoring.coreos.com"),
+        ]);
+    }
     for file in &monitoring {
         kubectl.dry_run(file);
     }
@@ -739,7 +743,7 @@ fn loopback() -> std::net::SocketAddr {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_dashboard_queries_only_metrics_the_components_export() {
+async fn the_dashboard_and_the_alerts_query_only_metrics_the_components_export() {
     let path = manifests().join("monitoring/grafana-dashboard.json");
     let dashboard: Value = serde_json::from_str(&read(&path)).expect("the dashboard is valid JSON");
     let panels = dashboard["panels"].as_array().expect("panels");
@@ -750,8 +754,13 @@ async fn the_dashboard_queries_only_metrics_the_components_export() {
             .all(|p| p["targets"].as_array().is_some_and(|t| !t.is_empty())),
         "every panel has a query"
     );
-    let wanted = dashboard_metrics(&dashboard);
+    let mut wanted = dashboard_metrics(&dashboard);
     assert!(!wanted.is_empty(), "the dashboard queries no ste_ metric");
+    // The suggested alerts, too.
+    let rules = documents(&manifests().join("monitoring/prometheus-rules.yaml"));
+    let alerts = dashboard_metrics(&Value::Array(rules));
+    assert!(!alerts.is_empty(), "the alerts query no ste_ metric");
+    wanted.extend(alerts);
     let dir = tempfile::tempdir().unwrap();
 
     // The router, in process, after one write (labelled families get samples).
@@ -815,7 +824,7 @@ async fn the_dashboard_queries_only_metrics_the_components_export() {
         } else if name.starts_with("ste_activator_bridge_") {
             ("ste-activator-bridge", &bridge_metrics)
         } else {
-            panic!("{name}: the dashboard queries a metric of no STE component");
+            panic!("{name}: the dashboard or the alerts query a metric of no STE component");
         };
         if !exported.contains(name) {
             missing.push(format!("{name} (not in {component}'s /metrics)"));
@@ -823,7 +832,7 @@ async fn the_dashboard_queries_only_metrics_the_components_export() {
     }
     assert!(
         missing.is_empty(),
-        "the dashboard queries metrics nobody exports: {missing:?}"
+        "the dashboard or the alerts query metrics nobody exports: {missing:?}"
     );
     println!(
         "{} dashboard metrics found in the components' /metrics: {wanted:?}",
@@ -989,6 +998,7 @@ async fn gen_certs_makes_certificates_that_work_end_to_end() {
     let status = Command::new(repo_root().join("hack/gen-certs.sh"))
         .arg(&out)
         .args(["--shard-san", "10.0.0.7"])
+        .stdout(std::process::Stdio::null())
         .status()
         .expect("running hack/gen-certs.sh");
     assert!(status.success(), "hack/gen-certs.sh failed");
@@ -1373,4 +1383,28 @@ async fn the_components_run_with_the_manifests_flags_rbac_and_certificates() {
         "jsonpath={.spec.holderIdentity}",
     ]);
     assert_eq!(holder, "ste-activator-bridge-0");
+}
+
+/// docs/operations.md shows the alerts of manifests/monitoring/prometheus-rules.yaml: the same rules.
+#[test]
+fn the_alerts_in_the_operations_doc_are_the_shipped_ones() {
+    let doc = read(&repo_root().join("docs/operations.md"));
+    let block = doc
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a ```yaml block in docs/operations.md");
+    let shown: Value = serde_saphyr::from_str(block).expect("the doc's alerts are valid YAML");
+    let shipped = documents(&manifests().join("monitoring/prometheus-rules.yaml")).remove(0);
+    assert_eq!(
+        shown, shipped,
+        "docs/operations.md and manifests/monitoring/prometheus-rules.yaml differ"
+    );
+    let alerts = shipped
+        .pointer("/spec/groups")
+        .and_then(Value::as_array)
+        .expect("groups");
+    assert!(alerts
+        .iter()
+        .all(|g| g["rules"].as_array().is_some_and(|r| !r.is_empty())));
 }
