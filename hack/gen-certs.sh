@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Certificates for STE's mTLS, with openssl only.
 #
-#   hack/gen-certs.sh OUT_DIR [--etcd-ca PREFIX] [--days N] [--shard-san SAN]... [--router-san SAN]...
+#   hack/gen-certs.sh OUT_DIR [--etcd-ca PREFIX] [--kube-ca PREFIX] [--days N]
+#                     [--shard-san SAN]... [--router-san SAN]...
 #
 # Writes into OUT_DIR (created; existing files are kept, so a second run only
 # adds what is missing — delete a file to re-issue it):
@@ -21,6 +22,9 @@
 #   shard-agent-client.crt/.key      the shard-agent's client cert towards its own etcd
 #   bootstrap-shard.crt/.key         the bootstrap shard's serving cert (127.0.0.1, localhost)
 #   router-trusted-ca.crt            CA bundle the router trusts for its clients
+#   router-kube.crt/.key             only with --kube-ca: the router's client cert
+#                                    for kube-apiserver (user ste:router), signed
+#                                    by the cluster CA PREFIX.crt/.key
 #
 # --etcd-ca PREFIX signs router-server with PREFIX.crt/PREFIX.key — on kubeadm
 # and kind that is /etc/kubernetes/pki/etcd/ca: kube-apiserver then keeps its
@@ -31,7 +35,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-2}"
 }
 
@@ -40,12 +44,14 @@ case "$1" in -h|--help) usage 0 ;; esac
 out="$1"
 shift
 etcd_ca=""
+kube_ca=""
 days=365
 extra_sans=()
 router_sans=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --etcd-ca) etcd_ca="${2:?--etcd-ca needs a path prefix}"; shift 2 ;;
+    --kube-ca) kube_ca="${2:?--kube-ca needs a path prefix}"; shift 2 ;;
     --days) days="${2:?--days needs a number}"; shift 2 ;;
     --shard-san) extra_sans+=("${2:?--shard-san needs a value}"); shift 2 ;;
     --router-san) router_sans+=("${2:?--router-san needs a value}"); shift 2 ;;
@@ -55,11 +61,12 @@ while [[ $# -gt 0 ]]; do
 done
 [[ "$days" =~ ^[0-9]+$ ]] || { echo "gen-certs.sh: --days must be a number, got '$days'" >&2; exit 2; }
 command -v openssl >/dev/null || { echo "gen-certs.sh: openssl not found" >&2; exit 1; }
-if [[ -n "$etcd_ca" ]]; then
-  for f in "$etcd_ca.crt" "$etcd_ca.key"; do
-    [[ -r "$f" ]] || { echo "gen-certs.sh: cannot read $f (--etcd-ca $etcd_ca)" >&2; exit 1; }
+for prefix in "$etcd_ca" "$kube_ca"; do
+  [[ -n "$prefix" ]] || continue
+  for f in "$prefix.crt" "$prefix.key"; do
+    [[ -r "$f" ]] || { echo "gen-certs.sh: cannot read $f (CA prefix $prefix)" >&2; exit 1; }
   done
-fi
+done
 
 mkdir -p "$out"
 chmod 700 "$out"
@@ -120,6 +127,9 @@ if [[ -n "$etcd_ca" ]]; then
   [[ "$etcd_ca" == /* ]] || etcd_ca="$OLDPWD/$etcd_ca"
   router_ca="$etcd_ca"
 fi
+if [[ -n "$kube_ca" ]]; then
+  [[ "$kube_ca" == /* ]] || kube_ca="$OLDPWD/$kube_ca"
+fi
 # The bundle goes with the CA that signed router-server: kept with it.
 if [[ ! -s router-trusted-ca.crt || ! -s router-server.crt ]]; then
   cp "$router_ca.crt" router-trusted-ca.crt
@@ -131,6 +141,9 @@ issue router-client ste-router client "$PWD/ca"
 issue shard-server ste-shard server "$PWD/ca" ste-shard localhost 127.0.0.1 ${extra_sans[@]+"${extra_sans[@]}"}
 issue shard-agent-client ste-shard-agent client "$PWD/ca"
 issue bootstrap-shard ste-bootstrap-shard server "$PWD/ca" 127.0.0.1 localhost
+if [[ -n "$kube_ca" ]]; then
+  issue router-kube ste:router client "$kube_ca"
+fi
 chmod 644 ./*.crt
 rm -f ./*.srl
 

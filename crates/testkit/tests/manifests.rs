@@ -554,12 +554,8 @@ fn kind_override() -> String {
 fn the_kind_config_stores_pods_through_the_router() {
     let path = repo_root().join("hack/kind/cluster.yaml");
     let config: Value = serde_saphyr::from_str(&read(&path)).unwrap();
-    let roles: Vec<&str> = config["nodes"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .map(|n| str_at(n, "/role"))
-        .collect();
+    let nodes = config["nodes"].as_array().expect("nodes");
+    let roles: Vec<&str> = nodes.iter().map(|n| str_at(n, "/role")).collect();
     assert_eq!(
         roles.iter().filter(|r| **r == "control-plane").count(),
         1,
@@ -574,6 +570,91 @@ fn the_kind_config_stores_pods_through_the_router() {
         value.starts_with("/pods#https://127.0.0.1:"),
         "pods go to the local router over TLS: {value}"
     );
+
+    // kube-apiserver exits at start when a storage backend does not answer,
+    // so the static pods and everything they read are mounted at boot.
+    let mounts = |node: &Value| -> Vec<(String, String)> {
+        node["extraMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                (
+                    str_at(m, "/hostPath").to_string(),
+                    str_at(m, "/containerPath").to_string(),
+                )
+            })
+            .collect()
+    };
+    let control_plane = nodes.iter().find(|n| n["role"] == "control-plane").unwrap();
+    let cp_mounts = mounts(control_plane);
+    let up = read(&repo_root().join("hack/kind/up.sh"));
+    for (host, _) in &cp_mounts {
+        if let Some(rest) = host.strip_prefix("hack/kind/state/") {
+            let made = rest.split('/').next().unwrap();
+            assert!(
+                up.contains(&format!("$state/{made}")),
+                "hack/kind/up.sh does not make {host}"
+            );
+        } else {
+            assert!(
+                repo_root().join(host).is_file(),
+                "{host} is not a file of the repository"
+            );
+        }
+    }
+    let mounted = |container: &str| {
+        cp_mounts
+            .iter()
+            .any(|(_, c)| container == c || container.starts_with(&format!("{c}/")))
+    };
+    for file in files(&manifests().join("static-pods"), "yaml") {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert!(
+            cp_mounts.contains(&(
+                format!("manifests/static-pods/{name}"),
+                format!("/etc/kubernetes/manifests/{name}")
+            )),
+            "the kind config does not put {name} into /etc/kubernetes/manifests"
+        );
+        for volume in documents(&file)[0]["spec"]["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let host_path = str_at(volume, "/hostPath/path");
+            if !host_path.is_empty() {
+                assert!(
+                    mounted(host_path),
+                    "{name} reads {host_path}, which the kind config does not mount"
+                );
+            }
+        }
+    }
+    // The CAs kubeadm adopts (so that the router's certificates exist before it runs).
+    for ca in [
+        "/etc/kubernetes/pki/etcd/ca.crt",
+        "/etc/kubernetes/pki/etcd/ca.key",
+        "/etc/kubernetes/pki/ca.crt",
+        "/etc/kubernetes/pki/ca.key",
+    ] {
+        assert!(mounted(ca), "the kind config does not provide {ca}");
+    }
+    // Every node pulls STE's images through the registry configuration.
+    let patches = serde_json::to_string(&config["containerdConfigPatches"]).unwrap();
+    assert!(
+        patches.contains("/etc/containerd/certs.d"),
+        "containerd's config_path: {patches}"
+    );
+    for node in nodes {
+        assert!(
+            mounts(node)
+                .iter()
+                .any(|(_, c)| c == "/etc/containerd/certs.d"),
+            "a {} node without the registry configuration",
+            str_at(node, "/role")
+        );
+    }
 }
 
 /// Metric names a Prometheus text exposition declares: sample names and,
