@@ -404,6 +404,12 @@ pub struct KubeApiserver {
 
 impl KubeApiserver {
     pub async fn start(etcd: &str, pods: Option<&str>) -> Result<KubeApiserver> {
+        Self::start_with_flags(etcd, pods, &[]).await
+    }
+
+    /// Like [`KubeApiserver::start`], with extra flags appended (e.g.
+    /// `--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile` for TLS storage).
+    pub async fn start_with_flags(etcd: &str, pods: Option<&str>, extra: &[String]) -> Result<KubeApiserver> {
         let dir = tempfile::Builder::new().prefix("ste-kube-apiserver-").tempdir()?;
         let (key, public) = service_account_keys(dir.path())?;
         let token = "ste-test-token".to_string();
@@ -417,6 +423,7 @@ impl KubeApiserver {
             etcd,
             overrides: pods.map(|p| vec![format!("/pods#{p}")]).unwrap_or_default(),
         });
+        let args = args.into_iter().chain(extra.iter().cloned()).collect();
         let mut server = KubeApiserver { port, token, dir, child: None, args };
         server.spawn().await?;
         Ok(server)

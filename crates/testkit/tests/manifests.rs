@@ -12,9 +12,10 @@
 //! - every metric the Grafana dashboard and the alerts query is exported by a
 //!   real router, shard-agent or activator-bridge, and docs/operations.md
 //!   shows the shipped alerts;
-//! - the certificates hack/gen-certs.sh makes work end to end: a client with
-//!   kube-apiserver's certificate writes through a TLS router to a TLS shard,
-//!   and the router and the shard refuse clients without a certificate;
+//! - the certificates hack/gen-certs.sh makes work end to end: a real
+//!   kube-apiserver with its usual --etcd-cafile/--etcd-certfile/--etcd-keyfile
+//!   stores pods through a TLS router on a TLS shard, and the router and the
+//!   shard refuse clients without a certificate;
 //! - every flag and environment variable the manifests pass exists in the
 //!   binaries' `--help`;
 //! - the install on one machine: the bootstrap shard, the router and a
@@ -1181,6 +1182,68 @@ async fn gen_certs_makes_certificates_that_work_end_to_end() {
         on_shard.contains("/registry/pods/default/tls"),
         "{on_shard}"
     );
+    // (Not a Pod: kube-apiserver must not find it below.)
+    etcdctl(
+        &endpoint,
+        &f("ca.crt"),
+        client,
+        &["del", "/registry/pods/default/tls"],
+    )
+    .unwrap();
+
+    // A real kube-apiserver with its usual etcd TLS flags — one CA, client
+    // certificate and key for the durable etcd and for the router alike.
+    let durable = Etcd::start_tls(
+        "durable",
+        EtcdTls {
+            cert: f("bootstrap-shard.crt"),
+            key: f("bootstrap-shard.key"),
+            ca: f("ca.crt"),
+        },
+        &[],
+    )
+    .await
+    .unwrap();
+    let flags = [
+        format!("--etcd-cafile={}", f("ca.crt").display()),
+        format!("--etcd-certfile={}", apiserver.0.display()),
+        format!("--etcd-keyfile={}", apiserver.1.display()),
+    ];
+    let kube = KubeApiserver::start_with_flags(&durable.endpoint(), Some(&endpoint), &flags)
+        .await
+        .unwrap();
+    let pod = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"through-tls"},"spec":{"containers":[{"name":"c","image":"nginx"}]}}"#;
+    let (code, body) = kube
+        .api()
+        .send_json("POST", "/api/v1/namespaces/default/pods", pod)
+        .unwrap();
+    assert_eq!(code, 201, "creating a pod through the TLS router: {body}");
+    let (code, body) = kube
+        .api()
+        .curl(&["/api/v1/namespaces/default/pods"])
+        .unwrap();
+    assert!(code == 200 && body.contains("through-tls"), "{code} {body}");
+    // The pod is on the shard behind the router, and not in the durable etcd.
+    let on_shard = etcdctl(
+        &shard.endpoint(),
+        &f("ca.crt"),
+        Some((&f("router-client.crt"), &f("router-client.key"))),
+        &["get", "/registry/pods/default/through-tls", "--keys-only"],
+    )
+    .unwrap();
+    assert!(on_shard.contains("through-tls"), "{on_shard}");
+    let durable_pods = etcdctl(
+        &durable.endpoint(),
+        &f("ca.crt"),
+        client,
+        &["get", "/registry/pods/", "--prefix", "--keys-only"],
+    )
+    .unwrap();
+    assert!(
+        durable_pods.trim().is_empty(),
+        "pods in the durable etcd: {durable_pods}"
+    );
+    drop(kube);
     router.stop().await.unwrap();
 }
 
