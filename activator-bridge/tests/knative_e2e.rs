@@ -100,9 +100,24 @@ async fn converged(record: &ClusterRecord, service: &str, want: usize, hold: Dur
             stable_since = None;
         }
         if Instant::now() > deadline {
+            // Each pod as listed (watch cache) and as read back by name, to tell a
+            // pod that never got Ready from a cache that missed its update.
             let summary: Vec<String> = pods
                 .iter()
-                .map(|p| format!("{} node={} ready={} bridge={}", p["metadata"]["name"], p["spec"]["nodeName"], is_ready(p), by_bridge(p)))
+                .map(|p| {
+                    let name = p["metadata"]["name"].as_str().unwrap_or_default();
+                    let direct = get(record, &format!("/api/v1/namespaces/default/pods/{name}"));
+                    format!(
+                        "{name} node={} ready={} bridge={} rv={} | read by name: ready={} rv={} phase={}",
+                        p["spec"]["nodeName"],
+                        is_ready(p),
+                        by_bridge(p),
+                        p["metadata"]["resourceVersion"],
+                        is_ready(&direct),
+                        direct["metadata"]["resourceVersion"],
+                        direct["status"]["phase"]
+                    )
+                })
                 .collect();
             panic!("{service}: wanted {want} Ready pods owned by its ReplicaSet for {hold:?}, have {summary:?}");
         }
@@ -129,7 +144,8 @@ fn up_args(arm: Arm, dir: &Path) -> UpArgs {
 /// The whole story on one cluster: a leader and a standby bridge; revisions
 /// woken 0→1 (five) and 0→3 at once converge with the bridge's pods adopted, bound, Ready
 /// and spread, and no duplicate surviving; the standby never acts; a
-/// revision no node can hold is left to the scheduler; with the bridge
+/// revision no node can hold is left to the scheduler; after a failover
+/// the standby (aggressive mode) wakes a revision; with the bridge
 /// stopped the same wake converges the same way through the normal path.
 async fn bridge_story(arm: Arm) {
     let tmp = tempfile::Builder::new().prefix(&format!("bridge-e2e-{arm:?}-")).tempdir().unwrap();
@@ -144,12 +160,13 @@ async fn bridge_story(arm: Arm) {
     let record = cluster::up(&up_args(arm, &dir)).await.expect("cluster up");
     let running = Running(record.clone());
     let record = &running.0;
+    let leases = coldstart::keep_node_leases(record).unwrap();
     let logs = dir.join("logs");
     let mut knative = Knative::start(record, &logs).await.expect("Knative controller and autoscaler");
     let http = ste_bench::churn::client().unwrap();
 
     let ones = ["one-0", "one-1", "one-2", "one-3", "one-4"];
-    let services = ["one-0", "one-1", "one-2", "one-3", "one-4", "three", "huge", "plain"];
+    let services = ["one-0", "one-1", "one-2", "one-3", "one-4", "three", "huge", "agg", "plain"];
     for s in services {
         // "huge" asks for more CPU than any kwok node has (32).
         let cpu = if s == "huge" { "64" } else { "100m" };
@@ -161,7 +178,9 @@ async fn bridge_story(arm: Arm) {
     let fast = ["--lease-namespace=default", "--lease-duration=3s", "--renew-deadline=2s", "--retry-period=250ms", "--settle=3s"];
     let leader = BridgeProcess::start(Path::new(BRIDGE), record, &logs.join("bridge-a.log"), &fast).await.unwrap();
     wait_metric(&leader, "ste_activator_bridge_leader", 1.0, Duration::from_secs(10)).await;
-    let mut standby = BridgeProcess::start(Path::new(BRIDGE), record, &logs.join("bridge-b.log"), &fast).await.unwrap();
+    // The standby runs in aggressive mode, exercised after the failover.
+    let aggressive: Vec<&str> = fast.iter().copied().chain(["--mode=aggressive"]).collect();
+    let mut standby = BridgeProcess::start(Path::new(BRIDGE), record, &logs.join("bridge-b.log"), &aggressive).await.unwrap();
 
     // Wake five revisions to 1 and "three" to 3 at once, as the autoscaler does.
     let wakes = ones.iter().map(|s| (*s, 1)).chain([("three", 3)]).map(|(s, n)| coldstart::scale_revision(&http, record, s, n));
@@ -210,9 +229,13 @@ async fn bridge_story(arm: Arm) {
     assert_eq!(metric_sum(&s, "ste_activator_bridge_leader"), 0.0, "{s:?}");
     assert!(s.get("ste_activator_bridge_decisions_total{decision=\"not_leader\"}").copied().unwrap_or(0.0) >= 2.0, "{s:?}");
 
-    // No node can hold "huge": the bridge stands aside, the pod stays Pending for the scheduler.
+    // No node can hold "huge": the bridge stands aside (no_safe_node, or
+    // nothing_missing when the ReplicaSet controller's pod was there first);
+    // the ReplicaSet's own pod stays Pending for the scheduler.
+    let before = metric_sum(&leader.metrics().await.unwrap(), "ste_activator_bridge_decisions_total");
     coldstart::scale_revision(&http, record, "huge", 1).await.unwrap();
-    let m = wait_metric(&leader, "ste_activator_bridge_decisions_total{decision=\"no_safe_node\"}", 1.0, Duration::from_secs(20)).await;
+    let m: std::collections::BTreeMap<String, f64> =
+        wait_metric(&leader, "ste_activator_bridge_decisions_total", before + 1.0, Duration::from_secs(20)).await.into_iter().collect();
     assert_eq!(m["ste_activator_bridge_pods_created_total"], created, "nothing created for huge: {m:?}");
     ste_testkit::wait_until("huge's pod to be created by its ReplicaSet", Duration::from_secs(30), || async {
         revision_pods(record, "huge").len() == 1
@@ -226,6 +249,17 @@ async fn bridge_story(arm: Arm) {
     leader.stop();
     wait_metric(&standby, "ste_activator_bridge_leader", 1.0, Duration::from_secs(15)).await;
     assert!(standby.alive());
+    // Aggressive mode: it acts on the Deployment's 0→2 and sets the ReplicaSet's scale too.
+    coldstart::scale_revision(&http, record, "agg", 2).await.unwrap();
+    let agg = converged(record, "agg", 2, Duration::from_secs(4), Duration::from_secs(60)).await;
+    let m = wait_metric(&standby, "ste_activator_bridge_races_total", 1.0, Duration::from_secs(20)).await;
+    let m: std::collections::BTreeMap<String, f64> = m.into_iter().collect();
+    eprintln!("{arm:?}: aggressive bridge after waking agg→2: {m:?}");
+    assert_eq!(metric_sum(&m, "ste_activator_bridge_api_errors_total"), 0.0, "{m:?}");
+    let created = metric_sum(&m, "ste_activator_bridge_pods_created_total");
+    let survived = agg.iter().filter(|p| by_bridge(p)).count() as f64;
+    let deleted = m.get("ste_activator_bridge_duplicates_deleted_total{creator=\"bridge\"}").copied().unwrap_or(0.0);
+    assert_eq!(survived + deleted, created, "aggressive: {m:?}");
     standby.stop();
 
     // Without any bridge: the same wake converges the same way.
@@ -233,6 +267,7 @@ async fn bridge_story(arm: Arm) {
     let plain = converged(record, "plain", 3, Duration::from_secs(4), Duration::from_secs(60)).await;
     assert!(plain.iter().all(|p| !by_bridge(p)), "no bridge pods without the bridge");
     knative.check().expect("Knative components still running");
+    leases.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

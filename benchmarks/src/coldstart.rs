@@ -162,6 +162,44 @@ impl Knative {
     }
 }
 
+/// Renews a node Lease (`kube-node-lease/<node>`) for every node every 10 s,
+/// as each node's kubelet does. `ste-bench cluster up` starts kwok without
+/// `--node-lease-duration-seconds`, so kwok renews no Lease and its node
+/// heartbeat stage waits 10 minutes: after the node monitor grace period
+/// (50 s) the node lifecycle controller marks every node NotReady (and its
+/// pods not Ready), kwok re-initializes them, and this repeats. Runs until
+/// the returned task is aborted.
+pub fn keep_node_leases(record: &ClusterRecord) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let http = client()?;
+    let record = record.clone();
+    Ok(tokio::spawn(async move {
+        loop {
+            let nodes = get_json(&http, &record, "/api/v1/nodes").await.unwrap_or_default();
+            let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+            for node in nodes["items"].as_array().into_iter().flatten() {
+                let Some(name) = node["metadata"]["name"].as_str() else { continue };
+                let base = format!("{}/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", record.api_url);
+                let lease = json!({
+                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": name, "namespace": "kube-node-lease"},
+                    "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": now}
+                });
+                let created = http.post(&base).bearer_auth(&record.token).json(&lease).send().await;
+                if created.is_ok_and(|r| r.status() == reqwest::StatusCode::CONFLICT) {
+                    let _ = http
+                        .patch(format!("{base}/{name}"))
+                        .bearer_auth(&record.token)
+                        .header("Content-Type", "application/merge-patch+json")
+                        .body(json!({"spec": {"renewTime": now}}).to_string())
+                        .send()
+                        .await;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    }))
+}
+
 /// A Knative Service as the webhook would leave it (it does not run here):
 /// every default the controller relies on set, the revision created at
 /// zero (`initial-scale: 0`, allowed by serving-ste.yaml).
@@ -377,9 +415,10 @@ pub struct ColdstartArgs {
     /// kube-controller-manager/kube-scheduler client QPS (unset: Kubernetes' defaults).
     #[arg(long, env = "STE_COLDSTART_CLIENT_QPS")]
     pub client_qps: Option<u32>,
-    /// Bridge mode for the "with bridge" rounds.
-    #[arg(long, env = "STE_COLDSTART_BRIDGE_MODE", default_value = "default")]
-    pub bridge_mode: String,
+    /// Bridge modes to run after each round without the bridge (default:
+    /// act on the ReplicaSet's 0→N; aggressive: on the Deployment's 0→N).
+    #[arg(long, value_delimiter = ',', env = "STE_COLDSTART_BRIDGE_MODES", default_value = "default,aggressive")]
+    pub bridge_modes: Vec<String>,
     /// The ste-activator-bridge binary (default: next to ste-bench).
     #[arg(long, env = "STE_ACTIVATOR_BRIDGE_BIN")]
     pub bridge_bin: Option<PathBuf>,
@@ -394,7 +433,8 @@ pub struct ColdstartArgs {
 #[derive(Serialize, Debug, Clone)]
 pub struct RoundResult {
     pub arm: Arm,
-    pub bridge: bool,
+    /// "none", or the bridge's mode.
+    pub bridge: String,
     pub revisions: usize,
     /// Milliseconds from the scale patch to the revision's first pod bound / Ready.
     pub bound_p50_ms: f64,
@@ -441,20 +481,24 @@ async fn round(
     record: &ClusterRecord,
     dir: &Path,
     services: &[String],
-    bridge_bin: Option<&Path>,
+    bridge: Option<(&Path, &str)>,
     arm: Arm,
 ) -> anyhow::Result<RoundResult> {
     let http = client()?;
     let k = services.len();
-    let label = if bridge_bin.is_some() { "with bridge" } else { "without bridge" };
+    let label = match bridge {
+        Some((_, mode)) => format!("with the bridge ({mode} mode)"),
+        None => "without the bridge".to_string(),
+    };
     eprintln!("  {arm:?}: waking {k} revision(s) {label}…");
-    let bridge = match bridge_bin {
-        Some(bin) => Some(
+    let mode = bridge.map_or("none", |(_, m)| m).to_string();
+    let bridge = match bridge {
+        Some((bin, mode)) => Some(
             BridgeProcess::start(
                 bin,
                 record,
-                &dir.join("logs").join(format!("bridge-{k}.log")),
-                &["--lease-namespace=default", &format!("--mode={}", args.bridge_mode), &format!("--settle={}s", args.settle.max(1))],
+                &dir.join("logs").join(format!("bridge-{k}-{mode}.log")),
+                &["--lease-namespace=default", &format!("--mode={mode}"), &format!("--settle={}s", args.settle.max(1))],
             )
             .await?,
         ),
@@ -519,7 +563,7 @@ async fn round(
     }
     let mut result = RoundResult {
         arm,
-        bridge: bridge.is_some(),
+        bridge: mode,
         revisions: k,
         bound_p50_ms: ms(bound.percentile(50.0)),
         bound_p95_ms: ms(bound.percentile(95.0)),
@@ -568,6 +612,7 @@ async fn run_arm(args: &ColdstartArgs, arm: Arm, bridge_bin: &Path) -> anyhow::R
         dir: dir.clone(),
     };
     let record = cluster::up(&up).await?;
+    let leases = keep_node_leases(&record)?;
     let result = async {
         let mut knative = Knative::start(&record, &dir.join("logs")).await?;
         let http = client()?;
@@ -580,9 +625,10 @@ async fn run_arm(args: &ColdstartArgs, arm: Arm, bridge_bin: &Path) -> anyhow::R
         wait_at_zero(&http, &record, &services, Duration::from_secs(300)).await?;
         let mut results = Vec::new();
         for &k in &args.revisions {
-            for with_bridge in [false, true] {
+            let variants = std::iter::once(None).chain(args.bridge_modes.iter().map(|m| Some((bridge_bin, m.as_str()))));
+            for variant in variants {
                 knative.check()?;
-                let r = round(args, &record, &dir, &services[..k], with_bridge.then_some(bridge_bin), arm).await?;
+                let r = round(args, &record, &dir, &services[..k], variant, arm).await?;
                 eprintln!(
                     "    bound p50 {} ms p99 {} ms, Ready p50 {} ms p99 {} ms",
                     r.bound_p50_ms, r.bound_p99_ms, r.ready_p50_ms, r.ready_p99_ms
@@ -593,6 +639,7 @@ async fn run_arm(args: &ColdstartArgs, arm: Arm, bridge_bin: &Path) -> anyhow::R
         anyhow::Ok(results)
     }
     .await;
+    leases.abort();
     cluster::stop(&record).await?;
     result
 }
@@ -606,7 +653,7 @@ pub fn markdown(results: &[RoundResult]) -> String {
             "| {:?} | {} | {} | {} / {} / {} | {} / {} / {} | {} | {} | {} | {} | {} |\n",
             r.arm,
             r.revisions,
-            if r.bridge { "yes" } else { "no" },
+            r.bridge,
             r.bound_p50_ms,
             r.bound_p95_ms,
             r.bound_p99_ms,
@@ -614,10 +661,10 @@ pub fn markdown(results: &[RoundResult]) -> String {
             r.ready_p95_ms,
             r.ready_p99_ms,
             r.pods_seen,
-            if r.bridge { format!("{}", r.bridge_pods_created) } else { "–".into() },
-            if r.bridge { format!("{} / {}", r.races_won, r.races_lost) } else { "–".into() },
-            if r.bridge { format!("{}", r.duplicates_deleted) } else { "–".into() },
-            if r.bridge { format!("{}", r.rejections) } else { "–".into() },
+            if r.bridge != "none" { format!("{}", r.bridge_pods_created) } else { "–".into() },
+            if r.bridge != "none" { format!("{} / {}", r.races_won, r.races_lost) } else { "–".into() },
+            if r.bridge != "none" { format!("{}", r.duplicates_deleted) } else { "–".into() },
+            if r.bridge != "none" { format!("{}", r.rejections) } else { "–".into() },
         ));
     }
     out
@@ -627,8 +674,8 @@ pub async fn run(args: ColdstartArgs) -> anyhow::Result<Vec<RoundResult>> {
     if args.revisions.is_empty() || args.revisions.contains(&0) {
         bail!("--revisions needs positive counts, e.g. 1,5,25,100");
     }
-    if !matches!(args.bridge_mode.as_str(), "default" | "aggressive") {
-        bail!("--bridge-mode must be default or aggressive");
+    if let Some(bad) = args.bridge_modes.iter().find(|m| !matches!(m.as_str(), "default" | "aggressive")) {
+        bail!("--bridge-modes: {bad:?} is not default or aggressive");
     }
     let bridge_bin = bridge_binary(&args)?;
     std::fs::create_dir_all(&args.output)?;
