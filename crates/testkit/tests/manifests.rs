@@ -21,7 +21,9 @@
 //! - the install on one machine: the bootstrap shard, the router and a
 //!   shard-agent started with their manifests' flags, authenticated as their
 //!   own ServiceAccounts (RBAC), join, store and drain without losing a key;
-//!   the activator-bridge, as its own ServiceAccount, syncs and leads.
+//!   the activator-bridge, as its own ServiceAccount, syncs and leads;
+//! - the router, with its static pod's flags, serves while kube-apiserver is
+//!   down (kube-apiserver cannot start without it).
 //!
 //! The workspace binaries must be built first (hack/test.sh does).
 
@@ -1551,4 +1553,74 @@ fn the_alerts_in_the_operations_doc_are_the_shipped_ones() {
     assert!(alerts
         .iter()
         .all(|g| g["rules"].as_array().is_some_and(|r| !r.is_empty())));
+}
+
+/// After a reboot the kubelet starts kube-apiserver and the router together,
+/// and kube-apiserver exits unless the router answers within 20 s: the
+/// router, with its static pod's flags, must serve while kube-apiserver is
+/// still down (it cannot read `Shard`s yet).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_router_static_pod_serves_while_kube_apiserver_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let status = Command::new(repo_root().join("hack/gen-certs.sh"))
+        .arg(&certs)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("running hack/gen-certs.sh");
+    assert!(status.success(), "hack/gen-certs.sh failed");
+    let f = |name: &str| certs.join(name);
+    let bootstrap = Etcd::start_tls(
+        "bootstrap",
+        EtcdTls {
+            cert: f("bootstrap-shard.crt"),
+            key: f("bootstrap-shard.key"),
+            ca: f("ca.crt"),
+        },
+        &["--unsafe-no-fsync"],
+    )
+    .await
+    .unwrap();
+    // A kubeconfig whose kube-apiserver is not there (nothing listens).
+    let kubeconfig = dir.path().join("ste-router.conf");
+    ste_testkit::Api {
+        url: format!("https://{}", loopback()),
+        token: "none".into(),
+    }
+    .write_kubeconfig(&kubeconfig)
+    .unwrap();
+    let pod = documents(&manifests().join("static-pods/ste-router.yaml")).remove(0);
+    let (addr, admin) = (loopback(), loopback());
+    let _router = spawn(
+        &built_binary("ste-router"),
+        &localized(
+            &pod["spec"]["containers"][0],
+            &[
+                ("https://127.0.0.1:2579", bootstrap.endpoint()),
+                ("127.0.0.1:2479", addr.to_string()),
+                ("0.0.0.0:2480", admin.to_string()),
+                ("/etc/kubernetes/pki/ste/", format!("{}/", certs.display())),
+                (
+                    "/etc/kubernetes/ste-router.conf",
+                    kubeconfig.display().to_string(),
+                ),
+                ("/var/lib/ste-router/", format!("{}/", dir.path().display())),
+            ],
+        ),
+        &dir.path().join("router.log"),
+    );
+    ste_testkit::wait_until(
+        "the router to serve without kube-apiserver",
+        Duration::from_secs(20),
+        || async { try_http_get(admin, "/readyz").await.is_some() },
+    )
+    .await;
+    let client = (f("apiserver-client.crt"), f("apiserver-client.key"));
+    etcdctl(
+        &format!("https://{addr}"),
+        &f("ca.crt"),
+        Some((client.0.as_path(), client.1.as_path())),
+        &["put", "/registry/pods/default/early", "v"],
+    )
+    .expect("a write through the router while kube-apiserver is down");
 }
