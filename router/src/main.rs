@@ -49,6 +49,13 @@ struct Args {
     #[arg(long, env = "STE_ROUTER_SHARD_LOST_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
     shard_lost_after: Duration,
 
+    /// Copies of each key. 1: a shard lost with its data loses its keys (they
+    /// are deleted with DELETE events, so controllers recreate the pods). 2:
+    /// each key also has a copy on a second shard, and losing one shard loses
+    /// nothing (every write also writes the copy, in parallel).
+    #[arg(long, env = "STE_ROUTER_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    replication_factor: u8,
+
     /// File remembering the registered shards across router restarts (loaded
     /// at startup like --shards, so their keys are visible before the
     /// registrations are read again). Keep it on the node's disk.
@@ -176,6 +183,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         },
         store: StoreConfig {
             shard_tls,
+            replication_factor: args.replication_factor,
             shard_timeout: args.shard_timeout,
             vnodes: args.vnodes,
             history_max_events: args.history_max_events,

@@ -266,7 +266,20 @@ impl Membership {
                 match self.store.declare_lost(id).await {
                     Ok(keys) => {
                         self.report(id, ShardPhase::Lost, Some(format!("unreachable for {unhealthy:?}; {keys} keys deleted")))
-                            .await
+                            .await;
+                        // A registration joins again only with a new heartbeat;
+                        // a shard joined through the admin API must be joined again.
+                        let mut state = self.state.lock().expect("membership lock");
+                        match state.wanted.get_mut(id) {
+                            Some(w) if w.from_kube => {
+                                w.heartbeat_seen = Instant::now()
+                                    .checked_sub(self.config.lost_after)
+                                    .unwrap_or(w.heartbeat_seen)
+                            }
+                            _ => {
+                                state.wanted.remove(id);
+                            }
+                        }
                     }
                     Err(err) => warn!(shard = %id, error = %err, "declaring the shard lost failed; retrying"),
                 }
@@ -288,6 +301,9 @@ impl Membership {
             Ok(0) => {}
             Ok(moved) => debug!(keys = moved, "moved keys to their shards"),
             Err(err) => warn!(error = %err, "moving keys failed; retrying"),
+        }
+        if let Err(err) = self.store.repair_replicas().await {
+            warn!(error = %err, "writing replica copies failed; retrying");
         }
 
         for (id, shard) in &members {

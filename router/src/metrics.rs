@@ -39,7 +39,9 @@ pub struct Metrics {
     pub shard_up: Family<ShardLabels, Gauge>,
     pub shard_bytes: Family<ShardLabels, Gauge>,
     keys_moved: Counter,
+    keys_restored: Counter,
     pub keys_to_move: Gauge,
+    pub keys_under_replicated: Gauge,
     ring_changes: Family<ChangeLabels, Counter>,
 }
 
@@ -93,14 +95,20 @@ impl Default for Metrics {
         registry.register("shard_bytes", "Bytes in use in the shard's etcd backend (from its last health check)", shard_bytes.clone());
         let keys_moved = Counter::default();
         registry.register("keys_moved", "Keys moved between shards (invisible to clients: same revisions, no events)", keys_moved.clone());
+        let keys_restored = Counter::default();
+        registry.register("keys_restored", "Keys of lost shards restored from their replica copies (replication factor 2)", keys_restored.clone());
         let keys_to_move = Gauge::default();
         registry.register("keys_to_move", "Keys not on the shard the ring places them on (moves in progress)", keys_to_move.clone());
+        let keys_under_replicated = Gauge::default();
+        registry.register("keys_under_replicated", "Keys without a valid replica copy when last checked (replication factor 2)", keys_under_replicated.clone());
         let ring_changes = Family::<ChangeLabels, Counter>::default();
         registry.register("ring_changes", "Shards joined, drained and declared lost", ring_changes.clone());
         Metrics {
             shard_bytes,
             keys_moved,
+            keys_restored,
             keys_to_move,
+            keys_under_replicated,
             ring_changes,
             registry,
             rpcs,
@@ -142,6 +150,10 @@ impl Metrics {
 
     pub fn keys_moved(&self, n: usize) {
         self.keys_moved.inc_by(n as u64);
+    }
+
+    pub fn keys_restored(&self, n: usize) {
+        self.keys_restored.inc_by(n as u64);
     }
 
     pub fn ring_change(&self, change: &'static str) {

@@ -363,7 +363,12 @@ async fn check_contents(kv: &mut KvClient<Channel>, expected: &BTreeMap<Bytes, B
 }
 
 fn test_config(shards: &[Etcd]) -> ste_router::RouterConfig {
+    test_config_rf(shards, 1)
+}
+
+fn test_config_rf(shards: &[Etcd], replication_factor: u8) -> ste_router::RouterConfig {
     let mut config = Router::test_config(shard_specs(shards));
+    config.store.replication_factor = replication_factor;
     config.membership.interval = Duration::from_millis(100);
     config.membership.lost_after = Duration::from_secs(2);
     config.maintain_interval = Duration::from_millis(200);
@@ -372,9 +377,18 @@ fn test_config(shards: &[Etcd]) -> ste_router::RouterConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_join_during_writes_and_keys_move_invisibly() {
+    join_during_writes(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_join_during_writes_with_replication() {
+    join_during_writes(2).await;
+}
+
+async fn join_during_writes(replication_factor: u8) {
     let bootstrap = start_shards(1).await.unwrap();
     let joining = start_shards(2).await.unwrap();
-    let router = Router::start_with(test_config(&bootstrap)).await.unwrap();
+    let router = Router::start_with(test_config_rf(&bootstrap, replication_factor)).await.unwrap();
     let channel = router.channel().await.unwrap();
     let mut kv = KvClient::new(channel.clone());
     let workload = Workload::start(channel.clone(), 100).await;
@@ -416,8 +430,17 @@ async fn shards_join_during_writes_and_keys_move_invisibly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_shard_hands_over_every_key_during_writes() {
+    drain_during_writes(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_shard_hands_over_every_key_with_replication() {
+    drain_during_writes(2).await;
+}
+
+async fn drain_during_writes(replication_factor: u8) {
     let shards = start_shards(3).await.unwrap();
-    let router = Router::start_with(test_config(&shards)).await.unwrap();
+    let router = Router::start_with(test_config_rf(&shards, replication_factor)).await.unwrap();
     let channel = router.channel().await.unwrap();
     let mut kv = KvClient::new(channel.clone());
     let workload = Workload::start(channel.clone(), 100).await;
@@ -523,5 +546,62 @@ async fn registered_shards_are_remembered_across_router_restarts() {
     let shards = members(&router).await;
     assert!(shards["shards"].as_array().unwrap().iter().any(|s| s["name"] == "worker-0" && s["origin"] == "registered"), "{shards}");
     let _ = Compare::default();
+    router.stop().await.unwrap();
+}
+
+async fn under_replicated(router: &Router) -> f64 {
+    let (_, text) = http(router.admin_addr, "GET", "/metrics", "").await;
+    metric(&text, "ste_router_keys_under_replicated")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_replication_a_killed_shard_loses_nothing() {
+    // STE_TEST_LOG=ste_router=debug shows the router's side when this fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("STE_TEST_LOG"))
+        .with_test_writer()
+        .try_init();
+    let bootstrap = start_shards(1).await.unwrap();
+    let mut workers = start_shards(2).await.unwrap();
+    let router = Router::start_with(test_config_rf(&bootstrap, 2)).await.unwrap();
+    for (i, shard) in workers.iter().enumerate() {
+        let body = format!(r#"{{"name": "worker-{i}", "endpoint": "{}"}}"#, shard.endpoint());
+        assert_eq!(http(router.admin_addr, "POST", "/shards", &body).await.0, 202);
+    }
+    wait_until("workers to join", Duration::from_secs(30), || async {
+        members(&router).await["shards"].as_array().unwrap().len() == 3
+    })
+    .await;
+    let channel = router.channel().await.unwrap();
+    let mut kv = KvClient::new(channel.clone());
+    let workload = Workload::start(channel.clone(), 100).await;
+    workload.run_for(200).await;
+    wait_until("keys placed and every key replicated", Duration::from_secs(30), || async {
+        keys_to_move(&router).await == 0.0 && under_replicated(&router).await == 0.0
+    })
+    .await;
+    let doomed: BTreeSet<Bytes> = shard_keys(&workers[0]).await;
+    assert!(!doomed.is_empty());
+
+    workers[0].kill();
+    wait_until("the killed shard to be declared lost", Duration::from_secs(30), || async {
+        members(&router).await["shards"].as_array().unwrap().len() == 2
+    })
+    .await;
+    workload.run_for(200).await;
+    let (acked, failed, events, _) = workload.finish(&mut kv).await;
+    // No DELETE for the dead shard's keys: the only events nobody
+    // acknowledged are writes whose outcome the client did not learn.
+    let failed_keys: BTreeSet<Bytes> = failed.iter().cloned().collect();
+    let state = check_history(&acked, &events, |e| failed_keys.contains(&e.key));
+    check_contents(&mut kv, &state, &[&bootstrap[0], &workers[1]]).await;
+    let survivors = state.keys().filter(|k| doomed.contains(*k)).count();
+    assert!(survivors > 0, "none of the dead shard's keys survived");
+    let (_, metrics) = http(router.admin_addr, "GET", "/metrics", "").await;
+    assert_eq!(metric(&metrics, "ste_router_keys_lost_total"), 0.0, "lost {} restored {}", metric(&metrics, "ste_router_keys_lost_total"), metric(&metrics, "ste_router_keys_restored_total"));
+    let restored = metric(&metrics, "ste_router_keys_restored_total");
+    assert!(restored >= survivors as f64 && restored > 0.0, "restored {restored}, survivors {survivors}");
+    // And copies exist again for every key once the repair pass ran.
+    wait_until("every key replicated again", Duration::from_secs(30), || async { under_replicated(&router).await == 0.0 }).await;
     router.stop().await.unwrap();
 }

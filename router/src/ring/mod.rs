@@ -86,6 +86,28 @@ impl Ring {
         self.ring.get(&key).map(|node| node.shard.clone())
     }
 
+    /// Where the replica of a key held by `primary` goes: another member,
+    /// chosen by hashing the key with a salt, so replicas spread evenly and
+    /// move only when the ring changes around them.
+    pub fn locate_replica(&self, key: &[u8], primary: &ShardId) -> Option<ShardId> {
+        if self.members.iter().all(|m| m == primary) {
+            return None;
+        }
+        let mut salted = Vec::with_capacity(key.len() + 10);
+        for salt in 0u8..8 {
+            salted.clear();
+            salted.extend_from_slice(key);
+            salted.extend_from_slice(b"\0replica");
+            salted.push(salt);
+            if let Some(shard) = self.locate(&salted) {
+                if &shard != primary {
+                    return Some(shard);
+                }
+            }
+        }
+        self.members.iter().find(|m| *m != primary).cloned()
+    }
+
     pub fn members(&self) -> &[ShardId] {
         &self.members
     }

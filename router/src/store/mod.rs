@@ -43,7 +43,9 @@ use crate::shard::{write_certainly_not_applied, CutLookup, Shard, ShardSpec, Wri
 use crate::txn_shapes::{self, show_key, MAX_TXN_OPS};
 
 mod moves;
+mod replicas;
 pub use moves::DrainProgress;
+pub use replicas::REPLICA_PREFIX;
 
 /// The version reported by Maintenance.Status when no shard reports a newer
 /// one: kube-apiserver keeps watch-progress based consistent reads only from 3.5.13 on.
@@ -60,6 +62,8 @@ pub struct StoreConfig {
     pub load_timeout: Duration,
     /// mTLS towards `https://` shards.
     pub shard_tls: Option<crate::tls::ClientTls>,
+    /// Copies of each key: 1 (a lost shard loses its keys) or 2 (a copy on a second shard).
+    pub replication_factor: u8,
 }
 
 impl Default for StoreConfig {
@@ -72,6 +76,7 @@ impl Default for StoreConfig {
             member_id: 0x5354_452d_726f_7574,
             load_timeout: Duration::from_secs(30),
             shard_tls: None,
+            replication_factor: 1,
         }
     }
 }
@@ -82,6 +87,8 @@ struct IndexEntry {
     shard: ShardId,
     shard_mod_revision: i64,
     meta: Meta,
+    /// The shard holding a copy of exactly this version (replication factor 2).
+    replica: Option<ShardId>,
 }
 
 /// What a write txn will do to one key, decided before the shard is asked.
@@ -129,6 +136,15 @@ pub struct Store {
     last_move: AtomicI64,
     /// Keys found on two shards when loading: (shard of the copy to drop, key, its shard revision).
     duplicates: std::sync::Mutex<Vec<(ShardId, Bytes, i64)>>,
+    /// Some key may lack its replica copy: the repair pass has work.
+    replicas_dirty: AtomicBool,
+    /// Some key may not be on its ring owner: the rebalance pass has work
+    /// (with the time of the last ring change, after which writes planned
+    /// before it may still land on the old owner).
+    placement_dirty: AtomicBool,
+    ring_changed: std::sync::Mutex<Instant>,
+    /// For background work started from `&self` (replica cleanups).
+    this: std::sync::OnceLock<std::sync::Weak<Store>>,
 }
 
 fn zero_kv_meta() -> Meta {
@@ -205,12 +221,18 @@ impl Store {
             range_floor: AtomicI64::new(0),
             last_move: AtomicI64::new(0),
             duplicates: std::sync::Mutex::new(Vec::new()),
+            replicas_dirty: AtomicBool::new(true),
+            placement_dirty: AtomicBool::new(true),
+            ring_changed: std::sync::Mutex::new(Instant::now()),
+            this: std::sync::OnceLock::new(),
         });
+        let _ = store.this.set(Arc::downgrade(&store));
         for (id, scan) in scans {
             let shard = store.shard(&id).expect("shard exists");
             store.adopt_scan(&shard, scan, start);
         }
         store.resolve_duplicates().await;
+        store.adopt_replicas().await;
         info!(revision = start, "router store open");
         Ok(store)
     }
@@ -276,6 +298,7 @@ impl Store {
                         shard: shard.id.clone(),
                         shard_mod_revision: item.shard_mod_revision,
                         meta: item.meta,
+                        replica: None,
                     },
                 );
             }
@@ -544,10 +567,13 @@ impl Store {
         revision: i64,
         limit: i64,
     ) -> StoreResult<(i64, Vec<KeyValue>, bool)> {
+        let Some((key, range_end)) = replicas::clamp_range(&req.key, &req.range_end) else {
+            return Ok((0, Vec::new(), false));
+        };
         let read = |shard_revision: i64, extra: i64| {
             shard.range(RangeRequest {
-                key: req.key.clone(),
-                range_end: req.range_end.clone(),
+                key: key.clone(),
+                range_end: range_end.clone(),
                 limit: if limit > 0 { limit + extra } else { 0 },
                 revision: shard_revision,
                 count_only: req.count_only,
@@ -685,6 +711,12 @@ impl Store {
     pub async fn txn(self: &Arc<Self>, req: TxnRequest) -> StoreResult<TxnResponse> {
         self.check_open()?;
         let keys = txn_shapes::txn_keys(&req)?;
+        if let Some(reserved) = keys.iter().find(|k| k.as_ref() >= REPLICA_PREFIX) {
+            return Err(StoreError::Unsupported(format!(
+                "keys from 0xffffffff on (like {}): ste-router keeps replica copies there",
+                show_key(reserved)
+            )));
+        }
         if keys.is_empty() {
             // Nothing to read or write: only the (empty) compares decide.
             return Ok(TxnResponse {
@@ -824,8 +856,17 @@ impl Store {
             planned.push((pending, plan.succeeded, g, item_plans));
         }
         let last = if writers > 0 { first + writers - 1 } else { 0 };
+        let mut replica_writes = self.plan_replica_writes(
+            &shard.id,
+            planned.iter().flat_map(|(_, _, _, plans)| plans.iter()),
+        );
+        let planned_puts = planned
+            .iter()
+            .flat_map(|(_, _, _, plans)| plans.iter())
+            .filter(|p| matches!(p, PlannedOp::Put { .. }))
+            .count();
 
-        let answer = if shard_ops.is_empty() {
+        let primary = async { if shard_ops.is_empty() {
             Ok(TxnResponse {
                 header: None,
                 succeeded: true,
@@ -855,10 +896,32 @@ impl Store {
                     Err(err)
                 }
             }
-        };
+        } };
+        // Replica copies go out with the primary Txn, not after it: a copy of
+        // a write that then fails does not match the index and is never used.
+        let cleanups = std::mem::take(&mut replica_writes.cleanups);
+        let (answer, copied) = tokio::join!(primary, self.send_replica_writes(replica_writes));
         let answer = match answer {
             Ok(answer) => answer,
             Err(err) => {
+                // The copies of the versions that were not written are garbage;
+                // the copies of the current versions are untouched.
+                if self.replication() {
+                    let index = self.index.read().expect("index lock");
+                    let written: Vec<(ShardId, Bytes, i64)> = copied
+                        .iter()
+                        .filter_map(|(key, shard)| {
+                            let planned_revision = planned.iter().flat_map(|(_, _, _, plans)| plans.iter()).find_map(|p| match p {
+                                PlannedOp::Put { key: k, meta, .. } if k == key => Some(meta.mod_revision),
+                                _ => None,
+                            })?;
+                            let current = index.get(key).map(|e| e.meta.mod_revision);
+                            (current != Some(planned_revision)).then(|| (shard.clone(), key.clone(), planned_revision))
+                        })
+                        .collect();
+                    drop(index);
+                    self.spawn_cleanup(written);
+                }
                 for g in (first..=last).filter(|_| writers > 0) {
                     self.sequencer.finish(g, Vec::new());
                 }
@@ -915,6 +978,8 @@ impl Store {
             };
             let _ = pending.reply.send(reply);
         }
+        self.record_replicas(copied, planned_puts);
+        self.spawn_cleanup(cleanups);
     }
 
     /// The shard of all `keys`, or the error naming them if they are on several.
@@ -1143,6 +1208,7 @@ impl Store {
                         shard: shard.id.clone(),
                         shard_mod_revision: shard_revision,
                         meta,
+                        replica: None,
                     },
                 );
                 self.leases.reattach(&key, old_lease, meta.lease);
@@ -1325,6 +1391,7 @@ impl Store {
         let mut events = Vec::new();
         let mut all_deleted = Vec::new();
         let mut first_error = None;
+        let mut copies_to_delete = Vec::new();
         for (shard, deleted, last_revision, error) in results {
             if let Some(err) = error {
                 if let Some((_, state)) = guards.iter_mut().find(|(s, _)| s.id == shard.id) {
@@ -1337,6 +1404,9 @@ impl Store {
                 let kv = translate_kv(&shard.id, kv)?;
                 if let Some(removed) = self.index.write().expect("index lock").remove(&kv.key) {
                     self.leases.reattach(&kv.key, removed.meta.lease, 0);
+                    if let Some(replica) = removed.replica {
+                        copies_to_delete.push((replica, kv.key.clone(), removed.meta.mod_revision));
+                    }
                 }
                 events.push(Arc::new(StoredEvent::delete(kv.key.clone(), g, Some(kv.clone()))));
                 all_deleted.push(kv);
@@ -1356,6 +1426,7 @@ impl Store {
         self.metrics.events_written(events.len());
         self.sequencer.finish(g, events);
         drop(guards);
+        self.delete_copies(copies_to_delete).await;
         self.compact_overflow();
         self.sequencer.wait_published(g).await;
         match first_error {
@@ -1510,6 +1581,7 @@ impl Store {
                         shard: shard.id.clone(),
                         shard_mod_revision: shard_revision,
                         meta,
+                        replica: None,
                     },
                 );
                 if meta.lease != 0 && self.leases.attachable_ttl(meta.lease).is_err() {
@@ -2038,7 +2110,7 @@ async fn scan_shard(shard: &Shard) -> StoreResult<Scan> {
         let answer = shard
             .range(RangeRequest {
                 key: from.clone(),
-                range_end: Bytes::from_static(&[0]),
+                range_end: Bytes::from_static(REPLICA_PREFIX),
                 limit: PAGE,
                 revision,
                 ..Default::default()

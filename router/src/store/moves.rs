@@ -86,6 +86,7 @@ impl Store {
             .expect("shards lock")
             .insert(spec.id.clone(), shard);
         self.ring.write().expect("ring lock").add(&spec.id);
+        self.ring_changed();
         self.metrics.ring_change("join");
         info!(shard = %spec.id, endpoint = %spec.endpoint, revision = at, "shard joined the ring");
         Ok(())
@@ -110,6 +111,7 @@ impl Store {
             ring.remove(id);
         }
         shard.set_draining(true);
+        self.ring_changed();
         self.metrics.ring_change("drain");
         info!(shard = %id, "draining shard: moving its keys off");
         Ok(())
@@ -144,19 +146,41 @@ impl Store {
             return Ok(0);
         };
         self.ring.write().expect("ring lock").remove(id);
+        self.ring_changed();
         shard.set_draining(true);
-        // Writes in flight to it fail within the shard timeout.
-        let mut state = shard.write.lock().await;
+        // Every shard's write lock, in name order like every multi-shard
+        // writer (writes in flight to the lost one fail within the shard timeout).
+        let members = self.shard_list();
+        let mut guards = Vec::with_capacity(members.len());
+        for member in &members {
+            guards.push((member.id.clone(), member.write.lock().await));
+        }
+        let entries: Vec<(Bytes, IndexEntry)> = self
+            .index
+            .read()
+            .expect("index lock")
+            .iter()
+            .filter(|(_, e)| e.shard == *id)
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        // With replication, keys whose copy is valid live on (no events).
+        let restored: std::collections::BTreeSet<Bytes> =
+            self.promote_replicas(id, &entries).await.into_iter().collect();
+        for (member, state) in guards.iter_mut() {
+            if member != id {
+                state.last_revision = state.last_revision.max(self.last_move.load(Ordering::Acquire));
+            }
+        }
+        let mut state = guards
+            .into_iter()
+            .find(|(member, _)| member == id)
+            .map(|(_, state)| state)
+            .expect("the lost shard is a member");
         let g = self.sequencer.assign();
         let mut events = Vec::new();
         {
             let mut index = self.index.write().expect("index lock");
-            let lost: Vec<(Bytes, IndexEntry)> = index
-                .iter()
-                .filter(|(_, e)| e.shard == *id)
-                .map(|(k, e)| (k.clone(), e.clone()))
-                .collect();
-            for (key, entry) in lost {
+            for (key, entry) in entries.into_iter().filter(|(k, _)| !restored.contains(k)) {
                 index.remove(&key);
                 self.leases.reattach(&key, entry.meta.lease, 0);
                 let prev = self.last_known_value(&key, &entry);
@@ -174,7 +198,8 @@ impl Store {
         drop(state);
         self.sequencer.wait_published(g).await;
         self.remove_shard(&shard, g);
-        warn!(shard = %id, keys = lost, revision = g, "shard declared lost: its keys were deleted (DELETE events)");
+        warn!(shard = %id, keys_lost = lost, keys_restored = restored.len(), revision = g,
+            "shard declared lost: keys without a replica were deleted (DELETE events)");
         Ok(lost)
     }
 
@@ -184,6 +209,13 @@ impl Store {
         self.range_floor.fetch_max(last_revision, Ordering::AcqRel);
         self.shards.write().expect("shards lock").remove(&shard.id);
         self.ring.write().expect("ring lock").remove(&shard.id);
+    }
+
+    /// Placement and replicas must be checked again.
+    fn ring_changed(&self) {
+        *self.ring_changed.lock().expect("ring change lock") = std::time::Instant::now();
+        self.placement_dirty.store(true, Ordering::Release);
+        self.replicas_dirty.store(true, Ordering::Release);
     }
 
     fn keys_on(&self, id: &ShardId) -> usize {
@@ -219,10 +251,20 @@ impl Store {
     /// Returns the number of keys moved; stops at the first error (the next
     /// call continues).
     pub async fn rebalance(&self) -> StoreResult<usize> {
+        if !self.placement_dirty.load(Ordering::Acquire) {
+            return Ok(0);
+        }
         let mut moved = 0;
         loop {
             let plan = self.misplaced();
             if plan.is_empty() {
+                // Writes planned before the last ring change may still land on
+                // the old owner for a moment: look again until that is past.
+                let settled = self.ring_changed.lock().expect("ring change lock").elapsed()
+                    > std::time::Duration::from_secs(2);
+                if settled {
+                    self.placement_dirty.store(false, Ordering::Release);
+                }
                 return Ok(moved);
             }
             let mut progress = 0;
@@ -350,6 +392,11 @@ impl Store {
                 if let Some(entry) = index.get_mut(key) {
                     entry.shard = to.id.clone();
                     entry.shard_mod_revision = to_revision;
+                    if entry.replica.as_ref() == Some(&to.id) {
+                        // Its copy is now on its own shard: another one is needed.
+                        entry.replica = None;
+                        self.replicas_dirty.store(true, Ordering::Release);
+                    }
                 }
             }
         }
