@@ -1624,3 +1624,34 @@ async fn the_router_static_pod_serves_while_kube_apiserver_is_down() {
     )
     .expect("a write through the router while kube-apiserver is down");
 }
+
+/// hack/gen-certs.sh says what is wrong with its arguments, and changes nothing.
+#[test]
+fn gen_certs_refuses_bad_arguments_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let run = |args: &[&str]| {
+        let output = Command::new(repo_root().join("hack/gen-certs.sh"))
+            .arg(&out)
+            .args(args)
+            .output()
+            .expect("running hack/gen-certs.sh");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
+    };
+    let (code, stderr) = run(&["--bogus"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("unknown argument '--bogus'"), "{stderr}");
+    let (code, stderr) = run(&["--etcd-ca", "/nonexistent/ca"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot read /nonexistent/ca.crt"),
+        "{stderr}"
+    );
+    let (code, stderr) = run(&["--days", "soon"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--days must be a number"), "{stderr}");
+    assert!(!out.exists(), "a refused run created {}", out.display());
+}
