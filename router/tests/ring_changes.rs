@@ -605,3 +605,32 @@ async fn with_replication_a_killed_shard_loses_nothing() {
     wait_until("every key replicated again", Duration::from_secs(30), || async { under_replicated(&router).await == 0.0 }).await;
     router.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_replication_a_shard_that_comes_back_empty_gets_its_keys_back() {
+    let mut shards = start_shards(3).await.unwrap();
+    let router = Router::start_with(test_config_rf(&shards, 2)).await.unwrap();
+    let channel = router.channel().await.unwrap();
+    let mut kv = KvClient::new(channel.clone());
+    let workload = Workload::start(channel.clone(), 100).await;
+    workload.run_for(200).await;
+    wait_until("every key replicated", Duration::from_secs(30), || async { under_replicated(&router).await == 0.0 }).await;
+    let emptied: BTreeSet<Bytes> = shard_keys(&shards[1]).await;
+    assert!(!emptied.is_empty());
+
+    // Its RAM disk is gone (node reboot): same name and address, no data.
+    shards[1].restart_empty().await.unwrap();
+    wait_until("the shard to hold its keys again", Duration::from_secs(30), || async {
+        shard_keys(&shards[1]).await.len() >= emptied.len() / 2
+    })
+    .await;
+    workload.run_for(200).await;
+    let (acked, failed, events, _) = workload.finish(&mut kv).await;
+    let failed_keys: BTreeSet<Bytes> = failed.iter().cloned().collect();
+    let state = check_history(&acked, &events, |e| failed_keys.contains(&e.key));
+    check_contents(&mut kv, &state, &[&shards[0], &shards[1], &shards[2]]).await;
+    let (_, metrics) = http(router.admin_addr, "GET", "/metrics", "").await;
+    assert_eq!(metric(&metrics, "ste_router_keys_lost_total"), 0.0);
+    assert!(metric(&metrics, "ste_router_keys_restored_total") > 0.0);
+    router.stop().await.unwrap();
+}

@@ -1506,7 +1506,7 @@ impl Store {
                 }
             }
         }
-        let lost: Vec<(Bytes, IndexEntry)> = known
+        let mut lost: Vec<(Bytes, IndexEntry)> = known
             .into_iter()
             .filter(|(key, _)| !in_shard.contains(key))
             .collect();
@@ -1517,6 +1517,10 @@ impl Store {
             return Ok(());
         }
         let mut shard_revision = scan.revision;
+        // With replication, what the shard lost comes back from the copies.
+        if let Some(revision) = self.restore_in_place(shard, &mut lost).await {
+            shard_revision = revision;
+        }
         if !leftovers.is_empty() {
             info!(shard = %shard.id, keys = leftovers.len(), "deleting copies left by an interrupted move");
             shard_revision = moves::delete_silently(shard, &leftovers)

@@ -225,6 +225,9 @@ impl Store {
         if repaired > 0 {
             info!(keys = repaired, "replica copies written");
         }
+        self.metrics
+            .keys_under_replicated
+            .set(missing.saturating_sub(repaired) as i64);
         if repaired < missing {
             // Some keys changed meanwhile (and got copies with their writes)
             // or could not be copied: the next pass counts again.
@@ -290,7 +293,63 @@ impl Store {
         if !self.replication() {
             return Vec::new();
         }
-        // Valid copies, read from the replica shards.
+        let found = self.read_valid_copies(lost, entries).await;
+        if found.is_empty() {
+            return Vec::new();
+        }
+        // Written to each key's new owner at a revision of their own (no events).
+        let mut by_target: BTreeMap<ShardId, Vec<(Bytes, IndexEntry, Bytes, ShardId)>> = BTreeMap::new();
+        {
+            let ring = self.ring.read().expect("ring lock");
+            for item in found {
+                if let Some(target) = ring.locate(&item.0) {
+                    by_target.entry(target).or_default().push(item);
+                }
+            }
+        }
+        self.write_restored(lost, by_target).await
+    }
+
+    /// Keys a shard lost while it stays a member (it came back empty):
+    /// their valid copies are written back to it. Returns the revision of
+    /// the shard after the last write, and removes the restored keys from `lost`.
+    pub(super) async fn restore_in_place(&self, shard: &Shard, lost: &mut Vec<(Bytes, IndexEntry)>) -> Option<i64> {
+        if !self.replication() || lost.is_empty() {
+            return None;
+        }
+        let found = self.read_valid_copies(&shard.id, lost).await;
+        let mut revision = None;
+        let mut restored = std::collections::BTreeSet::new();
+        for chunk in found.chunks(MAX_TXN_OPS) {
+            let answer = shard.txn(restore_txn(chunk)).await;
+            let Ok(answer) = answer.map_err(|err| warn!(shard = %shard.id, error = %err, "cannot write replica copies back")) else { break };
+            if !answer.succeeded {
+                break;
+            }
+            let shard_revision = answer.header.map(|h| h.revision).unwrap_or(0);
+            let mut index = self.index.write().expect("index lock");
+            for (key, _, _, _) in chunk {
+                if let Some(entry) = index.get_mut(key) {
+                    entry.shard_mod_revision = shard_revision;
+                }
+                restored.insert(key.clone());
+            }
+            revision = Some(shard_revision);
+        }
+        lost.retain(|(key, _)| !restored.contains(key));
+        if !restored.is_empty() {
+            self.metrics.keys_restored(restored.len());
+            info!(shard = %shard.id, keys = restored.len(), "shard came back empty: keys written back from their replica copies");
+        }
+        revision
+    }
+
+    /// The copies of `entries` that match the index exactly, from their replica shards.
+    async fn read_valid_copies(
+        &self,
+        lost: &ShardId,
+        entries: &[(Bytes, IndexEntry)],
+    ) -> Vec<(Bytes, IndexEntry, Bytes, ShardId)> {
         let mut by_replica: BTreeMap<ShardId, Vec<(Bytes, IndexEntry)>> = BTreeMap::new();
         for (key, entry) in entries {
             if let Some(replica) = entry.replica.as_ref().filter(|r| *r != lost) {
@@ -330,41 +389,21 @@ impl Store {
                 }
             }
         }
-        if found.is_empty() {
-            return Vec::new();
-        }
-        // Written to each key's new owner at a revision of their own (no events).
-        let mut by_target: BTreeMap<ShardId, Vec<(Bytes, IndexEntry, Bytes, ShardId)>> = BTreeMap::new();
-        {
-            let ring = self.ring.read().expect("ring lock");
-            for item in found {
-                if let Some(target) = ring.locate(&item.0) {
-                    by_target.entry(target).or_default().push(item);
-                }
-            }
-        }
+        found
+    }
+
+    async fn write_restored(
+        &self,
+        lost: &ShardId,
+        by_target: BTreeMap<ShardId, Vec<(Bytes, IndexEntry, Bytes, ShardId)>>,
+    ) -> Vec<Bytes> {
         let g = self.sequencer.assign();
         self.last_move.fetch_max(g, Ordering::AcqRel);
         let mut restored = Vec::new();
         for (target, items) in by_target {
             let Some(shard) = self.shard(&target) else { continue };
             for chunk in items.chunks(MAX_TXN_OPS) {
-                let answer = shard
-                    .txn(TxnRequest {
-                        compare: chunk.iter().map(|(key, ..)| fence(key, 0)).collect(),
-                        success: chunk
-                            .iter()
-                            .map(|(key, _, value, _)| RequestOp {
-                                request: Some(Request::RequestPut(PutRequest {
-                                    key: key.clone(),
-                                    value: value.clone(),
-                                    ..Default::default()
-                                })),
-                            })
-                            .collect(),
-                        failure: Vec::new(),
-                    })
-                    .await;
+                let answer = shard.txn(restore_txn(chunk)).await;
                 let revision = match answer {
                     Ok(answer) if answer.succeeded => answer.header.map(|h| h.revision).unwrap_or(0),
                     Ok(_) | Err(_) => {
@@ -435,6 +474,24 @@ impl Store {
             }
         }
         self.replicas_dirty.store(true, Ordering::Release);
+    }
+}
+
+/// Puts restored values where the keys are absent.
+fn restore_txn(items: &[(Bytes, IndexEntry, Bytes, ShardId)]) -> TxnRequest {
+    TxnRequest {
+        compare: items.iter().map(|(key, ..)| fence(key, 0)).collect(),
+        success: items
+            .iter()
+            .map(|(key, _, value, _)| RequestOp {
+                request: Some(Request::RequestPut(PutRequest {
+                    key: key.clone(),
+                    value: value.clone(),
+                    ..Default::default()
+                })),
+            })
+            .collect(),
+        failure: Vec::new(),
     }
 }
 
