@@ -114,6 +114,12 @@ struct Args {
     #[arg(long, env = "STE_ROUTER_SHARD_CERT_FILE", requires_all = ["shard_key_file", "shard_ca_file"])]
     shard_cert_file: Option<PathBuf>,
 
+    /// Name the shards' certificates are checked against, instead of the
+    /// host in each shard's URL (worker shards register pod IPs; give their
+    /// shared certificate this name, e.g. `ste-shard`).
+    #[arg(long, env = "STE_ROUTER_SHARD_SERVER_NAME", requires = "shard_ca_file")]
+    shard_server_name: Option<String>,
+
     /// Private key of --shard-cert-file (PEM).
     #[arg(long, env = "STE_ROUTER_SHARD_KEY_FILE", requires = "shard_cert_file")]
     shard_key_file: Option<PathBuf>,
@@ -164,7 +170,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 key: args.shard_key_file.clone(),
                 ca: args.shard_ca_file.clone(),
             })
-            .context("loading the TLS files for shards")?,
+            .context("loading the TLS files for shards")?
+            .with_server_name(args.shard_server_name.clone()),
         ),
         None => None,
     };

@@ -268,17 +268,25 @@ impl ServerTls {
 
 /// The client side: a connector for tonic channels to `https://` shards.
 #[derive(Clone)]
-pub struct ClientTls(Arc<Reloading<rustls::ClientConfig>>);
+pub struct ClientTls(Arc<Reloading<rustls::ClientConfig>>, Option<String>);
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("ClientTls").field(&self.0.files).finish()
+        f.debug_tuple("ClientTls").field(&self.0.files).field(&self.1).finish()
     }
 }
 
 impl ClientTls {
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
-        Ok(ClientTls(Arc::new(Reloading::new(files, client_config)?)))
+        Ok(ClientTls(Arc::new(Reloading::new(files, client_config)?), None))
+    }
+
+    /// Verifies every shard's certificate against this name instead of the
+    /// host in its URL: worker shards are reached at pod IPs that no
+    /// certificate issued in advance can name.
+    pub fn with_server_name(mut self, name: Option<String>) -> Self {
+        self.1 = name.filter(|n| !n.is_empty());
+        self
     }
 
     pub async fn connect(
@@ -291,7 +299,8 @@ impl ClientTls {
         let port = uri.port_u16().unwrap_or(2379);
         let tcp = TcpStream::connect((host.as_str(), port)).await?;
         tcp.set_nodelay(true)?;
-        let name = ServerName::try_from(host).map_err(|_| invalid("invalid server name"))?;
+        let name = self.1.clone().unwrap_or_else(|| host.clone());
+        let name = ServerName::try_from(name).map_err(|_| invalid("invalid server name"))?;
         let stream = TlsConnector::from(self.0.current()).connect(name, tcp).await?;
         Ok(hyper_util::rt::TokioIo::new(stream))
     }

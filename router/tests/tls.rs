@@ -190,3 +190,32 @@ async fn a_rotated_server_certificate_applies_without_a_restart() {
     .await;
     router.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn shards_are_verified_against_one_name_when_their_addresses_are_not_in_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("ste-test-ca");
+    // Like worker shards reached at pod IPs: the certificate names only the service.
+    let (shard_cert, shard_key, ca_file) = ca.issue(dir.path(), "shard", &["ste-shard"]);
+    let (client_cert, client_key, _) = ca.issue(dir.path(), "router-client", &[]);
+    let shard_tls = EtcdTls { cert: shard_cert, key: shard_key, ca: ca_file.clone() };
+    let shards = vec![Etcd::start_tls("named", shard_tls, &["--unsafe-no-fsync"]).await.unwrap()];
+    let client = |name: Option<&str>| {
+        ClientTls::load(TlsFiles { cert: Some(client_cert.clone()), key: Some(client_key.clone()), ca: Some(ca_file.clone()) })
+            .unwrap()
+            .with_server_name(name.map(str::to_string))
+    };
+    // Checked against the URL's host (127.0.0.1), the shard is refused.
+    let refused = match tls_channel(&shards[0].endpoint(), TlsFiles { cert: Some(client_cert.clone()), key: Some(client_key.clone()), ca: Some(ca_file.clone()) }).await {
+        Err(err) => err,
+        Ok(channel) => put_and_get(channel, "/x").await.unwrap_err(),
+    };
+    assert!(!refused.is_empty());
+
+    let mut config = Router::test_config(ste_testkit::shard_specs(&shards));
+    config.store.shard_tls = Some(client(Some("ste-shard")));
+    let router = Router::start_with(config).await.unwrap();
+    let channel = Endpoint::from_shared(router.endpoint()).unwrap().connect().await.unwrap();
+    assert_eq!(put_and_get(channel, "/registry/pods/default/p").await.unwrap(), b"v");
+    router.stop().await.unwrap();
+}
