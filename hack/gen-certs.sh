@@ -20,7 +20,7 @@
 #                                    shard-agent; SAN DNS:ste-shard, localhost,
 #                                    127.0.0.1, plus every --shard-san)
 #   shard-agent-client.crt/.key      the shard-agent's client cert towards its own etcd
-#   bootstrap-shard.crt/.key         the bootstrap shard's serving cert (127.0.0.1, localhost)
+#   bootstrap-shard.crt/.key         the bootstrap shard's serving cert (127.0.0.1, localhost, DNS:ste-shard: the router checks every shard against that name)
 #   router-trusted-ca.crt            CA bundle the router trusts for its clients
 #   router-kube.crt/.key             only with --kube-ca: the router's client cert
 #                                    for kube-apiserver (user ste:router), signed
@@ -140,7 +140,7 @@ issue apiserver-client kube-apiserver-etcd-client client "$router_ca"
 issue router-client ste-router client "$PWD/ca"
 issue shard-server ste-shard server "$PWD/ca" ste-shard localhost 127.0.0.1 ${extra_sans[@]+"${extra_sans[@]}"}
 issue shard-agent-client ste-shard-agent client "$PWD/ca"
-issue bootstrap-shard ste-bootstrap-shard server "$PWD/ca" 127.0.0.1 localhost
+issue bootstrap-shard ste-bootstrap-shard server "$PWD/ca" 127.0.0.1 localhost ste-shard
 if [[ -n "$kube_ca" ]]; then
   issue router-kube ste:router client "$kube_ca"
 fi
