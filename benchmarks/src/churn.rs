@@ -70,7 +70,7 @@ pub struct ChurnArgs {
     pub output: PathBuf,
 }
 
-fn parse_qps(text: &str) -> Result<Option<u32>, String> {
+pub fn parse_qps(text: &str) -> Result<Option<u32>, String> {
     match text.trim() {
         "default" => Ok(None),
         n => n.parse().map(Some).map_err(|_| format!("{n:?} is neither `default` nor a number")),
@@ -120,12 +120,20 @@ pub fn client() -> anyhow::Result<reqwest::Client> {
 /// `on_pod` with each event's pod and its arrival time (sub-millisecond, unlike
 /// the 1-second condition timestamps). Like a reflector, it re-watches from the
 /// last resourceVersion when kube-apiserver ends the watch, and relists on 410.
-pub fn watch_pods<F>(record: &ClusterRecord, resource_version: &str, mut on_pod: F) -> anyhow::Result<tokio::task::JoinHandle<()>>
+pub fn watch_pods<F>(record: &ClusterRecord, resource_version: &str, on_pod: F) -> anyhow::Result<tokio::task::JoinHandle<()>>
+where
+    F: FnMut(&Value, Instant) + Send + 'static,
+{
+    watch_objects(record, "/api/v1/namespaces/default/pods", resource_version, on_pod)
+}
+
+/// [`watch_pods`] for any collection path (e.g. `/apis/apps/v1/namespaces/default/deployments`).
+pub fn watch_objects<F>(record: &ClusterRecord, path: &str, resource_version: &str, mut on_pod: F) -> anyhow::Result<tokio::task::JoinHandle<()>>
 where
     F: FnMut(&Value, Instant) + Send + 'static,
 {
     let http = client()?;
-    let base = format!("{}/api/v1/namespaces/default/pods", record.api_url);
+    let base = format!("{}{path}", record.api_url);
     let token = record.token.clone();
     let mut last = resource_version.to_string();
     Ok(tokio::spawn(async move {
@@ -217,7 +225,8 @@ fn deployment(name: &str) -> Value {
     })
 }
 
-async fn create(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> anyhow::Result<()> {
+/// Creates Deployment `name` (replicas 1, nginx, label `app: name`).
+pub async fn create(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> anyhow::Result<()> {
     let response = http
         .post(format!("{}/apis/apps/v1/namespaces/default/deployments", record.api_url))
         .bearer_auth(&record.token)
@@ -441,7 +450,7 @@ async fn measure(
 }
 
 /// CPU seconds used so far by each component (its whole process group).
-fn cpu_by_component(record: &ClusterRecord) -> Vec<(String, f64)> {
+pub fn cpu_by_component(record: &ClusterRecord) -> Vec<(String, f64)> {
     let mut by_kind: Vec<(String, f64)> = Vec::new();
     for process in &record.processes {
         // Shards are summed as one "shards" component.
@@ -486,6 +495,7 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
         results.extend(run_arm(&args, *arm, *qps).await?);
     }
     crate::plots::churn(&results, &args.output)?;
+    crate::plots::churn_throughput(&results, &args.output)?;
     print_report(&args, &results);
     let json_path = args.output.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;

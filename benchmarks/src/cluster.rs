@@ -18,6 +18,9 @@ use ste_testkit::{free_port, kube_apiserver_args, service_account_keys, upstream
 
 const KWOK_STAGES: &str = include_str!("../../hack/kwok/stages.yaml");
 const TOKEN: &str = "ste-admin-token";
+/// Environment variable with kube-apiserver's klog verbosity (`-v`) for
+/// every cluster the benchmarks bring up; unset: its default (0).
+pub const APISERVER_VERBOSITY_ENV: &str = "STE_KUBE_APISERVER_VERBOSITY";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 pub enum Arm {
@@ -350,6 +353,13 @@ async fn start_all(launcher: &mut Launcher, args: &UpArgs, api_port: u16) -> any
         etcd: &durable,
         overrides,
     });
+    let mut api_args = api_args;
+    // Log verbosity of kube-apiserver (klog -v), e.g. 3 to see why it ends
+    // watches; set for every command that brings a cluster up.
+    if let Ok(level) = std::env::var(APISERVER_VERBOSITY_ENV) {
+        let level: u8 = level.trim().parse().with_context(|| format!("{APISERVER_VERBOSITY_ENV}={level:?} is not a klog level (0-10)"))?;
+        api_args.push(format!("-v={level}"));
+    }
     launcher.spawn("kube-apiserver", &upstream_binary("kube-apiserver", "STE_KUBE_APISERVER_BIN")?, &api_args)?;
     let api = launcher.record.api();
     launcher

@@ -6,4 +6,5 @@ pub mod coldstart;
 pub mod jobs;
 pub mod plots;
 pub mod router_bench;
+pub mod startup;
 pub mod stats;

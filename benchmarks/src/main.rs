@@ -1,7 +1,7 @@
 //! ste-bench: STE's benchmarks. Every suite runs its arms side by side in one
 //! run on the same machine and reports ratios.
 
-use ste_bench::{churn, cluster, coldstart, jobs, router_bench};
+use ste_bench::{churn, cluster, coldstart, jobs, router_bench, startup};
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +22,10 @@ enum Command {
     /// Deployment every T (burst), or create-one-delete-one (steady);
     /// latency from each Deployment to its pod bound and Running.
     Churn(churn::ChurnArgs),
+    /// Pod startup (STE's measurement): 1, 10, 50, 100 Deployments created at
+    /// once on each arm; create→bound→Running latency per pod and Deployments
+    /// fully available per second at each parallelism.
+    Startup(startup::StartupArgs),
     /// Job bursts (Kubeλess): N Jobs × 1 pod and 1 Job × N pods on each arm;
     /// time until every pod was created, bound and Running.
     Jobs(jobs::JobsArgs),
@@ -64,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Cluster { command: ClusterCommand::Down(args) } => cluster::down(&args).await,
         Command::Churn(args) => churn::run(args).await.map(|_| ()),
         Command::Jobs(args) => jobs::run(args).await.map(|_| ()),
+        Command::Startup(args) => startup::run(args).await.map(|_| ()),
         Command::Coldstart(args) => coldstart::run(args).await.map(|_| ()),
         Command::Demo { seconds } => {
             let args = churn::ChurnArgs {

@@ -145,6 +145,85 @@ pub fn churn(results: &[ArmResult], dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Bound pods per second in one-second bins, from a run's (seconds from
+/// start, latency) samples, up to `until` seconds.
+fn bound_per_second(samples: &[(f64, f64)], until: f64) -> Vec<(f64, f64)> {
+    let seconds = samples.iter().map(|s| s.0).fold(until, f64::max).ceil().max(1.0) as usize;
+    let mut bins = vec![0usize; seconds];
+    for (t, _) in samples {
+        bins[(t.max(0.0) as usize).min(seconds - 1)] += 1;
+    }
+    // A step line: each bin's rate held over its second.
+    bins.iter()
+        .enumerate()
+        .flat_map(|(i, n)| [(i as f64, *n as f64), ((i + 1) as f64, *n as f64)])
+        .collect()
+}
+
+/// Writes churn-throughput-<arm>-<qps>-<rate>.svg per arm and step: pods
+/// bound per second over time against the offered load. Returns the file names.
+pub fn churn_throughput(results: &[ArmResult], dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut written = Vec::new();
+    for r in results {
+        let sending = r.sent as f64 / r.offered_per_s;
+        let offered = Series {
+            label: format!("offered {:.1}/s", r.offered_per_s),
+            points: vec![(0.0, r.offered_per_s), (sending, r.offered_per_s), (sending, 0.0)],
+        };
+        let bound = Series { label: "pods bound/s".into(), points: bound_per_second(&r.bound_samples, sending) };
+        let qps = r.client_qps.map(|q| format!("qps{q}")).unwrap_or_else(|| "default".into());
+        let name = format!("churn-throughput-{:?}-{qps}-{:.0}.svg", r.arm, r.offered_per_s).to_lowercase();
+        std::fs::write(
+            dir.join(&name),
+            line_chart(
+                &format!("{} — pods bound per second", label(r)),
+                "seconds from start",
+                "per second",
+                &[bound, offered],
+            ),
+        )?;
+        written.push(name);
+    }
+    Ok(written)
+}
+
+/// Writes startup-latency.svg (create→Running p50 and p99 against
+/// parallelism, per arm) and startup-throughput.svg (Deployments available
+/// per second against parallelism) into `dir`.
+pub fn startup(results: &[crate::startup::LevelResult], dir: &Path) -> std::io::Result<()> {
+    let mut arms: Vec<crate::cluster::Arm> = Vec::new();
+    for r in results {
+        if !arms.contains(&r.arm) {
+            arms.push(r.arm);
+        }
+    }
+    let per_arm = |arm, value: &dyn Fn(&crate::startup::LevelResult) -> f64| -> Vec<(f64, f64)> {
+        results.iter().filter(|r| r.arm == arm).map(|r| (r.parallelism as f64, value(r))).collect()
+    };
+    let latency: Vec<Series> = arms
+        .iter()
+        .flat_map(|arm| {
+            [
+                Series { label: format!("{arm:?} p50"), points: per_arm(*arm, &|r| r.running_p50_ms) },
+                Series { label: format!("{arm:?} p99"), points: per_arm(*arm, &|r| r.running_p99_ms) },
+            ]
+        })
+        .collect();
+    std::fs::write(
+        dir.join("startup-latency.svg"),
+        line_chart("create → pod Running, p50 and p99", "Deployments created at once", "milliseconds", &latency),
+    )?;
+    let throughput: Vec<Series> = arms
+        .iter()
+        .map(|arm| Series { label: format!("{arm:?}"), points: per_arm(*arm, &|r| r.deployments_per_s) })
+        .collect();
+    std::fs::write(
+        dir.join("startup-throughput.svg"),
+        line_chart("Deployments fully available per second", "Deployments created at once", "Deployments/s", &throughput),
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +242,13 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("t &lt;1&gt;"));
+    }
+
+    #[test]
+    fn bound_per_second_counts_each_second() {
+        let samples = [(0.1, 5.0), (0.9, 5.0), (2.5, 5.0)];
+        let points = bound_per_second(&samples, 2.0);
+        // Seconds 0, 1, 2: 2, 0, 1 pods bound, each held over its second.
+        assert_eq!(points, vec![(0.0, 2.0), (1.0, 2.0), (1.0, 0.0), (2.0, 0.0), (2.0, 1.0), (3.0, 1.0)]);
     }
 }
