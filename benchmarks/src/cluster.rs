@@ -61,6 +61,27 @@ pub struct UpArgs {
     pub dir: PathBuf,
 }
 
+/// Shards registered by ste-shard-agent processes (ste arm), besides the
+/// static bootstrap shard(s): the router watches `Shard` objects.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct AgentArgs {
+    /// ste-shard-agent processes to start (ste arm), each with a RAM etcd
+    /// under /dev/shm, registered as `Shard` shard-agent-<i>; with any, the
+    /// router runs with --watch-shards (lost after 10s) and the Shard CRD is
+    /// applied. 0: static shards only.
+    #[arg(long, env = "STE_CLUSTER_SHARD_AGENTS", default_value_t = 0)]
+    pub shard_agents: usize,
+}
+
+/// `cluster up`'s flags: [`UpArgs`] and [`AgentArgs`].
+#[derive(clap::Args, Clone, Debug)]
+pub struct UpCommand {
+    #[command(flatten)]
+    pub up: UpArgs,
+    #[command(flatten)]
+    pub agents: AgentArgs,
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct DownArgs {
     /// The directory given to `cluster up`.
@@ -240,6 +261,77 @@ fn http_ok(url: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Process (and Shard) names of the shard agents: shard-agent-<i>.
+pub const SHARD_AGENT_PREFIX: &str = "shard-agent-";
+const SHARD_CRD: &str = include_str!("../../manifests/00-crd-shards.yaml");
+
+fn shard_agent_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("STE_SHARD_AGENT_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    // Beside ste-bench, or one level up from a test binary (target/<profile>/deps).
+    let candidates = [exe.with_file_name("ste-shard-agent"), exe.parent().and_then(|p| p.parent()).map(|p| p.join("ste-shard-agent")).unwrap_or_default()];
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .context("ste-shard-agent not found next to ste-bench: build it (cargo build -p ste-shard-agent) or set STE_SHARD_AGENT_BIN")
+}
+
+/// Applies the Shard CRD and starts `n` ste-shard-agent processes with RAM
+/// data dirs, waiting until the router has taken each shard in.
+async fn start_shard_agents(launcher: &mut Launcher, n: usize) -> anyhow::Result<()> {
+    eprintln!("• the Shard CRD and {n} ste-shard-agent(s)");
+    let kubeconfig = launcher.record.kubeconfig.display().to_string();
+    let crd = launcher.dir.join("crd-shards.yaml");
+    std::fs::write(&crd, SHARD_CRD)?;
+    let kubectl = upstream_binary("kubectl", "STE_KUBECTL_BIN")?;
+    let out = Command::new(&kubectl).args(["--kubeconfig", &kubeconfig, "apply", "-f"]).arg(&crd).output()?;
+    if !out.status.success() {
+        bail!("applying the Shard CRD: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let api = launcher.record.api();
+    launcher
+        .wait("kube-apiserver", Duration::from_secs(60), || {
+            matches!(api.curl(&["/apis/ste.dev/v1alpha1/shards"]), Ok((200, _)))
+        })
+        .await?;
+    let ram = launcher.record.ram_dir.clone().context("the ste arm has a RAM directory")?;
+    let etcd = upstream_binary("etcd", "STE_ETCD_BIN")?;
+    let binary = shard_agent_binary()?;
+    for i in 0..n {
+        let name = format!("{SHARD_AGENT_PREFIX}{i}");
+        let args = vec![
+            "run".to_string(),
+            format!("--shard-name={name}"),
+            format!("--node-name={name}"),
+            format!("--etcd-binary={}", etcd.display()),
+            format!("--data-dir={}", ram.join(&name).join("data").display()),
+            format!("--listen-client=http://127.0.0.1:{}", free_port()),
+            format!("--listen-peer=http://127.0.0.1:{}", free_port()),
+            format!("--admin-listen=127.0.0.1:{}", free_port()),
+            format!("--kubeconfig={kubeconfig}"),
+            "--heartbeat-interval=2s".into(),
+        ];
+        launcher.spawn(&name, &binary, &args)?;
+    }
+    let admin = launcher.record.router_admin.clone().context("the router's admin address")?;
+    for i in 0..n {
+        let name = format!("{SHARD_AGENT_PREFIX}{i}");
+        launcher
+            .wait(&name, Duration::from_secs(60), || router_members(&admin).is_some_and(|m| m.contains(&name)))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Names of the router's members (its admin GET /shards), None if it does not answer.
+pub fn router_members(admin: &str) -> Option<Vec<String>> {
+    let out = Command::new("curl").args(["-sf", "--max-time", "2", &format!("{admin}/shards")]).output().ok()?;
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(body["shards"].as_array()?.iter().filter_map(|s| s["name"].as_str().map(String::from)).collect())
+}
+
 fn router_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("STE_ROUTER_BIN") {
         return Ok(PathBuf::from(path));
@@ -260,6 +352,14 @@ fn router_binary() -> anyhow::Result<PathBuf> {
 }
 
 pub async fn up(args: &UpArgs) -> anyhow::Result<ClusterRecord> {
+    up_with(args, &AgentArgs::default()).await
+}
+
+/// [`up`] with shard agents (see [`AgentArgs`]).
+pub async fn up_with(args: &UpArgs, agents: &AgentArgs) -> anyhow::Result<ClusterRecord> {
+    if agents.shard_agents > 0 && args.arm != Arm::Ste {
+        bail!("--shard-agents needs the ste arm");
+    }
     if args.arm == Arm::Ste && args.shards == 0 {
         bail!("--shards must be at least 1 for the ste arm");
     }
@@ -290,7 +390,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClusterRecord> {
             ram_dir: None,
         },
     };
-    let result = start_all(&mut launcher, args, api_port).await;
+    let result = start_all(&mut launcher, args, agents, api_port).await;
     if let Err(err) = result {
         eprintln!("startup failed, stopping what was started…");
         let _ = stop(&launcher.record).await;
@@ -299,7 +399,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClusterRecord> {
     Ok(launcher.record)
 }
 
-async fn start_all(launcher: &mut Launcher, args: &UpArgs, api_port: u16) -> anyhow::Result<()> {
+async fn start_all(launcher: &mut Launcher, args: &UpArgs, agents: &AgentArgs, api_port: u16) -> anyhow::Result<()> {
     let dir = launcher.dir.clone();
     let step = |text: &str| eprintln!("• {text}");
 
@@ -330,6 +430,18 @@ async fn start_all(launcher: &mut Launcher, args: &UpArgs, api_port: u16) -> any
             format!("--admin-listen={admin}"),
             format!("--shards={}", shard_specs.join(",")),
         ];
+        let mut router_args = router_args;
+        if agents.shard_agents > 0 {
+            // The kubeconfig exists before kube-apiserver does: the router
+            // serves pods first, and its Shard watcher retries until the API is up.
+            write_kubeconfig(&launcher.record)?;
+            router_args.extend([
+                "--watch-shards".to_string(),
+                format!("--kubeconfig={}", launcher.record.kubeconfig.display()),
+                format!("--membership-cache={}", dir.join("members.json").display()),
+                "--shard-lost-after=10s".into(),
+            ]);
+        }
         launcher.spawn("ste-router", &router_binary()?, &router_args)?;
         let ready = format!("http://{admin}/readyz");
         launcher.wait("ste-router", Duration::from_secs(60), || http_ok(&ready)).await?;
@@ -366,6 +478,9 @@ async fn start_all(launcher: &mut Launcher, args: &UpArgs, api_port: u16) -> any
         .wait("kube-apiserver", Duration::from_secs(120), || matches!(api.curl(&["/readyz"]), Ok((200, _))))
         .await?;
     write_kubeconfig(&launcher.record)?;
+    if agents.shard_agents > 0 {
+        start_shard_agents(launcher, agents.shard_agents).await?;
+    }
 
     step("kube-controller-manager and kube-scheduler");
     let kubeconfig = launcher.record.kubeconfig.display().to_string();
@@ -537,7 +652,10 @@ pub async fn stop(record: &ClusterRecord) -> anyhow::Result<()> {
         }
         // The whole process group: a component may run under strace.
         let group = format!("-{}", process.pid);
-        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        // A shard agent would drain its shard into shards about to stop too:
+        // it goes at once (its etcd dies with it; the RAM data goes anyway).
+        let signal = if process.name.starts_with(SHARD_AGENT_PREFIX) { "-KILL" } else { "-TERM" };
+        let _ = Command::new("kill").args([signal, "--", &group]).status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while process_alive(process.pid) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;

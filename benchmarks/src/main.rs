@@ -51,7 +51,7 @@ enum Command {
 #[derive(Subcommand)]
 enum ClusterCommand {
     /// Start a cluster in --dir and wait until every component is ready.
-    Up(cluster::UpArgs),
+    Up(cluster::UpCommand),
     /// Stop the processes `up` started in --dir (logs are kept).
     Down(cluster::DownArgs),
 }
@@ -61,8 +61,8 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Router(args) => router_bench::run(args).await,
         Command::Cluster { command: ClusterCommand::Up(args) } => {
-            let record = cluster::up(&args).await?;
-            cluster::print_summary(&record, &std::path::absolute(&args.dir)?);
+            let record = cluster::up_with(&args.up, &args.agents).await?;
+            cluster::print_summary(&record, &std::path::absolute(&args.up.dir)?);
             Ok(())
         }
         Command::Cluster { command: ClusterCommand::Down(args) } => cluster::down(&args).await,

@@ -261,3 +261,144 @@ async fn router_and_apiserver_restarts_during_churn_lose_no_pod() {
     let after: BTreeSet<String> = wait_pods(&api, "churn", 60, Duration::from_secs(60)).await.into_iter().collect();
     assert_eq!(after, names, "the same pods after the kube-apiserver restart");
 }
+
+/// A Shard object's status.phase and spec.endpoint (None: no such Shard).
+fn shard_status(api: &Api, name: &str) -> Option<(String, String)> {
+    let (code, body) = api.curl(&[&format!("/apis/ste.dev/v1alpha1/shards/{name}")]).unwrap();
+    if code == 404 {
+        return None;
+    }
+    assert_eq!(code, 200, "GET Shard {name}: {body}");
+    let shard: Value = serde_json::from_str(&body).unwrap();
+    let phase = shard["status"]["phase"].as_str().unwrap_or("").to_string();
+    Some((phase, shard["spec"]["endpoint"].as_str().unwrap().to_string()))
+}
+
+/// Names of the pods in `default` stored directly in one shard's etcd.
+async fn pods_on_shard(endpoint: &str) -> BTreeSet<String> {
+    use ste_etcd_proto::pb::{kv_client::KvClient, RangeRequest};
+    let channel = tonic::transport::Channel::from_shared(endpoint.to_string()).unwrap().connect().await.unwrap();
+    let prefix = b"/registry/pods/default/".to_vec();
+    let mut end = prefix.clone();
+    *end.last_mut().unwrap() += 1;
+    let answer = KvClient::new(channel)
+        .range(RangeRequest { key: prefix.clone().into(), range_end: end.into(), keys_only: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    answer.kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key[prefix.len()..]).to_string()).collect()
+}
+
+/// name -> uid of the app's pods, and how many are bound and Running.
+fn pod_uids(api: &Api, app: &str) -> (std::collections::BTreeMap<String, String>, usize) {
+    let list = get(api, &format!("/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"));
+    let items = list["items"].as_array().unwrap();
+    let uids = items
+        .iter()
+        .map(|p| (p["metadata"]["name"].as_str().unwrap().to_string(), p["metadata"]["uid"].as_str().unwrap().to_string()))
+        .collect();
+    let running = items
+        .iter()
+        .filter(|p| p["status"]["phase"] == "Running" && p["spec"]["nodeName"].is_string() && p["metadata"]["deletionTimestamp"].is_null())
+        .count();
+    (uids, running)
+}
+
+fn router_metric(record: &ClusterRecord, name: &str) -> f64 {
+    let out = std::process::Command::new("curl").args(["-s", &format!("{}/metrics", record.router_admin.as_ref().unwrap())]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(|v| v.trim().parse().unwrap_or(f64::NAN)))
+        .unwrap_or(f64::NAN)
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+async fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Shards registered by real ste-shard-agent processes: one killed with -9
+/// is declared Lost and exactly its pods are recreated by their ReplicaSet;
+/// one stopped with SIGTERM is drained without any pod being recreated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_agents_lost_and_drained_under_a_deployment() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = UpArgs { shards: 1, ..up_args(Arm::Ste, dir.path()) };
+    let record = cluster::up_with(&args, &cluster::AgentArgs { shard_agents: 2 }).await.unwrap();
+    let cluster_running = Running(record.clone());
+    let api = record.api();
+    let admin = record.router_admin.clone().unwrap();
+    let (killed, drained) = ("shard-agent-0", "shard-agent-1");
+    for name in [killed, drained] {
+        wait_for(&format!("{name} Active"), Duration::from_secs(30), || shard_status(&api, name).is_some_and(|(p, _)| p == "Active")).await;
+    }
+
+    create_deployment(&api, "agents", 30);
+    wait_pods(&api, "agents", 30, Duration::from_secs(120)).await;
+    wait_for("keys to settle on their shards", Duration::from_secs(30), || router_metric(&record, "ste_router_keys_to_move") == 0.0).await;
+    let (before, _) = pod_uids(&api, "agents");
+    let (_, endpoint) = shard_status(&api, killed).unwrap();
+    let doomed = pods_on_shard(&endpoint).await;
+    assert!(!doomed.is_empty() && doomed.len() < 30, "{killed} holds {} of the 30 pods", doomed.len());
+    assert!(doomed.iter().all(|p| before.contains_key(p)));
+
+    // kill -9: its etcd dies with it; after --shard-lost-after (10s) the shard is Lost.
+    signal(record.pid_of(killed).unwrap(), "-KILL");
+    wait_for(&format!("the router to drop {killed}"), Duration::from_secs(60), || {
+        cluster::router_members(&admin).is_some_and(|m| !m.contains(&killed.to_string()))
+    })
+    .await;
+    wait_for(&format!("{killed} Lost"), Duration::from_secs(10), || shard_status(&api, killed).is_some_and(|(p, _)| p == "Lost")).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut most_running = 0;
+    let after = loop {
+        let (uids, running) = pod_uids(&api, "agents");
+        most_running = most_running.max(running);
+        if uids.len() == 30 && running == 30 && uids.keys().all(|p| !doomed.contains(p)) {
+            break uids;
+        }
+        assert!(Instant::now() < deadline, "pods did not come back: {} pods, {running} Running", uids.len());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(most_running <= 30, "{most_running} pods were Running at once");
+    // Exactly the lost shard's pods were replaced; every other pod is the same object.
+    let gone: BTreeSet<String> = before.keys().filter(|p| !after.contains_key(*p)).cloned().collect();
+    assert_eq!(gone, doomed, "the recreated pods are exactly those of the lost shard");
+    for (name, uid) in &before {
+        if !doomed.contains(name) {
+            assert_eq!(after.get(name), Some(uid), "{name} was recreated");
+        }
+    }
+    assert!(router_metric(&record, "ste_router_keys_lost_total") >= doomed.len() as f64);
+    let rs = get(&api, "/apis/apps/v1/namespaces/default/replicasets?labelSelector=app%3Dagents");
+    assert_eq!(rs["items"][0]["status"]["replicas"], 30, "{rs}");
+
+    // SIGTERM: the agent asks for a drain, the router moves its keys off, the agent deletes its Shard and exits.
+    let (_, endpoint) = shard_status(&api, drained).unwrap();
+    assert!(!pods_on_shard(&endpoint).await.is_empty(), "{drained} holds no pod");
+    let pid = record.pid_of(drained).unwrap();
+    signal(pid, "-TERM");
+    wait_for(&format!("{drained} to exit"), Duration::from_secs(60), || !alive(pid)).await;
+    assert!(shard_status(&api, drained).is_none(), "{drained}'s Shard is deleted after the drain");
+    let log = std::fs::read_to_string(dir.path().join(format!("logs/{drained}.log"))).unwrap();
+    assert!(log.contains("shard drained, etcd stopped, Shard deleted"), "{log}");
+    assert!(!cluster::router_members(&admin).unwrap().contains(&drained.to_string()));
+    let (now, running) = pod_uids(&api, "agents");
+    assert_eq!(running, 30);
+    assert_eq!(now, after, "a drain recreates no pod (same names and UIDs)");
+    drop(cluster_running);
+}
