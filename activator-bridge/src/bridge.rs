@@ -67,7 +67,9 @@ struct Trigger {
 
 /// A pod the bridge created that the pod cache may not show yet.
 struct Reservation {
-    pod: String,
+    id: u64,
+    /// Known once the create call returned.
+    pod: Option<String>,
     ns: String,
     owner: String,
     node: String,
@@ -94,7 +96,9 @@ pub struct Bridge {
     nodes: Store<Node>,
     pods: Store<Pod>,
     replicasets: Store<ReplicaSet>,
-    reservations: tokio::sync::Mutex<Vec<Reservation>>,
+    /// Held only while deciding, never across API calls.
+    reservations: Mutex<Vec<Reservation>>,
+    next_reservation: std::sync::atomic::AtomicU64,
     tracking: Mutex<HashMap<String, Tracking>>,
     rejected: Mutex<HashSet<String>>,
     queue: mpsc::UnboundedSender<Trigger>,
@@ -130,7 +134,8 @@ impl Bridge {
             nodes: node_store,
             pods: pod_store,
             replicasets: rs_store,
-            reservations: tokio::sync::Mutex::new(Vec::new()),
+            reservations: Mutex::new(Vec::new()),
+            next_reservation: Default::default(),
             tracking: Mutex::new(HashMap::new()),
             rejected: Mutex::new(HashSet::new()),
             queue: tx,
@@ -355,9 +360,9 @@ impl Bridge {
             return Ok(());
         }
         if let Some(t) = self.tracking.lock().unwrap().get(&rs_uid) {
-            if !t.ours.is_empty() && t.started.elapsed() < self.settings.settle {
-                // Already woken by this bridge (aggressive mode sees both the
-                // Deployment and the ReplicaSet scale-up).
+            if t.started.elapsed() < self.settings.settle {
+                // Already decided for this scale-up (aggressive mode sees both
+                // the Deployment's and the ReplicaSet's).
                 return Ok(());
             }
         }
@@ -382,56 +387,99 @@ impl Bridge {
         let images: Vec<String> = spec.containers.iter().filter_map(|c| c.image.clone()).collect();
 
         // Decide under the reservation lock, so concurrent scale-ups see each other's pods.
-        let mut reservations = self.reservations.lock().await;
-        let all_pods = self.pods.state();
-        let in_cache: HashSet<(String, String)> =
-            all_pods.iter().map(|p| (p.namespace().unwrap_or_default(), p.name_any())).collect();
-        reservations.retain(|r| r.at.elapsed() < Duration::from_secs(60) && !in_cache.contains(&(r.ns.clone(), r.pod.clone())));
-        let active: Vec<&Arc<Pod>> = all_pods
-            .iter()
-            .filter(|p| {
-                controller_uid(&p.metadata) == Some(rs_uid.as_str())
-                    && p.metadata.deletion_timestamp.is_none()
-                    && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
-            })
-            .collect();
-        let reserved_here = reservations.iter().filter(|r| r.owner == rs_uid).count();
-        let missing = want as usize - (active.len() + reserved_here).min(want as usize);
-        let ours_active = active.iter().any(|p| p.annotations().contains_key(CREATED_BY_ANNOTATION));
-        if missing == 0 && (reserved_here > 0 || ours_active) {
-            // This bridge's own pods fill the ReplicaSet (aggressive mode sees
-            // the Deployment's and the ReplicaSet's scale-up).
-            return Ok(());
-        }
-        if missing == 0 {
-            self.metrics.decision("nothing_missing");
-            self.metrics.races.get_or_create(&RaceLabels { result: "lost".into() }).inc();
-            debug!(object = %object, "the ReplicaSet controller was first");
-            return Ok(());
-        }
-        let mut usage: HashMap<String, NodeUsage> = placement::usage_from_pods(all_pods.iter().map(|p| p.as_ref()));
-        for r in reservations.iter() {
-            usage.entry(r.node.clone()).or_default().add(&r.requests, r.revision.as_deref(), r.images.clone());
-        }
-        let nodes = self.nodes.state();
-        let mut chosen = Vec::with_capacity(missing);
-        for _ in 0..missing {
-            let Some(node) = placement::choose_node(&nodes, &usage, &spec, &requests, revision.as_deref()) else { break };
-            let node = node.name_any();
-            usage.entry(node.clone()).or_default().add(&requests, revision.as_deref(), images.clone());
-            chosen.push(node);
-        }
-        if chosen.len() < missing {
-            self.metrics.decision("no_safe_node");
-            info!(object = %object, missing, placeable = chosen.len(), "no node clearly fits every missing pod; standing aside");
-            return Ok(());
-        }
-        if self.settings.dry_run {
-            self.metrics.decision("dry_run");
-            info!(object = %object, nodes = ?chosen, "dry run: would create {missing} pod(s)");
-            return Ok(());
-        }
+        let (chosen, ids) = {
+            let mut reservations = self.reservations.lock().unwrap();
+            let all_pods = self.pods.state();
+            let in_cache: HashSet<(String, String)> =
+                all_pods.iter().map(|p| (p.namespace().unwrap_or_default(), p.name_any())).collect();
+            reservations.retain(|r| {
+                r.at.elapsed() < Duration::from_secs(60) && !r.pod.as_ref().is_some_and(|p| in_cache.contains(&(r.ns.clone(), p.clone())))
+            });
+            let new_tracking = |preexisting: HashSet<String>| Tracking {
+                started: Instant::now(),
+                preexisting,
+                ours: HashSet::new(),
+                controller_created: false,
+                deleted: HashSet::new(),
+            };
+            {
+                // Re-check under the lock: a concurrent trigger for the same ReplicaSet may have decided.
+                let mut tracking = self.tracking.lock().unwrap();
+                if tracking.get(&rs_uid).is_some_and(|t| t.started.elapsed() < self.settings.settle) {
+                    return Ok(());
+                }
+                // Marks the decision (its race is counted below or at settle).
+                tracking.insert(rs_uid.clone(), new_tracking(HashSet::new()));
+            }
+            let active: Vec<&Arc<Pod>> = all_pods
+                .iter()
+                .filter(|p| {
+                    controller_uid(&p.metadata) == Some(rs_uid.as_str())
+                        && p.metadata.deletion_timestamp.is_none()
+                        && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
+                })
+                .collect();
+            let reserved_here = reservations.iter().filter(|r| r.owner == rs_uid).count();
+            let missing = want as usize - (active.len() + reserved_here).min(want as usize);
+            let ours_active = active.iter().any(|p| p.annotations().contains_key(CREATED_BY_ANNOTATION));
+            if missing == 0 && (reserved_here > 0 || ours_active) {
+                // This bridge's own pods fill the ReplicaSet.
+                return Ok(());
+            }
+            if missing == 0 {
+                self.metrics.decision("nothing_missing");
+                self.metrics.races.get_or_create(&RaceLabels { result: "lost".into() }).inc();
+                debug!(object = %object, "the ReplicaSet controller was first");
+                return Ok(());
+            }
+            let mut usage: HashMap<String, NodeUsage> = placement::usage_from_pods(all_pods.iter().map(|p| p.as_ref()));
+            for r in reservations.iter() {
+                usage.entry(r.node.clone()).or_default().add(&r.requests, r.revision.as_deref(), r.images.clone());
+            }
+            let nodes = self.nodes.state();
+            let mut chosen = Vec::with_capacity(missing);
+            for _ in 0..missing {
+                let Some(node) = placement::choose_node(&nodes, &usage, &spec, &requests, revision.as_deref()) else { break };
+                let node = node.name_any();
+                usage.entry(node.clone()).or_default().add(&requests, revision.as_deref(), images.clone());
+                chosen.push(node);
+            }
+            if chosen.len() < missing {
+                self.metrics.decision("no_safe_node");
+                info!(object = %object, missing, placeable = chosen.len(), "no node clearly fits every missing pod; standing aside");
+                return Ok(());
+            }
+            if self.settings.dry_run {
+                self.metrics.decision("dry_run");
+                info!(object = %object, nodes = ?chosen, "dry run: would create {missing} pod(s)");
+                return Ok(());
+            }
 
+            // Tracked before creating, so the ReplicaSet controller's pods seen
+            // while ours are in flight count as its own (a race lost).
+            let preexisting: HashSet<String> = active.iter().map(|p| p.name_any()).collect();
+            self.tracking.lock().unwrap().insert(rs_uid.clone(), new_tracking(preexisting));
+            // Reserve the nodes, then let go of the lock: the API calls run unlocked.
+            let ids: Vec<u64> = chosen
+                .iter()
+                .map(|node| {
+                    let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
+                    reservations.push(Reservation {
+                        id,
+                        pod: None,
+                        ns: ns.to_string(),
+                        owner: rs_uid.clone(),
+                        node: node.clone(),
+                        requests: requests.clone(),
+                        revision: revision.clone(),
+                        images: images.clone(),
+                        at: Instant::now(),
+                    });
+                    id
+                })
+                .collect();
+            (chosen, ids)
+        };
         let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let mut annotations: BTreeMap<String, String> =
             template.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
@@ -445,7 +493,6 @@ impl Bridge {
             controller: Some(true),
             block_owner_deletion: Some(true),
         };
-        let preexisting: HashSet<String> = active.iter().map(|p| p.name_any()).collect();
         let creations = chosen.iter().map(|node| {
             let mut pod_spec = spec.clone();
             pod_spec.node_name = Some(node.clone());
@@ -464,49 +511,47 @@ impl Bridge {
             let api = pods_api.clone();
             async move { (node.clone(), api.create(&PostParams::default(), &pod).await) }
         });
+        let forget = |ids: &[u64]| {
+            self.reservations.lock().unwrap().retain(|r| !ids.contains(&r.id));
+        };
         if !self.leading.load(Ordering::SeqCst) {
+            forget(&ids);
+            self.tracking.lock().unwrap().remove(&rs_uid);
             self.metrics.decision("not_leader");
             return Ok(());
         }
         let results = futures::future::join_all(creations).await;
         let mut created = Vec::new();
         let mut first_error = None;
-        for (node, result) in results {
+        let mut failed = Vec::new();
+        for ((node, result), id) in results.into_iter().zip(ids) {
             match result {
                 Ok(pod) => {
                     self.metrics.pods_created.inc();
                     self.metrics.trigger_to_created.observe(trigger.at.elapsed().as_secs_f64());
-                    reservations.push(Reservation {
-                        pod: pod.name_any(),
-                        ns: ns.to_string(),
-                        owner: rs_uid.clone(),
-                        node: node.clone(),
-                        requests: requests.clone(),
-                        revision: revision.clone(),
-                        images: images.clone(),
-                        at: Instant::now(),
-                    });
+                    if let Some(r) = self.reservations.lock().unwrap().iter_mut().find(|r| r.id == id) {
+                        r.pod = Some(pod.name_any());
+                    }
                     created.push((pod.name_any(), node));
                 }
                 Err(err) => {
                     warn!(object = %object, node = %node, error = %err, "creating a pod failed");
+                    failed.push(id);
                     first_error.get_or_insert(err);
                 }
             }
         }
-        drop(reservations);
+        forget(&failed);
+        if created.is_empty() {
+            // Nothing created: let a retry decide again.
+            self.tracking.lock().unwrap().remove(&rs_uid);
+        }
         if !created.is_empty() {
             self.metrics.decision("created");
             info!(object = %object, pods = ?created, latency = ?trigger.at.elapsed(), "created pods for the scale-up from zero");
-            let mut tracking = self.tracking.lock().unwrap();
-            let t = tracking.entry(rs_uid).or_insert_with(|| Tracking {
-                started: Instant::now(),
-                preexisting,
-                ours: HashSet::new(),
-                controller_created: false,
-                deleted: HashSet::new(),
-            });
-            t.ours.extend(created.into_iter().map(|(p, _)| p));
+            if let Some(t) = self.tracking.lock().unwrap().get_mut(&rs_uid) {
+                t.ours.extend(created.into_iter().map(|(p, _)| p));
+            }
         }
         match first_error {
             Some(err) => Err(err.into()),
@@ -544,6 +589,10 @@ impl Bridge {
         tracking.retain(|_, t| {
             if t.started.elapsed() < settle {
                 return true;
+            }
+            if t.ours.is_empty() {
+                // Nothing was created (API errors): no race to count.
+                return false;
             }
             let result = if t.controller_created { "lost" } else { "won" };
             self.metrics.races.get_or_create(&RaceLabels { result: result.into() }).inc();
