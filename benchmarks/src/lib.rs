@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod coldstart;
 pub mod jobs;
 pub mod plots;
+pub mod ring;
 pub mod router_bench;
 pub mod startup;
 pub mod stats;

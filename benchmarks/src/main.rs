@@ -1,7 +1,7 @@
 //! ste-bench: STE's benchmarks. Every suite runs its arms side by side in one
 //! run on the same machine and reports ratios.
 
-use ste_bench::{churn, cluster, coldstart, jobs, router_bench, startup};
+use ste_bench::{churn, cluster, coldstart, jobs, ring, router_bench, startup};
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +40,10 @@ enum Command {
         #[arg(long, env = "STE_DEMO_SECONDS", default_value_t = 30)]
         seconds: u64,
     },
+    /// The router's live ring under an open-loop client: time to move keys
+    /// when a shard joins and when one drains, and the client's latency
+    /// during each move against a baseline, for each key count.
+    Ring(ring::RingArgs),
     /// A real local control plane (kube-apiserver, controller-manager,
     /// scheduler, kwok fake nodes) on the stock or the STE storage arm.
     Cluster {
@@ -70,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Jobs(args) => jobs::run(args).await.map(|_| ()),
         Command::Startup(args) => startup::run(args).await.map(|_| ()),
         Command::Coldstart(args) => coldstart::run(args).await.map(|_| ()),
+        Command::Ring(args) => ring::run(args).await.map(|_| ()),
         Command::Demo { seconds } => {
             let args = churn::ChurnArgs {
                 arms: vec![cluster::Arm::Stock, cluster::Arm::Tuned, cluster::Arm::Ste],
