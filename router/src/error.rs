@@ -41,6 +41,9 @@ pub enum StoreError {
     ShardRejected(Status),
     #[error("ste-router is not ready: {0}")]
     NotReady(String),
+    /// Another router took the lease: this one must not write any more.
+    #[error("ste-router: not the leader (another router took over)")]
+    NotLeader,
     /// An admin request named something that does not exist.
     #[error("ste-router: {0}")]
     NotFound(String),
@@ -68,7 +71,7 @@ impl From<StoreError> for Status {
                 Code::OutOfRange
             }
             StoreError::LeaseNotFound | StoreError::NotFound(_) => Code::NotFound,
-            StoreError::Moved => Code::Unavailable,
+            StoreError::Moved | StoreError::NotLeader => Code::Unavailable,
             StoreError::LeaseExists => Code::FailedPrecondition,
             StoreError::EmptyKey
             | StoreError::KeyNotFound

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod envelope;
 pub mod error;
 pub mod history;
+pub mod leader;
 pub mod leases;
 pub mod membership;
 pub mod metrics;
@@ -36,7 +37,6 @@ use ste_etcd_proto::pb::{
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 pub use error::{StoreError, StoreResult};
@@ -55,6 +55,8 @@ pub struct RouterConfig {
     pub server_tls: Option<tls::ServerTls>,
     /// Registered shards: where they come from and when one is lost.
     pub membership: membership::MembershipConfig,
+    /// One writer at a time across routers (None: this router is the only one).
+    pub leader: Option<leader::LeaderConfig>,
 }
 
 impl Default for RouterConfig {
@@ -66,6 +68,7 @@ impl Default for RouterConfig {
             maintain_interval: Duration::from_millis(500),
             server_tls: None,
             membership: membership::MembershipConfig::default(),
+            leader: None,
         }
     }
 }
@@ -76,6 +79,8 @@ pub enum RouterError {
     NoShards,
     #[error(transparent)]
     Membership(#[from] membership::MembershipError),
+    #[error(transparent)]
+    Leader(#[from] leader::LeaderError),
     #[error("opening the store failed: {0}")]
     Store(#[from] StoreError),
     #[error("gRPC server failed: {0}")]
@@ -86,23 +91,141 @@ pub enum RouterError {
 
 /// Accepted connections, with Nagle's algorithm off: gRPC sends small
 /// frames and waits for answers, so a delayed ACK would add ~40 ms to each.
+/// The listener is shared: a router that loses leadership keeps its port.
 fn incoming(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|stream| {
-        let stream = stream?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.and_then(|(stream, _)| {
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        });
+        Some((accepted, listener))
     })
 }
 
-/// Serves the router on `listener` (gRPC) and `admin` (HTTP) until `shutdown` completes.
+/// Serves the router on `listener` (gRPC) and `admin` (HTTP) until `shutdown`
+/// completes. With leader election configured, only the leader serves the
+/// etcd API; the others wait for leadership and refuse connections meanwhile.
 pub async fn run(
     config: RouterConfig,
     listener: TcpListener,
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    let listener = Arc::new(listener);
+    let slot = admin::Slot::default();
+    let admin_task = match admin {
+        Some(admin) => {
+            let app = admin::router(slot.clone());
+            info!(address = %admin.local_addr()?, "admin server listening");
+            Some(tokio::spawn(async move {
+                if let Err(err) = axum::serve(admin, app).await {
+                    warn!(error = %err, "admin server stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+    let result = match config.leader.clone() {
+        None => serve(config, listener, slot, shutdown).await,
+        Some(leader) => elect_and_serve(config, leader, listener, slot, shutdown).await,
+    };
+    if let Some(task) = admin_task {
+        task.abort();
+    }
+    info!("ste-router stopped");
+    result
+}
+
+/// Standby until the election key is ours, then leader until it is lost
+/// (back to standby) or `shutdown` (leadership is released for a standby).
+async fn elect_and_serve(
+    config: RouterConfig,
+    leader: leader::LeaderConfig,
+    listener: Arc<TcpListener>,
+    slot: admin::Slot,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    let mut elector = leader::Elector::new(leader.clone())?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        // Follower: connections are refused at once, so clients go elsewhere.
+        let refuse = {
+            let listener = listener.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    drop(stream);
+                }
+            })
+        };
+        slot.set_follower(&leader.identity);
+        let epoch = loop {
+            match elector.try_acquire_or_renew().await {
+                Ok(leader::Role::Leader { epoch }) => break Some(epoch),
+                Ok(leader::Role::Follower) => {}
+                Err(err) => warn!(error = %err, "leader election failed; retrying"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(leader.retry_period) => {}
+                _ = &mut shutdown => break None,
+            }
+        };
+        refuse.abort();
+        let Some(epoch) = epoch else { return Ok(()) };
+
+        let deposed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut leading = config.clone();
+        leading.store.fencing = Some(shard::Fencing { epoch, deposed: deposed.clone() });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = serve(leading, listener.clone(), slot.clone(), async {
+            let _ = stop_rx.await;
+        });
+        let mut serving = std::pin::pin!(serving);
+        let keep_leading = async {
+            loop {
+                tokio::time::sleep(leader.retry_period).await;
+                if deposed.load(std::sync::atomic::Ordering::Acquire) {
+                    return "a shard's fence shows a newer leader";
+                }
+                match elector.try_acquire_or_renew().await {
+                    Ok(leader::Role::Leader { epoch: renewed }) if renewed == epoch => {}
+                    Ok(_) => return "another router holds the election key",
+                    Err(err) if !elector.within_renew_deadline() => {
+                        warn!(error = %err, "cannot renew leadership");
+                        return "leadership could not be renewed in time";
+                    }
+                    Err(err) => warn!(error = %err, "renewing leadership failed; retrying"),
+                }
+            }
+        };
+        let stepped_down = tokio::select! {
+            result = &mut serving => { result?; return Ok(()); }
+            reason = keep_leading => Some(reason),
+            _ = &mut shutdown => None,
+        };
+        let _ = stop_tx.send(());
+        serving.await?;
+        match stepped_down {
+            Some(reason) => {
+                warn!(epoch, reason, "no longer the leader: stopped serving");
+                // Whatever is left of this epoch is of no use: let others take over.
+                elector.release().await;
+            }
+            None => {
+                elector.release().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Opens the store and serves the etcd API until `stop` completes.
+async fn serve(
+    config: RouterConfig,
+    listener: Arc<TcpListener>,
+    slot: admin::Slot,
+    stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
     let mut shards = config.shards.clone();
     for remembered in membership::load_cache(config.membership.cache_file.as_ref())? {
@@ -117,6 +240,7 @@ pub async fn run(
     let store = Store::open(config.store.clone(), &shards, metrics).await?;
     let membership = membership::Membership::new(store.clone(), config.membership.clone());
     let membership_task = tokio::spawn(membership.clone().run());
+    slot.set_serving(store.clone(), membership.clone());
     let scheme = if config.server_tls.is_some() { "https" } else { "http" };
     let client_url = format!("{scheme}://{}", listener.local_addr()?);
 
@@ -137,24 +261,11 @@ pub async fn run(
         })
     };
 
-    let admin_task = match admin {
-        Some(admin) => {
-            let app = admin::router(store.clone(), membership.clone());
-            info!(address = %admin.local_addr()?, "admin server listening");
-            Some(tokio::spawn(async move {
-                if let Err(err) = axum::serve(admin, app).await {
-                    warn!(error = %err, "admin server stopped");
-                }
-            }))
-        }
-        None => None,
-    };
-
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     {
         let store = store.clone();
         tokio::spawn(async move {
-            shutdown.await;
+            stop.await;
             // End long-lived streams first, or the graceful shutdown would wait for them.
             store.shutdown();
             let _ = stop_tx.send(());
@@ -198,9 +309,7 @@ pub async fn run(
     };
     maintainer.abort();
     membership_task.abort();
-    if let Some(task) = admin_task {
-        task.abort();
-    }
-    info!("ste-router stopped");
+    store.shutdown();
+    slot.clear();
     Ok(result?)
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use ste_router::leader::LeaderConfig;
 use ste_router::membership::MembershipConfig;
 use ste_router::tls::{ClientTls, ServerTls, TlsFiles};
 use ste_router::{RouterConfig, ShardSpec, StoreConfig};
@@ -55,6 +56,51 @@ struct Args {
     /// nothing (every write also writes the copy, in parallel).
     #[arg(long, env = "STE_ROUTER_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     replication_factor: u8,
+
+    /// Run several routers (one per control-plane node) with one writer:
+    /// the leader serves the etcd API, the others refuse connections until
+    /// they take over. The election runs in the durable etcd (kube-apiserver's
+    /// own: it is up before kube-apiserver, which needs the router to start).
+    /// Every shard write is fenced with the leader's epoch, so a router that
+    /// lost leadership cannot write.
+    #[arg(long, env = "STE_ROUTER_LEADER_ELECT", requires = "leader_elect_etcd")]
+    leader_elect: bool,
+
+    /// The durable etcd for the election, e.g. https://127.0.0.1:2379.
+    #[arg(long, env = "STE_ROUTER_LEADER_ELECT_ETCD")]
+    leader_elect_etcd: Option<String>,
+
+    /// CA bundle of the durable etcd's serving certificate (e.g. /etc/kubernetes/pki/etcd/ca.crt).
+    #[arg(long, env = "STE_ROUTER_LEADER_ELECT_ETCD_CA_FILE")]
+    leader_elect_etcd_ca_file: Option<PathBuf>,
+
+    /// Client certificate for the durable etcd (e.g. kube-apiserver's apiserver-etcd-client.crt).
+    #[arg(long, env = "STE_ROUTER_LEADER_ELECT_ETCD_CERT_FILE", requires = "leader_elect_etcd_key_file")]
+    leader_elect_etcd_cert_file: Option<PathBuf>,
+
+    /// Private key of --leader-elect-etcd-cert-file.
+    #[arg(long, env = "STE_ROUTER_LEADER_ELECT_ETCD_KEY_FILE", requires = "leader_elect_etcd_cert_file")]
+    leader_elect_etcd_key_file: Option<PathBuf>,
+
+    /// The election key in the durable etcd.
+    #[arg(long, env = "STE_ROUTER_LEADER_ELECT_KEY", default_value = "/ste/router/leader")]
+    leader_elect_key: String,
+
+    /// This router's name in the election (default: $NODE_NAME, else the host name).
+    #[arg(long, env = "STE_ROUTER_LEADER_ELECT_IDENTITY")]
+    leader_elect_identity: Option<String>,
+
+    /// How long a dead leader blocks a takeover (the TTL of its etcd lease).
+    #[arg(long, env = "STE_ROUTER_LEADER_ELECT_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    leader_elect_lease_duration: Duration,
+
+    /// A leader that could not renew for this long stops serving (must be shorter than the lease duration).
+    #[arg(long, env = "STE_ROUTER_LEADER_ELECT_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    leader_elect_renew_deadline: Duration,
+
+    /// How often the leader renews and standbys check.
+    #[arg(long, env = "STE_ROUTER_LEADER_ELECT_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    leader_elect_retry_period: Duration,
 
     /// File remembering the registered shards across router restarts (loaded
     /// at startup like --shards, so their keys are visible before the
@@ -180,8 +226,50 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    let leader = match (&args.leader_elect_etcd, args.leader_elect) {
+        (Some(endpoint), true) => {
+            anyhow::ensure!(
+                args.leader_elect_renew_deadline < args.leader_elect_lease_duration,
+                "--leader-elect-renew-deadline must be shorter than --leader-elect-lease-duration"
+            );
+            let identity = match &args.leader_elect_identity {
+                Some(identity) => identity.clone(),
+                None => std::env::var("NODE_NAME")
+                    .ok()
+                    .filter(|n| !n.is_empty())
+                    .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+                    .context("no --leader-elect-identity, NODE_NAME or host name")?,
+            };
+            let tls = match &args.leader_elect_etcd_ca_file {
+                Some(_) => Some(
+                    ClientTls::load(TlsFiles {
+                        cert: args.leader_elect_etcd_cert_file.clone(),
+                        key: args.leader_elect_etcd_key_file.clone(),
+                        ca: args.leader_elect_etcd_ca_file.clone(),
+                    })
+                    .context("loading the TLS files for the durable etcd")?,
+                ),
+                None => None,
+            };
+            anyhow::ensure!(
+                !endpoint.starts_with("https://") || tls.is_some(),
+                "--leader-elect-etcd is https:// but no --leader-elect-etcd-ca-file is given"
+            );
+            Some(LeaderConfig {
+                endpoint: endpoint.clone(),
+                tls,
+                key: args.leader_elect_key.clone(),
+                identity,
+                lease_duration: args.leader_elect_lease_duration,
+                renew_deadline: args.leader_elect_renew_deadline,
+                retry_period: args.leader_elect_retry_period,
+            })
+        }
+        _ => None,
+    };
     let config = RouterConfig {
         server_tls,
+        leader,
         membership: MembershipConfig {
             kube,
             lost_after: args.shard_lost_after,

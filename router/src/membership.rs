@@ -90,7 +90,10 @@ struct State {
     synced: bool,
     /// Phases last written to each registration's status.
     reported: BTreeMap<ShardId, (ShardPhase, i64)>,
+    keys_reported: Option<Instant>,
 }
+
+const KEYS_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Handle shared by the control loop, the registration watcher and the admin API.
 #[derive(Clone)]
@@ -307,7 +310,8 @@ impl Membership {
         }
 
         for (id, shard) in &members {
-            if !shard.is_draining() {
+            // Declared lost in this pass: gone, not drained.
+            if !shard.is_draining() || shard.removed_at.load(std::sync::atomic::Ordering::Acquire) != 0 {
                 continue;
             }
             match self.store.finish_drain(id).await {
@@ -323,7 +327,14 @@ impl Membership {
             }
         }
 
-        // Active members report their key count now and then.
+        // Active members report their key count now and then (counting walks the index).
+        {
+            let mut state = self.state.lock().expect("membership lock");
+            if state.keys_reported.is_some_and(|at| at.elapsed() < KEYS_REPORT_INTERVAL) {
+                return;
+            }
+            state.keys_reported = Some(Instant::now());
+        }
         let keys = self.store.keys_per_shard();
         for (id, shard) in &members {
             if shard.origin == Origin::Registered && !shard.is_draining() && wanted.get(id).is_some_and(|w| w.from_kube) {

@@ -227,7 +227,7 @@ impl ServerTls {
 
     pub fn incoming(
         &self,
-        listener: TcpListener,
+        listener: Arc<TcpListener>,
     ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>>
     {
         let (tx, rx) = tokio::sync::mpsc::channel(64);

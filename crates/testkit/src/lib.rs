@@ -272,6 +272,7 @@ pub struct Router {
     pub addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
     tls: bool,
+    via_admin: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::result::Result<(), ste_router::RouterError>>>,
 }
@@ -307,10 +308,12 @@ impl Router {
         let admin_addr = admin.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let tls = config.server_tls.is_some();
+        // A standby under leader election does not serve gRPC: wait on its admin port.
+        let via_admin = tls || config.leader.is_some();
         let task = tokio::spawn(ste_router::run(config, listener, Some(admin), async {
             let _ = stopped.await;
         }));
-        let router = Router { addr, admin_addr, tls, stop: Some(stop), task: Some(task) };
+        let router = Router { addr, admin_addr, tls, via_admin, stop: Some(stop), task: Some(task) };
         router.wait_serving(Duration::from_secs(30)).await?;
         Ok(router)
     }
@@ -323,8 +326,9 @@ impl Router {
     async fn wait_serving(&self, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            if self.tls {
-                // The gRPC port needs a client certificate; the admin port says it is up.
+            if self.via_admin {
+                // The gRPC port needs a client certificate, or serves only as
+                // leader; the admin port says it is up.
                 if http_get_ok(self.admin_addr.port(), "/livez").await {
                     return Ok(());
                 }

@@ -6,18 +6,45 @@ mod cuts;
 pub use cuts::{CutLookup, Cuts};
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use ste_etcd_proto::pb::{
-    kv_client::KvClient, maintenance_client::MaintenanceClient, CompactionRequest, RangeRequest,
-    RangeResponse, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
+    compare::{CompareResult, CompareTarget, TargetUnion},
+    kv_client::KvClient,
+    maintenance_client::MaintenanceClient,
+    request_op::Request,
+    Compare, CompactionRequest, PutRequest, RangeRequest, RangeResponse, RequestOp, StatusRequest,
+    StatusResponse, TxnRequest, TxnResponse,
 };
+use tracing::warn;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::error::{StoreError, StoreResult};
 use crate::ring::ShardId;
+
+/// Keys from here on are the router's own on every shard (replica copies,
+/// the leader fence); clients can neither read nor write them.
+pub const RESERVED_PREFIX: &[u8] = b"\xff\xff\xff\xffste/";
+/// The epoch of the router allowed to write this shard (see `leader`).
+pub const FENCE_KEY: &[u8] = b"\xff\xff\xff\xffste/leader";
+
+/// The leader epoch this router writes under, shared by all its shards.
+#[derive(Clone, Debug)]
+pub struct Fencing {
+    pub epoch: i64,
+    /// Set when a shard's fence shows a newer epoch: the router steps down.
+    pub deposed: Arc<AtomicBool>,
+}
+
+fn epoch_bytes(epoch: i64) -> Bytes {
+    // Zero-padded, so byte order is numeric order.
+    Bytes::from(format!("{epoch:020}"))
+}
 
 /// How the router reaches one shard.
 #[derive(Clone, Debug)]
@@ -87,6 +114,9 @@ pub struct Shard {
     pub removed_at: AtomicI64,
     /// Bytes in use in its backend, from the last health check.
     pub db_bytes: AtomicI64,
+    fencing: Option<Fencing>,
+    /// This router's epoch is in the shard's fence key.
+    fenced: AtomicBool,
     kv: KvClient<Channel>,
     maintenance: MaintenanceClient<Channel>,
     pub write: tokio::sync::Mutex<WriteState>,
@@ -139,6 +169,8 @@ impl Shard {
             unhealthy_since: Mutex::new(None),
             removed_at: AtomicI64::new(0),
             db_bytes: AtomicI64::new(0),
+            fencing: None,
+            fenced: AtomicBool::new(false),
             kv: KvClient::new(channel.clone())
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
@@ -210,9 +242,111 @@ impl Shard {
         self.answer(result)
     }
 
-    pub async fn txn(&self, req: TxnRequest) -> StoreResult<TxnResponse> {
-        let result = self.kv.clone().txn(req).await;
-        self.answer(result)
+    /// Writes (and reads in a Txn) only while this router's epoch is the
+    /// shard's fence: a router that lost the lease fails here and steps down.
+    pub async fn txn(&self, mut req: TxnRequest) -> StoreResult<TxnResponse> {
+        let Some(fencing) = self.fencing.clone() else {
+            let result = self.kv.clone().txn(req).await;
+            return self.answer(result);
+        };
+        req.compare.push(Compare {
+            key: Bytes::from_static(FENCE_KEY),
+            target: CompareTarget::Value as i32,
+            result: CompareResult::Equal as i32,
+            target_union: Some(TargetUnion::Value(epoch_bytes(fencing.epoch))),
+            range_end: Bytes::new(),
+        });
+        for _ in 0..2 {
+            if !self.fenced.load(Ordering::Acquire) {
+                self.raise_fence(&fencing).await?;
+            }
+            let result = self.kv.clone().txn(req.clone()).await;
+            let answer = self.answer(result)?;
+            if answer.succeeded {
+                return Ok(answer);
+            }
+            match self.fence_epoch().await?.0 {
+                epoch if epoch == fencing.epoch => return Ok(answer),
+                epoch if epoch > fencing.epoch => return Err(self.deposed(&fencing)),
+                // The fence is gone (the shard lost its data): raise it again and retry.
+                _ => self.fenced.store(false, Ordering::Release),
+            }
+        }
+        Err(StoreError::unavailable(self.id.as_str(), "its leader fence keeps disappearing"))
+    }
+
+    pub fn with_fencing(mut self, fencing: Option<Fencing>) -> Self {
+        self.fencing = fencing;
+        self
+    }
+
+    /// Raises this router's fence now (a new leader does this on every
+    /// shard at once, so an old one is fenced out before its next write).
+    pub async fn fence_now(&self) -> StoreResult<()> {
+        match self.fencing.clone() {
+            Some(fencing) if !self.fenced.load(Ordering::Acquire) => self.raise_fence(&fencing).await,
+            _ => Ok(()),
+        }
+    }
+
+    fn deposed(&self, fencing: &Fencing) -> StoreError {
+        warn!(shard = %self.id, epoch = fencing.epoch, "the shard's fence shows a newer leader: stepping down");
+        fencing.deposed.store(true, Ordering::Release);
+        StoreError::NotLeader
+    }
+
+    /// (epoch in the fence, its mod revision); (0, 0) when there is none.
+    async fn fence_epoch(&self) -> StoreResult<(i64, i64)> {
+        let answer = self
+            .range(RangeRequest { key: Bytes::from_static(FENCE_KEY), ..Default::default() })
+            .await?;
+        Ok(answer
+            .kvs
+            .first()
+            .map(|kv| {
+                let epoch = std::str::from_utf8(&kv.value).ok().and_then(|v| v.parse().ok()).unwrap_or(i64::MAX);
+                (epoch, kv.mod_revision)
+            })
+            .unwrap_or((0, 0)))
+    }
+
+    /// Puts this router's epoch in the fence unless a newer one is there.
+    async fn raise_fence(&self, fencing: &Fencing) -> StoreResult<()> {
+        for _ in 0..3 {
+            let (current, mod_revision) = self.fence_epoch().await?;
+            if current > fencing.epoch {
+                return Err(self.deposed(fencing));
+            }
+            if current < fencing.epoch {
+                let answer = self
+                    .kv
+                    .clone()
+                    .txn(TxnRequest {
+                        compare: vec![Compare {
+                            key: Bytes::from_static(FENCE_KEY),
+                            target: CompareTarget::Mod as i32,
+                            result: CompareResult::Equal as i32,
+                            target_union: Some(TargetUnion::ModRevision(mod_revision)),
+                            range_end: Bytes::new(),
+                        }],
+                        success: vec![RequestOp {
+                            request: Some(Request::RequestPut(PutRequest {
+                                key: Bytes::from_static(FENCE_KEY),
+                                value: epoch_bytes(fencing.epoch),
+                                ..Default::default()
+                            })),
+                        }],
+                        failure: Vec::new(),
+                    })
+                    .await;
+                if !self.answer(answer)?.succeeded {
+                    continue;
+                }
+            }
+            self.fenced.store(true, Ordering::Release);
+            return Ok(());
+        }
+        Err(StoreError::unavailable(self.id.as_str(), "its leader fence keeps changing"))
     }
 
     pub async fn compact(&self, shard_revision: i64) -> StoreResult<()> {

@@ -45,7 +45,7 @@ use crate::txn_shapes::{self, show_key, MAX_TXN_OPS};
 mod moves;
 mod replicas;
 pub use moves::DrainProgress;
-pub use replicas::REPLICA_PREFIX;
+pub use replicas::{REPLICA_PREFIX, RESERVED_PREFIX};
 
 /// The version reported by Maintenance.Status when no shard reports a newer
 /// one: kube-apiserver keeps watch-progress based consistent reads only from 3.5.13 on.
@@ -64,6 +64,8 @@ pub struct StoreConfig {
     pub shard_tls: Option<crate::tls::ClientTls>,
     /// Copies of each key: 1 (a lost shard loses its keys) or 2 (a copy on a second shard).
     pub replication_factor: u8,
+    /// The leader epoch every shard Txn is fenced with (leader election on).
+    pub fencing: Option<crate::shard::Fencing>,
 }
 
 impl Default for StoreConfig {
@@ -77,6 +79,7 @@ impl Default for StoreConfig {
             load_timeout: Duration::from_secs(30),
             shard_tls: None,
             replication_factor: 1,
+            fencing: None,
         }
     }
 }
@@ -169,7 +172,10 @@ impl Store {
                     spec.id
                 )));
             }
-            let shard = Arc::new(Shard::connect(spec, config.shard_timeout, config.shard_tls.as_ref())?);
+            let shard = Arc::new(
+                Shard::connect(spec, config.shard_timeout, config.shard_tls.as_ref())?
+                    .with_fencing(config.fencing.clone()),
+            );
             ring.add(&spec.id);
             shards.insert(spec.id.clone(), shard);
         }
@@ -233,6 +239,15 @@ impl Store {
         }
         store.resolve_duplicates().await;
         store.adopt_replicas().await;
+        if store.config.fencing.is_some() {
+            // A newer fence anywhere marks this router deposed (it steps down).
+            let fenced = join_all(store.shard_list().iter().map(|s| async move { (s.id.clone(), s.fence_now().await) })).await;
+            for (id, result) in fenced {
+                if let Err(err) = result {
+                    warn!(shard = %id, error = %err, "cannot raise the leader fence yet; it is raised before the first write");
+                }
+            }
+        }
         info!(revision = start, "router store open");
         Ok(store)
     }
@@ -711,9 +726,9 @@ impl Store {
     pub async fn txn(self: &Arc<Self>, req: TxnRequest) -> StoreResult<TxnResponse> {
         self.check_open()?;
         let keys = txn_shapes::txn_keys(&req)?;
-        if let Some(reserved) = keys.iter().find(|k| k.as_ref() >= REPLICA_PREFIX) {
+        if let Some(reserved) = keys.iter().find(|k| k.as_ref() >= RESERVED_PREFIX) {
             return Err(StoreError::Unsupported(format!(
-                "keys from 0xffffffff on (like {}): ste-router keeps replica copies there",
+                "keys from 0xffffffff 'ste/' on (like {}): ste-router keeps its own data there",
                 show_key(reserved)
             )));
         }
@@ -2114,7 +2129,7 @@ async fn scan_shard(shard: &Shard) -> StoreResult<Scan> {
         let answer = shard
             .range(RangeRequest {
                 key: from.clone(),
-                range_end: Bytes::from_static(REPLICA_PREFIX),
+                range_end: Bytes::from_static(RESERVED_PREFIX),
                 limit: PAGE,
                 revision,
                 ..Default::default()

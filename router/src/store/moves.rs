@@ -59,7 +59,10 @@ impl Store {
             return Ok(());
         }
         let spec = ShardSpec { origin: Origin::Registered, ..spec.clone() };
-        let shard = Arc::new(Shard::connect(&spec, self.config.shard_timeout, self.config.shard_tls.as_ref())?);
+        let shard = Arc::new(
+            Shard::connect(&spec, self.config.shard_timeout, self.config.shard_tls.as_ref())?
+                .with_fencing(self.config.fencing.clone()),
+        );
         let scan = scan_shard(&shard).await?;
         let mut revision = scan.revision;
         if !scan.items.is_empty() {
@@ -346,7 +349,6 @@ impl Store {
             }
         }
 
-        let g = self.sequencer.assign();
         let put = to
             .txn(TxnRequest {
                 compare: entries.iter().map(|(key, _)| fence(key, 0)).collect(),
@@ -373,7 +375,6 @@ impl Store {
                 if matches!(outcome, Ok(_)) {
                     to_state.needs_reconcile = true;
                 }
-                self.sequencer.finish(g, Vec::new());
                 return Err(match outcome {
                     Err(err) => err,
                     Ok(_) => StoreError::Internal(format!(
@@ -383,6 +384,10 @@ impl Store {
                 });
             }
         };
+        // The move's revision is taken only now: every write that gets a later
+        // one waits for it to publish, so it must not wait for the copy too.
+        // (Both shards are locked, so no other write touched them meanwhile.)
+        let g = self.sequencer.assign();
         // From here the new copies are the keys: the index points to them
         // before anything is published.
         self.last_move.fetch_max(g, Ordering::AcqRel);

@@ -34,8 +34,10 @@ use crate::ring::ShardId;
 use crate::shard::Shard;
 use crate::txn_shapes::MAX_TXN_OPS;
 
-/// Keys from here on are the router's own; clients can neither read nor write them.
-pub const REPLICA_PREFIX: &[u8] = b"\xff\xff\xff\xffste-replica/";
+pub use crate::shard::RESERVED_PREFIX;
+
+/// Where replica copies live, inside the router's reserved range.
+pub const REPLICA_PREFIX: &[u8] = b"\xff\xff\xff\xffste/replica/";
 
 /// The copy of `key` at global revision `revision`.
 pub fn replica_key(key: &[u8], revision: i64) -> Bytes {
@@ -58,13 +60,13 @@ fn parse_replica_key(stored: &[u8]) -> Option<(Bytes, i64)> {
 
 /// Clamps a client range to the part below the reserved prefix; None if nothing is left.
 pub fn clamp_range(key: &Bytes, range_end: &Bytes) -> Option<(Bytes, Bytes)> {
-    if key.as_ref() >= REPLICA_PREFIX {
+    if key.as_ref() >= RESERVED_PREFIX {
         return None;
     }
-    let reserved = Bytes::from_static(REPLICA_PREFIX);
+    let reserved = Bytes::from_static(RESERVED_PREFIX);
     let end = if range_end.is_empty() {
         range_end.clone()
-    } else if range_end.as_ref() == [0] || range_end.as_ref() > REPLICA_PREFIX {
+    } else if range_end.as_ref() == [0] || range_end.as_ref() > RESERVED_PREFIX {
         reserved
     } else {
         range_end.clone()
@@ -582,7 +584,8 @@ mod tests {
             assert!(clamp_range(&stored, &Bytes::new()).is_none());
         }
         let all = clamp_range(&Bytes::from_static(b"\0"), &Bytes::from_static(b"\0")).unwrap();
-        assert_eq!(all.1.as_ref(), REPLICA_PREFIX);
+        assert_eq!(all.1.as_ref(), RESERVED_PREFIX);
+        assert!(clamp_range(&Bytes::from_static(crate::shard::FENCE_KEY), &Bytes::new()).is_none());
         let pods = clamp_range(&Bytes::from_static(b"/registry/pods/"), &Bytes::from_static(b"/registry/pods0")).unwrap();
         assert_eq!(pods.1.as_ref(), b"/registry/pods0");
     }
