@@ -53,7 +53,7 @@ pub enum BridgeError {
 enum Target {
     ReplicaSet,
     /// Aggressive mode: the Deployment went 0→N; scale its ReplicaSet too.
-    Deployment { replicas: i32 },
+    Deployment { replicas: i32, uid: String },
 }
 
 #[derive(Debug, Clone)]
@@ -218,7 +218,7 @@ impl Bridge {
                                 b.enqueue(Trigger {
                                     ns: d.namespace().unwrap_or_default(),
                                     name: d.name_any(),
-                                    target: Target::Deployment { replicas: now },
+                                    target: Target::Deployment { replicas: now, uid: d.uid().unwrap_or_default() },
                                     at: Instant::now(),
                                     attempt: 0,
                                 });
@@ -306,8 +306,8 @@ impl Bridge {
                 let want = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
                 (rs, want)
             }
-            Target::Deployment { replicas } => {
-                let rs = self.current_replicaset(&trigger.ns, &trigger.name).await?;
+            Target::Deployment { replicas, ref uid } => {
+                let rs = self.current_replicaset(&trigger.ns, &trigger.name, uid)?;
                 let current = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
                 if current == 0 && !self.settings.dry_run {
                     Api::<ReplicaSet>::namespaced(self.client.clone(), &trigger.ns)
@@ -332,19 +332,15 @@ impl Bridge {
     }
 
     /// The Deployment's newest ReplicaSet (highest deployment.kubernetes.io/revision).
-    async fn current_replicaset(&self, ns: &str, deployment: &str) -> Result<ReplicaSet, BridgeError> {
-        let d = Api::<Deployment>::namespaced(self.client.clone(), ns)
-            .get_opt(deployment)
-            .await?
-            .ok_or_else(|| BridgeError::Missing { kind: "Deployment", ns: ns.into(), name: deployment.into() })?;
-        let uid = d.uid().unwrap_or_default();
+    /// From the cache: no API call on the hot path (the Deployment's UID came with its watch event).
+    fn current_replicaset(&self, ns: &str, deployment: &str, uid: &str) -> Result<ReplicaSet, BridgeError> {
         let revision = |rs: &ReplicaSet| {
             rs.annotations().get("deployment.kubernetes.io/revision").and_then(|r| r.parse::<i64>().ok()).unwrap_or(0)
         };
         self.replicasets
             .state()
             .into_iter()
-            .filter(|rs| rs.metadata.namespace.as_deref() == Some(ns) && controller_uid(&rs.metadata) == Some(uid.as_str()))
+            .filter(|rs| rs.metadata.namespace.as_deref() == Some(ns) && controller_uid(&rs.metadata) == Some(uid))
             .max_by_key(|rs| revision(rs))
             .map(|rs| (*rs).clone())
             .ok_or_else(|| BridgeError::Missing { kind: "ReplicaSet of Deployment", ns: ns.into(), name: deployment.into() })
