@@ -522,6 +522,9 @@ async fn start_all(launcher: &mut Launcher, args: &UpArgs, agents: &AgentArgs, a
         format!("--server-address=127.0.0.1:{}", free_port()),
         "--cidr=10.244.0.1/16".into(),
         "--node-ip=10.0.0.2".into(),
+        // Without node leases kube-controller-manager marks every node
+        // NotReady ~50 s after start (and their pods not Ready).
+        "--node-lease-duration-seconds=40".into(),
     ];
     launcher.spawn("kwok", &upstream_binary("kwok", "STE_KWOK_BIN")?, &kwok)?;
     for i in 0..args.nodes {
