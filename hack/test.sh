@@ -9,8 +9,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source hack/install-deps.sh
 hack/build-upstream.sh
 echo "running cargo test (first build takes a few minutes)…"
-# The local-cluster and conformance tests start the ste-router binary itself.
-cargo build --locked -p ste-router
+# The local-cluster, manifests and conformance tests start these binaries themselves.
+cargo build --locked -p ste-router -p ste-shard-agent -p ste-activator-bridge
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
