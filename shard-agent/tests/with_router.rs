@@ -13,9 +13,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,26 +21,11 @@ use common::{process_alive, write_kubeconfig, Agent};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::PostParams;
 use kube::{Api, Client, CustomResourceExt};
-use ste_etcd_proto::mvccpb::event::EventType;
-use ste_etcd_proto::pb::{
-    kv_client::KvClient, request_op::Request, watch_client::WatchClient, watch_request::RequestUnion,
-    DeleteRangeRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
-};
+use ste_etcd_proto::pb::kv_client::KvClient;
 use ste_shard_api::{Shard, ShardPhase};
-use ste_testkit::{shapes, shard_specs, start_shards, wait_until, Etcd, KubeApiserver, Router};
-use tokio::sync::{mpsc, Mutex};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use ste_testkit::workload::{check_contents, check_history, current_revision, keys_at, Event, Workload};
+use ste_testkit::{shard_specs, start_shards, wait_until, Etcd, KubeApiserver, Router};
 
-const PREFIX: &[u8] = b"/registry/pods/";
-const PREFIX_END: &[u8] = b"/registry/pods0";
-const WRITERS: usize = 4;
-const KEYS_PER_WRITER: usize = 150;
-const SENTINEL: &[u8] = b"/registry/pods/zz-sentinel";
-
-// ---------------------------------------------------------------- cluster
-
-/// Durable etcd and kube-apiserver with the Shard CRD, and a client.
 struct ControlPlane {
     _etcd: Etcd,
     _apiserver: KubeApiserver,
@@ -137,300 +120,6 @@ async fn metric(router: &Router, name: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-async fn current_revision(kv: &mut KvClient<Channel>) -> i64 {
-    kv.range(RangeRequest { key: Bytes::from_static(b"/x"), ..Default::default() })
-        .await
-        .expect("range")
-        .into_inner()
-        .header
-        .expect("header")
-        .revision
-}
-
-/// Keys stored directly in one etcd (a shard seen without the router).
-async fn keys_at(endpoint: &str) -> BTreeSet<Bytes> {
-    let channel = Channel::from_shared(endpoint.to_string()).expect("url").connect().await.expect("connect to shard");
-    let answer = KvClient::new(channel)
-        .range(RangeRequest {
-            key: Bytes::from_static(PREFIX),
-            range_end: Bytes::from_static(PREFIX_END),
-            keys_only: true,
-            ..Default::default()
-        })
-        .await
-        .expect("range on shard")
-        .into_inner();
-    answer.kvs.into_iter().map(|kv| kv.key).filter(|k| k.as_ref() != SENTINEL).collect()
-}
-
-// ---------------------------------------------------------------- workload
-
-#[derive(Debug, Clone)]
-struct Ack {
-    revision: i64,
-    key: Bytes,
-    value: Option<Bytes>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct Event {
-    revision: i64,
-    key: Bytes,
-    value: Option<Bytes>,
-}
-
-fn key(writer: usize, i: usize) -> Bytes {
-    Bytes::from(format!("/registry/pods/w{writer}/pod-{i:04}"))
-}
-
-/// Writers that create, update and delete their own keys with
-/// kube-apiserver's compare-and-swap shapes, and one watch over all keys.
-struct Workload {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<Ack>>>,
-    /// Keys of writes that failed (outcome unknown to the client).
-    failed: Arc<Mutex<Vec<Bytes>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    events: mpsc::UnboundedReceiver<Result<Vec<Event>, tonic::Status>>,
-}
-
-impl Workload {
-    async fn start(channel: Channel, initial: usize) -> Workload {
-        let mut kv = KvClient::new(channel.clone());
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        for writer in 0..WRITERS {
-            for i in 0..initial {
-                let (k, value) = (key(writer, i), Bytes::from(format!("init-{writer}-{i}")));
-                let answer = kv.txn(shapes::create(&k, &value)).await.expect("initial create").into_inner();
-                assert!(answer.succeeded, "initial create of {k:?}");
-                acked.lock().await.push(Ack { revision: answer.header.expect("header").revision, key: k, value: Some(value) });
-            }
-        }
-        let start = current_revision(&mut kv).await;
-
-        let (req_tx, req_rx) = mpsc::channel(1);
-        let create = WatchCreateRequest {
-            key: Bytes::from_static(PREFIX),
-            range_end: Bytes::from_static(PREFIX_END),
-            start_revision: start + 1,
-            ..Default::default()
-        };
-        req_tx.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) }).await.expect("watch request");
-        let mut stream = WatchClient::new(channel.clone()).watch(ReceiverStream::new(req_rx)).await.expect("watch").into_inner();
-        assert!(stream.message().await.expect("watch created").expect("watch answer").created);
-        let (events_tx, events) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let _keep_open = req_tx;
-            loop {
-                match stream.message().await {
-                    Ok(Some(response)) if response.canceled => {
-                        let _ = events_tx.send(Err(tonic::Status::cancelled(response.cancel_reason)));
-                        return;
-                    }
-                    Ok(Some(response)) => {
-                        let batch = response
-                            .events
-                            .into_iter()
-                            .map(|e| {
-                                let kv = e.kv.unwrap_or_default();
-                                let value = (e.r#type == EventType::Put as i32).then_some(kv.value);
-                                Event { revision: kv.mod_revision, key: kv.key, value }
-                            })
-                            .collect();
-                        if events_tx.send(Ok(batch)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(status) => {
-                        let _ = events_tx.send(Err(status));
-                        return;
-                    }
-                }
-            }
-        });
-
-        let stop = Arc::new(AtomicBool::new(false));
-        let failed = Arc::new(Mutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        for writer in 0..WRITERS {
-            let (mut kv, stop, acked, failed) = (kv.clone(), stop.clone(), acked.clone(), failed.clone());
-            tasks.push(tokio::spawn(async move {
-                // xorshift: reproducible choices without a dependency.
-                let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ (writer as u64 + 1);
-                let mut random = move || {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed
-                };
-                // key -> mod revision this writer believes (None: re-read first).
-                let mut known: BTreeMap<Bytes, Option<i64>> = BTreeMap::new();
-                for i in 0..KEYS_PER_WRITER {
-                    known.insert(key(writer, i), if i < initial { None } else { Some(0) });
-                }
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    n += 1;
-                    let k = key(writer, random() as usize % KEYS_PER_WRITER);
-                    let revision = match known[&k] {
-                        Some(revision) => revision,
-                        None => match kv.range(RangeRequest { key: k.clone(), ..Default::default() }).await {
-                            Ok(answer) => answer.into_inner().kvs.first().map(|kv| kv.mod_revision).unwrap_or(0),
-                            Err(_) => {
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                                continue;
-                            }
-                        },
-                    };
-                    let value = Bytes::from(format!("v{writer}-{n}"));
-                    let (request, written) = if revision != 0 && random() % 10 < 3 {
-                        let delete = DeleteRangeRequest { key: k.clone(), ..Default::default() };
-                        let request = TxnRequest {
-                            compare: vec![shapes::mod_revision_is(&k, revision)],
-                            success: vec![RequestOp { request: Some(Request::RequestDeleteRange(delete)) }],
-                            failure: vec![shapes::get(&k)],
-                        };
-                        (request, None)
-                    } else {
-                        (shapes::update(&k, revision, &value), Some(value))
-                    };
-                    match kv.txn(request).await {
-                        Ok(answer) => {
-                            let answer = answer.into_inner();
-                            if answer.succeeded {
-                                let rev = answer.header.expect("header").revision;
-                                acked.lock().await.push(Ack { revision: rev, key: k.clone(), value: written.clone() });
-                                known.insert(k, Some(if written.is_some() { rev } else { 0 }));
-                            } else {
-                                // Only this writer writes its keys: a conflict means the key was lost.
-                                known.insert(k, None);
-                            }
-                        }
-                        Err(_) => {
-                            failed.lock().await.push(k.clone());
-                            known.insert(k, None);
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                    }
-                }
-            }));
-        }
-        Workload { stop, acked, failed, tasks, events }
-    }
-
-    /// Lets the writers run until `more` further writes were acknowledged.
-    async fn run_for(&self, more: usize) {
-        let target = self.acked.lock().await.len() + more;
-        let acked = self.acked.clone();
-        wait_until("writes to be acknowledged", Duration::from_secs(60), || {
-            let acked = acked.clone();
-            async move { acked.lock().await.len() >= target }
-        })
-        .await;
-    }
-
-    async fn failed(&self) -> Vec<Bytes> {
-        self.failed.lock().await.clone()
-    }
-
-    /// Keys acknowledged at a revision above `revision`.
-    async fn written_after(&self, revision: i64) -> BTreeSet<Bytes> {
-        self.acked.lock().await.iter().filter(|a| a.revision > revision).map(|a| a.key.clone()).collect()
-    }
-
-    /// Stops the writers and collects the watch's events up to a sentinel write.
-    async fn finish(mut self, kv: &mut KvClient<Channel>) -> (Vec<Ack>, Vec<Bytes>, Vec<Event>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
-            task.await.expect("writer");
-        }
-        let sentinel = Bytes::from_static(SENTINEL);
-        let answer = kv.txn(shapes::create(&sentinel, &Bytes::from_static(b"end"))).await.expect("sentinel").into_inner();
-        assert!(answer.succeeded);
-        let mut events = Vec::new();
-        'collect: loop {
-            let batch = tokio::time::timeout(Duration::from_secs(30), self.events.recv())
-                .await
-                .expect("watch events stopped arriving")
-                .expect("watch ended")
-                .expect("watch failed");
-            for event in batch {
-                if event.key == sentinel {
-                    break 'collect;
-                }
-                events.push(event);
-            }
-        }
-        let acked = std::mem::take(&mut *self.acked.lock().await);
-        let failed = std::mem::take(&mut *self.failed.lock().await);
-        (acked, failed, events)
-    }
-}
-
-/// Every acknowledged write after the watch started is in it exactly as
-/// acknowledged, revisions never go back, and every other event passes
-/// `allowed_extra`. Returns the state the watch describes.
-fn check_history(acked: &[Ack], events: &[Event], allowed_extra: impl Fn(&Event) -> bool) -> BTreeMap<Bytes, Bytes> {
-    for pair in events.windows(2) {
-        assert!(pair[0].revision <= pair[1].revision, "watch revisions went back: {pair:?}");
-    }
-    let mut by_revision: BTreeMap<(i64, Bytes), &Event> = BTreeMap::new();
-    for event in events {
-        assert!(by_revision.insert((event.revision, event.key.clone()), event).is_none(), "duplicate event {event:?}");
-    }
-    let first_watched = events.first().map(|e| e.revision).unwrap_or(i64::MAX);
-    for ack in acked.iter().filter(|a| a.revision >= first_watched) {
-        let event = by_revision.get(&(ack.revision, ack.key.clone()));
-        let event = event.unwrap_or_else(|| panic!("acknowledged write {ack:?} has no event"));
-        assert_eq!(event.value, ack.value, "the watch disagrees with an acknowledged write at {}", ack.revision);
-    }
-    let acked_at: BTreeSet<(i64, Bytes)> = acked.iter().map(|a| (a.revision, a.key.clone())).collect();
-    for event in events {
-        if !acked_at.contains(&(event.revision, event.key.clone())) {
-            assert!(allowed_extra(event), "event that no client wrote: {event:?}");
-        }
-    }
-    let mut state = BTreeMap::new();
-    for ack in acked.iter().filter(|a| a.revision < first_watched) {
-        match &ack.value {
-            Some(v) => state.insert(ack.key.clone(), v.clone()),
-            None => state.remove(&ack.key),
-        };
-    }
-    for event in events {
-        match &event.value {
-            Some(v) => state.insert(event.key.clone(), v.clone()),
-            None => state.remove(&event.key),
-        };
-    }
-    state
-}
-
-/// The router lists exactly `expected`, and the live shards hold each of
-/// those keys once (primary copies only: `replicas` = false).
-async fn check_contents(kv: &mut KvClient<Channel>, expected: &BTreeMap<Bytes, Bytes>, shards: &[String], replicas: bool) {
-    let answer = kv
-        .range(RangeRequest { key: Bytes::from_static(PREFIX), range_end: Bytes::from_static(PREFIX_END), ..Default::default() })
-        .await
-        .expect("list through the router")
-        .into_inner();
-    let listed: BTreeMap<Bytes, Bytes> =
-        answer.kvs.into_iter().filter(|kv| kv.key.as_ref() != SENTINEL).map(|kv| (kv.key, kv.value)).collect();
-    assert_eq!(listed.len(), expected.len(), "the router holds a different number of keys than the watch describes");
-    assert!(listed == *expected, "the router's contents differ from the watch's state");
-    if replicas {
-        return;
-    }
-    let mut union = BTreeSet::new();
-    for shard in shards {
-        for key in keys_at(shard).await {
-            assert!(union.insert(key.clone()), "{key:?} is on two shards");
-        }
-    }
-    assert_eq!(union, expected.keys().cloned().collect::<BTreeSet<_>>(), "the shards hold other keys than the router lists");
-}
-
 // ---------------------------------------------------------------- tests
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,7 +189,7 @@ async fn agents_join_drain_on_sigterm_and_are_declared_lost_after_kill() {
     workload.run_for(200).await;
     // Keys written between the look at agent-b's etcd and the kill may have been there too.
     let written_since = workload.written_after(before_kill).await;
-    let (acked, failed, events) = workload.finish(&mut kv).await;
+    let (acked, failed, events, _) = workload.finish(&mut kv).await;
 
     let acked_at: BTreeSet<(i64, Bytes)> = acked.iter().map(|a| (a.revision, a.key.clone())).collect();
     let lost: Vec<&Event> = events
@@ -523,7 +212,7 @@ async fn agents_join_drain_on_sigterm_and_are_declared_lost_after_kill() {
         assert!(!state.contains_key(key) || written_since.contains(key) || failed_keys.contains(key),
             "{key:?} was on the lost shard and is still listed");
     }
-    check_contents(&mut kv, &state, &[bootstrap[0].endpoint()], false).await;
+    check_contents(&mut kv, &state, &[bootstrap[0].endpoint()]).await;
     assert!(metric(&router, "ste_router_keys_lost_total").await >= lost.len() as f64);
     assert!(message.is_some_and(|m| !m.is_empty()), "the Lost status says why");
     router.stop().await.expect("router stop");
@@ -564,12 +253,13 @@ async fn with_replication_a_killed_agent_loses_nothing() {
     .await;
     wait_lost(&plane.client, "agent-b").await;
     workload.run_for(200).await;
-    let (acked, failed, events) = workload.finish(&mut kv).await;
+    let (acked, failed, events, _) = workload.finish(&mut kv).await;
     // No DELETE for agent-b's keys: the only events nobody acknowledged are
     // writes whose outcome the client did not learn.
     let failed_keys: BTreeSet<Bytes> = failed.iter().cloned().collect();
     let state = check_history(&acked, &events, |e| failed_keys.contains(&e.key));
-    check_contents(&mut kv, &state, &[], true).await;
+    // The router's contents only (shards: none listed).
+    check_contents(&mut kv, &state, &[]).await;
     let survivors = state.keys().filter(|k| doomed.contains(*k)).count();
     assert!(survivors > 0, "none of agent-b's keys survived");
     assert_eq!(metric(&router, "ste_router_keys_lost_total").await, 0.0);

@@ -1,6 +1,8 @@
 //! Real etcd processes and in-process routers on 127.0.0.1, with free ports,
 //! for tests and benchmarks. Every wait has a deadline and says what it waited for.
 
+pub mod workload;
+
 use std::net::TcpListener as StdTcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -94,6 +94,13 @@ struct IndexEntry {
     replica: Option<ShardId>,
 }
 
+impl IndexEntry {
+    /// A version just written to `shard` (its copy, if any, is recorded after).
+    fn written(shard: &ShardId, shard_mod_revision: i64, meta: Meta) -> Self {
+        IndexEntry { shard: shard.clone(), shard_mod_revision, meta, replica: None }
+    }
+}
+
 /// What a write txn will do to one key, decided before the shard is asked.
 enum PlannedOp {
     Put {
@@ -1219,12 +1226,7 @@ impl Store {
                 };
                 self.index.write().expect("index lock").insert(
                     key.clone(),
-                    IndexEntry {
-                        shard: shard.id.clone(),
-                        shard_mod_revision: shard_revision,
-                        meta,
-                        replica: None,
-                    },
+                    IndexEntry::written(&shard.id, shard_revision, meta),
                 );
                 self.leases.reattach(&key, old_lease, meta.lease);
                 events.push(Arc::new(StoredEvent::put(kv, prev.clone())));
@@ -1596,12 +1598,7 @@ impl Store {
                 let old_lease = index.get(&key).map(|e| e.meta.lease).unwrap_or(0);
                 index.insert(
                     key.clone(),
-                    IndexEntry {
-                        shard: shard.id.clone(),
-                        shard_mod_revision: shard_revision,
-                        meta,
-                        replica: None,
-                    },
+                    IndexEntry::written(&shard.id, shard_revision, meta),
                 );
                 if meta.lease != 0 && self.leases.attachable_ttl(meta.lease).is_err() {
                     self.leases.restore(meta.lease, meta.lease_ttl, key.clone());

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ste_etcd_proto::pb::{
-    request_op::Request, response_op::Response, DeleteRangeRequest, PutRequest, RangeRequest,
+    request_op::Request, DeleteRangeRequest, PutRequest,
     RequestOp, TxnRequest,
 };
 use tokio::sync::MutexGuard;
@@ -316,38 +316,16 @@ impl Store {
         }
 
         // The stored values as they are (envelope included).
-        let read = from
-            .txn(TxnRequest {
-                success: entries
-                    .iter()
-                    .map(|(key, _)| RequestOp {
-                        request: Some(Request::RequestRange(RangeRequest {
-                            key: key.clone(),
-                            ..Default::default()
-                        })),
-                    })
-                    .collect(),
-                ..Default::default()
-            })
-            .await?;
-        let mut values = Vec::with_capacity(entries.len());
-        for ((key, entry), response) in entries.iter().zip(read.responses) {
-            let kv = match response.response {
-                Some(Response::ResponseRange(r)) => r.kvs.into_iter().next(),
-                _ => None,
-            };
-            match kv {
-                Some(kv) if kv.mod_revision == entry.shard_mod_revision => values.push(kv.value),
-                _ => {
+        let values = match super::replicas::read_values(from, &entries).await {
+            Ok(values) => values,
+            Err(err) => {
+                if matches!(err, StoreError::Internal(_)) {
+                    // The shard no longer holds what the index says: reconcile before moving.
                     from_state.needs_reconcile = true;
-                    return Err(StoreError::Internal(format!(
-                        "shard {} no longer holds {} as the index says; reconciling before moving",
-                        from.id,
-                        crate::txn_shapes::show_key(key)
-                    )));
                 }
+                return Err(err);
             }
-        }
+        };
 
         let put = to
             .txn(TxnRequest {
