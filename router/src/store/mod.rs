@@ -396,13 +396,29 @@ impl Store {
         self.index.read().expect("index lock").len()
     }
 
+    /// Keys per shard. Counted a slice of the index at a time, so writes
+    /// update the index in between rather than waiting for the whole count.
     pub fn keys_per_shard(&self) -> BTreeMap<ShardId, usize> {
+        const SLICE: usize = 8192;
         let mut counts: BTreeMap<ShardId, usize> =
             self.shard_list().iter().map(|s| (s.id.clone(), 0)).collect();
-        for entry in self.index.read().expect("index lock").values() {
-            *counts.entry(entry.shard.clone()).or_default() += 1;
+        let mut after: Option<Bytes> = None;
+        loop {
+            let index = self.index.read().expect("index lock");
+            let range = match &after {
+                Some(key) => index.range::<Bytes, _>((Bound::Excluded(key), Bound::Unbounded)),
+                None => index.range::<Bytes, _>(..),
+            };
+            let mut last = None;
+            for (key, entry) in range.take(SLICE) {
+                *counts.entry(entry.shard.clone()).or_default() += 1;
+                last = Some(key);
+            }
+            match last {
+                Some(key) => after = Some(key.clone()),
+                None => return counts,
+            }
         }
-        counts
     }
 
     pub fn lease_count(&self) -> usize {

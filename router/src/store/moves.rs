@@ -222,27 +222,38 @@ impl Store {
     }
 
     fn keys_on(&self, id: &ShardId) -> usize {
-        self.index
-            .read()
-            .expect("index lock")
-            .values()
-            .filter(|e| e.shard == *id)
-            .count()
+        self.keys_per_shard().get(id).copied().unwrap_or(0)
     }
 
     /// Keys not on the shard the ring places them on, grouped by (from, to).
-    pub fn misplaced(&self) -> BTreeMap<(ShardId, ShardId), Vec<Bytes>> {
-        let index = self.index.read().expect("index lock");
-        let ring = self.ring.read().expect("ring lock");
+    pub async fn misplaced(&self) -> BTreeMap<(ShardId, ShardId), Vec<Bytes>> {
+        // A few thousand keys per look at the index: writes update the index
+        // between them instead of waiting for a pass over all of it.
+        const SLICE: usize = 4096;
         let mut plan: BTreeMap<(ShardId, ShardId), Vec<Bytes>> = BTreeMap::new();
-        for (key, entry) in index.iter() {
-            if let Some(target) = ring.locate(key) {
-                if target != entry.shard {
-                    plan.entry((entry.shard.clone(), target))
-                        .or_default()
-                        .push(key.clone());
+        let mut after: Option<Bytes> = None;
+        loop {
+            let slice: Vec<(Bytes, ShardId)> = {
+                let index = self.index.read().expect("index lock");
+                let range = match &after {
+                    Some(key) => index.range::<Bytes, _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)),
+                    None => index.range::<Bytes, _>(..),
+                };
+                range.take(SLICE).map(|(k, e)| (k.clone(), e.shard.clone())).collect()
+            };
+            let Some((last, _)) = slice.last() else { break };
+            after = Some(last.clone());
+            {
+                let ring = self.ring.read().expect("ring lock");
+                for (key, shard) in slice {
+                    if let Some(target) = ring.locate(&key) {
+                        if target != shard {
+                            plan.entry((shard, target)).or_default().push(key);
+                        }
+                    }
                 }
             }
+            tokio::task::yield_now().await;
         }
         let total: usize = plan.values().map(Vec::len).sum();
         self.metrics.keys_to_move.set(total as i64);
@@ -259,7 +270,7 @@ impl Store {
         }
         let mut moved = 0;
         loop {
-            let plan = self.misplaced();
+            let plan = self.misplaced().await;
             if plan.is_empty() {
                 // Writes planned before the last ring change may still land on
                 // the old owner for a moment: look again until that is past.
