@@ -68,6 +68,8 @@ pub struct ChurnArgs {
     /// Where clusters, logs and results go.
     #[arg(long, env = "STE_CHURN_OUTPUT", default_value = "target/bench/churn")]
     pub output: PathBuf,
+    #[command(flatten)]
+    pub external: crate::external::ExternalArgs,
 }
 
 pub fn parse_qps(text: &str) -> Result<Option<u32>, String> {
@@ -115,6 +117,40 @@ pub fn client() -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
+/// A client for `record`'s API server: [`client`] for a local cluster; for
+/// one given by kubeconfig, its CA, client certificate and TLS verification.
+pub fn client_for(record: &ClusterRecord) -> anyhow::Result<reqwest::Client> {
+    let Some(tls) = &record.tls else { return client() };
+    let mut builder = reqwest::Client::builder().tcp_nodelay(true).danger_accept_invalid_certs(tls.insecure);
+    if let Some(ca) = &tls.ca_pem {
+        for cert in reqwest::Certificate::from_pem_bundle(ca).context("the kubeconfig's certificate authority is not PEM")? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if let Some(identity) = &tls.identity_pem {
+        builder = builder.identity(
+            reqwest::Identity::from_pem(identity).context("the kubeconfig's client certificate and key are not PEM")?,
+        );
+    }
+    Ok(builder.build()?)
+}
+
+/// Authenticates a request as `record`'s user: its bearer token, if any (a
+/// client certificate is in the client itself).
+pub trait Authed {
+    fn auth(self, record: &ClusterRecord) -> Self;
+}
+
+impl Authed for reqwest::RequestBuilder {
+    fn auth(self, record: &ClusterRecord) -> Self {
+        if record.token.is_empty() {
+            self
+        } else {
+            self.bearer_auth(&record.token)
+        }
+    }
+}
+
 /// Follows pods from `resource_version` on and records bound/Running times per `app` label.
 /// Follows pods of the default namespace from `resource_version` on and calls
 /// `on_pod` with each event's pod and its arrival time (sub-millisecond, unlike
@@ -124,7 +160,7 @@ pub fn watch_pods<F>(record: &ClusterRecord, resource_version: &str, on_pod: F) 
 where
     F: FnMut(&Value, Instant) + Send + 'static,
 {
-    watch_objects(record, "/api/v1/namespaces/default/pods", resource_version, on_pod)
+    watch_objects(record, &format!("/api/v1/namespaces/{}/pods", record.namespace), resource_version, on_pod)
 }
 
 /// [`watch_pods`] for any collection path (e.g. `/apis/apps/v1/namespaces/default/deployments`).
@@ -132,15 +168,15 @@ pub fn watch_objects<F>(record: &ClusterRecord, path: &str, resource_version: &s
 where
     F: FnMut(&Value, Instant) + Send + 'static,
 {
-    let http = client()?;
+    let http = client_for(record)?;
     let base = format!("{}{path}", record.api_url);
-    let token = record.token.clone();
+    let record = record.clone();
     let mut last = resource_version.to_string();
     Ok(tokio::spawn(async move {
         loop {
             let url = format!("{base}?watch=1&resourceVersion={last}&allowWatchBookmarks=true&timeoutSeconds=3600");
             let mut gone = false;
-            if let Ok(response) = http.get(&url).bearer_auth(&token).send().await {
+            if let Ok(response) = http.get(&url).auth(&record).send().await {
                 let mut stream = response.bytes_stream();
                 let mut buffer = Vec::new();
                 while let Some(Ok(chunk)) = stream.next().await {
@@ -164,7 +200,7 @@ where
             }
             if gone {
                 // Too old: relist, report what is there now, and watch from the list.
-                let Ok(response) = http.get(&base).bearer_auth(&token).send().await else { continue };
+                let Ok(response) = http.get(&base).auth(&record).send().await else { continue };
                 let Ok(list) = response.json::<Value>().await else { continue };
                 let now = Instant::now();
                 for pod in list["items"].as_array().into_iter().flatten() {
@@ -198,8 +234,8 @@ fn track_deployments(times: Arc<Mutex<PodTimes>>) -> impl FnMut(&Value, Instant)
 /// how many pods there are.
 async fn first_pod_page(http: &reqwest::Client, record: &ClusterRecord) -> anyhow::Result<Value> {
     Ok(http
-        .get(format!("{}/api/v1/namespaces/default/pods?limit=1", record.api_url))
-        .bearer_auth(&record.token)
+        .get(format!("{}/api/v1/namespaces/{}/pods?limit=1", record.api_url, record.namespace))
+        .auth(record)
         .send()
         .await?
         .json()
@@ -208,7 +244,7 @@ async fn first_pod_page(http: &reqwest::Client, record: &ClusterRecord) -> anyho
 
 /// The namespace's current resourceVersion, to watch from.
 pub async fn current_resource_version(record: &ClusterRecord) -> anyhow::Result<String> {
-    let list = first_pod_page(&client()?, record).await?;
+    let list = first_pod_page(&client_for(record)?, record).await?;
     Ok(list["metadata"]["resourceVersion"].as_str().context("list without resourceVersion")?.to_string())
 }
 
@@ -228,8 +264,8 @@ fn deployment(name: &str) -> Value {
 /// Creates Deployment `name` (replicas 1, nginx, label `app: name`).
 pub async fn create(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> anyhow::Result<()> {
     let response = http
-        .post(format!("{}/apis/apps/v1/namespaces/default/deployments", record.api_url))
-        .bearer_auth(&record.token)
+        .post(format!("{}/apis/apps/v1/namespaces/{}/deployments", record.api_url, record.namespace))
+        .auth(record)
         .json(&deployment(name))
         .send()
         .await?;
@@ -243,7 +279,7 @@ pub async fn create(http: &reqwest::Client, record: &ClusterRecord, name: &str) 
 pub async fn delete_path(http: &reqwest::Client, record: &ClusterRecord, path: &str) -> anyhow::Result<()> {
     let response = http
         .delete(format!("{}{path}?propagationPolicy=Background", record.api_url))
-        .bearer_auth(&record.token)
+        .auth(record)
         .send()
         .await?;
     if !response.status().is_success() {
@@ -253,7 +289,7 @@ pub async fn delete_path(http: &reqwest::Client, record: &ClusterRecord, path: &
 }
 
 async fn delete(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> anyhow::Result<()> {
-    delete_path(http, record, &format!("/apis/apps/v1/namespaces/default/deployments/{name}")).await
+    delete_path(http, record, &format!("/apis/apps/v1/namespaces/{}/deployments/{name}", record.namespace)).await
 }
 
 async fn run_arm(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>) -> anyhow::Result<Vec<ArmResult>> {
@@ -269,6 +305,13 @@ async fn run_arm(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>) -> anyhow:
         dir: dir.clone(),
     })
     .await?;
+    let results = run_steps(args, arm, client_qps, &record).await;
+    cluster::stop(&record).await?;
+    results
+}
+
+/// Every step (rate) of the run on one cluster, from an empty namespace each.
+async fn run_steps(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>, record: &ClusterRecord) -> anyhow::Result<Vec<ArmResult>> {
     let rates: Vec<f64> = if args.sweep.is_empty() {
         vec![1.0 / args.interarrival.as_secs_f64()]
     } else {
@@ -278,35 +321,23 @@ async fn run_arm(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>) -> anyhow:
     for (step, rate) in rates.iter().enumerate() {
         if step > 0 {
             // Each step starts from an empty namespace: leftovers would fill the nodes.
-            if let Err(err) = clear_namespace(&record).await {
-                cluster::stop(&record).await?;
-                return Err(err);
-            }
+            clear_namespace(record).await?;
         }
         let interarrival = Duration::from_secs_f64(1.0 / rate);
-        let result = measure(args, arm, client_qps, interarrival, &format!("s{step}"), &record).await;
-        match result {
-            Ok(result) => {
-                let sustained = result.sustained;
-                results.push(result);
-                if !sustained {
-                    break;
-                }
-            }
-            Err(err) => {
-                cluster::stop(&record).await?;
-                return Err(err);
-            }
+        let result = measure(args, arm, client_qps, interarrival, &format!("s{step}"), record).await?;
+        let sustained = result.sustained;
+        results.push(result);
+        if !sustained {
+            break;
         }
     }
-    cluster::stop(&record).await?;
     Ok(results)
 }
 
 /// Deletes every Deployment in the namespace and waits until no pod is left.
 pub async fn clear_namespace(record: &ClusterRecord) -> anyhow::Result<()> {
-    let http = client()?;
-    delete_path(&http, record, "/apis/apps/v1/namespaces/default/deployments").await?;
+    let http = client_for(record)?;
+    delete_path(&http, record, &format!("/apis/apps/v1/namespaces/{}/deployments", record.namespace)).await?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let pods = first_pod_page(&http, record).await?;
@@ -331,7 +362,7 @@ async fn measure(
     prefix: &str,
     record: &ClusterRecord,
 ) -> anyhow::Result<ArmResult> {
-    let http = client()?;
+    let http = client_for(record)?;
     let resource_version = current_resource_version(record).await?;
     let times = Arc::new(Mutex::new(PodTimes::default()));
     let watcher = watch_pods(record, &resource_version, track_deployments(times.clone()))?;
@@ -479,11 +510,16 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
         bail!("--client-qps needs at least one setting");
     }
     let mut results = Vec::new();
-    let runs: Vec<(Arm, Option<u32>)> = args
+    if args.external.kubeconfig.is_some() {
+        eprintln!("[1/1] the cluster of {}: {:?} churn", args.external.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), args.mode);
+        let args = &args;
+        results = crate::external::run(&args.external, move |record| async move { run_steps(args, Arm::External, None, &record).await }).await?;
+    }
+    let runs: Vec<(Arm, Option<u32>)> = if args.external.kubeconfig.is_some() { Vec::new() } else { args
         .client_qps
         .iter()
         .flat_map(|qps| args.arms.iter().map(move |arm| (*arm, *qps)))
-        .collect();
+        .collect() };
     for (i, (arm, qps)) in runs.iter().enumerate() {
         eprintln!(
             "[{}/{}] {arm:?} arm, client QPS {}: {:?} churn",
@@ -518,26 +554,35 @@ fn qps_name(qps: Option<u32>) -> String {
 fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
     println!();
     println!(
-        "Pod churn ({:?}): {} for {:?} per step, {} fake nodes, durable etcd fsync delay {}",
+        "Pod churn ({:?}): {} for {:?} per step, {}",
         args.mode,
         if args.sweep.is_empty() { format!("a Deployment every {:?}", args.interarrival) } else { format!("sweep {:?}/s", args.sweep) },
         args.duration,
-        args.nodes,
-        args.fsync_delay.map(|d| format!("{d:?}")).unwrap_or_else(|| "none".into()),
+        match &args.external.kubeconfig {
+            Some(path) => format!("on the cluster of {} (namespace {})", path.display(), args.external.namespace),
+            None => format!(
+                "{} fake nodes, durable etcd fsync delay {}",
+                args.nodes,
+                args.fsync_delay.map(|d| format!("{d:?}")).unwrap_or_else(|| "none".into())
+            ),
+        },
     );
     println!();
     println!("| arm | client limits | offered/s | achieved/s | sustained | bound | create→bound p50 / p99 / p99.9 ms | create→Running p50 / p99 ms | CPU s per 100 Deployments |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in results {
-        let cpu: Vec<String> = r
+        let mut cpu: Vec<String> = r
             .cpu_seconds
             .iter()
             .filter(|(_, s)| *s > 0.0)
             .map(|(n, s)| format!("{n} {:.1}", s * 100.0 / r.sent.max(1) as f64))
             .collect();
+        if r.arm == Arm::External {
+            cpu = vec!["n/a".into()];
+        }
         println!(
             "| {:?} | {} | {:.1} | {:.1} | {} | {}/{} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {} |",
-            r.arm, qps_name(r.client_qps), r.offered_per_s, r.achieved_per_s, if r.sustained { "yes" } else { "no" },
+            r.arm, if r.arm == Arm::External { "the cluster's own".into() } else { qps_name(r.client_qps) }, r.offered_per_s, r.achieved_per_s, if r.sustained { "yes" } else { "no" },
             r.bound, r.sent, r.bound_p50_ms, r.bound_p99_ms, r.bound_p999_ms, r.running_p50_ms, r.running_p99_ms, cpu.join(", ")
         );
     }
@@ -558,15 +603,19 @@ fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
         }
     }
     if !args.sweep.is_empty() {
-        for qps in &args.client_qps {
-            for arm in &args.arms {
-                let best = results
-                    .iter()
-                    .filter(|r| r.arm == *arm && r.client_qps == *qps && r.sustained)
-                    .map(|r| r.offered_per_s)
-                    .fold(f64::NAN, f64::max);
-                println!("highest sustained rate, {arm:?}, {}: {}", qps_name(*qps), if best.is_nan() { "none of the swept rates".into() } else { format!("{best:.1}/s") });
-            }
+        let runs: Vec<(Arm, Option<u32>)> = if args.external.kubeconfig.is_some() {
+            vec![(Arm::External, None)]
+        } else {
+            args.client_qps.iter().flat_map(|qps| args.arms.iter().map(move |arm| (*arm, *qps))).collect()
+        };
+        for (arm, qps) in runs {
+            let best = results
+                .iter()
+                .filter(|r| r.arm == arm && r.client_qps == qps && r.sustained)
+                .map(|r| r.offered_per_s)
+                .fold(f64::NAN, f64::max);
+            let limits = if arm == Arm::External { "the cluster's own limits".into() } else { qps_name(qps) };
+            println!("highest sustained rate, {arm:?}, {limits}: {}", if best.is_nan() { "none of the swept rates".into() } else { format!("{best:.1}/s") });
         }
     }
 }

@@ -22,7 +22,7 @@ const TOKEN: &str = "ste-admin-token";
 /// every cluster the benchmarks bring up; unset: its default (0).
 pub const APISERVER_VERBOSITY_ENV: &str = "STE_KUBE_APISERVER_VERBOSITY";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 pub enum Arm {
     /// One durable etcd (on disk, fsync on) stores everything.
     Stock,
@@ -31,6 +31,27 @@ pub enum Arm {
     Tuned,
     /// Pods go through ste-router to RAM etcd shards; the rest stays in the durable etcd.
     Ste,
+    /// A cluster given by `--kubeconfig` (not started by the tool); shown
+    /// as its `--arm-name` (see [`crate::external`]).
+    #[value(skip)]
+    External,
+}
+
+impl std::fmt::Debug for Arm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Arm::Stock => f.write_str("Stock"),
+            Arm::Tuned => f.write_str("Tuned"),
+            Arm::Ste => f.write_str("Ste"),
+            Arm::External => f.write_str(&crate::external::arm_name()),
+        }
+    }
+}
+
+impl Serialize for Arm {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format!("{self:?}"))
+    }
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -101,6 +122,17 @@ pub struct ClusterRecord {
     pub processes: Vec<ProcessRecord>,
     /// Shard data on a RAM disk, removed by `down`.
     pub ram_dir: Option<PathBuf>,
+    /// Namespace the scenarios run in: `default` on local clusters, the
+    /// run's own one on a cluster given by `--kubeconfig`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// TLS settings from a kubeconfig; None: loopback, certificate not verified.
+    #[serde(skip)]
+    pub tls: Option<std::sync::Arc<crate::external::Tls>>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -388,6 +420,8 @@ pub async fn up_with(args: &UpArgs, agents: &AgentArgs) -> anyhow::Result<Cluste
             router_admin: None,
             processes: Vec::new(),
             ram_dir: None,
+            namespace: default_namespace(),
+            tls: None,
         },
     };
     let result = start_all(&mut launcher, args, agents, api_port).await;

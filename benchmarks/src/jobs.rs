@@ -12,7 +12,7 @@ use anyhow::bail;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::churn::{clear_namespace, client, current_resource_version, delete_path, watch_pods};
+use crate::churn::{clear_namespace, client_for, current_resource_version, delete_path, watch_pods, Authed};
 use crate::cluster::{self, Arm, ClusterRecord, UpArgs};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -38,6 +38,16 @@ pub struct JobsArgs {
     /// Where clusters, logs and results go.
     #[arg(long, env = "STE_JOBS_OUTPUT", default_value = "target/bench/jobs")]
     pub output: PathBuf,
+    #[command(flatten)]
+    pub external: crate::external::ExternalArgs,
+}
+
+/// Both bursts on one cluster.
+async fn bursts(args: &JobsArgs, arm: Arm, record: &ClusterRecord) -> anyhow::Result<Vec<BurstResult>> {
+    let many = burst(record, arm, "jobs-x1", args.pods, 1).await?;
+    delete_jobs(record).await?;
+    let wide = burst(record, arm, "job-x-pods", 1, args.pods).await?;
+    Ok(vec![many, wide])
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -71,7 +81,7 @@ fn job(name: &str, pods: usize) -> Value {
 }
 
 async fn burst(record: &ClusterRecord, arm: Arm, scenario: &str, jobs: usize, pods_per_job: usize) -> anyhow::Result<BurstResult> {
-    let http = client()?;
+    let http = client_for(record)?;
     let seen = Arc::new(Mutex::new(Seen::default()));
     let watcher = {
         let seen = seen.clone();
@@ -98,8 +108,8 @@ async fn burst(record: &ClusterRecord, arm: Arm, scenario: &str, jobs: usize, po
         let body = job(&format!("{scenario}-{i}"), pods_per_job);
         tokio::spawn(async move {
             let response = http
-                .post(format!("{}/apis/batch/v1/namespaces/default/jobs", record.api_url))
-                .bearer_auth(&record.token)
+                .post(format!("{}/apis/batch/v1/namespaces/{}/jobs", record.api_url, record.namespace))
+                .auth(&record)
                 .json(&body)
                 .send()
                 .await?;
@@ -141,7 +151,7 @@ async fn burst(record: &ClusterRecord, arm: Arm, scenario: &str, jobs: usize, po
 }
 
 async fn delete_jobs(record: &ClusterRecord) -> anyhow::Result<()> {
-    delete_path(&client()?, record, "/apis/batch/v1/namespaces/default/jobs").await?;
+    delete_path(&client_for(record)?, record, &format!("/apis/batch/v1/namespaces/{}/jobs", record.namespace)).await?;
     clear_namespace(record).await
 }
 
@@ -151,7 +161,13 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Vec<BurstResult>> {
     }
     std::fs::create_dir_all(&args.output)?;
     let mut results = Vec::new();
-    for (i, arm) in args.arms.iter().enumerate() {
+    let external = args.external.kubeconfig.is_some();
+    if external {
+        eprintln!("[1/1] the cluster of {}", args.external.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+        let args = &args;
+        results = crate::external::run(&args.external, move |record| async move { bursts(args, Arm::External, &record).await }).await?;
+    }
+    for (i, arm) in args.arms.iter().enumerate().filter(|_| !external) {
         eprintln!("[{}/{}] {arm:?} arm", i + 1, args.arms.len());
         let record = cluster::up(&UpArgs {
             arm: *arm,
@@ -163,22 +179,22 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Vec<BurstResult>> {
             dir: std::path::absolute(args.output.join(format!("{arm:?}").to_lowercase()))?,
         })
         .await?;
-        let outcome = async {
-            let many = burst(&record, *arm, "jobs-x1", args.pods, 1).await?;
-            delete_jobs(&record).await?;
-            let wide = burst(&record, *arm, "job-x-pods", 1, args.pods).await?;
-            anyhow::Ok(vec![many, wide])
-        }
-        .await;
+        let outcome = bursts(&args, *arm, &record).await;
         cluster::stop(&record).await?;
         results.extend(outcome?);
     }
     println!();
     println!(
-        "Job bursts: {n} Jobs × 1 pod (jobs-x1) and 1 Job × {n} pods (job-x-pods), {} fake nodes, client QPS {}, durable etcd fsync delay {}",
-        args.nodes,
-        args.client_qps.map(|q| q.to_string()).unwrap_or_else(|| "Kubernetes defaults".into()),
-        args.fsync_delay.map(|d| format!("{d:?}")).unwrap_or_else(|| "none".into()),
+        "Job bursts: {n} Jobs × 1 pod (jobs-x1) and 1 Job × {n} pods (job-x-pods), {}",
+        match &args.external.kubeconfig {
+            Some(path) => format!("on the cluster of {} (namespace {})", path.display(), args.external.namespace),
+            None => format!(
+                "{} fake nodes, client QPS {}, durable etcd fsync delay {}",
+                args.nodes,
+                args.client_qps.map(|q| q.to_string()).unwrap_or_else(|| "Kubernetes defaults".into()),
+                args.fsync_delay.map(|d| format!("{d:?}")).unwrap_or_else(|| "none".into())
+            ),
+        },
         n = args.pods,
     );
     println!();

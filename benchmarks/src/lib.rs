@@ -3,6 +3,7 @@
 pub mod churn;
 pub mod cluster;
 pub mod coldstart;
+pub mod external;
 pub mod jobs;
 pub mod plots;
 pub mod ring;

@@ -88,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
                 sweep: Vec::new(),
                 fsync_delay: Some(std::time::Duration::from_millis(8)),
                 output: "target/bench/demo".into(),
+                external: Default::default(),
             };
             churn::run(args).await.map(|_| ())
         }

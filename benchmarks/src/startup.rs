@@ -19,11 +19,14 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::churn::{clear_namespace, client, cpu_by_component, create, current_resource_version, parse_qps, watch_objects, watch_pods};
+use crate::churn::{clear_namespace, client_for, cpu_by_component, Authed, create, current_resource_version, parse_qps, watch_objects, watch_pods};
 use crate::cluster::{self, Arm, ClusterRecord, UpArgs};
 use crate::stats::Samples;
 
-const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/default/deployments";
+/// The Deployments collection of the run's namespace.
+fn deployments(record: &ClusterRecord) -> String {
+    format!("/apis/apps/v1/namespaces/{}/deployments", record.namespace)
+}
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct StartupArgs {
@@ -53,6 +56,8 @@ pub struct StartupArgs {
     /// Where clusters, logs and results go.
     #[arg(long, env = "STE_STARTUP_OUTPUT", default_value = "target/bench/startup")]
     pub output: PathBuf,
+    #[command(flatten)]
+    pub external: crate::external::ExternalArgs,
 }
 
 /// Client QPS of the controllers; None: Kubernetes' defaults.
@@ -100,9 +105,9 @@ struct Times {
 /// The Deployments collection's resourceVersion, to watch from (in the ste
 /// arm it is not the pods' one: they live in different etcds).
 async fn deployments_resource_version(record: &ClusterRecord) -> anyhow::Result<String> {
-    let list: Value = client()?
-        .get(format!("{}{DEPLOYMENTS}?limit=1", record.api_url))
-        .bearer_auth(&record.token)
+    let list: Value = client_for(record)?
+        .get(format!("{}{}?limit=1", record.api_url, deployments(record)))
+        .auth(record)
         .send()
         .await?
         .json()
@@ -134,7 +139,7 @@ async fn level(args: &StartupArgs, arm: Arm, index: usize, parallelism: usize, r
     };
     let deployments = {
         let (times, prefix) = (times.clone(), prefix.clone());
-        watch_objects(record, DEPLOYMENTS, &deployments_resource_version(record).await?, move |deployment, now| {
+        watch_objects(record, &deployments(record), &deployments_resource_version(record).await?, move |deployment, now| {
             let Some(name) = deployment["metadata"]["name"].as_str() else { return };
             if name.starts_with(&prefix) && deployment["status"]["availableReplicas"].as_u64().unwrap_or(0) >= 1 {
                 times.lock().expect("times lock").available.entry(name.to_string()).or_insert(now);
@@ -155,7 +160,7 @@ async fn measure_level(
     record: &ClusterRecord,
     times: &Arc<Mutex<Times>>,
 ) -> anyhow::Result<LevelResult> {
-    let http = client()?;
+    let http = client_for(record)?;
     let cpu_before = cpu_by_component(record);
     let start = Instant::now();
     let creates = (0..parallelism).map(|i| {
@@ -233,25 +238,29 @@ async fn run_arm(args: &StartupArgs, arm: Arm) -> anyhow::Result<Vec<LevelResult
         dir,
     })
     .await?;
-    let outcome = async {
+    let outcome = levels(args, arm, &record).await;
+    cluster::stop(&record).await?;
+    outcome
+}
+
+/// Every level of the run on one cluster, from an empty namespace each.
+async fn levels(args: &StartupArgs, arm: Arm, record: &ClusterRecord) -> anyhow::Result<Vec<LevelResult>> {
+    {
         let mut results = Vec::new();
         for (i, parallelism) in args.parallelism.iter().enumerate() {
             if i > 0 {
-                clear_namespace(&record).await?;
+                clear_namespace(record).await?;
                 eprintln!();
             }
-            let result = level(args, arm, i, *parallelism, &record).await?;
+            let result = level(args, arm, i, *parallelism, record).await?;
             eprintln!(
                 "  {arm:?} P={parallelism}: create→Running p50 {:.0} ms, p99 {:.0} ms; all available after {:.2} s ({:.1} Deployments/s)",
                 result.running_p50_ms, result.running_p99_ms, result.wall_s, result.deployments_per_s
             );
             results.push(result);
         }
-        anyhow::Ok(results)
+        Ok(results)
     }
-    .await;
-    cluster::stop(&record).await?;
-    outcome
 }
 
 pub async fn run(args: StartupArgs) -> anyhow::Result<Vec<LevelResult>> {
@@ -261,7 +270,8 @@ pub async fn run(args: StartupArgs) -> anyhow::Result<Vec<LevelResult>> {
     if args.parallelism.is_empty() || args.parallelism.contains(&0) {
         bail!("--parallelism needs one or more positive numbers of Deployments, e.g. 1,10,50,100");
     }
-    if let Some(most) = args.parallelism.iter().max().filter(|most| **most > args.nodes * 110) {
+    let external = args.external.kubeconfig.is_some();
+    if let Some(most) = args.parallelism.iter().max().filter(|most| !external && **most > args.nodes * 110) {
         bail!("--parallelism {most} exceeds what {} fake nodes hold (110 pods each); raise --nodes", args.nodes);
     }
     if args.timeout.is_zero() {
@@ -269,7 +279,12 @@ pub async fn run(args: StartupArgs) -> anyhow::Result<Vec<LevelResult>> {
     }
     std::fs::create_dir_all(&args.output)?;
     let mut results = Vec::new();
-    for (i, arm) in args.arms.iter().enumerate() {
+    if external {
+        eprintln!("[1/1] the cluster of {}: parallelism {:?}", args.external.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), args.parallelism);
+        let args = &args;
+        results = crate::external::run(&args.external, move |record| async move { levels(args, Arm::External, &record).await }).await?;
+    }
+    for (i, arm) in args.arms.iter().enumerate().filter(|_| !external) {
         eprintln!("[{}/{}] {arm:?} arm: parallelism {:?}", i + 1, args.arms.len(), args.parallelism);
         results.extend(run_arm(&args, *arm).await?);
     }
@@ -293,22 +308,31 @@ pub async fn run(args: StartupArgs) -> anyhow::Result<Vec<LevelResult>> {
 fn print_report(args: &StartupArgs, results: &[LevelResult]) {
     println!();
     println!(
-        "Pod startup: parallelism {:?}, {} fake nodes, client QPS {}, durable etcd fsync delay {}",
+        "Pod startup: parallelism {:?}, {}",
         args.parallelism,
-        args.nodes,
-        args.client_qps.0.map(|q| q.to_string()).unwrap_or_else(|| "Kubernetes defaults".into()),
-        args.fsync_delay.map(|d| format!("{d:?}")).unwrap_or_else(|| "none".into()),
+        match &args.external.kubeconfig {
+            Some(path) => format!("on the cluster of {} (namespace {})", path.display(), args.external.namespace),
+            None => format!(
+                "{} fake nodes, client QPS {}, durable etcd fsync delay {}",
+                args.nodes,
+                args.client_qps.0.map(|q| q.to_string()).unwrap_or_else(|| "Kubernetes defaults".into()),
+                args.fsync_delay.map(|d| format!("{d:?}")).unwrap_or_else(|| "none".into())
+            ),
+        },
     );
     println!();
     println!("| arm | parallelism | create→pod p50 / p99 ms | create→bound p50 / p99 ms | create→Running p50 / p99 ms | all available s | Deployments available/s | CPU s per 100 Deployments |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in results {
-        let cpu: Vec<String> = r
+        let mut cpu: Vec<String> = r
             .cpu_seconds
             .iter()
             .filter(|(_, s)| *s > 0.0)
             .map(|(n, s)| format!("{n} {:.1}", s * 100.0 / r.parallelism as f64))
             .collect();
+        if r.arm == Arm::External {
+            cpu = vec!["n/a".into()];
+        }
         println!(
             "| {:?} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2} | {:.1} | {} |",
             r.arm, r.parallelism, r.created_p50_ms, r.created_p99_ms, r.bound_p50_ms, r.bound_p99_ms, r.running_p50_ms,
