@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ste_etcd_proto::pb::{kv_client::KvClient, RangeRequest};
-use ste_testkit::workload::{self, check_history, http, key, keys_at, list_at, list_paged, metric, Event, Workload};
+use ste_testkit::workload::{self, check_history, current_revision, http, key, keys_at, list_at, list_paged, metric, Event, Workload};
 use ste_testkit::{shapes, shard_specs, start_shards, wait_until, Etcd, Router};
 use tonic::transport::Channel;
 
@@ -46,6 +46,16 @@ fn test_config_rf(shards: &[Etcd], replication_factor: u8) -> ste_router::Router
     config
 }
 
+/// A router over `shards`, and a workload already 200 writes past its initial keys.
+async fn router_with_workload(shards: &[Etcd], replication_factor: u8) -> (Router, KvClient<Channel>, Workload) {
+    let router = Router::start_with(test_config_rf(shards, replication_factor)).await.unwrap();
+    let channel = router.channel().await.unwrap();
+    let kv = KvClient::new(channel.clone());
+    let workload = Workload::start(channel, 100).await;
+    workload.run_for(200).await;
+    (router, kv, workload)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_join_during_writes_and_keys_move_invisibly() {
     join_during_writes(1).await;
@@ -59,13 +69,9 @@ async fn shards_join_during_writes_with_replication() {
 async fn join_during_writes(replication_factor: u8) {
     let bootstrap = start_shards(1).await.unwrap();
     let joining = start_shards(2).await.unwrap();
-    let router = Router::start_with(test_config_rf(&bootstrap, replication_factor)).await.unwrap();
-    let channel = router.channel().await.unwrap();
-    let mut kv = KvClient::new(channel.clone());
-    let workload = Workload::start(channel.clone(), 100).await;
-    workload.run_for(200).await;
+    let (router, mut kv, workload) = router_with_workload(&bootstrap, replication_factor).await;
     // A snapshot taken before the join must read the same after it.
-    let before_revision = kv.range(RangeRequest { key: Bytes::from_static(b"/x"), ..Default::default() }).await.unwrap().into_inner().header.unwrap().revision;
+    let before_revision = current_revision(&mut kv).await;
     let before = list_paged(&mut kv, before_revision).await.unwrap();
 
     for (i, shard) in joining.iter().enumerate() {
@@ -111,12 +117,8 @@ async fn a_drained_shard_hands_over_every_key_with_replication() {
 
 async fn drain_during_writes(replication_factor: u8) {
     let shards = start_shards(3).await.unwrap();
-    let router = Router::start_with(test_config_rf(&shards, replication_factor)).await.unwrap();
-    let channel = router.channel().await.unwrap();
-    let mut kv = KvClient::new(channel.clone());
-    let workload = Workload::start(channel.clone(), 100).await;
-    workload.run_for(200).await;
-    let before_revision = kv.range(RangeRequest { key: Bytes::from_static(b"/x"), ..Default::default() }).await.unwrap().into_inner().header.unwrap().revision;
+    let (router, mut kv, workload) = router_with_workload(&shards, replication_factor).await;
+    let before_revision = current_revision(&mut kv).await;
     let drained = &shards[1];
     assert!(!shard_keys(drained).await.is_empty());
 
@@ -279,11 +281,7 @@ async fn with_replication_a_killed_shard_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_replication_a_shard_that_comes_back_empty_gets_its_keys_back() {
     let mut shards = start_shards(3).await.unwrap();
-    let router = Router::start_with(test_config_rf(&shards, 2)).await.unwrap();
-    let channel = router.channel().await.unwrap();
-    let mut kv = KvClient::new(channel.clone());
-    let workload = Workload::start(channel.clone(), 100).await;
-    workload.run_for(200).await;
+    let (router, mut kv, workload) = router_with_workload(&shards, 2).await;
     wait_until("every key replicated", Duration::from_secs(30), || async { under_replicated(&router).await == 0.0 }).await;
     let emptied: BTreeSet<Bytes> = shard_keys(&shards[1]).await;
     assert!(!emptied.is_empty());
