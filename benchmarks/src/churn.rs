@@ -544,6 +544,10 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
     }
     std::fs::write(args.output.join("results.csv"), csv)?;
     eprintln!("raw results: {} and results.csv", json_path.display());
+    eprintln!(
+        "plots: {dir}/churn-latency-cdf.svg, {dir}/churn-bound-over-time.svg, {dir}/churn-throughput-<arm>-<qps>-<rate>.svg",
+        dir = args.output.display()
+    );
     Ok(results)
 }
 
