@@ -551,6 +551,19 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
     Ok(results)
 }
 
+/// CPU seconds per 100 Deployments, per component ("n/a" on a cluster the tool did not start).
+pub fn cpu_per_100(arm: Arm, cpu_seconds: &[(String, f64)], deployments: usize) -> String {
+    if arm == Arm::External {
+        return "n/a".into();
+    }
+    cpu_seconds
+        .iter()
+        .filter(|(_, s)| *s > 0.0)
+        .map(|(n, s)| format!("{n} {:.1}", s * 100.0 / deployments.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn qps_name(qps: Option<u32>) -> String {
     qps.map(|q| format!("QPS {q}")).unwrap_or_else(|| "default QPS".into())
 }
@@ -575,19 +588,11 @@ fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
     println!("| arm | client limits | offered/s | achieved/s | sustained | bound | create→bound p50 / p99 / p99.9 ms | create→Running p50 / p99 ms | CPU s per 100 Deployments |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in results {
-        let mut cpu: Vec<String> = r
-            .cpu_seconds
-            .iter()
-            .filter(|(_, s)| *s > 0.0)
-            .map(|(n, s)| format!("{n} {:.1}", s * 100.0 / r.sent.max(1) as f64))
-            .collect();
-        if r.arm == Arm::External {
-            cpu = vec!["n/a".into()];
-        }
+        let cpu = cpu_per_100(r.arm, &r.cpu_seconds, r.sent);
         println!(
             "| {:?} | {} | {:.1} | {:.1} | {} | {}/{} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {} |",
             r.arm, if r.arm == Arm::External { "the cluster's own".into() } else { qps_name(r.client_qps) }, r.offered_per_s, r.achieved_per_s, if r.sustained { "yes" } else { "no" },
-            r.bound, r.sent, r.bound_p50_ms, r.bound_p99_ms, r.bound_p999_ms, r.running_p50_ms, r.running_p99_ms, cpu.join(", ")
+            r.bound, r.sent, r.bound_p50_ms, r.bound_p99_ms, r.bound_p999_ms, r.running_p50_ms, r.running_p99_ms, cpu
         );
     }
     println!();

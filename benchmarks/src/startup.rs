@@ -324,19 +324,11 @@ fn print_report(args: &StartupArgs, results: &[LevelResult]) {
     println!("| arm | parallelism | create→pod p50 / p99 ms | create→bound p50 / p99 ms | create→Running p50 / p99 ms | all available s | Deployments available/s | CPU s per 100 Deployments |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in results {
-        let mut cpu: Vec<String> = r
-            .cpu_seconds
-            .iter()
-            .filter(|(_, s)| *s > 0.0)
-            .map(|(n, s)| format!("{n} {:.1}", s * 100.0 / r.parallelism as f64))
-            .collect();
-        if r.arm == Arm::External {
-            cpu = vec!["n/a".into()];
-        }
+        let cpu = crate::churn::cpu_per_100(r.arm, &r.cpu_seconds, r.parallelism as usize);
         println!(
             "| {:?} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2} | {:.1} | {} |",
             r.arm, r.parallelism, r.created_p50_ms, r.created_p99_ms, r.bound_p50_ms, r.bound_p99_ms, r.running_p50_ms,
-            r.running_p99_ms, r.wall_s, r.deployments_per_s, cpu.join(", ")
+            r.running_p99_ms, r.wall_s, r.deployments_per_s, cpu
         );
     }
     println!();

@@ -46,6 +46,15 @@ fn test_config_rf(shards: &[Etcd], replication_factor: u8) -> ste_router::Router
     config
 }
 
+/// SIGKILL a registered shard (one of three members) and wait until the router has declared it lost.
+async fn kill_and_wait_lost(router: &Router, shard: &mut Etcd) {
+    shard.kill();
+    wait_until("the killed shard to be declared lost", Duration::from_secs(30), || async {
+        members(router).await["shards"].as_array().unwrap().len() == 2
+    })
+    .await;
+}
+
 /// A router over `shards`, and a workload already 200 writes past its initial keys.
 async fn router_with_workload(shards: &[Etcd], replication_factor: u8) -> (Router, KvClient<Channel>, Workload) {
     let router = Router::start_with(test_config_rf(shards, replication_factor)).await.unwrap();
@@ -165,11 +174,7 @@ async fn a_killed_registered_shard_is_declared_lost_with_delete_events() {
     let doomed: BTreeSet<Bytes> = shard_keys(&workers[0]).await;
     assert!(!doomed.is_empty());
 
-    workers[0].kill();
-    wait_until("the killed shard to be declared lost", Duration::from_secs(30), || async {
-        members(&router).await["shards"].as_array().unwrap().len() == 2
-    })
-    .await;
+    kill_and_wait_lost(&router, &mut workers[0]).await;
     workload.run_for(200).await;
     let (acked, failed, events, _) = workload.finish(&mut kv).await;
     // Extra events: DELETEs of keys that were on the dead shard (all at one
@@ -255,11 +260,7 @@ async fn with_replication_a_killed_shard_loses_nothing() {
     let doomed: BTreeSet<Bytes> = shard_keys(&workers[0]).await;
     assert!(!doomed.is_empty());
 
-    workers[0].kill();
-    wait_until("the killed shard to be declared lost", Duration::from_secs(30), || async {
-        members(&router).await["shards"].as_array().unwrap().len() == 2
-    })
-    .await;
+    kill_and_wait_lost(&router, &mut workers[0]).await;
     workload.run_for(200).await;
     let (acked, failed, events, _) = workload.finish(&mut kv).await;
     // No DELETE for the dead shard's keys: the only events nobody
