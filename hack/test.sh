@@ -7,6 +7,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source hack/install-deps.sh
+# Incremental state is worth nothing on a fresh checkout (every workspace
+# crate is rebuilt anyway) and was the largest part of a warm target/.
+export CARGO_INCREMENTAL=0
+rm -rf target/debug/incremental
+hack/check-disk.sh
 hack/build-upstream.sh
 echo "running cargo test (first build takes a few minutes)…"
 # The local-cluster, manifests and conformance tests start these binaries themselves.
