@@ -43,6 +43,7 @@ pub struct Metrics {
     pub keys_to_move: Gauge,
     pub keys_under_replicated: Gauge,
     ring_changes: Family<ChangeLabels, Counter>,
+    reconciliations: Family<ShardLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -103,7 +104,14 @@ impl Default for Metrics {
         registry.register("keys_under_replicated", "Keys without a valid replica copy when last checked (replication factor 2)", keys_under_replicated.clone());
         let ring_changes = Family::<ChangeLabels, Counter>::default();
         registry.register("ring_changes", "Shards joined, drained and declared lost", ring_changes.clone());
+        let reconciliations = Family::<ShardLabels, Counter>::default();
+        registry.register(
+            "reconciliations",
+            "Full scans of a shard to bring the index in line with it (after a write with an unknown outcome, an outage or a replaced shard); each blocks the shard's writes for one scan",
+            reconciliations.clone(),
+        );
         Metrics {
+            reconciliations,
             shard_bytes,
             keys_moved,
             keys_restored,
@@ -158,6 +166,10 @@ impl Metrics {
 
     pub fn ring_change(&self, change: &'static str) {
         self.ring_changes.get_or_create(&ChangeLabels { change }).inc();
+    }
+
+    pub fn reconciliation(&self, shard: &str) {
+        self.reconciliations.get_or_create(&ShardLabels { shard: shard.to_string() }).inc();
     }
 
     pub fn keys_lost(&self, n: usize) {

@@ -374,18 +374,19 @@ impl Shard {
     /// Health check; Ok(true) when the etcd answering is not the one seen
     /// before (it was recreated, e.g. its RAM disk was lost).
     pub async fn check(&self) -> StoreResult<bool> {
+        // Only the router writes to a shard, so its revision never goes back
+        // unless the data is gone (a recreated etcd may keep the same ids).
+        // The last revision seen must be read *before* asking: a batch that
+        // commits while the Status call is in flight pushes a newer cut, and
+        // comparing against that one took a healthy shard for a replaced one
+        // (a full reconciliation scan per false alarm, hundreds of ms at
+        // 100k keys, with the shard's writes waiting behind it).
+        let last_seen = self.cuts.lock().expect("cuts lock").latest_shard_revision();
         let status = self.status().await?;
         let header = status.header.unwrap_or_default();
         let seen = (header.cluster_id, header.member_id);
         let mut identity = self.identity.lock().expect("identity lock");
-        // Only the router writes to a shard, so its revision never goes back
-        // unless the data is gone (a recreated etcd may keep the same ids).
-        let went_back = self
-            .cuts
-            .lock()
-            .expect("cuts lock")
-            .latest_shard_revision()
-            .is_some_and(|last| header.revision < last);
+        let went_back = last_seen.is_some_and(|last| header.revision < last);
         let replaced = went_back || identity.is_some_and(|known| known != seen);
         *identity = Some(seen);
         Ok(replaced)

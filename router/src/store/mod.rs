@@ -1492,6 +1492,7 @@ impl Store {
             info!(shard = %shard.id, keys = count, "loaded shard late");
             return Ok(());
         }
+        self.metrics.reconciliation(shard.id.as_str());
         let lost_history = shard
             .cuts
             .lock()
