@@ -315,7 +315,7 @@ impl Store {
                         .restore(item.meta.lease, item.meta.lease_ttl, item.key.clone());
                 }
                 index.insert(
-                    item.key,
+                    own_key(&item.key),
                     IndexEntry {
                         shard: shard.id.clone(),
                         shard_mod_revision: item.shard_mod_revision,
@@ -1231,17 +1231,24 @@ impl Store {
                 },
                 Some(Response::ResponsePut(put)),
             ) => {
-                let prev = put.prev_kv.map(|kv| translate_kv(&shard.id, kv)).transpose()?;
+                let prev = put
+                    .prev_kv
+                    .map(|kv| translate_kv(&shard.id, kv).map(owned_kv))
+                    .transpose()?;
+                // The event outlives the request and the shard's answer in
+                // the history: it gets buffers of its own (see `own_key`).
+                let key = own_key(&key);
                 let kv = KeyValue {
                     key: key.clone(),
                     create_revision: meta.create_revision,
                     mod_revision: meta.mod_revision,
                     version: meta.version,
-                    value,
+                    value: Bytes::copy_from_slice(&value),
                     lease: meta.lease,
                 };
-                self.index.write().expect("index lock").insert(
-                    key.clone(),
+                upsert(
+                    &mut self.index.write().expect("index lock"),
+                    &key,
                     IndexEntry::written(&shard.id, shard_revision, meta),
                 );
                 self.leases.reattach(&key, old_lease, meta.lease);
@@ -1274,9 +1281,9 @@ impl Store {
                         self.leases.reattach(&key, removed.meta.lease, 0);
                     }
                     events.push(Arc::new(StoredEvent::delete(
-                        key,
+                        own_key(&key),
                         g,
-                        prev.first().cloned(),
+                        prev.first().cloned().map(owned_kv),
                     )));
                 }
                 Response::ResponseDeleteRange(DeleteRangeResponse {
@@ -1434,7 +1441,7 @@ impl Store {
             }
             let Some(shard_revision) = last_revision else { continue };
             for kv in deleted {
-                let kv = translate_kv(&shard.id, kv)?;
+                let kv = owned_kv(translate_kv(&shard.id, kv)?);
                 if let Some(removed) = self.index.write().expect("index lock").remove(&kv.key) {
                     self.leases.reattach(&kv.key, removed.meta.lease, 0);
                     if let Some(replica) = removed.replica {
@@ -1613,24 +1620,21 @@ impl Store {
             let mut index = self.index.write().expect("index lock");
             for (key, meta, value) in written {
                 let old_lease = index.get(&key).map(|e| e.meta.lease).unwrap_or(0);
-                index.insert(
-                    key.clone(),
-                    IndexEntry::written(&shard.id, shard_revision, meta),
-                );
+                upsert(&mut index, &key, IndexEntry::written(&shard.id, shard_revision, meta));
                 if meta.lease != 0 && self.leases.attachable_ttl(meta.lease).is_err() {
                     self.leases.restore(meta.lease, meta.lease_ttl, key.clone());
                 } else {
                     self.leases.reattach(&key, old_lease, meta.lease);
                 }
                 events.push(Arc::new(StoredEvent::put(
-                    KeyValue {
+                    owned_kv(KeyValue {
                         key,
                         create_revision: meta.create_revision,
                         mod_revision: g,
                         version: meta.version,
                         value,
                         lease: meta.lease,
-                    },
+                    }),
                     None,
                 )));
             }
@@ -2047,6 +2051,33 @@ impl PreparedOp {
 
 /// "The key is still exactly what the index says": the shard refuses the
 /// write if anything but the router changed it.
+/// A key the router keeps (index, leases) in an allocation of its own. Keys
+/// arrive as slices of the request or shard response they were decoded
+/// from, and a slice keeps that whole buffer, value and all, alive for as
+/// long as the key exists.
+pub(crate) fn own_key(key: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(key)
+}
+
+/// A key-value copied out of the buffer it was decoded from.
+fn owned_kv(kv: KeyValue) -> KeyValue {
+    KeyValue {
+        key: own_key(&kv.key),
+        value: Bytes::copy_from_slice(&kv.value),
+        ..kv
+    }
+}
+
+/// Sets a key's entry; a key new to the index is copied (`own_key`).
+fn upsert(index: &mut BTreeMap<Bytes, IndexEntry>, key: &Bytes, entry: IndexEntry) {
+    match index.get_mut(key) {
+        Some(existing) => *existing = entry,
+        None => {
+            index.insert(own_key(key), entry);
+        }
+    }
+}
+
 fn fence(key: &Bytes, shard_mod_revision: i64) -> Compare {
     Compare {
         key: key.clone(),
