@@ -170,6 +170,8 @@ async fn metrics(State(slot): State<Slot>) -> Response {
         m.shard_up
             .get_or_create(&ShardLabels { shard: shard.id.to_string() })
             .set((shard.is_loaded() && shard.is_healthy()) as i64);
+        // Present from 0, so rate() and alerts see the first reconciliation.
+        m.touch_reconciliations(shard.id.as_str());
     }
     let mut body = String::new();
     match encode(&mut body, &m.registry) {

@@ -172,6 +172,10 @@ impl Metrics {
         self.reconciliations.get_or_create(&ShardLabels { shard: shard.to_string() }).inc();
     }
 
+    pub fn touch_reconciliations(&self, shard: &str) {
+        let _ = self.reconciliations.get_or_create(&ShardLabels { shard: shard.to_string() });
+    }
+
     pub fn keys_lost(&self, n: usize) {
         self.keys_lost.inc_by(n as u64);
     }

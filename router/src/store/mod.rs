@@ -929,6 +929,7 @@ impl Store {
                 }
                 Err(err) => {
                     if !write_certainly_not_applied(&err) {
+                        warn!(shard = %shard.id, error = %err, "shard write failed with an unknown outcome; reconciling the shard before its next write");
                         state.needs_reconcile = true;
                     }
                     Err(err)
