@@ -233,3 +233,69 @@ async fn killed_shard_fails_only_its_keys_and_comes_back() {
     kv.put(PutRequest { key: on_victim[0].clone(), value: Bytes::from_static(b"recreated"), ..Default::default() }).await.unwrap();
     router.stop().await.unwrap();
 }
+
+/// A shard write the router could not confirm may or may not have happened;
+/// the router then reconciles the shard with its index. Here the shard is
+/// changed behind the router's back (as an applied write with an unknown
+/// outcome would leave it): one key rewritten with the same bytes, one key
+/// the router never announced. Reconciliation reads keys only and fetches
+/// just the changed ones; it must announce exactly the unknown key (a PUT),
+/// leave the rewritten-but-equal key silent and keep every other key as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_announces_exactly_what_changed_on_the_shard() {
+    let shards = start_shards(1).await.unwrap();
+    let router = Router::start(shard_specs(&shards)).await.unwrap();
+    let channel = lazy_channel(&router.endpoint());
+    let mut kv = KvClient::new(channel.clone());
+    for i in 0..40 {
+        kv.put(PutRequest { key: pod(i), value: Bytes::from(format!("v{i}")), ..Default::default() }).await.unwrap();
+    }
+    let before = list(&mut kv).await.unwrap();
+    let start = before.values().map(|(_, m, _)| *m).max().unwrap() + 1;
+    let mut events = watch(channel.clone(), start).await;
+    assert!(next_response(&mut events).await.unwrap().created);
+
+    // Behind the router's back, with values only the router could have written.
+    let mut direct = shards[0].kv().await.unwrap();
+    let stored = |key: Bytes| {
+        let mut direct = direct.clone();
+        async move { direct.range(RangeRequest { key, ..Default::default() }).await.unwrap().into_inner().kvs.remove(0).value }
+    };
+    let same = stored(pod(0)).await;
+    let copied = stored(pod(1)).await;
+    direct.put(PutRequest { key: pod(0), value: same, ..Default::default() }).await.unwrap();
+    let ghost = Bytes::from_static(b"/registry/pods/default/ghost");
+    direct.put(PutRequest { key: ghost.clone(), value: copied, ..Default::default() }).await.unwrap();
+
+    // The router's next write to pod 0 fails its fence: the shard is reconciled.
+    let (_, rev0, _) = before[&pod(0)];
+    let refused = kv.txn(shapes::update(&pod(0), rev0, &Bytes::from_static(b"after"))).await;
+    assert!(refused.is_err(), "a write fenced on a stale shard revision must not be acknowledged: {refused:?}");
+    wait_until("the unknown key to be announced", Duration::from_secs(20), || {
+        let mut kv = kv.clone();
+        let ghost = ghost.clone();
+        async move { list(&mut kv).await.is_ok_and(|l| l.contains_key(&ghost)) }
+    })
+    .await;
+    let r = next_response(&mut events).await.unwrap();
+    assert_eq!(r.events.len(), 1, "one event, for the unknown key: {:?}", r.events);
+    let event = &r.events[0];
+    assert_eq!(event.r#type, EventType::Put as i32);
+    let announced = event.kv.as_ref().unwrap();
+    assert_eq!(announced.key, ghost);
+    assert_eq!(announced.value, Bytes::from_static(b"v1"), "it carries the value the shard holds");
+
+    let after = list(&mut kv).await.unwrap();
+    assert_eq!(after.len(), before.len() + 1);
+    for (key, was) in &before {
+        assert_eq!(&after[key], was, "{key:?} changed although its meaning on the shard did not");
+    }
+    // Pod 0 is writable again at the revision clients know.
+    let updated = kv.txn(shapes::update(&pod(0), rev0, &Bytes::from_static(b"after"))).await.unwrap().into_inner();
+    assert!(updated.succeeded);
+    let (status, metrics) = ste_testkit::workload::http(router.admin_addr, "GET", "/metrics", "").await;
+    assert_eq!(status, 200);
+    let reconciled = ste_testkit::workload::metric(&metrics, &format!("ste_router_reconciliations_total{{shard=\"{}\"}}", shards[0].name));
+    assert!(reconciled >= 1.0, "the shard was reconciled ({reconciled})");
+    router.stop().await.unwrap();
+}
