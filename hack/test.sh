@@ -20,7 +20,7 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
 set +e
-cargo test --workspace --all-targets --locked 2>&1 | tee -a "$log"
+cargo test --workspace --all-targets --locked --no-fail-fast 2>&1 | tee -a "$log"
 ((status |= PIPESTATUS[0]))
 for target in etcd router; do
   echo "running kube-apiserver's storage conformance suite against ${target} (first compile takes a few minutes)…"

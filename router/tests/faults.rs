@@ -299,3 +299,65 @@ async fn reconciliation_announces_exactly_what_changed_on_the_shard() {
     assert!(reconciled >= 1.0, "the shard was reconciled ({reconciled})");
     router.stop().await.unwrap();
 }
+
+/// A shard's etcd recreated empty (a rebooted node's RAM disk) with the same
+/// cluster and member ids, and written to before any health check looked at
+/// it: the write's own shard revision, below what the router saw before,
+/// must give the loss away. Every key the shard lost is then announced
+/// deleted, the new key stays, and the shard's old history is not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_recreated_empty_and_written_before_any_check_is_still_reconciled() {
+    let mut shards = start_shards(1).await.unwrap();
+    let mut config = Router::test_config(shard_specs(&shards));
+    // No periodic check: only the writes themselves can notice.
+    config.maintain_interval = Duration::from_secs(3600);
+    let router = Router::start_with(config).await.unwrap();
+    let channel = lazy_channel(&router.endpoint());
+    let mut kv = KvClient::new(channel.clone());
+    for i in 0..20 {
+        kv.put(PutRequest { key: pod(i), value: Bytes::from(format!("v{i}")), ..Default::default() }).await.unwrap();
+    }
+    let before = list(&mut kv).await.unwrap();
+    let last = before.values().map(|(_, m, _)| *m).max().unwrap();
+    let mut events = watch(channel.clone(), last + 1).await;
+    assert!(next_response(&mut events).await.unwrap().created);
+
+    shards[0].restart_empty().await.unwrap();
+    let fresh = Bytes::from_static(b"/registry/pods/default/fresh");
+    let later = pod(100);
+    // The first requests may meet the reconnect; each either fails or lands.
+    wait_until("a create on the recreated shard", Duration::from_secs(20), || {
+        let mut kv = kv.clone();
+        let fresh = fresh.clone();
+        async move { kv.txn(shapes::create(&fresh, &Bytes::from_static(b"new"))).await.is_ok_and(|r| r.into_inner().succeeded) }
+    })
+    .await;
+    wait_until("a second write", Duration::from_secs(20), || {
+        let mut kv = kv.clone();
+        let later = later.clone();
+        async move { kv.put(PutRequest { key: later, value: Bytes::from_static(b"later"), ..Default::default() }).await.is_ok() }
+    })
+    .await;
+
+    let mut deleted = Vec::new();
+    let mut put = Vec::new();
+    while deleted.len() < before.len() || put.len() < 2 {
+        for event in next_response(&mut events).await.unwrap().events {
+            let key = event.kv.unwrap().key;
+            if event.r#type == EventType::Delete as i32 {
+                deleted.push(key);
+            } else {
+                put.push(key);
+            }
+        }
+    }
+    deleted.sort();
+    assert_eq!(deleted, before.keys().cloned().collect::<Vec<_>>(), "every lost key announced deleted, once");
+    assert_eq!(put, vec![fresh.clone(), later.clone()]);
+    let now = list(&mut kv).await.unwrap();
+    assert_eq!(now.keys().cloned().collect::<Vec<_>>(), vec![fresh, later]);
+    // The old history is gone with the etcd: not answered from the new one.
+    let old = kv.range(RangeRequest { key: Bytes::from_static(PODS), range_end: Bytes::from_static(PODS_END), revision: last, ..Default::default() }).await;
+    assert!(old.is_err(), "a read at a revision from before the loss must fail, got {old:?}");
+    router.stop().await.unwrap();
+}

@@ -5,7 +5,7 @@ mod cuts;
 
 pub use cuts::{CutLookup, Cuts};
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -130,6 +130,12 @@ pub struct Shard {
     /// (cluster id, member id) of the etcd answering: a new one means the
     /// shard was recreated and lost its data.
     identity: Mutex<Option<(u64, u64)>>,
+    /// Times the shard was found replaced (new identity, or its revision
+    /// went back), and how many of those a reconciliation has handled: the
+    /// verdict must reach the reconciliation even when another check saw
+    /// the new etcd first.
+    replacements: AtomicU64,
+    replacements_handled: AtomicU64,
 }
 
 impl Shard {
@@ -181,6 +187,8 @@ impl Shard {
             loaded: AtomicBool::new(false),
             healthy: AtomicBool::new(false),
             identity: Mutex::new(None),
+            replacements: AtomicU64::new(0),
+            replacements_handled: AtomicU64::new(0),
         })
     }
 
@@ -389,7 +397,41 @@ impl Shard {
         let went_back = last_seen.is_some_and(|last| header.revision < last);
         let replaced = went_back || identity.is_some_and(|known| known != seen);
         *identity = Some(seen);
+        drop(identity);
+        if replaced {
+            self.note_replaced();
+        }
         Ok(replaced)
+    }
+
+    /// Records that the etcd answering has lost the history the router knew.
+    pub fn note_replaced(&self) {
+        self.replacements.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether a replacement is not yet handled by a reconciliation, and the
+    /// mark to pass to `replacement_handled` once one has.
+    pub fn pending_replacement(&self) -> (bool, u64) {
+        let seen = self.replacements.load(Ordering::Acquire);
+        (seen > self.replacements_handled.load(Ordering::Acquire), seen)
+    }
+
+    pub fn replacement_handled(&self, mark: u64) {
+        self.replacements_handled.fetch_max(mark, Ordering::AcqRel);
+    }
+
+    /// Records the cut of a write batch. Ok(false) when the shard's revision
+    /// is below the last cut's: the etcd lost its history (recreated, maybe
+    /// with the same ids) and was written to before a health check noticed.
+    pub fn push_batch_cut(&self, first: i64, last: i64, shard_revision: i64) -> bool {
+        let mut cuts = self.cuts.lock().expect("cuts lock");
+        let went_back = cuts.latest_shard_revision().is_some_and(|prev| shard_revision < prev);
+        cuts.push_batch(first, last, shard_revision);
+        drop(cuts);
+        if went_back {
+            self.note_replaced();
+        }
+        !went_back
     }
 
     fn answer<T>(&self, result: Result<tonic::Response<T>, Status>) -> StoreResult<T> {

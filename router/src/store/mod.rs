@@ -973,11 +973,10 @@ impl Store {
         let shard_revision = answer.header.as_ref().map(|h| h.revision).unwrap_or(0);
         if writers > 0 {
             self.metrics.batch(writers);
-            shard
-                .cuts
-                .lock()
-                .expect("cuts lock")
-                .push_batch(first, last, shard_revision);
+            if !shard.push_batch_cut(first, last, shard_revision) {
+                warn!(shard = %shard.id, shard_revision, "the shard's revision went back: its etcd lost its data; reconciling it");
+                state.needs_reconcile = true;
+            }
             state.last_revision = last;
         }
         let mut responses = answer.responses.into_iter();
@@ -1496,13 +1495,16 @@ impl Store {
             // First contact since startup: the keys were never visible, adopt them as they are.
             let at = self.sequencer.published();
             let count = scan.items.len();
+            shard.replacement_handled(scan.replacement_mark);
             self.adopt_scan(shard, scan, at);
             info!(shard = %shard.id, keys = count, "loaded shard late");
             return Ok(());
         }
         self.metrics.reconciliation(shard.id.as_str());
-        // The shard's writes wait on `state` (held by the caller), so neither
-        // the index's view of this shard nor its cuts change during the scan.
+        // The shard's writes and moves wait on `state` (held by the caller),
+        // so its cuts do not change during the scan and its index entries
+        // change only through a shard loading late adopting a duplicate
+        // (checked again where entries are updated below).
         let known: BTreeMap<Bytes, IndexEntry> = self
             .index
             .read()
@@ -1514,6 +1516,7 @@ impl Store {
         let last_cut = shard.cuts.lock().expect("cuts lock").latest_shard_revision();
         let scan = scan_shard_changes(shard, &known, last_cut).await?;
         let lost_history = last_cut.is_some_and(|last| scan.revision < last) || scan.replaced;
+        let replacement_mark = scan.replacement_mark;
 
         let mut rewrites = Vec::new();
         let mut leftovers = Vec::new();
@@ -1522,7 +1525,15 @@ impl Store {
             match known.get(&item.key) {
                 Some(entry) if entry.meta == item.meta => {
                     if entry.shard_mod_revision != item.shard_mod_revision {
-                        if let Some(e) = self.index.write().expect("index lock").get_mut(&item.key) {
+                        // Only if still placed here: a shard loading late may
+                        // have adopted the key meanwhile (it holds only its own lock).
+                        if let Some(e) = self
+                            .index
+                            .write()
+                            .expect("index lock")
+                            .get_mut(&item.key)
+                            .filter(|e| e.shard == shard.id)
+                        {
                             e.shard_mod_revision = item.shard_mod_revision;
                         }
                     }
@@ -1550,6 +1561,7 @@ impl Store {
             .filter(|(key, _)| !in_shard.contains(key))
             .collect();
         if rewrites.is_empty() && lost.is_empty() && leftovers.is_empty() && !lost_history {
+            shard.replacement_handled(replacement_mark);
             state.needs_reconcile = false;
             shard.set_loaded(true);
             shard.set_healthy(true);
@@ -1600,16 +1612,19 @@ impl Store {
                     failure: Vec::new(),
                 })
                 .await;
-            let answer = match answer {
-                Ok(a) if a.succeeded => a,
-                Ok(_) => {
-                    self.sequencer.finish(g, events);
-                    return Err(StoreError::unavailable(
-                        shard.id.as_str(),
-                        "changed during reconciliation",
-                    ));
-                }
+            let failed = match answer {
+                Ok(a) if a.succeeded => Ok(a),
+                Ok(_) => Err(StoreError::unavailable(shard.id.as_str(), "changed during reconciliation")),
+                Err(err) => Err(err),
+            };
+            let answer = match failed {
+                Ok(answer) => answer,
                 Err(err) => {
+                    // Earlier chunks were written and their events go out at
+                    // g: reads at g must see the shard as it is after them.
+                    if shard_revision != scan.revision {
+                        record_reconciled_cut(shard, g, shard_revision, lost_history);
+                    }
                     self.sequencer.finish(g, events);
                     return Err(err);
                 }
@@ -1640,20 +1655,17 @@ impl Store {
         {
             let mut index = self.index.write().expect("index lock");
             for (key, entry) in &lost {
+                if !index.get(key).is_some_and(|e| e.shard == shard.id) {
+                    // Adopted from a shard loading late during the scan: not lost.
+                    continue;
+                }
                 index.remove(key);
                 self.leases.reattach(key, entry.meta.lease, 0);
                 let prev = self.last_known_value(key, entry);
                 events.push(Arc::new(StoredEvent::delete(key.clone(), g, prev)));
             }
         }
-        {
-            let mut cuts = shard.cuts.lock().expect("cuts lock");
-            if lost_history {
-                cuts.reset(g, shard_revision, CutLookup::Unknown);
-            } else {
-                cuts.push(g, shard_revision);
-            }
-        }
+        record_reconciled_cut(shard, g, shard_revision, lost_history);
         warn!(
             shard = %shard.id,
             rewritten = rewrites.len(),
@@ -1666,6 +1678,7 @@ impl Store {
         events.sort_by(|a, b| a.key().cmp(b.key()));
         self.metrics.events_written(events.len());
         self.sequencer.finish(g, events);
+        shard.replacement_handled(replacement_mark);
         state.last_revision = g;
         state.needs_reconcile = false;
         shard.set_loaded(true);
@@ -2049,6 +2062,17 @@ impl PreparedOp {
 
 /// "The key is still exactly what the index says": the shard refuses the
 /// write if anything but the router changed it.
+/// The cut of a reconciliation's revision g; a shard that lost its history
+/// cannot be read at any revision before g.
+fn record_reconciled_cut(shard: &Shard, g: i64, shard_revision: i64, lost_history: bool) {
+    let mut cuts = shard.cuts.lock().expect("cuts lock");
+    if lost_history {
+        cuts.reset(g, shard_revision, CutLookup::Unknown);
+    } else {
+        cuts.push(g, shard_revision);
+    }
+}
+
 /// A key the router keeps (index, leases) in an allocation of its own. Keys
 /// arrive as slices of the request or shard response they were decoded
 /// from, and a slice keeps that whole buffer, value and all, alive for as
@@ -2163,12 +2187,15 @@ struct Scan {
     present: BTreeSet<Bytes>,
     /// The etcd answering is not the one the router knew: its history is gone.
     replaced: bool,
+    /// For `Shard::replacement_handled` once the scan has been acted on.
+    replacement_mark: u64,
 }
 
 /// Reads a whole shard at one revision, page by page.
 async fn scan_shard(shard: &Shard) -> StoreResult<Scan> {
-    let replaced = shard.check().await?;
-    scan_values(shard, replaced).await
+    shard.check().await?;
+    let (replaced, mark) = shard.pending_replacement();
+    scan_values(shard, replaced, mark).await
 }
 
 /// What a reconciliation needs: every key the shard holds, and the values of
@@ -2186,9 +2213,10 @@ async fn scan_shard_changes(
 ) -> StoreResult<Scan> {
     const PAGE: i64 = 5000;
     const PARALLEL_READS: usize = 16;
-    let replaced = shard.check().await?;
+    shard.check().await?;
+    let (replaced, mark) = shard.pending_replacement();
     if replaced {
-        return scan_values(shard, true).await;
+        return scan_values(shard, true, mark).await;
     }
     let mut present = BTreeSet::new();
     let mut changed = Vec::new();
@@ -2225,7 +2253,7 @@ async fn scan_shard_changes(
         }
     }
     if last_cut.is_some_and(|last| revision < last) || changed.len() > present.len() / 4 {
-        return scan_values(shard, false).await;
+        return scan_values(shard, false, mark).await;
     }
     let reads = changed.into_iter().map(|key| async move {
         let answer = shard
@@ -2245,7 +2273,7 @@ async fn scan_shard_changes(
     }
     items.sort_by(|a, b| a.key.cmp(&b.key));
     tracing::debug!(shard = %shard.id, keys = present.len(), values_read = items.len(), "reconciliation scan read keys only");
-    Ok(Scan { revision, items, present, replaced: false })
+    Ok(Scan { revision, items, present, replaced: false, replacement_mark: mark })
 }
 
 fn next_key(last: &[u8]) -> Bytes {
@@ -2272,7 +2300,7 @@ fn scanned_key(shard: &Shard, kv: KeyValue) -> StoreResult<ScannedKey> {
 }
 
 /// Every key of the shard with its value, at one revision.
-async fn scan_values(shard: &Shard, replaced: bool) -> StoreResult<Scan> {
+async fn scan_values(shard: &Shard, replaced: bool, replacement_mark: u64) -> StoreResult<Scan> {
     const PAGE: i64 = 1000;
     let mut items = Vec::new();
     let mut present = BTreeSet::new();
@@ -2302,5 +2330,5 @@ async fn scan_values(shard: &Shard, replaced: bool) -> StoreResult<Scan> {
             _ => break,
         }
     }
-    Ok(Scan { revision, items, present, replaced })
+    Ok(Scan { revision, items, present, replaced, replacement_mark })
 }

@@ -331,7 +331,8 @@ impl Store {
             let shard_revision = answer.header.map(|h| h.revision).unwrap_or(0);
             let mut index = self.index.write().expect("index lock");
             for (key, _, _, _) in chunk {
-                if let Some(entry) = index.get_mut(key) {
+                // Only if still placed here (see `Store::reconcile`).
+                if let Some(entry) = index.get_mut(key).filter(|e| e.shard == shard.id) {
                     entry.shard_mod_revision = shard_revision;
                 }
                 restored.insert(key.clone());
