@@ -2220,38 +2220,18 @@ async fn scan_shard_changes(
     }
     let mut present = BTreeSet::new();
     let mut changed = Vec::new();
-    let mut from = Bytes::from_static(&[0]);
-    let mut revision = 0;
-    loop {
-        let answer = shard
-            .range(RangeRequest {
-                key: from.clone(),
-                range_end: Bytes::from_static(RESERVED_PREFIX),
-                limit: PAGE,
-                revision,
-                keys_only: true,
-                ..Default::default()
-            })
-            .await?;
-        if revision == 0 {
-            revision = answer.header.as_ref().map(|h| h.revision).unwrap_or(0);
+    let revision = read_pages(shard, PAGE, true, |kv| {
+        let key = own_key(&kv.key);
+        let unchanged = known
+            .get(&key)
+            .is_some_and(|entry| entry.shard_mod_revision == kv.mod_revision);
+        if !unchanged {
+            changed.push(key.clone());
         }
-        let last = answer.kvs.last().map(|kv| kv.key.clone());
-        for kv in answer.kvs {
-            let key = own_key(&kv.key);
-            let unchanged = known
-                .get(&key)
-                .is_some_and(|entry| entry.shard_mod_revision == kv.mod_revision);
-            if !unchanged {
-                changed.push(key.clone());
-            }
-            present.insert(key);
-        }
-        match last {
-            Some(last) if answer.more => from = next_key(&last),
-            _ => break,
-        }
-    }
+        present.insert(key);
+        Ok(())
+    })
+    .await?;
     if last_cut.is_some_and(|last| revision < last) || changed.len() > present.len() / 4 {
         return scan_values(shard, false, mark).await;
     }
@@ -2304,6 +2284,24 @@ async fn scan_values(shard: &Shard, replaced: bool, replacement_mark: u64) -> St
     const PAGE: i64 = 1000;
     let mut items = Vec::new();
     let mut present = BTreeSet::new();
+    let revision = read_pages(shard, PAGE, false, |kv| {
+        let item = scanned_key(shard, kv)?;
+        present.insert(own_key(&item.key));
+        items.push(item);
+        Ok(())
+    })
+    .await?;
+    Ok(Scan { revision, items, present, replaced, replacement_mark })
+}
+
+/// Reads all of a shard's keys (outside the reserved prefix) a page at a
+/// time, every page at the revision of the first; returns that revision.
+async fn read_pages(
+    shard: &Shard,
+    page: i64,
+    keys_only: bool,
+    mut each: impl FnMut(KeyValue) -> StoreResult<()>,
+) -> StoreResult<i64> {
     let mut from = Bytes::from_static(&[0]);
     let mut revision = 0;
     loop {
@@ -2311,8 +2309,9 @@ async fn scan_values(shard: &Shard, replaced: bool, replacement_mark: u64) -> St
             .range(RangeRequest {
                 key: from.clone(),
                 range_end: Bytes::from_static(RESERVED_PREFIX),
-                limit: PAGE,
+                limit: page,
                 revision,
+                keys_only,
                 ..Default::default()
             })
             .await?;
@@ -2321,14 +2320,11 @@ async fn scan_values(shard: &Shard, replaced: bool, replacement_mark: u64) -> St
         }
         let last = answer.kvs.last().map(|kv| kv.key.clone());
         for kv in answer.kvs {
-            let item = scanned_key(shard, kv)?;
-            present.insert(own_key(&item.key));
-            items.push(item);
+            each(kv)?;
         }
         match last {
             Some(last) if answer.more => from = next_key(&last),
-            _ => break,
+            _ => return Ok(revision),
         }
     }
-    Ok(Scan { revision, items, present, replaced, replacement_mark })
 }
