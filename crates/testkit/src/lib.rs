@@ -129,8 +129,31 @@ impl Etcd {
             tls,
             metrics_port: free_port(),
         };
-        etcd.spawn().await?;
-        Ok(etcd)
+        // free_port() only borrows a port: another process may take it before
+        // etcd binds it. Such a lost race is retried on fresh ports.
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let log_before = std::fs::metadata(&etcd.log).map(|m| m.len()).unwrap_or(0);
+            match etcd.spawn().await {
+                Ok(()) => return Ok(etcd),
+                Err(err) if attempt < ATTEMPTS && etcd.lost_a_port_race(log_before) => {
+                    etcd.kill();
+                    let _ = std::fs::remove_dir_all(&etcd.data_dir);
+                    (etcd.client_port, etcd.peer_port, etcd.metrics_port) = (free_port(), free_port(), free_port());
+                    eprintln!("etcd {name}: a port was taken before etcd bound it ({err}); retrying on other ports");
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// etcd exited because one of its ports was in use (log written since `from`).
+    fn lost_a_port_race(&mut self, from: u64) -> bool {
+        let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some();
+        let log = std::fs::read(&self.log).unwrap_or_default();
+        let written = log.get(from as usize..).unwrap_or_default();
+        exited && String::from_utf8_lossy(written).contains("address already in use")
     }
 
     pub fn endpoint(&self) -> String {
