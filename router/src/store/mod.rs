@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::join_all;
+use futures::StreamExt;
 use ste_etcd_proto::mvccpb::{event::EventType, KeyValue};
 use ste_etcd_proto::pb::{
     compare::{CompareResult, CompareTarget, TargetUnion},
@@ -547,11 +548,7 @@ impl Store {
                 }
                 let more = join_all(behind.iter().map(|&i| {
                     let (shard, cut) = &reads[i];
-                    let after = parts[i].0.last().map(|kv| {
-                        let mut next = kv.key.to_vec();
-                        next.push(0);
-                        Bytes::from(next)
-                    });
+                    let after = parts[i].0.last().map(|kv| next_key(&kv.key));
                     let next = RangeRequest {
                         key: after.unwrap_or_else(|| req.key.clone()),
                         ..req.clone()
@@ -2220,7 +2217,7 @@ async fn scan_shard_changes(
     }
     let mut present = BTreeSet::new();
     let mut changed = Vec::new();
-    let revision = read_pages(shard, PAGE, true, |kv| {
+    let revision = read_pages(shard, router_keys(), PAGE, true, |kv| {
         let key = own_key(&kv.key);
         let unchanged = known
             .get(&key)
@@ -2246,7 +2243,6 @@ async fn scan_shard_changes(
         answer.kvs.into_iter().next().map(|kv| scanned_key(shard, kv)).transpose()
     });
     let mut items = Vec::new();
-    use futures::StreamExt;
     let mut reads = futures::stream::iter(reads).buffer_unordered(PARALLEL_READS);
     while let Some(read) = reads.next().await {
         items.extend(read?);
@@ -2256,7 +2252,13 @@ async fn scan_shard_changes(
     Ok(Scan { revision, items, present, replaced: false, replacement_mark: mark })
 }
 
-fn next_key(last: &[u8]) -> Bytes {
+/// All keys clients can write: everything below the router's reserved prefix.
+fn router_keys() -> (Bytes, Bytes) {
+    (Bytes::from_static(&[0]), Bytes::from_static(RESERVED_PREFIX))
+}
+
+/// The first key after `last`.
+pub(super) fn next_key(last: &[u8]) -> Bytes {
     let mut next = last.to_vec();
     next.push(0);
     Bytes::from(next)
@@ -2284,7 +2286,7 @@ async fn scan_values(shard: &Shard, replaced: bool, replacement_mark: u64) -> St
     const PAGE: i64 = 1000;
     let mut items = Vec::new();
     let mut present = BTreeSet::new();
-    let revision = read_pages(shard, PAGE, false, |kv| {
+    let revision = read_pages(shard, router_keys(), PAGE, false, |kv| {
         let item = scanned_key(shard, kv)?;
         present.insert(own_key(&item.key));
         items.push(item);
@@ -2294,21 +2296,21 @@ async fn scan_values(shard: &Shard, replaced: bool, replacement_mark: u64) -> St
     Ok(Scan { revision, items, present, replaced, replacement_mark })
 }
 
-/// Reads all of a shard's keys (outside the reserved prefix) a page at a
-/// time, every page at the revision of the first; returns that revision.
-async fn read_pages(
+/// Reads the shard's keys in [from, end) a page at a time, every page at the
+/// revision of the first; returns that revision.
+pub(super) async fn read_pages(
     shard: &Shard,
+    (mut from, end): (Bytes, Bytes),
     page: i64,
     keys_only: bool,
     mut each: impl FnMut(KeyValue) -> StoreResult<()>,
 ) -> StoreResult<i64> {
-    let mut from = Bytes::from_static(&[0]);
     let mut revision = 0;
     loop {
         let answer = shard
             .range(RangeRequest {
                 key: from.clone(),
-                range_end: Bytes::from_static(RESERVED_PREFIX),
+                range_end: end.clone(),
                 limit: page,
                 revision,
                 keys_only,

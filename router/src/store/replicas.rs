@@ -546,31 +546,15 @@ pub(super) async fn read_values(shard: &Shard, entries: &[(Bytes, IndexEntry)]) 
 
 async fn scan_copies(shard: &Shard) -> StoreResult<Vec<(Bytes, i64, envelope::Meta)>> {
     let mut out = Vec::new();
-    let mut from = Bytes::from_static(REPLICA_PREFIX);
-    loop {
-        let answer = shard
-            .range(RangeRequest {
-                key: from.clone(),
-                range_end: Bytes::from_static(&[0]),
-                limit: 1000,
-                ..Default::default()
-            })
-            .await?;
-        let last = answer.kvs.last().map(|kv| kv.key.clone());
-        for kv in answer.kvs {
-            if let (Some((key, revision)), Ok((meta, _))) = (parse_replica_key(&kv.key), envelope::decode(&kv.value)) {
-                out.push((key, revision, meta));
-            }
+    let copies = (Bytes::from_static(REPLICA_PREFIX), Bytes::from_static(&[0]));
+    super::read_pages(shard, copies, 1000, false, |kv| {
+        if let (Some((key, revision)), Ok((meta, _))) = (parse_replica_key(&kv.key), envelope::decode(&kv.value)) {
+            out.push((key, revision, meta));
         }
-        match last {
-            Some(last) if answer.more => {
-                let mut next = last.to_vec();
-                next.push(0);
-                from = Bytes::from(next);
-            }
-            _ => return Ok(out),
-        }
-    }
+        Ok(())
+    })
+    .await?;
+    Ok(out)
 }
 
 #[cfg(test)]
