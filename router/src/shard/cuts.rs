@@ -95,6 +95,11 @@ impl Cuts {
         }
     }
 
+    /// The last global revision the cuts cover (writes, moves, reconciliations, the load).
+    pub fn latest_revision(&self) -> Option<i64> {
+        self.entries.back().map(|cut| cut.last)
+    }
+
     pub fn latest_shard_revision(&self) -> Option<i64> {
         self.entries.back().map(|cut| cut.shard_revision)
     }

@@ -130,12 +130,27 @@ pub struct Shard {
     /// (cluster id, member id) of the etcd answering: a new one means the
     /// shard was recreated and lost its data.
     identity: Mutex<Option<(u64, u64)>>,
-    /// Times the shard was found replaced (new identity, or its revision
-    /// went back), and how many of those a reconciliation has handled: the
-    /// verdict must reach the reconciliation even when another check saw
-    /// the new etcd first.
-    replacements: AtomicU64,
-    replacements_handled: AtomicU64,
+    /// The shard was found replaced (new identity, or its revision went
+    /// back) while its history generation was below this value: a
+    /// replacement is pending while this is above `history_resets`. The
+    /// verdict reaches the reconciliation even when another check saw the
+    /// new etcd first, and is handled exactly once.
+    replaced_before: AtomicU64,
+    /// The highest revision any answer of this shard's etcd carried. Only
+    /// the router writes a shard, so an answer below it means the etcd lost
+    /// its data, whatever the request (a shard that only holds replica
+    /// copies has no cuts that would show it).
+    seen_revision: AtomicI64,
+    /// Bumped when a reconciliation accepts the shard's new, lower history:
+    /// a verdict taken against the old high-water mark is then void.
+    history_resets: AtomicU64,
+}
+
+/// The shard's high-water mark, read before a request is sent (see `Shard::went_back`).
+#[derive(Debug, Clone, Copy)]
+pub struct RevisionMark {
+    seen: i64,
+    resets: u64,
 }
 
 impl Shard {
@@ -187,8 +202,9 @@ impl Shard {
             loaded: AtomicBool::new(false),
             healthy: AtomicBool::new(false),
             identity: Mutex::new(None),
-            replacements: AtomicU64::new(0),
-            replacements_handled: AtomicU64::new(0),
+            replaced_before: AtomicU64::new(0),
+            seen_revision: AtomicI64::new(0),
+            history_resets: AtomicU64::new(0),
         })
     }
 
@@ -246,13 +262,59 @@ impl Shard {
         // after its writes were applied: a serializable read sees them all,
         // without the Raft read-index round a linearizable read pays.
         req.serializable = true;
+        let mark = self.revision_mark();
         let result = self.kv.clone().range(req).await;
-        self.answer(result)
+        let answer = self.answer(result)?;
+        self.observe(mark, answer.header.as_ref().map(|h| h.revision));
+        Ok(answer)
+    }
+
+    /// The high-water mark to compare an answer with; read it before sending.
+    pub fn revision_mark(&self) -> RevisionMark {
+        RevisionMark {
+            resets: self.history_resets.load(Ordering::Acquire),
+            seen: self.seen_revision.load(Ordering::Acquire),
+        }
+    }
+
+    /// True (and the shard marked replaced) when `revision`, from an answer
+    /// to a request sent after `mark` was read, is below the mark: the etcd
+    /// answering has lost data the router wrote. Marks read before the
+    /// router accepted a new history (`forget_history`) prove nothing.
+    pub fn went_back(&self, mark: RevisionMark, revision: i64) -> bool {
+        let went_back = revision < mark.seen && self.history_resets.load(Ordering::Acquire) == mark.resets;
+        if went_back {
+            self.note_replaced_in(mark.resets);
+        }
+        went_back
+    }
+
+    /// Records an answer's revision: raises the high-water mark, or marks the
+    /// shard replaced when the revision went back.
+    fn observe(&self, mark: RevisionMark, revision: Option<i64>) {
+        let Some(revision) = revision.filter(|r| *r > 0) else { return };
+        if !self.went_back(mark, revision) {
+            self.seen_revision.fetch_max(revision, Ordering::AcqRel);
+        }
+    }
+
+    /// A reconciliation accepted the shard's history as it is now (after
+    /// its etcd lost its data): `revision` is the new high-water mark.
+    pub fn forget_history(&self, revision: i64) {
+        self.history_resets.fetch_add(1, Ordering::AcqRel);
+        self.seen_revision.store(revision, Ordering::Release);
     }
 
     /// Writes (and reads in a Txn) only while this router's epoch is the
     /// shard's fence: a router that lost the lease fails here and steps down.
-    pub async fn txn(&self, mut req: TxnRequest) -> StoreResult<TxnResponse> {
+    pub async fn txn(&self, req: TxnRequest) -> StoreResult<TxnResponse> {
+        let mark = self.revision_mark();
+        let answer = self.txn_fenced(req).await?;
+        self.observe(mark, answer.header.as_ref().map(|h| h.revision));
+        Ok(answer)
+    }
+
+    async fn txn_fenced(&self, mut req: TxnRequest) -> StoreResult<TxnResponse> {
         let Some(fencing) = self.fencing.clone() else {
             let result = self.kv.clone().txn(req).await;
             return self.answer(result);
@@ -389,35 +451,42 @@ impl Shard {
         // comparing against that one took a healthy shard for a replaced one
         // (a full reconciliation scan per false alarm, hundreds of ms at
         // 100k keys, with the shard's writes waiting behind it).
-        let last_seen = self.cuts.lock().expect("cuts lock").latest_shard_revision();
+        // The high-water mark covers every answer (the cuts only the primary
+        // writes), and is void if a reconciliation accepted a new history
+        // meanwhile: that one already handled what this check would report
+        // (acting on it again was a second reconciliation and relist).
+        let mark = self.revision_mark();
         let status = self.status().await?;
         let header = status.header.unwrap_or_default();
         let seen = (header.cluster_id, header.member_id);
+        // Compared and recorded under one lock, so of two concurrent checks
+        // exactly one reports a new identity, before the other returns.
         let mut identity = self.identity.lock().expect("identity lock");
-        let went_back = last_seen.is_some_and(|last| header.revision < last);
-        let replaced = went_back || identity.is_some_and(|known| known != seen);
+        let new_identity = identity.is_some_and(|known| known != seen);
         *identity = Some(seen);
-        drop(identity);
-        if replaced {
-            self.note_replaced();
+        let went_back = header.revision > 0 && self.went_back(mark, header.revision);
+        if new_identity && !went_back {
+            self.note_replaced_in(mark.resets);
         }
-        Ok(replaced)
+        drop(identity);
+        if !went_back {
+            self.seen_revision.fetch_max(header.revision, Ordering::AcqRel);
+        }
+        Ok(went_back || new_identity)
     }
 
-    /// Records that the etcd answering has lost the history the router knew.
-    pub fn note_replaced(&self) {
-        self.replacements.fetch_add(1, Ordering::AcqRel);
+    /// Records that the etcd answering has lost the history the router knew
+    /// as of history generation `resets` (see `forget_history`). However
+    /// many requests notice the same loss, it is one replacement: it stays
+    /// pending until a reconciliation accepts the new history, and a verdict
+    /// from before that acceptance cannot make it pending again.
+    fn note_replaced_in(&self, resets: u64) {
+        self.replaced_before.fetch_max(resets + 1, Ordering::AcqRel);
     }
 
-    /// Whether a replacement is not yet handled by a reconciliation, and the
-    /// mark to pass to `replacement_handled` once one has.
-    pub fn pending_replacement(&self) -> (bool, u64) {
-        let seen = self.replacements.load(Ordering::Acquire);
-        (seen > self.replacements_handled.load(Ordering::Acquire), seen)
-    }
-
-    pub fn replacement_handled(&self, mark: u64) {
-        self.replacements_handled.fetch_max(mark, Ordering::AcqRel);
+    /// Whether a replacement waits for a reconciliation.
+    pub fn pending_replacement(&self) -> bool {
+        self.replaced_before.load(Ordering::Acquire) > self.history_resets.load(Ordering::Acquire)
     }
 
     /// Records the cut of a write batch. Ok(false) when the shard's revision
@@ -429,7 +498,8 @@ impl Shard {
         cuts.push_batch(first, last, shard_revision);
         drop(cuts);
         if went_back {
-            self.note_replaced();
+            // The caller holds the write lock: no reconciliation runs meanwhile.
+            self.note_replaced_in(self.history_resets.load(Ordering::Acquire));
         }
         !went_back
     }

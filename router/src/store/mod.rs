@@ -584,8 +584,12 @@ impl Store {
                 kv.value = Bytes::new();
             }
         }
+        // etcd answers a Range with the revision its data was read at. A
+        // later one (what is published by now) would be ahead of the data:
+        // kube-apiserver lists, then watches from this header, and would
+        // never see the writes in between.
         Ok(RangeResponse {
-            header: Some(self.header(self.sequencer.published().max(revision))),
+            header: Some(self.header(revision)),
             kvs,
             more,
             count,
@@ -627,7 +631,7 @@ impl Store {
             CutLookup::Unknown => Err(StoreError::Compacted),
             CutLookup::Empty => Ok((0, Vec::new(), false)),
             CutLookup::At(shard_revision) => {
-                let answer = read(shard_revision, 0).await.map_err(compacted_on_shard)?;
+                let answer = read(shard_revision, 0).await.map_err(|e| shard_read_error(shard, e))?;
                 translate_all(answer)
             }
             CutLookup::Within { base, from } => {
@@ -639,7 +643,7 @@ impl Store {
                     Some(shard_revision) => translate_all(
                         read(shard_revision, overlay.len() as i64)
                             .await
-                            .map_err(compacted_on_shard)?,
+                            .map_err(|e| shard_read_error(shard, e))?,
                     )?,
                     None => (0, Vec::new(), false),
                 };
@@ -798,10 +802,12 @@ impl Store {
                 other => break other?,
             }
         };
-        let published = self.sequencer.wait_published(committed.visible_at).await;
+        self.sequencer.wait_published(committed.visible_at).await;
         let mut response = committed.response;
-        // A write answers at its own revision, a read-only txn at the current one.
-        set_revision(&mut response, if committed.wrote { committed.visible_at } else { published }, &self);
+        // A write answers at its own revision, a read-only txn at the revision
+        // its reads saw (etcd's header is the revision the data was read at;
+        // a later one would be ahead of the data).
+        set_revision(&mut response, committed.visible_at, &self);
         self.compact_overflow();
         Ok(response)
     }
@@ -968,6 +974,11 @@ impl Store {
             }
         };
         let shard_revision = answer.header.as_ref().map(|h| h.revision).unwrap_or(0);
+        // A read inside the batch sees the shard after the writes before it
+        // in the shard Txn, not after the batch: its answer's revision is the
+        // last write before it (or the shard's last revision before the batch).
+        let loaded_at = shard.cuts.lock().expect("cuts lock").latest_revision().unwrap_or(0);
+        let mut read_at = state.last_revision.max(loaded_at);
         if writers > 0 {
             self.metrics.batch(writers);
             if !shard.push_batch_cut(first, last, shard_revision) {
@@ -998,7 +1009,10 @@ impl Store {
                 self.metrics.events_written(events.len());
                 self.sequencer.finish(g, events);
             }
-            let visible_at = if g != 0 { g } else { state.last_revision };
+            if g != 0 {
+                read_at = g;
+            }
+            let visible_at = read_at;
             let reply = match failure {
                 Some(err) => Err(err),
                 None => Ok(Committed {
@@ -1008,7 +1022,6 @@ impl Store {
                         responses: item_responses,
                     },
                     visible_at,
-                    wrote: g != 0,
                 }),
             };
             let _ = pending.reply.send(reply);
@@ -1475,7 +1488,7 @@ impl Store {
     // ---------------------------------------------------------- reconcile
 
     async fn ensure_reconciled(&self, shard: &Shard, state: &mut WriteState) -> StoreResult<()> {
-        if state.needs_reconcile || !shard.is_loaded() {
+        if state.needs_reconcile || !shard.is_loaded() || shard.pending_replacement() {
             self.reconcile(shard, state).await?;
         }
         Ok(())
@@ -1492,12 +1505,17 @@ impl Store {
             // First contact since startup: the keys were never visible, adopt them as they are.
             let at = self.sequencer.published();
             let count = scan.items.len();
-            shard.replacement_handled(scan.replacement_mark);
+            if scan.replaced {
+                shard.forget_history(scan.revision);
+            }
             self.adopt_scan(shard, scan, at);
             info!(shard = %shard.id, keys = count, "loaded shard late");
             return Ok(());
         }
         self.metrics.reconciliation(shard.id.as_str());
+        // Cleared only once the index matches the shard: a reconciliation
+        // that fails half-way is retried before the shard's next write.
+        state.needs_reconcile = true;
         // The shard's writes and moves wait on `state` (held by the caller),
         // so its cuts do not change during the scan and its index entries
         // change only through a shard loading late adopting a duplicate
@@ -1513,7 +1531,6 @@ impl Store {
         let last_cut = shard.cuts.lock().expect("cuts lock").latest_shard_revision();
         let scan = scan_shard_changes(shard, &known, last_cut).await?;
         let lost_history = last_cut.is_some_and(|last| scan.revision < last) || scan.replaced;
-        let replacement_mark = scan.replacement_mark;
 
         let mut rewrites = Vec::new();
         let mut leftovers = Vec::new();
@@ -1558,13 +1575,18 @@ impl Store {
             .filter(|(key, _)| !in_shard.contains(key))
             .collect();
         if rewrites.is_empty() && lost.is_empty() && leftovers.is_empty() && !lost_history {
-            shard.replacement_handled(replacement_mark);
             state.needs_reconcile = false;
             shard.set_loaded(true);
             shard.set_healthy(true);
             return Ok(());
         }
         let mut shard_revision = scan.revision;
+        if lost_history {
+            // The copies it held for other shards' keys went with its data:
+            // the index must stop counting on them (the repair pass copies
+            // those keys again), or a later failure of their primaries loses them.
+            self.forget_lost_copies(shard).await?;
+        }
         // With replication, what the shard lost comes back from the copies.
         if let Some(revision) = self.restore_in_place(shard, &mut lost).await {
             shard_revision = revision;
@@ -1675,7 +1697,6 @@ impl Store {
         events.sort_by(|a, b| a.key().cmp(b.key()));
         self.metrics.events_written(events.len());
         self.sequencer.finish(g, events);
-        shard.replacement_handled(replacement_mark);
         state.last_revision = g;
         state.needs_reconcile = false;
         shard.set_loaded(true);
@@ -1696,17 +1717,16 @@ impl Store {
     /// Health checks every shard and repairs what needs it. Called periodically.
     pub async fn maintain(&self) {
         for shard in self.shard_list() {
-            let check = shard.check().await;
-            let replaced = matches!(check, Ok(true));
-            if check.is_err() || replaced {
+            if shard.check().await.is_err() {
                 // Whatever happened while it was away must be checked on return.
                 shard.write.lock().await.needs_reconcile |= shard.is_loaded();
-                if check.is_err() {
-                    continue;
-                }
+                continue;
             }
+            // A replacement the check (or any answer) noticed stays pending
+            // until one reconciliation handles it: if the shard is busy, its
+            // next write batch reconciles first (`ensure_reconciled`).
             if let Ok(mut state) = shard.write.try_lock() {
-                if state.needs_reconcile || !shard.is_loaded() {
+                if state.needs_reconcile || !shard.is_loaded() || shard.pending_replacement() {
                     if let Err(err) = self.reconcile(&shard, &mut state).await {
                         warn!(shard = %shard.id, error = %err, "reconciliation failed; will retry");
                     }
@@ -1863,10 +1883,9 @@ pub struct PendingTxn {
 /// What a group commit hands back to the txn's caller.
 pub struct Committed {
     response: TxnResponse,
-    /// The revision to wait for before answering (the txn's own, or the
-    /// shard's last write for a read-only txn).
+    /// The revision to wait for and answer with: the txn's own, or for a
+    /// read-only txn the revision its reads saw (the last write before it).
     visible_at: i64,
-    wrote: bool,
 }
 
 struct TxnPlan {
@@ -2065,6 +2084,8 @@ fn record_reconciled_cut(shard: &Shard, g: i64, shard_revision: i64, lost_histor
     let mut cuts = shard.cuts.lock().expect("cuts lock");
     if lost_history {
         cuts.reset(g, shard_revision, CutLookup::Unknown);
+        // Its answers are judged against the new history from now on.
+        shard.forget_history(shard_revision);
     } else {
         cuts.push(g, shard_revision);
     }
@@ -2107,11 +2128,22 @@ fn fence(key: &Bytes, shard_mod_revision: i64) -> Compare {
     }
 }
 
-/// A shard's "compacted" for a revision we asked: our own concurrent Compact won the race.
-fn compacted_on_shard(err: StoreError) -> StoreError {
+/// What a shard's refusal of a read at one of its revisions means to the client:
+/// - "compacted": our own concurrent Compact won the race, ErrCompacted;
+/// - "future revision": the shard is behind a revision it answered before,
+///   so its etcd lost its data and is being reconciled: Unavailable, so the
+///   client retries (etcd's own ErrFutureRev would be a lie: the revision
+///   the client asked is not in the future).
+fn shard_read_error(shard: &Shard, err: StoreError) -> StoreError {
     match err {
         StoreError::ShardRejected(status) if status.message().contains("compacted") => {
             StoreError::Compacted
+        }
+        StoreError::ShardRejected(status) if status.message().contains("future revision") => {
+            StoreError::unavailable(
+                shard.id.as_str(),
+                "its etcd lost its data and is being reconciled; retry",
+            )
         }
         other => other,
     }
@@ -2184,15 +2216,12 @@ struct Scan {
     present: BTreeSet<Bytes>,
     /// The etcd answering is not the one the router knew: its history is gone.
     replaced: bool,
-    /// For `Shard::replacement_handled` once the scan has been acted on.
-    replacement_mark: u64,
 }
 
 /// Reads a whole shard at one revision, page by page.
 async fn scan_shard(shard: &Shard) -> StoreResult<Scan> {
     shard.check().await?;
-    let (replaced, mark) = shard.pending_replacement();
-    scan_values(shard, replaced, mark).await
+    scan_values(shard, shard.pending_replacement()).await
 }
 
 /// What a reconciliation needs: every key the shard holds, and the values of
@@ -2211,9 +2240,8 @@ async fn scan_shard_changes(
     const PAGE: i64 = 5000;
     const PARALLEL_READS: usize = 16;
     shard.check().await?;
-    let (replaced, mark) = shard.pending_replacement();
-    if replaced {
-        return scan_values(shard, true, mark).await;
+    if shard.pending_replacement() {
+        return scan_values(shard, true).await;
     }
     let mut present = BTreeSet::new();
     let mut changed = Vec::new();
@@ -2230,7 +2258,7 @@ async fn scan_shard_changes(
     })
     .await?;
     if last_cut.is_some_and(|last| revision < last) || changed.len() > present.len() / 4 {
-        return scan_values(shard, false, mark).await;
+        return scan_values(shard, false).await;
     }
     let reads = changed.into_iter().map(|key| async move {
         let answer = shard
@@ -2249,7 +2277,7 @@ async fn scan_shard_changes(
     }
     items.sort_by(|a, b| a.key.cmp(&b.key));
     tracing::debug!(shard = %shard.id, keys = present.len(), values_read = items.len(), "reconciliation scan read keys only");
-    Ok(Scan { revision, items, present, replaced: false, replacement_mark: mark })
+    Ok(Scan { revision, items, present, replaced: false })
 }
 
 /// All keys clients can write: everything below the router's reserved prefix.
@@ -2282,7 +2310,7 @@ fn scanned_key(shard: &Shard, kv: KeyValue) -> StoreResult<ScannedKey> {
 }
 
 /// Every key of the shard with its value, at one revision.
-async fn scan_values(shard: &Shard, replaced: bool, replacement_mark: u64) -> StoreResult<Scan> {
+async fn scan_values(shard: &Shard, replaced: bool) -> StoreResult<Scan> {
     const PAGE: i64 = 1000;
     let mut items = Vec::new();
     let mut present = BTreeSet::new();
@@ -2293,7 +2321,7 @@ async fn scan_values(shard: &Shard, replaced: bool, replacement_mark: u64) -> St
         Ok(())
     })
     .await?;
-    Ok(Scan { revision, items, present, replaced, replacement_mark })
+    Ok(Scan { revision, items, present, replaced })
 }
 
 /// Reads the shard's keys in [from, end) a page at a time, every page at the

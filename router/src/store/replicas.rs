@@ -15,7 +15,7 @@
 //! visibly. A repair pass re-creates missing copies after failures, restarts
 //! and ring changes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -444,6 +444,39 @@ impl Store {
             by_shard.entry(shard).or_default().push((delete_copy(&key, revision), None));
         }
         self.send_replica_writes(ReplicaWrites { by_shard, cleanups: Vec::new() }).await;
+    }
+
+    /// After `shard` lost its data: the index stops naming it as the replica
+    /// of any key whose copy is not really there (read from the shard, not
+    /// assumed), so those keys count as under-replicated and the repair
+    /// pass copies them again. Returns how many keys lost their copy.
+    pub(super) async fn forget_lost_copies(&self, shard: &Shard) -> StoreResult<usize> {
+        if !self.replication() {
+            return Ok(0);
+        }
+        let held: HashSet<(Bytes, i64)> = scan_copies(shard)
+            .await?
+            .into_iter()
+            .map(|(key, revision, _)| (key, revision))
+            .collect();
+        let mut forgotten = 0;
+        {
+            let mut index = self.index.write().expect("index lock");
+            for (key, entry) in index.iter_mut() {
+                if entry.replica.as_ref() == Some(&shard.id)
+                    && !held.contains(&(key.clone(), entry.meta.mod_revision))
+                {
+                    entry.replica = None;
+                    forgotten += 1;
+                }
+            }
+        }
+        if forgotten > 0 {
+            self.replicas_dirty.store(true, Ordering::Release);
+            self.metrics.keys_under_replicated.inc_by(forgotten as i64);
+            warn!(shard = %shard.id, keys = forgotten, "the shard lost the replica copies it held; copying those keys again");
+        }
+        Ok(forgotten)
     }
 
     /// Which copies each shard holds, after a restart: (key, meta) under the reserved prefix.
