@@ -44,6 +44,7 @@ pub struct Metrics {
     pub keys_under_replicated: Gauge,
     ring_changes: Family<ChangeLabels, Counter>,
     reconciliations: Family<ShardLabels, Counter>,
+    shard_checks: Family<ShardLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -110,8 +111,15 @@ impl Default for Metrics {
             "Full scans of a shard to bring the index in line with it (after a write with an unknown outcome, an outage or a replaced shard); each blocks the shard's writes for one scan",
             reconciliations.clone(),
         );
+        let shard_checks = Family::<ShardLabels, Counter>::default();
+        registry.register(
+            "shard_checks",
+            "Periodic health checks the shard answered (each also looks for a lost or replaced etcd)",
+            shard_checks.clone(),
+        );
         Metrics {
             reconciliations,
+            shard_checks,
             shard_bytes,
             keys_moved,
             keys_restored,
@@ -170,6 +178,10 @@ impl Metrics {
 
     pub fn reconciliation(&self, shard: &str) {
         self.reconciliations.get_or_create(&ShardLabels { shard: shard.to_string() }).inc();
+    }
+
+    pub fn shard_checked(&self, shard: &str) {
+        self.shard_checks.get_or_create(&ShardLabels { shard: shard.to_string() }).inc();
     }
 
     pub fn touch_reconciliations(&self, shard: &str) {

@@ -925,10 +925,12 @@ impl Store {
                 Ok(answer) if answer.succeeded => Ok(answer),
                 Ok(_) => {
                     state.needs_reconcile = true;
-                    Err(StoreError::Internal(format!(
-                        "shard {} changed behind the router's back (its revisions no longer match the index); it is being reconciled, retry",
-                        shard.id
-                    )))
+                    // Nothing was written (the fences refused it) and the
+                    // shard is reconciled before its next write: retryable.
+                    Err(StoreError::unavailable(
+                        shard.id.as_str(),
+                        "it changed behind the router's back (its revisions no longer match the index; did its etcd lose its data?); it is being reconciled, retry",
+                    ))
                 }
                 Err(err) => {
                     if !write_certainly_not_applied(&err) {
@@ -1426,8 +1428,9 @@ impl Store {
                             shard,
                             deleted,
                             last_revision,
-                            Some(StoreError::Internal(
-                                "shard changed behind the router's back; reconciling".into(),
+                            Some(StoreError::unavailable(
+                                shard.id.as_str(),
+                                "it changed behind the router's back; it is being reconciled, retry",
                             )),
                         )
                     }
@@ -1512,7 +1515,6 @@ impl Store {
             info!(shard = %shard.id, keys = count, "loaded shard late");
             return Ok(());
         }
-        self.metrics.reconciliation(shard.id.as_str());
         // Cleared only once the index matches the shard: a reconciliation
         // that fails half-way is retried before the shard's next write.
         state.needs_reconcile = true;
@@ -1530,6 +1532,9 @@ impl Store {
             .collect();
         let last_cut = shard.cuts.lock().expect("cuts lock").latest_shard_revision();
         let scan = scan_shard_changes(shard, &known, last_cut).await?;
+        // Counted once the shard answered the scan (attempts while it is
+        // still down are not reconciliations).
+        self.metrics.reconciliation(shard.id.as_str());
         let lost_history = last_cut.is_some_and(|last| scan.revision < last) || scan.replaced;
 
         let mut rewrites = Vec::new();
@@ -1722,6 +1727,7 @@ impl Store {
                 shard.write.lock().await.needs_reconcile |= shard.is_loaded();
                 continue;
             }
+            self.metrics.shard_checked(shard.id.as_str());
             // A replacement the check (or any answer) noticed stays pending
             // until one reconciliation handles it: if the shard is busy, its
             // next write batch reconciles first (`ensure_reconciled`).
