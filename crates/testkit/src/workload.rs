@@ -488,7 +488,7 @@ impl Workload {
             acked: std::mem::take(&mut *self.acked.lock().await),
             failed: std::mem::take(&mut *self.failed.lock().await),
             events: Vec::new(),
-            watch: self.watch,
+            watch: Some(self.watch),
         };
         outcome.collect_through(end).await;
         assert!(
@@ -513,22 +513,25 @@ pub struct Outcome {
     pub failed: Vec<Attempt>,
     /// Every event the watch delivered so far, in order.
     pub events: Vec<Event>,
-    watch: Watch,
+    /// None only in this module's unit tests of the checks.
+    watch: Option<Watch>,
 }
 
 impl Outcome {
     /// Collects watch events until the watch has sent everything up to
     /// `revision` (a progress notification at or after it, requested now).
     pub async fn collect_through(&mut self, revision: i64) {
-        self.watch
+        let watch = self.watch.as_mut().expect("the workload's watch");
+        let progress = || WatchRequest {
+            request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+        };
+        watch
             .requests
-            .send(WatchRequest {
-                request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
-            })
+            .send(progress())
             .await
             .expect("watch request stream closed");
         loop {
-            let message = tokio::time::timeout(Duration::from_secs(30), self.watch.messages.recv())
+            let message = tokio::time::timeout(Duration::from_secs(30), watch.messages.recv())
                 .await
                 .expect("watch events stopped arriving")
                 .expect("watch ended")
@@ -538,13 +541,9 @@ impl Outcome {
                 WatchMessage::Progress(at) if at >= revision => return,
                 WatchMessage::Progress(_) => {
                     // Answered before `revision` was published here: ask again.
-                    self.watch
+                    watch
                         .requests
-                        .send(WatchRequest {
-                            request_union: Some(RequestUnion::ProgressRequest(
-                                WatchProgressRequest {},
-                            )),
-                        })
+                        .send(progress())
                         .await
                         .expect("watch request stream closed");
                 }
@@ -897,4 +896,186 @@ pub fn placement(
         }
     }
     locate
+}
+
+#[cfg(test)]
+mod tests {
+    //! The history checks refuse what they must: each test breaks one rule.
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::from(s.to_string())
+    }
+
+    fn stored(value: &str, mod_revision: i64, create_revision: i64, version: i64) -> Stored {
+        Stored {
+            value: b(value),
+            mod_revision,
+            create_revision,
+            version,
+            lease: 0,
+        }
+    }
+
+    fn put(
+        revision: i64,
+        key: &str,
+        value: &str,
+        create_revision: i64,
+        version: i64,
+        prev: Option<Stored>,
+    ) -> Event {
+        Event {
+            revision,
+            key: b(key),
+            value: Some(b(value)),
+            create_revision,
+            version,
+            lease: 0,
+            prev,
+        }
+    }
+
+    fn delete(revision: i64, key: &str, prev: Option<Stored>) -> Event {
+        Event {
+            revision,
+            key: b(key),
+            value: None,
+            create_revision: 0,
+            version: 0,
+            lease: 0,
+            prev,
+        }
+    }
+
+    impl Outcome {
+        fn clone_without_watch(&self) -> Outcome {
+            Outcome {
+                start: self.start,
+                end: self.end,
+                initial: self.initial.clone(),
+                acked: self.acked.clone(),
+                failed: self.failed.clone(),
+                events: self.events.clone(),
+                watch: None,
+            }
+        }
+    }
+
+    /// `a` loaded at 5 (the start revision), then acknowledged: `a` updated at
+    /// 6, `c` created at 7, `a` deleted at 8.
+    fn outcome() -> Outcome {
+        let ack = |revision, key: &str, value: Option<&str>| Ack {
+            revision,
+            key: b(key),
+            value: value.map(b),
+        };
+        Outcome {
+            start: 5,
+            end: 8,
+            initial: [(b("a"), stored("x", 5, 5, 1))].into(),
+            acked: vec![
+                ack(5, "a", Some("x")),
+                ack(6, "a", Some("y")),
+                ack(7, "c", Some("z")),
+                ack(8, "a", None),
+            ],
+            failed: Vec::new(),
+            events: vec![
+                put(6, "a", "y", 5, 2, Some(stored("x", 5, 5, 1))),
+                put(7, "c", "z", 7, 1, None),
+                delete(8, "a", Some(stored("y", 6, 5, 2))),
+            ],
+            watch: None,
+        }
+    }
+
+    #[test]
+    fn an_exact_history_gives_the_model() {
+        let history = check_history(&outcome(), |_| false);
+        assert_eq!(history.state_at(5), [(b("a"), stored("x", 5, 5, 1))].into());
+        assert_eq!(
+            history.state_at(7),
+            [
+                (b("a"), stored("y", 6, 5, 2)),
+                (b("c"), stored("z", 7, 7, 1))
+            ]
+            .into()
+        );
+        assert_eq!(history.state_at(8), [(b("c"), stored("z", 7, 7, 1))].into());
+    }
+
+    #[test]
+    #[should_panic(expected = "has no event")]
+    fn an_acknowledged_write_without_event_fails() {
+        let mut o = outcome();
+        o.events.pop();
+        check_history(&o, |_| false);
+    }
+
+    #[test]
+    #[should_panic(expected = "at or before the start revision")]
+    fn an_event_at_the_start_revision_fails() {
+        let mut o = outcome();
+        o.events.insert(0, put(5, "a", "x", 5, 1, None));
+        check_history(&o, |_| false);
+    }
+
+    #[test]
+    #[should_panic(expected = "event that no client wrote")]
+    fn a_failed_write_does_not_excuse_another_value_of_its_key() {
+        let mut o = outcome();
+        o.failed.push(Attempt {
+            key: b("c"),
+            value: Some(b("other")),
+        });
+        o.events
+            .push(put(9, "c", "w", 7, 2, Some(stored("z", 7, 7, 1))));
+        check_history(&o, |_| false);
+    }
+
+    #[test]
+    fn a_failed_write_excuses_its_own_value_once() {
+        let mut o = outcome();
+        o.failed.push(Attempt {
+            key: b("c"),
+            value: Some(b("w")),
+        });
+        o.events
+            .push(put(9, "c", "w", 7, 2, Some(stored("z", 7, 7, 1))));
+        assert_eq!(check_history(&o, |_| false).unknown_outcome, 1);
+        let mut again = o.clone_without_watch();
+        again
+            .events
+            .push(put(10, "c", "w", 7, 3, Some(stored("w", 9, 7, 2))));
+        let twice = std::panic::catch_unwind(|| check_history(&again, |_| false));
+        assert!(twice.is_err(), "one failed write excused two events");
+        o.events.push(delete(10, "c", Some(stored("w", 9, 7, 2))));
+        let delete = std::panic::catch_unwind(|| check_history(&o, |_| false));
+        assert!(delete.is_err(), "a failed put excused a DELETE of its key");
+    }
+
+    #[test]
+    #[should_panic(expected = "(create_revision, version, lease)")]
+    fn a_version_that_does_not_follow_fails() {
+        let mut o = outcome();
+        o.events[0].version = 1;
+        check_history(&o, |_| false);
+    }
+
+    #[test]
+    #[should_panic(expected = "prev_kv")]
+    fn a_missing_prev_kv_fails() {
+        let mut o = outcome();
+        o.events[2].prev = None;
+        check_history(&o, |_| false);
+    }
+
+    #[test]
+    #[should_panic(expected = "DELETE of a key that did not exist")]
+    fn an_excused_delete_of_an_absent_key_fails() {
+        let mut o = outcome();
+        o.events.push(delete(9, "a", None));
+        check_history(&o, |e| e.value.is_none() && e.revision == 9);
+    }
 }
