@@ -709,6 +709,11 @@ pub fn check_history(outcome: &Outcome, excuse: impl Fn(&Event) -> bool) -> Hist
         } else if excuse(event) {
             excused += 1;
         } else {
+            // Necessary excuse: a write answered with an error may still have
+            // been applied (the shard committed, the answer was lost), and the
+            // router then announces it, at its own revision or at a new one
+            // when it reconciles the shard. The client cannot tell, so that
+            // write's own value (or delete) of that key may appear, once.
             let attempt = Attempt {
                 key: event.key.clone(),
                 value: event.value.clone(),
