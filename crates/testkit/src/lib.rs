@@ -429,6 +429,7 @@ pub struct KubeApiserver {
     dir: TempDir,
     child: Option<Child>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl KubeApiserver {
@@ -439,6 +440,17 @@ impl KubeApiserver {
     /// Like [`KubeApiserver::start`], with extra flags appended (e.g.
     /// `--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile` for TLS storage).
     pub async fn start_with_flags(etcd: &str, pods: Option<&str>, extra: &[String]) -> Result<KubeApiserver> {
+        Self::start_with_env(etcd, pods, extra, &[]).await
+    }
+
+    /// Like [`KubeApiserver::start_with_flags`], with environment variables
+    /// for the process (e.g. `KUBE_WATCHCACHE_CONSISTENCY_CHECKER=true`).
+    pub async fn start_with_env(
+        etcd: &str,
+        pods: Option<&str>,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<KubeApiserver> {
         let dir = tempfile::Builder::new().prefix("ste-kube-apiserver-").tempdir()?;
         let (key, public) = service_account_keys(dir.path())?;
         let token = "ste-test-token".to_string();
@@ -453,7 +465,8 @@ impl KubeApiserver {
             overrides: pods.map(|p| vec![format!("/pods#{p}")]).unwrap_or_default(),
         });
         let args = args.into_iter().chain(extra.iter().cloned()).collect();
-        let mut server = KubeApiserver { port, token, dir, child: None, args };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut server = KubeApiserver { port, token, dir, child: None, args, env };
         server.spawn().await?;
         Ok(server)
     }
@@ -470,6 +483,7 @@ impl KubeApiserver {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
         let child = Command::new(kube_apiserver_binary()?)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -504,6 +518,11 @@ impl KubeApiserver {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// None while running; the exit status once the process has ended by itself.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn api(&self) -> Api {
