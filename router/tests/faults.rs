@@ -263,9 +263,15 @@ async fn reconciliation_announces_exactly_what_changed_on_the_shard() {
     };
     let same = stored(pod(0)).await;
     let copied = stored(pod(1)).await;
+    let changed = stored(pod(3)).await;
     direct.put(PutRequest { key: pod(0), value: same, ..Default::default() }).await.unwrap();
     let ghost = Bytes::from_static(b"/registry/pods/default/ghost");
     direct.put(PutRequest { key: ghost.clone(), value: copied, ..Default::default() }).await.unwrap();
+    // A key the router knows, changed to another value (as a write whose
+    // answer was lost would leave it): announced as an update of what
+    // watchers knew, with that as prev_kv (kube-apiserver's watch refuses a
+    // non-create event without one).
+    direct.put(PutRequest { key: pod(2), value: changed, ..Default::default() }).await.unwrap();
 
     // The router's next write to pod 0 fails its fence: the shard is reconciled.
     let (_, rev0, _) = before[&pod(0)];
@@ -278,16 +284,26 @@ async fn reconciliation_announces_exactly_what_changed_on_the_shard() {
     })
     .await;
     let r = next_response(&mut events).await.unwrap();
-    assert_eq!(r.events.len(), 1, "one event, for the unknown key: {:?}", r.events);
-    let event = &r.events[0];
-    assert_eq!(event.r#type, EventType::Put as i32);
-    let announced = event.kv.as_ref().unwrap();
+    assert_eq!(r.events.len(), 2, "one event for the unknown key, one for the changed one: {:?}", r.events);
+    // Events of one revision come in key order: "ghost" < "pod-0002".
+    let (ghost_event, updated_event) = (&r.events[0], &r.events[1]);
+    assert_eq!(ghost_event.r#type, EventType::Put as i32);
+    let announced = ghost_event.kv.as_ref().unwrap();
     assert_eq!(announced.key, ghost);
     assert_eq!(announced.value, Bytes::from_static(b"v1"), "it carries the value the shard holds");
+    assert_eq!((announced.create_revision, announced.version), (announced.mod_revision, 1), "an unknown key is created");
+    assert!(ghost_event.prev_kv.is_none());
+    let updated = updated_event.kv.as_ref().unwrap();
+    assert_eq!((updated.key.clone(), updated.value.clone()), (pod(2), Bytes::from_static(b"v3")));
+    assert_eq!(updated.mod_revision, announced.mod_revision, "one reconciliation, one revision");
+    let (_, rev2, created2) = before[&pod(2)];
+    assert_eq!((updated.create_revision, updated.version), (created2, 2), "its creation goes on, its version steps");
+    let prev = updated_event.prev_kv.as_ref().expect("an update carries prev_kv");
+    assert_eq!((prev.value.clone(), prev.mod_revision), (Bytes::from_static(b"v2"), rev2), "prev_kv is what watchers knew");
 
     let after = list(&mut kv).await.unwrap();
     assert_eq!(after.len(), before.len() + 1);
-    for (key, was) in &before {
+    for (key, was) in before.iter().filter(|(k, _)| **k != pod(2)) {
         assert_eq!(&after[key], was, "{key:?} changed although its meaning on the shard did not");
     }
     // Pod 0 is writable again at the revision clients know.

@@ -1576,8 +1576,9 @@ impl Store {
             }
         }
         let mut lost: Vec<(Bytes, IndexEntry)> = known
-            .into_iter()
-            .filter(|(key, _)| !in_shard.contains(key))
+            .iter()
+            .filter(|(key, _)| !in_shard.contains(*key))
+            .map(|(key, entry)| (key.clone(), entry.clone()))
             .collect();
         if rewrites.is_empty() && lost.is_empty() && leftovers.is_empty() && !lost_history {
             state.needs_reconcile = false;
@@ -1610,15 +1611,18 @@ impl Store {
             let mut compares = Vec::new();
             let mut written = Vec::new();
             for item in chunk {
+                // As watchers saw it: a key the index had is updated (its
+                // creation and version go on, the event carries the value
+                // they knew as prev_kv: kube-apiserver refuses a non-create
+                // event without one); a key it did not have is created at g.
+                let indexed = known.get(&item.key);
                 let meta = Meta {
                     mod_revision: g,
-                    create_revision: if item.meta.create_revision == item.meta.mod_revision {
-                        g
-                    } else {
-                        item.meta.create_revision
-                    },
+                    create_revision: indexed.map(|e| e.meta.create_revision).unwrap_or(g),
+                    version: indexed.map(|e| e.meta.version + 1).unwrap_or(1),
                     ..item.meta
                 };
+                let prev = indexed.and_then(|entry| self.last_known_value(&item.key, entry));
                 compares.push(fence(&item.key, item.shard_mod_revision));
                 ops.push(RequestOp {
                     request: Some(Request::RequestPut(PutRequest {
@@ -1627,7 +1631,7 @@ impl Store {
                         ..Default::default()
                     })),
                 });
-                written.push((item.key.clone(), meta, item.value.clone()));
+                written.push((item.key.clone(), meta, item.value.clone(), prev));
             }
             let answer = shard
                 .txn(TxnRequest {
@@ -1655,7 +1659,7 @@ impl Store {
             };
             shard_revision = answer.header.map(|h| h.revision).unwrap_or(shard_revision);
             let mut index = self.index.write().expect("index lock");
-            for (key, meta, value) in written {
+            for (key, meta, value, prev) in written {
                 let old_lease = index.get(&key).map(|e| e.meta.lease).unwrap_or(0);
                 upsert(&mut index, &key, IndexEntry::written(&shard.id, shard_revision, meta));
                 if meta.lease != 0 && self.leases.attachable_ttl(meta.lease).is_err() {
@@ -1672,7 +1676,7 @@ impl Store {
                         value,
                         lease: meta.lease,
                     }),
-                    None,
+                    prev.map(owned_kv),
                 )));
             }
         }
