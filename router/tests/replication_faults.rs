@@ -254,7 +254,7 @@ async fn an_emptied_shard_is_reconciled_once_and_reads_never_see_a_future_revisi
                 let key = Bytes::from(format!("/registry/pods/default/pod-{:04}", (i * 7 + worker) % KEYS));
                 let result = if worker == 0 {
                     kv.put(PutRequest { key, value: Bytes::from(format!("w{i}")), ..Default::default() }).await.map(|_| ())
-                } else if i % 3 == 0 {
+                } else if i.is_multiple_of(3) {
                     list(&mut kv).await.map(|_| ())
                 } else {
                     kv.range(RangeRequest { key, ..Default::default() }).await.map(|_| ())

@@ -341,7 +341,7 @@ async fn reader(endpoint: String, stop: Arc<AtomicBool>, findings: Arc<Findings>
     let mut turn = 0u64;
     while !stop.load(Ordering::Acquire) {
         turn += 1;
-        let paged = turn % 2 == 0;
+        let paged = turn.is_multiple_of(2);
         let first = async {
             let first = kv.range(prefix(if paged { 25 } else { 0 }, 0, None)).await?.into_inner();
             let revision = first.header.unwrap().revision;
