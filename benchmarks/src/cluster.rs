@@ -77,9 +77,21 @@ pub struct UpArgs {
     /// block storage does not.
     #[arg(long, env = "STE_CLUSTER_FSYNC_DELAY", value_parser = humantime::parse_duration)]
     pub fsync_delay: Option<Duration>,
+    /// Environment variables added to kube-apiserver's, NAME=VALUE (comma
+    /// separated), e.g. KUBE_WATCHCACHE_CONSISTENCY_CHECKER=true; kept when
+    /// it is restarted by `crash_and_restart`.
+    #[arg(long, env = "STE_CLUSTER_APISERVER_ENV", value_delimiter = ',', value_parser = parse_env_var)]
+    pub apiserver_env: Vec<(String, String)>,
     /// Directory for data, logs, PID records and the kubeconfig.
     #[arg(long, env = "STE_CLUSTER_DIR", default_value = "target/cluster")]
     pub dir: PathBuf,
+}
+
+fn parse_env_var(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("{text:?} is not NAME=VALUE")),
+    }
 }
 
 /// Shards registered by ste-shard-agent processes (ste arm), besides the
@@ -101,6 +113,8 @@ pub struct UpCommand {
     pub up: UpArgs,
     #[command(flatten)]
     pub agents: AgentArgs,
+    #[command(flatten)]
+    pub real: crate::real_node::RealNodeArgs,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -141,6 +155,9 @@ pub struct ProcessRecord {
     pub pid: u32,
     pub binary: String,
     pub args: Vec<String>,
+    /// Variables added to the inherited environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<(String, String)>,
     pub log: PathBuf,
 }
 
@@ -165,11 +182,17 @@ impl Launcher {
     }
 
     fn spawn(&mut self, name: &str, binary: &Path, args: &[String]) -> anyhow::Result<()> {
+        self.spawn_with_env(name, binary, args, &[])
+    }
+
+    /// [`Self::spawn`] with `env` added to the inherited environment.
+    fn spawn_with_env(&mut self, name: &str, binary: &Path, args: &[String], env: &[(String, String)]) -> anyhow::Result<()> {
         use std::os::unix::process::CommandExt;
         let log_path = self.log(name);
         let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = Command::new(binary)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -182,6 +205,7 @@ impl Launcher {
             pid: child.id(),
             binary: binary.display().to_string(),
             args: args.to_vec(),
+            env: env.to_vec(),
             log: log_path,
         };
         match self.record.processes.iter_mut().find(|p| p.name == name) {
@@ -397,6 +421,11 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<ClusterRecord> {
 
 /// [`up`] with shard agents (see [`AgentArgs`]).
 pub async fn up_with(args: &UpArgs, agents: &AgentArgs) -> anyhow::Result<ClusterRecord> {
+    up_with_real(args, agents, &crate::real_node::RealNodeArgs::default()).await
+}
+
+/// [`up_with`] and real nodes (see [`crate::real_node`]).
+pub async fn up_with_real(args: &UpArgs, agents: &AgentArgs, real: &crate::real_node::RealNodeArgs) -> anyhow::Result<ClusterRecord> {
     if agents.shard_agents > 0 && args.arm != Arm::Ste {
         bail!("--shard-agents needs the ste arm");
     }
@@ -432,16 +461,25 @@ pub async fn up_with(args: &UpArgs, agents: &AgentArgs) -> anyhow::Result<Cluste
             tls: None,
         },
     };
-    let result = start_all(&mut launcher, args, agents, api_port).await;
+    let result = start_all(&mut launcher, args, agents, real, api_port).await;
     if let Err(err) = result {
         eprintln!("startup failed, stopping what was started…");
+        if let Err(e) = crate::real_node::down(&dir).await {
+            eprintln!("{e:#}");
+        }
         let _ = stop(&launcher.record).await;
         return Err(err);
     }
     Ok(launcher.record)
 }
 
-async fn start_all(launcher: &mut Launcher, args: &UpArgs, agents: &AgentArgs, api_port: u16) -> anyhow::Result<()> {
+async fn start_all(
+    launcher: &mut Launcher,
+    args: &UpArgs,
+    agents: &AgentArgs,
+    real: &crate::real_node::RealNodeArgs,
+    api_port: u16,
+) -> anyhow::Result<()> {
     let dir = launcher.dir.clone();
     let step = |text: &str| eprintln!("• {text}");
 
@@ -514,7 +552,11 @@ async fn start_all(launcher: &mut Launcher, args: &UpArgs, agents: &AgentArgs, a
         let level: u8 = level.trim().parse().with_context(|| format!("{APISERVER_VERBOSITY_ENV}={level:?} is not a klog level (0-10)"))?;
         api_args.push(format!("-v={level}"));
     }
-    launcher.spawn("kube-apiserver", &upstream_binary("kube-apiserver", "STE_KUBE_APISERVER_BIN")?, &api_args)?;
+    if real.real_nodes > 0 {
+        crate::real_node::apiserver_args(&dir, &mut api_args)?;
+    }
+    let apiserver = upstream_binary("kube-apiserver", "STE_KUBE_APISERVER_BIN")?;
+    launcher.spawn_with_env("kube-apiserver", &apiserver, &api_args, &args.apiserver_env)?;
     let api = launcher.record.api();
     launcher
         .wait("kube-apiserver", Duration::from_secs(120), || matches!(api.curl(&["/readyz"]), Ok((200, _))))
@@ -560,7 +602,8 @@ async fn start_all(launcher: &mut Launcher, args: &UpArgs, agents: &AgentArgs, a
     let kwok = vec![
         format!("--kubeconfig={kubeconfig}"),
         format!("--config={}", stages.display()),
-        "--manage-all-nodes=true".into(),
+        // With real nodes, kwok must leave them (and their pods) to their kubelets.
+        if real.real_nodes > 0 { "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake" } else { "--manage-all-nodes=true" }.into(),
         format!("--server-address=127.0.0.1:{}", free_port()),
         "--cidr=10.244.0.1/16".into(),
         "--node-ip=10.0.0.2".into(),
@@ -591,6 +634,9 @@ async fn start_all(launcher: &mut Launcher, args: &UpArgs, agents: &AgentArgs, a
     launcher
         .wait("kwok", Duration::from_secs(120), || ready_nodes(&api).is_ok_and(|n| n >= nodes))
         .await?;
+    if real.real_nodes > 0 {
+        crate::real_node::start(&dir, &api, real).await?;
+    }
     // The controllers must be serving too before anyone relies on them.
     for name in ["kube-controller-manager", "kube-scheduler"] {
         if !launcher.alive(name) {
@@ -682,7 +728,7 @@ pub async fn crash_and_restart(dir: &Path, name: &str, wipe: bool) -> anyhow::Re
         }
     }
     let mut launcher = Launcher { dir, record };
-    launcher.spawn(name, Path::new(&process.binary), &process.args)?;
+    launcher.spawn_with_env(name, Path::new(&process.binary), &process.args, &process.env)?;
     Ok(launcher.record)
 }
 
@@ -719,7 +765,10 @@ pub async fn stop(record: &ClusterRecord) -> anyhow::Result<()> {
 pub async fn down(args: &DownArgs) -> anyhow::Result<()> {
     let dir = std::path::absolute(&args.dir)?;
     let record = read_record(&dir)?;
+    // Real nodes first: their pods are torn down while their runtime runs.
+    let real = crate::real_node::down(&dir).await;
     stop(&record).await?;
+    real?;
     eprintln!("cluster in {} is down; logs kept in {}", dir.display(), dir.join("logs").display());
     Ok(())
 }

@@ -10,7 +10,7 @@ use ste_bench::cluster::{self, Arm, ClusterRecord, UpArgs};
 use ste_testkit::Api;
 
 fn up_args(arm: Arm, dir: &std::path::Path) -> UpArgs {
-    UpArgs { arm, shards: 3, nodes: 5, events_to_ste: false, client_qps: None, fsync_delay: None, dir: dir.to_path_buf() }
+    UpArgs { arm, shards: 3, nodes: 5, events_to_ste: false, client_qps: None, fsync_delay: None, apiserver_env: Vec::new(), dir: dir.to_path_buf() }
 }
 
 /// Stops the cluster even when an assertion fails.
@@ -401,4 +401,218 @@ async fn shard_agents_lost_and_drained_under_a_deployment() {
     assert_eq!(running, 30);
     assert_eq!(now, after, "a drain recreates no pod (same names and UIDs)");
     drop(cluster_running);
+}
+
+/// kube-apiserver's own sample of `apiserver_storage_consistency_checks_total`
+/// (group "", resource pods) with `status`: checks of the pods watch cache
+/// against storage (here the router) that ended so.
+fn pod_cache_checks(api: &Api, status: &str) -> Option<f64> {
+    apiserver_pod_metric(api, "apiserver_storage_consistency_checks_total", &format!("status=\"{status}\""))
+}
+
+/// A counter of kube-apiserver's /metrics for resource pods of the core
+/// group, the sample whose labels also contain `label` ("" for any); 0 when
+/// it has no sample yet, None when /metrics does not answer.
+fn apiserver_pod_metric(api: &Api, name: &str, label: &str) -> Option<f64> {
+    let (code, body) = api.curl(&["/metrics"]).ok()?;
+    if code != 200 {
+        return None;
+    }
+    let value = body
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains("group=\"\"") && l.contains("resource=\"pods\"") && l.contains(label))
+        .map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()).unwrap_or(f64::NAN))
+        .fold(0.0, |sum, v| sum + v);
+    Some(value)
+}
+
+/// (pods, of which bound and Running) of an app; None while the API or the
+/// router does not answer (the router is restarted during the churn).
+fn try_pods(api: &Api, app: &str) -> Option<(usize, usize)> {
+    let (code, body) = api.curl(&[&format!("/api/v1/namespaces/default/pods?labelSelector=app%3D{app}")]).ok()?;
+    if code != 200 {
+        return None;
+    }
+    let list: Value = serde_json::from_str(&body).ok()?;
+    let items = list["items"].as_array()?;
+    let running = items
+        .iter()
+        .filter(|p| p["status"]["phase"] == "Running" && p["spec"]["nodeName"].is_string() && p["metadata"]["deletionTimestamp"].is_null())
+        .count();
+    Some((items.len(), running))
+}
+
+/// Sends a Deployment write, retried while kube-apiserver answers 5xx or not
+/// at all (Deployments live in the durable etcd, but a write may still time
+/// out on a busy 2-core machine); any other answer must be `want`.
+async fn deployment_write(api: &Api, method: &str, path: &str, body: &str, want: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match api.send_json(method, path, body) {
+            Ok((code, _)) if code == want => return,
+            Ok((code, answer)) if code != 0 && code < 500 => panic!("{method} {path}: HTTP {code}: {answer}"),
+            other => assert!(Instant::now() < deadline, "{method} {path}: no answer within 60s, last {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn deployment(name: &str, replicas: u32) -> String {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                         "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
+        }
+    })
+    .to_string()
+}
+
+/// The pods' watch cache of kube-apiserver against the router, checked by
+/// kube-apiserver itself. Its consistency checker
+/// (k8s.io/apiserver/pkg/storage/cacher/delegator.go, on by default in 1.34
+/// through the DetectCacheInconsistency feature gate) lists pods from the
+/// watch cache, then from storage at exactly the cache's resourceVersion
+/// (pages of 10 000), and compares FNV digests of the two lists. A
+/// difference logs "Cache consistency check failed" and, with
+/// KUBE_WATCHCACHE_CONSISTENCY_CHECKER=true in kube-apiserver's environment,
+/// panics it. A match counts
+/// `apiserver_storage_consistency_checks_total{status="success"}` (its log
+/// line, "Cache consistency check passed", needs -v=3). The test churns
+/// Deployments until the pods' cache passed one check, kills and restarts
+/// ste-router (kube-apiserver's cacher then re-lists pods), churns on until
+/// a check passed after the restart, and requires: kube-apiserver never
+/// exited, no check failed, no check ended in an error other than "cache is
+/// not ready" or the router being unavailable (storage answering another
+/// resourceVersion would), the cacher re-initialized after the restart, and
+/// every Deployment's pods converged.
+///
+/// The period is `cacher.ConsistencyCheckPeriod`, a Go variable (5 min; each
+/// wait, the first one from kube-apiserver's start included, is jittered up
+/// to 7.5 min) with no flag or environment variable: two checks take 10 to
+/// 15 minutes, so the test is ignored in the default run. Run it with
+///
+/// ```sh
+/// cargo test -p ste-bench --test cluster_e2e -- --ignored --nocapture watch_cache_consistency
+/// ```
+///
+/// STE_WATCHCACHE_CHECK_PERIOD (e.g. 10s) sizes the waits for a
+/// kube-apiserver built with a shorter period (STE_KUBE_APISERVER_BIN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "kube-apiserver checks its watch cache every 5-7.5 min: about 16 min; command in the doc comment"]
+async fn watch_cache_consistency_checker_passes_through_churn_and_a_router_restart() {
+    let period = std::env::var("STE_WATCHCACHE_CHECK_PERIOD")
+        .map(|p| humantime::parse_duration(&p).expect("STE_WATCHCACHE_CHECK_PERIOD: a duration such as 10s"))
+        .unwrap_or(Duration::from_secs(300));
+    // A check starts within 1.5 periods of the previous one's end; it lists a
+    // few dozen pods twice. Slack for a loaded 2-core machine.
+    let check_within = period * 3 / 2 + Duration::from_secs(90);
+    let dir = tempfile::tempdir().unwrap();
+    let args =
+        UpArgs { apiserver_env: vec![("KUBE_WATCHCACHE_CONSISTENCY_CHECKER".into(), "true".into())], ..up_args(Arm::Ste, dir.path()) };
+    let mut running = Running(cluster::up(&args).await.unwrap());
+    let started = Instant::now();
+    let api = running.0.api();
+    let apiserver = running.0.pid_of("kube-apiserver").unwrap();
+    let environ = std::fs::read(format!("/proc/{apiserver}/environ")).unwrap();
+    assert!(
+        environ.split(|b| *b == 0).any(|v| v == b"KUBE_WATCHCACHE_CONSISTENCY_CHECKER=true"),
+        "kube-apiserver runs without KUBE_WATCHCACHE_CONSISTENCY_CHECKER=true"
+    );
+    let log_path = dir.path().join("logs/kube-apiserver.log");
+    let log_tail = || {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
+
+    // Round k: create cc-k (6 pods), scale cc-(k-1) up to 12, delete
+    // cc-(k-2); then wait until exactly those pods run.
+    let mut round = 0usize;
+    let mut restarted: Option<(f64, f64)> = None; // (successful checks, cache initializations) before the restart
+    let mut most_recent_success = 0.0;
+    let base = "/apis/apps/v1/namespaces/default/deployments";
+    loop {
+        assert!(alive(apiserver), "kube-apiserver exited (panicked?) in round {round}:\n{}", log_tail());
+        let success = pod_cache_checks(&api, "success").unwrap_or(most_recent_success);
+        most_recent_success = success;
+        match restarted {
+            None if success >= 1.0 => {
+                let inits = apiserver_pod_metric(&api, "apiserver_watch_cache_initializations_total", "").unwrap();
+                eprintln!("round {round}, {:?}: {success} check(s) passed; killing and restarting ste-router", started.elapsed());
+                running.0 = cluster::crash_and_restart(dir.path(), "ste-router", false).await.unwrap();
+                restarted = Some((success, inits));
+            }
+            None => assert!(started.elapsed() < check_within, "no check of the pods' watch cache passed within {check_within:?}"),
+            Some((before, _)) if success > before => break,
+            Some(_) => assert!(
+                started.elapsed() < check_within * 2 + Duration::from_secs(60),
+                "no check of the pods' watch cache passed after the router restart within {:?} of the start",
+                check_within * 2 + Duration::from_secs(60)
+            ),
+        }
+        let name = |k: usize| format!("cc-{k}");
+        deployment_write(&api, "POST", base, &deployment(&name(round), 6), 201).await;
+        if round >= 1 {
+            deployment_write(&api, "PATCH", &format!("{base}/{}", name(round - 1)), &json!({"spec": {"replicas": 12}}).to_string(), 200)
+                .await;
+        }
+        if round >= 2 {
+            deployment_write(&api, "DELETE", &format!("{base}/{}", name(round - 2)), "{}", 200).await;
+        }
+        let mut want = vec![(name(round), 6)];
+        if round >= 1 {
+            want.push((name(round - 1), 12));
+        }
+        if round >= 2 {
+            want.push((name(round - 2), 0));
+        }
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let now: Vec<Option<(usize, usize)>> = want.iter().map(|(app, _)| try_pods(&api, app)).collect();
+            if now.iter().zip(&want).all(|(have, (_, n))| *have == Some((*n, *n))) {
+                break;
+            }
+            assert!(alive(apiserver), "kube-apiserver exited (panicked?) in round {round}:\n{}", log_tail());
+            assert!(Instant::now() < deadline, "round {round}: pods did not converge within 180s: want {want:?}, have {now:?}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        round += 1;
+    }
+
+    let (before, inits_before) = restarted.unwrap();
+    let success = pod_cache_checks(&api, "success").unwrap();
+    let failure = pod_cache_checks(&api, "failure").unwrap();
+    let errors = pod_cache_checks(&api, "error").unwrap();
+    let inits = apiserver_pod_metric(&api, "apiserver_watch_cache_initializations_total", "").unwrap();
+    eprintln!(
+        "{round} rounds in {:?}: pods' cache checks passed {success} ({before} before the router restart), failed {failure}, errors {errors}; \
+         pods' watch cache initialized {inits} times ({inits_before} before the restart)",
+        started.elapsed()
+    );
+    assert!(alive(apiserver), "kube-apiserver exited:\n{}", log_tail());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("Cache consistency check failed")
+                || l.starts_with("panic:")
+                // Not ready: a check while the cache re-lists; Unavailable:
+                // while the router restarts. Any other error (e.g. storage
+                // answering another resourceVersion) is a fidelity problem.
+                || (l.contains("Cache consistency check error") && !l.contains("cache is not ready") && !l.contains("code = Unavailable"))
+        })
+        .collect();
+    assert!(bad.is_empty(), "kube-apiserver's consistency checker complained:\n{}", bad.join("\n"));
+    assert_eq!(failure, 0.0, "failed checks");
+    assert!(success >= 2.0 && success > before, "checks passed: {success}, {before} of them before the restart");
+    assert!(inits > inits_before, "the pods' watch cache was not re-initialized after the router restart ({inits} times in all)");
+    // Everything converged: exactly the last two Deployments' pods, all Running.
+    let items = get(&api, "/api/v1/namespaces/default/pods")["items"].as_array().cloned().unwrap();
+    let running_pods = items.iter().filter(|p| p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null()).count();
+    assert_eq!((items.len(), running_pods), (18, 18), "pods at the end (cc-{} x6, cc-{} x12)", round - 1, round - 2);
+    drop(running);
 }
