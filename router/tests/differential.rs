@@ -506,3 +506,93 @@ async fn pages_match_etcd_when_one_shard_holds_most_keys() {
         assert_eq!(pages, 300usize.div_ceil(limit as usize).max(1));
     }
 }
+
+/// kube-apiserver pages a List at the first page's revision (its continue
+/// token carries it) while the cluster keeps writing. Keys created between
+/// pages — ahead of the next page and behind the pages already read —,
+/// updated and deleted ahead of the next page, on every shard, must not show:
+/// every page equals etcd's page at that revision, and together the pages
+/// are exactly the snapshot at the first page's revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_at_the_first_pages_revision_ignore_writes_between_pages() {
+    let mut p = pair().await;
+    let mut ring = ste_router::ring::Ring::new(ste_router::StoreConfig::default().vnodes);
+    for i in 0..3 {
+        ring.add(&ste_router::ring::ShardId::new(&format!("shard-{i}")));
+    }
+    let shard_of = |key: &[u8]| ring.locate(key).unwrap().as_str().to_string();
+    let from = Bytes::from_static(b"/registry/pods/paged/");
+    let end = prefix_end(&from);
+    let key = |name: String| Bytes::from(format!("/registry/pods/paged/{name}"));
+    // Names p000, p010, …: room for keys between any two of them.
+    let keys: Vec<Bytes> = (0..30).map(|i| key(format!("p{:03}", i * 10))).collect();
+    let spread: std::collections::BTreeSet<String> = keys.iter().map(|k| shard_of(k)).collect();
+    assert_eq!(spread.len(), 3, "the keys lie on every shard");
+    for k in &keys {
+        let op = Op::Put { key: k.clone(), value: Bytes::from_static(b"v1"), prev_kv: false };
+        assert_eq!(run(&mut p.router, &op).await, run(&mut p.etcd, &op).await);
+    }
+    let (revision, _, _) = observe(&mut p.etcd).await;
+    let snapshot = |side: &mut Side, limit: i64, start: Bytes, at: i64| {
+        let req = RangeRequest { key: start, range_end: end.clone(), limit, revision: shift(at, side.offset), ..Default::default() };
+        let mut kv = side.kv.clone();
+        let offset = side.offset;
+        async move {
+            let mut r = kv.range(req).await.unwrap().into_inner();
+            norm_header(&mut r.header, offset);
+            r.kvs.iter_mut().for_each(|kv| norm_kv(kv, offset));
+            r
+        }
+    };
+    let whole = snapshot(&mut p.etcd, 0, from.clone(), revision).await.kvs;
+    assert_eq!(whole.len(), 30);
+
+    let mut listed = Vec::new();
+    let mut start = from.clone();
+    let mut written_on = std::collections::BTreeSet::new();
+    for page_number in 0.. {
+        assert!(page_number < 10, "more pages than 30 keys in pages of 7 make");
+        let expected = snapshot(&mut p.etcd, 7, start.clone(), revision).await;
+        let got = snapshot(&mut p.router, 7, start.clone(), revision).await;
+        assert_eq!(
+            (&got.kvs, got.count, got.more),
+            (&expected.kvs, expected.count, expected.more),
+            "page {page_number} at revision {revision}"
+        );
+        // etcd answers a read at a past revision with its current revision in the header.
+        assert_eq!(got.header, expected.header, "page {page_number}: the header (etcd: the current revision, not the read one)");
+        listed.extend(got.kvs.iter().cloned());
+        let Some(last) = got.kvs.last().filter(|_| got.more) else { break };
+        let last = last.key.clone();
+        // Between pages: a key behind the boundary and one just ahead of it,
+        // created; the next two keys ahead, one updated and one deleted.
+        let behind = Bytes::from([&got.kvs[0].key[..], b"-new"].concat());
+        let ahead = Bytes::from([&last[..], b"-new"].concat());
+        let later: Vec<Bytes> = keys.iter().filter(|k| **k > last).take(2).cloned().collect();
+        let mut writes = vec![
+            Op::Create { key: behind.clone(), value: Bytes::from_static(b"created") },
+            Op::Create { key: ahead.clone(), value: Bytes::from_static(b"created") },
+        ];
+        if let [updated, deleted] = &later[..] {
+            writes.push(Op::Put { key: updated.clone(), value: Bytes::from_static(b"v2"), prev_kv: false });
+            writes.push(Op::Delete { key: deleted.clone(), prev_kv: false });
+        }
+        for op in &writes {
+            let expected = run(&mut p.etcd, op).await;
+            assert!(expected.is_ok(), "{op:?}: {expected:?}");
+            assert_eq!(run(&mut p.router, op).await, expected, "{op:?}");
+        }
+        written_on.extend([shard_of(&behind), shard_of(&ahead)]);
+        let mut next = last.to_vec();
+        next.push(0);
+        start = Bytes::from(next);
+    }
+    assert_eq!(listed, whole, "the pages together are the snapshot at {revision}");
+    assert!(written_on.len() >= 2, "keys created between pages landed on {written_on:?} only");
+    // The writes happened: the latest list differs from the snapshot, equally on both sides.
+    let (now, _, _) = observe(&mut p.etcd).await;
+    assert!(now > revision + 8, "writes between pages: {revision} -> {now}");
+    let latest = snapshot(&mut p.etcd, 0, from.clone(), now).await;
+    assert_eq!(snapshot(&mut p.router, 0, from.clone(), now).await, latest);
+    assert_ne!(latest.kvs, whole);
+}
