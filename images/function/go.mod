@@ -1,0 +1,3 @@
+module ste.dev/images/function
+
+go 1.24.0
