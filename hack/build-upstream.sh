@@ -3,8 +3,9 @@
 # modules pinned in this repository:
 #
 #   kube-apiserver, kube-controller-manager, kube-scheduler,
-#   kubectl                                                  hack/k8s/go.mod
+#   kubectl, kubelet                                         hack/k8s/go.mod
 #   kwok (fake kubelet)                                      hack/k8s/kwok/go.mod
+#   crictl (CRI client, for real nodes' teardown)            hack/k8s/crictl/go.mod
 #   etcd, etcdctl                                            hack/etcd/go.mod
 #
 # Output: ${STE_UPSTREAM_BIN:-<repo>/target/upstream/bin}
@@ -22,12 +23,14 @@ BIN="${STE_UPSTREAM_BIN:-${ROOT}/target/upstream/bin}"
 STAMPS="${BIN}/.stamps"
 GO="${GO:-go}"
 
-ALL=(etcd etcdctl kube-apiserver kube-controller-manager kube-scheduler kubectl kwok)
+ALL=(etcd etcdctl kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kwok crictl)
 
 # Modules are resolved from go.mod + go.sum as committed; -buildvcs=false keeps
 # the repository's git state out of the binaries (and out of the stamps).
 export GOFLAGS="-mod=mod -buildvcs=false"
-# Upstream builds all of these binaries statically.
+# Upstream builds all of these binaries statically (all but the kubelet, which
+# upstream links with cgo when it can; it builds and runs without, which keeps
+# it free of the host's libc like the others).
 export CGO_ENABLED=0
 
 usage() {
@@ -38,8 +41,9 @@ usage() {
 module_dir() {
   case "$1" in
     etcd | etcdctl) echo "${ROOT}/hack/etcd" ;;
-    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl) echo "${ROOT}/hack/k8s" ;;
+    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl | kubelet) echo "${ROOT}/hack/k8s" ;;
     kwok) echo "${ROOT}/hack/k8s/kwok" ;;
+    crictl) echo "${ROOT}/hack/k8s/crictl" ;;
     *) return 1 ;;
   esac
 }
@@ -92,13 +96,17 @@ build_args() {
     etcd | etcdctl)
       printf '%s\n' -trimpath -ldflags "-s -w" "./$1"
       ;;
-    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl)
+    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl | kubelet)
       # Same tags as upstream's non-debug builds (hack/lib/golang.sh).
       printf '%s\n' -trimpath -tags selinux,notest,grpcnotrace \
         -ldflags "$(k8s_ldflags)" "k8s.io/kubernetes/cmd/$1"
       ;;
     kwok)
       printf '%s\n' -trimpath -ldflags "-s -w" sigs.k8s.io/kwok/cmd/kwok
+      ;;
+    crictl)
+      printf '%s\n' -trimpath -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=v1.34.0" \
+        sigs.k8s.io/cri-tools/cmd/crictl
       ;;
   esac
 }
