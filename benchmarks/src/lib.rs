@@ -6,6 +6,7 @@ pub mod coldstart;
 pub mod external;
 pub mod jobs;
 pub mod plots;
+pub mod real_node;
 pub mod ring;
 pub mod router_bench;
 pub mod startup;

@@ -65,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Router(args) => router_bench::run(args).await,
         Command::Cluster { command: ClusterCommand::Up(args) } => {
-            let record = cluster::up_with(&args.up, &args.agents).await?;
+            let record = cluster::up_with_real(&args.up, &args.agents, &args.real).await?;
             cluster::print_summary(&record, &std::path::absolute(&args.up.dir)?);
             Ok(())
         }

@@ -1,0 +1,808 @@
+//! Real nodes for `ste-bench cluster up --real-nodes N`, next to kwok's fake
+//! ones: per node its own containerd (root, state and socket under the
+//! cluster directory; CRI with the cgroupfs driver; the CNI bridge,
+//! host-local, portmap and loopback plugins on a bridge and /24 of its own;
+//! the locally built pause image as sandbox) and a kubelet built from the
+//! pinned `k8s.io/kubernetes` module, with its own node name, client
+//! certificate (signed by the cluster's CA, made here), static pod directory,
+//! ports and cgroup root. Images come from `hack/build-images.sh`
+//! (`target/images/*.tar`), imported into each containerd: nothing is pulled.
+//!
+//! Everything made is recorded in D/real-nodes.json as it is made, and
+//! [`down`] removes exactly that: the kubelet, then the pods through crictl on
+//! the node's own socket, containerd (and the shims it started), mounts under
+//! the node's directory, the veths on the node's bridge and the bridge, the
+//! cgroups, and the host paths and sysctls the kubelet changed.
+//! Needs root (containerd, bridges, cgroups).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use ste_testkit::{free_port, upstream_binary, Api};
+
+/// Node (and process-name) prefix of real nodes: real-node-<i>.
+pub const REAL_NODE_PREFIX: &str = "real-node-";
+/// The pod sandbox image `hack/build-images.sh` builds (images/pause).
+pub const PAUSE_IMAGE: &str = "localhost/ste-pause:v0.1.0";
+/// The function image `hack/build-images.sh` builds (images/function).
+pub const FUNCTION_IMAGE: &str = "localhost/ste-function:v0.1.0";
+/// What the function image answers to every request.
+pub const FUNCTION_BODY: &str = "ste-function: hello\n";
+/// Node label value of real nodes (`type`; kwok's are `type=kwok`).
+pub const REAL_NODE_TYPE: &str = "real";
+/// Pod subnets: 10.210.<k>.0/24 on bridge ste-rn<k>, k the first free on
+/// this machine (bridge creation is atomic: two clusters never share one).
+const SUBNET_PREFIX: &str = "10.210";
+const CNI_BIN: &str = "/usr/lib/cni";
+const CNI_PLUGINS: [&str; 4] = ["bridge", "host-local", "portmap", "loopback"];
+/// Sysctls the kubelet sets when it starts (`setupKernelTunables`); their
+/// values before are restored by `down`.
+const KUBELET_SYSCTLS: [&str; 6] = [
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+];
+/// Paths outside its root directory the kubelet creates (the device plugin
+/// socket is hard-coded; so is the legacy container log symlink directory).
+const KUBELET_HOST_PATHS: [&str; 3] = ["/var/lib/kubelet", "/var/lib/kubelet/device-plugins", "/var/log/containers"];
+const RECORD: &str = "real-nodes.json";
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RealNodeArgs {
+    /// Real nodes (each a kubelet and its own containerd, running the
+    /// images of hack/build-images.sh), besides the kwok ones; needs root.
+    /// kwok then manages only its own nodes. 0: kwok nodes only.
+    #[arg(long, env = "STE_CLUSTER_REAL_NODES", default_value_t = 0)]
+    pub real_nodes: usize,
+    /// Where hack/build-images.sh left the image archives (*.tar), imported
+    /// into each real node's containerd.
+    #[arg(long, env = "STE_CLUSTER_IMAGES_DIR", default_value = "target/images")]
+    pub images_dir: PathBuf,
+}
+
+impl Default for RealNodeArgs {
+    fn default() -> Self {
+        RealNodeArgs { real_nodes: 0, images_dir: PathBuf::from("target/images") }
+    }
+}
+
+/// What `up` made for the real nodes (D/real-nodes.json).
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+pub struct RealNodesRecord {
+    pub nodes: Vec<RealNode>,
+    /// (sysctl, value before the first kubelet started).
+    pub sysctls: Vec<(String, String)>,
+    /// Host paths the kubelets need that did not exist before.
+    pub created_paths: Vec<PathBuf>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RealNode {
+    pub name: String,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub bridge: Option<String>,
+    pub subnet: Option<String>,
+    pub gateway: Option<String>,
+    /// cgroup directories made for the kubelet's --cgroup-root, one per hierarchy.
+    pub cgroup_dirs: Vec<PathBuf>,
+    pub cgroup_root: Option<String>,
+    pub containerd: Option<NodeProcess>,
+    pub kubelet: Option<NodeProcess>,
+    pub kubelet_port: u16,
+    /// (image archive, seconds its import took).
+    pub images: Vec<(String, f64)>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NodeProcess {
+    pub pid: u32,
+    pub binary: String,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+}
+
+pub fn read_record(dir: &Path) -> anyhow::Result<Option<RealNodesRecord>> {
+    let path = dir.join(RECORD);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn save(dir: &Path, record: &RealNodesRecord) -> anyhow::Result<()> {
+    std::fs::write(dir.join(RECORD), serde_json::to_string_pretty(record)?)?;
+    Ok(())
+}
+
+fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program).args(args).stdin(Stdio::null()).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn pki(dir: &Path) -> PathBuf {
+    dir.join("pki")
+}
+
+/// The cluster's CA (made once per cluster directory) and a client
+/// certificate `name` signed by it: CN `cn`, O `org`, clientAuth.
+fn client_cert(dir: &Path, name: &str, cn: &str, org: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let pki = pki(dir);
+    std::fs::create_dir_all(&pki)?;
+    let (ca, ca_key) = (pki.join("ca.crt"), pki.join("ca.key"));
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    if !ca.is_file() {
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        let (key, crt) = (ca_key.display().to_string(), ca.display().to_string());
+        args.extend(["-keyout", &key, "-out", &crt, "-days", "3650", "-subj", "/CN=ste-local-ca"]);
+        args.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,digitalSignature,keyCertSign"]);
+        run("openssl", &args).context("making the cluster CA")?;
+    }
+    let (key, csr, crt, ext) = (
+        pki.join(format!("{name}.key")),
+        pki.join(format!("{name}.csr")),
+        pki.join(format!("{name}.crt")),
+        pki.join(format!("{name}.ext")),
+    );
+    let (key_s, csr_s, crt_s, ext_s) =
+        (key.display().to_string(), csr.display().to_string(), crt.display().to_string(), ext.display().to_string());
+    let subject = format!("/O={org}/CN={cn}");
+    let mut args = vec!["req", "-new"];
+    args.extend(ec);
+    args.extend(["-keyout", &key_s, "-out", &csr_s, "-subj", &subject]);
+    run("openssl", &args).with_context(|| format!("making {name}'s key"))?;
+    std::fs::write(&ext, "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n")?;
+    let serial = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
+    let (ca_s, ca_key_s) = (ca.display().to_string(), ca_key.display().to_string());
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr_s,
+            "-CA",
+            &ca_s,
+            "-CAkey",
+            &ca_key_s,
+            "-set_serial",
+            &serial,
+            "-days",
+            "365",
+            "-out",
+            &crt_s,
+            "-extfile",
+            &ext_s,
+        ],
+    )
+    .with_context(|| format!("signing {name}'s certificate"))?;
+    Ok((crt, key))
+}
+
+/// kube-apiserver's flags for real nodes: client certificates from the
+/// cluster's CA, the Node authorizer and NodeRestriction (as kubeadm sets
+/// them), and a client certificate to reach kubelets (logs, exec).
+pub fn apiserver_args(dir: &Path, args: &mut Vec<String>) -> anyhow::Result<()> {
+    let (crt, key) = client_cert(dir, "apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters")?;
+    for arg in args.iter_mut() {
+        if arg == "--authorization-mode=RBAC" {
+            *arg = "--authorization-mode=Node,RBAC".into();
+        }
+    }
+    args.extend([
+        format!("--client-ca-file={}", pki(dir).join("ca.crt").display()),
+        format!("--kubelet-client-certificate={}", crt.display()),
+        format!("--kubelet-client-key={}", key.display()),
+        "--enable-admission-plugins=NodeRestriction".into(),
+        // A real node's name does not resolve; its InternalIP is the bridge's address.
+        "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
+    ]);
+    Ok(())
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join(program)).find(|path| path.is_file())
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn spawn(binary: &Path, args: &[String], log: &Path) -> anyhow::Result<NodeProcess> {
+    use std::os::unix::process::CommandExt;
+    let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let child = Command::new(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    Ok(NodeProcess { pid: child.id(), binary: binary.display().to_string(), args: args.to_vec(), log: log.to_path_buf() })
+}
+
+/// Starts `args.real_nodes` real nodes and waits until each is Ready.
+/// `api_url` is kube-apiserver's (loopback); the kubelets authenticate with
+/// certificates from [`apiserver_args`]'s CA.
+pub async fn start(dir: &Path, api: &Api, args: &RealNodeArgs) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("--real-nodes needs root (containerd, a bridge and cgroups per node)");
+    }
+    for program in ["containerd", "ctr", "runc", "containerd-shim-runc-v2", "ip", "openssl"] {
+        if which(program).is_none() {
+            bail!("--real-nodes needs {program}: run hack/build-images.sh (it installs containerd, runc, buildah and the CNI plugins)");
+        }
+    }
+    for plugin in CNI_PLUGINS {
+        if !Path::new(CNI_BIN).join(plugin).is_file() {
+            bail!("--real-nodes needs the CNI plugin {CNI_BIN}/{plugin}: apt-get install containernetworking-plugins");
+        }
+    }
+    let kubelet = upstream_binary("kubelet", "STE_KUBELET_BIN").context("the kubelet: run hack/build-upstream.sh kubelet")?;
+    let images_dir = std::path::absolute(&args.images_dir)?;
+    let mut archives: Vec<PathBuf> = std::fs::read_dir(&images_dir)
+        .with_context(|| format!("no image archives in {}: run hack/build-images.sh", images_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "tar"))
+        .collect();
+    archives.sort();
+    if !archives.iter().any(|p| p.file_name().is_some_and(|n| n == "pause.tar")) {
+        bail!("{} has no pause.tar (the pod sandbox image): run hack/build-images.sh", images_dir.display());
+    }
+
+    let mut record = read_record(dir)?.unwrap_or_default();
+    if record.sysctls.is_empty() {
+        for name in KUBELET_SYSCTLS {
+            let value = std::fs::read_to_string(Path::new("/proc/sys").join(name)).with_context(|| format!("reading sysctl {name}"))?;
+            record.sysctls.push((name.to_string(), value.trim().to_string()));
+        }
+        for path in KUBELET_HOST_PATHS {
+            if !Path::new(path).exists() {
+                record.created_paths.push(PathBuf::from(path));
+            }
+        }
+        save(dir, &record)?;
+    }
+    let api_url = api.url.clone();
+    for i in 0..args.real_nodes {
+        let name = format!("{REAL_NODE_PREFIX}{i}");
+        eprintln!("• real node {name}: containerd, images, kubelet");
+        start_node(dir, &mut record, &name, &kubelet, &archives, &api_url).await?;
+    }
+    for node in record.nodes.clone() {
+        wait_ready(api, &node, Duration::from_secs(180)).await?;
+    }
+    Ok(())
+}
+
+fn node_mut<'a>(record: &'a mut RealNodesRecord, name: &str) -> &'a mut RealNode {
+    record.nodes.iter_mut().find(|n| n.name == name).expect("node recorded")
+}
+
+async fn start_node(
+    dir: &Path,
+    record: &mut RealNodesRecord,
+    name: &str,
+    kubelet: &Path,
+    archives: &[PathBuf],
+    api_url: &str,
+) -> anyhow::Result<()> {
+    let node_dir = dir.join("nodes").join(name);
+    if node_dir.exists() {
+        std::fs::remove_dir_all(&node_dir).with_context(|| format!("removing the old {}", node_dir.display()))?;
+    }
+    for sub in ["containerd", "cni/net.d", "cni/ipam", "kubelet", "manifests", "pod-logs"] {
+        std::fs::create_dir_all(node_dir.join(sub))?;
+    }
+    let socket = node_dir.join("containerd/containerd.sock");
+    record.nodes.push(RealNode {
+        name: name.to_string(),
+        dir: node_dir.clone(),
+        socket: socket.clone(),
+        bridge: None,
+        subnet: None,
+        gateway: None,
+        cgroup_dirs: Vec::new(),
+        cgroup_root: None,
+        containerd: None,
+        kubelet: None,
+        kubelet_port: free_port(),
+        images: Vec::new(),
+    });
+    save(dir, record)?;
+
+    // The bridge and its /24: the first 10.210.<k>.0/24 no route uses whose
+    // bridge name is free (`ip link add` fails on a taken name).
+    let routes = run("ip", &["-4", "-o", "route", "show", "table", "all"])?;
+    let mut chosen = None;
+    for k in 0..=255u32 {
+        let subnet = format!("{SUBNET_PREFIX}.{k}.0/24");
+        if routes.lines().any(|l| l.split_whitespace().next() == Some(&subnet)) {
+            continue;
+        }
+        let bridge = format!("ste-rn{k}");
+        if run("ip", &["link", "add", "name", &bridge, "type", "bridge"]).is_ok() {
+            chosen = Some((k, bridge, subnet));
+            break;
+        }
+    }
+    let (k, bridge, subnet) = chosen.context("no free 10.210.<k>.0/24 and ste-rn<k> bridge on this machine")?;
+    let gateway = format!("{SUBNET_PREFIX}.{k}.1");
+    {
+        let node = node_mut(record, name);
+        node.bridge = Some(bridge.clone());
+        node.subnet = Some(subnet.clone());
+        node.gateway = Some(gateway.clone());
+    }
+    save(dir, record)?;
+    run("ip", &["addr", "add", &format!("{gateway}/24"), "dev", &bridge])?;
+    run("ip", &["link", "set", &bridge, "up"])?;
+
+    // The kubelet's cgroup root, in every hierarchy (cgroup v1 controllers,
+    // the named systemd one and the v2 one of a hybrid host).
+    let cgroup_root = format!("/{bridge}");
+    let mut made = Vec::new();
+    let base = Path::new("/sys/fs/cgroup");
+    if base.join("cgroup.controllers").is_file() {
+        let path = base.join(&bridge);
+        std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        made.push(path);
+    } else {
+        let mut hierarchies: Vec<PathBuf> = std::fs::read_dir(base)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("cgroup.procs").is_file() && !p.is_symlink())
+            .collect();
+        hierarchies.sort();
+        for hierarchy in hierarchies {
+            let path = hierarchy.join(&bridge);
+            std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+            made.push(path.clone());
+            // A new cpuset cgroup has no CPUs or memory nodes: give it the parent's.
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                if let Ok(value) = std::fs::read_to_string(hierarchy.join(file)) {
+                    std::fs::write(path.join(file), value.trim()).with_context(|| format!("writing {}", path.join(file).display()))?;
+                }
+            }
+        }
+    }
+    {
+        let node = node_mut(record, name);
+        node.cgroup_dirs = made;
+        node.cgroup_root = Some(cgroup_root.clone());
+    }
+    save(dir, record)?;
+
+    // containerd: everything under the node's directory.
+    let cd = node_dir.join("containerd");
+    let config = format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{socket}"
+[ttrpc]
+  address = "{socket}.ttrpc"
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{opt}"
+  [plugins."io.containerd.grpc.v1.cri"]
+    sandbox_image = "{PAUSE_IMAGE}"
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+    netns_mounts_under_state_dir = true
+    # No CAP_SYS_RESOURCE here (a VM's root may lack it): runc cannot lower
+    # oom_score_adj (the sandbox's -998) below containerd's own.
+    restrict_oom_score_adj = true
+    enable_selinux = false
+    disable_apparmor = true
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "{CNI_BIN}"
+      conf_dir = "{cni_conf}"
+      max_conf_num = 1
+    [plugins."io.containerd.grpc.v1.cri".containerd]
+      snapshotter = "overlayfs"
+      default_runtime_name = "runc"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+          SystemdCgroup = false
+          Root = "{runc}"
+"#,
+        root = cd.join("root").display(),
+        state = cd.join("state").display(),
+        socket = socket.display(),
+        opt = cd.join("opt").display(),
+        cni_conf = node_dir.join("cni/net.d").display(),
+        runc = cd.join("runc").display(),
+    );
+    std::fs::write(cd.join("config.toml"), config)?;
+    // No masquerade, no forwarding: the host reaches pods on the bridge, the
+    // pods reach the host at the gateway address. Only a hostPort would make
+    // portmap add iptables rules.
+    let conflist = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": format!("ste-{name}"),
+        "plugins": [
+            {
+                "type": "bridge", "bridge": bridge, "isGateway": false, "ipMasq": false, "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": subnet, "gateway": gateway}]],
+                    "routes": [{"dst": "0.0.0.0/0", "gw": gateway}],
+                    "dataDir": node_dir.join("cni/ipam").display().to_string()
+                }
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}}
+        ]
+    });
+    std::fs::write(node_dir.join("cni/net.d/10-ste.conflist"), serde_json::to_string_pretty(&conflist)?)?;
+    let containerd_log = dir.join("logs").join(format!("{name}-containerd.log"));
+    let process =
+        spawn(&which("containerd").expect("checked"), &[format!("--config={}", cd.join("config.toml").display())], &containerd_log)?;
+    let pid = process.pid;
+    node_mut(record, name).containerd = Some(process);
+    save(dir, record)?;
+    let socket_s = socket.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while run("ctr", &["-a", &socket_s, "version"]).is_err() {
+        if !alive(pid) {
+            bail!("containerd of {name} exited during startup; see {}", containerd_log.display());
+        }
+        if Instant::now() >= deadline {
+            bail!("containerd of {name} did not answer within 60s; see {}", containerd_log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for archive in archives {
+        let started = Instant::now();
+        let archive_s = archive.display().to_string();
+        run("ctr", &["-a", &socket_s, "-n", "k8s.io", "images", "import", &archive_s])
+            .with_context(|| format!("importing {archive_s} into {name}'s containerd"))?;
+        node_mut(record, name).images.push((archive_s, started.elapsed().as_secs_f64()));
+    }
+    save(dir, record)?;
+
+    // The kubelet.
+    let (crt, key) = client_cert(dir, name, &format!("system:node:{name}"), "system:nodes")?;
+    let kubeconfig = node_dir.join("kubelet.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: ste-local
+  cluster:
+    server: {api_url}
+    insecure-skip-tls-verify: true
+users:
+- name: {name}
+  user:
+    client-certificate: {}
+    client-key: {}
+contexts:
+- name: ste-local
+  context:
+    cluster: ste-local
+    user: {name}
+current-context: ste-local
+",
+            crt.display(),
+            key.display()
+        ),
+    )?;
+    let port = node_mut(record, name).kubelet_port;
+    let config = format!(
+        "apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: {gateway}
+port: {port}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: {healthz}
+authentication:
+  anonymous: {{enabled: false}}
+  webhook: {{enabled: false}}
+  x509: {{clientCAFile: {ca}}}
+authorization: {{mode: AlwaysAllow}}
+cgroupDriver: cgroupfs
+cgroupRoot: {cgroup_root}
+failSwapOn: false
+staticPodPath: {manifests}
+containerRuntimeEndpoint: unix://{socket}
+imageServiceEndpoint: unix://{socket}
+podLogsDir: {pod_logs}
+# No kube-proxy here: KUBE-FIREWALL guards against its route_localnet; without
+# it the kubelet adds no iptables rule.
+makeIPTablesUtilChains: false
+# Images cannot be pulled again here: never collect them.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {{memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}}
+serializeImagePulls: false
+resolvConf: /etc/resolv.conf
+",
+        healthz = free_port(),
+        ca = pki(dir).join("ca.crt").display(),
+        manifests = node_dir.join("manifests").display(),
+        socket = socket.display(),
+        pod_logs = node_dir.join("pod-logs").display(),
+    );
+    std::fs::write(node_dir.join("kubelet-config.yaml"), config)?;
+    let kubelet_args = vec![
+        format!("--config={}", node_dir.join("kubelet-config.yaml").display()),
+        format!("--kubeconfig={}", kubeconfig.display()),
+        format!("--root-dir={}", node_dir.join("kubelet").display()),
+        format!("--cert-dir={}", node_dir.join("kubelet/pki").display()),
+        format!("--hostname-override={name}"),
+        // The bridge's address: the kubelet refuses a loopback node IP, and
+        // kube-apiserver (logs, exec) and the pods reach this one.
+        format!("--node-ip={gateway}"),
+        format!("--node-labels=type={REAL_NODE_TYPE}"),
+    ];
+    let kubelet_log = dir.join("logs").join(format!("{name}-kubelet.log"));
+    let process = spawn(kubelet, &kubelet_args, &kubelet_log)?;
+    node_mut(record, name).kubelet = Some(process);
+    save(dir, record)?;
+    Ok(())
+}
+
+/// Waits until `node` is Ready, failing early when its kubelet or containerd exits.
+async fn wait_ready(api: &Api, node: &RealNode, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok((200, body)) = api.curl(&[&format!("/api/v1/nodes/{}", node.name)]) {
+            let value: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let ready =
+                value["status"]["conditions"].as_array().is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+            if ready {
+                return Ok(());
+            }
+        }
+        for (what, process) in [("kubelet", &node.kubelet), ("containerd", &node.containerd)] {
+            if let Some(p) = process {
+                if !alive(p.pid) {
+                    bail!("the {what} of {} exited; see {}", node.name, p.log.display());
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            let log = node.kubelet.as_ref().map(|p| p.log.display().to_string()).unwrap_or_default();
+            bail!("real node {} was not Ready within {}s; see {log}", node.name, within.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Stops a recorded process (if it still runs the recorded binary): its
+/// process group gets SIGTERM, then SIGKILL after `grace`.
+async fn stop_process(what: &str, process: &NodeProcess, grace: Duration) {
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", process.pid)).unwrap_or_default();
+    let binary = Path::new(&process.binary).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    if !alive(process.pid) || !String::from_utf8_lossy(&cmdline).contains(&binary) {
+        return;
+    }
+    let group = format!("-{}", process.pid);
+    let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+    let deadline = Instant::now() + grace;
+    while alive(process.pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if alive(process.pid) {
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(process.pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    eprintln!("stopped {what} (pid {})", process.pid);
+}
+
+/// Mount points at or under `dir` (from /proc/self/mountinfo), deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounts: Vec<PathBuf> =
+        text.lines().filter_map(|l| l.split_whitespace().nth(4)).map(unescape_mount).filter(|p| p.starts_with(dir)).collect();
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    mounts.dedup();
+    mounts
+}
+
+fn unescape_mount(field: &str) -> PathBuf {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let mut out = String::new();
+    let mut chars = field.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let code: String = chars.by_ref().take(3).collect();
+            match u8::from_str_radix(&code, 8) {
+                Ok(b) => out.push(b as char),
+                Err(_) => {
+                    out.push('\\');
+                    out.push_str(&code);
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    PathBuf::from(out)
+}
+
+/// The processes whose command line names `socket` as their containerd
+/// address: the shims that node's containerd started.
+pub fn shims_of(socket: &Path) -> Vec<u32> {
+    let socket = socket.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.first().is_some_and(|a| a.ends_with(b"containerd-shim-runc-v2"))
+                && args.windows(2).any(|w| w[0] == b"-address" && w[1] == socket.as_bytes())
+        })
+        .collect()
+}
+
+/// Removes everything `start` recorded in D/real-nodes.json (see the module
+/// documentation), then the record. Missing pieces are skipped.
+pub async fn down(dir: &Path) -> anyhow::Result<()> {
+    let Some(record) = read_record(dir)? else { return Ok(()) };
+    let crictl = upstream_binary("crictl", "STE_CRICTL_BIN").ok();
+    let mut problems = Vec::new();
+    for node in record.nodes.iter().rev() {
+        if let Some(kubelet) = &node.kubelet {
+            stop_process(&format!("{} kubelet", node.name), kubelet, Duration::from_secs(10)).await;
+        }
+        let containerd_alive = node.containerd.as_ref().is_some_and(|p| alive(p.pid));
+        if containerd_alive {
+            let endpoint = format!("unix://{}", node.socket.display());
+            match &crictl {
+                Some(crictl) => {
+                    let crictl = crictl.display().to_string();
+                    let base = ["--runtime-endpoint", endpoint.as_str(), "--image-endpoint", endpoint.as_str(), "--timeout", "30s"];
+                    let list = |args: &[&str]| -> Vec<String> {
+                        let mut all = base.to_vec();
+                        all.extend(args);
+                        run(&crictl, &all).map(|o| o.lines().map(String::from).filter(|l| !l.is_empty()).collect()).unwrap_or_default()
+                    };
+                    for pod in list(&["pods", "-q"]) {
+                        for verb in ["stopp", "rmp"] {
+                            let mut args = base.to_vec();
+                            args.extend([verb, pod.as_str()]);
+                            if let Err(e) = run(&crictl, &args) {
+                                problems.push(format!("{}: crictl {verb} {pod}: {e:#}", node.name));
+                            }
+                        }
+                    }
+                    for container in list(&["ps", "-a", "-q"]) {
+                        let mut args = base.to_vec();
+                        args.extend(["rm", "-f", container.as_str()]);
+                        if let Err(e) = run(&crictl, &args) {
+                            problems.push(format!("{}: crictl rm {container}: {e:#}", node.name));
+                        }
+                    }
+                    eprintln!("removed the pods of {}", node.name);
+                }
+                None => problems
+                    .push(format!("{}: crictl not found (hack/build-upstream.sh crictl): pods not stopped through the CRI", node.name)),
+            }
+        }
+        if let Some(containerd) = &node.containerd {
+            stop_process(&format!("{} containerd", node.name), containerd, Duration::from_secs(10)).await;
+        }
+        for pid in shims_of(&node.socket) {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            eprintln!("killed shim {pid} of {}", node.name);
+        }
+        for mount in mounts_under(&node.dir) {
+            let m = mount.display().to_string();
+            if run("umount", &[&m]).is_err() {
+                if let Err(e) = run("umount", &["-l", &m]) {
+                    problems.push(format!("{}: umount {m}: {e:#}", node.name));
+                }
+            }
+        }
+        if let Some(bridge) = &node.bridge {
+            // Host ends of veths whose pods were not torn down through CNI.
+            if let Ok(links) = run("ip", &["-o", "link", "show", "master", bridge]) {
+                for link in links.lines() {
+                    if let Some(veth) = link.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n)) {
+                        let _ = run("ip", &["link", "del", veth]);
+                    }
+                }
+            }
+            if run("ip", &["link", "show", bridge]).is_ok() {
+                if let Err(e) = run("ip", &["link", "del", bridge]) {
+                    problems.push(format!("{}: ip link del {bridge}: {e:#}", node.name));
+                } else {
+                    eprintln!("deleted bridge {bridge}");
+                }
+            }
+        }
+        for cgroup in &node.cgroup_dirs {
+            if let Err(e) = remove_cgroup(cgroup) {
+                problems.push(format!("{}: cgroup {}: {e:#}", node.name, cgroup.display()));
+            }
+        }
+        // Legacy log symlinks the kubelet made for this node's containers.
+        let pod_logs = node.dir.join("pod-logs");
+        if let Ok(entries) = std::fs::read_dir("/var/log/containers") {
+            for entry in entries.flatten() {
+                if std::fs::read_link(entry.path()).is_ok_and(|target| target.starts_with(&pod_logs)) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        if node.dir.exists() && mounts_under(&node.dir).is_empty() {
+            if let Err(e) = std::fs::remove_dir_all(&node.dir) {
+                problems.push(format!("{}: removing {}: {e}", node.name, node.dir.display()));
+            }
+        }
+    }
+    for (name, value) in &record.sysctls {
+        let path = Path::new("/proc/sys").join(name);
+        if std::fs::read_to_string(&path).is_ok_and(|now| now.trim() != value) {
+            if let Err(e) = std::fs::write(&path, value) {
+                problems.push(format!("restoring sysctl {name}={value}: {e}"));
+            }
+        }
+    }
+    for path in record.created_paths.iter().rev() {
+        if path.exists() {
+            if let Err(e) = std::fs::remove_dir_all(path) {
+                problems.push(format!("removing {}: {e}", path.display()));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("real nodes not entirely removed (record kept in {}):\n  {}", dir.join(RECORD).display(), problems.join("\n  "));
+    }
+    std::fs::remove_file(dir.join(RECORD))?;
+    Ok(())
+}
+
+/// Removes a cgroup directory and the cgroups under it, deepest first (a
+/// cgroup directory is removed with rmdir; its files go with it).
+fn remove_cgroup(path: &Path) -> anyhow::Result<()> {
+    if !path.is_dir() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(path)?.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup(&entry.path())?;
+        }
+    }
+    // A cgroup whose last process just exited can be busy for a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(16) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(e).with_context(|| format!("rmdir {}", path.display())),
+        }
+    }
+}
