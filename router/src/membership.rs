@@ -91,6 +91,8 @@ struct State {
     /// Phases last written to each registration's status.
     reported: BTreeMap<ShardId, (ShardPhase, i64)>,
     keys_reported: Option<Instant>,
+    /// What the cache file holds (None: not written by this run yet).
+    cached: Option<CacheFile>,
 }
 
 const KEYS_REPORT_INTERVAL: Duration = Duration::from_secs(10);
@@ -167,14 +169,13 @@ impl Membership {
         let mut closing = self.store.closing();
         let mut ticker = tokio::time::interval(self.config.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_cache = None;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = Store::until_closed(&mut closing) => return,
             }
             self.step().await;
-            last_cache = self.write_cache(last_cache);
+            self.write_cache();
         }
     }
 
@@ -248,7 +249,14 @@ impl Membership {
                 }
             };
             match self.store.join(&spec).await {
-                Ok(()) => self.report(id, ShardPhase::Active, None).await,
+                Ok(()) => {
+                    // Remembered before any key moves there: a router restarted
+                    // in the middle of the moves must load this shard too, or
+                    // the keys already moved would be invisible (and discarded
+                    // when it joins again).
+                    self.write_cache();
+                    self.report(id, ShardPhase::Active, None).await
+                }
                 Err(err) => warn!(shard = %id, error = %err, "shard cannot join yet; retrying"),
             }
         }
@@ -440,8 +448,8 @@ impl Membership {
     }
 
     /// Writes the registered members to the cache file when they changed.
-    fn write_cache(&self, last: Option<CacheFile>) -> Option<CacheFile> {
-        let path = self.config.cache_file.as_ref()?;
+    fn write_cache(&self) {
+        let Some(path) = self.config.cache_file.as_ref() else { return };
         let mut shards: Vec<CachedShard> = self
             .store
             .shard_list()
@@ -451,18 +459,15 @@ impl Membership {
             .collect();
         shards.sort_by(|a, b| a.name.cmp(&b.name));
         let cache = CacheFile { shards };
-        if last.as_ref() == Some(&cache) {
-            return last;
+        if self.state.lock().expect("membership lock").cached.as_ref() == Some(&cache) {
+            return;
         }
         let text = serde_json::to_string_pretty(&cache).expect("cache serializes");
         let tmp = path.with_extension("tmp");
         let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
         match written {
-            Ok(()) => Some(cache),
-            Err(err) => {
-                warn!(path = %path.display(), error = %err, "cannot write the membership cache");
-                last
-            }
+            Ok(()) => self.state.lock().expect("membership lock").cached = Some(cache),
+            Err(err) => warn!(path = %path.display(), error = %err, "cannot write the membership cache"),
         }
     }
 
