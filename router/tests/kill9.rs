@@ -1018,3 +1018,56 @@ async fn sigkill_during_replica_repair() {
     check_final(&router, &shared, &all, true).await;
     cleanup(&log);
 }
+
+/// The shortest form of the loss `sigkill_during_replica_repair` finds: with
+/// --replication-factor 2, the router is SIGKILLed, one shard comes back
+/// empty while the router is down, and the router starts again. Each of that
+/// shard's keys still has its copy on another shard, so none may be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_started_while_a_shard_is_empty_keeps_its_keys_with_replication() {
+    let mut shards = start_shards(3).await.unwrap();
+    let log = log_file("empty-at-start");
+    let all: Vec<&Etcd> = shards.iter().collect();
+    let mut router = RouterProcess::start(
+        &all,
+        &["--replication-factor".into(), "2".into()],
+        log.clone(),
+    )
+    .await;
+    let mut kv = client(&router.endpoint());
+    let mut written = BTreeMap::new();
+    for i in 0..300 {
+        let k = key(0, i);
+        let v = value(0, i as u64);
+        let answer = kv.txn(shapes::create(&k, &v)).await.unwrap().into_inner();
+        assert!(answer.succeeded);
+        written.insert(k, v);
+    }
+    wait_until("every key replicated", Duration::from_secs(30), || async {
+        router_metric(&router, "ste_router_keys_under_replicated").await == 0.0
+    })
+    .await;
+    let on_emptied = shard_client_keys(&shards[1]).await;
+    assert!(!on_emptied.is_empty());
+    router.kill9();
+    shards[1].restart_empty().await.unwrap();
+    router.restart().await;
+    let listed = list_router(&router.endpoint()).await;
+    let lost: Vec<&Bytes> = written
+        .keys()
+        .filter(|k| !listed.contains_key(*k))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of the {} keys of the emptied {} are gone after the restart (e.g. {:?}); log: {}",
+        lost.len(),
+        on_emptied.len(),
+        shards[1].name,
+        lost.first(),
+        log.display()
+    );
+    for (k, v) in &written {
+        assert_eq!(&listed[k].value, v, "{k:?}");
+    }
+    cleanup(&log);
+}
