@@ -584,12 +584,15 @@ impl Store {
                 kv.value = Bytes::new();
             }
         }
-        // etcd answers a Range with the revision its data was read at. A
-        // later one (what is published by now) would be ahead of the data:
-        // kube-apiserver lists, then watches from this header, and would
-        // never see the writes in between.
+        // A Range at revision 0 answers with the revision its data was read
+        // at. A later one (what is published by now) would be ahead of the
+        // data: kube-apiserver lists, then watches from this header, and
+        // would never see the writes in between. A Range at an explicit
+        // revision answers, like etcd, with the current revision (the
+        // client knows what it asked; headers never go back).
+        let header = if req.revision > 0 { self.sequencer.published().max(revision) } else { revision };
         Ok(RangeResponse {
-            header: Some(self.header(revision)),
+            header: Some(self.header(header)),
             kvs,
             more,
             count,
@@ -977,10 +980,15 @@ impl Store {
         };
         let shard_revision = answer.header.as_ref().map(|h| h.revision).unwrap_or(0);
         // A read inside the batch sees the shard after the writes before it
-        // in the shard Txn, not after the batch: its answer's revision is the
-        // last write before it (or the shard's last revision before the batch).
+        // in the shard Txn, not after the batch. Its answer's revision: the
+        // last write before it in the batch; without one, what was published
+        // before this batch finishes anything (no write of this shard lies
+        // between its last one and that: they all take this lock, and this
+        // batch's revisions are not published yet). So the data is exact at
+        // the header, and headers never go below an acknowledged revision
+        // (etcd answers with its current revision).
         let loaded_at = shard.cuts.lock().expect("cuts lock").latest_revision().unwrap_or(0);
-        let mut read_at = state.last_revision.max(loaded_at);
+        let mut read_at = state.last_revision.max(loaded_at).max(self.sequencer.published());
         if writers > 0 {
             self.metrics.batch(writers);
             if !shard.push_batch_cut(first, last, shard_revision) {
