@@ -718,6 +718,13 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
             let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
             eprintln!("killed shim {pid} of {}", node.name);
         }
+        // Containers whose runtime died with them still run in the node's
+        // cgroups (a shim's children outlive it): they go by those cgroups.
+        for cgroup in &node.cgroup_dirs {
+            if let Err(e) = kill_cgroup_processes(cgroup).await {
+                problems.push(format!("{}: {e:#}", node.name));
+            }
+        }
         for mount in mounts_under(&node.dir) {
             let m = mount.display().to_string();
             if run("umount", &[&m]).is_err() {
@@ -763,6 +770,11 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    // What containerd's shims leave beside the node directories (empty).
+    let nodes_dir = dir.join("nodes");
+    if problems.is_empty() && nodes_dir.exists() && mounts_under(&nodes_dir).is_empty() {
+        let _ = std::fs::remove_dir_all(&nodes_dir);
+    }
     for (name, value) in &record.sysctls {
         let path = Path::new("/proc/sys").join(name);
         if std::fs::read_to_string(&path).is_ok_and(|now| now.trim() != value) {
@@ -783,6 +795,39 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
     }
     std::fs::remove_file(dir.join(RECORD))?;
     Ok(())
+}
+
+/// The processes in the cgroup `path` and the cgroups under it.
+fn cgroup_processes(path: &Path, into: &mut Vec<u32>) {
+    if let Ok(procs) = std::fs::read_to_string(path.join("cgroup.procs")) {
+        into.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+    }
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                cgroup_processes(&entry.path(), into);
+            }
+        }
+    }
+}
+
+/// SIGKILLs every process in the cgroup `path` (and below) until none is left.
+async fn kill_cgroup_processes(path: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut pids = Vec::new();
+        cgroup_processes(path, &mut pids);
+        if pids.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("processes {pids:?} of cgroup {} did not die", path.display());
+        }
+        for pid in &pids {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Removes a cgroup directory and the cgroups under it, deepest first (a
