@@ -2,7 +2,8 @@
 # README's test command: installs what the tests need, builds the pinned
 # upstream binaries, runs every test of the workspace (real etcd,
 # kube-apiserver, controller-manager, scheduler and kwok processes on
-# 127.0.0.1; nothing else on the network), then kube-apiserver's own storage
+# 127.0.0.1, and real nodes' kubelets and containerds on bridges of their own
+# (10.210.<k>.0/24); nothing else on the network), then kube-apiserver's own storage
 # conformance suite against plain etcd (harness check) and against the router.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,6 +14,9 @@ export CARGO_INCREMENTAL=0
 rm -rf target/debug/incremental
 hack/check-disk.sh
 hack/build-upstream.sh
+# The real-node test's images (pod sandbox, function); installs containerd,
+# runc, buildah and the CNI plugins when missing.
+hack/build-images.sh pause function
 echo "running cargo test (first build takes a few minutes)…"
 # The local-cluster, manifests and conformance tests start these binaries themselves.
 cargo build --locked -p ste-router -p ste-shard-agent -p ste-activator-bridge
