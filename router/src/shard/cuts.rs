@@ -95,6 +95,11 @@ impl Cuts {
         }
     }
 
+    /// The first global revision the cuts cover (reads below it answer `before_first`).
+    pub fn first_revision(&self) -> Option<i64> {
+        self.entries.front().map(|cut| cut.first)
+    }
+
     /// The last global revision the cuts cover (writes, moves, reconciliations, the load).
     pub fn latest_revision(&self) -> Option<i64> {
         self.entries.back().map(|cut| cut.last)

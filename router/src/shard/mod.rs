@@ -32,6 +32,11 @@ use crate::ring::ShardId;
 pub const RESERVED_PREFIX: &[u8] = b"\xff\xff\xff\xffste/";
 /// The epoch of the router allowed to write this shard (see `leader`).
 pub const FENCE_KEY: &[u8] = b"\xff\xff\xff\xffste/leader";
+/// Written on a shard once the router holds its keys in its index (loaded,
+/// joined, or reconciled after losing its data). A shard without it when a
+/// router starts is new or lost its data: with replication, the copies of
+/// the keys placed on it are then its keys, not leftovers of deletes.
+pub const MARKER_KEY: &[u8] = b"\xff\xff\xff\xffste/shard";
 
 /// The leader epoch this router writes under, shared by all its shards.
 #[derive(Clone, Debug)]
@@ -343,6 +348,26 @@ impl Shard {
             }
         }
         Err(StoreError::unavailable(self.id.as_str(), "its leader fence keeps disappearing"))
+    }
+
+    /// Whether the shard carries `MARKER_KEY`.
+    pub async fn has_marker(&self) -> StoreResult<bool> {
+        let answer = self
+            .range(RangeRequest { key: Bytes::from_static(MARKER_KEY), count_only: true, ..Default::default() })
+            .await?;
+        Ok(answer.count > 0)
+    }
+
+    /// Writes `MARKER_KEY` (see there).
+    pub async fn write_marker(&self) -> StoreResult<()> {
+        let put = PutRequest {
+            key: Bytes::from_static(MARKER_KEY),
+            value: Bytes::copy_from_slice(self.id.as_str().as_bytes()),
+            ..Default::default()
+        };
+        self.txn(TxnRequest { success: vec![RequestOp { request: Some(Request::RequestPut(put)) }], ..Default::default() })
+            .await
+            .map(|_| ())
     }
 
     pub fn with_fencing(mut self, fencing: Option<Fencing>) -> Self {

@@ -246,7 +246,7 @@ impl Store {
             store.adopt_scan(&shard, scan, start);
         }
         store.resolve_duplicates().await;
-        store.adopt_replicas().await;
+        store.adopt_replicas(start).await;
         if store.config.fencing.is_some() {
             // A newer fence anywhere marks this router deposed (it steps down).
             let fenced = join_all(store.shard_list().iter().map(|s| async move { (s.id.clone(), s.fence_now().await) })).await;
@@ -472,29 +472,7 @@ impl Store {
             return Err(StoreError::EmptyKey);
         }
         check_range_options(&req)?;
-        let revision = self.read_revision(req.revision)?;
-        let shards = if req.range_end.is_empty() {
-            let located = self.shard_for_key(&req.key)?;
-            // Looked up before checking for moves: a move updates the index
-            // only after raising `last_move`.
-            if revision < self.last_move.load(Ordering::Acquire) {
-                self.shard_list()
-            } else {
-                vec![located]
-            }
-        } else {
-            self.shard_list()
-        };
-        let mut reads = Vec::new();
-        for shard in &shards {
-            let removed_at = shard.removed_at.load(Ordering::Acquire);
-            if removed_at != 0 && revision >= removed_at {
-                continue;
-            }
-            shard.require_loaded()?;
-            let cut = shard.cuts.lock().expect("cuts lock").at(revision);
-            reads.push((shard.clone(), cut));
-        }
+        let (revision, reads) = self.plan_read(&req).await?;
         // Keys are spread evenly, so a page of `limit` needs about limit/n keys
         // from each shard: ask for a little more than that and fetch the rest
         // of a shard only if the merge shows it may hold keys of the page.
@@ -597,6 +575,53 @@ impl Store {
             more,
             count,
         })
+    }
+
+    /// The revision a Range reads at, and each shard's cut at it. A read at
+    /// revision 0 never answers ErrCompacted (etcd would not): if it raced
+    /// a shard's history being reset (the shard lost its data and was just
+    /// reconciled at g), it reads again once g is published.
+    async fn plan_read(&self, req: &RangeRequest) -> StoreResult<(i64, Vec<(Arc<Shard>, CutLookup)>)> {
+        for _ in 0..3 {
+            let revision = self.read_revision(req.revision)?;
+            let shards = if req.range_end.is_empty() {
+                let located = self.shard_for_key(&req.key)?;
+                // Looked up before checking for moves: a move updates the index
+                // only after raising `last_move`.
+                if revision < self.last_move.load(Ordering::Acquire) {
+                    self.shard_list()
+                } else {
+                    vec![located]
+                }
+            } else {
+                self.shard_list()
+            };
+            let mut reads = Vec::new();
+            let mut reset_at = None;
+            for shard in &shards {
+                let removed_at = shard.removed_at.load(Ordering::Acquire);
+                if removed_at != 0 && revision >= removed_at {
+                    continue;
+                }
+                shard.require_loaded()?;
+                let (cut, first) = {
+                    let cuts = shard.cuts.lock().expect("cuts lock");
+                    (cuts.at(revision), cuts.first_revision())
+                };
+                if req.revision <= 0 && cut == CutLookup::Unknown {
+                    reset_at = first;
+                    break;
+                }
+                reads.push((shard.clone(), cut));
+            }
+            match reset_at {
+                None => return Ok((revision, reads)),
+                Some(g) => {
+                    let _ = tokio::time::timeout(self.config.shard_timeout, self.sequencer.wait_published(g)).await;
+                }
+            }
+        }
+        Err(StoreError::unavailable("(several)", "a shard's history is being reset after it lost its data; retry"))
     }
 
     /// One shard's part of a Range at global `revision`: its count and kvs
@@ -1519,6 +1544,9 @@ impl Store {
             if scan.replaced {
                 shard.forget_history(scan.revision);
             }
+            if let Err(err) = shard.write_marker().await {
+                warn!(shard = %shard.id, error = %err, "cannot write the shard's marker");
+            }
             self.adopt_scan(shard, scan, at);
             info!(shard = %shard.id, keys = count, "loaded shard late");
             return Ok(());
@@ -1702,6 +1730,12 @@ impl Store {
             }
         }
         record_reconciled_cut(shard, g, shard_revision, lost_history);
+        if lost_history {
+            // Its marker went with its data (see `MARKER_KEY`).
+            if let Err(err) = shard.write_marker().await {
+                warn!(shard = %shard.id, error = %err, "cannot write the shard's marker");
+            }
+        }
         warn!(
             shard = %shard.id,
             rewritten = rewrites.len(),

@@ -82,6 +82,9 @@ impl Store {
             .expect("cuts lock")
             .reset(at, revision, CutLookup::Empty);
         shard.write.lock().await.last_revision = at;
+        // From now on its keys are the router's: a router restarted after it
+        // lost them must recognise it (see `MARKER_KEY`).
+        shard.write_marker().await?;
         shard.set_loaded(true);
         shard.set_healthy(true);
         self.shards

@@ -15,7 +15,7 @@
 //! visibly. A repair pass re-creates missing copies after failures, restarts
 //! and ring changes.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -457,7 +457,7 @@ impl Store {
         let held: HashSet<(Bytes, i64)> = scan_copies(shard)
             .await?
             .into_iter()
-            .map(|(key, revision, _)| (key, revision))
+            .map(|(key, revision, ..)| (key, revision))
             .collect();
         let mut forgotten = 0;
         {
@@ -479,37 +479,124 @@ impl Store {
         Ok(forgotten)
     }
 
-    /// Which copies each shard holds, after a restart: (key, meta) under the reserved prefix.
-    pub(super) async fn adopt_replicas(&self) {
-        if !self.replication() {
-            return;
-        }
-        for shard in self.shard_list() {
-            let copies = match scan_copies(&shard).await {
-                Ok(copies) => copies,
-                Err(err) => {
-                    warn!(shard = %shard.id, error = %err, "cannot read replica copies; they will be written again");
-                    continue;
+    /// After a restart: which copies each shard holds (recorded in the index),
+    /// and the keys of shards that lost their data while no router ran.
+    /// A loaded shard without `MARKER_KEY` is new or lost its data; a copy
+    /// whose key no shard holds and which the ring places on such a shard is
+    /// that shard's key: it is written back there invisibly (same revisions,
+    /// no event; nobody could read it since this router started). Any other
+    /// copy matching no key is a leftover of a delete and is removed, except
+    /// where the shard the ring places it on could not be asked (kept for
+    /// now). Every loaded shard gets its marker once this is done. Returns
+    /// the keys restored.
+    pub(super) async fn adopt_replicas(&self, at: i64) -> usize {
+        let shards: Vec<Arc<Shard>> = self.shard_list().into_iter().filter(|s| s.is_loaded()).collect();
+        let mut lost = BTreeSet::new();
+        let mut unknown: BTreeSet<ShardId> = self.shard_list().iter().filter(|s| !s.is_loaded()).map(|s| s.id.clone()).collect();
+        for shard in &shards {
+            match shard.has_marker().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    lost.insert(shard.id.clone());
                 }
-            };
+                Err(err) => {
+                    warn!(shard = %shard.id, error = %err, "cannot read the shard's marker");
+                    unknown.insert(shard.id.clone());
+                }
+            }
+        }
+        let mut restored = 0;
+        if self.replication() {
+            let mut orphans: BTreeMap<Bytes, (IndexEntry, Bytes, ShardId)> = BTreeMap::new();
             let mut garbage = Vec::new();
-            {
+            for shard in &shards {
+                let copies = match scan_copies(shard).await {
+                    Ok(copies) => copies,
+                    Err(err) => {
+                        warn!(shard = %shard.id, error = %err, "cannot read replica copies; they will be written again");
+                        continue;
+                    }
+                };
                 let mut index = self.index.write().expect("index lock");
-                for (key, revision, meta) in copies {
+                let ring = self.ring.read().expect("ring lock");
+                for (key, revision, meta, value) in copies {
                     match index.get_mut(&key) {
                         Some(entry) if entry.meta == meta && entry.shard != shard.id => {
                             entry.replica = Some(shard.id.clone());
+                            continue;
                         }
-                        _ => garbage.push((shard.id.clone(), key, revision)),
+                        Some(_) => {}
+                        None => match ring.locate(&key) {
+                            Some(owner) if lost.contains(&owner) => {
+                                let newer = orphans.get(&key).is_none_or(|(e, ..)| e.meta.mod_revision < meta.mod_revision);
+                                if newer {
+                                    let entry = IndexEntry { shard: owner, shard_mod_revision: 0, meta, replica: Some(shard.id.clone()) };
+                                    if let Some((old, _, holder)) = orphans.insert(key.clone(), (entry, value, shard.id.clone())) {
+                                        garbage.push((holder, key, old.meta.mod_revision));
+                                    }
+                                    continue;
+                                }
+                            }
+                            Some(owner) if unknown.contains(&owner) => continue,
+                            _ => {}
+                        },
                     }
+                    garbage.push((shard.id.clone(), key, revision));
                 }
             }
+            restored = self.restore_orphans(orphans, at).await;
             if !garbage.is_empty() {
-                info!(shard = %shard.id, copies = garbage.len(), "deleting replica copies of versions that no longer exist");
+                info!(copies = garbage.len(), "deleting replica copies of versions that no longer exist");
                 self.delete_copies(garbage).await;
             }
+            self.replicas_dirty.store(true, Ordering::Release);
         }
-        self.replicas_dirty.store(true, Ordering::Release);
+        for shard in shards.iter().filter(|s| !unknown.contains(&s.id)) {
+            if let Err(err) = shard.write_marker().await {
+                warn!(shard = %shard.id, error = %err, "cannot write the shard's marker");
+            }
+        }
+        restored
+    }
+
+    /// Writes back, at startup, the keys of shards that lost their data from
+    /// their copies (see `adopt_replicas`); their cuts restart at `at` after it.
+    async fn restore_orphans(&self, orphans: BTreeMap<Bytes, (IndexEntry, Bytes, ShardId)>, at: i64) -> usize {
+        let mut by_owner: BTreeMap<ShardId, Vec<(Bytes, IndexEntry, Bytes, ShardId)>> = BTreeMap::new();
+        for (key, (entry, value, holder)) in orphans {
+            by_owner.entry(entry.shard.clone()).or_default().push((key, entry, value, holder));
+        }
+        let mut restored = 0;
+        for (owner, items) in by_owner {
+            let Some(shard) = self.shard(&owner) else { continue };
+            let mut revision = None;
+            for chunk in items.chunks(MAX_TXN_OPS) {
+                let answer = match shard.txn(restore_txn(chunk)).await {
+                    Ok(answer) if answer.succeeded => answer,
+                    other => {
+                        warn!(shard = %owner, keys = chunk.len(), answer = ?other.map(|a| a.succeeded), "cannot write keys back from their copies");
+                        continue;
+                    }
+                };
+                let shard_revision = answer.header.map(|h| h.revision).unwrap_or(0);
+                let mut index = self.index.write().expect("index lock");
+                for (key, entry, _, _) in chunk {
+                    if entry.meta.lease != 0 {
+                        self.leases.restore(entry.meta.lease, entry.meta.lease_ttl, key.clone());
+                    }
+                    index.insert(super::own_key(key), IndexEntry { shard_mod_revision: shard_revision, ..entry.clone() });
+                }
+                restored += chunk.len();
+                revision = Some(shard_revision);
+            }
+            if let Some(revision) = revision {
+                // Nothing was served yet: the shard's state at `at` includes them.
+                shard.cuts.lock().expect("cuts lock").reset(at, revision, super::CutLookup::Unknown);
+                info!(shard = %owner, keys = items.len(), "the shard lost its data while no router ran: its keys written back from their replica copies");
+            }
+        }
+        self.metrics.keys_restored(restored);
+        restored
     }
 }
 
@@ -577,12 +664,13 @@ pub(super) async fn read_values(shard: &Shard, entries: &[(Bytes, IndexEntry)]) 
     Ok(values)
 }
 
-async fn scan_copies(shard: &Shard) -> StoreResult<Vec<(Bytes, i64, envelope::Meta)>> {
+/// The copies a shard holds: (key, revision, meta, stored value with its envelope).
+async fn scan_copies(shard: &Shard) -> StoreResult<Vec<(Bytes, i64, envelope::Meta, Bytes)>> {
     let mut out = Vec::new();
     let copies = (Bytes::from_static(REPLICA_PREFIX), Bytes::from_static(&[0]));
     super::read_pages(shard, copies, 1000, false, |kv| {
         if let (Some((key, revision)), Ok((meta, _))) = (parse_replica_key(&kv.key), envelope::decode(&kv.value)) {
-            out.push((key, revision, meta));
+            out.push((key, revision, meta, Bytes::copy_from_slice(&kv.value)));
         }
         Ok(())
     })
