@@ -3,9 +3,9 @@
 # chroot isolation, every image FROM scratch) and exports each as a
 # docker-archive that `ctr images import` loads:
 #
-#   ghcr.io/ste-dev/ste-router:v0.1.0            ste-router (static, musl)
-#   ghcr.io/ste-dev/ste-shard-agent:v0.1.0       ste-shard-agent (static, musl) + etcd 3.6.6
-#   ghcr.io/ste-dev/ste-activator-bridge:v0.1.0  ste-activator-bridge (static, musl)
+#   ghcr.io/ste-dev/ste-router:v0.1.0            ste-router (static, musl, debug info stripped)
+#   ghcr.io/ste-dev/ste-shard-agent:v0.1.0       ste-shard-agent (likewise) + etcd 3.6.6
+#   ghcr.io/ste-dev/ste-activator-bridge:v0.1.0  ste-activator-bridge (likewise)
 #   gcr.io/etcd-development/etcd:v3.6.6          etcd + etcdctl 3.6.6 (the bootstrap shard's image)
 #   localhost/ste-pause:v0.1.0                   the pod sandbox of local real nodes (images/pause)
 #   localhost/ste-function:v0.1.0                a fixed-body HTTP server on $PORT (images/function)
@@ -223,6 +223,9 @@ build_image() {
       rust_build
       bin="$(rust_binary "${name}")"
       install -D -m 0755 "${bin}" "${rootfs}/usr/local/bin/${name}"
+      # The release profile's line tables are 3/4 of the binary (~100 MB);
+      # symbols stay (panics still name functions), as in the Dockerfiles.
+      strip --strip-debug "${rootfs}/usr/local/bin/${name}"
       copy_libs "${bin}" "${rootfs}"
       if [[ "${name}" == ste-shard-agent ]]; then
         ensure_etcd
