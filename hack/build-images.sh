@@ -43,6 +43,10 @@ ETCD_VERSION=v3.6.6
 ALL=(pause function etcd ste-router ste-shard-agent ste-activator-bridge)
 
 export BUILDAH_ISOLATION=chroot
+# Go and Rust where the machine keeps them (as hack/install-deps.sh does).
+command -v go >/dev/null 2>&1 || [[ ! -x /usr/local/go/bin/go ]] || PATH="/usr/local/go/bin:${PATH}"
+command -v cargo >/dev/null 2>&1 || [[ ! -x "${HOME}/.cargo/bin/cargo" ]] || PATH="${HOME}/.cargo/bin:${PATH}"
+export PATH
 BUILDAH=(buildah --storage-driver vfs --root "${OUT}/.storage" --runroot "${OUT}/.run")
 
 usage() {
@@ -67,6 +71,8 @@ ensure_packages() {
   command -v runc >/dev/null 2>&1 || need+=(runc)
   command -v containerd >/dev/null 2>&1 || need+=(containerd)
   [[ -x /usr/lib/cni/bridge ]] || need+=(containernetworking-plugins)
+  command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+  command -v strip >/dev/null 2>&1 || need+=(binutils)
   command -v musl-gcc >/dev/null 2>&1 || need+=(musl-tools)
   command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
   if ((${#need[@]})); then
