@@ -4,6 +4,10 @@
 #
 #   kube-apiserver, kube-controller-manager, kube-scheduler,
 #   kubectl, kubelet                                         hack/k8s/go.mod
+#   kube-apiserver-checked                                   hack/k8s/go.mod
+#     (upstream's kube-apiserver; only its watch-cache consistency check
+#     period is read from STE_WATCHCACHE_CHECK_PERIOD; source:
+#     hack/k8s/kube-apiserver-checked/main.go)
 #   kwok (fake kubelet)                                      hack/k8s/kwok/go.mod
 #   crictl (CRI client, for real nodes' teardown)            hack/k8s/crictl/go.mod
 #   etcd, etcdctl                                            hack/etcd/go.mod
@@ -23,7 +27,7 @@ BIN="${STE_UPSTREAM_BIN:-${ROOT}/target/upstream/bin}"
 STAMPS="${BIN}/.stamps"
 GO="${GO:-go}"
 
-ALL=(etcd etcdctl kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kwok crictl)
+ALL=(etcd etcdctl kube-apiserver kube-apiserver-checked kube-controller-manager kube-scheduler kubectl kubelet kwok crictl)
 
 # Modules are resolved from go.mod + go.sum as committed; -buildvcs=false keeps
 # the repository's git state out of the binaries (and out of the stamps).
@@ -41,7 +45,7 @@ usage() {
 module_dir() {
   case "$1" in
     etcd | etcdctl) echo "${ROOT}/hack/etcd" ;;
-    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl | kubelet) echo "${ROOT}/hack/k8s" ;;
+    kube-apiserver | kube-apiserver-checked | kube-controller-manager | kube-scheduler | kubectl | kubelet) echo "${ROOT}/hack/k8s" ;;
     kwok) echo "${ROOT}/hack/k8s/kwok" ;;
     crictl) echo "${ROOT}/hack/k8s/crictl" ;;
     *) return 1 ;;
@@ -100,6 +104,11 @@ build_args() {
       # Same tags as upstream's non-debug builds (hack/lib/golang.sh).
       printf '%s\n' -trimpath -tags selinux,notest,grpcnotrace \
         -ldflags "$(k8s_ldflags)" "k8s.io/kubernetes/cmd/$1"
+      ;;
+    kube-apiserver-checked)
+      # The local wrapper package, with kube-apiserver's tags and flags.
+      printf '%s\n' -trimpath -tags selinux,notest,grpcnotrace \
+        -ldflags "$(k8s_ldflags)" "./kube-apiserver-checked"
       ;;
     kwok)
       printf '%s\n' -trimpath -ldflags "-s -w" sigs.k8s.io/kwok/cmd/kwok
