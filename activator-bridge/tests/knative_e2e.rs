@@ -138,7 +138,7 @@ async fn wait_metric(bridge: &BridgeProcess, series: &str, at_least: f64, within
 }
 
 fn up_args(arm: Arm, dir: &Path) -> UpArgs {
-    UpArgs { arm, shards: 2, nodes: 4, events_to_ste: false, client_qps: None, fsync_delay: None, apiserver_env: Vec::new(), dir: dir.to_path_buf() }
+    UpArgs { arm, shards: 2, nodes: 4, events_to_ste: false, client_qps: None, fsync_delay: None, apiserver_env: Vec::new(), apiserver_bin: None, dir: dir.to_path_buf() }
 }
 
 /// The whole story on one cluster: a leader and a standby bridge; revisions

@@ -302,7 +302,7 @@ async fn run_arm(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>) -> anyhow:
         events_to_ste: arm == Arm::Ste,
         client_qps,
         fsync_delay: args.fsync_delay,
-        apiserver_env: Vec::new(),
+        apiserver_env: Vec::new(), apiserver_bin: None,
         dir: dir.clone(),
     })
     .await?;

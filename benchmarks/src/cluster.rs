@@ -82,6 +82,14 @@ pub struct UpArgs {
     /// it is restarted by `crash_and_restart`.
     #[arg(long, env = "STE_CLUSTER_APISERVER_ENV", value_delimiter = ',', value_parser = parse_env_var)]
     pub apiserver_env: Vec<(String, String)>,
+    /// kube-apiserver binary to run instead of the pinned upstream build
+    /// (target/upstream/bin/kube-apiserver, or STE_KUBE_APISERVER_BIN), e.g.
+    /// target/upstream/bin/kube-apiserver-checked (the same server with its
+    /// watch-cache consistency check period read from
+    /// STE_WATCHCACHE_CHECK_PERIOD, see hack/k8s/kube-apiserver-checked);
+    /// `crash_and_restart` restarts the binary that was started.
+    #[arg(long, env = "STE_CLUSTER_APISERVER_BIN")]
+    pub apiserver_bin: Option<PathBuf>,
     /// Directory for data, logs, PID records and the kubeconfig.
     #[arg(long, env = "STE_CLUSTER_DIR", default_value = "target/cluster")]
     pub dir: PathBuf,
@@ -555,7 +563,11 @@ async fn start_all(
     if real.real_nodes > 0 {
         crate::real_node::apiserver_args(&dir, &mut api_args)?;
     }
-    let apiserver = upstream_binary("kube-apiserver", "STE_KUBE_APISERVER_BIN")?;
+    let apiserver = match &args.apiserver_bin {
+        Some(path) if path.is_file() => std::path::absolute(path)?,
+        Some(path) => bail!("--apiserver-bin {}: no such file", path.display()),
+        None => upstream_binary("kube-apiserver", "STE_KUBE_APISERVER_BIN")?,
+    };
     launcher.spawn_with_env("kube-apiserver", &apiserver, &api_args, &args.apiserver_env)?;
     let api = launcher.record.api();
     launcher

@@ -609,7 +609,7 @@ async fn run_arm(args: &ColdstartArgs, arm: Arm, bridge_bin: &Path) -> anyhow::R
         events_to_ste: false,
         client_qps: args.client_qps,
         fsync_delay: None,
-        apiserver_env: Vec::new(),
+        apiserver_env: Vec::new(), apiserver_bin: None,
         dir: dir.clone(),
     };
     let record = cluster::up(&up).await?;

@@ -176,7 +176,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Vec<BurstResult>> {
             events_to_ste: *arm == Arm::Ste,
             client_qps: args.client_qps,
             fsync_delay: args.fsync_delay,
-            apiserver_env: Vec::new(),
+            apiserver_env: Vec::new(), apiserver_bin: None,
             dir: std::path::absolute(args.output.join(format!("{arm:?}").to_lowercase()))?,
         })
         .await?;

@@ -235,7 +235,7 @@ async fn run_arm(args: &StartupArgs, arm: Arm) -> anyhow::Result<Vec<LevelResult
         events_to_ste: arm == Arm::Ste,
         client_qps: args.client_qps.0,
         fsync_delay: args.fsync_delay,
-        apiserver_env: Vec::new(),
+        apiserver_env: Vec::new(), apiserver_bin: None,
         dir,
     })
     .await?;

@@ -29,7 +29,7 @@ async fn churn_runs_against_a_cluster_given_by_kubeconfig() {
         events_to_ste: false,
         client_qps: Some(100),
         fsync_delay: None,
-        apiserver_env: Vec::new(),
+        apiserver_env: Vec::new(), apiserver_bin: None,
         dir: dir.path().join("cluster"),
     };
     let cluster = Running(cluster::up(&args).await.expect("cluster up"));
