@@ -16,13 +16,9 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use ste_etcd_proto::mvccpb::event::EventType;
 use ste_etcd_proto::pb::{
-    compare::{CompareResult, CompareTarget, TargetUnion},
-    kv_client::KvClient,
-    request_op::Request,
-    watch_client::WatchClient,
-    watch_request::RequestUnion,
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
-    WatchCreateRequest, WatchRequest,
+    kv_client::KvClient, request_op::Request, watch_client::WatchClient,
+    watch_request::RequestUnion, PutRequest, RangeRequest, TxnRequest, WatchCreateRequest,
+    WatchRequest,
 };
 use ste_testkit::{shapes, shard_specs, start_shards, Etcd, Router};
 use tokio::sync::{mpsc, Mutex};
@@ -70,23 +66,6 @@ fn key(writer: usize, i: usize) -> Bytes {
     Bytes::from(format!("/registry/pods/ns{writer}/pod-{i:03}"))
 }
 
-/// kube-apiserver's delete: `ModRevision(k) == rev` then delete, else read it.
-fn delete(key: &Bytes, revision: i64) -> TxnRequest {
-    TxnRequest {
-        compare: vec![Compare {
-            key: key.clone(),
-            target: CompareTarget::Mod as i32,
-            result: CompareResult::Equal as i32,
-            target_union: Some(TargetUnion::ModRevision(revision)),
-            ..Default::default()
-        }],
-        success: vec![RequestOp {
-            request: Some(Request::RequestDeleteRange(DeleteRangeRequest { key: key.clone(), ..Default::default() })),
-        }],
-        failure: vec![shapes::get(key)],
-    }
-}
-
 /// Creates, updates and deletes its own keys with kube-apiserver's shapes.
 async fn writer(mut kv: KvClient<Channel>, writer: usize, seed: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -96,7 +75,7 @@ async fn writer(mut kv: KvClient<Channel>, writer: usize, seed: u64) {
         let value = Bytes::from(format!("w{writer}-op{op}"));
         let request = match revisions.get(&key) {
             None => shapes::create(&key, &value),
-            Some(&revision) if rng.random_bool(0.25) => delete(&key, revision),
+            Some(&revision) if rng.random_bool(0.25) => shapes::delete(&key, revision),
             Some(&revision) => shapes::update(&key, revision, &value),
         };
         let deleting = matches!(request.success[0].request, Some(Request::RequestDeleteRange(_)));

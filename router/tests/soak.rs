@@ -39,13 +39,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use ste_etcd_proto::mvccpb::event::EventType;
 use ste_etcd_proto::pb::{
-    compare::{CompareResult, CompareTarget, TargetUnion},
-    kv_client::KvClient,
-    request_op::Request,
-    watch_client::WatchClient,
-    watch_request::RequestUnion,
-    Compare, DeleteRangeRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest,
-    WatchProgressRequest, WatchRequest,
+    kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion, RangeRequest,
+    WatchCreateRequest, WatchProgressRequest, WatchRequest,
 };
 use ste_testkit::workload::http;
 use ste_testkit::{free_port, shapes, start_shards, Etcd, KubeApiserver};
@@ -132,16 +127,6 @@ fn channel(endpoint: &str) -> Channel {
     Endpoint::from_shared(endpoint.to_string()).unwrap().timeout(Duration::from_secs(5)).connect_lazy()
 }
 
-fn mod_is(key: &Bytes, revision: i64) -> Compare {
-    Compare {
-        key: key.clone(),
-        target: CompareTarget::Mod as i32,
-        result: CompareResult::Equal as i32,
-        target_union: Some(TargetUnion::ModRevision(revision)),
-        ..Default::default()
-    }
-}
-
 fn prefix(limit: i64, revision: i64, from: Option<Bytes>) -> RangeRequest {
     RangeRequest {
         key: from.unwrap_or_else(|| Bytes::from_static(PREFIX)),
@@ -205,14 +190,7 @@ async fn writer(endpoint: String, w: usize, stop: Arc<AtomicBool>, findings: Arc
         let value = Bytes::from(format!("w{w}-{n}"));
         let (request, attempted) = match model.get(&key) {
             None => (shapes::create(&key, &value), Some(value.clone())),
-            Some((_, revision)) if rng.random_bool(0.3) => (
-                TxnRequest {
-                    compare: vec![mod_is(&key, *revision)],
-                    success: vec![RequestOp { request: Some(Request::RequestDeleteRange(DeleteRangeRequest { key: key.clone(), ..Default::default() })) }],
-                    failure: vec![shapes::get(&key)],
-                },
-                None,
-            ),
+            Some((_, revision)) if rng.random_bool(0.3) => (shapes::delete(&key, *revision), None),
             Some((_, revision)) => (shapes::update(&key, *revision, &value), Some(value.clone())),
         };
         let history = steps.entry(key.clone()).or_default();

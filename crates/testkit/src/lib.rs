@@ -652,7 +652,7 @@ pub mod shapes {
     use ste_etcd_proto::pb::{
         compare::{CompareResult, CompareTarget, TargetUnion},
         request_op::Request,
-        Compare, PutRequest, RangeRequest, RequestOp, TxnRequest,
+        Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
     };
 
     /// `ModRevision(key) == revision` (0: the key does not exist).
@@ -677,6 +677,12 @@ pub mod shapes {
     /// Create: put only if the key does not exist.
     pub fn create(key: &Bytes, value: &Bytes) -> TxnRequest {
         TxnRequest { compare: vec![mod_revision_is(key, 0)], success: vec![put(key, value)], failure: vec![] }
+    }
+
+    /// Delete (kube-apiserver's conditional delete): delete if unchanged since `revision`, else read the current value.
+    pub fn delete(key: &Bytes, revision: i64) -> TxnRequest {
+        let delete = RequestOp { request: Some(Request::RequestDeleteRange(DeleteRangeRequest { key: key.clone(), ..Default::default() })) };
+        TxnRequest { compare: vec![mod_revision_is(key, revision)], success: vec![delete], failure: vec![get(key)] }
     }
 
     /// Update (GuaranteedUpdate): put if unchanged since `revision`, else read the current value.
