@@ -31,7 +31,7 @@ use ste_etcd_proto::pb::{
     RangeRequest, RequestOp, TxnRequest, TxnResponse,
 };
 use ste_router::ring::{Ring, ShardId};
-use ste_testkit::workload::{key, metric, PREFIX, PREFIX_END};
+use ste_testkit::workload::{http, key, metric, PREFIX, PREFIX_END};
 use ste_testkit::{free_port, shapes, start_shards, wait_until, Etcd};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
@@ -173,25 +173,6 @@ async fn admin_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((code, body))
-}
-
-async fn admin_post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("admin port");
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    let code = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, answer)
 }
 
 async fn router_metric(router: &RouterProcess, name: &str) -> f64 {
@@ -886,7 +867,7 @@ async fn sigkill_under_writes_and_during_a_key_move() {
         new.name,
         new.endpoint()
     );
-    let (code, answer) = admin_post(router.admin, "/shards", &body).await;
+    let (code, answer) = http(router.admin, "POST", "/shards", &body).await;
     assert_eq!(code, 202, "{answer}");
     // Keys move 128 to a shard Txn; a few keys may also be created there by
     // the clients (the ring places new keys on it at once).

@@ -494,28 +494,13 @@ async fn with_replication_a_killed_shard_loses_nothing() {
         .await;
     // Keys on the dead shard at the kill that no write touched since were
     // restored from their copies, unchanged.
-    let touched: BTreeSet<Bytes> = outcome
-        .acked
-        .iter()
-        .filter(|a| a.revision > killed_at)
-        .map(|a| a.key.clone())
-        .chain(outcome.failed.iter().map(|a| a.key.clone()))
-        .collect();
-    let at_kill = outcome.history(|_| false).state_at(killed_at);
-    let survivors: Vec<&Bytes> = at_kill
-        .keys()
-        .filter(|k| placed(k) == "worker-0" && !touched.contains(*k))
-        .collect();
+    let survivors = outcome.untouched_since(killed_at, |k| placed(k) == "worker-0");
     assert!(
         !survivors.is_empty(),
         "no key of the dead shard was left untouched"
     );
-    for key in &survivors {
-        assert_eq!(
-            state.get(*key),
-            at_kill.get(*key),
-            "{key:?} from the dead shard"
-        );
+    for (key, then) in &survivors {
+        assert_eq!(state.get(key), Some(then), "{key:?} from the dead shard");
     }
     let survivors = survivors.len();
     let (_, metrics) = http(router.admin_addr, "GET", "/metrics", "").await;

@@ -413,24 +413,13 @@ async fn with_replication_a_killed_agent_loses_nothing() {
         .await;
     // Keys on agent-b at the kill that no write touched since were restored
     // from their copies, unchanged.
-    let touched: BTreeSet<Bytes> = outcome
-        .acked
-        .iter()
-        .filter(|a| a.revision > killed_at)
-        .map(|a| a.key.clone())
-        .chain(outcome.failed.iter().map(|a| a.key.clone()))
-        .collect();
-    let at_kill = outcome.history(|_| false).state_at(killed_at);
-    let survivors: Vec<&Bytes> = at_kill
-        .keys()
-        .filter(|k| placed(k) == "agent-b" && !touched.contains(*k))
-        .collect();
+    let survivors = outcome.untouched_since(killed_at, |k| placed(k) == "agent-b");
     assert!(
         !survivors.is_empty(),
         "no key of agent-b was left untouched"
     );
-    for key in &survivors {
-        assert_eq!(state.get(*key), at_kill.get(*key), "{key:?} from agent-b");
+    for (key, then) in &survivors {
+        assert_eq!(state.get(key), Some(then), "{key:?} from agent-b");
     }
     let survivors = survivors.len();
     assert_eq!(metric(&router, "ste_router_keys_lost_total").await, 0.0);

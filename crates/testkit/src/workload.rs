@@ -551,6 +551,23 @@ impl Outcome {
         }
     }
 
+    /// The keys `placed` on a shard at `revision` (from the exact history)
+    /// that no write touched since (acknowledged after it, or of unknown
+    /// outcome), with what they held then: what a lost shard's replica
+    /// copies must bring back unchanged.
+    pub fn untouched_since(&self, revision: i64, placed: impl Fn(&Bytes) -> bool) -> BTreeMap<Bytes, Stored> {
+        let touched: BTreeSet<Bytes> = self
+            .acked
+            .iter()
+            .filter(|a| a.revision > revision)
+            .map(|a| a.key.clone())
+            .chain(self.failed.iter().map(|a| a.key.clone()))
+            .collect();
+        let mut at = self.history(|_| false).state_at(revision);
+        at.retain(|key, _| placed(key) && !touched.contains(key));
+        at
+    }
+
     /// The history checks (see `check_history`) on everything collected so far.
     pub fn history(&self, excuse: impl Fn(&Event) -> bool) -> History {
         check_history(self, excuse)
