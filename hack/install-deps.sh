@@ -32,3 +32,10 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
   fi
 fi
+# hack/test.sh checks formatting and lints; rustup installs the two
+# components when the toolchain came without them.
+for component in rustfmt clippy; do
+  if command -v rustup >/dev/null 2>&1 && ! rustup component list --installed 2>/dev/null | grep -q "^${component}"; then
+    rustup component add "${component}"
+  fi
+done

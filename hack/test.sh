@@ -17,6 +17,11 @@ hack/build-upstream.sh
 # The real-node test's images (pod sandbox, function); installs containerd,
 # runc, buildah and the CNI plugins when missing.
 hack/build-images.sh pause function
+# Formatting and lints first: a style slip fails in seconds, not after the
+# tests. The lint levels live in Cargo.toml's [workspace.lints].
+echo "checking formatting (cargo fmt) and lints (cargo clippy -D warnings)…"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "running cargo test (first build takes a few minutes)…"
 # The local-cluster, manifests and conformance tests start these binaries themselves.
 cargo build --locked -p ste-router -p ste-shard-agent -p ste-activator-bridge

@@ -44,7 +44,11 @@ pub struct Settings {
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
     #[error("{kind} {ns}/{name} not found (yet)")]
-    Missing { kind: &'static str, ns: String, name: String },
+    Missing {
+        kind: &'static str,
+        ns: String,
+        name: String,
+    },
     #[error("kubernetes API: {0}")]
     Api(#[from] kube::Error),
 }
@@ -53,7 +57,10 @@ pub enum BridgeError {
 enum Target {
     ReplicaSet,
     /// Aggressive mode: the Deployment went 0→N; scale its ReplicaSet too.
-    Deployment { replicas: i32, uid: String },
+    Deployment {
+        replicas: i32,
+        uid: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -106,7 +113,11 @@ pub struct Bridge {
 }
 
 fn controller_uid(meta: &ObjectMeta) -> Option<&str> {
-    meta.owner_references.iter().flatten().find(|o| o.controller == Some(true)).map(|o| o.uid.as_str())
+    meta.owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.as_str())
 }
 
 fn key(ns: &str, name: &str) -> String {
@@ -121,7 +132,12 @@ fn backoff(attempt: u32) -> Duration {
 
 impl Bridge {
     /// Starts the watches and the workers; returns at once.
-    pub fn start(client: kube::Client, settings: Settings, metrics: Arc<Metrics>, leading: Arc<AtomicBool>) -> Arc<Bridge> {
+    pub fn start(
+        client: kube::Client,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        leading: Arc<AtomicBool>,
+    ) -> Arc<Bridge> {
         let (node_store, node_writer) = reflector::store::<Node>();
         let (pod_store, pod_writer) = reflector::store::<Pod>();
         let (rs_store, rs_writer) = reflector::store::<ReplicaSet>();
@@ -144,7 +160,11 @@ impl Bridge {
         let revisions = watcher::Config::default().labels(REVISION_UID_LABEL);
 
         let b = bridge.clone();
-        let nodes = reflector::reflector(node_writer, watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff());
+        let nodes = reflector::reflector(
+            node_writer,
+            watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+                .default_backoff(),
+        );
         tokio::spawn(async move {
             let mut nodes = std::pin::pin!(nodes);
             while let Some(event) = nodes.next().await {
@@ -157,13 +177,19 @@ impl Bridge {
         });
 
         let b = bridge.clone();
-        let pods = reflector::reflector(pod_writer, watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).default_backoff());
+        let pods = reflector::reflector(
+            pod_writer,
+            watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+                .default_backoff(),
+        );
         tokio::spawn(async move {
             let mut pods = std::pin::pin!(pods);
             while let Some(event) = pods.next().await {
                 match event {
                     Ok(Event::InitDone) => b.synced[1].store(true, Ordering::SeqCst),
-                    Ok(Event::Apply(pod)) | Ok(Event::InitApply(pod)) => b.observe_pod(&pod, false).await,
+                    Ok(Event::Apply(pod)) | Ok(Event::InitApply(pod)) => {
+                        b.observe_pod(&pod, false).await
+                    }
                     Ok(Event::Delete(pod)) => b.observe_pod(&pod, true).await,
                     Ok(Event::Init) => {}
                     Err(err) => warn!(error = %err, "watching pods"),
@@ -172,7 +198,11 @@ impl Bridge {
         });
 
         let b = bridge.clone();
-        let rses = reflector::reflector(rs_writer, watcher::watcher(Api::<ReplicaSet>::all(client.clone()), revisions.clone()).default_backoff());
+        let rses = reflector::reflector(
+            rs_writer,
+            watcher::watcher(Api::<ReplicaSet>::all(client.clone()), revisions.clone())
+                .default_backoff(),
+        );
         tokio::spawn(async move {
             let mut last: HashMap<String, i32> = HashMap::new();
             let mut rses = std::pin::pin!(rses);
@@ -180,14 +210,23 @@ impl Bridge {
                 match event {
                     Ok(Event::InitDone) => b.synced[2].store(true, Ordering::SeqCst),
                     Ok(Event::InitApply(rs)) => {
-                        last.insert(rs.uid().unwrap_or_default(), rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1));
+                        last.insert(
+                            rs.uid().unwrap_or_default(),
+                            rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+                        );
                     }
                     Ok(Event::Apply(rs)) => {
                         let now = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
                         let before = last.insert(rs.uid().unwrap_or_default(), now);
                         if before == Some(0) && now > 0 {
                             debug!(replicaset = %key(&rs.namespace().unwrap_or_default(), &rs.name_any()), replicas = now, "scale-up from zero");
-                            b.enqueue(Trigger { ns: rs.namespace().unwrap_or_default(), name: rs.name_any(), target: Target::ReplicaSet, at: Instant::now(), attempt: 0 });
+                            b.enqueue(Trigger {
+                                ns: rs.namespace().unwrap_or_default(),
+                                name: rs.name_any(),
+                                target: Target::ReplicaSet,
+                                at: Instant::now(),
+                                attempt: 0,
+                            });
                         }
                     }
                     Ok(Event::Delete(rs)) => {
@@ -201,7 +240,8 @@ impl Bridge {
 
         if settings.mode == Mode::Aggressive {
             let b = bridge.clone();
-            let deployments = watcher::watcher(Api::<Deployment>::all(client.clone()), revisions).default_backoff();
+            let deployments = watcher::watcher(Api::<Deployment>::all(client.clone()), revisions)
+                .default_backoff();
             tokio::spawn(async move {
                 let mut last: HashMap<String, i32> = HashMap::new();
                 let mut deployments = std::pin::pin!(deployments);
@@ -209,7 +249,10 @@ impl Bridge {
                     match event {
                         Ok(Event::InitDone) => b.synced[3].store(true, Ordering::SeqCst),
                         Ok(Event::InitApply(d)) => {
-                            last.insert(d.uid().unwrap_or_default(), d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1));
+                            last.insert(
+                                d.uid().unwrap_or_default(),
+                                d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+                            );
                         }
                         Ok(Event::Apply(d)) => {
                             let now = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
@@ -218,7 +261,10 @@ impl Bridge {
                                 b.enqueue(Trigger {
                                     ns: d.namespace().unwrap_or_default(),
                                     name: d.name_any(),
-                                    target: Target::Deployment { replicas: now, uid: d.uid().unwrap_or_default() },
+                                    target: Target::Deployment {
+                                        replicas: now,
+                                        uid: d.uid().unwrap_or_default(),
+                                    },
                                     at: Instant::now(),
                                     attempt: 0,
                                 });
@@ -261,7 +307,9 @@ impl Bridge {
     async fn work(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Trigger>) {
         let permits = Arc::new(tokio::sync::Semaphore::new(self.settings.workers.max(1)));
         while let Some(trigger) = rx.recv().await {
-            let Ok(permit) = permits.clone().acquire_owned().await else { return };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
             let b = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
@@ -281,7 +329,10 @@ impl Bridge {
                         let b2 = b.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(wait).await;
-                            b2.enqueue(Trigger { attempt: trigger.attempt + 1, ..trigger });
+                            b2.enqueue(Trigger {
+                                attempt: trigger.attempt + 1,
+                                ..trigger
+                            });
                         });
                     } else {
                         warn!(object = %format!("{what} {}", key(&trigger.ns, &trigger.name)), error = %err, "giving up on this scale-up; the ReplicaSet controller handles it");
@@ -298,7 +349,11 @@ impl Bridge {
         }
         if !self.synced() {
             // Placing from a partial cache would not be clearly safe.
-            return Err(BridgeError::Missing { kind: "synced cache for", ns: trigger.ns.clone(), name: trigger.name.clone() });
+            return Err(BridgeError::Missing {
+                kind: "synced cache for",
+                ns: trigger.ns.clone(),
+                name: trigger.name.clone(),
+            });
         }
         let (rs, want) = match trigger.target {
             Target::ReplicaSet => {
@@ -311,7 +366,11 @@ impl Bridge {
                 let current = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
                 if current == 0 && !self.settings.dry_run {
                     Api::<ReplicaSet>::namespaced(self.client.clone(), &trigger.ns)
-                        .patch_scale(&rs.name_any(), &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}})))
+                        .patch_scale(
+                            &rs.name_any(),
+                            &PatchParams::default(),
+                            &Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}})),
+                        )
                         .await?;
                 }
                 (rs, replicas)
@@ -321,32 +380,59 @@ impl Bridge {
     }
 
     async fn get_replicaset(&self, ns: &str, name: &str) -> Result<ReplicaSet, BridgeError> {
-        let cached = self.replicasets.find(|rs| rs.metadata.name.as_deref() == Some(name) && rs.metadata.namespace.as_deref() == Some(ns));
+        let cached = self.replicasets.find(|rs| {
+            rs.metadata.name.as_deref() == Some(name)
+                && rs.metadata.namespace.as_deref() == Some(ns)
+        });
         if let Some(rs) = cached {
             return Ok((*rs).clone());
         }
         Api::<ReplicaSet>::namespaced(self.client.clone(), ns)
             .get_opt(name)
             .await?
-            .ok_or_else(|| BridgeError::Missing { kind: "ReplicaSet", ns: ns.into(), name: name.into() })
+            .ok_or_else(|| BridgeError::Missing {
+                kind: "ReplicaSet",
+                ns: ns.into(),
+                name: name.into(),
+            })
     }
 
     /// The Deployment's newest ReplicaSet (highest deployment.kubernetes.io/revision).
     /// From the cache: no API call on the hot path (the Deployment's UID came with its watch event).
-    fn current_replicaset(&self, ns: &str, deployment: &str, uid: &str) -> Result<ReplicaSet, BridgeError> {
+    fn current_replicaset(
+        &self,
+        ns: &str,
+        deployment: &str,
+        uid: &str,
+    ) -> Result<ReplicaSet, BridgeError> {
         let revision = |rs: &ReplicaSet| {
-            rs.annotations().get("deployment.kubernetes.io/revision").and_then(|r| r.parse::<i64>().ok()).unwrap_or(0)
+            rs.annotations()
+                .get("deployment.kubernetes.io/revision")
+                .and_then(|r| r.parse::<i64>().ok())
+                .unwrap_or(0)
         };
         self.replicasets
             .state()
             .into_iter()
-            .filter(|rs| rs.metadata.namespace.as_deref() == Some(ns) && controller_uid(&rs.metadata) == Some(uid))
+            .filter(|rs| {
+                rs.metadata.namespace.as_deref() == Some(ns)
+                    && controller_uid(&rs.metadata) == Some(uid)
+            })
             .max_by_key(|rs| revision(rs))
             .map(|rs| (*rs).clone())
-            .ok_or_else(|| BridgeError::Missing { kind: "ReplicaSet of Deployment", ns: ns.into(), name: deployment.into() })
+            .ok_or_else(|| BridgeError::Missing {
+                kind: "ReplicaSet of Deployment",
+                ns: ns.into(),
+                name: deployment.into(),
+            })
     }
 
-    async fn create_missing(&self, trigger: &Trigger, rs: &ReplicaSet, want: i32) -> Result<(), BridgeError> {
+    async fn create_missing(
+        &self,
+        trigger: &Trigger,
+        rs: &ReplicaSet,
+        want: i32,
+    ) -> Result<(), BridgeError> {
         let ns = trigger.ns.as_str();
         let rs_name = rs.name_any();
         let rs_uid = rs.uid().unwrap_or_default();
@@ -378,18 +464,32 @@ impl Bridge {
             return Ok(());
         }
         let requests = placement::pod_requests(&spec).unwrap_or_default();
-        let labels = template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+        let labels = template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default();
         let revision = labels.get(REVISION_UID_LABEL).cloned();
-        let images: Vec<String> = spec.containers.iter().filter_map(|c| c.image.clone()).collect();
+        let images: Vec<String> = spec
+            .containers
+            .iter()
+            .filter_map(|c| c.image.clone())
+            .collect();
 
         // Decide under the reservation lock, so concurrent scale-ups see each other's pods.
         let (chosen, ids) = {
             let mut reservations = self.reservations.lock().unwrap();
             let all_pods = self.pods.state();
-            let in_cache: HashSet<(String, String)> =
-                all_pods.iter().map(|p| (p.namespace().unwrap_or_default(), p.name_any())).collect();
+            let in_cache: HashSet<(String, String)> = all_pods
+                .iter()
+                .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
+                .collect();
             reservations.retain(|r| {
-                r.at.elapsed() < Duration::from_secs(60) && !r.pod.as_ref().is_some_and(|p| in_cache.contains(&(r.ns.clone(), p.clone())))
+                r.at.elapsed() < Duration::from_secs(60)
+                    && !r
+                        .pod
+                        .as_ref()
+                        .is_some_and(|p| in_cache.contains(&(r.ns.clone(), p.clone())))
             });
             let new_tracking = |preexisting: HashSet<String>| Tracking {
                 started: Instant::now(),
@@ -401,7 +501,10 @@ impl Bridge {
             {
                 // Re-check under the lock: a concurrent trigger for the same ReplicaSet may have decided.
                 let mut tracking = self.tracking.lock().unwrap();
-                if tracking.get(&rs_uid).is_some_and(|t| t.started.elapsed() < self.settings.settle) {
+                if tracking
+                    .get(&rs_uid)
+                    .is_some_and(|t| t.started.elapsed() < self.settings.settle)
+                {
                     return Ok(());
                 }
                 // Marks the decision (its race is counted below or at settle).
@@ -412,32 +515,55 @@ impl Bridge {
                 .filter(|p| {
                     controller_uid(&p.metadata) == Some(rs_uid.as_str())
                         && p.metadata.deletion_timestamp.is_none()
-                        && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed"))
+                        && !matches!(
+                            p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                            Some("Succeeded") | Some("Failed")
+                        )
                 })
                 .collect();
             let reserved_here = reservations.iter().filter(|r| r.owner == rs_uid).count();
             let missing = want as usize - (active.len() + reserved_here).min(want as usize);
-            let ours_active = active.iter().any(|p| p.annotations().contains_key(CREATED_BY_ANNOTATION));
+            let ours_active = active
+                .iter()
+                .any(|p| p.annotations().contains_key(CREATED_BY_ANNOTATION));
             if missing == 0 && (reserved_here > 0 || ours_active) {
                 // This bridge's own pods fill the ReplicaSet.
                 return Ok(());
             }
             if missing == 0 {
                 self.metrics.decision("nothing_missing");
-                self.metrics.races.get_or_create(&RaceLabels { result: "lost".into() }).inc();
+                self.metrics
+                    .races
+                    .get_or_create(&RaceLabels {
+                        result: "lost".into(),
+                    })
+                    .inc();
                 debug!(object = %object, "the ReplicaSet controller was first");
                 return Ok(());
             }
-            let mut usage: HashMap<String, NodeUsage> = placement::usage_from_pods(all_pods.iter().map(|p| p.as_ref()));
+            let mut usage: HashMap<String, NodeUsage> =
+                placement::usage_from_pods(all_pods.iter().map(|p| p.as_ref()));
             for r in reservations.iter() {
-                usage.entry(r.node.clone()).or_default().add(&r.requests, r.revision.as_deref(), r.images.clone());
+                usage.entry(r.node.clone()).or_default().add(
+                    &r.requests,
+                    r.revision.as_deref(),
+                    r.images.clone(),
+                );
             }
             let nodes = self.nodes.state();
             let mut chosen = Vec::with_capacity(missing);
             for _ in 0..missing {
-                let Some(node) = placement::choose_node(&nodes, &usage, &spec, &requests, revision.as_deref()) else { break };
+                let Some(node) =
+                    placement::choose_node(&nodes, &usage, &spec, &requests, revision.as_deref())
+                else {
+                    break;
+                };
                 let node = node.name_any();
-                usage.entry(node.clone()).or_default().add(&requests, revision.as_deref(), images.clone());
+                usage.entry(node.clone()).or_default().add(
+                    &requests,
+                    revision.as_deref(),
+                    images.clone(),
+                );
                 chosen.push(node);
             }
             if chosen.len() < missing {
@@ -454,7 +580,10 @@ impl Bridge {
             // Tracked before creating, so the ReplicaSet controller's pods seen
             // while ours are in flight count as its own (a race lost).
             let preexisting: HashSet<String> = active.iter().map(|p| p.name_any()).collect();
-            self.tracking.lock().unwrap().insert(rs_uid.clone(), new_tracking(preexisting));
+            self.tracking
+                .lock()
+                .unwrap()
+                .insert(rs_uid.clone(), new_tracking(preexisting));
             // Reserve the nodes, then let go of the lock: the API calls run unlocked.
             let ids: Vec<u64> = chosen
                 .iter()
@@ -477,9 +606,15 @@ impl Bridge {
             (chosen, ids)
         };
         let pods_api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        let mut annotations: BTreeMap<String, String> =
-            template.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
-        annotations.insert(DELETION_COST_ANNOTATION.into(), self.settings.deletion_cost.to_string());
+        let mut annotations: BTreeMap<String, String> = template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.clone())
+            .unwrap_or_default();
+        annotations.insert(
+            DELETION_COST_ANNOTATION.into(),
+            self.settings.deletion_cost.to_string(),
+        );
         annotations.insert(CREATED_BY_ANNOTATION.into(), "true".into());
         let owner = OwnerReference {
             api_version: "apps/v1".into(),
@@ -508,7 +643,10 @@ impl Bridge {
             async move { (node.clone(), api.create(&PostParams::default(), &pod).await) }
         });
         let forget = |ids: &[u64]| {
-            self.reservations.lock().unwrap().retain(|r| !ids.contains(&r.id));
+            self.reservations
+                .lock()
+                .unwrap()
+                .retain(|r| !ids.contains(&r.id));
         };
         if !self.leading.load(Ordering::SeqCst) {
             forget(&ids);
@@ -524,8 +662,16 @@ impl Bridge {
             match result {
                 Ok(pod) => {
                     self.metrics.pods_created.inc();
-                    self.metrics.trigger_to_created.observe(trigger.at.elapsed().as_secs_f64());
-                    if let Some(r) = self.reservations.lock().unwrap().iter_mut().find(|r| r.id == id) {
+                    self.metrics
+                        .trigger_to_created
+                        .observe(trigger.at.elapsed().as_secs_f64());
+                    if let Some(r) = self
+                        .reservations
+                        .lock()
+                        .unwrap()
+                        .iter_mut()
+                        .find(|r| r.id == id)
+                    {
                         r.pod = Some(pod.name_any());
                     }
                     created.push((pod.name_any(), node));
@@ -561,20 +707,33 @@ impl Bridge {
             let uid = pod.uid().unwrap_or_default();
             if self.rejected.lock().unwrap().insert(uid) {
                 self.metrics.rejections.inc();
-                let reason = pod.status.as_ref().and_then(|s| s.reason.clone()).unwrap_or_default();
+                let reason = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.reason.clone())
+                    .unwrap_or_default();
                 warn!(pod = %key(&pod.namespace().unwrap_or_default(), &pod.name_any()), node = ?pod.spec.as_ref().and_then(|s| s.node_name.clone()), reason = %reason, "the kubelet rejected a pod the bridge created");
             }
         }
-        let Some(owner) = controller_uid(&pod.metadata) else { return };
+        let Some(owner) = controller_uid(&pod.metadata) else {
+            return;
+        };
         let mut tracking = self.tracking.lock().unwrap();
-        let Some(t) = tracking.get_mut(owner) else { return };
+        let Some(t) = tracking.get_mut(owner) else {
+            return;
+        };
         let name = pod.name_any();
         if !ours && !t.preexisting.contains(&name) {
             t.controller_created = true;
         }
         if (deleted || pod.metadata.deletion_timestamp.is_some()) && t.deleted.insert(name) {
             let creator = if ours { "bridge" } else { "controller" };
-            self.metrics.duplicates_deleted.get_or_create(&CreatorLabels { creator: creator.into() }).inc();
+            self.metrics
+                .duplicates_deleted
+                .get_or_create(&CreatorLabels {
+                    creator: creator.into(),
+                })
+                .inc();
         }
     }
 
@@ -591,9 +750,16 @@ impl Bridge {
                 return false;
             }
             let result = if t.controller_created { "lost" } else { "won" };
-            self.metrics.races.get_or_create(&RaceLabels { result: result.into() }).inc();
+            self.metrics
+                .races
+                .get_or_create(&RaceLabels {
+                    result: result.into(),
+                })
+                .inc();
             false
         });
-        self.metrics.leader.set(self.leading.load(Ordering::SeqCst) as i64);
+        self.metrics
+            .leader
+            .set(self.leading.load(Ordering::SeqCst) as i64);
     }
 }

@@ -26,7 +26,10 @@ pub struct Config {
 }
 
 fn now_micro() -> MicroTime {
-    let micros = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as i64;
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as i64;
     MicroTime(k8s_openapi::jiff::Timestamp::from_microsecond(micros).unwrap_or_default())
 }
 
@@ -57,7 +60,10 @@ impl Elector {
     async fn try_acquire_or_renew(&mut self) -> Result<Outcome, kube::Error> {
         let Some(mut lease) = self.api.get_opt(&self.cfg.name).await? else {
             let lease = Lease {
-                metadata: ObjectMeta { name: Some(self.cfg.name.clone()), ..Default::default() },
+                metadata: ObjectMeta {
+                    name: Some(self.cfg.name.clone()),
+                    ..Default::default()
+                },
                 spec: Some(self.spec(0, None)),
             };
             return match self.api.create(&PostParams::default(), &lease).await {
@@ -81,14 +87,22 @@ impl Elector {
                     now
                 }
             };
-            let duration = spec.lease_duration_seconds.map_or(self.cfg.lease_duration, |s| Duration::from_secs(s.max(1) as u64));
+            let duration = spec
+                .lease_duration_seconds
+                .map_or(self.cfg.lease_duration, |s| {
+                    Duration::from_secs(s.max(1) as u64)
+                });
             if holder.is_some() && now.duration_since(changed_at) < duration {
                 return Ok(Outcome::Following(holder));
             }
             self.spec(transitions + 1, None)
         };
         lease.spec = Some(new_spec);
-        match self.api.replace(&self.cfg.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.cfg.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => Ok(Outcome::Leading),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(Outcome::Following(holder)),
             Err(e) => Err(e),
@@ -98,7 +112,11 @@ impl Elector {
 
 /// Runs forever, keeping `leading` true exactly while this replica holds the Lease.
 pub async fn run(client: kube::Client, cfg: Config, leading: Arc<AtomicBool>) {
-    let mut elector = Elector { api: Api::namespaced(client, &cfg.namespace), cfg: cfg.clone(), observed: None };
+    let mut elector = Elector {
+        api: Api::namespaced(client, &cfg.namespace),
+        cfg: cfg.clone(),
+        observed: None,
+    };
     let mut last_renew: Option<Instant> = None;
     loop {
         match elector.try_acquire_or_renew().await {
@@ -116,7 +134,9 @@ pub async fn run(client: kube::Client, cfg: Config, leading: Arc<AtomicBool>) {
             }
             Err(err) => {
                 warn!(lease = %format!("{}/{}", cfg.namespace, cfg.name), error = %err, "lease acquire/renew failed");
-                if last_renew.is_some_and(|t| t.elapsed() >= cfg.renew_deadline) && leading.swap(false, Ordering::SeqCst) {
+                if last_renew.is_some_and(|t| t.elapsed() >= cfg.renew_deadline)
+                    && leading.swap(false, Ordering::SeqCst)
+                {
                     warn!("could not renew the lease within the renew deadline; stopped acting");
                     last_renew = None;
                 }
@@ -130,7 +150,12 @@ pub async fn run(client: kube::Client, cfg: Config, leading: Arc<AtomicBool>) {
 pub async fn release(client: kube::Client, cfg: &Config) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     if let Ok(Some(mut lease)) = api.get_opt(&cfg.name).await {
-        if lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(cfg.identity.as_str()) {
+        if lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref())
+            == Some(cfg.identity.as_str())
+        {
             if let Some(spec) = lease.spec.as_mut() {
                 spec.holder_identity = None;
                 spec.lease_duration_seconds = Some(1);

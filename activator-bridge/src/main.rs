@@ -60,7 +60,11 @@ struct Args {
     #[arg(long, env = "STE_BRIDGE_DRY_RUN")]
     dry_run: bool,
     /// Admin HTTP address (/livez, /readyz, /metrics).
-    #[arg(long, env = "STE_BRIDGE_ADMIN_LISTEN", default_value = "127.0.0.1:9464")]
+    #[arg(
+        long,
+        env = "STE_BRIDGE_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
     admin_listen: SocketAddr,
     /// Client-side rate limit on the bridge's API requests (requests/s, token bucket; 0 = none).
     #[arg(long, env = "STE_BRIDGE_KUBE_API_QPS", default_value_t = 50.0)]
@@ -69,10 +73,18 @@ struct Args {
     #[arg(long, env = "STE_BRIDGE_KUBE_API_BURST", default_value_t = 100)]
     kube_api_burst: u32,
     /// Namespace of the leader-election Lease.
-    #[arg(long, env = "STE_BRIDGE_LEASE_NAMESPACE", default_value = "kube-system")]
+    #[arg(
+        long,
+        env = "STE_BRIDGE_LEASE_NAMESPACE",
+        default_value = "kube-system"
+    )]
     lease_namespace: String,
     /// Name of the leader-election Lease.
-    #[arg(long, env = "STE_BRIDGE_LEASE_NAME", default_value = "ste-activator-bridge")]
+    #[arg(
+        long,
+        env = "STE_BRIDGE_LEASE_NAME",
+        default_value = "ste-activator-bridge"
+    )]
     lease_name: String,
     /// This replica's identity in the Lease (default: POD_NAME, else hostname and PID).
     #[arg(long, env = "POD_NAME")]
@@ -108,52 +120,86 @@ struct AppState {
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &state.bridge.metrics.registry) {
-        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], e.to_string()),
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            e.to_string(),
+        ),
     }
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let role = if state.leading.load(Ordering::SeqCst) { "leader" } else { "standby" };
+    let role = if state.leading.load(Ordering::SeqCst) {
+        "leader"
+    } else {
+        "standby"
+    };
     if state.bridge.synced() {
         (StatusCode::OK, format!("ok ({role})\n"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("caches not synced ({role})\n"))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("caches not synced ({role})\n"),
+        )
     }
 }
 
 async fn kube_client(args: &Args) -> anyhow::Result<kube::Client> {
     let config = match &args.kubeconfig {
         Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
                 .await
                 .with_context(|| format!("loading kubeconfig {}", path.display()))?
         }
-        None => kube::Config::infer().await.context("no kubeconfig given and no in-cluster config")?,
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig given and no in-cluster config")?,
     };
-    let builder = kube::client::ClientBuilder::try_from(config).context("building the kube client")?;
-    Ok(builder.with_layer(&ratelimit::RateLimitLayer::new(args.kube_api_qps, args.kube_api_burst)).build())
+    let builder =
+        kube::client::ClientBuilder::try_from(config).context("building the kube client")?;
+    Ok(builder
+        .with_layer(&ratelimit::RateLimitLayer::new(
+            args.kube_api_qps,
+            args.kube_api_burst,
+        ))
+        .build())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let args = Args::parse();
     // Both rustls providers are compiled in (workspace features); pick ring as ste-router does.
     let _ = rustls::crypto::ring::default_provider().install_default();
     if args.renew_deadline >= args.lease_duration {
-        anyhow::bail!("--renew-deadline ({:?}) must be shorter than --lease-duration ({:?})", args.renew_deadline, args.lease_duration);
+        anyhow::bail!(
+            "--renew-deadline ({:?}) must be shorter than --lease-duration ({:?})",
+            args.renew_deadline,
+            args.lease_duration
+        );
     }
-    if !(args.kube_api_qps >= 0.0) {
+    if args.kube_api_qps.is_nan() || args.kube_api_qps < 0.0 {
         anyhow::bail!("--kube-api-qps must be 0 (no limit) or positive");
     }
     let client = kube_client(&args).await?;
     let identity = args.identity.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "unknown".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_else(|_| "unknown".into());
         format!("{}-{}", host.trim(), std::process::id())
     });
     let leading = Arc::new(AtomicBool::new(false));
@@ -183,7 +229,10 @@ async fn main() -> anyhow::Result<()> {
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
-        .with_state(Arc::new(AppState { bridge, leading: leading.clone() }));
+        .with_state(Arc::new(AppState {
+            bridge,
+            leading: leading.clone(),
+        }));
     info!(admin = %listener.local_addr()?, mode = ?args.mode, dry_run = args.dry_run, identity = %identity, "ste-activator-bridge started");
     let server = axum::serve(listener, app);
     tokio::select! {
@@ -198,7 +247,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

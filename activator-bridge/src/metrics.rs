@@ -50,22 +50,75 @@ impl Metrics {
         let pods_created = Counter::default();
         let api_errors = Counter::default();
         let retries = Counter::default();
-        let trigger_to_created = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        let trigger_to_created = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         let leader = Gauge::default();
-        registry.register("decisions", "Scale-ups from zero seen, by what the bridge did", decisions.clone());
-        registry.register("races", "Scale-ups the bridge acted on, by whether the ReplicaSet controller also created pods", races.clone());
-        registry.register("duplicates_deleted", "Pods of a woken ReplicaSet deleted as excess within the settle window, by creator", duplicates_deleted.clone());
-        registry.register("rejections", "Pods created by the bridge that the kubelet rejected (phase Failed)", rejections.clone());
-        registry.register("pods_created", "Pods created by the bridge", pods_created.clone());
-        registry.register("api_errors", "Kubernetes API calls of the bridge that failed", api_errors.clone());
-        registry.register("retries", "Scale-ups retried after an error", retries.clone());
-        registry.register("trigger_to_pod_created_seconds", "From the scale-up event to the bridge's pod created", trigger_to_created.clone());
-        registry.register("leader", "1 while this replica holds the lease", leader.clone());
-        Self { registry, decisions, races, duplicates_deleted, rejections, pods_created, api_errors, retries, trigger_to_created, leader }
+        registry.register(
+            "decisions",
+            "Scale-ups from zero seen, by what the bridge did",
+            decisions.clone(),
+        );
+        registry.register(
+            "races",
+            "Scale-ups the bridge acted on, by whether the ReplicaSet controller also created pods",
+            races.clone(),
+        );
+        registry.register(
+            "duplicates_deleted",
+            "Pods of a woken ReplicaSet deleted as excess within the settle window, by creator",
+            duplicates_deleted.clone(),
+        );
+        registry.register(
+            "rejections",
+            "Pods created by the bridge that the kubelet rejected (phase Failed)",
+            rejections.clone(),
+        );
+        registry.register(
+            "pods_created",
+            "Pods created by the bridge",
+            pods_created.clone(),
+        );
+        registry.register(
+            "api_errors",
+            "Kubernetes API calls of the bridge that failed",
+            api_errors.clone(),
+        );
+        registry.register(
+            "retries",
+            "Scale-ups retried after an error",
+            retries.clone(),
+        );
+        registry.register(
+            "trigger_to_pod_created_seconds",
+            "From the scale-up event to the bridge's pod created",
+            trigger_to_created.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the lease",
+            leader.clone(),
+        );
+        Self {
+            registry,
+            decisions,
+            races,
+            duplicates_deleted,
+            rejections,
+            pods_created,
+            api_errors,
+            retries,
+            trigger_to_created,
+            leader,
+        }
     }
 
     pub fn decision(&self, decision: &str) {
-        self.decisions.get_or_create(&DecisionLabels { decision: decision.into() }).inc();
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                decision: decision.into(),
+            })
+            .inc();
     }
 }
 

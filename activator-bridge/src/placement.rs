@@ -15,7 +15,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec, Taint, Toleration};
+use k8s_openapi::api::core::v1::{
+    Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSpec, Taint, Toleration,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 /// Requested resources in base units (CPU in millicores, everything else as
@@ -37,9 +39,14 @@ pub fn parse_quantity(q: &str, milli: bool) -> Option<i128> {
     if q.is_empty() {
         return None;
     }
-    let split = q.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == '+')).unwrap_or(q.len());
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == '+'))
+        .unwrap_or(q.len());
     let (number, suffix) = q.split_at(split);
-    let (number, exp10): (&str, i32) = if let Some(rest) = suffix.strip_prefix(['e', 'E']).filter(|r| !r.is_empty() && r.parse::<i32>().is_ok()) {
+    let (number, exp10): (&str, i32) = if let Some(rest) = suffix
+        .strip_prefix(['e', 'E'])
+        .filter(|r| !r.is_empty() && r.parse::<i32>().is_ok())
+    {
         (number, rest.parse().ok()?)
     } else {
         (number, 0)
@@ -71,10 +78,16 @@ pub fn parse_quantity(q: &str, milli: bool) -> Option<i128> {
     Some(base.ceil() as i128)
 }
 
-fn add_quantities(into: &mut Resources, list: Option<&BTreeMap<String, Quantity>>, max: bool) -> Result<(), Unsafe> {
+fn add_quantities(
+    into: &mut Resources,
+    list: Option<&BTreeMap<String, Quantity>>,
+    max: bool,
+) -> Result<(), Unsafe> {
     for (name, q) in list.into_iter().flatten() {
-        let v = parse_quantity(&q.0, name == "cpu")
-            .ok_or_else(|| Unsafe::Quantity { resource: name.clone(), value: q.0.clone() })?;
+        let v = parse_quantity(&q.0, name == "cpu").ok_or_else(|| Unsafe::Quantity {
+            resource: name.clone(),
+            value: q.0.clone(),
+        })?;
         let slot = into.entry(name.clone()).or_insert(0);
         *slot = if max { (*slot).max(v) } else { *slot + v };
     }
@@ -87,12 +100,20 @@ fn add_quantities(into: &mut Resources, list: Option<&BTreeMap<String, Quantity>
 pub fn pod_requests(spec: &PodSpec) -> Result<Resources, Unsafe> {
     let mut sum = Resources::new();
     for c in &spec.containers {
-        add_quantities(&mut sum, c.resources.as_ref().and_then(|r| r.requests.as_ref()), false)?;
+        add_quantities(
+            &mut sum,
+            c.resources.as_ref().and_then(|r| r.requests.as_ref()),
+            false,
+        )?;
     }
     let mut init_max = Resources::new();
     for c in spec.init_containers.iter().flatten() {
         let sidecar = c.restart_policy.as_deref() == Some("Always");
-        add_quantities(if sidecar { &mut sum } else { &mut init_max }, c.resources.as_ref().and_then(|r| r.requests.as_ref()), !sidecar)?;
+        add_quantities(
+            if sidecar { &mut sum } else { &mut init_max },
+            c.resources.as_ref().and_then(|r| r.requests.as_ref()),
+            !sidecar,
+        )?;
     }
     for (k, v) in init_max {
         let slot = sum.entry(k).or_insert(0);
@@ -108,29 +129,59 @@ pub fn check_template(spec: &PodSpec) -> Result<(), Unsafe> {
     if spec.node_name.as_deref().is_some_and(|n| !n.is_empty()) {
         return Err(Unsafe::Feature("spec.nodeName"));
     }
-    if spec.scheduler_name.as_deref().is_some_and(|s| s != "default-scheduler") {
+    if spec
+        .scheduler_name
+        .as_deref()
+        .is_some_and(|s| s != "default-scheduler")
+    {
         return Err(Unsafe::Feature("another scheduler"));
     }
-    if spec.volumes.iter().flatten().any(|v| v.persistent_volume_claim.is_some() || v.ephemeral.is_some()) {
+    if spec
+        .volumes
+        .iter()
+        .flatten()
+        .any(|v| v.persistent_volume_claim.is_some() || v.ephemeral.is_some())
+    {
         return Err(Unsafe::Feature("persistent or ephemeral volume claims"));
     }
-    if spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| {
-        c.ports.iter().flatten().any(|p| p.host_port.is_some_and(|h| h != 0))
-    }) {
+    if spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| {
+            c.ports
+                .iter()
+                .flatten()
+                .any(|p| p.host_port.is_some_and(|h| h != 0))
+        })
+    {
         return Err(Unsafe::Feature("host ports"));
     }
     if spec.host_network == Some(true) {
         return Err(Unsafe::Feature("host network"));
     }
     if let Some(affinity) = &spec.affinity {
-        if affinity.pod_affinity.as_ref().is_some_and(|a| a.required_during_scheduling_ignored_during_execution.as_ref().is_some_and(|r| !r.is_empty())) {
+        if affinity.pod_affinity.as_ref().is_some_and(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+                .is_some_and(|r| !r.is_empty())
+        }) {
             return Err(Unsafe::Feature("required pod affinity"));
         }
-        if affinity.pod_anti_affinity.as_ref().is_some_and(|a| a.required_during_scheduling_ignored_during_execution.as_ref().is_some_and(|r| !r.is_empty())) {
+        if affinity.pod_anti_affinity.as_ref().is_some_and(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+                .is_some_and(|r| !r.is_empty())
+        }) {
             return Err(Unsafe::Feature("required pod anti-affinity"));
         }
     }
-    if spec.topology_spread_constraints.iter().flatten().any(|t| t.when_unsatisfiable == "DoNotSchedule") {
+    if spec
+        .topology_spread_constraints
+        .iter()
+        .flatten()
+        .any(|t| t.when_unsatisfiable == "DoNotSchedule")
+    {
         return Err(Unsafe::Feature("required topology spread constraints"));
     }
     if spec.resource_claims.as_ref().is_some_and(|c| !c.is_empty()) {
@@ -141,7 +192,10 @@ pub fn check_template(spec: &PodSpec) -> Result<(), Unsafe> {
 
 fn tolerates(taint: &Taint, tolerations: &[Toleration]) -> bool {
     tolerations.iter().any(|t| {
-        if t.effect.as_deref().is_some_and(|e| !e.is_empty() && e != taint.effect) {
+        if t.effect
+            .as_deref()
+            .is_some_and(|e| !e.is_empty() && e != taint.effect)
+        {
             return false;
         }
         let key = t.key.as_deref().unwrap_or("");
@@ -155,7 +209,9 @@ fn tolerates(taint: &Taint, tolerations: &[Toleration]) -> bool {
         }
         match op {
             "Exists" => true,
-            "Equal" | "" => t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or(""),
+            "Equal" | "" => {
+                t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("")
+            }
             _ => false,
         }
     })
@@ -169,10 +225,17 @@ fn requirement_matches(req: &NodeSelectorRequirement, value: Option<&str>) -> bo
         "Exists" => value.is_some(),
         "DoesNotExist" => value.is_none(),
         "Gt" | "Lt" => {
-            let (Some(v), Some(bound)) = (value.and_then(|v| v.parse::<i64>().ok()), values.first().and_then(|b| b.parse::<i64>().ok())) else {
+            let (Some(v), Some(bound)) = (
+                value.and_then(|v| v.parse::<i64>().ok()),
+                values.first().and_then(|b| b.parse::<i64>().ok()),
+            ) else {
                 return false;
             };
-            if req.operator == "Gt" { v > bound } else { v < bound }
+            if req.operator == "Gt" {
+                v > bound
+            } else {
+                v < bound
+            }
         }
         _ => false,
     }
@@ -186,13 +249,21 @@ fn term_matches(term: &NodeSelectorTerm, node: &Node) -> bool {
     if exprs.is_empty() && fields.is_empty() {
         return false;
     }
-    exprs.iter().all(|r| requirement_matches(r, labels.get(&r.key).map(String::as_str)))
-        && fields.iter().all(|r| r.key == "metadata.name" && requirement_matches(r, name))
+    exprs
+        .iter()
+        .all(|r| requirement_matches(r, labels.get(&r.key).map(String::as_str)))
+        && fields
+            .iter()
+            .all(|r| r.key == "metadata.name" && requirement_matches(r, name))
 }
 
 /// Whether `node` passes every filter except resources.
 pub fn node_admits(node: &Node, spec: &PodSpec) -> bool {
-    if node.spec.as_ref().is_some_and(|s| s.unschedulable == Some(true)) {
+    if node
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.unschedulable == Some(true))
+    {
         return false;
     }
     let ready = node
@@ -204,8 +275,15 @@ pub fn node_admits(node: &Node, spec: &PodSpec) -> bool {
         return false;
     }
     let tolerations = spec.tolerations.as_deref().unwrap_or(&[]);
-    for taint in node.spec.as_ref().and_then(|s| s.taints.as_deref()).unwrap_or(&[]) {
-        if (taint.effect == "NoSchedule" || taint.effect == "NoExecute") && !tolerates(taint, tolerations) {
+    for taint in node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_deref())
+        .unwrap_or(&[])
+    {
+        if (taint.effect == "NoSchedule" || taint.effect == "NoExecute")
+            && !tolerates(taint, tolerations)
+        {
             return false;
         }
     }
@@ -219,9 +297,16 @@ pub fn node_admits(node: &Node, spec: &PodSpec) -> bool {
         .affinity
         .as_ref()
         .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| a.required_during_scheduling_ignored_during_execution.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
     {
-        if !required.node_selector_terms.iter().any(|t| term_matches(t, node)) {
+        if !required
+            .node_selector_terms
+            .iter()
+            .any(|t| term_matches(t, node))
+        {
             return false;
         }
     }
@@ -241,7 +326,12 @@ pub struct NodeUsage {
 }
 
 impl NodeUsage {
-    pub fn add(&mut self, requests: &Resources, revision: Option<&str>, images: impl IntoIterator<Item = String>) {
+    pub fn add(
+        &mut self,
+        requests: &Resources,
+        revision: Option<&str>,
+        images: impl IntoIterator<Item = String>,
+    ) {
         for (k, v) in requests {
             *self.requested.entry(k.clone()).or_insert(0) += v;
         }
@@ -258,23 +348,37 @@ pub fn usage_from_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> HashMap<S
     let mut usage: HashMap<String, NodeUsage> = HashMap::new();
     for pod in pods {
         let Some(spec) = &pod.spec else { continue };
-        let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty()) else { continue };
+        let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty()) else {
+            continue;
+        };
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
         if matches!(phase, Some("Succeeded") | Some("Failed")) {
             continue;
         }
         // A pod whose requests do not parse still takes a pod slot.
         let requests = pod_requests(spec).unwrap_or_default();
-        let revision = pod.metadata.labels.as_ref().and_then(|l| l.get(crate::REVISION_UID_LABEL)).map(String::as_str);
+        let revision = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(crate::REVISION_UID_LABEL))
+            .map(String::as_str);
         let images = spec.containers.iter().filter_map(|c| c.image.clone());
-        usage.entry(node.to_string()).or_default().add(&requests, revision, images);
+        usage
+            .entry(node.to_string())
+            .or_default()
+            .add(&requests, revision, images);
     }
     usage
 }
 
 fn allocatable(node: &Node) -> Result<Resources, Unsafe> {
     let mut out = Resources::new();
-    add_quantities(&mut out, node.status.as_ref().and_then(|s| s.allocatable.as_ref()), false)?;
+    add_quantities(
+        &mut out,
+        node.status.as_ref().and_then(|s| s.allocatable.as_ref()),
+        false,
+    )?;
     Ok(out)
 }
 
@@ -290,12 +394,24 @@ fn node_has_images(node: &Node, usage: Option<&NodeUsage>, images: &[String]) ->
         .flatten()
         .flat_map(|i| i.names.iter().flatten().map(String::as_str))
         .collect();
-    images.iter().all(|i| listed.contains(i.as_str()) || usage.is_some_and(|u| u.images.contains(i)))
+    images
+        .iter()
+        .all(|i| listed.contains(i.as_str()) || usage.is_some_and(|u| u.images.contains(i)))
 }
 
 /// Picks the best node for one pod of `spec` (revision `revision`), or None
 /// when no node is clearly safe. `usage` must include pods already placed
 /// in this batch.
+/// How a candidate node ranks; the greatest wins: fewest pods of this
+/// revision already there, the revision's image present, least CPU requested,
+/// then the name (lowest first) so equal nodes are chosen deterministically.
+type NodeScore = (
+    std::cmp::Reverse<u32>,
+    bool,
+    std::cmp::Reverse<i128>,
+    std::cmp::Reverse<String>,
+);
+
 pub fn choose_node<'a>(
     nodes: &'a [std::sync::Arc<Node>],
     usage: &HashMap<String, NodeUsage>,
@@ -303,14 +419,22 @@ pub fn choose_node<'a>(
     requests: &Resources,
     revision: Option<&str>,
 ) -> Option<&'a Node> {
-    let images: Vec<String> = spec.containers.iter().filter_map(|c| c.image.clone()).collect();
-    let mut best: Option<((std::cmp::Reverse<u32>, bool, std::cmp::Reverse<i128>, std::cmp::Reverse<String>), &Node)> = None;
+    let images: Vec<String> = spec
+        .containers
+        .iter()
+        .filter_map(|c| c.image.clone())
+        .collect();
+    let mut best: Option<(NodeScore, &Node)> = None;
     for node in nodes {
-        let Some(name) = node.metadata.name.as_deref() else { continue };
+        let Some(name) = node.metadata.name.as_deref() else {
+            continue;
+        };
         if node.metadata.deletion_timestamp.is_some() || !node_admits(node, spec) {
             continue;
         }
-        let Ok(alloc) = allocatable(node) else { continue };
+        let Ok(alloc) = allocatable(node) else {
+            continue;
+        };
         let used = usage.get(name);
         // Pods slot.
         let pods_alloc = alloc.get("pods").copied().unwrap_or(110);
@@ -328,8 +452,14 @@ pub fn choose_node<'a>(
         if !fits {
             continue;
         }
-        let same = revision.and_then(|r| used.and_then(|u| u.by_revision.get(r))).copied().unwrap_or(0);
-        let cpu_used = used.and_then(|u| u.requested.get("cpu")).copied().unwrap_or(0);
+        let same = revision
+            .and_then(|r| used.and_then(|u| u.by_revision.get(r)))
+            .copied()
+            .unwrap_or(0);
+        let cpu_used = used
+            .and_then(|u| u.requested.get("cpu"))
+            .copied()
+            .unwrap_or(0);
         let key = (
             std::cmp::Reverse(same),
             node_has_images(node, used, &images),
@@ -392,8 +522,10 @@ mod tests {
 
     #[test]
     fn requests_sum_containers_and_max_init() {
-        let s = spec(json!({"initContainers": [{"name": "i", "resources": {"requests": {"cpu": "2"}}}],
-            "overhead": {"cpu": "100m"}}));
+        let s = spec(
+            json!({"initContainers": [{"name": "i", "resources": {"requests": {"cpu": "2"}}}],
+            "overhead": {"cpu": "100m"}}),
+        );
         let r = pod_requests(&s).unwrap();
         assert_eq!(r["cpu"], 2100);
         assert_eq!(r["memory"], 100 * 1024 * 1024);
@@ -402,55 +534,126 @@ mod tests {
     #[test]
     fn filters_taints_selector_affinity_and_capacity() {
         let nodes = vec![
-            node("tainted", "4", json!({"spec": {"taints": [{"key": "gpu", "effect": "NoSchedule"}]}})),
-            node("notready", "4", json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}})),
+            node(
+                "tainted",
+                "4",
+                json!({"spec": {"taints": [{"key": "gpu", "effect": "NoSchedule"}]}}),
+            ),
+            node(
+                "notready",
+                "4",
+                json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
+            ),
             node("small", "400m", json!({})),
             node("ok", "4", json!({})),
         ];
         let s = spec(json!({}));
         let req = pod_requests(&s).unwrap();
         let usage = HashMap::new();
-        assert_eq!(choose_node(&nodes, &usage, &s, &req, None).unwrap().metadata.name.as_deref(), Some("ok"));
+        assert_eq!(
+            choose_node(&nodes, &usage, &s, &req, None)
+                .unwrap()
+                .metadata
+                .name
+                .as_deref(),
+            Some("ok")
+        );
 
-        let tolerant = spec(json!({"tolerations": [{"key": "gpu", "operator": "Exists"}], "nodeSelector": {"zone": "a"},
+        let tolerant = spec(
+            json!({"tolerations": [{"key": "gpu", "operator": "Exists"}], "nodeSelector": {"zone": "a"},
             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-                {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["tainted"]}]}]}}}}));
-        assert_eq!(choose_node(&nodes, &usage, &tolerant, &req, None).unwrap().metadata.name.as_deref(), Some("tainted"));
+                {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["tainted"]}]}]}}}}),
+        );
+        assert_eq!(
+            choose_node(&nodes, &usage, &tolerant, &req, None)
+                .unwrap()
+                .metadata
+                .name
+                .as_deref(),
+            Some("tainted")
+        );
 
         let wrong_zone = spec(json!({"nodeSelector": {"zone": "b"}}));
         assert!(choose_node(&nodes, &usage, &wrong_zone, &req, None).is_none());
 
         // "ok" is full once 3.6 CPUs are bound there.
         let mut full = HashMap::new();
-        full.entry("ok".to_string()).or_insert_with(NodeUsage::default).add(&[("cpu".to_string(), 3600)].into(), None, []);
+        full.entry("ok".to_string())
+            .or_insert_with(NodeUsage::default)
+            .add(&[("cpu".to_string(), 3600)].into(), None, []);
         assert!(choose_node(&nodes, &full, &s, &req, None).is_none());
     }
 
     #[test]
     fn spreads_then_prefers_image() {
-        let nodes = vec![node("a", "4", json!({})), node("b", "4", json!({"status": {"images": [{"names": ["img:1"]}]}})), node("c", "4", json!({}))];
+        let nodes = vec![
+            node("a", "4", json!({})),
+            node(
+                "b",
+                "4",
+                json!({"status": {"images": [{"names": ["img:1"]}]}}),
+            ),
+            node("c", "4", json!({})),
+        ];
         let s = spec(json!({}));
         let req = pod_requests(&s).unwrap();
         let mut usage = HashMap::new();
-        assert_eq!(choose_node(&nodes, &usage, &s, &req, Some("rev")).unwrap().metadata.name.as_deref(), Some("b"));
+        assert_eq!(
+            choose_node(&nodes, &usage, &s, &req, Some("rev"))
+                .unwrap()
+                .metadata
+                .name
+                .as_deref(),
+            Some("b")
+        );
         // b already has one pod of the revision: c (which runs the image for another revision) beats a.
-        usage.entry("b".to_string()).or_insert_with(NodeUsage::default).add(&req, Some("rev"), ["img:1".to_string()]);
-        usage.entry("c".to_string()).or_insert_with(NodeUsage::default).add(&Resources::new(), Some("other"), ["img:1".to_string()]);
-        assert_eq!(choose_node(&nodes, &usage, &s, &req, Some("rev")).unwrap().metadata.name.as_deref(), Some("c"));
+        usage
+            .entry("b".to_string())
+            .or_insert_with(NodeUsage::default)
+            .add(&req, Some("rev"), ["img:1".to_string()]);
+        usage
+            .entry("c".to_string())
+            .or_insert_with(NodeUsage::default)
+            .add(&Resources::new(), Some("other"), ["img:1".to_string()]);
+        assert_eq!(
+            choose_node(&nodes, &usage, &s, &req, Some("rev"))
+                .unwrap()
+                .metadata
+                .name
+                .as_deref(),
+            Some("c")
+        );
         // One on each: the next goes where the revision has the fewest, then the image.
-        usage.entry("c".to_string()).or_insert_with(NodeUsage::default).add(&req, Some("rev"), []);
-        assert_eq!(choose_node(&nodes, &usage, &s, &req, Some("rev")).unwrap().metadata.name.as_deref(), Some("a"));
+        usage
+            .entry("c".to_string())
+            .or_insert_with(NodeUsage::default)
+            .add(&req, Some("rev"), []);
+        assert_eq!(
+            choose_node(&nodes, &usage, &s, &req, Some("rev"))
+                .unwrap()
+                .metadata
+                .name
+                .as_deref(),
+            Some("a")
+        );
     }
 
     #[test]
     fn unsafe_templates() {
-        assert_eq!(check_template(&spec(json!({"schedulerName": "other"}))), Err(Unsafe::Feature("another scheduler")));
         assert_eq!(
-            check_template(&spec(json!({"volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "c"}}]}))),
+            check_template(&spec(json!({"schedulerName": "other"}))),
+            Err(Unsafe::Feature("another scheduler"))
+        );
+        assert_eq!(
+            check_template(&spec(
+                json!({"volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "c"}}]})
+            )),
             Err(Unsafe::Feature("persistent or ephemeral volume claims"))
         );
         assert!(matches!(
-            check_template(&spec(json!({"containers": [{"name": "user", "resources": {"requests": {"cpu": "lots"}}}]}))),
+            check_template(&spec(
+                json!({"containers": [{"name": "user", "resources": {"requests": {"cpu": "lots"}}}]})
+            )),
             Err(Unsafe::Quantity { .. })
         ));
         assert_eq!(check_template(&spec(json!({}))), Ok(()));

@@ -24,14 +24,25 @@ pub struct RateLimitLayer {
 impl RateLimitLayer {
     /// `qps <= 0` disables the limit.
     pub fn new(qps: f64, burst: u32) -> Self {
-        Self { qps, burst: f64::from(burst.max(1)) }
+        Self {
+            qps,
+            burst: f64::from(burst.max(1)),
+        }
     }
 }
 
 impl<S> tower_layer::Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
     fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit { inner, qps: self.qps, burst: self.burst, tokens: self.burst, last: Instant::now(), sleep: None, has_token: false }
+        RateLimit {
+            inner,
+            qps: self.qps,
+            burst: self.burst,
+            tokens: self.burst,
+            last: Instant::now(),
+            sleep: None,
+            has_token: false,
+        }
     }
 }
 
@@ -52,7 +63,8 @@ impl<S> RateLimit<S> {
             return Ok(());
         }
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.qps).min(self.burst);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.qps).min(self.burst);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -120,6 +132,9 @@ mod tests {
         }
         // 5 at once, then 20 more at 100/s.
         let took = start.elapsed();
-        assert!(took >= Duration::from_millis(190) && took < Duration::from_secs(2), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(190) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
     }
 }

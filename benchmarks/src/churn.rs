@@ -32,7 +32,13 @@ pub enum Mode {
 #[derive(clap::Args, Clone, Debug)]
 pub struct ChurnArgs {
     /// Arms to run, one after the other on this machine, each on a fresh cluster.
-    #[arg(long, env = "STE_CHURN_ARMS", value_enum, value_delimiter = ',', default_value = "stock,ste")]
+    #[arg(
+        long,
+        env = "STE_CHURN_ARMS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "stock,ste"
+    )]
     pub arms: Vec<Arm>,
     #[arg(long, env = "STE_CHURN_MODE", value_enum, default_value = "burst")]
     pub mode: Mode,
@@ -75,7 +81,10 @@ pub struct ChurnArgs {
 pub fn parse_qps(text: &str) -> Result<Option<u32>, String> {
     match text.trim() {
         "default" => Ok(None),
-        n => n.parse().map(Some).map_err(|_| format!("{n:?} is neither `default` nor a number")),
+        n => n
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{n:?} is neither `default` nor a number")),
     }
 }
 
@@ -120,16 +129,23 @@ pub fn client() -> anyhow::Result<reqwest::Client> {
 /// A client for `record`'s API server: [`client`] for a local cluster; for
 /// one given by kubeconfig, its CA, client certificate and TLS verification.
 pub fn client_for(record: &ClusterRecord) -> anyhow::Result<reqwest::Client> {
-    let Some(tls) = &record.tls else { return client() };
-    let mut builder = reqwest::Client::builder().tcp_nodelay(true).danger_accept_invalid_certs(tls.insecure);
+    let Some(tls) = &record.tls else {
+        return client();
+    };
+    let mut builder = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .danger_accept_invalid_certs(tls.insecure);
     if let Some(ca) = &tls.ca_pem {
-        for cert in reqwest::Certificate::from_pem_bundle(ca).context("the kubeconfig's certificate authority is not PEM")? {
+        for cert in reqwest::Certificate::from_pem_bundle(ca)
+            .context("the kubeconfig's certificate authority is not PEM")?
+        {
             builder = builder.add_root_certificate(cert);
         }
     }
     if let Some(identity) = &tls.identity_pem {
         builder = builder.identity(
-            reqwest::Identity::from_pem(identity).context("the kubeconfig's client certificate and key are not PEM")?,
+            reqwest::Identity::from_pem(identity)
+                .context("the kubeconfig's client certificate and key are not PEM")?,
         );
     }
     Ok(builder.build()?)
@@ -156,15 +172,29 @@ impl Authed for reqwest::RequestBuilder {
 /// `on_pod` with each event's pod and its arrival time (sub-millisecond, unlike
 /// the 1-second condition timestamps). Like a reflector, it re-watches from the
 /// last resourceVersion when kube-apiserver ends the watch, and relists on 410.
-pub fn watch_pods<F>(record: &ClusterRecord, resource_version: &str, on_pod: F) -> anyhow::Result<tokio::task::JoinHandle<()>>
+pub fn watch_pods<F>(
+    record: &ClusterRecord,
+    resource_version: &str,
+    on_pod: F,
+) -> anyhow::Result<tokio::task::JoinHandle<()>>
 where
     F: FnMut(&Value, Instant) + Send + 'static,
 {
-    watch_objects(record, &format!("/api/v1/namespaces/{}/pods", record.namespace), resource_version, on_pod)
+    watch_objects(
+        record,
+        &format!("/api/v1/namespaces/{}/pods", record.namespace),
+        resource_version,
+        on_pod,
+    )
 }
 
 /// [`watch_pods`] for any collection path (e.g. `/apis/apps/v1/namespaces/default/deployments`).
-pub fn watch_objects<F>(record: &ClusterRecord, path: &str, resource_version: &str, mut on_pod: F) -> anyhow::Result<tokio::task::JoinHandle<()>>
+pub fn watch_objects<F>(
+    record: &ClusterRecord,
+    path: &str,
+    resource_version: &str,
+    mut on_pod: F,
+) -> anyhow::Result<tokio::task::JoinHandle<()>>
 where
     F: FnMut(&Value, Instant) + Send + 'static,
 {
@@ -184,7 +214,9 @@ where
                     buffer.extend_from_slice(&chunk);
                     while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
                         let line: Vec<u8> = buffer.drain(..=end).collect();
-                        let Ok(event) = serde_json::from_slice::<Value>(&line) else { continue };
+                        let Ok(event) = serde_json::from_slice::<Value>(&line) else {
+                            continue;
+                        };
                         if event["type"] == "ERROR" {
                             gone |= event["object"]["code"] == 410;
                             continue;
@@ -200,8 +232,12 @@ where
             }
             if gone {
                 // Too old: relist, report what is there now, and watch from the list.
-                let Ok(response) = http.get(&base).auth(&record).send().await else { continue };
-                let Ok(list) = response.json::<Value>().await else { continue };
+                let Ok(response) = http.get(&base).auth(&record).send().await else {
+                    continue;
+                };
+                let Ok(list) = response.json::<Value>().await else {
+                    continue;
+                };
                 let now = Instant::now();
                 for pod in list["items"].as_array().into_iter().flatten() {
                     on_pod(pod, now);
@@ -219,7 +255,9 @@ where
 /// Records when each Deployment's (`app` label) first pod was bound and Running.
 fn track_deployments(times: Arc<Mutex<PodTimes>>) -> impl FnMut(&Value, Instant) + Send + 'static {
     move |pod, now| {
-        let Some(app) = pod["metadata"]["labels"]["app"].as_str() else { return };
+        let Some(app) = pod["metadata"]["labels"]["app"].as_str() else {
+            return;
+        };
         let mut times = times.lock().expect("times lock");
         if pod["spec"]["nodeName"].is_string() {
             times.bound.entry(app.to_string()).or_insert(now);
@@ -234,7 +272,10 @@ fn track_deployments(times: Arc<Mutex<PodTimes>>) -> impl FnMut(&Value, Instant)
 /// how many pods there are.
 async fn first_pod_page(http: &reqwest::Client, record: &ClusterRecord) -> anyhow::Result<Value> {
     Ok(http
-        .get(format!("{}/api/v1/namespaces/{}/pods?limit=1", record.api_url, record.namespace))
+        .get(format!(
+            "{}/api/v1/namespaces/{}/pods?limit=1",
+            record.api_url, record.namespace
+        ))
         .auth(record)
         .send()
         .await?
@@ -245,7 +286,10 @@ async fn first_pod_page(http: &reqwest::Client, record: &ClusterRecord) -> anyho
 /// The namespace's current resourceVersion, to watch from.
 pub async fn current_resource_version(record: &ClusterRecord) -> anyhow::Result<String> {
     let list = first_pod_page(&client_for(record)?, record).await?;
-    Ok(list["metadata"]["resourceVersion"].as_str().context("list without resourceVersion")?.to_string())
+    Ok(list["metadata"]["resourceVersion"]
+        .as_str()
+        .context("list without resourceVersion")?
+        .to_string())
 }
 
 fn deployment(name: &str) -> Value {
@@ -262,9 +306,16 @@ fn deployment(name: &str) -> Value {
 }
 
 /// Creates Deployment `name` (replicas 1, nginx, label `app: name`).
-pub async fn create(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> anyhow::Result<()> {
+pub async fn create(
+    http: &reqwest::Client,
+    record: &ClusterRecord,
+    name: &str,
+) -> anyhow::Result<()> {
     let response = http
-        .post(format!("{}/apis/apps/v1/namespaces/{}/deployments", record.api_url, record.namespace))
+        .post(format!(
+            "{}/apis/apps/v1/namespaces/{}/deployments",
+            record.api_url, record.namespace
+        ))
         .auth(record)
         .json(&deployment(name))
         .send()
@@ -276,9 +327,16 @@ pub async fn create(http: &reqwest::Client, record: &ClusterRecord, name: &str) 
 }
 
 /// DELETE on an API path (background propagation), failing on any non-2xx answer.
-pub async fn delete_path(http: &reqwest::Client, record: &ClusterRecord, path: &str) -> anyhow::Result<()> {
+pub async fn delete_path(
+    http: &reqwest::Client,
+    record: &ClusterRecord,
+    path: &str,
+) -> anyhow::Result<()> {
     let response = http
-        .delete(format!("{}{path}?propagationPolicy=Background", record.api_url))
+        .delete(format!(
+            "{}{path}?propagationPolicy=Background",
+            record.api_url
+        ))
         .auth(record)
         .send()
         .await?;
@@ -289,12 +347,29 @@ pub async fn delete_path(http: &reqwest::Client, record: &ClusterRecord, path: &
 }
 
 async fn delete(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> anyhow::Result<()> {
-    delete_path(http, record, &format!("/apis/apps/v1/namespaces/{}/deployments/{name}", record.namespace)).await
+    delete_path(
+        http,
+        record,
+        &format!(
+            "/apis/apps/v1/namespaces/{}/deployments/{name}",
+            record.namespace
+        ),
+    )
+    .await
 }
 
-async fn run_arm(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>) -> anyhow::Result<Vec<ArmResult>> {
-    let setting = client_qps.map(|q| format!("qps{q}")).unwrap_or_else(|| "default".into());
-    let dir = std::path::absolute(args.output.join(format!("{arm:?}-{setting}").to_lowercase()))?;
+async fn run_arm(
+    args: &ChurnArgs,
+    arm: Arm,
+    client_qps: Option<u32>,
+) -> anyhow::Result<Vec<ArmResult>> {
+    let setting = client_qps
+        .map(|q| format!("qps{q}"))
+        .unwrap_or_else(|| "default".into());
+    let dir = std::path::absolute(
+        args.output
+            .join(format!("{arm:?}-{setting}").to_lowercase()),
+    )?;
     let record = cluster::up(&UpArgs {
         arm,
         shards: args.shards,
@@ -302,7 +377,8 @@ async fn run_arm(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>) -> anyhow:
         events_to_ste: arm == Arm::Ste,
         client_qps,
         fsync_delay: args.fsync_delay,
-        apiserver_env: Vec::new(), apiserver_bin: None,
+        apiserver_env: Vec::new(),
+        apiserver_bin: None,
         dir: dir.clone(),
     })
     .await?;
@@ -312,7 +388,12 @@ async fn run_arm(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>) -> anyhow:
 }
 
 /// Every step (rate) of the run on one cluster, from an empty namespace each.
-async fn run_steps(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>, record: &ClusterRecord) -> anyhow::Result<Vec<ArmResult>> {
+async fn run_steps(
+    args: &ChurnArgs,
+    arm: Arm,
+    client_qps: Option<u32>,
+    record: &ClusterRecord,
+) -> anyhow::Result<Vec<ArmResult>> {
     let rates: Vec<f64> = if args.sweep.is_empty() {
         vec![1.0 / args.interarrival.as_secs_f64()]
     } else {
@@ -325,7 +406,15 @@ async fn run_steps(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>, record: 
             clear_namespace(record).await?;
         }
         let interarrival = Duration::from_secs_f64(1.0 / rate);
-        let result = measure(args, arm, client_qps, interarrival, &format!("s{step}"), record).await?;
+        let result = measure(
+            args,
+            arm,
+            client_qps,
+            interarrival,
+            &format!("s{step}"),
+            record,
+        )
+        .await?;
         let sustained = result.sustained;
         results.push(result);
         if !sustained {
@@ -338,7 +427,12 @@ async fn run_steps(args: &ChurnArgs, arm: Arm, client_qps: Option<u32>, record: 
 /// Deletes every Deployment in the namespace and waits until no pod is left.
 pub async fn clear_namespace(record: &ClusterRecord) -> anyhow::Result<()> {
     let http = client_for(record)?;
-    delete_path(&http, record, &format!("/apis/apps/v1/namespaces/{}/deployments", record.namespace)).await?;
+    delete_path(
+        &http,
+        record,
+        &format!("/apis/apps/v1/namespaces/{}/deployments", record.namespace),
+    )
+    .await?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let pods = first_pod_page(&http, record).await?;
@@ -377,7 +471,12 @@ async fn measure(
             live.push_back(name);
         }
         let deadline = Instant::now() + Duration::from_secs(120);
-        while live.iter().filter(|n| times.lock().expect("times").running.contains_key(*n)).count() < args.initial {
+        while live
+            .iter()
+            .filter(|n| times.lock().expect("times").running.contains_key(*n))
+            .count()
+            < args.initial
+        {
             if Instant::now() > deadline {
                 bail!("initial Deployments not Running within 120s");
             }
@@ -387,7 +486,11 @@ async fn measure(
 
     let cpu_before = cpu_by_component(record);
     let total = (args.duration.as_secs_f64() / interarrival.as_secs_f64()).floor() as usize;
-    eprintln!("  {arm:?}: {:.1} Deployments/s for {:?}", 1.0 / interarrival.as_secs_f64(), args.duration);
+    eprintln!(
+        "  {arm:?}: {:.1} Deployments/s for {:?}",
+        1.0 / interarrival.as_secs_f64(),
+        args.duration
+    );
     let start = Instant::now();
     let mut sent_at = HashMap::new();
     let mut requests = Vec::with_capacity(total);
@@ -399,7 +502,11 @@ async fn measure(
         // Latency counts from when the Deployment was due (open loop).
         sent_at.insert(name.clone(), due);
         let (http, record, errors) = (http.clone(), record.clone(), errors.clone());
-        let victim = if args.mode == Mode::Steady { live.pop_front() } else { None };
+        let victim = if args.mode == Mode::Steady {
+            live.pop_front()
+        } else {
+            None
+        };
         live.push_back(name.clone());
         requests.push(tokio::spawn(async move {
             if let Err(err) = create(&http, &record, &name).await {
@@ -412,7 +519,10 @@ async fn measure(
             }
         }));
         if i % 50 == 0 {
-            eprint!("\r  {arm:?}: sent {i}/{total}, bound {}   ", times.lock().expect("times").bound.len());
+            eprint!(
+                "\r  {arm:?}: sent {i}/{total}, bound {}   ",
+                times.lock().expect("times").bound.len()
+            );
         }
     }
     for request in requests {
@@ -421,7 +531,10 @@ async fn measure(
     // Let the backlog drain (bounded), then stop measuring.
     let drain_deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let bound = sent_at.keys().filter(|n| times.lock().expect("times").bound.contains_key(*n)).count();
+        let bound = sent_at
+            .keys()
+            .filter(|n| times.lock().expect("times").bound.contains_key(*n))
+            .count();
         eprint!("\r  {arm:?}: sent {total}/{total}, bound {bound}   ");
         if bound == total || Instant::now() > drain_deadline {
             break;
@@ -446,7 +559,10 @@ async fn measure(
         if let Some(at) = times.bound.get(name) {
             let latency = at.saturating_duration_since(*due);
             bound.push(latency);
-            bound_samples.push((at.saturating_duration_since(start).as_secs_f64(), latency.as_secs_f64() * 1e3));
+            bound_samples.push((
+                at.saturating_duration_since(start).as_secs_f64(),
+                latency.as_secs_f64() * 1e3,
+            ));
             // Sustained: bound within the window, or within one interarrival after it.
             bound_in_window += (*at <= window_end + interarrival) as usize;
         }
@@ -457,7 +573,11 @@ async fn measure(
     let cpu_seconds = cpu_after
         .iter()
         .map(|(name, after)| {
-            let before = cpu_before.iter().find(|(n, _)| n == name).map(|(_, b)| *b).unwrap_or(0.0);
+            let before = cpu_before
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, b)| *b)
+                .unwrap_or(0.0);
             (name.clone(), after - before)
         })
         .collect();
@@ -486,7 +606,11 @@ pub fn cpu_by_component(record: &ClusterRecord) -> Vec<(String, f64)> {
     let mut by_kind: Vec<(String, f64)> = Vec::new();
     for process in &record.processes {
         // Shards are summed as one "shards" component.
-        let kind = if process.name.starts_with("shard-") { "shards".to_string() } else { process.name.clone() };
+        let kind = if process.name.starts_with("shard-") {
+            "shards".to_string()
+        } else {
+            process.name.clone()
+        };
         let cpu = process_group_cpu_seconds(process.pid);
         match by_kind.iter_mut().find(|(k, _)| *k == kind) {
             Some(entry) => entry.1 += cpu,
@@ -504,7 +628,7 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
         bail!("--arms needs at least one arm");
     }
     std::fs::create_dir_all(&args.output)?;
-    if args.sweep.iter().any(|r| !(*r > 0.0)) {
+    if args.sweep.iter().any(|r| r.is_nan() || *r <= 0.0) {
         bail!("--sweep rates must be positive");
     }
     if args.client_qps.is_empty() {
@@ -512,21 +636,36 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
     }
     let mut results = Vec::new();
     if args.external.kubeconfig.is_some() {
-        eprintln!("[1/1] the cluster of {}: {:?} churn", args.external.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), args.mode);
+        eprintln!(
+            "[1/1] the cluster of {}: {:?} churn",
+            args.external
+                .kubeconfig
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            args.mode
+        );
         let args = &args;
-        results = crate::external::run(&args.external, move |record| async move { run_steps(args, Arm::External, None, &record).await }).await?;
+        results = crate::external::run(&args.external, move |record| async move {
+            run_steps(args, Arm::External, None, &record).await
+        })
+        .await?;
     }
-    let runs: Vec<(Arm, Option<u32>)> = if args.external.kubeconfig.is_some() { Vec::new() } else { args
-        .client_qps
-        .iter()
-        .flat_map(|qps| args.arms.iter().map(move |arm| (*arm, *qps)))
-        .collect() };
+    let runs: Vec<(Arm, Option<u32>)> = if args.external.kubeconfig.is_some() {
+        Vec::new()
+    } else {
+        args.client_qps
+            .iter()
+            .flat_map(|qps| args.arms.iter().map(move |arm| (*arm, *qps)))
+            .collect()
+    };
     for (i, (arm, qps)) in runs.iter().enumerate() {
         eprintln!(
             "[{}/{}] {arm:?} arm, client QPS {}: {:?} churn",
             i + 1,
             runs.len(),
-            qps.map(|q| q.to_string()).unwrap_or_else(|| "default".into()),
+            qps.map(|q| q.to_string())
+                .unwrap_or_else(|| "default".into()),
             args.mode
         );
         results.extend(run_arm(&args, *arm, *qps).await?);
@@ -540,7 +679,21 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
     for r in &results {
         csv.push_str(&format!(
             "{:?},{:?},{},{:.2},{},{},{},{:.2},{:.1},{:.1},{:.1},{:.1},{:.1}\n",
-            r.arm, r.mode, r.client_qps.map(|q| q.to_string()).unwrap_or_else(|| "default".into()), r.offered_per_s, r.sustained, r.sent, r.bound, r.achieved_per_s, r.bound_p50_ms, r.bound_p99_ms, r.bound_p999_ms, r.running_p50_ms, r.running_p99_ms
+            r.arm,
+            r.mode,
+            r.client_qps
+                .map(|q| q.to_string())
+                .unwrap_or_else(|| "default".into()),
+            r.offered_per_s,
+            r.sustained,
+            r.sent,
+            r.bound,
+            r.achieved_per_s,
+            r.bound_p50_ms,
+            r.bound_p99_ms,
+            r.bound_p999_ms,
+            r.running_p50_ms,
+            r.running_p99_ms
         ));
     }
     std::fs::write(args.output.join("results.csv"), csv)?;
@@ -566,7 +719,8 @@ pub fn cpu_per_100(arm: Arm, cpu_seconds: &[(String, f64)], deployments: usize) 
 }
 
 fn qps_name(qps: Option<u32>) -> String {
-    qps.map(|q| format!("QPS {q}")).unwrap_or_else(|| "default QPS".into())
+    qps.map(|q| format!("QPS {q}"))
+        .unwrap_or_else(|| "default QPS".into())
 }
 
 fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
@@ -574,14 +728,24 @@ fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
     println!(
         "Pod churn ({:?}): {} for {:?} per step, {}",
         args.mode,
-        if args.sweep.is_empty() { format!("a Deployment every {:?}", args.interarrival) } else { format!("sweep {:?}/s", args.sweep) },
+        if args.sweep.is_empty() {
+            format!("a Deployment every {:?}", args.interarrival)
+        } else {
+            format!("sweep {:?}/s", args.sweep)
+        },
         args.duration,
         match &args.external.kubeconfig {
-            Some(path) => format!("on the cluster of {} (namespace {})", path.display(), args.external.namespace),
+            Some(path) => format!(
+                "on the cluster of {} (namespace {})",
+                path.display(),
+                args.external.namespace
+            ),
             None => format!(
                 "{} fake nodes, durable etcd fsync delay {}",
                 args.nodes,
-                args.fsync_delay.map(|d| format!("{d:?}")).unwrap_or_else(|| "none".into())
+                args.fsync_delay
+                    .map(|d| format!("{d:?}"))
+                    .unwrap_or_else(|| "none".into())
             ),
         },
     );
@@ -601,7 +765,9 @@ fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
     for r in results.iter().filter(|r| r.arm == Arm::Ste) {
         for base_arm in [Arm::Stock, Arm::Tuned] {
             let base = results.iter().find(|b| {
-                b.arm == base_arm && b.client_qps == r.client_qps && (b.offered_per_s - r.offered_per_s).abs() < 1e-6
+                b.arm == base_arm
+                    && b.client_qps == r.client_qps
+                    && (b.offered_per_s - r.offered_per_s).abs() < 1e-6
             });
             if let Some(base) = base {
                 println!(
@@ -616,7 +782,10 @@ fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
         let runs: Vec<(Arm, Option<u32>)> = if args.external.kubeconfig.is_some() {
             vec![(Arm::External, None)]
         } else {
-            args.client_qps.iter().flat_map(|qps| args.arms.iter().map(move |arm| (*arm, *qps))).collect()
+            args.client_qps
+                .iter()
+                .flat_map(|qps| args.arms.iter().map(move |arm| (*arm, *qps)))
+                .collect()
         };
         for (arm, qps) in runs {
             let best = results
@@ -624,8 +793,19 @@ fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
                 .filter(|r| r.arm == arm && r.client_qps == qps && r.sustained)
                 .map(|r| r.offered_per_s)
                 .fold(f64::NAN, f64::max);
-            let limits = if arm == Arm::External { "the cluster's own limits".into() } else { qps_name(qps) };
-            println!("highest sustained rate, {arm:?}, {limits}: {}", if best.is_nan() { "none of the swept rates".into() } else { format!("{best:.1}/s") });
+            let limits = if arm == Arm::External {
+                "the cluster's own limits".into()
+            } else {
+                qps_name(qps)
+            };
+            println!(
+                "highest sustained rate, {arm:?}, {limits}: {}",
+                if best.is_nan() {
+                    "none of the swept rates".into()
+                } else {
+                    format!("{best:.1}/s")
+                }
+            );
         }
     }
 }

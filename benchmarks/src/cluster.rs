@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use ste_testkit::{free_port, kube_apiserver_args, service_account_keys, upstream_binary, Api, KubeApiserverFlags};
+use ste_testkit::{
+    free_port, kube_apiserver_args, service_account_keys, upstream_binary, Api, KubeApiserverFlags,
+};
 
 const KWOK_STAGES: &str = include_str!("../../hack/kwok/stages.yaml");
 const TOKEN: &str = "ste-admin-token";
@@ -171,11 +173,17 @@ pub struct ProcessRecord {
 
 impl ClusterRecord {
     pub fn api(&self) -> Api {
-        Api { url: self.api_url.clone(), token: self.token.clone() }
+        Api {
+            url: self.api_url.clone(),
+            token: self.token.clone(),
+        }
     }
 
     pub fn pid_of(&self, name: &str) -> Option<u32> {
-        self.processes.iter().find(|p| p.name == name).map(|p| p.pid)
+        self.processes
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.pid)
     }
 }
 
@@ -194,10 +202,17 @@ impl Launcher {
     }
 
     /// [`Self::spawn`] with `env` added to the inherited environment.
-    fn spawn_with_env(&mut self, name: &str, binary: &Path, args: &[String], env: &[(String, String)]) -> anyhow::Result<()> {
+    fn spawn_with_env(
+        &mut self,
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> anyhow::Result<()> {
         use std::os::unix::process::CommandExt;
         let log_path = self.log(name);
-        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
         let child = Command::new(binary)
             .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -225,7 +240,10 @@ impl Launcher {
     }
 
     fn save(&self) -> anyhow::Result<()> {
-        std::fs::write(self.dir.join("cluster.json"), serde_json::to_string_pretty(&self.record)?)?;
+        std::fs::write(
+            self.dir.join("cluster.json"),
+            serde_json::to_string_pretty(&self.record)?,
+        )?;
         Ok(())
     }
 
@@ -234,23 +252,41 @@ impl Launcher {
     }
 
     /// Waits for `check`, failing early if the process died, and naming its log.
-    async fn wait(&self, name: &str, within: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {
+    async fn wait(
+        &self,
+        name: &str,
+        within: Duration,
+        mut check: impl FnMut() -> bool,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {
             if check() {
                 return Ok(());
             }
             if !self.alive(name) {
-                bail!("{name} exited during startup; see {}", self.log(name).display());
+                bail!(
+                    "{name} exited during startup; see {}",
+                    self.log(name).display()
+                );
             }
             if Instant::now() >= deadline {
-                bail!("{name} was not ready within {}s; see {}", within.as_secs(), self.log(name).display());
+                bail!(
+                    "{name} was not ready within {}s; see {}",
+                    within.as_secs(),
+                    self.log(name).display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    fn start_etcd(&mut self, name: &str, data: &Path, ram: bool, fsync_delay: Option<Duration>) -> anyhow::Result<String> {
+    fn start_etcd(
+        &mut self,
+        name: &str,
+        data: &Path,
+        ram: bool,
+        fsync_delay: Option<Duration>,
+    ) -> anyhow::Result<String> {
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -275,14 +311,22 @@ impl Launcher {
                 // Only fsync and fdatasync are stopped, each for `delay` on exit.
                 let us = delay.as_micros();
                 let mut traced = vec![
-                    "-f".to_string(), "--seccomp-bpf".into(), "-qq".into(), "-o".into(), "/dev/null".into(),
-                    "-e".into(), "trace=fdatasync,fsync".into(),
-                    "-e".into(), format!("inject=fdatasync:delay_exit={us}"),
-                    "-e".into(), format!("inject=fsync:delay_exit={us}"),
+                    "-f".to_string(),
+                    "--seccomp-bpf".into(),
+                    "-qq".into(),
+                    "-o".into(),
+                    "/dev/null".into(),
+                    "-e".into(),
+                    "trace=fdatasync,fsync".into(),
+                    "-e".into(),
+                    format!("inject=fdatasync:delay_exit={us}"),
+                    "-e".into(),
+                    format!("inject=fsync:delay_exit={us}"),
                     etcd.display().to_string(),
                 ];
                 traced.extend(args);
-                let strace = which("strace").context("--fsync-delay needs strace (apt-get install strace)")?;
+                let strace = which("strace")
+                    .context("--fsync-delay needs strace (apt-get install strace)")?;
                 self.spawn(name, &strace, &traced)?;
             }
         }
@@ -293,7 +337,11 @@ impl Launcher {
 /// A directory of its own on the RAM disk (/dev/shm, or under `dir` where
 /// there is none): several clusters may run at once (tests do).
 fn ram_directory(dir: &Path, prefix: &str) -> anyhow::Result<PathBuf> {
-    let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { dir.to_path_buf() };
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        dir.to_path_buf()
+    };
     Ok(tempfile::Builder::new()
         .prefix(prefix)
         .tempdir_in(&base)
@@ -315,12 +363,16 @@ fn process_alive(pid: u32) -> bool {
     // threads still exit, and the process's sockets stay open until the last
     // one has (a restart on the same port then failed with "Address already
     // in use", 9 times in 20 on etcd).
-    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')));
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    });
     match zombie {
         Err(_) => false,
         Ok(false) => true,
-        Ok(true) => std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| tasks.count() > 1),
+        Ok(true) => {
+            std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| tasks.count() > 1)
+        }
     }
 }
 
@@ -343,7 +395,13 @@ fn shard_agent_binary() -> anyhow::Result<PathBuf> {
     }
     let exe = std::env::current_exe()?;
     // Beside ste-bench, or one level up from a test binary (target/<profile>/deps).
-    let candidates = [exe.with_file_name("ste-shard-agent"), exe.parent().and_then(|p| p.parent()).map(|p| p.join("ste-shard-agent")).unwrap_or_default()];
+    let candidates = [
+        exe.with_file_name("ste-shard-agent"),
+        exe.parent()
+            .and_then(|p| p.parent())
+            .map(|p| p.join("ste-shard-agent"))
+            .unwrap_or_default(),
+    ];
     candidates
         .into_iter()
         .find(|p| p.is_file())
@@ -358,9 +416,15 @@ async fn start_shard_agents(launcher: &mut Launcher, n: usize) -> anyhow::Result
     let crd = launcher.dir.join("crd-shards.yaml");
     std::fs::write(&crd, SHARD_CRD)?;
     let kubectl = upstream_binary("kubectl", "STE_KUBECTL_BIN")?;
-    let out = Command::new(&kubectl).args(["--kubeconfig", &kubeconfig, "apply", "-f"]).arg(&crd).output()?;
+    let out = Command::new(&kubectl)
+        .args(["--kubeconfig", &kubeconfig, "apply", "-f"])
+        .arg(&crd)
+        .output()?;
     if !out.status.success() {
-        bail!("applying the Shard CRD: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "applying the Shard CRD: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let api = launcher.record.api();
     launcher
@@ -368,7 +432,11 @@ async fn start_shard_agents(launcher: &mut Launcher, n: usize) -> anyhow::Result
             matches!(api.curl(&["/apis/ste.dev/v1alpha1/shards"]), Ok((200, _)))
         })
         .await?;
-    let ram = launcher.record.ram_dir.clone().context("the ste arm has a RAM directory")?;
+    let ram = launcher
+        .record
+        .ram_dir
+        .clone()
+        .context("the ste arm has a RAM directory")?;
     let etcd = upstream_binary("etcd", "STE_ETCD_BIN")?;
     let binary = shard_agent_binary()?;
     for i in 0..n {
@@ -387,11 +455,17 @@ async fn start_shard_agents(launcher: &mut Launcher, n: usize) -> anyhow::Result
         ];
         launcher.spawn(&name, &binary, &args)?;
     }
-    let admin = launcher.record.router_admin.clone().context("the router's admin address")?;
+    let admin = launcher
+        .record
+        .router_admin
+        .clone()
+        .context("the router's admin address")?;
     for i in 0..n {
         let name = format!("{SHARD_AGENT_PREFIX}{i}");
         launcher
-            .wait(&name, Duration::from_secs(60), || router_members(&admin).is_some_and(|m| m.contains(&name)))
+            .wait(&name, Duration::from_secs(60), || {
+                router_members(&admin).is_some_and(|m| m.contains(&name))
+            })
             .await?;
     }
     Ok(())
@@ -399,9 +473,18 @@ async fn start_shard_agents(launcher: &mut Launcher, n: usize) -> anyhow::Result
 
 /// Names of the router's members (its admin GET /shards), None if it does not answer.
 pub fn router_members(admin: &str) -> Option<Vec<String>> {
-    let out = Command::new("curl").args(["-sf", "--max-time", "2", &format!("{admin}/shards")]).output().ok()?;
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "2", &format!("{admin}/shards")])
+        .output()
+        .ok()?;
     let body: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(body["shards"].as_array()?.iter().filter_map(|s| s["name"].as_str().map(String::from)).collect())
+    Some(
+        body["shards"]
+            .as_array()?
+            .iter()
+            .filter_map(|s| s["name"].as_str().map(String::from))
+            .collect(),
+    )
 }
 
 fn router_binary() -> anyhow::Result<PathBuf> {
@@ -433,7 +516,11 @@ pub async fn up_with(args: &UpArgs, agents: &AgentArgs) -> anyhow::Result<Cluste
 }
 
 /// [`up_with`] and real nodes (see [`crate::real_node`]).
-pub async fn up_with_real(args: &UpArgs, agents: &AgentArgs, real: &crate::real_node::RealNodeArgs) -> anyhow::Result<ClusterRecord> {
+pub async fn up_with_real(
+    args: &UpArgs,
+    agents: &AgentArgs,
+    real: &crate::real_node::RealNodeArgs,
+) -> anyhow::Result<ClusterRecord> {
     if agents.shard_agents > 0 && args.arm != Arm::Ste {
         bail!("--shard-agents needs the ste arm");
     }
@@ -443,7 +530,11 @@ pub async fn up_with_real(args: &UpArgs, agents: &AgentArgs, real: &crate::real_
     let dir = std::path::absolute(&args.dir)?;
     if let Ok(existing) = read_record(&dir) {
         if existing.processes.iter().any(|p| process_alive(p.pid)) {
-            bail!("a cluster is already up in {}; run `ste-bench cluster down --dir {}` first", dir.display(), args.dir.display());
+            bail!(
+                "a cluster is already up in {}; run `ste-bench cluster down --dir {}` first",
+                dir.display(),
+                args.dir.display()
+            );
         }
     }
     for sub in ["logs", "etcd-main"] {
@@ -532,7 +623,9 @@ async fn start_all(
         }
         launcher.spawn("ste-router", &router_binary()?, &router_args)?;
         let ready = format!("http://{admin}/readyz");
-        launcher.wait("ste-router", Duration::from_secs(60), || http_ok(&ready)).await?;
+        launcher
+            .wait("ste-router", Duration::from_secs(60), || http_ok(&ready))
+            .await?;
         overrides.push(format!("/pods#http://{listen}"));
         if args.events_to_ste {
             overrides.push(format!("/events#http://{listen}"));
@@ -544,7 +637,10 @@ async fn start_all(
 
     step("kube-apiserver");
     let (key, public) = service_account_keys(&dir)?;
-    std::fs::write(dir.join("tokens.csv"), format!("{TOKEN},admin,admin,system:masters\n"))?;
+    std::fs::write(
+        dir.join("tokens.csv"),
+        format!("{TOKEN},admin,admin,system:masters\n"),
+    )?;
     let api_args = kube_apiserver_args(&KubeApiserverFlags {
         port: api_port,
         dir: &dir,
@@ -557,7 +653,9 @@ async fn start_all(
     // Log verbosity of kube-apiserver (klog -v), e.g. 3 to see why it ends
     // watches; set for every command that brings a cluster up.
     if let Ok(level) = std::env::var(APISERVER_VERBOSITY_ENV) {
-        let level: u8 = level.trim().parse().with_context(|| format!("{APISERVER_VERBOSITY_ENV}={level:?} is not a klog level (0-10)"))?;
+        let level: u8 = level.trim().parse().with_context(|| {
+            format!("{APISERVER_VERBOSITY_ENV}={level:?} is not a klog level (0-10)")
+        })?;
         api_args.push(format!("-v={level}"));
     }
     if real.real_nodes > 0 {
@@ -571,7 +669,9 @@ async fn start_all(
     launcher.spawn_with_env("kube-apiserver", &apiserver, &api_args, &args.apiserver_env)?;
     let api = launcher.record.api();
     launcher
-        .wait("kube-apiserver", Duration::from_secs(120), || matches!(api.curl(&["/readyz"]), Ok((200, _))))
+        .wait("kube-apiserver", Duration::from_secs(120), || {
+            matches!(api.curl(&["/readyz"]), Ok((200, _)))
+        })
         .await?;
     write_kubeconfig(&launcher.record)?;
     if agents.shard_agents > 0 {
@@ -605,8 +705,16 @@ async fn start_all(
         scheduler.push(format!("--kube-api-qps={qps}"));
         scheduler.push(format!("--kube-api-burst={}", qps * 2));
     }
-    launcher.spawn("kube-controller-manager", &upstream_binary("kube-controller-manager", "STE_KCM_BIN")?, &kcm)?;
-    launcher.spawn("kube-scheduler", &upstream_binary("kube-scheduler", "STE_KUBE_SCHEDULER_BIN")?, &scheduler)?;
+    launcher.spawn(
+        "kube-controller-manager",
+        &upstream_binary("kube-controller-manager", "STE_KCM_BIN")?,
+        &kcm,
+    )?;
+    launcher.spawn(
+        "kube-scheduler",
+        &upstream_binary("kube-scheduler", "STE_KUBE_SCHEDULER_BIN")?,
+        &scheduler,
+    )?;
 
     step(&format!("kwok and {} fake node(s)", args.nodes));
     let stages = dir.join("kwok-stages.yaml");
@@ -615,7 +723,12 @@ async fn start_all(
         format!("--kubeconfig={kubeconfig}"),
         format!("--config={}", stages.display()),
         // With real nodes, kwok must leave them (and their pods) to their kubelets.
-        if real.real_nodes > 0 { "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake" } else { "--manage-all-nodes=true" }.into(),
+        if real.real_nodes > 0 {
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake"
+        } else {
+            "--manage-all-nodes=true"
+        }
+        .into(),
         format!("--server-address=127.0.0.1:{}", free_port()),
         "--cidr=10.244.0.1/16".into(),
         "--node-ip=10.0.0.2".into(),
@@ -644,7 +757,9 @@ async fn start_all(
     }
     let nodes = args.nodes;
     launcher
-        .wait("kwok", Duration::from_secs(120), || ready_nodes(&api).is_ok_and(|n| n >= nodes))
+        .wait("kwok", Duration::from_secs(120), || {
+            ready_nodes(&api).is_ok_and(|n| n >= nodes)
+        })
         .await?;
     if real.real_nodes > 0 {
         crate::real_node::start(&dir, &api, real).await?;
@@ -672,9 +787,10 @@ pub fn ready_nodes(api: &Api) -> anyhow::Result<usize> {
             items
                 .iter()
                 .filter(|node| {
-                    node["status"]["conditions"]
-                        .as_array()
-                        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+                    node["status"]["conditions"].as_array().is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
                 })
                 .count()
         })
@@ -710,14 +826,19 @@ current-context: ste-local
 
 pub fn read_record(dir: &Path) -> anyhow::Result<ClusterRecord> {
     let path = dir.join("cluster.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("no cluster recorded in {}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("no cluster recorded in {}", path.display()))?;
     Ok(serde_json::from_str(&text)?)
 }
 
 /// Kills one component with SIGKILL (a crash) and starts it again with the
 /// same flags; `wipe` first deletes its `--data-dir` (a RAM disk lost with its
 /// node). Returns the updated record.
-pub async fn crash_and_restart(dir: &Path, name: &str, wipe: bool) -> anyhow::Result<ClusterRecord> {
+pub async fn crash_and_restart(
+    dir: &Path,
+    name: &str,
+    wipe: bool,
+) -> anyhow::Result<ClusterRecord> {
     let dir = std::path::absolute(dir)?;
     let record = read_record(&dir)?;
     let process = record
@@ -726,7 +847,9 @@ pub async fn crash_and_restart(dir: &Path, name: &str, wipe: bool) -> anyhow::Re
         .find(|p| p.name == name)
         .with_context(|| format!("no component named {name} in {}", dir.display()))?
         .clone();
-    let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", process.pid)]).status();
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", process.pid)])
+        .status();
     let deadline = Instant::now() + Duration::from_secs(10);
     while process_alive(process.pid) {
         if Instant::now() >= deadline {
@@ -735,12 +858,27 @@ pub async fn crash_and_restart(dir: &Path, name: &str, wipe: bool) -> anyhow::Re
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if wipe {
-        if let Some(data) = process.args.iter().find_map(|a| a.strip_prefix("--data-dir=")) {
-            std::fs::remove_dir_all(data).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })?;
+        if let Some(data) = process
+            .args
+            .iter()
+            .find_map(|a| a.strip_prefix("--data-dir="))
+        {
+            std::fs::remove_dir_all(data).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
         }
     }
     let mut launcher = Launcher { dir, record };
-    launcher.spawn_with_env(name, Path::new(&process.binary), &process.args, &process.env)?;
+    launcher.spawn_with_env(
+        name,
+        Path::new(&process.binary),
+        &process.args,
+        &process.env,
+    )?;
     Ok(launcher.record)
 }
 
@@ -749,15 +887,23 @@ pub async fn stop(record: &ClusterRecord) -> anyhow::Result<()> {
     for process in record.processes.iter().rev() {
         // Only a process that still runs the recorded binary (PIDs get reused).
         let cmdline = std::fs::read(format!("/proc/{}/cmdline", process.pid)).unwrap_or_default();
-        let binary_name = Path::new(&process.binary).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        if !process_alive(process.pid) || !String::from_utf8_lossy(&cmdline).contains(&binary_name) {
+        let binary_name = Path::new(&process.binary)
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if !process_alive(process.pid) || !String::from_utf8_lossy(&cmdline).contains(&binary_name)
+        {
             continue;
         }
         // The whole process group: a component may run under strace.
         let group = format!("-{}", process.pid);
         // A shard agent would drain its shard into shards about to stop too:
         // it goes at once (its etcd dies with it; the RAM data goes anyway).
-        let signal = if process.name.starts_with(SHARD_AGENT_PREFIX) { "-KILL" } else { "-TERM" };
+        let signal = if process.name.starts_with(SHARD_AGENT_PREFIX) {
+            "-KILL"
+        } else {
+            "-TERM"
+        };
         let _ = Command::new("kill").args([signal, "--", &group]).status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while process_alive(process.pid) && Instant::now() < deadline {
@@ -781,7 +927,11 @@ pub async fn down(args: &DownArgs) -> anyhow::Result<()> {
     let real = crate::real_node::down(&dir).await;
     stop(&record).await?;
     real?;
-    eprintln!("cluster in {} is down; logs kept in {}", dir.display(), dir.join("logs").display());
+    eprintln!(
+        "cluster in {} is down; logs kept in {}",
+        dir.display(),
+        dir.join("logs").display()
+    );
     Ok(())
 }
 
@@ -793,5 +943,8 @@ pub fn print_summary(record: &ClusterRecord, dir: &Path) {
         println!("  ste-router:     {router} (admin {admin}/metrics)");
     }
     println!("  logs:           {}", dir.join("logs").display());
-    println!("  stop it with:   ste-bench cluster down --dir {}", dir.display());
+    println!(
+        "  stop it with:   ste-bench cluster down --dir {}",
+        dir.display()
+    );
 }

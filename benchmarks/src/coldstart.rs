@@ -44,12 +44,20 @@ fn kubectl(record: &ClusterRecord, args: &[&str], stdin: Option<&str>) -> anyhow
         .spawn()
         .with_context(|| format!("running {}", binary.display()))?;
     if let Some(input) = stdin {
-        child.stdin.take().context("kubectl stdin")?.write_all(input.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(input.as_bytes())?;
     }
     drop(child.stdin.take());
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -82,24 +90,64 @@ impl Knative {
     /// autoscaler with their logs in `logs`, and waits until both lead.
     pub async fn start(record: &ClusterRecord, logs: &Path) -> anyhow::Result<Knative> {
         let lock_path = std::env::temp_dir().join("ste-knative-autoscaler-8080.lock");
-        let lock = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+        let lock = std::fs::File::create(&lock_path)
+            .with_context(|| format!("creating {}", lock_path.display()))?;
         if lock.try_lock().is_err() {
-            eprintln!("  (another Knative autoscaler holds :8080 on this machine; waiting for {})", lock_path.display());
+            eprintln!(
+                "  (another Knative autoscaler holds :8080 on this machine; waiting for {})",
+                lock_path.display()
+            );
             let lock = lock.try_clone()?;
             tokio::task::spawn_blocking(move || lock.lock()).await??;
         }
-        kubectl(record, &["apply", "--server-side", "-f", "-"], Some(CRDS)).context("installing Knative's CRDs")?;
-        kubectl(record, &["wait", "--for=condition=Established", "crd", "--all", "--timeout=60s"], None)?;
-        kubectl(record, &["apply", "--server-side", "-f", "-"], Some(CONFIG)).context("installing Knative's config maps")?;
-        kubectl(record, &["apply", "--server-side", "--force-conflicts", "--field-manager=ste", "-f", "-"], Some(STE_CONFIG))
-            .context("applying hack/knative/serving-ste.yaml")?;
+        kubectl(record, &["apply", "--server-side", "-f", "-"], Some(CRDS))
+            .context("installing Knative's CRDs")?;
+        kubectl(
+            record,
+            &[
+                "wait",
+                "--for=condition=Established",
+                "crd",
+                "--all",
+                "--timeout=60s",
+            ],
+            None,
+        )?;
+        kubectl(record, &["apply", "--server-side", "-f", "-"], Some(CONFIG))
+            .context("installing Knative's config maps")?;
+        kubectl(
+            record,
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=ste",
+                "-f",
+                "-",
+            ],
+            Some(STE_CONFIG),
+        )
+        .context("applying hack/knative/serving-ste.yaml")?;
 
         std::fs::create_dir_all(logs)?;
-        let mut knative = Knative { processes: Vec::new(), _port_lock: lock };
+        let mut knative = Knative {
+            processes: Vec::new(),
+            _port_lock: lock,
+        };
         let kubeconfig = format!("--kubeconfig={}", record.kubeconfig.display());
         for (name, binary, env_name, domain) in [
-            ("knative-controller", "knative-controller", "STE_KNATIVE_CONTROLLER_BIN", "knative.dev/internal/serving"),
-            ("knative-autoscaler", "knative-autoscaler", "STE_KNATIVE_AUTOSCALER_BIN", "knative.dev/serving"),
+            (
+                "knative-controller",
+                "knative-controller",
+                "STE_KNATIVE_CONTROLLER_BIN",
+                "knative.dev/internal/serving",
+            ),
+            (
+                "knative-autoscaler",
+                "knative-autoscaler",
+                "STE_KNATIVE_AUTOSCALER_BIN",
+                "knative.dev/serving",
+            ),
         ] {
             let binary = ste_testkit::upstream_binary(binary, env_name)?;
             let log = logs.join(format!("{name}.log"));
@@ -121,13 +169,18 @@ impl Knative {
                 .stderr(out)
                 .spawn()
                 .with_context(|| format!("starting {}", binary.display()))?;
-            knative.processes.push(Owned { name: name.into(), child, log });
+            knative.processes.push(Owned {
+                name: name.into(),
+                child,
+                log,
+            });
         }
         let api = record.api();
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             knative.check()?;
-            let (code, body) = api.curl(&["/apis/coordination.k8s.io/v1/namespaces/knative-serving/leases"])?;
+            let (code, body) =
+                api.curl(&["/apis/coordination.k8s.io/v1/namespaces/knative-serving/leases"])?;
             let holders: Vec<String> = if code == 200 {
                 serde_json::from_str::<Value>(&body)?["items"]
                     .as_array()
@@ -139,7 +192,9 @@ impl Knative {
             } else {
                 Vec::new()
             };
-            let controller = holders.iter().any(|h| h.starts_with("controller.knative.dev.serving.pkg.reconciler.revision"));
+            let controller = holders
+                .iter()
+                .any(|h| h.starts_with("controller.knative.dev.serving.pkg.reconciler.revision"));
             let autoscaler = holders.iter().any(|h| h == "autoscaler-bucket-00-of-01");
             if controller && autoscaler {
                 return Ok(knative);
@@ -174,17 +229,29 @@ pub fn keep_node_leases(record: &ClusterRecord) -> anyhow::Result<tokio::task::J
     let record = record.clone();
     Ok(tokio::spawn(async move {
         loop {
-            let nodes = get_json(&http, &record, "/api/v1/nodes").await.unwrap_or_default();
+            let nodes = get_json(&http, &record, "/api/v1/nodes")
+                .await
+                .unwrap_or_default();
             let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
             for node in nodes["items"].as_array().into_iter().flatten() {
-                let Some(name) = node["metadata"]["name"].as_str() else { continue };
-                let base = format!("{}/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", record.api_url);
+                let Some(name) = node["metadata"]["name"].as_str() else {
+                    continue;
+                };
+                let base = format!(
+                    "{}/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
+                    record.api_url
+                );
                 let lease = json!({
                     "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": name, "namespace": "kube-node-lease"},
                     "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": now}
                 });
-                let created = http.post(&base).bearer_auth(&record.token).json(&lease).send().await;
+                let created = http
+                    .post(&base)
+                    .bearer_auth(&record.token)
+                    .json(&lease)
+                    .send()
+                    .await;
                 if created.is_ok_and(|r| r.status() == reqwest::StatusCode::CONFLICT) {
                     let _ = http
                         .patch(format!("{base}/{name}"))
@@ -240,37 +307,71 @@ pub fn revision_of(service: &str) -> String {
     format!("{service}-00001")
 }
 
-pub async fn create_service(http: &reqwest::Client, record: &ClusterRecord, name: &str, cpu: &str) -> anyhow::Result<()> {
+pub async fn create_service(
+    http: &reqwest::Client,
+    record: &ClusterRecord,
+    name: &str,
+    cpu: &str,
+) -> anyhow::Result<()> {
     let response = http
-        .post(format!("{}/apis/serving.knative.dev/v1/namespaces/default/services", record.api_url))
+        .post(format!(
+            "{}/apis/serving.knative.dev/v1/namespaces/default/services",
+            record.api_url
+        ))
         .bearer_auth(&record.token)
         .json(&service(name, cpu))
         .send()
         .await?;
     if !response.status().is_success() {
-        bail!("creating Knative Service {name}: HTTP {}: {}", response.status(), response.text().await.unwrap_or_default());
+        bail!(
+            "creating Knative Service {name}: HTTP {}: {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
     }
     Ok(())
 }
 
 /// Scales a revision's Deployment with the autoscaler's own request (KPA
 /// scaler.applyScale: a JSON patch of /spec/replicas on the Deployment).
-pub async fn scale_revision(http: &reqwest::Client, record: &ClusterRecord, service: &str, replicas: u32) -> anyhow::Result<()> {
+pub async fn scale_revision(
+    http: &reqwest::Client,
+    record: &ClusterRecord,
+    service: &str,
+    replicas: u32,
+) -> anyhow::Result<()> {
     let response = http
-        .patch(format!("{}/apis/apps/v1/namespaces/default/deployments/{}", record.api_url, deployment_of(service)))
+        .patch(format!(
+            "{}/apis/apps/v1/namespaces/default/deployments/{}",
+            record.api_url,
+            deployment_of(service)
+        ))
         .bearer_auth(&record.token)
         .header("Content-Type", "application/json-patch+json")
         .body(json!([{"op": "replace", "path": "/spec/replicas", "value": replicas}]).to_string())
         .send()
         .await?;
     if !response.status().is_success() {
-        bail!("scaling {} to {replicas}: HTTP {}: {}", deployment_of(service), response.status(), response.text().await.unwrap_or_default());
+        bail!(
+            "scaling {} to {replicas}: HTTP {}: {}",
+            deployment_of(service),
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
     }
     Ok(())
 }
 
-async fn get_json(http: &reqwest::Client, record: &ClusterRecord, path: &str) -> anyhow::Result<Value> {
-    let response = http.get(format!("{}{path}", record.api_url)).bearer_auth(&record.token).send().await?;
+async fn get_json(
+    http: &reqwest::Client,
+    record: &ClusterRecord,
+    path: &str,
+) -> anyhow::Result<Value> {
+    let response = http
+        .get(format!("{}{path}", record.api_url))
+        .bearer_auth(&record.token)
+        .send()
+        .await?;
     if !response.status().is_success() {
         bail!("GET {path}: HTTP {}", response.status());
     }
@@ -279,19 +380,35 @@ async fn get_json(http: &reqwest::Client, record: &ClusterRecord, path: &str) ->
 
 /// Waits until every named Service's revision is at zero: its Deployment and
 /// ReplicaSet exist with 0 replicas and no pod of it is left.
-pub async fn wait_at_zero(http: &reqwest::Client, record: &ClusterRecord, services: &[String], within: Duration) -> anyhow::Result<()> {
+pub async fn wait_at_zero(
+    http: &reqwest::Client,
+    record: &ClusterRecord,
+    services: &[String],
+    within: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
         let deployments = get_json(http, record, "/apis/apps/v1/namespaces/default/deployments?labelSelector=serving.knative.dev%2Fservice").await?;
         let rses = get_json(http, record, "/apis/apps/v1/namespaces/default/replicasets?labelSelector=serving.knative.dev%2Fservice").await?;
-        let pods = get_json(http, record, "/api/v1/namespaces/default/pods?labelSelector=serving.knative.dev%2Fservice").await?;
+        let pods = get_json(
+            http,
+            record,
+            "/api/v1/namespaces/default/pods?labelSelector=serving.knative.dev%2Fservice",
+        )
+        .await?;
         let zero = |list: &Value| -> std::collections::HashSet<String> {
             list["items"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter(|o| o["spec"]["replicas"] == 0 && o["status"]["replicas"].as_u64().unwrap_or(0) == 0)
-                .filter_map(|o| o["metadata"]["labels"][REVISION_LABEL].as_str().map(String::from))
+                .filter(|o| {
+                    o["spec"]["replicas"] == 0 && o["status"]["replicas"].as_u64().unwrap_or(0) == 0
+                })
+                .filter_map(|o| {
+                    o["metadata"]["labels"][REVISION_LABEL]
+                        .as_str()
+                        .map(String::from)
+                })
                 .collect()
         };
         let (d0, r0) = (zero(&deployments), zero(&rses));
@@ -299,7 +416,11 @@ pub async fn wait_at_zero(http: &reqwest::Client, record: &ClusterRecord, servic
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|p| p["metadata"]["labels"][REVISION_LABEL].as_str().map(String::from))
+            .filter_map(|p| {
+                p["metadata"]["labels"][REVISION_LABEL]
+                    .as_str()
+                    .map(String::from)
+            })
             .collect();
         let missing: Vec<&String> = services
             .iter()
@@ -312,7 +433,11 @@ pub async fn wait_at_zero(http: &reqwest::Client, record: &ClusterRecord, servic
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("{} revision(s) not at zero after {within:?}, e.g. {}", missing.len(), missing[0]);
+            bail!(
+                "{} revision(s) not at zero after {within:?}, e.g. {}",
+                missing.len(),
+                missing[0]
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -326,9 +451,15 @@ pub struct BridgeProcess {
 
 impl BridgeProcess {
     /// Starts the bridge (extra flags appended) and waits for /readyz.
-    pub async fn start(binary: &Path, record: &ClusterRecord, log: &Path, extra: &[&str]) -> anyhow::Result<BridgeProcess> {
+    pub async fn start(
+        binary: &Path,
+        record: &ClusterRecord,
+        log: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<BridgeProcess> {
         let admin = format!("127.0.0.1:{}", ste_testkit::free_port());
-        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(binary)
             .arg(format!("--kubeconfig={}", record.kubeconfig.display()))
             .arg(format!("--admin-listen={admin}"))
@@ -339,20 +470,37 @@ impl BridgeProcess {
             .stderr(out)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        let mut bridge = BridgeProcess { process: Owned { name: "ste-activator-bridge".into(), child, log: log.to_path_buf() }, admin };
+        let mut bridge = BridgeProcess {
+            process: Owned {
+                name: "ste-activator-bridge".into(),
+                child,
+                log: log.to_path_buf(),
+            },
+            admin,
+        };
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = bridge.process.child.try_wait()? {
-                bail!("ste-activator-bridge exited ({status}); see {}", log.display());
+                bail!(
+                    "ste-activator-bridge exited ({status}); see {}",
+                    log.display()
+                );
             }
-            if let Ok(r) = http.get(format!("http://{}/readyz", bridge.admin)).send().await {
+            if let Ok(r) = http
+                .get(format!("http://{}/readyz", bridge.admin))
+                .send()
+                .await
+            {
                 if r.status().is_success() {
                     return Ok(bridge);
                 }
             }
             if Instant::now() > deadline {
-                bail!("ste-activator-bridge not ready within 30s; see {}", log.display());
+                bail!(
+                    "ste-activator-bridge not ready within 30s; see {}",
+                    log.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -369,18 +517,29 @@ impl BridgeProcess {
     /// Its /metrics as (series with labels → value), e.g.
     /// `ste_activator_bridge_races_total{result="won"}`.
     pub async fn metrics(&self) -> anyhow::Result<BTreeMap<String, f64>> {
-        let body = reqwest::Client::new().get(format!("http://{}/metrics", self.admin)).send().await?.text().await?;
+        let body = reqwest::Client::new()
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await?
+            .text()
+            .await?;
         Ok(body
             .lines()
             .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v))))
+            .filter_map(|l| {
+                l.rsplit_once(' ')
+                    .and_then(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
+            })
             .collect())
     }
 
     /// Stops it (SIGTERM, so it releases its Lease) and waits up to 5 s, then kills.
     pub fn stop(mut self) {
         let pid = self.process.child.id() as i32;
-        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if matches!(self.process.child.try_wait(), Ok(Some(_))) {
@@ -393,7 +552,11 @@ impl BridgeProcess {
 
 /// Sum of a metric family's series (all label values).
 pub fn metric_sum(metrics: &BTreeMap<String, f64>, prefix: &str) -> f64 {
-    metrics.iter().filter(|(k, _)| *k == prefix || k.starts_with(&format!("{prefix}{{"))).map(|(_, v)| v).sum()
+    metrics
+        .iter()
+        .filter(|(k, _)| *k == prefix || k.starts_with(&format!("{prefix}{{")))
+        .map(|(_, v)| v)
+        .sum()
 }
 
 // ---------------------------------------------------------------- benchmark
@@ -401,10 +564,21 @@ pub fn metric_sum(metrics: &BTreeMap<String, f64>, prefix: &str) -> f64 {
 #[derive(clap::Args, Clone, Debug)]
 pub struct ColdstartArgs {
     /// Storage arms to run, one after the other.
-    #[arg(long, value_enum, value_delimiter = ',', env = "STE_COLDSTART_ARMS", default_value = "stock,ste")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        env = "STE_COLDSTART_ARMS",
+        default_value = "stock,ste"
+    )]
     pub arms: Vec<Arm>,
     /// How many revisions to wake at once, one round per value.
-    #[arg(long, value_delimiter = ',', env = "STE_COLDSTART_REVISIONS", default_value = "1,5,25,100")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "STE_COLDSTART_REVISIONS",
+        default_value = "1,5,25,100"
+    )]
     pub revisions: Vec<usize>,
     /// Fake (kwok) nodes.
     #[arg(long, env = "STE_COLDSTART_NODES", default_value_t = 20)]
@@ -417,7 +591,12 @@ pub struct ColdstartArgs {
     pub client_qps: Option<u32>,
     /// Bridge modes to run after each round without the bridge (default:
     /// act on the ReplicaSet's 0→N; aggressive: on the Deployment's 0→N).
-    #[arg(long, value_delimiter = ',', env = "STE_COLDSTART_BRIDGE_MODES", default_value = "default,aggressive")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "STE_COLDSTART_BRIDGE_MODES",
+        default_value = "default,aggressive"
+    )]
     pub bridge_modes: Vec<String>,
     /// The ste-activator-bridge binary (default: next to ste-bench).
     #[arg(long, env = "STE_ACTIVATOR_BRIDGE_BIN")]
@@ -426,7 +605,11 @@ pub struct ColdstartArgs {
     #[arg(long, env = "STE_COLDSTART_SETTLE", default_value_t = 5)]
     pub settle: u64,
     /// Output directory (clusters, logs, coldstart.json, coldstart.md).
-    #[arg(long, env = "STE_COLDSTART_OUTPUT", default_value = "target/bench/coldstart")]
+    #[arg(
+        long,
+        env = "STE_COLDSTART_OUTPUT",
+        default_value = "target/bench/coldstart"
+    )]
     pub output: PathBuf,
 }
 
@@ -498,7 +681,11 @@ async fn round(
                 bin,
                 record,
                 &dir.join("logs").join(format!("bridge-{k}-{mode}.log")),
-                &["--lease-namespace=default", &format!("--mode={mode}"), &format!("--settle={}s", args.settle.max(1))],
+                &[
+                    "--lease-namespace=default",
+                    &format!("--mode={mode}"),
+                    &format!("--settle={}s", args.settle.max(1)),
+                ],
             )
             .await?,
         ),
@@ -508,7 +695,9 @@ async fn round(
     let rv = current_resource_version(record).await?;
     let t = times.clone();
     let watcher = watch_pods(record, &rv, move |pod, now| {
-        let Some(rev) = pod["metadata"]["labels"][REVISION_LABEL].as_str() else { return };
+        let Some(rev) = pod["metadata"]["labels"][REVISION_LABEL].as_str() else {
+            return;
+        };
         let mut t = t.lock().expect("times");
         if let Some(name) = pod["metadata"]["name"].as_str() {
             t.pods.insert(name.to_string());
@@ -516,7 +705,11 @@ async fn round(
         if pod["spec"]["nodeName"].is_string() {
             t.bound.entry(rev.to_string()).or_insert(now);
         }
-        let ready = pod["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "Ready" && c["status"] == "True");
+        let ready = pod["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
         if ready {
             t.ready.entry(rev.to_string()).or_insert(now);
         }
@@ -528,7 +721,9 @@ async fn round(
         let http = http.clone();
         async move {
             let at = Instant::now();
-            scale_revision(&http, record, s, 1).await.map(|()| (revision_of(s), at))
+            scale_revision(&http, record, s, 1)
+                .await
+                .map(|()| (revision_of(s), at))
         }
     });
     for result in futures::future::join_all(patches).await {
@@ -583,8 +778,14 @@ async fn round(
     if let Some(bridge) = bridge {
         let m = bridge.metrics().await?;
         result.bridge_pods_created = metric_sum(&m, "ste_activator_bridge_pods_created_total");
-        result.races_won = m.get("ste_activator_bridge_races_total{result=\"won\"}").copied().unwrap_or(0.0);
-        result.races_lost = m.get("ste_activator_bridge_races_total{result=\"lost\"}").copied().unwrap_or(0.0);
+        result.races_won = m
+            .get("ste_activator_bridge_races_total{result=\"won\"}")
+            .copied()
+            .unwrap_or(0.0);
+        result.races_lost = m
+            .get("ste_activator_bridge_races_total{result=\"lost\"}")
+            .copied()
+            .unwrap_or(0.0);
         result.duplicates_deleted = metric_sum(&m, "ste_activator_bridge_duplicates_deleted_total");
         result.rejections = metric_sum(&m, "ste_activator_bridge_rejections_total");
         bridge.stop();
@@ -599,7 +800,11 @@ async fn round(
     Ok(result)
 }
 
-async fn run_arm(args: &ColdstartArgs, arm: Arm, bridge_bin: &Path) -> anyhow::Result<Vec<RoundResult>> {
+async fn run_arm(
+    args: &ColdstartArgs,
+    arm: Arm,
+    bridge_bin: &Path,
+) -> anyhow::Result<Vec<RoundResult>> {
     let dir = std::path::absolute(args.output.join(format!("{arm:?}").to_lowercase()))?;
     eprintln!("== {arm:?} arm: cluster with {} nodes", args.nodes);
     let up = UpArgs {
@@ -609,7 +814,8 @@ async fn run_arm(args: &ColdstartArgs, arm: Arm, bridge_bin: &Path) -> anyhow::R
         events_to_ste: false,
         client_qps: args.client_qps,
         fsync_delay: None,
-        apiserver_env: Vec::new(), apiserver_bin: None,
+        apiserver_env: Vec::new(),
+        apiserver_bin: None,
         dir: dir.clone(),
     };
     let record = cluster::up(&up).await?;
@@ -626,7 +832,11 @@ async fn run_arm(args: &ColdstartArgs, arm: Arm, bridge_bin: &Path) -> anyhow::R
         wait_at_zero(&http, &record, &services, Duration::from_secs(300)).await?;
         let mut results = Vec::new();
         for &k in &args.revisions {
-            let variants = std::iter::once(None).chain(args.bridge_modes.iter().map(|m| Some((bridge_bin, m.as_str()))));
+            let variants = std::iter::once(None).chain(
+                args.bridge_modes
+                    .iter()
+                    .map(|m| Some((bridge_bin, m.as_str()))),
+            );
             for variant in variants {
                 knative.check()?;
                 let r = round(args, &record, &dir, &services[..k], variant, arm).await?;
@@ -662,10 +872,26 @@ pub fn markdown(results: &[RoundResult]) -> String {
             r.ready_p95_ms,
             r.ready_p99_ms,
             r.pods_seen,
-            if r.bridge != "none" { format!("{}", r.bridge_pods_created) } else { "–".into() },
-            if r.bridge != "none" { format!("{} / {}", r.races_won, r.races_lost) } else { "–".into() },
-            if r.bridge != "none" { format!("{}", r.duplicates_deleted) } else { "–".into() },
-            if r.bridge != "none" { format!("{}", r.rejections) } else { "–".into() },
+            if r.bridge != "none" {
+                format!("{}", r.bridge_pods_created)
+            } else {
+                "–".into()
+            },
+            if r.bridge != "none" {
+                format!("{} / {}", r.races_won, r.races_lost)
+            } else {
+                "–".into()
+            },
+            if r.bridge != "none" {
+                format!("{}", r.duplicates_deleted)
+            } else {
+                "–".into()
+            },
+            if r.bridge != "none" {
+                format!("{}", r.rejections)
+            } else {
+                "–".into()
+            },
         ));
     }
     out
@@ -675,7 +901,11 @@ pub async fn run(args: ColdstartArgs) -> anyhow::Result<Vec<RoundResult>> {
     if args.revisions.is_empty() || args.revisions.contains(&0) {
         bail!("--revisions needs positive counts, e.g. 1,5,25,100");
     }
-    if let Some(bad) = args.bridge_modes.iter().find(|m| !matches!(m.as_str(), "default" | "aggressive")) {
+    if let Some(bad) = args
+        .bridge_modes
+        .iter()
+        .find(|m| !matches!(m.as_str(), "default" | "aggressive"))
+    {
         bail!("--bridge-modes: {bad:?} is not default or aggressive");
     }
     let bridge_bin = bridge_binary(&args)?;
@@ -685,9 +915,15 @@ pub async fn run(args: ColdstartArgs) -> anyhow::Result<Vec<RoundResult>> {
         results.extend(run_arm(&args, arm, &bridge_bin).await?);
     }
     let table = markdown(&results);
-    std::fs::write(args.output.join("coldstart.json"), serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(
+        args.output.join("coldstart.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
     std::fs::write(args.output.join("coldstart.md"), &table)?;
     println!("{table}");
-    eprintln!("results in {}", args.output.join("coldstart.json").display());
+    eprintln!(
+        "results in {}",
+        args.output.join("coldstart.json").display()
+    );
     Ok(results)
 }

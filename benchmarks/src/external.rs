@@ -37,20 +37,31 @@ pub struct ExternalArgs {
 
 impl Default for ExternalArgs {
     fn default() -> Self {
-        ExternalArgs { kubeconfig: None, arm_name: "cluster".into(), namespace: "ste-bench".into() }
+        ExternalArgs {
+            kubeconfig: None,
+            arm_name: "cluster".into(),
+            namespace: "ste-bench".into(),
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeconfigError {
     #[error("reading kubeconfig {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("kubeconfig {path} is not valid YAML: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("kubeconfig {path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("kubeconfig {path}: user {user:?} authenticates with {method}, which ste-bench does not support; use a user with a token or a client certificate")]
-    Unsupported { path: PathBuf, user: String, method: &'static str },
+    Unsupported {
+        path: PathBuf,
+        user: String,
+        method: &'static str,
+    },
 }
 
 /// TLS settings of a cluster given by kubeconfig (None in a record: the
@@ -139,15 +150,23 @@ struct ContextEntry {
 
 /// Reads the current context of the kubeconfig at `path`.
 pub fn load(path: &Path) -> Result<Endpoint, KubeconfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KubeconfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| KubeconfigError::Read {
+        path: path.into(),
+        source,
+    })?;
     parse(&text, path)
 }
 
 /// Parses kubeconfig `text`; relative file references are resolved against `path`'s directory.
 pub fn parse(text: &str, path: &Path) -> Result<Endpoint, KubeconfigError> {
-    let invalid = |message: String| KubeconfigError::Invalid { path: path.into(), message };
-    let config: Config =
-        serde_saphyr::from_str(text).map_err(|e| KubeconfigError::Parse { path: path.into(), message: e.to_string() })?;
+    let invalid = |message: String| KubeconfigError::Invalid {
+        path: path.into(),
+        message,
+    };
+    let config: Config = serde_saphyr::from_str(text).map_err(|e| KubeconfigError::Parse {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let read = |file: &str| -> Result<Vec<u8>, KubeconfigError> {
         let file = base.join(file);
@@ -184,7 +203,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Endpoint, KubeconfigError> {
             .map(|u| u.value.as_ref().unwrap_or(&default_user))
             .ok_or_else(|| invalid(format!("user {:?} not found", context.user)))?
     };
-    let unsupported = |method| KubeconfigError::Unsupported { path: path.into(), user: context.user.clone(), method };
+    let unsupported = |method| KubeconfigError::Unsupported {
+        path: path.into(),
+        user: context.user.clone(),
+        method,
+    };
     if user.exec.is_some() {
         return Err(unsupported("an exec plugin"));
     }
@@ -195,13 +218,24 @@ pub fn parse(text: &str, path: &Path) -> Result<Endpoint, KubeconfigError> {
         return Err(unsupported("basic auth (username/password)"));
     }
     if cluster.server.is_empty() {
-        return Err(invalid(format!("cluster {:?} has no server", context.cluster)));
+        return Err(invalid(format!(
+            "cluster {:?} has no server",
+            context.cluster
+        )));
     }
     if !cluster.server.starts_with("https://") && !cluster.server.starts_with("http://") {
-        return Err(invalid(format!("server {:?} is not an http(s) URL", cluster.server)));
+        return Err(invalid(format!(
+            "server {:?} is not an http(s) URL",
+            cluster.server
+        )));
     }
-    let data = |what: &str, value: &str| base64_decode(value).ok_or_else(|| invalid(format!("{what} is not valid base64")));
-    let ca_pem = match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
+    let data = |what: &str, value: &str| {
+        base64_decode(value).ok_or_else(|| invalid(format!("{what} is not valid base64")))
+    };
+    let ca_pem = match (
+        &cluster.certificate_authority_data,
+        &cluster.certificate_authority,
+    ) {
         (Some(d), _) => Some(data("certificate-authority-data", d)?),
         (None, Some(f)) => Some(read(f)?),
         (None, None) => None,
@@ -223,7 +257,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Endpoint, KubeconfigError> {
             Some(cert)
         }
         (None, None) => None,
-        _ => return Err(invalid(format!("user {:?} has a client certificate or key but not both", context.user))),
+        _ => {
+            return Err(invalid(format!(
+                "user {:?} has a client certificate or key but not both",
+                context.user
+            )))
+        }
     };
     let token = match (&user.token, &user.token_file) {
         (Some(t), _) => t.trim().to_string(),
@@ -236,14 +275,21 @@ pub fn parse(text: &str, path: &Path) -> Result<Endpoint, KubeconfigError> {
     Ok(Endpoint {
         server: cluster.server.trim_end_matches('/').to_string(),
         token,
-        tls: Tls { insecure: cluster.insecure_skip_tls_verify, ca_pem, identity_pem },
+        tls: Tls {
+            insecure: cluster.insecure_skip_tls_verify,
+            ca_pem,
+            identity_pem,
+        },
     })
 }
 
 fn base64_decode(text: &str) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     let (mut acc, mut bits) = (0u32, 0u32);
-    for c in text.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=') {
+    for c in text
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+    {
         let v = match c {
             b'A'..=b'Z' => c - b'A',
             b'a'..=b'z' => c - b'a' + 26,
@@ -285,9 +331,15 @@ pub async fn connect(args: &ExternalArgs) -> anyhow::Result<ClusterRecord> {
     }
     if args.namespace.is_empty()
         || args.namespace.len() > 63
-        || !args.namespace.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        || !args
+            .namespace
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        bail!("--namespace {:?} is not a valid namespace name (lowercase letters, digits and '-')", args.namespace);
+        bail!(
+            "--namespace {:?} is not a valid namespace name (lowercase letters, digits and '-')",
+            args.namespace
+        );
     }
     let endpoint = load(path)?;
     if let Ok(mut name) = ARM_NAME.write() {
@@ -320,13 +372,27 @@ pub async fn connect(args: &ExternalArgs) -> anyhow::Result<ClusterRecord> {
         409 => bail!("namespace {} already exists in that cluster; delete it or pick another with --namespace", args.namespace),
         code => bail!("creating namespace {}: HTTP {code}: {}", args.namespace, response.text().await.unwrap_or_default()),
     }
-    eprintln!("• running against {} (arm {:?}) in namespace {}", record.api_url, arm_name(), record.namespace);
+    eprintln!(
+        "• running against {} (arm {:?}) in namespace {}",
+        record.api_url,
+        arm_name(),
+        record.namespace
+    );
     // Pods are refused until the namespace's default ServiceAccount exists
     // (where the ServiceAccount admission plugin is on).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let url = format!("{}/api/v1/namespaces/{}/serviceaccounts/default", record.api_url, record.namespace);
-        let code = http.get(&url).auth(&record).send().await.map(|r| r.status().as_u16()).unwrap_or(0);
+        let url = format!(
+            "{}/api/v1/namespaces/{}/serviceaccounts/default",
+            record.api_url, record.namespace
+        );
+        let code = http
+            .get(&url)
+            .auth(&record)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
         if code == 200 || Instant::now() > deadline {
             break;
         }
@@ -342,17 +408,30 @@ pub async fn cleanup(record: &ClusterRecord) -> anyhow::Result<()> {
     let url = format!("{}/api/v1/namespaces/{}", record.api_url, record.namespace);
     let response = http.delete(&url).auth(record).send().await?;
     if !response.status().is_success() && response.status().as_u16() != 404 {
-        anyhow::bail!("deleting namespace {}: HTTP {}", record.namespace, response.status());
+        anyhow::bail!(
+            "deleting namespace {}: HTTP {}",
+            record.namespace,
+            response.status()
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
-        if http.get(&url).auth(record).send().await.is_ok_and(|r| r.status().as_u16() == 404) {
+        if http
+            .get(&url)
+            .auth(record)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().as_u16() == 404)
+        {
             eprintln!("• namespace {} deleted", record.namespace);
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    eprintln!("• namespace {} still terminating after 120 s (left to the cluster)", record.namespace);
+    eprintln!(
+        "• namespace {} still terminating after 120 s (left to the cluster)",
+        record.namespace
+    );
     Ok(())
 }
 
@@ -378,9 +457,16 @@ mod tests {
         const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = String::new();
         for chunk in bytes.chunks(3) {
-            let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
             for i in 0..4 {
-                out.push(if i <= chunk.len() { A[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+                out.push(if i <= chunk.len() {
+                    A[(n >> (18 - 6 * i) & 63) as usize] as char
+                } else {
+                    '='
+                });
             }
         }
         out
@@ -388,7 +474,13 @@ mod tests {
 
     #[test]
     fn base64_round_trips() {
-        for text in [&b""[..], b"a", b"ab", b"abc", b"-----BEGIN CERTIFICATE-----\nMIIB\n"] {
+        for text in [
+            &b""[..],
+            b"a",
+            b"ab",
+            b"abc",
+            b"-----BEGIN CERTIFICATE-----\nMIIB\n",
+        ] {
             assert_eq!(base64_decode(&b64(text)).as_deref(), Some(text));
         }
         assert_eq!(base64_decode("!!"), None);
@@ -400,7 +492,14 @@ mod tests {
         let token = "apiVersion: v1\nclusters:\n- name: c\n  cluster:\n    server: https://10.0.0.1:6443/\n    insecure-skip-tls-verify: true\n\
                      users:\n- name: u\n  user:\n    token: abc\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n";
         let endpoint = parse(token, path).expect("token user");
-        assert_eq!((endpoint.server.as_str(), endpoint.token.as_str(), endpoint.tls.insecure), ("https://10.0.0.1:6443", "abc", true));
+        assert_eq!(
+            (
+                endpoint.server.as_str(),
+                endpoint.token.as_str(),
+                endpoint.tls.insecure
+            ),
+            ("https://10.0.0.1:6443", "abc", true)
+        );
         let certs = format!(
             "clusters:\n- name: c\n  cluster:\n    server: https://h:6443\n    certificate-authority-data: {}\n\
              users:\n- name: u\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n\
@@ -410,7 +509,10 @@ mod tests {
         let endpoint = parse(&certs, path).expect("certificate user");
         assert_eq!(endpoint.token, "");
         assert_eq!(endpoint.tls.ca_pem.as_deref(), Some(&b"CA"[..]));
-        assert_eq!(endpoint.tls.identity_pem.as_deref(), Some(&b"CERT\nKEY"[..]));
+        assert_eq!(
+            endpoint.tls.identity_pem.as_deref(),
+            Some(&b"CERT\nKEY"[..])
+        );
     }
 
     #[test]
@@ -421,8 +523,16 @@ mod tests {
         let err = parse(exec, path).expect_err("exec refused").to_string();
         assert!(err.contains("exec plugin"), "{err}");
         let missing = "clusters: []\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n";
-        assert!(parse(missing, path).expect_err("no cluster").to_string().contains("cluster \"c\" not found"));
-        let err = load(Path::new("/nonexistent/kubeconfig")).expect_err("missing file").to_string();
-        assert!(err.contains("reading kubeconfig /nonexistent/kubeconfig"), "{err}");
+        assert!(parse(missing, path)
+            .expect_err("no cluster")
+            .to_string()
+            .contains("cluster \"c\" not found"));
+        let err = load(Path::new("/nonexistent/kubeconfig"))
+            .expect_err("missing file")
+            .to_string();
+        assert!(
+            err.contains("reading kubeconfig /nonexistent/kubeconfig"),
+            "{err}"
+        );
     }
 }

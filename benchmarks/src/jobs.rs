@@ -12,13 +12,21 @@ use anyhow::bail;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::churn::{clear_namespace, client_for, current_resource_version, delete_path, watch_pods, Authed};
+use crate::churn::{
+    clear_namespace, client_for, current_resource_version, delete_path, watch_pods, Authed,
+};
 use crate::cluster::{self, Arm, ClusterRecord, UpArgs};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct JobsArgs {
     /// Arms to run, one after the other, each on a fresh cluster.
-    #[arg(long, env = "STE_JOBS_ARMS", value_enum, value_delimiter = ',', default_value = "stock,tuned,ste")]
+    #[arg(
+        long,
+        env = "STE_JOBS_ARMS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "stock,tuned,ste"
+    )]
     pub arms: Vec<Arm>,
     /// Pods per burst: N Jobs × 1 pod, then 1 Job × N pods.
     #[arg(long, env = "STE_JOBS_PODS", default_value_t = 100)]
@@ -43,7 +51,11 @@ pub struct JobsArgs {
 }
 
 /// Both bursts on one cluster.
-async fn bursts(args: &JobsArgs, arm: Arm, record: &ClusterRecord) -> anyhow::Result<Vec<BurstResult>> {
+async fn bursts(
+    args: &JobsArgs,
+    arm: Arm,
+    record: &ClusterRecord,
+) -> anyhow::Result<Vec<BurstResult>> {
     let many = burst(record, arm, "jobs-x1", args.pods, 1).await?;
     delete_jobs(record).await?;
     let wide = burst(record, arm, "job-x-pods", 1, args.pods).await?;
@@ -80,26 +92,41 @@ fn job(name: &str, pods: usize) -> Value {
     })
 }
 
-async fn burst(record: &ClusterRecord, arm: Arm, scenario: &str, jobs: usize, pods_per_job: usize) -> anyhow::Result<BurstResult> {
+async fn burst(
+    record: &ClusterRecord,
+    arm: Arm,
+    scenario: &str,
+    jobs: usize,
+    pods_per_job: usize,
+) -> anyhow::Result<BurstResult> {
     let http = client_for(record)?;
     let seen = Arc::new(Mutex::new(Seen::default()));
     let watcher = {
         let seen = seen.clone();
-        watch_pods(record, &current_resource_version(record).await?, move |pod, now| {
-            let Some(name) = pod["metadata"]["name"].as_str() else { return };
-            if pod["metadata"]["labels"]["batch.kubernetes.io/job-name"].is_null() {
-                return;
-            }
-            let mut seen = seen.lock().expect("seen lock");
-            seen.created.entry(name.to_string()).or_insert(now);
-            if pod["spec"]["nodeName"].is_string() {
-                seen.bound.entry(name.to_string()).or_insert(now);
-            }
-            // kwok may run and complete a pod between two events: either counts as started.
-            if matches!(pod["status"]["phase"].as_str(), Some("Running" | "Succeeded")) {
-                seen.running.entry(name.to_string()).or_insert(now);
-            }
-        })?
+        watch_pods(
+            record,
+            &current_resource_version(record).await?,
+            move |pod, now| {
+                let Some(name) = pod["metadata"]["name"].as_str() else {
+                    return;
+                };
+                if pod["metadata"]["labels"]["batch.kubernetes.io/job-name"].is_null() {
+                    return;
+                }
+                let mut seen = seen.lock().expect("seen lock");
+                seen.created.entry(name.to_string()).or_insert(now);
+                if pod["spec"]["nodeName"].is_string() {
+                    seen.bound.entry(name.to_string()).or_insert(now);
+                }
+                // kwok may run and complete a pod between two events: either counts as started.
+                if matches!(
+                    pod["status"]["phase"].as_str(),
+                    Some("Running" | "Succeeded")
+                ) {
+                    seen.running.entry(name.to_string()).or_insert(now);
+                }
+            },
+        )?
     };
     let total = jobs * pods_per_job;
     let start = Instant::now();
@@ -108,7 +135,10 @@ async fn burst(record: &ClusterRecord, arm: Arm, scenario: &str, jobs: usize, po
         let body = job(&format!("{scenario}-{i}"), pods_per_job);
         tokio::spawn(async move {
             let response = http
-                .post(format!("{}/apis/batch/v1/namespaces/{}/jobs", record.api_url, record.namespace))
+                .post(format!(
+                    "{}/apis/batch/v1/namespaces/{}/jobs",
+                    record.api_url, record.namespace
+                ))
                 .auth(&record)
                 .json(&body)
                 .send()
@@ -138,7 +168,11 @@ async fn burst(record: &ClusterRecord, arm: Arm, scenario: &str, jobs: usize, po
     watcher.abort();
     let seen = seen.lock().expect("seen lock");
     let last = |times: &HashMap<String, Instant>| {
-        times.values().max().map(|t| t.duration_since(start).as_secs_f64()).unwrap_or(f64::NAN)
+        times
+            .values()
+            .max()
+            .map(|t| t.duration_since(start).as_secs_f64())
+            .unwrap_or(f64::NAN)
     };
     Ok(BurstResult {
         arm,
@@ -151,7 +185,12 @@ async fn burst(record: &ClusterRecord, arm: Arm, scenario: &str, jobs: usize, po
 }
 
 async fn delete_jobs(record: &ClusterRecord) -> anyhow::Result<()> {
-    delete_path(&client_for(record)?, record, &format!("/apis/batch/v1/namespaces/{}/jobs", record.namespace)).await?;
+    delete_path(
+        &client_for(record)?,
+        record,
+        &format!("/apis/batch/v1/namespaces/{}/jobs", record.namespace),
+    )
+    .await?;
     clear_namespace(record).await
 }
 
@@ -163,9 +202,19 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Vec<BurstResult>> {
     let mut results = Vec::new();
     let external = args.external.kubeconfig.is_some();
     if external {
-        eprintln!("[1/1] the cluster of {}", args.external.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+        eprintln!(
+            "[1/1] the cluster of {}",
+            args.external
+                .kubeconfig
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
         let args = &args;
-        results = crate::external::run(&args.external, move |record| async move { bursts(args, Arm::External, &record).await }).await?;
+        results = crate::external::run(&args.external, move |record| async move {
+            bursts(args, Arm::External, &record).await
+        })
+        .await?;
     }
     for (i, arm) in args.arms.iter().enumerate().filter(|_| !external) {
         eprintln!("[{}/{}] {arm:?} arm", i + 1, args.arms.len());
@@ -176,7 +225,8 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Vec<BurstResult>> {
             events_to_ste: *arm == Arm::Ste,
             client_qps: args.client_qps,
             fsync_delay: args.fsync_delay,
-            apiserver_env: Vec::new(), apiserver_bin: None,
+            apiserver_env: Vec::new(),
+            apiserver_bin: None,
             dir: std::path::absolute(args.output.join(format!("{arm:?}").to_lowercase()))?,
         })
         .await?;
@@ -188,12 +238,20 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Vec<BurstResult>> {
     println!(
         "Job bursts: {n} Jobs × 1 pod (jobs-x1) and 1 Job × {n} pods (job-x-pods), {}",
         match &args.external.kubeconfig {
-            Some(path) => format!("on the cluster of {} (namespace {})", path.display(), args.external.namespace),
+            Some(path) => format!(
+                "on the cluster of {} (namespace {})",
+                path.display(),
+                args.external.namespace
+            ),
             None => format!(
                 "{} fake nodes, client QPS {}, durable etcd fsync delay {}",
                 args.nodes,
-                args.client_qps.map(|q| q.to_string()).unwrap_or_else(|| "Kubernetes defaults".into()),
-                args.fsync_delay.map(|d| format!("{d:?}")).unwrap_or_else(|| "none".into())
+                args.client_qps
+                    .map(|q| q.to_string())
+                    .unwrap_or_else(|| "Kubernetes defaults".into()),
+                args.fsync_delay
+                    .map(|d| format!("{d:?}"))
+                    .unwrap_or_else(|| "none".into())
             ),
         },
         n = args.pods,
@@ -202,11 +260,20 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Vec<BurstResult>> {
     println!("| arm | scenario | pods | all created s | all bound s | all Running s | × stock (Running) |");
     println!("|---|---|---|---|---|---|---|");
     for r in &results {
-        let stock = results.iter().find(|b| b.arm == Arm::Stock && b.scenario == r.scenario);
+        let stock = results
+            .iter()
+            .find(|b| b.arm == Arm::Stock && b.scenario == r.scenario);
         println!(
             "| {:?} | {} | {} | {:.2} | {:.2} | {:.2} | {} |",
-            r.arm, r.scenario, r.pods, r.all_created_s, r.all_bound_s, r.all_running_s,
-            stock.map(|s| format!("{:.2}", r.all_running_s / s.all_running_s)).unwrap_or_else(|| "–".into())
+            r.arm,
+            r.scenario,
+            r.pods,
+            r.all_created_s,
+            r.all_bound_s,
+            r.all_running_s,
+            stock
+                .map(|s| format!("{:.2}", r.all_running_s / s.all_running_s))
+                .unwrap_or_else(|| "–".into())
         );
     }
     let path = args.output.join("results.json");

@@ -6,7 +6,11 @@ use ste_bench::{churn, cluster, coldstart, jobs, ring, router_bench, startup};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ste-bench", version, about = "STE benchmarks, arms side by side in one run")]
+#[command(
+    name = "ste-bench",
+    version,
+    about = "STE benchmarks, arms side by side in one run"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,12 +68,16 @@ enum ClusterCommand {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Router(args) => router_bench::run(args).await,
-        Command::Cluster { command: ClusterCommand::Up(args) } => {
+        Command::Cluster {
+            command: ClusterCommand::Up(args),
+        } => {
             let record = cluster::up_with_real(&args.up, &args.agents, &args.real).await?;
             cluster::print_summary(&record, &std::path::absolute(&args.up.dir)?);
             Ok(())
         }
-        Command::Cluster { command: ClusterCommand::Down(args) } => cluster::down(&args).await,
+        Command::Cluster {
+            command: ClusterCommand::Down(args),
+        } => cluster::down(&args).await,
         Command::Churn(args) => churn::run(args).await.map(|_| ()),
         Command::Jobs(args) => jobs::run(args).await.map(|_| ()),
         Command::Startup(args) => startup::run(args).await.map(|_| ()),

@@ -12,7 +12,9 @@ const LEFT: f64 = 70.0;
 const RIGHT: f64 = 190.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 50.0;
-const COLORS: [&str; 6] = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"];
+const COLORS: [&str; 6] = [
+    "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+];
 
 /// One line: a label and its points.
 pub struct Series {
@@ -22,8 +24,16 @@ pub struct Series {
 
 /// A line chart with linear axes from 0 to the data's maximum.
 pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
-    let max_x = series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).fold(0.0, f64::max).max(1e-9);
-    let max_y = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(0.0, f64::max).max(1e-9);
+    let max_x = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .fold(0.0, f64::max)
+        .max(1e-9);
+    let max_y = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .fold(0.0, f64::max)
+        .max(1e-9);
     let plot_w = WIDTH - LEFT - RIGHT;
     let plot_h = HEIGHT - TOP - BOTTOM;
     let x = |v: f64| LEFT + v / max_x * plot_w;
@@ -72,7 +82,11 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     );
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let points: Vec<String> = s.points.iter().map(|(px, py)| format!("{:.1},{:.1}", x(*px), y(*py))).collect();
+        let points: Vec<String> = s
+            .points
+            .iter()
+            .map(|(px, py)| format!("{:.1},{:.1}", x(*px), y(*py)))
+            .collect();
         let _ = write!(
             svg,
             r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>
@@ -101,11 +115,16 @@ fn short(v: f64) -> String {
 }
 
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn label(r: &ArmResult) -> String {
-    let qps = r.client_qps.map(|q| format!("qps {q}")).unwrap_or_else(|| "default qps".into());
+    let qps = r
+        .client_qps
+        .map(|q| format!("qps {q}"))
+        .unwrap_or_else(|| "default qps".into());
     format!("{:?} {qps} {:.0}/s", r.arm, r.offered_per_s)
 }
 
@@ -119,19 +138,33 @@ pub fn churn(results: &[ArmResult], dir: &Path) -> std::io::Result<()> {
             let n = latencies.len().max(1) as f64;
             Series {
                 label: label(r),
-                points: latencies.iter().enumerate().map(|(i, ms)| (*ms, (i + 1) as f64 / n)).collect(),
+                points: latencies
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ms)| (*ms, (i + 1) as f64 / n))
+                    .collect(),
             }
         })
         .collect();
     std::fs::write(
         dir.join("churn-latency-cdf.svg"),
-        line_chart("create → pod bound, CDF", "milliseconds", "fraction of Deployments", &cdf),
+        line_chart(
+            "create → pod bound, CDF",
+            "milliseconds",
+            "fraction of Deployments",
+            &cdf,
+        ),
     )?;
     let over_time: Vec<Series> = results
         .iter()
         .map(|r| Series {
             label: label(r),
-            points: r.bound_samples.iter().enumerate().map(|(i, (t, _))| (*t, (i + 1) as f64)).collect(),
+            points: r
+                .bound_samples
+                .iter()
+                .enumerate()
+                .map(|(i, (t, _))| (*t, (i + 1) as f64))
+                .collect(),
         })
         .chain(results.iter().take(1).map(|r| Series {
             label: format!("offered {:.0}/s", r.offered_per_s),
@@ -140,7 +173,12 @@ pub fn churn(results: &[ArmResult], dir: &Path) -> std::io::Result<()> {
         .collect();
     std::fs::write(
         dir.join("churn-bound-over-time.svg"),
-        line_chart("pods bound over time (and the offered load)", "seconds from start", "Deployments with a bound pod", &over_time),
+        line_chart(
+            "pods bound over time (and the offered load)",
+            "seconds from start",
+            "Deployments with a bound pod",
+            &over_time,
+        ),
     )?;
     Ok(())
 }
@@ -148,7 +186,12 @@ pub fn churn(results: &[ArmResult], dir: &Path) -> std::io::Result<()> {
 /// Bound pods per second in one-second bins, from a run's (seconds from
 /// start, latency) samples, up to `until` seconds.
 fn bound_per_second(samples: &[(f64, f64)], until: f64) -> Vec<(f64, f64)> {
-    let seconds = samples.iter().map(|s| s.0).fold(until, f64::max).ceil().max(1.0) as usize;
+    let seconds = samples
+        .iter()
+        .map(|s| s.0)
+        .fold(until, f64::max)
+        .ceil()
+        .max(1.0) as usize;
     let mut bins = vec![0usize; seconds];
     for (t, _) in samples {
         bins[(t.max(0.0) as usize).min(seconds - 1)] += 1;
@@ -168,11 +211,25 @@ pub fn churn_throughput(results: &[ArmResult], dir: &Path) -> std::io::Result<Ve
         let sending = r.sent as f64 / r.offered_per_s;
         let offered = Series {
             label: format!("offered {:.1}/s", r.offered_per_s),
-            points: vec![(0.0, r.offered_per_s), (sending, r.offered_per_s), (sending, 0.0)],
+            points: vec![
+                (0.0, r.offered_per_s),
+                (sending, r.offered_per_s),
+                (sending, 0.0),
+            ],
         };
-        let bound = Series { label: "pods bound/s".into(), points: bound_per_second(&r.bound_samples, sending) };
-        let qps = r.client_qps.map(|q| format!("qps{q}")).unwrap_or_else(|| "default".into());
-        let name = format!("churn-throughput-{:?}-{qps}-{:.0}.svg", r.arm, r.offered_per_s).to_lowercase();
+        let bound = Series {
+            label: "pods bound/s".into(),
+            points: bound_per_second(&r.bound_samples, sending),
+        };
+        let qps = r
+            .client_qps
+            .map(|q| format!("qps{q}"))
+            .unwrap_or_else(|| "default".into());
+        let name = format!(
+            "churn-throughput-{:?}-{qps}-{:.0}.svg",
+            r.arm, r.offered_per_s
+        )
+        .to_lowercase();
         std::fs::write(
             dir.join(&name),
             line_chart(
@@ -198,28 +255,51 @@ pub fn startup(results: &[crate::startup::LevelResult], dir: &Path) -> std::io::
         }
     }
     let per_arm = |arm, value: &dyn Fn(&crate::startup::LevelResult) -> f64| -> Vec<(f64, f64)> {
-        results.iter().filter(|r| r.arm == arm).map(|r| (r.parallelism as f64, value(r))).collect()
+        results
+            .iter()
+            .filter(|r| r.arm == arm)
+            .map(|r| (r.parallelism as f64, value(r)))
+            .collect()
     };
     let latency: Vec<Series> = arms
         .iter()
         .flat_map(|arm| {
             [
-                Series { label: format!("{arm:?} p50"), points: per_arm(*arm, &|r| r.running_p50_ms) },
-                Series { label: format!("{arm:?} p99"), points: per_arm(*arm, &|r| r.running_p99_ms) },
+                Series {
+                    label: format!("{arm:?} p50"),
+                    points: per_arm(*arm, &|r| r.running_p50_ms),
+                },
+                Series {
+                    label: format!("{arm:?} p99"),
+                    points: per_arm(*arm, &|r| r.running_p99_ms),
+                },
             ]
         })
         .collect();
     std::fs::write(
         dir.join("startup-latency.svg"),
-        line_chart("create → pod Running, p50 and p99", "Deployments created at once", "milliseconds", &latency),
+        line_chart(
+            "create → pod Running, p50 and p99",
+            "Deployments created at once",
+            "milliseconds",
+            &latency,
+        ),
     )?;
     let throughput: Vec<Series> = arms
         .iter()
-        .map(|arm| Series { label: format!("{arm:?}"), points: per_arm(*arm, &|r| r.deployments_per_s) })
+        .map(|arm| Series {
+            label: format!("{arm:?}"),
+            points: per_arm(*arm, &|r| r.deployments_per_s),
+        })
         .collect();
     std::fs::write(
         dir.join("startup-throughput.svg"),
-        line_chart("Deployments fully available per second", "Deployments created at once", "Deployments/s", &throughput),
+        line_chart(
+            "Deployments fully available per second",
+            "Deployments created at once",
+            "Deployments/s",
+            &throughput,
+        ),
     )?;
     Ok(())
 }
@@ -235,8 +315,14 @@ mod tests {
             "x",
             "y",
             &[
-                Series { label: "a".into(), points: vec![(0.0, 0.0), (1.0, 2.0)] },
-                Series { label: "b".into(), points: vec![(0.5, 1.0)] },
+                Series {
+                    label: "a".into(),
+                    points: vec![(0.0, 0.0), (1.0, 2.0)],
+                },
+                Series {
+                    label: "b".into(),
+                    points: vec![(0.5, 1.0)],
+                },
             ],
         );
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
@@ -249,6 +335,16 @@ mod tests {
         let samples = [(0.1, 5.0), (0.9, 5.0), (2.5, 5.0)];
         let points = bound_per_second(&samples, 2.0);
         // Seconds 0, 1, 2: 2, 0, 1 pods bound, each held over its second.
-        assert_eq!(points, vec![(0.0, 2.0), (1.0, 2.0), (1.0, 0.0), (2.0, 0.0), (2.0, 1.0), (3.0, 1.0)]);
+        assert_eq!(
+            points,
+            vec![
+                (0.0, 2.0),
+                (1.0, 2.0),
+                (1.0, 0.0),
+                (2.0, 0.0),
+                (2.0, 1.0),
+                (3.0, 1.0)
+            ]
+        );
     }
 }

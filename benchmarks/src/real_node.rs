@@ -50,7 +50,11 @@ const KUBELET_SYSCTLS: [&str; 6] = [
 ];
 /// Paths outside its root directory the kubelet creates (the device plugin
 /// socket is hard-coded; so is the legacy container log symlink directory).
-const KUBELET_HOST_PATHS: [&str; 3] = ["/var/lib/kubelet", "/var/lib/kubelet/device-plugins", "/var/log/containers"];
+const KUBELET_HOST_PATHS: [&str; 3] = [
+    "/var/lib/kubelet",
+    "/var/lib/kubelet/device-plugins",
+    "/var/log/containers",
+];
 const RECORD: &str = "real-nodes.json";
 
 #[derive(clap::Args, Clone, Debug)]
@@ -68,7 +72,10 @@ pub struct RealNodeArgs {
 
 impl Default for RealNodeArgs {
     fn default() -> Self {
-        RealNodeArgs { real_nodes: 0, images_dir: PathBuf::from("target/images") }
+        RealNodeArgs {
+            real_nodes: 0,
+            images_dir: PathBuf::from("target/images"),
+        }
     }
 }
 
@@ -111,7 +118,9 @@ pub struct NodeProcess {
 pub fn read_record(dir: &Path) -> anyhow::Result<Option<RealNodesRecord>> {
     let path = dir.join(RECORD);
     match std::fs::read_to_string(&path) {
-        Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?)),
+        Ok(text) => Ok(Some(
+            serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?,
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
@@ -123,9 +132,17 @@ fn save(dir: &Path, record: &RealNodesRecord) -> anyhow::Result<()> {
 }
 
 fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program).args(args).stdin(Stdio::null()).output().with_context(|| format!("running {program}"))?;
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program}"))?;
     if !out.status.success() {
-        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -140,13 +157,33 @@ fn client_cert(dir: &Path, name: &str, cn: &str, org: &str) -> anyhow::Result<(P
     let pki = pki(dir);
     std::fs::create_dir_all(&pki)?;
     let (ca, ca_key) = (pki.join("ca.crt"), pki.join("ca.key"));
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     if !ca.is_file() {
         let mut args = vec!["req", "-x509"];
         args.extend(ec);
         let (key, crt) = (ca_key.display().to_string(), ca.display().to_string());
-        args.extend(["-keyout", &key, "-out", &crt, "-days", "3650", "-subj", "/CN=ste-local-ca"]);
-        args.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,digitalSignature,keyCertSign"]);
+        args.extend([
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=ste-local-ca",
+        ]);
+        args.extend([
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,digitalSignature,keyCertSign",
+        ]);
         run("openssl", &args).context("making the cluster CA")?;
     }
     let (key, csr, crt, ext) = (
@@ -155,15 +192,27 @@ fn client_cert(dir: &Path, name: &str, cn: &str, org: &str) -> anyhow::Result<(P
         pki.join(format!("{name}.crt")),
         pki.join(format!("{name}.ext")),
     );
-    let (key_s, csr_s, crt_s, ext_s) =
-        (key.display().to_string(), csr.display().to_string(), crt.display().to_string(), ext.display().to_string());
+    let (key_s, csr_s, crt_s, ext_s) = (
+        key.display().to_string(),
+        csr.display().to_string(),
+        crt.display().to_string(),
+        ext.display().to_string(),
+    );
     let subject = format!("/O={org}/CN={cn}");
     let mut args = vec!["req", "-new"];
     args.extend(ec);
     args.extend(["-keyout", &key_s, "-out", &csr_s, "-subj", &subject]);
     run("openssl", &args).with_context(|| format!("making {name}'s key"))?;
-    std::fs::write(&ext, "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n")?;
-    let serial = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
+    std::fs::write(
+        &ext,
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )?;
+    let serial = format!(
+        "{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos()
+    );
     let (ca_s, ca_key_s) = (ca.display().to_string(), ca_key.display().to_string());
     run(
         "openssl",
@@ -194,7 +243,12 @@ fn client_cert(dir: &Path, name: &str, cn: &str, org: &str) -> anyhow::Result<(P
 /// cluster's CA, the Node authorizer and NodeRestriction (as kubeadm sets
 /// them), and a client certificate to reach kubelets (logs, exec).
 pub fn apiserver_args(dir: &Path, args: &mut Vec<String>) -> anyhow::Result<()> {
-    let (crt, key) = client_cert(dir, "apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters")?;
+    let (crt, key) = client_cert(
+        dir,
+        "apiserver-kubelet-client",
+        "kube-apiserver-kubelet-client",
+        "system:masters",
+    )?;
     for arg in args.iter_mut() {
         if arg == "--authorization-mode=RBAC" {
             *arg = "--authorization-mode=Node,RBAC".into();
@@ -212,19 +266,31 @@ pub fn apiserver_args(dir: &Path, args: &mut Vec<String>) -> anyhow::Result<()> 
 }
 
 fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join(program)).find(|path| path.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|path| path.is_file())
 }
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .map(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
@@ -239,7 +305,12 @@ fn spawn(binary: &Path, args: &[String], log: &Path) -> anyhow::Result<NodeProce
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
-    Ok(NodeProcess { pid: child.id(), binary: binary.display().to_string(), args: args.to_vec(), log: log.to_path_buf() })
+    Ok(NodeProcess {
+        pid: child.id(),
+        binary: binary.display().to_string(),
+        args: args.to_vec(),
+        log: log.to_path_buf(),
+    })
 }
 
 /// Starts `args.real_nodes` real nodes and waits until each is Ready.
@@ -249,7 +320,14 @@ pub async fn start(dir: &Path, api: &Api, args: &RealNodeArgs) -> anyhow::Result
     if !is_root() {
         bail!("--real-nodes needs root (containerd, a bridge and cgroups per node)");
     }
-    for program in ["containerd", "ctr", "runc", "containerd-shim-runc-v2", "ip", "openssl"] {
+    for program in [
+        "containerd",
+        "ctr",
+        "runc",
+        "containerd-shim-runc-v2",
+        "ip",
+        "openssl",
+    ] {
         if which(program).is_none() {
             bail!("--real-nodes needs {program}: run hack/build-images.sh (it installs containerd, runc, buildah and the CNI plugins)");
         }
@@ -259,23 +337,38 @@ pub async fn start(dir: &Path, api: &Api, args: &RealNodeArgs) -> anyhow::Result
             bail!("--real-nodes needs the CNI plugin {CNI_BIN}/{plugin}: apt-get install containernetworking-plugins");
         }
     }
-    let kubelet = upstream_binary("kubelet", "STE_KUBELET_BIN").context("the kubelet: run hack/build-upstream.sh kubelet")?;
+    let kubelet = upstream_binary("kubelet", "STE_KUBELET_BIN")
+        .context("the kubelet: run hack/build-upstream.sh kubelet")?;
     let images_dir = std::path::absolute(&args.images_dir)?;
     let mut archives: Vec<PathBuf> = std::fs::read_dir(&images_dir)
-        .with_context(|| format!("no image archives in {}: run hack/build-images.sh", images_dir.display()))?
+        .with_context(|| {
+            format!(
+                "no image archives in {}: run hack/build-images.sh",
+                images_dir.display()
+            )
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "tar"))
         .collect();
     archives.sort();
-    if !archives.iter().any(|p| p.file_name().is_some_and(|n| n == "pause.tar")) {
-        bail!("{} has no pause.tar (the pod sandbox image): run hack/build-images.sh", images_dir.display());
+    if !archives
+        .iter()
+        .any(|p| p.file_name().is_some_and(|n| n == "pause.tar"))
+    {
+        bail!(
+            "{} has no pause.tar (the pod sandbox image): run hack/build-images.sh",
+            images_dir.display()
+        );
     }
 
     let mut record = read_record(dir)?.unwrap_or_default();
     if record.sysctls.is_empty() {
         for name in KUBELET_SYSCTLS {
-            let value = std::fs::read_to_string(Path::new("/proc/sys").join(name)).with_context(|| format!("reading sysctl {name}"))?;
-            record.sysctls.push((name.to_string(), value.trim().to_string()));
+            let value = std::fs::read_to_string(Path::new("/proc/sys").join(name))
+                .with_context(|| format!("reading sysctl {name}"))?;
+            record
+                .sysctls
+                .push((name.to_string(), value.trim().to_string()));
         }
         for path in KUBELET_HOST_PATHS {
             if !Path::new(path).exists() {
@@ -297,7 +390,11 @@ pub async fn start(dir: &Path, api: &Api, args: &RealNodeArgs) -> anyhow::Result
 }
 
 fn node_mut<'a>(record: &'a mut RealNodesRecord, name: &str) -> &'a mut RealNode {
-    record.nodes.iter_mut().find(|n| n.name == name).expect("node recorded")
+    record
+        .nodes
+        .iter_mut()
+        .find(|n| n.name == name)
+        .expect("node recorded")
 }
 
 async fn start_node(
@@ -310,9 +407,17 @@ async fn start_node(
 ) -> anyhow::Result<()> {
     let node_dir = dir.join("nodes").join(name);
     if node_dir.exists() {
-        std::fs::remove_dir_all(&node_dir).with_context(|| format!("removing the old {}", node_dir.display()))?;
+        std::fs::remove_dir_all(&node_dir)
+            .with_context(|| format!("removing the old {}", node_dir.display()))?;
     }
-    for sub in ["containerd", "cni/net.d", "cni/ipam", "kubelet", "manifests", "pod-logs"] {
+    for sub in [
+        "containerd",
+        "cni/net.d",
+        "cni/ipam",
+        "kubelet",
+        "manifests",
+        "pod-logs",
+    ] {
         std::fs::create_dir_all(node_dir.join(sub))?;
     }
     let socket = node_dir.join("containerd/containerd.sock");
@@ -338,7 +443,10 @@ async fn start_node(
     let mut chosen = None;
     for k in 0..=255u32 {
         let subnet = format!("{SUBNET_PREFIX}.{k}.0/24");
-        if routes.lines().any(|l| l.split_whitespace().next() == Some(&subnet)) {
+        if routes
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(&subnet))
+        {
             continue;
         }
         let bridge = format!("ste-rn{k}");
@@ -347,7 +455,8 @@ async fn start_node(
             break;
         }
     }
-    let (k, bridge, subnet) = chosen.context("no free 10.210.<k>.0/24 and ste-rn<k> bridge on this machine")?;
+    let (k, bridge, subnet) =
+        chosen.context("no free 10.210.<k>.0/24 and ste-rn<k> bridge on this machine")?;
     let gateway = format!("{SUBNET_PREFIX}.{k}.1");
     {
         let node = node_mut(record, name);
@@ -356,7 +465,10 @@ async fn start_node(
         node.gateway = Some(gateway.clone());
     }
     save(dir, record)?;
-    run("ip", &["addr", "add", &format!("{gateway}/24"), "dev", &bridge])?;
+    run(
+        "ip",
+        &["addr", "add", &format!("{gateway}/24"), "dev", &bridge],
+    )?;
     run("ip", &["link", "set", &bridge, "up"])?;
 
     // The kubelet's cgroup root, in every hierarchy (cgroup v1 controllers,
@@ -366,7 +478,8 @@ async fn start_node(
     let base = Path::new("/sys/fs/cgroup");
     if base.join("cgroup.controllers").is_file() {
         let path = base.join(&bridge);
-        std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        std::fs::create_dir(&path)
+            .with_context(|| format!("creating cgroup {}", path.display()))?;
         made.push(path);
     } else {
         let mut hierarchies: Vec<PathBuf> = std::fs::read_dir(base)?
@@ -376,12 +489,14 @@ async fn start_node(
         hierarchies.sort();
         for hierarchy in hierarchies {
             let path = hierarchy.join(&bridge);
-            std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+            std::fs::create_dir(&path)
+                .with_context(|| format!("creating cgroup {}", path.display()))?;
             made.push(path.clone());
             // A new cpuset cgroup has no CPUs or memory nodes: give it the parent's.
             for file in ["cpuset.cpus", "cpuset.mems"] {
                 if let Ok(value) = std::fs::read_to_string(hierarchy.join(file)) {
-                    std::fs::write(path.join(file), value.trim()).with_context(|| format!("writing {}", path.join(file).display()))?;
+                    std::fs::write(path.join(file), value.trim())
+                        .with_context(|| format!("writing {}", path.join(file).display()))?;
                 }
             }
         }
@@ -457,10 +572,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             {"type": "portmap", "capabilities": {"portMappings": true}}
         ]
     });
-    std::fs::write(node_dir.join("cni/net.d/10-ste.conflist"), serde_json::to_string_pretty(&conflist)?)?;
+    std::fs::write(
+        node_dir.join("cni/net.d/10-ste.conflist"),
+        serde_json::to_string_pretty(&conflist)?,
+    )?;
     let containerd_log = dir.join("logs").join(format!("{name}-containerd.log"));
-    let process =
-        spawn(&which("containerd").expect("checked"), &[format!("--config={}", cd.join("config.toml").display())], &containerd_log)?;
+    let process = spawn(
+        &which("containerd").expect("checked"),
+        &[format!("--config={}", cd.join("config.toml").display())],
+        &containerd_log,
+    )?;
     let pid = process.pid;
     node_mut(record, name).containerd = Some(process);
     save(dir, record)?;
@@ -468,19 +589,32 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     let deadline = Instant::now() + Duration::from_secs(60);
     while run("ctr", &["-a", &socket_s, "version"]).is_err() {
         if !alive(pid) {
-            bail!("containerd of {name} exited during startup; see {}", containerd_log.display());
+            bail!(
+                "containerd of {name} exited during startup; see {}",
+                containerd_log.display()
+            );
         }
         if Instant::now() >= deadline {
-            bail!("containerd of {name} did not answer within 60s; see {}", containerd_log.display());
+            bail!(
+                "containerd of {name} did not answer within 60s; see {}",
+                containerd_log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for archive in archives {
         let started = Instant::now();
         let archive_s = archive.display().to_string();
-        run("ctr", &["-a", &socket_s, "-n", "k8s.io", "images", "import", &archive_s])
-            .with_context(|| format!("importing {archive_s} into {name}'s containerd"))?;
-        node_mut(record, name).images.push((archive_s, started.elapsed().as_secs_f64()));
+        run(
+            "ctr",
+            &[
+                "-a", &socket_s, "-n", "k8s.io", "images", "import", &archive_s,
+            ],
+        )
+        .with_context(|| format!("importing {archive_s} into {name}'s containerd"))?;
+        node_mut(record, name)
+            .images
+            .push((archive_s, started.elapsed().as_secs_f64()));
     }
     save(dir, record)?;
 
@@ -552,7 +686,10 @@ resolvConf: /etc/resolv.conf
     );
     std::fs::write(node_dir.join("kubelet-config.yaml"), config)?;
     let kubelet_args = vec![
-        format!("--config={}", node_dir.join("kubelet-config.yaml").display()),
+        format!(
+            "--config={}",
+            node_dir.join("kubelet-config.yaml").display()
+        ),
         format!("--kubeconfig={}", kubeconfig.display()),
         format!("--root-dir={}", node_dir.join("kubelet").display()),
         format!("--cert-dir={}", node_dir.join("kubelet/pki").display()),
@@ -575,8 +712,10 @@ async fn wait_ready(api: &Api, node: &RealNode, within: Duration) -> anyhow::Res
     loop {
         if let Ok((200, body)) = api.curl(&[&format!("/api/v1/nodes/{}", node.name)]) {
             let value: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            let ready =
-                value["status"]["conditions"].as_array().is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+            let ready = value["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            });
             if ready {
                 return Ok(());
             }
@@ -584,13 +723,25 @@ async fn wait_ready(api: &Api, node: &RealNode, within: Duration) -> anyhow::Res
         for (what, process) in [("kubelet", &node.kubelet), ("containerd", &node.containerd)] {
             if let Some(p) = process {
                 if !alive(p.pid) {
-                    bail!("the {what} of {} exited; see {}", node.name, p.log.display());
+                    bail!(
+                        "the {what} of {} exited; see {}",
+                        node.name,
+                        p.log.display()
+                    );
                 }
             }
         }
         if Instant::now() >= deadline {
-            let log = node.kubelet.as_ref().map(|p| p.log.display().to_string()).unwrap_or_default();
-            bail!("real node {} was not Ready within {}s; see {log}", node.name, within.as_secs());
+            let log = node
+                .kubelet
+                .as_ref()
+                .map(|p| p.log.display().to_string())
+                .unwrap_or_default();
+            bail!(
+                "real node {} was not Ready within {}s; see {log}",
+                node.name,
+                within.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -600,7 +751,10 @@ async fn wait_ready(api: &Api, node: &RealNode, within: Duration) -> anyhow::Res
 /// process group gets SIGTERM, then SIGKILL after `grace`.
 async fn stop_process(what: &str, process: &NodeProcess, grace: Duration) {
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", process.pid)).unwrap_or_default();
-    let binary = Path::new(&process.binary).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let binary = Path::new(&process.binary)
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     if !alive(process.pid) || !String::from_utf8_lossy(&cmdline).contains(&binary) {
         return;
     }
@@ -623,8 +777,12 @@ async fn stop_process(what: &str, process: &NodeProcess, grace: Duration) {
 /// Mount points at or under `dir` (from /proc/self/mountinfo), deepest first.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut mounts: Vec<PathBuf> =
-        text.lines().filter_map(|l| l.split_whitespace().nth(4)).map(unescape_mount).filter(|p| p.starts_with(dir)).collect();
+    let mut mounts: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(unescape_mount)
+        .filter(|p| p.starts_with(dir))
+        .collect();
     mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     mounts.dedup();
     mounts
@@ -655,14 +813,19 @@ fn unescape_mount(field: &str) -> PathBuf {
 /// address: the shims that node's containerd started.
 pub fn shims_of(socket: &Path) -> Vec<u32> {
     let socket = socket.display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            args.first().is_some_and(|a| a.ends_with(b"containerd-shim-runc-v2"))
-                && args.windows(2).any(|w| w[0] == b"-address" && w[1] == socket.as_bytes())
+            args.first()
+                .is_some_and(|a| a.ends_with(b"containerd-shim-runc-v2"))
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"-address" && w[1] == socket.as_bytes())
         })
         .collect()
 }
@@ -670,12 +833,19 @@ pub fn shims_of(socket: &Path) -> Vec<u32> {
 /// Removes everything `start` recorded in D/real-nodes.json (see the module
 /// documentation), then the record. Missing pieces are skipped.
 pub async fn down(dir: &Path) -> anyhow::Result<()> {
-    let Some(record) = read_record(dir)? else { return Ok(()) };
+    let Some(record) = read_record(dir)? else {
+        return Ok(());
+    };
     let crictl = upstream_binary("crictl", "STE_CRICTL_BIN").ok();
     let mut problems = Vec::new();
     for node in record.nodes.iter().rev() {
         if let Some(kubelet) = &node.kubelet {
-            stop_process(&format!("{} kubelet", node.name), kubelet, Duration::from_secs(10)).await;
+            stop_process(
+                &format!("{} kubelet", node.name),
+                kubelet,
+                Duration::from_secs(10),
+            )
+            .await;
         }
         let containerd_alive = node.containerd.as_ref().is_some_and(|p| alive(p.pid));
         if containerd_alive {
@@ -712,10 +882,17 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
             }
         }
         if let Some(containerd) = &node.containerd {
-            stop_process(&format!("{} containerd", node.name), containerd, Duration::from_secs(10)).await;
+            stop_process(
+                &format!("{} containerd", node.name),
+                containerd,
+                Duration::from_secs(10),
+            )
+            .await;
         }
         for pid in shims_of(&node.socket) {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
             eprintln!("killed shim {pid} of {}", node.name);
         }
         // Containers whose runtime died with them still run in the node's
@@ -737,7 +914,11 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
             // Host ends of veths whose pods were not torn down through CNI.
             if let Ok(links) = run("ip", &["-o", "link", "show", "master", bridge]) {
                 for link in links.lines() {
-                    if let Some(veth) = link.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n)) {
+                    if let Some(veth) = link
+                        .split(": ")
+                        .nth(1)
+                        .map(|n| n.split('@').next().unwrap_or(n))
+                    {
                         let _ = run("ip", &["link", "del", veth]);
                     }
                 }
@@ -759,14 +940,20 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
         let pod_logs = node.dir.join("pod-logs");
         if let Ok(entries) = std::fs::read_dir("/var/log/containers") {
             for entry in entries.flatten() {
-                if std::fs::read_link(entry.path()).is_ok_and(|target| target.starts_with(&pod_logs)) {
+                if std::fs::read_link(entry.path())
+                    .is_ok_and(|target| target.starts_with(&pod_logs))
+                {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }
         }
         if node.dir.exists() && mounts_under(&node.dir).is_empty() {
             if let Err(e) = std::fs::remove_dir_all(&node.dir) {
-                problems.push(format!("{}: removing {}: {e}", node.name, node.dir.display()));
+                problems.push(format!(
+                    "{}: removing {}: {e}",
+                    node.name,
+                    node.dir.display()
+                ));
             }
         }
     }
@@ -791,7 +978,11 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
         }
     }
     if !problems.is_empty() {
-        bail!("real nodes not entirely removed (record kept in {}):\n  {}", dir.join(RECORD).display(), problems.join("\n  "));
+        bail!(
+            "real nodes not entirely removed (record kept in {}):\n  {}",
+            dir.join(RECORD).display(),
+            problems.join("\n  ")
+        );
     }
     std::fs::remove_file(dir.join(RECORD))?;
     Ok(())
@@ -821,10 +1012,15 @@ async fn kill_cgroup_processes(path: &Path) -> anyhow::Result<()> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            bail!("processes {pids:?} of cgroup {} did not die", path.display());
+            bail!(
+                "processes {pids:?} of cgroup {} did not die",
+                path.display()
+            );
         }
         for pid in &pids {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -846,7 +1042,9 @@ fn remove_cgroup(path: &Path) -> anyhow::Result<()> {
     loop {
         match std::fs::remove_dir(path) {
             Ok(()) => return Ok(()),
-            Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(16) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(16) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
             Err(e) => return Err(e).with_context(|| format!("rmdir {}", path.display())),
         }
     }

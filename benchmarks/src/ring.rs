@@ -18,8 +18,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 use ste_etcd_proto::pb::{
-    kv_client::KvClient, request_op::Request, response_op::Response, DeleteRangeRequest, RangeRequest,
-    RequestOp, TxnRequest,
+    kv_client::KvClient, request_op::Request, response_op::Response, DeleteRangeRequest,
+    RangeRequest, RequestOp, TxnRequest,
 };
 use ste_testkit::{shapes, shard_specs, Etcd, Router};
 use tokio::sync::mpsc;
@@ -38,7 +38,12 @@ const POLL: Duration = Duration::from_millis(100);
 #[derive(clap::Args)]
 pub struct RingArgs {
     /// Key counts to run, one fresh set of shards and router each.
-    #[arg(long, env = "STE_BENCH_RING_KEYS", value_delimiter = ',', default_value = "10000,100000")]
+    #[arg(
+        long,
+        env = "STE_BENCH_RING_KEYS",
+        value_delimiter = ',',
+        default_value = "10000,100000"
+    )]
     keys: Vec<usize>,
     /// Value size in bytes (a small pod is 1–4 KiB).
     #[arg(long, env = "STE_BENCH_VALUE_BYTES", default_value_t = 2048)]
@@ -129,7 +134,11 @@ struct HopCounters {
 }
 
 impl HopCounters {
-    async fn read(http: &reqwest::Client, admin: &str, shards: &[&Etcd]) -> anyhow::Result<HopCounters> {
+    async fn read(
+        http: &reqwest::Client,
+        admin: &str,
+        shards: &[&Etcd],
+    ) -> anyhow::Result<HopCounters> {
         let text = metrics(http, admin).await?;
         let router = |method: &str| {
             let labels = format!("{{method=\"{method}\"}}");
@@ -138,10 +147,23 @@ impl HopCounters {
                 labeled(&text, "ste_router_rpc_duration_seconds_count", &labels),
             )
         };
-        let mut counters = HopCounters { router_txn: router("Txn"), router_range: router("Range"), ..Default::default() };
+        let mut counters = HopCounters {
+            router_txn: router("Txn"),
+            router_range: router("Range"),
+            ..Default::default()
+        };
         for shard in shards {
-            let text = http.get(format!("{}/metrics", shard.endpoint())).send().await?.error_for_status()?.text().await?;
-            for (method, total) in [("Txn", &mut counters.shard_txn), ("Range", &mut counters.shard_range)] {
+            let text = http
+                .get(format!("{}/metrics", shard.endpoint()))
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await?;
+            for (method, total) in [
+                ("Txn", &mut counters.shard_txn),
+                ("Range", &mut counters.shard_range),
+            ] {
                 let labels = format!("grpc_method=\"{method}\"");
                 total.0 += labeled(&text, "grpc_server_handling_seconds_sum", &labels);
                 total.1 += labeled(&text, "grpc_server_handling_seconds_count", &labels);
@@ -219,7 +241,10 @@ pub async fn run(args: RingArgs) -> anyhow::Result<Vec<RunResult>> {
     if !args.data_dir.is_dir() {
         bail!("--data-dir {} is not a directory", args.data_dir.display());
     }
-    eprintln!("timing chunk-sized Txns on a plain etcd ({} samples)", args.chunk_samples);
+    eprintln!(
+        "timing chunk-sized Txns on a plain etcd ({} samples)",
+        args.chunk_samples
+    );
     let chunk_txns = chunk_txns(&args).await?;
     let mut results = Vec::new();
     for &keys in &args.keys {
@@ -240,9 +265,19 @@ pub async fn run(args: RingArgs) -> anyhow::Result<Vec<RunResult>> {
 }
 
 async fn start_etcd(name: &str, data_dir: &Path) -> anyhow::Result<Etcd> {
-    Etcd::start_in(name, data_dir, &["--unsafe-no-fsync", "--quota-backend-bytes", "8589934592", "--metrics", "extensive"])
-        .await
-        .with_context(|| format!("starting etcd {name} (build upstream with hack/build-upstream.sh)"))
+    Etcd::start_in(
+        name,
+        data_dir,
+        &[
+            "--unsafe-no-fsync",
+            "--quota-backend-bytes",
+            "8589934592",
+            "--metrics",
+            "extensive",
+        ],
+    )
+    .await
+    .with_context(|| format!("starting etcd {name} (build upstream with hack/build-upstream.sh)"))
 }
 
 fn key(i: usize) -> Bytes {
@@ -251,7 +286,9 @@ fn key(i: usize) -> Bytes {
 
 /// A pod-sized value that names its key and version.
 fn value(i: usize, version: u64, size: usize) -> Bytes {
-    let mut v = format!("{{\"kind\":\"Pod\",\"name\":\"pod-{i:07}\",\"version\":{version},\"pad\":\"").into_bytes();
+    let mut v =
+        format!("{{\"kind\":\"Pod\",\"name\":\"pod-{i:07}\",\"version\":{version},\"pad\":\"")
+            .into_bytes();
     v.resize(size.saturating_sub(2), b'x');
     v.extend_from_slice(b"\"}");
     Bytes::from(v)
@@ -264,7 +301,10 @@ struct KeyTable {
 }
 
 async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
-    eprintln!("== {n} keys of {} bytes over {} shards", args.value_bytes, args.shards);
+    eprintln!(
+        "== {n} keys of {} bytes over {} shards",
+        args.value_bytes, args.shards
+    );
     let mut shards = Vec::new();
     for s in 0..args.shards {
         shards.push(start_etcd(&format!("shard-{s}"), &args.data_dir).await?);
@@ -272,12 +312,18 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
     let joining = start_etcd(&format!("shard-{}", args.shards), &args.data_dir).await?;
     let mut config = Router::test_config(shard_specs(&shards));
     config.membership.interval = args.membership_interval;
-    let router = Router::start_with(config).await.context("starting the router")?;
+    let router = Router::start_with(config)
+        .await
+        .context("starting the router")?;
     let kv = KvClient::new(router.channel().await?);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
     let admin = format!("http://{}", router.admin_addr);
 
-    let table = Arc::new(KeyTable { revisions: (0..n).map(|_| AtomicI64::new(0)).collect() });
+    let table = Arc::new(KeyTable {
+        revisions: (0..n).map(|_| AtomicI64::new(0)).collect(),
+    });
     let (load_s, load_keys_per_s) = load_keys(kv.clone(), &table, n, args).await?;
 
     // What one pass over the index costs: GET /shards counts keys per
@@ -301,15 +347,33 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
     tokio::time::sleep(args.baseline).await;
     let outcome = load.finish().await;
     let duration = started.elapsed();
-    let hops = HopCounters::read(&http, &admin, &all).await?.since(&before, &outcome);
-    let baseline = phase_result("baseline", duration, None, 0, None, outcome, hops, args.value_bytes, f64::NAN);
+    let hops = HopCounters::read(&http, &admin, &all)
+        .await?
+        .since(&before, &outcome);
+    let baseline = phase_result(
+        "baseline",
+        duration,
+        None,
+        0,
+        None,
+        outcome,
+        hops,
+        args.value_bytes,
+        f64::NAN,
+    );
     let baseline_p99 = baseline.p99_ms;
-    phases.push(PhaseResult { p99_vs_baseline: 1.0, ..baseline });
+    phases.push(PhaseResult {
+        p99_vs_baseline: 1.0,
+        ..baseline
+    });
 
     // Join: the new shard takes its share of the ring and keys move to it.
     let new_name = joining.name.clone();
     eprintln!("join: {new_name} at {}", joining.endpoint());
-    let moved_before = metric(&metrics(&http, &admin).await?, "ste_router_keys_moved_total")?;
+    let moved_before = metric(
+        &metrics(&http, &admin).await?,
+        "ste_router_keys_moved_total",
+    )?;
     let before = HopCounters::read(&http, &admin, &all).await?;
     let load = Load::start(kv.clone(), table.clone(), args.rate, args.value_bytes);
     let started = Instant::now();
@@ -319,7 +383,11 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
         .send()
         .await?;
     if !answer.status().is_success() {
-        bail!("POST /shards answered {}: {}", answer.status(), answer.text().await.unwrap_or_default());
+        bail!(
+            "POST /shards answered {}: {}",
+            answer.status(),
+            answer.text().await.unwrap_or_default()
+        );
     }
     let mut first_move = None;
     let mut last_report = Instant::now();
@@ -330,37 +398,76 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
         if moved > 0.0 && first_move.is_none() {
             first_move = Some(started.elapsed());
         }
-        if moved > 0.0 && to_move == 0.0 && member_keys(&http, &admin, &new_name).await?.is_some_and(|k| k > 0) {
+        if moved > 0.0
+            && to_move == 0.0
+            && member_keys(&http, &admin, &new_name)
+                .await?
+                .is_some_and(|k| k > 0)
+        {
             break;
         }
         if last_report.elapsed() >= Duration::from_secs(5) {
-            eprintln!("  {:>5.1}s: {moved} keys moved, {to_move} planned", started.elapsed().as_secs_f64());
+            eprintln!(
+                "  {:>5.1}s: {moved} keys moved, {to_move} planned",
+                started.elapsed().as_secs_f64()
+            );
             last_report = Instant::now();
         }
         if started.elapsed() > args.phase_timeout {
-            bail!("the join did not finish within {:?} ({moved} keys moved)", args.phase_timeout);
+            bail!(
+                "the join did not finish within {:?} ({moved} keys moved)",
+                args.phase_timeout
+            );
         }
         tokio::time::sleep(POLL).await;
     }
     let duration = started.elapsed();
-    let moved = (metric(&metrics(&http, &admin).await?, "ste_router_keys_moved_total")? - moved_before) as u64;
+    let moved = (metric(
+        &metrics(&http, &admin).await?,
+        "ste_router_keys_moved_total",
+    )? - moved_before) as u64;
     let outcome = load.finish().await;
-    let hops = HopCounters::read(&http, &admin, &all).await?.since(&before, &outcome);
+    let hops = HopCounters::read(&http, &admin, &all)
+        .await?
+        .since(&before, &outcome);
     let on_new = member_keys(&http, &admin, &new_name).await?.unwrap_or(0);
-    eprintln!("  joined in {:.2}s: {moved} keys moved, {on_new} on {new_name}", duration.as_secs_f64());
-    phases.push(phase_result("join", duration, first_move, moved, first_move.map(|f| duration - f), outcome, hops, args.value_bytes, baseline_p99));
+    eprintln!(
+        "  joined in {:.2}s: {moved} keys moved, {on_new} on {new_name}",
+        duration.as_secs_f64()
+    );
+    phases.push(phase_result(
+        "join",
+        duration,
+        first_move,
+        moved,
+        first_move.map(|f| duration - f),
+        outcome,
+        hops,
+        args.value_bytes,
+        baseline_p99,
+    ));
 
     // Drain: the first shard leaves; its keys move to the others.
     let drained = shards[0].name.clone();
     let keys_on_drained = member_keys(&http, &admin, &drained).await?.unwrap_or(0);
     eprintln!("drain: {drained} ({keys_on_drained} keys)");
-    let moved_before = metric(&metrics(&http, &admin).await?, "ste_router_keys_moved_total")?;
+    let moved_before = metric(
+        &metrics(&http, &admin).await?,
+        "ste_router_keys_moved_total",
+    )?;
     let before = HopCounters::read(&http, &admin, &all).await?;
     let load = Load::start(kv.clone(), table.clone(), args.rate, args.value_bytes);
     let started = Instant::now();
-    let answer = http.post(format!("{admin}/shards/{drained}/drain")).send().await?;
+    let answer = http
+        .post(format!("{admin}/shards/{drained}/drain"))
+        .send()
+        .await?;
     if !answer.status().is_success() {
-        bail!("POST /shards/{drained}/drain answered {}: {}", answer.status(), answer.text().await.unwrap_or_default());
+        bail!(
+            "POST /shards/{drained}/drain answered {}: {}",
+            answer.status(),
+            answer.text().await.unwrap_or_default()
+        );
     }
     let mut first_move = None;
     let mut last_moved_at = None;
@@ -382,18 +489,29 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
             break;
         }
         if last_report.elapsed() >= Duration::from_secs(5) {
-            eprintln!("  {:>5.1}s: {moved} keys moved", started.elapsed().as_secs_f64());
+            eprintln!(
+                "  {:>5.1}s: {moved} keys moved",
+                started.elapsed().as_secs_f64()
+            );
             last_report = Instant::now();
         }
         if started.elapsed() > args.phase_timeout {
-            bail!("the drain did not finish within {:?} ({moved} keys moved)", args.phase_timeout);
+            bail!(
+                "the drain did not finish within {:?} ({moved} keys moved)",
+                args.phase_timeout
+            );
         }
         tokio::time::sleep(POLL).await;
     }
     let duration = started.elapsed();
-    let moved = (metric(&metrics(&http, &admin).await?, "ste_router_keys_moved_total")? - moved_before) as u64;
+    let moved = (metric(
+        &metrics(&http, &admin).await?,
+        "ste_router_keys_moved_total",
+    )? - moved_before) as u64;
     let outcome = load.finish().await;
-    let hops = HopCounters::read(&http, &admin, &all).await?.since(&before, &outcome);
+    let hops = HopCounters::read(&http, &admin, &all)
+        .await?
+        .since(&before, &outcome);
     eprintln!(
         "  drained in {:.2}s: {moved} keys moved (last move at {:.2}s)",
         duration.as_secs_f64(),
@@ -403,7 +521,17 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
         (Some(first), Some(last)) if last > first => Some(last - first),
         _ => None,
     };
-    phases.push(phase_result("drain", duration, first_move, moved, moving, outcome, hops, args.value_bytes, baseline_p99));
+    phases.push(phase_result(
+        "drain",
+        duration,
+        first_move,
+        moved,
+        moving,
+        outcome,
+        hops,
+        args.value_bytes,
+        baseline_p99,
+    ));
 
     drop(all);
     router.stop().await.context("stopping the router")?;
@@ -452,7 +580,9 @@ fn phase_result(
         keys_moved: moved,
         keys_per_s: moved as f64 / secs,
         mb_per_s: moved as f64 * value_bytes as f64 / 1e6 / secs,
-        ms_per_chunk: moving.filter(|_| chunks > 0).map(|d| d.as_secs_f64() * 1000.0 / chunks as f64),
+        ms_per_chunk: moving
+            .filter(|_| chunks > 0)
+            .map(|d| d.as_secs_f64() * 1000.0 / chunks as f64),
         requests: outcome.latency.len(),
         updates: outcome.updates,
         gets: outcome.gets,
@@ -469,8 +599,17 @@ fn phase_result(
 }
 
 /// Creates the keys through the router, `load_concurrency` at a time.
-async fn load_keys(kv: KvClient<Channel>, table: &Arc<KeyTable>, n: usize, args: &RingArgs) -> anyhow::Result<(f64, f64)> {
-    eprintln!("loading {n} keys ({:.0} MB of values), {} at a time", (n * args.value_bytes) as f64 / 1e6, args.load_concurrency);
+async fn load_keys(
+    kv: KvClient<Channel>,
+    table: &Arc<KeyTable>,
+    n: usize,
+    args: &RingArgs,
+) -> anyhow::Result<(f64, f64)> {
+    eprintln!(
+        "loading {n} keys ({:.0} MB of values), {} at a time",
+        (n * args.value_bytes) as f64 / 1e6,
+        args.load_concurrency
+    );
     let started = Instant::now();
     let done = Arc::new(AtomicUsize::new(0));
     let progress = {
@@ -551,7 +690,13 @@ impl Load {
         Load { stop, task }
     }
 
-    async fn generate(kv: KvClient<Channel>, table: Arc<KeyTable>, rate: u32, value_bytes: usize, stop: Arc<AtomicBool>) -> LoadOutcome {
+    async fn generate(
+        kv: KvClient<Channel>,
+        table: Arc<KeyTable>,
+        rate: u32,
+        value_bytes: usize,
+        stop: Arc<AtomicBool>,
+    ) -> LoadOutcome {
         let period = Duration::from_secs_f64(1.0 / rate as f64);
         let (tx, mut rx) = mpsc::unbounded_channel::<(Duration, Answer)>();
         let start = tokio::time::Instant::now();
@@ -561,7 +706,7 @@ impl Load {
             let scheduled = start + period * sent as u32;
             tokio::time::sleep_until(scheduled).await;
             let i = (rng.next() % table.revisions.len() as u64) as usize;
-            let is_update = sent % 2 == 0;
+            let is_update = sent.is_multiple_of(2);
             sent += 1;
             let (mut kv, table, tx) = (kv.clone(), table.clone(), tx.clone());
             let version = sent;
@@ -581,22 +726,31 @@ impl Load {
                                 Answer::Updated
                             } else {
                                 // Like kube-apiserver: the failure branch reads the current revision.
-                                let current = answer.responses.into_iter().find_map(|r| match r.response {
-                                    Some(Response::ResponseRange(range)) => range.kvs.into_iter().next(),
-                                    _ => None,
-                                });
+                                let current =
+                                    answer.responses.into_iter().find_map(|r| match r.response {
+                                        Some(Response::ResponseRange(range)) => {
+                                            range.kvs.into_iter().next()
+                                        }
+                                        _ => None,
+                                    });
                                 match current {
                                     Some(kv) => {
-                                        table.revisions[i].fetch_max(kv.mod_revision, Ordering::Relaxed);
+                                        table.revisions[i]
+                                            .fetch_max(kv.mod_revision, Ordering::Relaxed);
                                         Answer::Conflict
                                     }
-                                    None => Answer::Failed(format!("update of {i}: the key is gone")),
+                                    None => {
+                                        Answer::Failed(format!("update of {i}: the key is gone"))
+                                    }
                                 }
                             }
                         }
                     }
                 } else {
-                    let request = RangeRequest { key: k, ..Default::default() };
+                    let request = RangeRequest {
+                        key: k,
+                        ..Default::default()
+                    };
                     match tokio::time::timeout(REQUEST_TIMEOUT, kv.range(request)).await {
                         Err(_) => Answer::Failed(format!("get of {i} timed out")),
                         Ok(Err(status)) => Answer::Failed(format!("get of {i}: {status}")),
@@ -649,7 +803,13 @@ impl XorShift {
 /// The router's /metrics text. Each read counts keys per shard (one pass
 /// over the router's index), so it is read once per poll.
 async fn metrics(http: &reqwest::Client, admin: &str) -> anyhow::Result<String> {
-    Ok(http.get(format!("{admin}/metrics")).send().await?.error_for_status()?.text().await?)
+    Ok(http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?)
 }
 
 /// One sample of a Prometheus text metric.
@@ -662,9 +822,21 @@ fn metric(text: &str, name: &str) -> anyhow::Result<f64> {
 }
 
 /// The key count `GET /shards` gives for a member (None: not a member).
-async fn member_keys(http: &reqwest::Client, admin: &str, name: &str) -> anyhow::Result<Option<u64>> {
-    let members: serde_json::Value = http.get(format!("{admin}/shards")).send().await?.error_for_status()?.json().await?;
-    let shards = members["shards"].as_array().context("GET /shards has no \"shards\" list")?;
+async fn member_keys(
+    http: &reqwest::Client,
+    admin: &str,
+    name: &str,
+) -> anyhow::Result<Option<u64>> {
+    let members: serde_json::Value = http
+        .get(format!("{admin}/shards"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let shards = members["shards"]
+        .as_array()
+        .context("GET /shards has no \"shards\" list")?;
     Ok(shards
         .iter()
         .find(|s| s["name"] == name)
@@ -677,14 +849,19 @@ async fn member_keys(http: &reqwest::Client, admin: &str, name: &str) -> anyhow:
 async fn chunk_txns(args: &RingArgs) -> anyhow::Result<ChunkTxns> {
     let etcd = start_etcd("chunk", &args.data_dir).await?;
     let mut kv = etcd.kv().await?;
-    let (mut read, mut put, mut delete) = (Samples::default(), Samples::default(), Samples::default());
+    let (mut read, mut put, mut delete) =
+        (Samples::default(), Samples::default(), Samples::default());
     for s in 0..args.chunk_samples.max(1) {
         let keys: Vec<Bytes> = (0..MOVE_CHUNK).map(|j| key(s * MOVE_CHUNK + j)).collect();
         let started = Instant::now();
         let answer = kv
             .txn(TxnRequest {
                 compare: keys.iter().map(|k| shapes::mod_revision_is(k, 0)).collect(),
-                success: keys.iter().enumerate().map(|(j, k)| shapes::put(k, &value(j, 0, args.value_bytes))).collect(),
+                success: keys
+                    .iter()
+                    .enumerate()
+                    .map(|(j, k)| shapes::put(k, &value(j, 0, args.value_bytes)))
+                    .collect(),
                 failure: Vec::new(),
             })
             .await?
@@ -704,11 +881,17 @@ async fn chunk_txns(args: &RingArgs) -> anyhow::Result<ChunkTxns> {
         let started = Instant::now();
         let answer = kv
             .txn(TxnRequest {
-                compare: keys.iter().map(|k| shapes::mod_revision_is(k, revision)).collect(),
+                compare: keys
+                    .iter()
+                    .map(|k| shapes::mod_revision_is(k, revision))
+                    .collect(),
                 success: keys
                     .iter()
                     .map(|k| RequestOp {
-                        request: Some(Request::RequestDeleteRange(DeleteRangeRequest { key: k.clone(), ..Default::default() })),
+                        request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                            key: k.clone(),
+                            ..Default::default()
+                        })),
                     })
                     .collect(),
                 failure: Vec::new(),
@@ -771,7 +954,14 @@ fn print_table(r: &RunResult) {
         let h = &p.hops;
         println!(
             "| {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} |",
-            p.phase, h.client_mean_ms, h.router_txn_mean_ms, h.router_range_mean_ms, h.shard_txns, h.shard_txn_mean_ms, h.shard_ranges, h.shard_range_mean_ms
+            p.phase,
+            h.client_mean_ms,
+            h.router_txn_mean_ms,
+            h.router_range_mean_ms,
+            h.shard_txns,
+            h.shard_txn_mean_ms,
+            h.shard_ranges,
+            h.shard_range_mean_ms
         );
     }
     let c = &r.chunk_txns;

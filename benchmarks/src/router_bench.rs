@@ -11,11 +11,9 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use serde::Serialize;
 use ste_etcd_proto::pb::{
-    kv_client::KvClient,
-    maintenance_client::MaintenanceClient,
-    watch_client::WatchClient,
-    watch_request::RequestUnion,
-    AlarmRequest, PutRequest, RangeRequest, StatusRequest, WatchCreateRequest, WatchRequest,
+    kv_client::KvClient, maintenance_client::MaintenanceClient, watch_client::WatchClient,
+    watch_request::RequestUnion, AlarmRequest, PutRequest, RangeRequest, StatusRequest,
+    WatchCreateRequest, WatchRequest,
 };
 use ste_testkit::{free_port, shapes, Etcd};
 use tokio::sync::mpsc;
@@ -27,7 +25,12 @@ use crate::stats::{process_cpu_seconds, Samples};
 #[derive(clap::Args)]
 pub struct Args {
     /// Router arms to run, by number of shards (a plain etcd arm always runs first).
-    #[arg(long, env = "STE_BENCH_SHARD_COUNTS", value_delimiter = ',', default_value = "1,2,4")]
+    #[arg(
+        long,
+        env = "STE_BENCH_SHARD_COUNTS",
+        value_delimiter = ',',
+        default_value = "1,2,4"
+    )]
     shard_counts: Vec<usize>,
     /// Keys loaded before the List measurement (kube-apiserver pages by 500).
     #[arg(long, env = "STE_BENCH_KEYS", default_value_t = 10_000)]
@@ -54,7 +57,11 @@ pub struct Args {
     #[arg(long, env = "STE_BENCH_ROUTER_THREADS")]
     router_threads: Option<usize>,
     /// JSON results file.
-    #[arg(long, env = "STE_BENCH_OUTPUT", default_value = "target/bench/router.json")]
+    #[arg(
+        long,
+        env = "STE_BENCH_OUTPUT",
+        default_value = "target/bench/router.json"
+    )]
     output: PathBuf,
 }
 
@@ -87,9 +94,13 @@ impl Drop for RouterProcess {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.latency_ops >= args.keys {
-        bail!("--latency-ops ({}) must be smaller than --keys ({})", args.latency_ops, args.keys);
+        bail!(
+            "--latency-ops ({}) must be smaller than --keys ({})",
+            args.latency_ops,
+            args.keys
+        );
     }
-    if args.shard_counts.iter().any(|n| *n == 0) {
+    if args.shard_counts.contains(&0) {
         bail!("--shard-counts must be positive");
     }
     let router_bin = match &args.router_bin {
@@ -101,22 +112,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut results = Vec::new();
 
-    eprintln!("[1/{}] plain etcd (RAM disk, --unsafe-no-fsync)", args.shard_counts.len() + 1);
+    eprintln!(
+        "[1/{}] plain etcd (RAM disk, --unsafe-no-fsync)",
+        args.shard_counts.len() + 1
+    );
     {
         let etcd = start_etcd("plain", &args).await?;
         let pids = vec![etcd.pid().context("etcd pid")?];
         results.push(measure("etcd", 0, &etcd.endpoint(), None, &pids, &args).await?);
     }
     for (i, &count) in args.shard_counts.iter().enumerate() {
-        eprintln!("[{}/{}] ste-router over {count} shard(s)", i + 2, args.shard_counts.len() + 1);
+        eprintln!(
+            "[{}/{}] ste-router over {count} shard(s)",
+            i + 2,
+            args.shard_counts.len() + 1
+        );
         let mut shards = Vec::new();
         for s in 0..count {
             shards.push(start_etcd(&format!("shard-{s}"), &args).await?);
         }
         let listen = format!("127.0.0.1:{}", free_port());
-        let spec: Vec<String> = shards.iter().map(|s| format!("{}={}", s.name, s.endpoint())).collect();
+        let spec: Vec<String> = shards
+            .iter()
+            .map(|s| format!("{}={}", s.name, s.endpoint()))
+            .collect();
         let child = Command::new(&router_bin)
-            .args(["--listen", &listen, "--admin-listen", &format!("127.0.0.1:{}", free_port())])
+            .args([
+                "--listen",
+                &listen,
+                "--admin-listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
             .args(["--shards", &spec.join(",")])
             .args(args.router_threads.map(|n| format!("--worker-threads={n}")))
             .env("RUST_LOG", "warn")
@@ -127,7 +153,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let endpoint = format!("http://{listen}");
         wait_ready(&endpoint).await?;
         let pids: Vec<u32> = shards.iter().filter_map(|s| s.pid()).collect();
-        results.push(measure("ste-router", count, &endpoint, Some(router.0.id()), &pids, &args).await?);
+        results.push(
+            measure(
+                "ste-router",
+                count,
+                &endpoint,
+                Some(router.0.id()),
+                &pids,
+                &args,
+            )
+            .await?,
+        );
     }
 
     print_report(&results, &args);
@@ -140,16 +176,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn start_etcd(name: &str, args: &Args) -> anyhow::Result<Etcd> {
-    Etcd::start_in(name, &args.data_dir, &["--unsafe-no-fsync", "--quota-backend-bytes", "4294967296"])
-        .await
-        .with_context(|| format!("starting etcd {name} in {}", args.data_dir.display()))
+    Etcd::start_in(
+        name,
+        &args.data_dir,
+        &["--unsafe-no-fsync", "--quota-backend-bytes", "4294967296"],
+    )
+    .await
+    .with_context(|| format!("starting etcd {name} in {}", args.data_dir.display()))
 }
 
 async fn wait_ready(endpoint: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(channel) = Channel::from_shared(endpoint.to_string())?.connect().await {
-            if MaintenanceClient::new(channel).status(StatusRequest {}).await.is_ok() {
+            if MaintenanceClient::new(channel)
+                .status(StatusRequest {})
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
         }
@@ -176,7 +220,10 @@ async fn measure(
     etcd_pids: &[u32],
     args: &Args,
 ) -> anyhow::Result<ArmResult> {
-    let channel = Channel::from_shared(endpoint.to_string())?.tcp_nodelay(true).connect().await?;
+    let channel = Channel::from_shared(endpoint.to_string())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
     let mut kv = KvClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
     let value = Bytes::from(vec![b'x'; args.value_size]);
 
@@ -215,7 +262,11 @@ async fn measure(
     let mut get = Samples::default();
     for i in 0..args.latency_ops {
         let started = Instant::now();
-        kv.range(RangeRequest { key: key(i), ..Default::default() }).await?;
+        kv.range(RangeRequest {
+            key: key(i),
+            ..Default::default()
+        })
+        .await?;
         get.push(started.elapsed());
     }
     eprintln!(
@@ -256,7 +307,11 @@ async fn measure(
         .zip(cpu_router_before)
         .map(|(after, before)| (after - before) / writes * 1e6);
     let etcd_cpu = (cpu(etcd_pids) - cpu_etcd_before) / writes * 1e6;
-    eprintln!("  saturated: {:.0} writes/s with {} clients", writes / elapsed, args.concurrency);
+    eprintln!(
+        "  saturated: {:.0} writes/s with {} clients",
+        writes / elapsed,
+        args.concurrency
+    );
 
     // Paged List of every key, as kube-apiserver pages (limit 500, one revision).
     let mut best = f64::MAX;
@@ -267,7 +322,16 @@ async fn measure(
         let mut revision = 0;
         let mut seen = 0;
         loop {
-            let r = kv.range(RangeRequest { key: from.clone(), range_end: end.clone(), limit: 500, revision, ..Default::default() }).await?.into_inner();
+            let r = kv
+                .range(RangeRequest {
+                    key: from.clone(),
+                    range_end: end.clone(),
+                    limit: 500,
+                    revision,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
             if revision == 0 {
                 revision = r.header.map(|h| h.revision).unwrap_or(0);
             }
@@ -282,7 +346,10 @@ async fn measure(
             }
         }
         if seen != args.keys {
-            bail!("{arm}: paged list returned {seen} keys, expected {}", args.keys);
+            bail!(
+                "{arm}: paged list returned {seen} keys, expected {}",
+                args.keys
+            );
         }
         best = best.min(started.elapsed().as_secs_f64() * 1e3);
     }
@@ -290,12 +357,19 @@ async fn measure(
 
     // Watch delivery: from sending a write to receiving its event.
     let (req_tx, req_rx) = mpsc::channel(1);
-    req_tx.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-        key: Bytes::from_static(b"/registry/pods/watch/"),
-        range_end: Bytes::from_static(b"/registry/pods/watch0"),
-        ..Default::default()
-    })) }).await?;
-    let mut stream = WatchClient::new(channel).watch(ReceiverStream::new(req_rx)).await?.into_inner();
+    req_tx
+        .send(WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: Bytes::from_static(b"/registry/pods/watch/"),
+                range_end: Bytes::from_static(b"/registry/pods/watch0"),
+                ..Default::default()
+            })),
+        })
+        .await?;
+    let mut stream = WatchClient::new(channel)
+        .watch(ReceiverStream::new(req_rx))
+        .await?
+        .into_inner();
     let created = stream.message().await?.context("watch stream closed")?;
     if !created.created {
         bail!("{arm}: watch not created");
@@ -304,11 +378,18 @@ async fn measure(
     for i in 0..args.watch_ops {
         let k = Bytes::from(format!("/registry/pods/watch/{i}"));
         let started = Instant::now();
-        let put = kv.put(PutRequest { key: k.clone(), value: value.clone(), ..Default::default() });
+        let put = kv.put(PutRequest {
+            key: k.clone(),
+            value: value.clone(),
+            ..Default::default()
+        });
         let event = async {
             loop {
                 let r = stream.message().await?.context("watch stream closed")?;
-                if r.events.iter().any(|e| e.kv.as_ref().is_some_and(|kv| kv.key == k)) {
+                if r.events
+                    .iter()
+                    .any(|e| e.kv.as_ref().is_some_and(|kv| kv.key == k))
+                {
                     return anyhow::Ok(started.elapsed());
                 }
             }
@@ -349,7 +430,11 @@ fn print_report(results: &[ArmResult], args: &Args) {
     println!("| arm | get p50/p99 µs | create p50/p99 µs | update p50/p99 µs | List {} keys (limit 500) ms | watch p50/p99 µs | writes/s saturated | × etcd | router CPU µs/write | etcd CPU µs/write |", args.keys);
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
-        let name = if r.shards == 0 { "plain etcd".to_string() } else { format!("router, {} shard(s)", r.shards) };
+        let name = if r.shards == 0 {
+            "plain etcd".to_string()
+        } else {
+            format!("router, {} shard(s)", r.shards)
+        };
         println!(
             "| {name} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} | {:.0} / {:.0} | {:.0} | {:.2} | {} | {:.0} |",
             r.get_p50_us, r.get_p99_us, r.create_p50_us, r.create_p99_us, r.update_p50_us, r.update_p99_us, r.list_all_ms,

@@ -19,7 +19,10 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::churn::{clear_namespace, client_for, cpu_by_component, Authed, create, current_resource_version, parse_qps, watch_objects, watch_pods};
+use crate::churn::{
+    clear_namespace, client_for, cpu_by_component, create, current_resource_version, parse_qps,
+    watch_objects, watch_pods, Authed,
+};
 use crate::cluster::{self, Arm, ClusterRecord, UpArgs};
 use crate::stats::Samples;
 
@@ -31,10 +34,21 @@ fn deployments(record: &ClusterRecord) -> String {
 #[derive(clap::Args, Clone, Debug)]
 pub struct StartupArgs {
     /// Arms to run, one after the other on this machine, each on a fresh cluster.
-    #[arg(long, env = "STE_STARTUP_ARMS", value_enum, value_delimiter = ',', default_value = "stock,tuned,ste")]
+    #[arg(
+        long,
+        env = "STE_STARTUP_ARMS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "stock,tuned,ste"
+    )]
     pub arms: Vec<Arm>,
     /// Deployments (replicas 1) created at once, one level after the other.
-    #[arg(long, env = "STE_STARTUP_PARALLELISM", value_delimiter = ',', default_value = "1,10,50,100")]
+    #[arg(
+        long,
+        env = "STE_STARTUP_PARALLELISM",
+        value_delimiter = ',',
+        default_value = "1,10,50,100"
+    )]
     pub parallelism: Vec<usize>,
     /// Fake nodes (110 pods each).
     #[arg(long, env = "STE_STARTUP_NODES", default_value_t = 20)]
@@ -54,7 +68,11 @@ pub struct StartupArgs {
     #[arg(long, env = "STE_STARTUP_TIMEOUT", default_value = "180s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
     /// Where clusters, logs and results go.
-    #[arg(long, env = "STE_STARTUP_OUTPUT", default_value = "target/bench/startup")]
+    #[arg(
+        long,
+        env = "STE_STARTUP_OUTPUT",
+        default_value = "target/bench/startup"
+    )]
     pub output: PathBuf,
     #[command(flatten)]
     pub external: crate::external::ExternalArgs,
@@ -112,39 +130,71 @@ async fn deployments_resource_version(record: &ClusterRecord) -> anyhow::Result<
         .await?
         .json()
         .await?;
-    Ok(list["metadata"]["resourceVersion"].as_str().context("Deployment list without resourceVersion")?.to_string())
+    Ok(list["metadata"]["resourceVersion"]
+        .as_str()
+        .context("Deployment list without resourceVersion")?
+        .to_string())
 }
 
-async fn level(args: &StartupArgs, arm: Arm, index: usize, parallelism: usize, record: &ClusterRecord) -> anyhow::Result<LevelResult> {
+async fn level(
+    args: &StartupArgs,
+    arm: Arm,
+    index: usize,
+    parallelism: usize,
+    record: &ClusterRecord,
+) -> anyhow::Result<LevelResult> {
     // Deployment `l<index>-p<parallelism>-<i>`: unique per level, matched with its dash.
     let prefix = format!("l{index}-p{parallelism}-");
     let times = Arc::new(Mutex::new(Times::default()));
     let pods = {
         let times = times.clone();
         let prefix = prefix.clone();
-        watch_pods(record, &current_resource_version(record).await?, move |pod, now| {
-            let Some(app) = pod["metadata"]["labels"]["app"].as_str() else { return };
-            if !app.starts_with(&prefix) {
-                return;
-            }
-            let mut times = times.lock().expect("times lock");
-            times.created.entry(app.to_string()).or_insert(now);
-            if pod["spec"]["nodeName"].is_string() {
-                times.bound.entry(app.to_string()).or_insert(now);
-            }
-            if pod["status"]["phase"] == "Running" {
-                times.running.entry(app.to_string()).or_insert(now);
-            }
-        })?
+        watch_pods(
+            record,
+            &current_resource_version(record).await?,
+            move |pod, now| {
+                let Some(app) = pod["metadata"]["labels"]["app"].as_str() else {
+                    return;
+                };
+                if !app.starts_with(&prefix) {
+                    return;
+                }
+                let mut times = times.lock().expect("times lock");
+                times.created.entry(app.to_string()).or_insert(now);
+                if pod["spec"]["nodeName"].is_string() {
+                    times.bound.entry(app.to_string()).or_insert(now);
+                }
+                if pod["status"]["phase"] == "Running" {
+                    times.running.entry(app.to_string()).or_insert(now);
+                }
+            },
+        )?
     };
     let deployments = {
         let (times, prefix) = (times.clone(), prefix.clone());
-        watch_objects(record, &deployments(record), &deployments_resource_version(record).await?, move |deployment, now| {
-            let Some(name) = deployment["metadata"]["name"].as_str() else { return };
-            if name.starts_with(&prefix) && deployment["status"]["availableReplicas"].as_u64().unwrap_or(0) >= 1 {
-                times.lock().expect("times lock").available.entry(name.to_string()).or_insert(now);
-            }
-        })?
+        watch_objects(
+            record,
+            &deployments(record),
+            &deployments_resource_version(record).await?,
+            move |deployment, now| {
+                let Some(name) = deployment["metadata"]["name"].as_str() else {
+                    return;
+                };
+                if name.starts_with(&prefix)
+                    && deployment["status"]["availableReplicas"]
+                        .as_u64()
+                        .unwrap_or(0)
+                        >= 1
+                {
+                    times
+                        .lock()
+                        .expect("times lock")
+                        .available
+                        .entry(name.to_string())
+                        .or_insert(now);
+                }
+            },
+        )?
     };
     let outcome = measure_level(args, arm, parallelism, &prefix, record, &times).await;
     pods.abort();
@@ -196,14 +246,31 @@ async fn measure_level(
         }
         samples
     };
-    let (created, bound, running) = (samples(&times.created), samples(&times.bound), samples(&times.running));
-    let wall = times.available.values().max().map(|t| t.saturating_duration_since(start)).unwrap_or_default();
-    let mut running_ms: Vec<f64> = times.running.values().map(|t| t.saturating_duration_since(start).as_secs_f64() * 1e3).collect();
+    let (created, bound, running) = (
+        samples(&times.created),
+        samples(&times.bound),
+        samples(&times.running),
+    );
+    let wall = times
+        .available
+        .values()
+        .max()
+        .map(|t| t.saturating_duration_since(start))
+        .unwrap_or_default();
+    let mut running_ms: Vec<f64> = times
+        .running
+        .values()
+        .map(|t| t.saturating_duration_since(start).as_secs_f64() * 1e3)
+        .collect();
     running_ms.sort_by(|a, b| a.total_cmp(b));
     let cpu_seconds = cpu_after
         .iter()
         .map(|(name, after)| {
-            let before = cpu_before.iter().find(|(n, _)| n == name).map(|(_, b)| *b).unwrap_or(0.0);
+            let before = cpu_before
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, b)| *b)
+                .unwrap_or(0.0);
             (name.clone(), after - before)
         })
         .collect();
@@ -226,8 +293,15 @@ async fn measure_level(
 }
 
 async fn run_arm(args: &StartupArgs, arm: Arm) -> anyhow::Result<Vec<LevelResult>> {
-    let setting = args.client_qps.0.map(|q| format!("qps{q}")).unwrap_or_else(|| "default".into());
-    let dir = std::path::absolute(args.output.join(format!("{arm:?}-{setting}").to_lowercase()))?;
+    let setting = args
+        .client_qps
+        .0
+        .map(|q| format!("qps{q}"))
+        .unwrap_or_else(|| "default".into());
+    let dir = std::path::absolute(
+        args.output
+            .join(format!("{arm:?}-{setting}").to_lowercase()),
+    )?;
     let record = cluster::up(&UpArgs {
         arm,
         shards: args.shards,
@@ -235,7 +309,8 @@ async fn run_arm(args: &StartupArgs, arm: Arm) -> anyhow::Result<Vec<LevelResult
         events_to_ste: arm == Arm::Ste,
         client_qps: args.client_qps.0,
         fsync_delay: args.fsync_delay,
-        apiserver_env: Vec::new(), apiserver_bin: None,
+        apiserver_env: Vec::new(),
+        apiserver_bin: None,
         dir,
     })
     .await?;
@@ -245,7 +320,11 @@ async fn run_arm(args: &StartupArgs, arm: Arm) -> anyhow::Result<Vec<LevelResult
 }
 
 /// Every level of the run on one cluster, from an empty namespace each.
-async fn levels(args: &StartupArgs, arm: Arm, record: &ClusterRecord) -> anyhow::Result<Vec<LevelResult>> {
+async fn levels(
+    args: &StartupArgs,
+    arm: Arm,
+    record: &ClusterRecord,
+) -> anyhow::Result<Vec<LevelResult>> {
     {
         let mut results = Vec::new();
         for (i, parallelism) in args.parallelism.iter().enumerate() {
@@ -272,8 +351,16 @@ pub async fn run(args: StartupArgs) -> anyhow::Result<Vec<LevelResult>> {
         bail!("--parallelism needs one or more positive numbers of Deployments, e.g. 1,10,50,100");
     }
     let external = args.external.kubeconfig.is_some();
-    if let Some(most) = args.parallelism.iter().max().filter(|most| !external && **most > args.nodes * 110) {
-        bail!("--parallelism {most} exceeds what {} fake nodes hold (110 pods each); raise --nodes", args.nodes);
+    if let Some(most) = args
+        .parallelism
+        .iter()
+        .max()
+        .filter(|most| !external && **most > args.nodes * 110)
+    {
+        bail!(
+            "--parallelism {most} exceeds what {} fake nodes hold (110 pods each); raise --nodes",
+            args.nodes
+        );
     }
     if args.timeout.is_zero() {
         bail!("--timeout must be positive");
@@ -281,12 +368,28 @@ pub async fn run(args: StartupArgs) -> anyhow::Result<Vec<LevelResult>> {
     std::fs::create_dir_all(&args.output)?;
     let mut results = Vec::new();
     if external {
-        eprintln!("[1/1] the cluster of {}: parallelism {:?}", args.external.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), args.parallelism);
+        eprintln!(
+            "[1/1] the cluster of {}: parallelism {:?}",
+            args.external
+                .kubeconfig
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            args.parallelism
+        );
         let args = &args;
-        results = crate::external::run(&args.external, move |record| async move { levels(args, Arm::External, &record).await }).await?;
+        results = crate::external::run(&args.external, move |record| async move {
+            levels(args, Arm::External, &record).await
+        })
+        .await?;
     }
     for (i, arm) in args.arms.iter().enumerate().filter(|_| !external) {
-        eprintln!("[{}/{}] {arm:?} arm: parallelism {:?}", i + 1, args.arms.len(), args.parallelism);
+        eprintln!(
+            "[{}/{}] {arm:?} arm: parallelism {:?}",
+            i + 1,
+            args.arms.len(),
+            args.parallelism
+        );
         results.extend(run_arm(&args, *arm).await?);
     }
     crate::plots::startup(&results, &args.output)?;
@@ -297,12 +400,25 @@ pub async fn run(args: StartupArgs) -> anyhow::Result<Vec<LevelResult>> {
     for r in &results {
         csv.push_str(&format!(
             "{:?},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.3},{:.2}\n",
-            r.arm, r.parallelism, r.running, r.available, r.created_p50_ms, r.created_p99_ms, r.bound_p50_ms, r.bound_p99_ms,
-            r.running_p50_ms, r.running_p99_ms, r.wall_s, r.deployments_per_s
+            r.arm,
+            r.parallelism,
+            r.running,
+            r.available,
+            r.created_p50_ms,
+            r.created_p99_ms,
+            r.bound_p50_ms,
+            r.bound_p99_ms,
+            r.running_p50_ms,
+            r.running_p99_ms,
+            r.wall_s,
+            r.deployments_per_s
         ));
     }
     std::fs::write(args.output.join("results.csv"), csv)?;
-    eprintln!("raw results: {}, results.csv, startup-latency.svg, startup-throughput.svg", json_path.display());
+    eprintln!(
+        "raw results: {}, results.csv, startup-latency.svg, startup-throughput.svg",
+        json_path.display()
+    );
     Ok(results)
 }
 
@@ -312,12 +428,21 @@ fn print_report(args: &StartupArgs, results: &[LevelResult]) {
         "Pod startup: parallelism {:?}, {}",
         args.parallelism,
         match &args.external.kubeconfig {
-            Some(path) => format!("on the cluster of {} (namespace {})", path.display(), args.external.namespace),
+            Some(path) => format!(
+                "on the cluster of {} (namespace {})",
+                path.display(),
+                args.external.namespace
+            ),
             None => format!(
                 "{} fake nodes, client QPS {}, durable etcd fsync delay {}",
                 args.nodes,
-                args.client_qps.0.map(|q| q.to_string()).unwrap_or_else(|| "Kubernetes defaults".into()),
-                args.fsync_delay.map(|d| format!("{d:?}")).unwrap_or_else(|| "none".into())
+                args.client_qps
+                    .0
+                    .map(|q| q.to_string())
+                    .unwrap_or_else(|| "Kubernetes defaults".into()),
+                args.fsync_delay
+                    .map(|d| format!("{d:?}"))
+                    .unwrap_or_else(|| "none".into())
             ),
         },
     );
@@ -325,17 +450,29 @@ fn print_report(args: &StartupArgs, results: &[LevelResult]) {
     println!("| arm | parallelism | create→pod p50 / p99 ms | create→bound p50 / p99 ms | create→Running p50 / p99 ms | all available s | Deployments available/s | CPU s per 100 Deployments |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in results {
-        let cpu = crate::churn::cpu_per_100(r.arm, &r.cpu_seconds, r.parallelism as usize);
+        let cpu = crate::churn::cpu_per_100(r.arm, &r.cpu_seconds, r.parallelism);
         println!(
             "| {:?} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2} | {:.1} | {} |",
-            r.arm, r.parallelism, r.created_p50_ms, r.created_p99_ms, r.bound_p50_ms, r.bound_p99_ms, r.running_p50_ms,
-            r.running_p99_ms, r.wall_s, r.deployments_per_s, cpu
+            r.arm,
+            r.parallelism,
+            r.created_p50_ms,
+            r.created_p99_ms,
+            r.bound_p50_ms,
+            r.bound_p99_ms,
+            r.running_p50_ms,
+            r.running_p99_ms,
+            r.wall_s,
+            r.deployments_per_s,
+            cpu
         );
     }
     println!();
     for r in results.iter().filter(|r| r.arm == Arm::Ste) {
         for base_arm in [Arm::Stock, Arm::Tuned] {
-            if let Some(base) = results.iter().find(|b| b.arm == base_arm && b.parallelism == r.parallelism) {
+            if let Some(base) = results
+                .iter()
+                .find(|b| b.arm == base_arm && b.parallelism == r.parallelism)
+            {
                 println!(
                     "Ste vs {base_arm:?} (P={}): create→Running p50 ×{:.2}, p99 ×{:.2}; Deployments available/s ×{:.2}",
                     r.parallelism,
@@ -365,8 +502,16 @@ mod tests {
         assert_eq!(cli.args.parallelism, vec![1, 10, 50, 100]);
         assert_eq!(cli.args.arms, vec![Arm::Stock, Arm::Tuned, Arm::Ste]);
         assert_eq!(cli.args.client_qps, ClientQps(Some(200)));
-        let cli = Cli::try_parse_from(["startup", "--client-qps", "default", "--parallelism", "5,7", "--fsync-delay", "8ms"])
-            .expect("flags parse");
+        let cli = Cli::try_parse_from([
+            "startup",
+            "--client-qps",
+            "default",
+            "--parallelism",
+            "5,7",
+            "--fsync-delay",
+            "8ms",
+        ])
+        .expect("flags parse");
         assert_eq!(cli.args.client_qps, ClientQps(None));
         assert_eq!(cli.args.parallelism, vec![5, 7]);
         assert_eq!(cli.args.fsync_delay, Some(Duration::from_millis(8)));
@@ -375,10 +520,16 @@ mod tests {
 
     #[test]
     fn bad_levels_are_refused_before_any_cluster_starts() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         for (flags, expected) in [
             (vec!["startup", "--parallelism", "0"], "positive"),
-            (vec!["startup", "--parallelism", "300", "--nodes", "2"], "raise --nodes"),
+            (
+                vec!["startup", "--parallelism", "300", "--nodes", "2"],
+                "raise --nodes",
+            ),
         ] {
             let args = Cli::try_parse_from(flags).expect("flags parse").args;
             let err = runtime.block_on(run(args)).expect_err("refused");

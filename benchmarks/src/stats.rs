@@ -44,7 +44,9 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
 /// User + system CPU seconds of every live process in process group `pgid`
 /// (a component started as its own group, e.g. etcd under strace).
 pub fn process_group_cpu_seconds(pgid: u32) -> f64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| {

@@ -10,7 +10,17 @@ use ste_bench::cluster::{self, Arm, ClusterRecord, UpArgs};
 use ste_testkit::Api;
 
 fn up_args(arm: Arm, dir: &std::path::Path) -> UpArgs {
-    UpArgs { arm, shards: 3, nodes: 5, events_to_ste: false, client_qps: None, fsync_delay: None, apiserver_env: Vec::new(), apiserver_bin: None, dir: dir.to_path_buf() }
+    UpArgs {
+        arm,
+        shards: 3,
+        nodes: 5,
+        events_to_ste: false,
+        client_qps: None,
+        fsync_delay: None,
+        apiserver_env: Vec::new(),
+        apiserver_bin: None,
+        dir: dir.to_path_buf(),
+    }
 }
 
 /// Stops the cluster even when an assertion fails.
@@ -20,7 +30,9 @@ impl Drop for Running {
     fn drop(&mut self) {
         let record = self.0.clone();
         let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new().unwrap().block_on(cluster::stop(&record))
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(cluster::stop(&record))
         })
         .join();
     }
@@ -43,24 +55,46 @@ fn create_deployment(api: &Api, name: &str, replicas: u32) {
                          "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
         }
     });
-    let (code, body) = api.send_json("POST", "/apis/apps/v1/namespaces/default/deployments", &deployment.to_string()).unwrap();
+    let (code, body) = api
+        .send_json(
+            "POST",
+            "/apis/apps/v1/namespaces/default/deployments",
+            &deployment.to_string(),
+        )
+        .unwrap();
     assert_eq!(code, 201, "{body}");
 }
 
 fn scale(api: &Api, name: &str, replicas: u32) {
     let path = format!("/apis/apps/v1/namespaces/default/deployments/{name}");
-    let (code, body) = api.send_json("PATCH", &path, &json!({"spec": {"replicas": replicas}}).to_string()).unwrap();
+    let (code, body) = api
+        .send_json(
+            "PATCH",
+            &path,
+            &json!({"spec": {"replicas": replicas}}).to_string(),
+        )
+        .unwrap();
     assert_eq!(code, 200, "{body}");
 }
 
 /// (pods of the app, of which bound and Running).
 fn pods(api: &Api, app: &str) -> (Vec<String>, usize) {
-    let list = get(api, &format!("/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"));
+    let list = get(
+        api,
+        &format!("/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"),
+    );
     let items = list["items"].as_array().unwrap();
-    let names = items.iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_string()).collect();
+    let names = items
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
     let running = items
         .iter()
-        .filter(|p| p["status"]["phase"] == "Running" && p["spec"]["nodeName"].is_string() && p["metadata"]["deletionTimestamp"].is_null())
+        .filter(|p| {
+            p["status"]["phase"] == "Running"
+                && p["spec"]["nodeName"].is_string()
+                && p["metadata"]["deletionTimestamp"].is_null()
+        })
         .count();
     (names, running)
 }
@@ -72,7 +106,11 @@ async fn wait_pods(api: &Api, app: &str, want: usize, within: Duration) -> Vec<S
         if names.len() == want && running == want {
             return names;
         }
-        assert!(Instant::now() < deadline, "{app}: wanted {want} Running pods, have {} pods, {running} Running", names.len());
+        assert!(
+            Instant::now() < deadline,
+            "{app}: wanted {want} Running pods, have {} pods, {running} Running",
+            names.len()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -83,7 +121,13 @@ fn chunked_names(api: &Api, limit: usize) -> Vec<String> {
     let mut token = String::new();
     loop {
         let list = get(api, &format!("/api/v1/pods?limit={limit}&continue={token}"));
-        names.extend(list["items"].as_array().unwrap().iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_string()));
+        names.extend(
+            list["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["metadata"]["name"].as_str().unwrap().to_string()),
+        );
         match list["metadata"]["continue"].as_str() {
             Some(next) if !next.is_empty() => token = next.to_string(),
             _ => return names,
@@ -111,10 +155,19 @@ impl PodWatch {
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
-                let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
+                let Ok(event) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
                 let object = &event["object"]["metadata"];
-                let rv = object["resourceVersion"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
-                let entry = (event["type"].as_str().unwrap_or("").to_string(), object["name"].as_str().unwrap_or("").to_string(), rv);
+                let rv = object["resourceVersion"]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let entry = (
+                    event["type"].as_str().unwrap_or("").to_string(),
+                    object["name"].as_str().unwrap_or("").to_string(),
+                    rv,
+                );
                 if tx.send(entry).is_err() {
                     return;
                 }
@@ -135,10 +188,15 @@ impl PodWatch {
                     events.push(event);
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => {
-                    assert!(Instant::now() < deadline, "watch saw {deleted} of {pods} deletions within {within:?}");
+                    assert!(
+                        Instant::now() < deadline,
+                        "watch saw {deleted} of {pods} deletions within {within:?}"
+                    );
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => panic!("watch stream ended early after {} events", events.len()),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    panic!("watch stream ended early after {} events", events.len())
+                }
             }
         }
         let _ = self.child.kill();
@@ -154,7 +212,10 @@ async fn lifecycle(arm: Arm) -> Duration {
     let started = Instant::now();
     // A watch on pods from now on: every change must arrive once, in order.
     let list = get(&api, "/api/v1/namespaces/default/pods");
-    let from = list["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let from = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let watch = PodWatch::start(&api, &from);
     create_deployment(&api, "web", 5);
     wait_pods(&api, "web", 5, Duration::from_secs(60)).await;
@@ -162,11 +223,23 @@ async fn lifecycle(arm: Arm) -> Duration {
     let names = wait_pods(&api, "web", 50, Duration::from_secs(120)).await;
     let chunked = chunked_names(&api, 7);
     assert_eq!(chunked.len(), 50, "{arm:?}: chunked list");
-    assert_eq!(chunked.iter().collect::<BTreeSet<_>>(), names.iter().collect::<BTreeSet<_>>());
+    assert_eq!(
+        chunked.iter().collect::<BTreeSet<_>>(),
+        names.iter().collect::<BTreeSet<_>>()
+    );
     // A stale update is a conflict.
-    let mut stale = get(&api, &format!("/api/v1/namespaces/default/pods/{}", names[0]));
+    let mut stale = get(
+        &api,
+        &format!("/api/v1/namespaces/default/pods/{}", names[0]),
+    );
     stale["metadata"]["resourceVersion"] = json!(from);
-    let (code, _) = api.send_json("PUT", &format!("/api/v1/namespaces/default/pods/{}", names[0]), &stale.to_string()).unwrap();
+    let (code, _) = api
+        .send_json(
+            "PUT",
+            &format!("/api/v1/namespaces/default/pods/{}", names[0]),
+            &stale.to_string(),
+        )
+        .unwrap();
     assert_eq!(code, 409, "{arm:?}: stale update");
     scale(&api, "web", 0);
     wait_pods(&api, "web", 0, Duration::from_secs(120)).await;
@@ -175,28 +248,52 @@ async fn lifecycle(arm: Arm) -> Duration {
     let mut deleted = BTreeSet::new();
     let mut last = 0u64;
     for (kind, name, rv) in &events {
-        assert!(*rv > last, "{arm:?}: resourceVersions must increase ({rv} after {last})");
+        assert!(
+            *rv > last,
+            "{arm:?}: resourceVersions must increase ({rv} after {last})"
+        );
         last = *rv;
         match kind.as_str() {
             "ADDED" => assert!(added.insert(name.clone()), "{arm:?}: {name} ADDED twice"),
-            "DELETED" => assert!(deleted.insert(name.clone()), "{arm:?}: {name} DELETED twice"),
-            "MODIFIED" => assert!(added.contains(name) && !deleted.contains(name), "{arm:?}: {name} MODIFIED outside its life"),
+            "DELETED" => assert!(
+                deleted.insert(name.clone()),
+                "{arm:?}: {name} DELETED twice"
+            ),
+            "MODIFIED" => assert!(
+                added.contains(name) && !deleted.contains(name),
+                "{arm:?}: {name} MODIFIED outside its life"
+            ),
             other => panic!("{arm:?}: unexpected watch event {other}"),
         }
     }
     assert_eq!(added.len(), 50, "{arm:?}: every pod ADDED once");
     assert_eq!(added, deleted, "{arm:?}: every pod DELETED once");
-    let (code, _) = api.curl(&["/apis/apps/v1/namespaces/default/deployments/web", "-X", "DELETE"]).unwrap();
+    let (code, _) = api
+        .curl(&[
+            "/apis/apps/v1/namespaces/default/deployments/web",
+            "-X",
+            "DELETE",
+        ])
+        .unwrap();
     assert_eq!(code, 200);
     let elapsed = started.elapsed();
     if arm == Arm::Ste {
         // The pods really went through the router.
         let metrics = std::process::Command::new("curl")
-            .args(["-s", &format!("{}/metrics", running.0.router_admin.as_ref().unwrap())])
+            .args([
+                "-s",
+                &format!("{}/metrics", running.0.router_admin.as_ref().unwrap()),
+            ])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&metrics.stdout);
-        let events: f64 = text.lines().find_map(|l| l.strip_prefix("ste_router_events_total ")).unwrap().trim().parse().unwrap();
+        let events: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ste_router_events_total "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         assert!(events >= 100.0, "router saw {events} events");
     }
     elapsed
@@ -215,10 +312,15 @@ async fn pods_of_a_lost_shard_come_back_through_their_replicaset() {
     let running = Running(cluster::up(&up_args(Arm::Ste, dir.path())).await.unwrap());
     let api = running.0.api();
     create_deployment(&api, "svc", 30);
-    let before: BTreeSet<String> = wait_pods(&api, "svc", 30, Duration::from_secs(120)).await.into_iter().collect();
+    let before: BTreeSet<String> = wait_pods(&api, "svc", 30, Duration::from_secs(120))
+        .await
+        .into_iter()
+        .collect();
 
     // shard-1's node reboots: its RAM disk is gone.
-    let record = cluster::crash_and_restart(dir.path(), "shard-1", true).await.unwrap();
+    let record = cluster::crash_and_restart(dir.path(), "shard-1", true)
+        .await
+        .unwrap();
     let running = Running(record);
     let deadline = Instant::now() + Duration::from_secs(120);
     let after = loop {
@@ -227,11 +329,19 @@ async fn pods_of_a_lost_shard_come_back_through_their_replicaset() {
         if names.len() == 30 && ready == 30 && names != before {
             break names;
         }
-        assert!(Instant::now() < deadline, "pods did not come back: {} pods, {ready} Running, replaced: {}", names.len(), names != before);
+        assert!(
+            Instant::now() < deadline,
+            "pods did not come back: {} pods, {ready} Running, replaced: {}",
+            names.len(),
+            names != before
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let replaced = before.difference(&after).count();
-    assert!(replaced > 0 && replaced < 30, "only the lost shard's pods are replaced ({replaced} of 30)");
+    assert!(
+        replaced > 0 && replaced < 30,
+        "only the lost shard's pods are replaced ({replaced} of 30)"
+    );
     drop(running);
 }
 
@@ -245,88 +355,154 @@ async fn router_and_apiserver_restarts_during_churn_lose_no_pod() {
 
     // The router crashes while the ReplicaSet controller is creating pods.
     scale(&api, "churn", 60);
-    let record = cluster::crash_and_restart(dir.path(), "ste-router", false).await.unwrap();
+    let record = cluster::crash_and_restart(dir.path(), "ste-router", false)
+        .await
+        .unwrap();
     let _running = Running(record);
-    let names: BTreeSet<String> = wait_pods(&api, "churn", 60, Duration::from_secs(180)).await.into_iter().collect();
+    let names: BTreeSet<String> = wait_pods(&api, "churn", 60, Duration::from_secs(180))
+        .await
+        .into_iter()
+        .collect();
     assert_eq!(names.len(), 60);
 
     // kube-apiserver crashes and comes back: every pod is still there, the same ones.
-    let record = cluster::crash_and_restart(dir.path(), "kube-apiserver", false).await.unwrap();
+    let record = cluster::crash_and_restart(dir.path(), "kube-apiserver", false)
+        .await
+        .unwrap();
     let _running = Running(record);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !matches!(api.curl(&["/readyz"]), Ok((200, _))) {
-        assert!(Instant::now() < deadline, "kube-apiserver not ready again within 120s");
+        assert!(
+            Instant::now() < deadline,
+            "kube-apiserver not ready again within 120s"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let after: BTreeSet<String> = wait_pods(&api, "churn", 60, Duration::from_secs(60)).await.into_iter().collect();
-    assert_eq!(after, names, "the same pods after the kube-apiserver restart");
+    let after: BTreeSet<String> = wait_pods(&api, "churn", 60, Duration::from_secs(60))
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(
+        after, names,
+        "the same pods after the kube-apiserver restart"
+    );
 }
 
 /// A Shard object's status.phase and spec.endpoint (None: no such Shard).
 fn shard_status(api: &Api, name: &str) -> Option<(String, String)> {
-    let (code, body) = api.curl(&[&format!("/apis/ste.dev/v1alpha1/shards/{name}")]).unwrap();
+    let (code, body) = api
+        .curl(&[&format!("/apis/ste.dev/v1alpha1/shards/{name}")])
+        .unwrap();
     if code == 404 {
         return None;
     }
     assert_eq!(code, 200, "GET Shard {name}: {body}");
     let shard: Value = serde_json::from_str(&body).unwrap();
     let phase = shard["status"]["phase"].as_str().unwrap_or("").to_string();
-    Some((phase, shard["spec"]["endpoint"].as_str().unwrap().to_string()))
+    Some((
+        phase,
+        shard["spec"]["endpoint"].as_str().unwrap().to_string(),
+    ))
 }
 
 /// Names of the pods in `default` stored directly in one shard's etcd.
 async fn pods_on_shard(endpoint: &str) -> BTreeSet<String> {
     use ste_etcd_proto::pb::{kv_client::KvClient, RangeRequest};
-    let channel = tonic::transport::Channel::from_shared(endpoint.to_string()).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(endpoint.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let prefix = b"/registry/pods/default/".to_vec();
     let mut end = prefix.clone();
     *end.last_mut().unwrap() += 1;
     let answer = KvClient::new(channel)
-        .range(RangeRequest { key: prefix.clone().into(), range_end: end.into(), keys_only: true, ..Default::default() })
+        .range(RangeRequest {
+            key: prefix.clone().into(),
+            range_end: end.into(),
+            keys_only: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
-    answer.kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key[prefix.len()..]).to_string()).collect()
+    answer
+        .kvs
+        .iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key[prefix.len()..]).to_string())
+        .collect()
 }
 
 /// name -> uid of the app's pods, and how many are bound and Running.
 fn pod_uids(api: &Api, app: &str) -> (std::collections::BTreeMap<String, String>, usize) {
-    let list = get(api, &format!("/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"));
+    let list = get(
+        api,
+        &format!("/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"),
+    );
     let items = list["items"].as_array().unwrap();
     let uids = items
         .iter()
-        .map(|p| (p["metadata"]["name"].as_str().unwrap().to_string(), p["metadata"]["uid"].as_str().unwrap().to_string()))
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_string(),
+                p["metadata"]["uid"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     let running = items
         .iter()
-        .filter(|p| p["status"]["phase"] == "Running" && p["spec"]["nodeName"].is_string() && p["metadata"]["deletionTimestamp"].is_null())
+        .filter(|p| {
+            p["status"]["phase"] == "Running"
+                && p["spec"]["nodeName"].is_string()
+                && p["metadata"]["deletionTimestamp"].is_null()
+        })
         .count();
     (uids, running)
 }
 
 fn router_metric(record: &ClusterRecord, name: &str) -> f64 {
-    let out = std::process::Command::new("curl").args(["-s", &format!("{}/metrics", record.router_admin.as_ref().unwrap())]).output().unwrap();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            &format!("{}/metrics", record.router_admin.as_ref().unwrap()),
+        ])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(|v| v.trim().parse().unwrap_or(f64::NAN)))
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')
+                .map(|v| v.trim().parse().unwrap_or(f64::NAN))
+        })
         .unwrap_or(f64::NAN)
 }
 
 fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(status.success(), "kill {signal} {pid}");
 }
 
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .map(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
 async fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !check() {
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -337,32 +513,54 @@ async fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shard_agents_lost_and_drained_under_a_deployment() {
     let dir = tempfile::tempdir().unwrap();
-    let args = UpArgs { shards: 1, ..up_args(Arm::Ste, dir.path()) };
-    let record = cluster::up_with(&args, &cluster::AgentArgs { shard_agents: 2 }).await.unwrap();
+    let args = UpArgs {
+        shards: 1,
+        ..up_args(Arm::Ste, dir.path())
+    };
+    let record = cluster::up_with(&args, &cluster::AgentArgs { shard_agents: 2 })
+        .await
+        .unwrap();
     let cluster_running = Running(record.clone());
     let api = record.api();
     let admin = record.router_admin.clone().unwrap();
     let (killed, drained) = ("shard-agent-0", "shard-agent-1");
     for name in [killed, drained] {
-        wait_for(&format!("{name} Active"), Duration::from_secs(30), || shard_status(&api, name).is_some_and(|(p, _)| p == "Active")).await;
+        wait_for(&format!("{name} Active"), Duration::from_secs(30), || {
+            shard_status(&api, name).is_some_and(|(p, _)| p == "Active")
+        })
+        .await;
     }
 
     create_deployment(&api, "agents", 30);
     wait_pods(&api, "agents", 30, Duration::from_secs(120)).await;
-    wait_for("keys to settle on their shards", Duration::from_secs(30), || router_metric(&record, "ste_router_keys_to_move") == 0.0).await;
+    wait_for(
+        "keys to settle on their shards",
+        Duration::from_secs(30),
+        || router_metric(&record, "ste_router_keys_to_move") == 0.0,
+    )
+    .await;
     let (before, _) = pod_uids(&api, "agents");
     let (_, endpoint) = shard_status(&api, killed).unwrap();
     let doomed = pods_on_shard(&endpoint).await;
-    assert!(!doomed.is_empty() && doomed.len() < 30, "{killed} holds {} of the 30 pods", doomed.len());
+    assert!(
+        !doomed.is_empty() && doomed.len() < 30,
+        "{killed} holds {} of the 30 pods",
+        doomed.len()
+    );
     assert!(doomed.iter().all(|p| before.contains_key(p)));
 
     // kill -9: its etcd dies with it; after --shard-lost-after (10s) the shard is Lost.
     signal(record.pid_of(killed).unwrap(), "-KILL");
-    wait_for(&format!("the router to drop {killed}"), Duration::from_secs(60), || {
-        cluster::router_members(&admin).is_some_and(|m| !m.contains(&killed.to_string()))
+    wait_for(
+        &format!("the router to drop {killed}"),
+        Duration::from_secs(60),
+        || cluster::router_members(&admin).is_some_and(|m| !m.contains(&killed.to_string())),
+    )
+    .await;
+    wait_for(&format!("{killed} Lost"), Duration::from_secs(10), || {
+        shard_status(&api, killed).is_some_and(|(p, _)| p == "Lost")
     })
     .await;
-    wait_for(&format!("{killed} Lost"), Duration::from_secs(10), || shard_status(&api, killed).is_some_and(|(p, _)| p == "Lost")).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut most_running = 0;
     let after = loop {
@@ -371,32 +569,65 @@ async fn shard_agents_lost_and_drained_under_a_deployment() {
         if uids.len() == 30 && running == 30 && uids.keys().all(|p| !doomed.contains(p)) {
             break uids;
         }
-        assert!(Instant::now() < deadline, "pods did not come back: {} pods, {running} Running", uids.len());
+        assert!(
+            Instant::now() < deadline,
+            "pods did not come back: {} pods, {running} Running",
+            uids.len()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    assert!(most_running <= 30, "{most_running} pods were Running at once");
+    assert!(
+        most_running <= 30,
+        "{most_running} pods were Running at once"
+    );
     // Exactly the lost shard's pods were replaced; every other pod is the same object.
-    let gone: BTreeSet<String> = before.keys().filter(|p| !after.contains_key(*p)).cloned().collect();
-    assert_eq!(gone, doomed, "the recreated pods are exactly those of the lost shard");
+    let gone: BTreeSet<String> = before
+        .keys()
+        .filter(|p| !after.contains_key(*p))
+        .cloned()
+        .collect();
+    assert_eq!(
+        gone, doomed,
+        "the recreated pods are exactly those of the lost shard"
+    );
     for (name, uid) in &before {
         if !doomed.contains(name) {
             assert_eq!(after.get(name), Some(uid), "{name} was recreated");
         }
     }
     assert!(router_metric(&record, "ste_router_keys_lost_total") >= doomed.len() as f64);
-    let rs = get(&api, "/apis/apps/v1/namespaces/default/replicasets?labelSelector=app%3Dagents");
+    let rs = get(
+        &api,
+        "/apis/apps/v1/namespaces/default/replicasets?labelSelector=app%3Dagents",
+    );
     assert_eq!(rs["items"][0]["status"]["replicas"], 30, "{rs}");
 
     // SIGTERM: the agent asks for a drain, the router moves its keys off, the agent deletes its Shard and exits.
     let (_, endpoint) = shard_status(&api, drained).unwrap();
-    assert!(!pods_on_shard(&endpoint).await.is_empty(), "{drained} holds no pod");
+    assert!(
+        !pods_on_shard(&endpoint).await.is_empty(),
+        "{drained} holds no pod"
+    );
     let pid = record.pid_of(drained).unwrap();
     signal(pid, "-TERM");
-    wait_for(&format!("{drained} to exit"), Duration::from_secs(60), || !alive(pid)).await;
-    assert!(shard_status(&api, drained).is_none(), "{drained}'s Shard is deleted after the drain");
+    wait_for(
+        &format!("{drained} to exit"),
+        Duration::from_secs(60),
+        || !alive(pid),
+    )
+    .await;
+    assert!(
+        shard_status(&api, drained).is_none(),
+        "{drained}'s Shard is deleted after the drain"
+    );
     let log = std::fs::read_to_string(dir.path().join(format!("logs/{drained}.log"))).unwrap();
-    assert!(log.contains("shard drained, etcd stopped, Shard deleted"), "{log}");
-    assert!(!cluster::router_members(&admin).unwrap().contains(&drained.to_string()));
+    assert!(
+        log.contains("shard drained, etcd stopped, Shard deleted"),
+        "{log}"
+    );
+    assert!(!cluster::router_members(&admin)
+        .unwrap()
+        .contains(&drained.to_string()));
     let (now, running) = pod_uids(&api, "agents");
     assert_eq!(running, 30);
     assert_eq!(now, after, "a drain recreates no pod (same names and UIDs)");
@@ -407,7 +638,11 @@ async fn shard_agents_lost_and_drained_under_a_deployment() {
 /// (group "", resource pods) with `status`: checks of the pods watch cache
 /// against storage (here the router) that ended so.
 fn pod_cache_checks(api: &Api, status: &str) -> Option<f64> {
-    apiserver_pod_metric(api, "apiserver_storage_consistency_checks_total", &format!("status=\"{status}\""))
+    apiserver_pod_metric(
+        api,
+        "apiserver_storage_consistency_checks_total",
+        &format!("status=\"{status}\""),
+    )
 }
 
 /// A counter of kube-apiserver's /metrics for resource pods of the core
@@ -420,8 +655,17 @@ fn apiserver_pod_metric(api: &Api, name: &str, label: &str) -> Option<f64> {
     }
     let value = body
         .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains("group=\"\"") && l.contains("resource=\"pods\"") && l.contains(label))
-        .map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()).unwrap_or(f64::NAN))
+        .filter(|l| {
+            l.starts_with(&format!("{name}{{"))
+                && l.contains("group=\"\"")
+                && l.contains("resource=\"pods\"")
+                && l.contains(label)
+        })
+        .map(|l| {
+            l.rsplit_once(' ')
+                .and_then(|(_, v)| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        })
         .fold(0.0, |sum, v| sum + v);
     Some(value)
 }
@@ -429,7 +673,11 @@ fn apiserver_pod_metric(api: &Api, name: &str, label: &str) -> Option<f64> {
 /// (pods, of which bound and Running) of an app; None while the API or the
 /// router does not answer (the router is restarted during the churn).
 fn try_pods(api: &Api, app: &str) -> Option<(usize, usize)> {
-    let (code, body) = api.curl(&[&format!("/api/v1/namespaces/default/pods?labelSelector=app%3D{app}")]).ok()?;
+    let (code, body) = api
+        .curl(&[&format!(
+            "/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"
+        )])
+        .ok()?;
     if code != 200 {
         return None;
     }
@@ -437,7 +685,11 @@ fn try_pods(api: &Api, app: &str) -> Option<(usize, usize)> {
     let items = list["items"].as_array()?;
     let running = items
         .iter()
-        .filter(|p| p["status"]["phase"] == "Running" && p["spec"]["nodeName"].is_string() && p["metadata"]["deletionTimestamp"].is_null())
+        .filter(|p| {
+            p["status"]["phase"] == "Running"
+                && p["spec"]["nodeName"].is_string()
+                && p["metadata"]["deletionTimestamp"].is_null()
+        })
         .count();
     Some((items.len(), running))
 }
@@ -450,8 +702,13 @@ async fn deployment_write(api: &Api, method: &str, path: &str, body: &str, want:
     loop {
         match api.send_json(method, path, body) {
             Ok((code, _)) if code == want => return,
-            Ok((code, answer)) if code != 0 && code < 500 => panic!("{method} {path}: HTTP {code}: {answer}"),
-            other => assert!(Instant::now() < deadline, "{method} {path}: no answer within 60s, last {other:?}"),
+            Ok((code, answer)) if code != 0 && code < 500 => {
+                panic!("{method} {path}: HTTP {code}: {answer}")
+            }
+            other => assert!(
+                Instant::now() < deadline,
+                "{method} {path}: no answer within 60s, last {other:?}"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -487,7 +744,8 @@ fn deployment(name: &str, replicas: u32) -> String {
 /// effect (upstream's first check comes after 5 minutes at the earliest).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_cache_consistency_checker_every_10s_passes_through_churn_and_a_router_restart() {
-    watch_cache_checker_through_churn_and_a_router_restart(Some(Duration::from_secs(10)), 3.0).await;
+    watch_cache_checker_through_churn_and_a_router_restart(Some(Duration::from_secs(10)), 3.0)
+        .await;
 }
 
 /// The same as the test above against the unmodified kube-apiserver
@@ -528,14 +786,26 @@ async fn watch_cache_consistency_checker_passes_through_churn_and_a_router_resta
 /// check failed, no check ended in an error other than "cache is not ready"
 /// or the router being unavailable (storage answering another
 /// resourceVersion would), and every Deployment's pods converged.
-async fn watch_cache_checker_through_churn_and_a_router_restart(checked_period: Option<Duration>, passes: f64) {
-    let mut apiserver_env = vec![("KUBE_WATCHCACHE_CONSISTENCY_CHECKER".to_string(), "true".to_string())];
+async fn watch_cache_checker_through_churn_and_a_router_restart(
+    checked_period: Option<Duration>,
+    passes: f64,
+) {
+    let mut apiserver_env = vec![(
+        "KUBE_WATCHCACHE_CONSISTENCY_CHECKER".to_string(),
+        "true".to_string(),
+    )];
     let (period, apiserver_bin) = match checked_period {
         None => (Duration::from_secs(300), None),
         Some(period) => {
-            apiserver_env.push(("STE_WATCHCACHE_CHECK_PERIOD".into(), format!("{}ms", period.as_millis())));
-            let bin = ste_testkit::upstream_binary("kube-apiserver-checked", "STE_KUBE_APISERVER_CHECKED_BIN")
-                .expect("kube-apiserver-checked: run hack/build-upstream.sh");
+            apiserver_env.push((
+                "STE_WATCHCACHE_CHECK_PERIOD".into(),
+                format!("{}ms", period.as_millis()),
+            ));
+            let bin = ste_testkit::upstream_binary(
+                "kube-apiserver-checked",
+                "STE_KUBE_APISERVER_CHECKED_BIN",
+            )
+            .expect("kube-apiserver-checked: run hack/build-upstream.sh");
             (period, Some(bin))
         }
     };
@@ -544,7 +814,11 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(checked_period: 
     let check_within = period * 3 / 2 + Duration::from_secs(60);
     let all_within = check_within * passes as u32 + Duration::from_secs(60);
     let dir = tempfile::tempdir().unwrap();
-    let args = UpArgs { apiserver_env: apiserver_env.clone(), apiserver_bin: apiserver_bin.clone(), ..up_args(Arm::Ste, dir.path()) };
+    let args = UpArgs {
+        apiserver_env: apiserver_env.clone(),
+        apiserver_bin: apiserver_bin.clone(),
+        ..up_args(Arm::Ste, dir.path())
+    };
     let mut running = Running(cluster::up(&args).await.unwrap());
     let started = Instant::now();
     let api = running.0.api();
@@ -552,11 +826,23 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(checked_period: 
     let environ = std::fs::read(format!("/proc/{apiserver}/environ")).unwrap();
     for (name, value) in &apiserver_env {
         let var = format!("{name}={value}");
-        assert!(environ.split(|b| *b == 0).any(|v| v == var.as_bytes()), "kube-apiserver runs without {var}");
+        assert!(
+            environ.split(|b| *b == 0).any(|v| v == var.as_bytes()),
+            "kube-apiserver runs without {var}"
+        );
     }
     let exe = std::fs::read_link(format!("/proc/{apiserver}/exe")).unwrap();
-    let want_exe = if checked_period.is_some() { "kube-apiserver-checked" } else { "kube-apiserver" };
-    assert_eq!(exe.file_name().unwrap(), want_exe, "kube-apiserver runs {}", exe.display());
+    let want_exe = if checked_period.is_some() {
+        "kube-apiserver-checked"
+    } else {
+        "kube-apiserver"
+    };
+    assert_eq!(
+        exe.file_name().unwrap(),
+        want_exe,
+        "kube-apiserver runs {}",
+        exe.display()
+    );
     let log_path = dir.path().join("logs/kube-apiserver.log");
     let log_tail = || {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -572,21 +858,33 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(checked_period: 
     let mut most_recent_success = 0.0;
     let base = "/apis/apps/v1/namespaces/default/deployments";
     loop {
-        assert!(alive(apiserver), "kube-apiserver exited (panicked?) in round {round}:\n{}", log_tail());
+        assert!(
+            alive(apiserver),
+            "kube-apiserver exited (panicked?) in round {round}:\n{}",
+            log_tail()
+        );
         let success = pod_cache_checks(&api, "success").unwrap_or(most_recent_success);
         most_recent_success = success;
         match restarted {
             None if success >= 1.0 => {
-                let inits = apiserver_pod_metric(&api, "apiserver_watch_cache_initializations_total", "").unwrap();
+                let inits =
+                    apiserver_pod_metric(&api, "apiserver_watch_cache_initializations_total", "")
+                        .unwrap();
                 eprintln!("round {round}, {:?}: {success} check(s) passed; killing and restarting ste-router", started.elapsed());
-                running.0 = cluster::crash_and_restart(dir.path(), "ste-router", false).await.unwrap();
+                running.0 = cluster::crash_and_restart(dir.path(), "ste-router", false)
+                    .await
+                    .unwrap();
                 assert_eq!(running.0.pid_of("kube-apiserver"), Some(apiserver));
                 restarted = Some((success, inits));
             }
-            None => assert!(started.elapsed() < check_within, "no check of the pods' watch cache passed within {check_within:?}"),
+            None => assert!(
+                started.elapsed() < check_within,
+                "no check of the pods' watch cache passed within {check_within:?}"
+            ),
             Some((_, inits_before)) => {
                 if reinitialized.is_none()
-                    && apiserver_pod_metric(&api, "apiserver_watch_cache_initializations_total", "").is_some_and(|i| i > inits_before)
+                    && apiserver_pod_metric(&api, "apiserver_watch_cache_initializations_total", "")
+                        .is_some_and(|i| i > inits_before)
                 {
                     eprintln!("round {round}, {:?}: pods' watch cache re-initialized; {success} check(s) passed", started.elapsed());
                     reinitialized = Some(success);
@@ -605,11 +903,24 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(checked_period: 
         let name = |k: usize| format!("cc-{k}");
         deployment_write(&api, "POST", base, &deployment(&name(round), 6), 201).await;
         if round >= 1 {
-            deployment_write(&api, "PATCH", &format!("{base}/{}", name(round - 1)), &json!({"spec": {"replicas": 12}}).to_string(), 200)
-                .await;
+            deployment_write(
+                &api,
+                "PATCH",
+                &format!("{base}/{}", name(round - 1)),
+                &json!({"spec": {"replicas": 12}}).to_string(),
+                200,
+            )
+            .await;
         }
         if round >= 2 {
-            deployment_write(&api, "DELETE", &format!("{base}/{}", name(round - 2)), "{}", 200).await;
+            deployment_write(
+                &api,
+                "DELETE",
+                &format!("{base}/{}", name(round - 2)),
+                "{}",
+                200,
+            )
+            .await;
         }
         let mut want = vec![(name(round), 6)];
         if round >= 1 {
@@ -620,12 +931,24 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(checked_period: 
         }
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
-            let now: Vec<Option<(usize, usize)>> = want.iter().map(|(app, _)| try_pods(&api, app)).collect();
-            if now.iter().zip(&want).all(|(have, (_, n))| *have == Some((*n, *n))) {
+            let now: Vec<Option<(usize, usize)>> =
+                want.iter().map(|(app, _)| try_pods(&api, app)).collect();
+            if now
+                .iter()
+                .zip(&want)
+                .all(|(have, (_, n))| *have == Some((*n, *n)))
+            {
                 break;
             }
-            assert!(alive(apiserver), "kube-apiserver exited (panicked?) in round {round}:\n{}", log_tail());
-            assert!(Instant::now() < deadline, "round {round}: pods did not converge within 180s: want {want:?}, have {now:?}");
+            assert!(
+                alive(apiserver),
+                "kube-apiserver exited (panicked?) in round {round}:\n{}",
+                log_tail()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: pods did not converge within 180s: want {want:?}, have {now:?}"
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         round += 1;
@@ -635,7 +958,8 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(checked_period: 
     let success = pod_cache_checks(&api, "success").unwrap();
     let failure = pod_cache_checks(&api, "failure").unwrap();
     let errors = pod_cache_checks(&api, "error").unwrap();
-    let inits = apiserver_pod_metric(&api, "apiserver_watch_cache_initializations_total", "").unwrap();
+    let inits =
+        apiserver_pod_metric(&api, "apiserver_watch_cache_initializations_total", "").unwrap();
     eprintln!(
         "{round} rounds in {:?}: pods' cache checks passed {success} ({before} before the router restart, {} when the cache had \
          re-initialized), failed {failure}, errors {errors}; pods' watch cache initialized {inits} times ({inits_before} before the restart)",
@@ -655,13 +979,34 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(checked_period: 
                 || (l.contains("Cache consistency check error") && !l.contains("cache is not ready") && !l.contains("code = Unavailable"))
         })
         .collect();
-    assert!(bad.is_empty(), "kube-apiserver's consistency checker complained:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "kube-apiserver's consistency checker complained:\n{}",
+        bad.join("\n")
+    );
     assert_eq!(failure, 0.0, "failed checks");
-    assert!(success >= passes && success > reinitialized.unwrap(), "checks passed: {success}, {before} of them before the restart");
+    assert!(
+        success >= passes && success > reinitialized.unwrap(),
+        "checks passed: {success}, {before} of them before the restart"
+    );
     assert!(inits > inits_before, "the pods' watch cache was not re-initialized after the router restart ({inits} times in all)");
     // Everything converged: exactly the last two Deployments' pods, all Running.
-    let items = get(&api, "/api/v1/namespaces/default/pods")["items"].as_array().cloned().unwrap();
-    let running_pods = items.iter().filter(|p| p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null()).count();
-    assert_eq!((items.len(), running_pods), (18, 18), "pods at the end (cc-{} x6, cc-{} x12)", round - 1, round - 2);
+    let items = get(&api, "/api/v1/namespaces/default/pods")["items"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    let running_pods = items
+        .iter()
+        .filter(|p| {
+            p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null()
+        })
+        .count();
+    assert_eq!(
+        (items.len(), running_pods),
+        (18, 18),
+        "pods at the end (cc-{} x6, cc-{} x12)",
+        round - 1,
+        round - 2
+    );
     drop(running);
 }

@@ -15,7 +15,12 @@ struct Running(ClusterRecord);
 impl Drop for Running {
     fn drop(&mut self) {
         let record = self.0.clone();
-        let _ = std::thread::spawn(move || tokio::runtime::Runtime::new().unwrap().block_on(cluster::stop(&record))).join();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(cluster::stop(&record))
+        })
+        .join();
     }
 }
 
@@ -29,12 +34,17 @@ async fn churn_runs_against_a_cluster_given_by_kubeconfig() {
         events_to_ste: false,
         client_qps: Some(100),
         fsync_delay: None,
-        apiserver_env: Vec::new(), apiserver_bin: None,
+        apiserver_env: Vec::new(),
+        apiserver_bin: None,
         dir: dir.path().join("cluster"),
     };
     let cluster = Running(cluster::up(&args).await.expect("cluster up"));
     let kubeconfig = cluster.0.kubeconfig.clone();
-    assert!(kubeconfig.is_file(), "the cluster wrote {}", kubeconfig.display());
+    assert!(
+        kubeconfig.is_file(),
+        "the cluster wrote {}",
+        kubeconfig.display()
+    );
     let output = dir.path().join("churn");
 
     // 5 Deployments at 5/s, against that cluster only (no arm is started).
@@ -42,7 +52,17 @@ async fn churn_runs_against_a_cluster_given_by_kubeconfig() {
         let output = output.clone();
         move || {
             Command::new(env!("CARGO_BIN_EXE_ste-bench"))
-                .args(["churn", "--interarrival", "200ms", "--duration", "1s", "--arm-name", "mine", "--namespace", "ste-bench-test"])
+                .args([
+                    "churn",
+                    "--interarrival",
+                    "200ms",
+                    "--duration",
+                    "1s",
+                    "--arm-name",
+                    "mine",
+                    "--namespace",
+                    "ste-bench-test",
+                ])
                 .arg("--output")
                 .arg(&output)
                 .env("STE_BENCH_KUBECONFIG", &kubeconfig)
@@ -50,11 +70,22 @@ async fn churn_runs_against_a_cluster_given_by_kubeconfig() {
                 .expect("ste-bench runs")
         }
     });
-    let out = tokio::time::timeout(Duration::from_secs(90), bench).await.expect("churn within 90 s").unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "ste-bench churn failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    let out = tokio::time::timeout(Duration::from_secs(90), bench)
+        .await
+        .expect("churn within 90 s")
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "ste-bench churn failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
 
-    let results: Value = serde_json::from_str(&std::fs::read_to_string(output.join("results.json")).unwrap()).unwrap();
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(output.join("results.json")).unwrap())
+            .unwrap();
     let results = results.as_array().expect("a list of results");
     assert_eq!(results.len(), 1, "one arm, one step: {results:?}");
     assert_eq!(results[0]["arm"], "mine");
@@ -62,7 +93,10 @@ async fn churn_runs_against_a_cluster_given_by_kubeconfig() {
     assert_eq!(results[0]["bound"], 5, "{stdout}\n{stderr}");
     assert_eq!(results[0]["cpu_seconds"], serde_json::json!([]));
     // The table: the arm's name and no CPU figures.
-    let row = stdout.lines().find(|l| l.starts_with("| mine |")).unwrap_or_else(|| panic!("no row for arm mine:\n{stdout}"));
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("| mine |"))
+        .unwrap_or_else(|| panic!("no row for arm mine:\n{stdout}"));
     assert!(row.trim_end().ends_with("| n/a |"), "{row}");
     // No local arm was started: only the test's cluster directory exists.
     assert!(!output.join("stock-qps200").exists() && !output.join("ste-qps200").exists());
@@ -77,14 +111,33 @@ async fn churn_runs_against_a_cluster_given_by_kubeconfig() {
     // it (and without insecure-skip-tls-verify) the server is refused.
     let text = std::fs::read_to_string(&cluster.0.kubeconfig).unwrap();
     let verified = cluster.0.kubeconfig.with_file_name("kubeconfig-ca");
-    std::fs::write(&verified, text.replace("insecure-skip-tls-verify: true", "certificate-authority: certs/apiserver.crt")).unwrap();
+    std::fs::write(
+        &verified,
+        text.replace(
+            "insecure-skip-tls-verify: true",
+            "certificate-authority: certs/apiserver.crt",
+        ),
+    )
+    .unwrap();
     let unverified = cluster.0.kubeconfig.with_file_name("kubeconfig-no-ca");
-    std::fs::write(&unverified, text.replace("    insecure-skip-tls-verify: true\n", "")).unwrap();
-    let external = |path: &std::path::Path| ExternalArgs { kubeconfig: Some(path.to_path_buf()), namespace: "ste-bench-tls".into(), ..Default::default() };
-    let record = external::connect(&external(&verified)).await.expect("the CA verifies the server");
+    std::fs::write(
+        &unverified,
+        text.replace("    insecure-skip-tls-verify: true\n", ""),
+    )
+    .unwrap();
+    let external = |path: &std::path::Path| ExternalArgs {
+        kubeconfig: Some(path.to_path_buf()),
+        namespace: "ste-bench-tls".into(),
+        ..Default::default()
+    };
+    let record = external::connect(&external(&verified))
+        .await
+        .expect("the CA verifies the server");
     assert_eq!(record.namespace, "ste-bench-tls");
     external::cleanup(&record).await.expect("namespace deleted");
-    let err = external::connect(&external(&unverified)).await.expect_err("an unknown issuer is refused");
+    let err = external::connect(&external(&unverified))
+        .await
+        .expect_err("an unknown issuer is refused");
     assert!(format!("{err:#}").contains("UnknownIssuer"), "{err:#}");
 }
 
@@ -101,8 +154,14 @@ fn a_missing_or_unsupported_kubeconfig_is_a_clear_error() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{scenario} accepted a missing kubeconfig");
-        assert!(stderr.contains(&format!("reading kubeconfig {}", missing.display())), "{scenario}: {stderr}");
+        assert!(
+            !out.status.success(),
+            "{scenario} accepted a missing kubeconfig"
+        );
+        assert!(
+            stderr.contains(&format!("reading kubeconfig {}", missing.display())),
+            "{scenario}: {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
     let exec = dir.path().join("exec-kubeconfig");
@@ -121,5 +180,8 @@ fn a_missing_or_unsupported_kubeconfig_is_a_clear_error() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("user \"eks\" authenticates with an exec plugin"), "{stderr}");
+    assert!(
+        stderr.contains("user \"eks\" authenticates with an exec plugin"),
+        "{stderr}"
+    );
 }

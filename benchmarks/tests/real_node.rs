@@ -19,12 +19,19 @@ use ste_bench::real_node::{self, RealNodeArgs, FUNCTION_BODY, FUNCTION_IMAGE, RE
 use ste_testkit::{upstream_binary, Api};
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .map(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
@@ -34,26 +41,43 @@ async fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Op
         if let Some(value) = check() {
             return value;
         }
-        assert!(Instant::now() < deadline, "{what}: not within {}s", within.as_secs());
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {}s",
+            within.as_secs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 fn pod_status(api: &Api, name: &str) -> Option<Value> {
-    let (code, body) = api.curl(&[&format!("/api/v1/namespaces/default/pods/{name}")]).ok()?;
-    (code == 200).then(|| serde_json::from_str::<Value>(&body).ok()).flatten()
+    let (code, body) = api
+        .curl(&[&format!("/api/v1/namespaces/default/pods/{name}")])
+        .ok()?;
+    (code == 200)
+        .then(|| serde_json::from_str::<Value>(&body).ok())
+        .flatten()
 }
 
 fn http_get(url: &str) -> Option<String> {
-    let out = Command::new("curl").args(["-sf", "--max-time", "2", url]).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "2", url])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_nodes_run_the_function_image_by_pod_ip_and_down_removes_them_even_after_a_crash() {
     let images = repo_root().join("target/images");
     for archive in ["pause.tar", "function.tar"] {
-        assert!(images.join(archive).is_file(), "{} missing: run hack/build-images.sh", images.join(archive).display());
+        assert!(
+            images.join(archive).is_file(),
+            "{} missing: run hack/build-images.sh",
+            images.join(archive).display()
+        );
     }
     for binary in ["kubelet", "crictl"] {
         assert!(
@@ -63,7 +87,10 @@ async fn real_nodes_run_the_function_image_by_pod_ip_and_down_removes_them_even_
     }
     let iptables_before = iptables_rules();
     let kubelet_dir_before = Path::new("/var/lib/kubelet").exists();
-    let dir = tempfile::Builder::new().prefix("ste-real-node-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("ste-real-node-")
+        .tempdir()
+        .unwrap();
     let up = UpArgs {
         arm: Arm::Stock,
         shards: 1,
@@ -71,16 +98,33 @@ async fn real_nodes_run_the_function_image_by_pod_ip_and_down_removes_them_even_
         events_to_ste: false,
         client_qps: None,
         fsync_delay: None,
-        apiserver_env: Vec::new(), apiserver_bin: None,
+        apiserver_env: Vec::new(),
+        apiserver_bin: None,
         dir: dir.path().to_path_buf(),
     };
-    let real = RealNodeArgs { real_nodes: 2, images_dir: images };
+    let real = RealNodeArgs {
+        real_nodes: 2,
+        images_dir: images,
+    };
     let started = Instant::now();
-    let record = cluster::up_with_real(&up, &AgentArgs::default(), &real).await.expect("cluster up --real-nodes 2");
-    eprintln!("cluster up with 2 real nodes: {:.1}s", started.elapsed().as_secs_f64());
-    let nodes = real_node::read_record(dir.path()).unwrap().expect("real-nodes.json");
+    let record = cluster::up_with_real(&up, &AgentArgs::default(), &real)
+        .await
+        .expect("cluster up --real-nodes 2");
+    eprintln!(
+        "cluster up with 2 real nodes: {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let nodes = real_node::read_record(dir.path())
+        .unwrap()
+        .expect("real-nodes.json");
     let names: Vec<&str> = nodes.nodes.iter().map(|n| n.name.as_str()).collect();
-    assert_eq!(names, [format!("{REAL_NODE_PREFIX}0"), format!("{REAL_NODE_PREFIX}1")]);
+    assert_eq!(
+        names,
+        [
+            format!("{REAL_NODE_PREFIX}0"),
+            format!("{REAL_NODE_PREFIX}1")
+        ]
+    );
 
     let api = record.api();
     let checks = async {
@@ -91,37 +135,77 @@ async fn real_nodes_run_the_function_image_by_pod_ip_and_down_removes_them_even_
         // The second node crashes: its kubelet and containerd are SIGKILLed
         // (its shim and containers keep running); down must still remove it all.
         let crashed = &nodes.nodes[1];
-        for process in [&crashed.kubelet, &crashed.containerd].into_iter().flatten() {
-            let _ = Command::new("kill").args(["-KILL", &process.pid.to_string()]).status();
-            wait_for("a SIGKILLed process to die", Duration::from_secs(10), || (!alive(process.pid)).then_some(())).await;
+        for process in [&crashed.kubelet, &crashed.containerd]
+            .into_iter()
+            .flatten()
+        {
+            let _ = Command::new("kill")
+                .args(["-KILL", &process.pid.to_string()])
+                .status();
+            wait_for(
+                "a SIGKILLed process to die",
+                Duration::from_secs(10),
+                || (!alive(process.pid)).then_some(()),
+            )
+            .await;
         }
     };
     let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(checks)).await;
 
     // Down, and nothing of either node is left.
-    let down = cluster::down(&cluster::DownArgs { dir: dir.path().to_path_buf() }).await;
+    let down = cluster::down(&cluster::DownArgs {
+        dir: dir.path().to_path_buf(),
+    })
+    .await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
     down.expect("cluster down");
     for node in &nodes.nodes {
         for process in [&node.kubelet, &node.containerd].into_iter().flatten() {
-            assert!(!alive(process.pid), "{} (pid {}) still runs after down", process.binary, process.pid);
+            assert!(
+                !alive(process.pid),
+                "{} (pid {}) still runs after down",
+                process.binary,
+                process.pid
+            );
         }
         let bridge = node.bridge.clone().expect("a bridge");
-        let link = Command::new("ip").args(["link", "show", &bridge]).output().unwrap();
+        let link = Command::new("ip")
+            .args(["link", "show", &bridge])
+            .output()
+            .unwrap();
         assert!(!link.status.success(), "bridge {bridge} still exists");
         for cgroup in &node.cgroup_dirs {
             assert!(!cgroup.exists(), "cgroup {} still exists", cgroup.display());
         }
         assert!(!node.dir.exists(), "{} still exists", node.dir.display());
-        assert!(real_node::shims_of(&node.socket).is_empty(), "shims of {} still run", node.socket.display());
+        assert!(
+            real_node::shims_of(&node.socket).is_empty(),
+            "shims of {} still run",
+            node.socket.display()
+        );
     }
-    assert!(real_node::mounts_under(dir.path()).is_empty(), "mounts left under {}", dir.path().display());
-    assert!(!dir.path().join("nodes").exists(), "{} still exists", dir.path().join("nodes").display());
-    assert!(real_node::read_record(dir.path()).unwrap().is_none(), "real-nodes.json kept: down found something it could not remove");
+    assert!(
+        real_node::mounts_under(dir.path()).is_empty(),
+        "mounts left under {}",
+        dir.path().display()
+    );
+    assert!(
+        !dir.path().join("nodes").exists(),
+        "{} still exists",
+        dir.path().join("nodes").display()
+    );
+    assert!(
+        real_node::read_record(dir.path()).unwrap().is_none(),
+        "real-nodes.json kept: down found something it could not remove"
+    );
     assert_eq!(iptables_rules(), iptables_before, "iptables rules changed");
-    assert_eq!(Path::new("/var/lib/kubelet").exists(), kubelet_dir_before, "/var/lib/kubelet left behind");
+    assert_eq!(
+        Path::new("/var/lib/kubelet").exists(),
+        kubelet_dir_before,
+        "/var/lib/kubelet left behind"
+    );
     for (sysctl, before) in &nodes.sysctls {
         let now = std::fs::read_to_string(Path::new("/proc/sys").join(sysctl)).unwrap();
         assert_eq!(now.trim(), before, "sysctl {sysctl} not restored");
@@ -130,31 +214,63 @@ async fn real_nodes_run_the_function_image_by_pod_ip_and_down_removes_them_even_
 
 /// The host's iptables rules (`iptables-save` without its comments and counters).
 fn iptables_rules() -> Vec<String> {
-    let out = Command::new("iptables-save").output().expect("iptables-save");
+    let out = Command::new("iptables-save")
+        .output()
+        .expect("iptables-save");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| !l.starts_with('#'))
-        .map(|l| if l.starts_with(':') { l.split(" [").next().unwrap_or(l).to_string() } else { l.to_string() })
+        .map(|l| {
+            if l.starts_with(':') {
+                l.split(" [").next().unwrap_or(l).to_string()
+            } else {
+                l.to_string()
+            }
+        })
         .collect()
 }
 
 /// kubectl shows a real kubelet and container runtime on the real nodes, kwok on the others.
 fn check_nodes_table(kubeconfig: &Path, nodes: &[real_node::RealNode]) {
     let kubectl = upstream_binary("kubectl", "STE_KUBECTL_BIN").unwrap();
-    let out = Command::new(&kubectl).arg("--kubeconfig").arg(kubeconfig).args(["get", "nodes", "-o", "wide"]).output().unwrap();
+    let out = Command::new(&kubectl)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["get", "nodes", "-o", "wide"])
+        .output()
+        .unwrap();
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("{table}");
     for node in nodes {
-        let row = table.lines().find(|l| l.starts_with(&node.name)).unwrap_or_else(|| panic!("{} not in\n{table}", node.name));
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&node.name))
+            .unwrap_or_else(|| panic!("{} not in\n{table}", node.name));
         let columns: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(columns[1], "Ready", "{row}");
         assert!(columns[4].starts_with("v1.34."), "kubelet version: {row}");
-        assert_eq!(Some(columns[5]), node.gateway.as_deref(), "internal IP: {row}");
-        assert!(columns.last().unwrap().starts_with("containerd://"), "runtime: {row}");
+        assert_eq!(
+            Some(columns[5]),
+            node.gateway.as_deref(),
+            "internal IP: {row}"
+        );
+        assert!(
+            columns.last().unwrap().starts_with("containerd://"),
+            "runtime: {row}"
+        );
     }
-    let kwok_rows = table.lines().filter(|l| l.starts_with("kwok-node-")).count();
+    let kwok_rows = table
+        .lines()
+        .filter(|l| l.starts_with("kwok-node-"))
+        .count();
     assert_eq!(kwok_rows, 2, "{table}");
-    assert!(table.lines().filter(|l| l.starts_with("kwok-node-")).all(|l| l.ends_with("kwok-0.8.0")), "{table}");
+    assert!(
+        table
+            .lines()
+            .filter(|l| l.starts_with("kwok-node-"))
+            .all(|l| l.ends_with("kwok-0.8.0")),
+        "{table}"
+    );
 }
 
 /// A pod `name` of the function image on `node` runs as a real container and
@@ -176,19 +292,43 @@ async fn check_pod(api: &Api, kubeconfig: &Path, node: &real_node::RealNode, nam
         }
     });
     let created = Instant::now();
-    let (code, body) = api.send_json("POST", "/api/v1/namespaces/default/pods", &pod.to_string()).unwrap();
+    let (code, body) = api
+        .send_json("POST", "/api/v1/namespaces/default/pods", &pod.to_string())
+        .unwrap();
     assert_eq!(code, 201, "{body}");
-    let (ip, phase_at) = wait_for("the pod Running with an IP", Duration::from_secs(90), || {
-        let pod = pod_status(api, name)?;
-        if let Some(reason) = pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"].as_str() {
-            assert!(!matches!(reason, "ErrImageNeverPull" | "CreateContainerError" | "RunContainerError"), "{pod}");
-        }
-        (pod["status"]["phase"] == "Running").then(|| (pod["status"]["podIP"].as_str().map(String::from), created.elapsed()))
-    })
+    let (ip, phase_at) = wait_for(
+        "the pod Running with an IP",
+        Duration::from_secs(90),
+        || {
+            let pod = pod_status(api, name)?;
+            if let Some(reason) =
+                pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"].as_str()
+            {
+                assert!(
+                    !matches!(
+                        reason,
+                        "ErrImageNeverPull" | "CreateContainerError" | "RunContainerError"
+                    ),
+                    "{pod}"
+                );
+            }
+            (pod["status"]["phase"] == "Running").then(|| {
+                (
+                    pod["status"]["podIP"].as_str().map(String::from),
+                    created.elapsed(),
+                )
+            })
+        },
+    )
     .await;
     let ip = ip.expect("a pod IP");
     let url = format!("http://{ip}:8080/");
-    let body = wait_for("the function's body over the pod IP", Duration::from_secs(30), || http_get(&url)).await;
+    let body = wait_for(
+        "the function's body over the pod IP",
+        Duration::from_secs(30),
+        || http_get(&url),
+    )
+    .await;
     let answered = created.elapsed();
     assert_eq!(body, FUNCTION_BODY);
     eprintln!(
@@ -199,12 +339,24 @@ async fn check_pod(api: &Api, kubeconfig: &Path, node: &real_node::RealNode, nam
     );
     let subnet = node.subnet.as_deref().unwrap();
     let prefix = subnet.trim_end_matches("0/24");
-    assert!(ip.starts_with(prefix), "pod IP {ip} outside the node's subnet {subnet}");
+    assert!(
+        ip.starts_with(prefix),
+        "pod IP {ip} outside the node's subnet {subnet}"
+    );
 
     // kube-apiserver reaches the kubelet (with its client certificate) for the logs.
-    let out = Command::new(&kubectl).arg("--kubeconfig").arg(kubeconfig).args(["logs", name]).output().unwrap();
+    let out = Command::new(&kubectl)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["logs", name])
+        .output()
+        .unwrap();
     let logs = String::from_utf8_lossy(&out.stdout);
-    assert!(logs.contains("ste-function listening on"), "kubectl logs {name}: {logs}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        logs.contains("ste-function listening on"),
+        "kubectl logs {name}: {logs}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // It is a real container: the node's runtime runs it.
     let crictl = upstream_binary("crictl", "STE_CRICTL_BIN").unwrap();
@@ -226,6 +378,15 @@ async fn check_pod(api: &Api, kubeconfig: &Path, node: &real_node::RealNode, nam
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1, "crictl ps --name fn on {}", node.name);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        1,
+        "crictl ps --name fn on {}",
+        node.name
+    );
 }

@@ -54,7 +54,10 @@ impl Slot {
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready\n{identity} is a standby: another router is the leader\n"),
             )),
-            SlotState::Starting => Err((StatusCode::SERVICE_UNAVAILABLE, "not ready\nstarting\n".into())),
+            SlotState::Starting => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready\nstarting\n".into(),
+            )),
         }
     }
 }
@@ -107,7 +110,11 @@ async fn join_shard(State(slot): State<Slot>, body: String) -> Response {
     match ShardSpec::parse(&format!("{}={}", request.name, request.endpoint)) {
         Ok(spec) => {
             state.membership.request_join(&spec);
-            (StatusCode::ACCEPTED, format!("shard {} will join\n", request.name)).into_response()
+            (
+                StatusCode::ACCEPTED,
+                format!("shard {} will join\n", request.name),
+            )
+                .into_response()
         }
         Err(reason) => (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response(),
     }
@@ -120,9 +127,17 @@ async fn drain_shard(State(slot): State<Slot>, Path(name): Path<String>) -> Resp
         Err(refusal) => return refusal.into_response(),
     };
     if state.membership.request_drain(&ShardId::new(&name)) {
-        (StatusCode::ACCEPTED, format!("shard {name} will be drained\n")).into_response()
+        (
+            StatusCode::ACCEPTED,
+            format!("shard {name} will be drained\n"),
+        )
+            .into_response()
     } else {
-        (StatusCode::NOT_FOUND, format!("shard {name} is not a member\n")).into_response()
+        (
+            StatusCode::NOT_FOUND,
+            format!("shard {name} is not a member\n"),
+        )
+            .into_response()
     }
 }
 
@@ -138,12 +153,19 @@ async fn readyz(State(slot): State<Slot>) -> Response {
             (false, _) => "not loaded",
             (true, false) => "unreachable",
         };
-        report.push_str(&format!("shard {} ({}): {}\n", shard.id, shard.endpoint, state));
+        report.push_str(&format!(
+            "shard {} ({}): {}\n",
+            shard.id, shard.endpoint, state
+        ));
     }
     if store.is_ready() {
         (StatusCode::OK, format!("ok\n{report}")).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{report}")).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready\n{report}"),
+        )
+            .into_response()
     }
 }
 
@@ -151,7 +173,13 @@ async fn metrics(State(slot): State<Slot>) -> Response {
     let store = match slot.serving() {
         Ok(state) => state.store,
         // A standby exports nothing of the store (its metrics would be stale).
-        Err(_) => return (StatusCode::OK, "# ste-router: not serving (standby or starting)\n").into_response(),
+        Err(_) => {
+            return (
+                StatusCode::OK,
+                "# ste-router: not serving (standby or starting)\n",
+            )
+                .into_response()
+        }
     };
     let m = store.metrics();
     m.revision.set(store.sequencer().published());
@@ -160,15 +188,21 @@ async fn metrics(State(slot): State<Slot>) -> Response {
     m.leases.set(store.lease_count() as i64);
     for (shard, keys) in store.keys_per_shard() {
         m.shard_keys
-            .get_or_create(&ShardLabels { shard: shard.to_string() })
+            .get_or_create(&ShardLabels {
+                shard: shard.to_string(),
+            })
             .set(keys as i64);
     }
     for shard in store.shard_list() {
         m.shard_bytes
-            .get_or_create(&ShardLabels { shard: shard.id.to_string() })
+            .get_or_create(&ShardLabels {
+                shard: shard.id.to_string(),
+            })
             .set(shard.db_bytes.load(std::sync::atomic::Ordering::Relaxed));
         m.shard_up
-            .get_or_create(&ShardLabels { shard: shard.id.to_string() })
+            .get_or_create(&ShardLabels {
+                shard: shard.id.to_string(),
+            })
             .set((shard.is_loaded() && shard.is_healthy()) as i64);
         // Present from 0, so rate() and alerts see the first reconciliation.
         m.touch_reconciliations(shard.id.as_str());
@@ -177,7 +211,10 @@ async fn metrics(State(slot): State<Slot>) -> Response {
     match encode(&mut body, &m.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         )
             .into_response(),

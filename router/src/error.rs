@@ -32,7 +32,9 @@ pub enum StoreError {
     #[error("ste-router does not support {0}")]
     Unsupported(String),
     /// A transaction whose keys live on more than one shard.
-    #[error("ste-router: transaction spans shards ({0}); every key of a Txn must live on one shard")]
+    #[error(
+        "ste-router: transaction spans shards ({0}); every key of a Txn must live on one shard"
+    )]
     CrossShard(String),
     #[error("ste-router: shard {shard} is unavailable: {reason}")]
     ShardUnavailable { shard: String, reason: String },

@@ -66,7 +66,10 @@ impl std::fmt::Debug for LeaderConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
     #[error("leader election: the durable etcd at {endpoint} answered: {status}")]
-    Etcd { endpoint: String, status: tonic::Status },
+    Etcd {
+        endpoint: String,
+        status: tonic::Status,
+    },
     #[error("leader election: invalid etcd endpoint {0:?}")]
     Endpoint(String),
 }
@@ -120,7 +123,10 @@ impl Elector {
     }
 
     fn etcd_error(&self, status: tonic::Status) -> LeaderError {
-        LeaderError::Etcd { endpoint: self.config.endpoint.clone(), status }
+        LeaderError::Etcd {
+            endpoint: self.config.endpoint.clone(),
+            status,
+        }
     }
 
     /// Takes the election key if it is free, or renews it if it is ours.
@@ -161,7 +167,10 @@ impl Elector {
             .map_err(|s| self.etcd_error(s))?
             .into_inner();
         if !answer.succeeded {
-            let _ = self.leases.lease_revoke(LeaseRevokeRequest { id: lease }).await;
+            let _ = self
+                .leases
+                .lease_revoke(LeaseRevokeRequest { id: lease })
+                .await;
             return Ok(Role::Follower);
         }
         let epoch = answer.header.map(|h| h.revision).unwrap_or(0);
@@ -176,18 +185,33 @@ impl Elector {
             .map_err(|s| self.etcd_error(s))?
             .into_inner();
         let _ = answers.message().await;
-        self.held = Some(Held { lease, epoch, keep_alive, answers });
+        self.held = Some(Held {
+            lease,
+            epoch,
+            keep_alive,
+            answers,
+        });
         self.last_renewed = Some(Instant::now());
         info!(identity = %self.config.identity, epoch, "became the leader");
         Ok(Role::Leader { epoch })
     }
 
     async fn renew(&mut self) -> Result<Role, LeaderError> {
-        let Some(held) = self.held.as_mut() else { return Ok(Role::Follower) };
+        let Some(held) = self.held.as_mut() else {
+            return Ok(Role::Follower);
+        };
         let epoch = held.epoch;
-        let sent = held.keep_alive.send(LeaseKeepAliveRequest { id: held.lease }).await.is_ok();
+        let sent = held
+            .keep_alive
+            .send(LeaseKeepAliveRequest { id: held.lease })
+            .await
+            .is_ok();
         let answer = if sent {
-            tokio::time::timeout(self.config.retry_period.max(Duration::from_secs(1)), held.answers.message()).await
+            tokio::time::timeout(
+                self.config.retry_period.max(Duration::from_secs(1)),
+                held.answers.message(),
+            )
+            .await
         } else {
             Ok(Ok(None))
         };
@@ -205,7 +229,11 @@ impl Elector {
                 if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), async {
                     let (keep_alive, requests) = mpsc::channel(4);
                     let _ = keep_alive.send(LeaseKeepAliveRequest { id: lease }).await;
-                    let mut answers = self.leases.lease_keep_alive(ReceiverStream::new(requests)).await?.into_inner();
+                    let mut answers = self
+                        .leases
+                        .lease_keep_alive(ReceiverStream::new(requests))
+                        .await?
+                        .into_inner();
                     let _ = answers.message().await;
                     Ok::<_, tonic::Status>((keep_alive, answers))
                 })
@@ -221,7 +249,10 @@ impl Elector {
         // Still our key (nobody deleted it by hand)?
         let current = self
             .kv
-            .range(RangeRequest { key: Bytes::from(self.config.key.clone()), ..Default::default() })
+            .range(RangeRequest {
+                key: Bytes::from(self.config.key.clone()),
+                ..Default::default()
+            })
             .await
             .map_err(|s| self.etcd_error(s))?
             .into_inner();
@@ -236,13 +267,18 @@ impl Elector {
 
     /// True while a leader may keep acting: its last renewal is recent.
     pub fn within_renew_deadline(&self) -> bool {
-        self.last_renewed.is_some_and(|at| at.elapsed() < self.config.renew_deadline)
+        self.last_renewed
+            .is_some_and(|at| at.elapsed() < self.config.renew_deadline)
     }
 
     /// Gives leadership up on a clean shutdown, so a standby takes over at once.
     pub async fn release(&mut self) {
         if let Some(held) = self.held.take() {
-            if let Err(err) = self.leases.lease_revoke(LeaseRevokeRequest { id: held.lease }).await {
+            if let Err(err) = self
+                .leases
+                .lease_revoke(LeaseRevokeRequest { id: held.lease })
+                .await
+            {
                 warn!(error = %err, "could not release leadership; it expires by itself");
             }
         }

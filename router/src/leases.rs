@@ -123,7 +123,13 @@ impl Leases {
     }
 
     pub fn ids(&self) -> Vec<i64> {
-        let mut ids: Vec<i64> = self.table.lock().expect("lease table").keys().copied().collect();
+        let mut ids: Vec<i64> = self
+            .table
+            .lock()
+            .expect("lease table")
+            .keys()
+            .copied()
+            .collect();
         ids.sort_unstable();
         ids
     }
@@ -165,6 +171,10 @@ impl Leases {
     pub fn len(&self) -> usize {
         self.table.lock().expect("lease table").len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]
@@ -183,7 +193,10 @@ mod tests {
         leases.reattach(&key, 0, id);
         assert_eq!(leases.info(id).unwrap().keys, vec![key.clone()]);
         assert!(leases.begin_revoke(id));
-        assert!(matches!(leases.attachable_ttl(id), Err(StoreError::LeaseNotFound)));
+        assert!(matches!(
+            leases.attachable_ttl(id),
+            Err(StoreError::LeaseNotFound)
+        ));
         assert_eq!(leases.keep_alive(id), None);
         assert_eq!(leases.keys_of(id), vec![key]);
         leases.remove(id);
@@ -196,6 +209,9 @@ mod tests {
         let leases = Leases::default();
         let (id, _) = leases.grant(7, 1).unwrap();
         assert!(leases.expired(Instant::now()).is_empty());
-        assert_eq!(leases.expired(Instant::now() + Duration::from_secs(2)), vec![id]);
+        assert_eq!(
+            leases.expired(Instant::now() + Duration::from_secs(2)),
+            vec![id]
+        );
     }
 }

@@ -176,7 +176,10 @@ async fn elect_and_serve(
 
         let deposed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut leading = config.clone();
-        leading.store.fencing = Some(shard::Fencing { epoch, deposed: deposed.clone() });
+        leading.store.fencing = Some(shard::Fencing {
+            epoch,
+            deposed: deposed.clone(),
+        });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let serving = serve(leading, listener.clone(), slot.clone(), async {
             let _ = stop_rx.await;
@@ -241,7 +244,11 @@ async fn serve(
     let membership = membership::Membership::new(store.clone(), config.membership.clone());
     let membership_task = tokio::spawn(membership.clone().run());
     slot.set_serving(store.clone(), membership.clone());
-    let scheme = if config.server_tls.is_some() { "https" } else { "http" };
+    let scheme = if config.server_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let client_url = format!("{scheme}://{}", listener.local_addr()?);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -279,9 +286,11 @@ async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(
-            KvServer::new(server::kv::KvService { store: store.clone() })
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
+            KvServer::new(server::kv::KvService {
+                store: store.clone(),
+            })
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX),
         )
         .add_service(
             WatchServer::new(server::watch::WatchService {
@@ -290,22 +299,33 @@ async fn serve(
             })
             .max_encoding_message_size(usize::MAX),
         )
-        .add_service(LeaseServer::new(server::lease::LeaseService { store: store.clone() }))
-        .add_service(MaintenanceServer::new(server::maintenance::MaintenanceService {
+        .add_service(LeaseServer::new(server::lease::LeaseService {
             store: store.clone(),
         }))
+        .add_service(MaintenanceServer::new(
+            server::maintenance::MaintenanceService {
+                store: store.clone(),
+            },
+        ))
         .add_service(ClusterServer::new(server::cluster::ClusterService {
             store: store.clone(),
             member_id,
             client_url,
-        }))
-        ;
+        }));
     let stopped = async {
         let _ = stop_rx.await;
     };
     let result = match &config.server_tls {
-        Some(tls) => server.serve_with_incoming_shutdown(tls.incoming(listener), stopped).await,
-        None => server.serve_with_incoming_shutdown(incoming(listener), stopped).await,
+        Some(tls) => {
+            server
+                .serve_with_incoming_shutdown(tls.incoming(listener), stopped)
+                .await
+        }
+        None => {
+            server
+                .serve_with_incoming_shutdown(incoming(listener), stopped)
+                .await
+        }
     };
     maintainer.abort();
     membership_task.abort();

@@ -25,12 +25,21 @@ struct Args {
     listen: SocketAddr,
 
     /// Address of the admin HTTP server (/livez, /readyz, /metrics).
-    #[arg(long, env = "STE_ROUTER_ADMIN_LISTEN", default_value = "127.0.0.1:2480")]
+    #[arg(
+        long,
+        env = "STE_ROUTER_ADMIN_LISTEN",
+        default_value = "127.0.0.1:2480"
+    )]
     admin_listen: SocketAddr,
 
     /// Shards, comma separated: `name=http://host:port` or a bare URL (then the URL is its name).
     /// Placement hashes the name, so keep names stable when addresses change.
-    #[arg(long, env = "STE_ROUTER_SHARDS", value_delimiter = ',', required_unless_present = "watch_shards")]
+    #[arg(
+        long,
+        env = "STE_ROUTER_SHARDS",
+        value_delimiter = ',',
+        required_unless_present = "watch_shards"
+    )]
     shards: Vec<String>,
 
     /// Watch `Shard` registrations (shards.ste.dev, written by ste-shard-agent)
@@ -75,15 +84,27 @@ struct Args {
     leader_elect_etcd_ca_file: Option<PathBuf>,
 
     /// Client certificate for the durable etcd (e.g. kube-apiserver's apiserver-etcd-client.crt).
-    #[arg(long, env = "STE_ROUTER_LEADER_ELECT_ETCD_CERT_FILE", requires = "leader_elect_etcd_key_file")]
+    #[arg(
+        long,
+        env = "STE_ROUTER_LEADER_ELECT_ETCD_CERT_FILE",
+        requires = "leader_elect_etcd_key_file"
+    )]
     leader_elect_etcd_cert_file: Option<PathBuf>,
 
     /// Private key of --leader-elect-etcd-cert-file.
-    #[arg(long, env = "STE_ROUTER_LEADER_ELECT_ETCD_KEY_FILE", requires = "leader_elect_etcd_cert_file")]
+    #[arg(
+        long,
+        env = "STE_ROUTER_LEADER_ELECT_ETCD_KEY_FILE",
+        requires = "leader_elect_etcd_cert_file"
+    )]
     leader_elect_etcd_key_file: Option<PathBuf>,
 
     /// The election key in the durable etcd.
-    #[arg(long, env = "STE_ROUTER_LEADER_ELECT_KEY", default_value = "/ste/router/leader")]
+    #[arg(
+        long,
+        env = "STE_ROUTER_LEADER_ELECT_KEY",
+        default_value = "/ste/router/leader"
+    )]
     leader_elect_key: String,
 
     /// This router's name in the election (default: $NODE_NAME, else the host name).
@@ -181,7 +202,10 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(threads > 0, "--worker-threads must be at least 1");
         runtime.worker_threads(threads);
     }
-    runtime.build().context("starting the async runtime")?.block_on(serve(args))
+    runtime
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(args))
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
@@ -237,7 +261,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 None => std::env::var("NODE_NAME")
                     .ok()
                     .filter(|n| !n.is_empty())
-                    .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+                    .or_else(|| {
+                        std::fs::read_to_string("/proc/sys/kernel/hostname")
+                            .ok()
+                            .map(|h| h.trim().to_string())
+                    })
                     .context("no --leader-elect-identity, NODE_NAME or host name")?,
             };
             let tls = match &args.leader_elect_etcd_ca_file {
@@ -308,9 +336,9 @@ async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Clien
                 .await
                 .with_context(|| format!("using kubeconfig {}", path.display()))?
         }
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig found (give --kubeconfig, set KUBECONFIG, or run in a cluster)")?,
+        None => kube::Config::infer().await.context(
+            "no kubeconfig found (give --kubeconfig, set KUBECONFIG, or run in a cluster)",
+        )?,
     };
     kube::Client::try_from(config).context("creating the Kubernetes client")
 }

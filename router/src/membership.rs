@@ -63,9 +63,15 @@ impl Default for MembershipConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum MembershipError {
     #[error("reading the membership cache {path}: {source}")]
-    ReadCache { path: PathBuf, source: std::io::Error },
+    ReadCache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the membership cache {path} is not valid: {source}")]
-    ParseCache { path: PathBuf, source: serde_json::Error },
+    ParseCache {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("invalid shard registration {name:?}: {reason}")]
     Invalid { name: String, reason: String },
 }
@@ -118,20 +124,33 @@ struct CachedShard {
 
 /// The registered shards remembered by the last run (empty without a cache file).
 pub fn load_cache(path: Option<&PathBuf>) -> Result<Vec<ShardSpec>, MembershipError> {
-    let Some(path) = path else { return Ok(Vec::new()) };
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(MembershipError::ReadCache { path: path.clone(), source }),
+        Err(source) => {
+            return Err(MembershipError::ReadCache {
+                path: path.clone(),
+                source,
+            })
+        }
     };
-    let cache: CacheFile = serde_json::from_str(&text)
-        .map_err(|source| MembershipError::ParseCache { path: path.clone(), source })?;
+    let cache: CacheFile =
+        serde_json::from_str(&text).map_err(|source| MembershipError::ParseCache {
+            path: path.clone(),
+            source,
+        })?;
     cache
         .shards
         .into_iter()
         .map(|cached| {
             let mut spec = ShardSpec::parse(&format!("{}={}", cached.name, cached.endpoint))
-                .map_err(|reason| MembershipError::Invalid { name: cached.name.clone(), reason })?;
+                .map_err(|reason| MembershipError::Invalid {
+                    name: cached.name.clone(),
+                    reason,
+                })?;
             spec.origin = Origin::Registered;
             Ok(spec)
         })
@@ -146,7 +165,11 @@ impl Membership {
         };
         // Registered members remembered from the last run stay wanted until
         // the registrations say otherwise.
-        for shard in store.shard_list().into_iter().filter(|s| s.origin == Origin::Registered) {
+        for shard in store
+            .shard_list()
+            .into_iter()
+            .filter(|s| s.origin == Origin::Registered)
+        {
             state.wanted.insert(
                 shard.id.clone(),
                 Wanted {
@@ -158,7 +181,11 @@ impl Membership {
                 },
             );
         }
-        Membership { store, config, state: Arc::new(Mutex::new(state)) }
+        Membership {
+            store,
+            config,
+            state: Arc::new(Mutex::new(state)),
+        }
     }
 
     /// Runs the registration watcher (if any) and the control loop until the store closes.
@@ -230,8 +257,12 @@ impl Membership {
             let state = self.state.lock().expect("membership lock");
             (state.wanted.clone(), state.synced)
         };
-        let members: BTreeMap<ShardId, Arc<crate::shard::Shard>> =
-            self.store.shard_list().into_iter().map(|s| (s.id.clone(), s)).collect();
+        let members: BTreeMap<ShardId, Arc<crate::shard::Shard>> = self
+            .store
+            .shard_list()
+            .into_iter()
+            .map(|s| (s.id.clone(), s))
+            .collect();
 
         // Joins: registered, not draining, agent alive.
         for (id, want) in &wanted {
@@ -273,11 +304,20 @@ impl Membership {
                 Some(_) => true,
                 None => synced,
             };
-            if shard.origin == Origin::Registered && unhealthy >= self.config.lost_after && agent_silent {
+            if shard.origin == Origin::Registered
+                && unhealthy >= self.config.lost_after
+                && agent_silent
+            {
                 match self.store.declare_lost(id).await {
                     Ok(keys) => {
-                        self.report(id, ShardPhase::Lost, Some(format!("unreachable for {unhealthy:?}; {keys} keys deleted")))
-                            .await;
+                        self.report(
+                            id,
+                            ShardPhase::Lost,
+                            Some(format!(
+                                "unreachable for {unhealthy:?}; {keys} keys deleted"
+                            )),
+                        )
+                        .await;
                         // A registration joins again only with a new heartbeat;
                         // a shard joined through the admin API must be joined again.
                         let mut state = self.state.lock().expect("membership lock");
@@ -292,7 +332,9 @@ impl Membership {
                             }
                         }
                     }
-                    Err(err) => warn!(shard = %id, error = %err, "declaring the shard lost failed; retrying"),
+                    Err(err) => {
+                        warn!(shard = %id, error = %err, "declaring the shard lost failed; retrying")
+                    }
                 }
                 continue;
             }
@@ -319,7 +361,9 @@ impl Membership {
 
         for (id, shard) in &members {
             // Declared lost in this pass: gone, not drained.
-            if !shard.is_draining() || shard.removed_at.load(std::sync::atomic::Ordering::Acquire) != 0 {
+            if !shard.is_draining()
+                || shard.removed_at.load(std::sync::atomic::Ordering::Acquire) != 0
+            {
                 continue;
             }
             match self.store.finish_drain(id).await {
@@ -330,22 +374,32 @@ impl Membership {
                         state.wanted.remove(id);
                     }
                 }
-                Ok(DrainProgress::Moving { keys_left }) => debug!(shard = %id, keys_left, "draining"),
-                Err(err) => warn!(shard = %id, error = %err, "finishing the drain failed; retrying"),
+                Ok(DrainProgress::Moving { keys_left }) => {
+                    debug!(shard = %id, keys_left, "draining")
+                }
+                Err(err) => {
+                    warn!(shard = %id, error = %err, "finishing the drain failed; retrying")
+                }
             }
         }
 
         // Active members report their key count now and then (counting walks the index).
         {
             let mut state = self.state.lock().expect("membership lock");
-            if state.keys_reported.is_some_and(|at| at.elapsed() < KEYS_REPORT_INTERVAL) {
+            if state
+                .keys_reported
+                .is_some_and(|at| at.elapsed() < KEYS_REPORT_INTERVAL)
+            {
                 return;
             }
             state.keys_reported = Some(Instant::now());
         }
         let keys = self.store.keys_per_shard();
         for (id, shard) in &members {
-            if shard.origin == Origin::Registered && !shard.is_draining() && wanted.get(id).is_some_and(|w| w.from_kube) {
+            if shard.origin == Origin::Registered
+                && !shard.is_draining()
+                && wanted.get(id).is_some_and(|w| w.from_kube)
+            {
                 let count = keys.get(id).copied().unwrap_or(0) as i64;
                 let stale = self
                     .state
@@ -353,7 +407,10 @@ impl Membership {
                     .expect("membership lock")
                     .reported
                     .get(id)
-                    .is_none_or(|(phase, reported)| *phase != ShardPhase::Active || (reported - count).abs() * 20 > reported.max(&100).to_owned());
+                    .is_none_or(|(phase, reported)| {
+                        *phase != ShardPhase::Active
+                            || (reported - count).abs() * 20 > *reported.max(&100)
+                    });
                 if stale {
                     self.report_keys(id, ShardPhase::Active, count).await;
                 }
@@ -371,7 +428,13 @@ impl Membership {
         self.patch_status(id, phase, keys, None).await;
     }
 
-    async fn patch_status(&self, id: &ShardId, phase: ShardPhase, keys: i64, message: Option<String>) {
+    async fn patch_status(
+        &self,
+        id: &ShardId,
+        phase: ShardPhase,
+        keys: i64,
+        message: Option<String>,
+    ) {
         let from_kube = self
             .state
             .lock()
@@ -397,7 +460,9 @@ impl Membership {
                     .reported
                     .insert(id.clone(), (phase, keys));
             }
-            Err(err) => warn!(shard = %id, phase = phase.as_str(), error = %err, "cannot update the Shard's status"),
+            Err(err) => {
+                warn!(shard = %id, phase = phase.as_str(), error = %err, "cannot update the Shard's status")
+            }
         }
     }
 
@@ -420,14 +485,18 @@ impl Membership {
                 }
                 Some(Ok(watcher::Event::Init)) => listing = Some(BTreeMap::new()),
                 Some(Ok(watcher::Event::InitApply(shard))) => {
-                    if let (Some(listing), Some(name)) = (listing.as_mut(), shard.metadata.name.clone()) {
+                    if let (Some(listing), Some(name)) =
+                        (listing.as_mut(), shard.metadata.name.clone())
+                    {
                         listing.insert(ShardId::new(&name), shard);
                     }
                 }
                 Some(Ok(watcher::Event::InitDone)) => {
                     let listed = listing.take().unwrap_or_default();
                     let mut state = self.state.lock().expect("membership lock");
-                    state.wanted.retain(|id, w| !w.from_kube || listed.contains_key(id));
+                    state
+                        .wanted
+                        .retain(|id, w| !w.from_kube || listed.contains_key(id));
                     for shard in listed.values() {
                         apply_registration(&mut state, shard);
                     }
@@ -449,13 +518,18 @@ impl Membership {
 
     /// Writes the registered members to the cache file when they changed.
     fn write_cache(&self) {
-        let Some(path) = self.config.cache_file.as_ref() else { return };
+        let Some(path) = self.config.cache_file.as_ref() else {
+            return;
+        };
         let mut shards: Vec<CachedShard> = self
             .store
             .shard_list()
             .into_iter()
             .filter(|s| s.origin == Origin::Registered)
-            .map(|s| CachedShard { name: s.id.to_string(), endpoint: s.endpoint.clone() })
+            .map(|s| CachedShard {
+                name: s.id.to_string(),
+                endpoint: s.endpoint.clone(),
+            })
             .collect();
         shards.sort_by(|a, b| a.name.cmp(&b.name));
         let cache = CacheFile { shards };
@@ -467,7 +541,9 @@ impl Membership {
         let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
         match written {
             Ok(()) => self.state.lock().expect("membership lock").cached = Some(cache),
-            Err(err) => warn!(path = %path.display(), error = %err, "cannot write the membership cache"),
+            Err(err) => {
+                warn!(path = %path.display(), error = %err, "cannot write the membership cache")
+            }
         }
     }
 
@@ -496,7 +572,9 @@ impl Membership {
 }
 
 fn apply_registration(state: &mut State, shard: &ShardResource) {
-    let Some(name) = shard.metadata.name.clone() else { return };
+    let Some(name) = shard.metadata.name.clone() else {
+        return;
+    };
     let id = ShardId::new(&name);
     let heartbeat = shard.status.as_ref().and_then(|s| s.heartbeat_time.clone());
     let previous = state.wanted.get(&id);

@@ -56,7 +56,11 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("ste_router");
         let rpcs = Family::<RpcLabels, Counter>::default();
-        registry.register("rpcs", "gRPC requests served, by method and status code", rpcs.clone());
+        registry.register(
+            "rpcs",
+            "gRPC requests served, by method and status code",
+            rpcs.clone(),
+        );
         let rpc_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
         });
@@ -66,7 +70,11 @@ impl Default for Metrics {
             rpc_seconds.clone(),
         );
         let events = Counter::default();
-        registry.register("events", "Watch events committed (one per key changed)", events.clone());
+        registry.register(
+            "events",
+            "Watch events committed (one per key changed)",
+            events.clone(),
+        );
         let keys_lost = Counter::default();
         registry.register(
             "keys_lost",
@@ -82,29 +90,69 @@ impl Default for Metrics {
         let watchers = Gauge::default();
         registry.register("watchers", "Open watches", watchers.clone());
         let revision = Gauge::default();
-        registry.register("revision", "Current (published) global revision", revision.clone());
+        registry.register(
+            "revision",
+            "Current (published) global revision",
+            revision.clone(),
+        );
         let compact_revision = Gauge::default();
-        registry.register("compact_revision", "Oldest readable global revision", compact_revision.clone());
+        registry.register(
+            "compact_revision",
+            "Oldest readable global revision",
+            compact_revision.clone(),
+        );
         let history_events = Gauge::default();
-        registry.register("history_events", "Events kept for watches", history_events.clone());
+        registry.register(
+            "history_events",
+            "Events kept for watches",
+            history_events.clone(),
+        );
         let leases = Gauge::default();
         registry.register("leases", "Live leases", leases.clone());
         let shard_keys = Family::<ShardLabels, Gauge>::default();
         registry.register("shard_keys", "Keys per shard", shard_keys.clone());
         let shard_up = Family::<ShardLabels, Gauge>::default();
-        registry.register("shard_up", "1 when the shard is loaded and answered its last health check", shard_up.clone());
+        registry.register(
+            "shard_up",
+            "1 when the shard is loaded and answered its last health check",
+            shard_up.clone(),
+        );
         let shard_bytes = Family::<ShardLabels, Gauge>::default();
-        registry.register("shard_bytes", "Bytes in use in the shard's etcd backend (from its last health check)", shard_bytes.clone());
+        registry.register(
+            "shard_bytes",
+            "Bytes in use in the shard's etcd backend (from its last health check)",
+            shard_bytes.clone(),
+        );
         let keys_moved = Counter::default();
-        registry.register("keys_moved", "Keys moved between shards (invisible to clients: same revisions, no events)", keys_moved.clone());
+        registry.register(
+            "keys_moved",
+            "Keys moved between shards (invisible to clients: same revisions, no events)",
+            keys_moved.clone(),
+        );
         let keys_restored = Counter::default();
-        registry.register("keys_restored", "Keys of lost shards restored from their replica copies (replication factor 2)", keys_restored.clone());
+        registry.register(
+            "keys_restored",
+            "Keys of lost shards restored from their replica copies (replication factor 2)",
+            keys_restored.clone(),
+        );
         let keys_to_move = Gauge::default();
-        registry.register("keys_to_move", "Keys not on the shard the ring places them on (moves in progress)", keys_to_move.clone());
+        registry.register(
+            "keys_to_move",
+            "Keys not on the shard the ring places them on (moves in progress)",
+            keys_to_move.clone(),
+        );
         let keys_under_replicated = Gauge::default();
-        registry.register("keys_under_replicated", "Keys without a valid replica copy when last checked (replication factor 2)", keys_under_replicated.clone());
+        registry.register(
+            "keys_under_replicated",
+            "Keys without a valid replica copy when last checked (replication factor 2)",
+            keys_under_replicated.clone(),
+        );
         let ring_changes = Family::<ChangeLabels, Counter>::default();
-        registry.register("ring_changes", "Shards joined, drained and declared lost", ring_changes.clone());
+        registry.register(
+            "ring_changes",
+            "Shards joined, drained and declared lost",
+            ring_changes.clone(),
+        );
         let reconciliations = Family::<ShardLabels, Counter>::default();
         registry.register(
             "reconciliations",
@@ -173,19 +221,31 @@ impl Metrics {
     }
 
     pub fn ring_change(&self, change: &'static str) {
-        self.ring_changes.get_or_create(&ChangeLabels { change }).inc();
+        self.ring_changes
+            .get_or_create(&ChangeLabels { change })
+            .inc();
     }
 
     pub fn reconciliation(&self, shard: &str) {
-        self.reconciliations.get_or_create(&ShardLabels { shard: shard.to_string() }).inc();
+        self.reconciliations
+            .get_or_create(&ShardLabels {
+                shard: shard.to_string(),
+            })
+            .inc();
     }
 
     pub fn shard_checked(&self, shard: &str) {
-        self.shard_checks.get_or_create(&ShardLabels { shard: shard.to_string() }).inc();
+        self.shard_checks
+            .get_or_create(&ShardLabels {
+                shard: shard.to_string(),
+            })
+            .inc();
     }
 
     pub fn touch_reconciliations(&self, shard: &str) {
-        let _ = self.reconciliations.get_or_create(&ShardLabels { shard: shard.to_string() });
+        let _ = self.reconciliations.get_or_create(&ShardLabels {
+            shard: shard.to_string(),
+        });
     }
 
     pub fn keys_lost(&self, n: usize) {

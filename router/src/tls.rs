@@ -141,7 +141,9 @@ impl<T> Reloading<T> {
                         state.2 = Arc::new(config);
                     }
                     // Files are often replaced one at a time: try again on the next check.
-                    Err(err) => warn!(error = %err, "TLS files changed but cannot be loaded yet; keeping the previous ones"),
+                    Err(err) => {
+                        warn!(error = %err, "TLS files changed but cannot be loaded yet; keeping the previous ones")
+                    }
                 }
             }
         }
@@ -251,7 +253,8 @@ impl ServerTls {
                 let sender = tx.clone();
                 tokio::spawn(async move {
                     let handshake =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await;
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                            .await;
                     match handshake {
                         Ok(Ok(stream)) => {
                             let _ = sender.send(Ok(stream)).await;
@@ -272,13 +275,19 @@ pub struct ClientTls(Arc<Reloading<rustls::ClientConfig>>, Option<String>);
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("ClientTls").field(&self.0.files).field(&self.1).finish()
+        f.debug_tuple("ClientTls")
+            .field(&self.0.files)
+            .field(&self.1)
+            .finish()
     }
 }
 
 impl ClientTls {
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
-        Ok(ClientTls(Arc::new(Reloading::new(files, client_config)?), None))
+        Ok(ClientTls(
+            Arc::new(Reloading::new(files, client_config)?),
+            None,
+        ))
     }
 
     /// Verifies every shard's certificate against this name instead of the
@@ -293,15 +302,22 @@ impl ClientTls {
         &self,
         uri: &tonic::transport::Uri,
     ) -> std::io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
-        let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what} in {uri}"));
+        let invalid = |what: &str| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what} in {uri}"))
+        };
         let host = uri.host().ok_or_else(|| invalid("no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         let port = uri.port_u16().unwrap_or(2379);
         let tcp = TcpStream::connect((host.as_str(), port)).await?;
         tcp.set_nodelay(true)?;
         let name = self.1.clone().unwrap_or_else(|| host.clone());
         let name = ServerName::try_from(name).map_err(|_| invalid("invalid server name"))?;
-        let stream = TlsConnector::from(self.0.current()).connect(name, tcp).await?;
+        let stream = TlsConnector::from(self.0.current())
+            .connect(name, tcp)
+            .await?;
         Ok(hyper_util::rt::TokioIo::new(stream))
     }
 }

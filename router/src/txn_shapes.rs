@@ -51,7 +51,11 @@ fn check_branch(ops: &[RequestOp]) -> StoreResult<()> {
     let mut written = BTreeSet::new();
     for op in ops {
         match &op.request {
-            None => return Err(StoreError::Unsupported("a Txn operation with no request".into())),
+            None => {
+                return Err(StoreError::Unsupported(
+                    "a Txn operation with no request".into(),
+                ))
+            }
             Some(Request::RequestTxn(_)) => {
                 return Err(StoreError::Unsupported("nested transactions".into()))
             }
@@ -178,7 +182,10 @@ mod tests {
             success: vec![put(b"a"), put(b"a")],
             ..Default::default()
         };
-        assert!(matches!(txn_keys(&duplicate), Err(StoreError::DuplicateKey)));
+        assert!(matches!(
+            txn_keys(&duplicate),
+            Err(StoreError::DuplicateKey)
+        ));
         let put_and_delete = TxnRequest {
             success: vec![
                 put(b"a"),
@@ -191,7 +198,10 @@ mod tests {
             ],
             ..Default::default()
         };
-        assert!(matches!(txn_keys(&put_and_delete), Err(StoreError::DuplicateKey)));
+        assert!(matches!(
+            txn_keys(&put_and_delete),
+            Err(StoreError::DuplicateKey)
+        ));
         let too_many = TxnRequest {
             success: (0..129).map(|_| get(b"a", b"")).collect(),
             ..Default::default()

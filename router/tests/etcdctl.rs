@@ -23,7 +23,9 @@ impl Drop for RouterProcess {
 async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .ok()?;
     let mut body = String::new();
@@ -35,13 +37,27 @@ async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 async fn start_router(shards: &[Etcd]) -> RouterProcess {
     let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
-    let shard_list: Vec<String> = shards.iter().map(|s| format!("{}={}", s.name, s.endpoint())).collect();
+    let shard_list: Vec<String> = shards
+        .iter()
+        .map(|s| format!("{}={}", s.name, s.endpoint()))
+        .collect();
     let child = Command::new(env!("CARGO_BIN_EXE_ste-router"))
-        .args(["--listen", &listen, "--admin-listen", &admin, "--shards", &shard_list.join(",")])
+        .args([
+            "--listen",
+            &listen,
+            "--admin-listen",
+            &admin,
+            "--shards",
+            &shard_list.join(","),
+        ])
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("starting ste-router");
-    let router = RouterProcess { child, endpoint: listen, admin };
+    let router = RouterProcess {
+        child,
+        endpoint: listen,
+        admin,
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some((200, _)) = http_get(&router.admin, "/readyz").await {
@@ -63,7 +79,12 @@ fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Output {
         .spawn()
         .expect("running etcdctl");
     if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     }
     drop(child.stdin.take());
     child.wait_with_output().unwrap()
@@ -72,7 +93,11 @@ fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Output {
 /// Runs etcdctl and returns stdout, failing the test with stderr if it failed.
 fn ok(endpoint: &str, args: &[&str]) -> String {
     let out = etcdctl(endpoint, args, None);
-    assert!(out.status.success(), "etcdctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -88,10 +113,22 @@ async fn etcdctl_works_against_the_router() {
 
     // put / get / prefix / keys-only
     for i in 0..10 {
-        assert_eq!(ok(ep, &["put", &format!("/registry/pods/ns/p{i}"), &format!("v{i}")]), "OK\n");
+        assert_eq!(
+            ok(
+                ep,
+                &["put", &format!("/registry/pods/ns/p{i}"), &format!("v{i}")]
+            ),
+            "OK\n"
+        );
     }
-    assert_eq!(ok(ep, &["get", "/registry/pods/ns/p3"]), "/registry/pods/ns/p3\nv3\n");
-    let listed = json(&ok(ep, &["get", "/registry/pods/", "--prefix", "-w", "json"]));
+    assert_eq!(
+        ok(ep, &["get", "/registry/pods/ns/p3"]),
+        "/registry/pods/ns/p3\nv3\n"
+    );
+    let listed = json(&ok(
+        ep,
+        &["get", "/registry/pods/", "--prefix", "-w", "json"],
+    ));
     assert_eq!(listed["count"], 10);
     let keys = ok(ep, &["get", "/registry/pods/", "--prefix", "--keys-only"]);
     let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
@@ -99,14 +136,29 @@ async fn etcdctl_works_against_the_router() {
     sorted.sort();
     assert_eq!(keys, sorted, "keys come back sorted across shards");
     assert_eq!(keys.len(), 10);
-    let page = json(&ok(ep, &["get", "/registry/pods/", "--prefix", "--limit=4", "-w", "json"]));
+    let page = json(&ok(
+        ep,
+        &[
+            "get",
+            "/registry/pods/",
+            "--prefix",
+            "--limit=4",
+            "-w",
+            "json",
+        ],
+    ));
     assert_eq!(page["kvs"].as_array().unwrap().len(), 4);
     assert_eq!(page["more"], true);
     assert_eq!(page["count"], 10);
 
     // watch sees a put
     let mut watcher = Command::new(etcdctl_binary().unwrap())
-        .args([format!("--endpoints={ep}").as_str(), "watch", "/registry/pods/", "--prefix"])
+        .args([
+            format!("--endpoints={ep}").as_str(),
+            "watch",
+            "/registry/pods/",
+            "--prefix",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -118,7 +170,11 @@ async fn etcdctl_works_against_the_router() {
         for line in lines.by_ref() {
             let line = line.unwrap();
             seen.push(line);
-            if seen.ends_with(&["PUT".into(), "/registry/pods/ns/watched".into(), "hello".into()]) {
+            if seen.ends_with(&[
+                "PUT".into(),
+                "/registry/pods/ns/watched".into(),
+                "hello".into(),
+            ]) {
                 return seen;
             }
         }
@@ -126,7 +182,10 @@ async fn etcdctl_works_against_the_router() {
     });
     let deadline = Instant::now() + Duration::from_secs(15);
     while !reader.is_finished() {
-        assert!(Instant::now() < deadline, "etcdctl watch saw nothing within 15s");
+        assert!(
+            Instant::now() < deadline,
+            "etcdctl watch saw nothing within 15s"
+        );
         ok(ep, &["put", "/registry/pods/ns/watched", "hello"]);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -136,19 +195,34 @@ async fn etcdctl_works_against_the_router() {
     let _ = watcher.wait();
 
     // txn: the kube-apiserver update shape, through etcdctl's txn syntax
-    let rev = json(&ok(ep, &["get", "/registry/pods/ns/p1", "-w", "json"]))["kvs"][0]["mod_revision"].as_i64().unwrap();
+    let rev = json(&ok(ep, &["get", "/registry/pods/ns/p1", "-w", "json"]))["kvs"][0]
+        ["mod_revision"]
+        .as_i64()
+        .unwrap();
     let script = format!("mod(\"/registry/pods/ns/p1\") = \"{rev}\"\n\nput /registry/pods/ns/p1 updated\n\nget /registry/pods/ns/p1\n\n");
     let out = etcdctl(ep, &["txn"], Some(&script));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "SUCCESS\n\nOK\n", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "SUCCESS\n\nOK\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stale = etcdctl(ep, &["txn"], Some(&script));
-    assert_eq!(String::from_utf8_lossy(&stale.stdout), "FAILURE\n\n/registry/pods/ns/p1\nupdated\n");
+    assert_eq!(
+        String::from_utf8_lossy(&stale.stdout),
+        "FAILURE\n\n/registry/pods/ns/p1\nupdated\n"
+    );
     // a txn across shards is refused with a clear message
     let spanning = (0..10)
         .map(|i| format!("put /registry/pods/ns/p{i} x\n"))
         .collect::<String>();
     let out = etcdctl(ep, &["txn"], Some(&format!("\n{spanning}\n\n")));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("spans shards"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spans shards"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // delete
     assert_eq!(ok(ep, &["del", "/registry/pods/ns/p9"]), "1\n");
@@ -167,9 +241,23 @@ async fn etcdctl_works_against_the_router() {
     assert_eq!(ok(ep, &["get", "/registry/events/e1"]), "");
 
     // compaction
-    let current = json(&ok(ep, &["get", "/registry/pods/ns/p0", "-w", "json"]))["header"]["revision"].as_i64().unwrap();
-    assert_eq!(ok(ep, &["compaction", &(current - 2).to_string()]), format!("compacted revision {}\n", current - 2));
-    let old = etcdctl(ep, &["get", "/registry/pods/ns/p0", &format!("--rev={}", current - 5)], None);
+    let current = json(&ok(ep, &["get", "/registry/pods/ns/p0", "-w", "json"]))["header"]
+        ["revision"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(
+        ok(ep, &["compaction", &(current - 2).to_string()]),
+        format!("compacted revision {}\n", current - 2)
+    );
+    let old = etcdctl(
+        ep,
+        &[
+            "get",
+            "/registry/pods/ns/p0",
+            &format!("--rev={}", current - 5),
+        ],
+        None,
+    );
     assert!(String::from_utf8_lossy(&old.stderr).contains("required revision has been compacted"));
 
     // endpoint status, health, member list
@@ -179,8 +267,10 @@ async fn etcdctl_works_against_the_router() {
     assert!(parts >= vec![3, 5, 13], "reported version {version}");
     assert!(status[0]["Status"]["dbSize"].as_i64().unwrap() > 0);
     let health = etcdctl(ep, &["endpoint", "health"], None);
-    assert!(String::from_utf8_lossy(&health.stdout).contains("is healthy")
-        || String::from_utf8_lossy(&health.stderr).contains("is healthy"));
+    assert!(
+        String::from_utf8_lossy(&health.stdout).contains("is healthy")
+            || String::from_utf8_lossy(&health.stderr).contains("is healthy")
+    );
     assert!(ok(ep, &["member", "list"]).contains("ste-router"));
 
     // the admin port
@@ -199,7 +289,13 @@ async fn bad_flags_fail_with_a_clear_message() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must start with http://"));
-    let help = Command::new(env!("CARGO_BIN_EXE_ste-router")).arg("--help").output().unwrap();
+    let help = Command::new(env!("CARGO_BIN_EXE_ste-router"))
+        .arg("--help")
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    assert!(help.contains("--shards") && help.contains("STE_ROUTER_SHARDS"), "{help}");
+    assert!(
+        help.contains("--shards") && help.contains("STE_ROUTER_SHARDS"),
+        "{help}"
+    );
 }

@@ -13,11 +13,19 @@ use tonic::transport::{Channel, Endpoint};
 
 async fn readyz(router: &Router) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(router.admin_addr).await else { return 0 };
-    let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let Ok(mut stream) = tokio::net::TcpStream::connect(router.admin_addr).await else {
+        return 0;
+    };
+    let _ = stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer).await;
-    answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 async fn put(endpoint: &str, key: &str) -> Result<i64, String> {
@@ -29,7 +37,11 @@ async fn put(endpoint: &str, key: &str) -> Result<i64, String> {
         .await
         .map_err(|e| e.to_string())?;
     let answer = KvClient::new(channel)
-        .put(PutRequest { key: Bytes::from(key.to_string()), value: Bytes::from_static(b"v"), ..Default::default() })
+        .put(PutRequest {
+            key: Bytes::from(key.to_string()),
+            value: Bytes::from_static(b"v"),
+            ..Default::default()
+        })
         .await
         .map_err(|e| e.to_string())?;
     Ok(answer.into_inner().header.unwrap().revision)
@@ -60,46 +72,89 @@ async fn one_router_serves_and_a_standby_takes_over() {
     let shards = start_shards(2).await.unwrap();
 
     // Routers under election answer /livez at once but serve only as leader.
-    let a = Router::start_with(config(&shards, &durable, "router-a")).await.unwrap();
-    wait_until("router-a to lead", Duration::from_secs(30), || async { readyz(&a).await == 200 }).await;
-    let b = Router::start_with(config(&shards, &durable, "router-b")).await.unwrap();
+    let a = Router::start_with(config(&shards, &durable, "router-a"))
+        .await
+        .unwrap();
+    wait_until("router-a to lead", Duration::from_secs(30), || async {
+        readyz(&a).await == 200
+    })
+    .await;
+    let b = Router::start_with(config(&shards, &durable, "router-b"))
+        .await
+        .unwrap();
     assert_eq!(readyz(&b).await, 503, "the standby must not be ready");
-    assert!(put(&b.endpoint(), "/registry/pods/default/x").await.is_err(), "the standby served a write");
+    assert!(
+        put(&b.endpoint(), "/registry/pods/default/x")
+            .await
+            .is_err(),
+        "the standby served a write"
+    );
     let mut last = 0;
     for i in 0..20 {
-        last = put(&a.endpoint(), &format!("/registry/pods/default/p{i}")).await.unwrap();
+        last = put(&a.endpoint(), &format!("/registry/pods/default/p{i}"))
+            .await
+            .unwrap();
     }
 
     // The leader stops (it releases leadership): the standby takes over with every key.
     a.stop().await.unwrap();
-    wait_until("router-b to take over", Duration::from_secs(30), || async { readyz(&b).await == 200 }).await;
-    let channel = Endpoint::from_shared(b.endpoint()).unwrap().connect().await.unwrap();
+    wait_until("router-b to take over", Duration::from_secs(30), || async {
+        readyz(&b).await == 200
+    })
+    .await;
+    let channel = Endpoint::from_shared(b.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let listed = KvClient::new(channel)
-        .range(RangeRequest { key: Bytes::from_static(b"/registry/pods/"), range_end: Bytes::from_static(b"/registry/pods0"), ..Default::default() })
+        .range(RangeRequest {
+            key: Bytes::from_static(b"/registry/pods/"),
+            range_end: Bytes::from_static(b"/registry/pods0"),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(listed.kvs.len(), 20);
-    let next = put(&b.endpoint(), "/registry/pods/default/after").await.unwrap();
-    assert!(next > last, "revisions went back across the takeover: {next} after {last}");
+    let next = put(&b.endpoint(), "/registry/pods/default/after")
+        .await
+        .unwrap();
+    assert!(
+        next > last,
+        "revisions went back across the takeover: {next} after {last}"
+    );
 
     // A newer leader's fence on a shard (as if another router took over while
     // this one was partitioned from kube-apiserver): its next write is refused
     // and it steps down.
     let mut shard_kv = shards[0].kv().await.unwrap();
     shard_kv
-        .put(PutRequest { key: Bytes::from_static(FENCE_KEY), value: Bytes::from(format!("{:020}", 1_000_000)), ..Default::default() })
+        .put(PutRequest {
+            key: Bytes::from_static(FENCE_KEY),
+            value: Bytes::from(format!("{:020}", 1_000_000)),
+            ..Default::default()
+        })
         .await
         .unwrap();
     let mut refused = false;
     for i in 0..20 {
         // Keys spread over both shards: some land on the fenced one.
-        if put(&b.endpoint(), &format!("/registry/pods/default/q{i}")).await.is_err() {
+        if put(&b.endpoint(), &format!("/registry/pods/default/q{i}"))
+            .await
+            .is_err()
+        {
             refused = true;
             break;
         }
     }
-    assert!(refused, "writes to a shard fenced by a newer epoch were accepted");
-    wait_until("router-b to step down", Duration::from_secs(30), || async { readyz(&b).await != 200 }).await;
+    assert!(
+        refused,
+        "writes to a shard fenced by a newer epoch were accepted"
+    );
+    wait_until("router-b to step down", Duration::from_secs(30), || async {
+        readyz(&b).await != 200
+    })
+    .await;
     b.stop().await.unwrap();
 }

@@ -28,7 +28,13 @@ async fn time_from_a_fence_failure_to_the_next_acknowledged_write() {
         writers.push(tokio::spawn(async move {
             for i in (w..KEYS).step_by(16) {
                 let key = Bytes::from(format!("/registry/pods/d/p{i:06}"));
-                kv.put(PutRequest { key, value: value.clone(), ..Default::default() }).await.unwrap();
+                kv.put(PutRequest {
+                    key,
+                    value: value.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
             }
         }));
     }
@@ -38,15 +44,57 @@ async fn time_from_a_fence_failure_to_the_next_acknowledged_write() {
     let mut direct = shards[0].kv().await.unwrap();
     for round in 0..ROUNDS {
         let key = Bytes::from(format!("/registry/pods/d/p{round:06}"));
-        let known = kv.range(RangeRequest { key: key.clone(), ..Default::default() }).await.unwrap().into_inner().kvs.remove(0);
-        let stored = direct.range(RangeRequest { key: key.clone(), ..Default::default() }).await.unwrap().into_inner().kvs.remove(0).value;
+        let known = kv
+            .range(RangeRequest {
+                key: key.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .kvs
+            .remove(0);
+        let stored = direct
+            .range(RangeRequest {
+                key: key.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .kvs
+            .remove(0)
+            .value;
         let ghost = Bytes::from(format!("/registry/pods/d/ghost{round}"));
-        direct.put(PutRequest { key: ghost, value: stored.clone(), ..Default::default() }).await.unwrap();
-        direct.put(PutRequest { key: key.clone(), value: stored, ..Default::default() }).await.unwrap();
+        direct
+            .put(PutRequest {
+                key: ghost,
+                value: stored.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        direct
+            .put(PutRequest {
+                key: key.clone(),
+                value: stored,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
 
         let started = Instant::now();
-        assert!(kv.txn(shapes::update(&key, known.mod_revision, &value)).await.is_err(), "the fence must fail");
-        let retried = kv.txn(shapes::update(&key, known.mod_revision, &value)).await.unwrap().into_inner();
+        assert!(
+            kv.txn(shapes::update(&key, known.mod_revision, &value))
+                .await
+                .is_err(),
+            "the fence must fail"
+        );
+        let retried = kv
+            .txn(shapes::update(&key, known.mod_revision, &value))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(retried.succeeded);
         println!("{KEYS} keys x {VALUE_BYTES} B, round {round}: fence failure -> next write acknowledged in {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
     }

@@ -37,24 +37,47 @@ fn config(shards: &[Etcd], replication_factor: u8) -> ste_router::RouterConfig {
 
 async fn list(kv: &mut KvClient<Channel>) -> Result<Listed, tonic::Status> {
     let all = kv
-        .range(RangeRequest { key: Bytes::from_static(PREFIX), range_end: Bytes::from_static(PREFIX_END), ..Default::default() })
+        .range(RangeRequest {
+            key: Bytes::from_static(PREFIX),
+            range_end: Bytes::from_static(PREFIX_END),
+            ..Default::default()
+        })
         .await?
         .into_inner();
-    Ok(all.kvs.into_iter().map(|kv| (kv.key, (kv.value, kv.mod_revision, kv.create_revision, kv.version))).collect())
+    Ok(all
+        .kvs
+        .into_iter()
+        .map(|kv| {
+            (
+                kv.key,
+                (kv.value, kv.mod_revision, kv.create_revision, kv.version),
+            )
+        })
+        .collect())
 }
 
 /// (client keys, replica copies as (key, global mod revision)) stored on one shard.
 async fn shard_contents(shard: &Etcd) -> Option<(BTreeSet<Bytes>, BTreeSet<(Bytes, i64)>)> {
     let mut kv = shard.kv().await.ok()?;
     let keys = kv
-        .range(RangeRequest { key: Bytes::from_static(b"\0"), range_end: Bytes::from_static(RESERVED_PREFIX), keys_only: true, ..Default::default() })
+        .range(RangeRequest {
+            key: Bytes::from_static(b"\0"),
+            range_end: Bytes::from_static(RESERVED_PREFIX),
+            keys_only: true,
+            ..Default::default()
+        })
         .await
         .ok()?
         .into_inner();
     let mut end = REPLICA_PREFIX.to_vec();
     *end.last_mut().unwrap() += 1;
     let copies = kv
-        .range(RangeRequest { key: Bytes::from_static(REPLICA_PREFIX), range_end: Bytes::from(end), keys_only: true, ..Default::default() })
+        .range(RangeRequest {
+            key: Bytes::from_static(REPLICA_PREFIX),
+            range_end: Bytes::from(end),
+            keys_only: true,
+            ..Default::default()
+        })
         .await
         .ok()?
         .into_inner();
@@ -82,9 +105,14 @@ async fn under_replicated(shards: &[&Etcd], expected: &Listed) -> Option<Vec<Byt
     let missing = expected
         .iter()
         .filter(|(key, (_, mod_revision, _, _))| {
-            let primaries: Vec<usize> = (0..contents.len()).filter(|i| contents[*i].0.contains(*key)).collect();
-            let [primary] = primaries[..] else { return true };
-            !(0..contents.len()).any(|i| i != primary && contents[i].1.contains(&((*key).clone(), *mod_revision)))
+            let primaries: Vec<usize> = (0..contents.len())
+                .filter(|i| contents[*i].0.contains(*key))
+                .collect();
+            let [primary] = primaries[..] else {
+                return true;
+            };
+            !(0..contents.len())
+                .any(|i| i != primary && contents[i].1.contains(&((*key).clone(), *mod_revision)))
         })
         .map(|(key, _)| key.clone())
         .collect();
@@ -99,20 +127,38 @@ async fn router_metric(router: &Router, name: &str) -> f64 {
 
 /// Waits until the router lists exactly `expected` and every key is
 /// replicated on the shards, and the router's metric says so too.
-async fn wait_whole(router: &Router, kv: &KvClient<Channel>, shards: &[&Etcd], expected: &Listed, after: &str) {
-    wait_until(&format!("every key listed and replicated again after {after}"), Duration::from_secs(45), || {
-        let mut kv = kv.clone();
-        async move {
-            list(&mut kv).await.ok().as_ref() == Some(expected)
-                && under_replicated(shards, expected).await.is_some_and(|m| m.is_empty())
-                && router_metric(router, "ste_router_keys_under_replicated").await == 0.0
-        }
-    })
+async fn wait_whole(
+    router: &Router,
+    kv: &KvClient<Channel>,
+    shards: &[&Etcd],
+    expected: &Listed,
+    after: &str,
+) {
+    wait_until(
+        &format!("every key listed and replicated again after {after}"),
+        Duration::from_secs(45),
+        || {
+            let mut kv = kv.clone();
+            async move {
+                list(&mut kv).await.ok().as_ref() == Some(expected)
+                    && under_replicated(shards, expected)
+                        .await
+                        .is_some_and(|m| m.is_empty())
+                    && router_metric(router, "ste_router_keys_under_replicated").await == 0.0
+            }
+        },
+    )
     .await;
 }
 
 /// Every event under the prefix from `start` on.
-async fn watch(channel: Channel, start: i64) -> (mpsc::Sender<WatchRequest>, mpsc::UnboundedReceiver<WatchResponse>) {
+async fn watch(
+    channel: Channel,
+    start: i64,
+) -> (
+    mpsc::Sender<WatchRequest>,
+    mpsc::UnboundedReceiver<WatchResponse>,
+) {
     let (req_tx, req_rx) = mpsc::channel(1);
     req_tx
         .send(WatchRequest {
@@ -125,7 +171,11 @@ async fn watch(channel: Channel, start: i64) -> (mpsc::Sender<WatchRequest>, mps
         })
         .await
         .unwrap();
-    let mut stream = WatchClient::new(channel).watch(ReceiverStream::new(req_rx)).await.unwrap().into_inner();
+    let mut stream = WatchClient::new(channel)
+        .watch(ReceiverStream::new(req_rx))
+        .await
+        .unwrap()
+        .into_inner();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(Some(response)) = stream.message().await {
@@ -138,19 +188,38 @@ async fn watch(channel: Channel, start: i64) -> (mpsc::Sender<WatchRequest>, mps
 }
 
 /// Writes a sentinel and returns every event the watch delivered before it.
-async fn events_until_sentinel(kv: &mut KvClient<Channel>, rx: &mut mpsc::UnboundedReceiver<WatchResponse>) -> Vec<String> {
+async fn events_until_sentinel(
+    kv: &mut KvClient<Channel>,
+    rx: &mut mpsc::UnboundedReceiver<WatchResponse>,
+) -> Vec<String> {
     let sentinel = Bytes::from_static(b"/registry/pods/zz-sentinel");
-    kv.put(PutRequest { key: sentinel.clone(), value: Bytes::from_static(b"s"), ..Default::default() }).await.unwrap();
+    kv.put(PutRequest {
+        key: sentinel.clone(),
+        value: Bytes::from_static(b"s"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let mut seen = Vec::new();
     loop {
-        let response = tokio::time::timeout(Duration::from_secs(15), rx.recv()).await.expect("watch answer within 15s").expect("watch open");
-        assert!(!response.canceled, "watch canceled: {}", response.cancel_reason);
+        let response = tokio::time::timeout(Duration::from_secs(15), rx.recv())
+            .await
+            .expect("watch answer within 15s")
+            .expect("watch open");
+        assert!(
+            !response.canceled,
+            "watch canceled: {}",
+            response.cancel_reason
+        );
         for event in response.events {
             let kv = event.kv.unwrap();
             if kv.key == sentinel {
                 return seen;
             }
-            seen.push(format!("{:?} {:?} at {}", event.r#type, kv.key, kv.mod_revision));
+            seen.push(format!(
+                "{:?} {:?} at {}",
+                event.r#type, kv.key, kv.mod_revision
+            ));
         }
     }
 }
@@ -158,7 +227,13 @@ async fn events_until_sentinel(kv: &mut KvClient<Channel>, rx: &mut mpsc::Unboun
 async fn load(kv: &mut KvClient<Channel>) -> Listed {
     for i in 0..KEYS {
         let key = Bytes::from(format!("/registry/pods/default/pod-{i:04}"));
-        kv.put(PutRequest { key, value: Bytes::from(format!("spec-{i}")), ..Default::default() }).await.unwrap();
+        kv.put(PutRequest {
+            key,
+            value: Bytes::from(format!("spec-{i}")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     list(kv).await.unwrap()
 }
@@ -177,16 +252,36 @@ async fn shards_emptied_one_after_the_other_lose_nothing() {
     assert_eq!(expected.len(), KEYS);
     let start = expected.values().map(|v| v.1).max().unwrap() + 1;
     let (_keep, mut events) = watch(channel, start).await;
-    wait_whole(&router, &kv, &shards.iter().collect::<Vec<_>>(), &expected, "loading").await;
+    wait_whole(
+        &router,
+        &kv,
+        &shards.iter().collect::<Vec<_>>(),
+        &expected,
+        "loading",
+    )
+    .await;
 
     for victim in 0..shards.len() {
         shards[victim].restart_empty().await.unwrap();
         let name = shards[victim].name.clone();
-        wait_whole(&router, &kv, &shards.iter().collect::<Vec<_>>(), &expected, &format!("{name} came back empty")).await;
+        wait_whole(
+            &router,
+            &kv,
+            &shards.iter().collect::<Vec<_>>(),
+            &expected,
+            &format!("{name} came back empty"),
+        )
+        .await;
     }
     let seen = events_until_sentinel(&mut kv, &mut events).await;
-    assert!(seen.is_empty(), "restoring from copies must be invisible, yet the watch saw: {seen:?}");
-    assert_eq!(router_metric(&router, "ste_router_keys_under_replicated").await, 0.0);
+    assert!(
+        seen.is_empty(),
+        "restoring from copies must be invisible, yet the watch saw: {seen:?}"
+    );
+    assert_eq!(
+        router_metric(&router, "ste_router_keys_under_replicated").await,
+        0.0
+    );
     router.stop().await.unwrap();
 }
 
@@ -201,23 +296,54 @@ async fn a_shard_emptied_while_another_drains_loses_nothing() {
     let expected = load(&mut kv).await;
     let start = expected.values().map(|v| v.1).max().unwrap() + 1;
     let (_keep, mut events) = watch(channel, start).await;
-    wait_whole(&router, &kv, &shards.iter().collect::<Vec<_>>(), &expected, "loading").await;
+    wait_whole(
+        &router,
+        &kv,
+        &shards.iter().collect::<Vec<_>>(),
+        &expected,
+        "loading",
+    )
+    .await;
 
     let drained = shards[3].name.clone();
-    let (status, answer) = http(router.admin_addr, "POST", &format!("/shards/{drained}/drain"), "").await;
+    let (status, answer) = http(
+        router.admin_addr,
+        "POST",
+        &format!("/shards/{drained}/drain"),
+        "",
+    )
+    .await;
     assert_eq!(status, 202, "{answer}");
     shards[0].restart_empty().await.unwrap();
-    wait_until("the drained shard to leave", Duration::from_secs(60), || async {
-        let (_, members) = http(router.admin_addr, "GET", "/shards", "").await;
-        !members.contains(&format!("\"{drained}\""))
-    })
+    wait_until(
+        "the drained shard to leave",
+        Duration::from_secs(60),
+        || async {
+            let (_, members) = http(router.admin_addr, "GET", "/shards", "").await;
+            !members.contains(&format!("\"{drained}\""))
+        },
+    )
     .await;
     let remaining: Vec<&Etcd> = shards[..3].iter().collect();
-    wait_whole(&router, &kv, &remaining, &expected, "a drain and an emptied shard").await;
+    wait_whole(
+        &router,
+        &kv,
+        &remaining,
+        &expected,
+        "a drain and an emptied shard",
+    )
+    .await;
     let (client_keys, _) = shard_contents(&shards[3]).await.unwrap();
-    assert!(client_keys.is_empty(), "the drained shard still holds {} keys", client_keys.len());
+    assert!(
+        client_keys.is_empty(),
+        "the drained shard still holds {} keys",
+        client_keys.len()
+    );
     let seen = events_until_sentinel(&mut kv, &mut events).await;
-    assert!(seen.is_empty(), "a drain and a restore must be invisible, yet the watch saw: {seen:?}");
+    assert!(
+        seen.is_empty(),
+        "a drain and a restore must be invisible, yet the watch saw: {seen:?}"
+    );
     router.stop().await.unwrap();
 }
 
@@ -251,13 +377,27 @@ async fn an_emptied_shard_is_reconciled_once_and_reads_never_see_a_future_revisi
             let mut i = 0usize;
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
                 i += 1;
-                let key = Bytes::from(format!("/registry/pods/default/pod-{:04}", (i * 7 + worker) % KEYS));
+                let key = Bytes::from(format!(
+                    "/registry/pods/default/pod-{:04}",
+                    (i * 7 + worker) % KEYS
+                ));
                 let result = if worker == 0 {
-                    kv.put(PutRequest { key, value: Bytes::from(format!("w{i}")), ..Default::default() }).await.map(|_| ())
+                    kv.put(PutRequest {
+                        key,
+                        value: Bytes::from(format!("w{i}")),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ())
                 } else if i.is_multiple_of(3) {
                     list(&mut kv).await.map(|_| ())
                 } else {
-                    kv.range(RangeRequest { key, ..Default::default() }).await.map(|_| ())
+                    kv.range(RangeRequest {
+                        key,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ())
                 };
                 if let Err(status) = result {
                     errors.push(format!("{:?}: {}", status.code(), status.message()));
@@ -266,33 +406,60 @@ async fn an_emptied_shard_is_reconciled_once_and_reads_never_see_a_future_revisi
             errors
         }));
     }
-    wait_until("the workload to run", Duration::from_secs(10), || async { router_metric(&router, "ste_router_revision").await > loaded.values().map(|v| v.1).max().unwrap() as f64 + 20.0 }).await;
-    shards[0].restart_empty().await.unwrap();
-    wait_until("the emptied shard to be reconciled", Duration::from_secs(30), || async {
-        router_metric(&router, &reconciled).await >= 1.0
+    wait_until("the workload to run", Duration::from_secs(10), || async {
+        router_metric(&router, "ste_router_revision").await
+            > loaded.values().map(|v| v.1).max().unwrap() as f64 + 20.0
     })
+    .await;
+    shards[0].restart_empty().await.unwrap();
+    wait_until(
+        "the emptied shard to be reconciled",
+        Duration::from_secs(30),
+        || async { router_metric(&router, &reconciled).await >= 1.0 },
+    )
     .await;
     // Several more health checks of the shard, with writes landing on it, so
     // a second verdict on the same loss would have had its chance.
     let after = router_metric(&router, &checks).await;
-    wait_until("five more health checks of the shard", Duration::from_secs(30), || async {
-        router_metric(&router, &checks).await >= after + 5.0
-    })
+    wait_until(
+        "five more health checks of the shard",
+        Duration::from_secs(30),
+        || async { router_metric(&router, &checks).await >= after + 5.0 },
+    )
     .await;
     stop.store(true, std::sync::atomic::Ordering::Release);
     let mut errors = Vec::new();
     for task in tasks {
         errors.extend(task.await.unwrap());
     }
-    assert_eq!(router_metric(&router, &reconciled).await, 1.0, "one loss, one reconciliation");
-    let future: Vec<&String> = errors.iter().filter(|e| e.contains("future revision")).collect();
-    assert!(future.is_empty(), "reads answered a future revision while the shard was reconciled: {future:?}");
-    let other: Vec<&String> = errors.iter().filter(|e| !e.starts_with("Unavailable")).collect();
-    assert!(other.is_empty(), "only Unavailable is expected while the shard is reconciled: {other:?}");
+    assert_eq!(
+        router_metric(&router, &reconciled).await,
+        1.0,
+        "one loss, one reconciliation"
+    );
+    let future: Vec<&String> = errors
+        .iter()
+        .filter(|e| e.contains("future revision"))
+        .collect();
+    assert!(
+        future.is_empty(),
+        "reads answered a future revision while the shard was reconciled: {future:?}"
+    );
+    let other: Vec<&String> = errors
+        .iter()
+        .filter(|e| !e.starts_with("Unavailable"))
+        .collect();
+    assert!(
+        other.is_empty(),
+        "only Unavailable is expected while the shard is reconciled: {other:?}"
+    );
     // And the router serves everything again: the lost keys are gone (RF 1), the rest intact.
     let now = list(&mut kv).await.unwrap();
     for key in loaded.keys().filter(|k| !on_victim.contains(*k)) {
-        assert!(now.contains_key(key), "{key:?} was not on the emptied shard, yet it is gone");
+        assert!(
+            now.contains_key(key),
+            "{key:?} was not on the emptied shard, yet it is gone"
+        );
     }
     router.stop().await.unwrap();
 }

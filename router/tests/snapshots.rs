@@ -39,7 +39,11 @@ type Stored = (Bytes, i64, i64, i64);
 #[derive(Debug)]
 enum Read {
     /// A full List (one call, or pages at the first page's revision).
-    List { paged: bool, items: BTreeMap<Bytes, Stored>, count: i64 },
+    List {
+        paged: bool,
+        items: BTreeMap<Bytes, Stored>,
+        count: i64,
+    },
     /// count_only at revision 0.
     Count(i64),
     /// keys_only at revision 0.
@@ -49,11 +53,20 @@ enum Read {
 }
 
 fn stored(kv: &ste_etcd_proto::mvccpb::KeyValue) -> Stored {
-    (kv.value.clone(), kv.mod_revision, kv.create_revision, kv.version)
+    (
+        kv.value.clone(),
+        kv.mod_revision,
+        kv.create_revision,
+        kv.version,
+    )
 }
 
 fn prefix_request() -> RangeRequest {
-    RangeRequest { key: Bytes::from_static(PREFIX), range_end: Bytes::from_static(PREFIX_END), ..Default::default() }
+    RangeRequest {
+        key: Bytes::from_static(PREFIX),
+        range_end: Bytes::from_static(PREFIX_END),
+        ..Default::default()
+    }
 }
 
 fn next_key(last: &[u8]) -> Bytes {
@@ -78,9 +91,15 @@ async fn writer(mut kv: KvClient<Channel>, writer: usize, seed: u64) {
             Some(&revision) if rng.random_bool(0.25) => shapes::delete(&key, revision),
             Some(&revision) => shapes::update(&key, revision, &value),
         };
-        let deleting = matches!(request.success[0].request, Some(Request::RequestDeleteRange(_)));
+        let deleting = matches!(
+            request.success[0].request,
+            Some(Request::RequestDeleteRange(_))
+        );
         let answer = kv.txn(request).await.expect("write").into_inner();
-        assert!(answer.succeeded, "writer {writer} owns {key:?}: its compare must hold");
+        assert!(
+            answer.succeeded,
+            "writer {writer} owns {key:?}: its compare must hold"
+        );
         let revision = answer.header.expect("header").revision;
         if deleting {
             revisions.remove(&key);
@@ -100,16 +119,32 @@ async fn reader(mut kv: KvClient<Channel>, stop: Arc<AtomicBool>, seed: u64) -> 
         let read = match turn % 5 {
             0 => {
                 // kube-apiserver's paginated List.
-                let first = kv.range(RangeRequest { limit: PAGE, ..prefix_request() }).await.expect("page").into_inner();
+                let first = kv
+                    .range(RangeRequest {
+                        limit: PAGE,
+                        ..prefix_request()
+                    })
+                    .await
+                    .expect("page")
+                    .into_inner();
                 let revision = first.header.expect("header").revision;
                 let count = first.count;
-                let mut items: BTreeMap<Bytes, Stored> = first.kvs.iter().map(|kv| (kv.key.clone(), stored(kv))).collect();
+                let mut items: BTreeMap<Bytes, Stored> = first
+                    .kvs
+                    .iter()
+                    .map(|kv| (kv.key.clone(), stored(kv)))
+                    .collect();
                 let mut more = first.more;
                 let mut last = first.kvs.last().map(|kv| kv.key.clone());
                 while more {
                     let from = next_key(last.as_ref().expect("a page with more has keys"));
                     let page = kv
-                        .range(RangeRequest { key: from, limit: PAGE, revision, ..prefix_request() })
+                        .range(RangeRequest {
+                            key: from,
+                            limit: PAGE,
+                            revision,
+                            ..prefix_request()
+                        })
                         .await
                         .expect("next page at the first page's revision")
                         .into_inner();
@@ -117,24 +152,72 @@ async fn reader(mut kv: KvClient<Channel>, stop: Arc<AtomicBool>, seed: u64) -> 
                     more = page.more;
                     last = page.kvs.last().map(|kv| kv.key.clone());
                 }
-                (revision, Read::List { paged: true, items, count })
+                (
+                    revision,
+                    Read::List {
+                        paged: true,
+                        items,
+                        count,
+                    },
+                )
             }
             1 | 2 => {
                 let all = kv.range(prefix_request()).await.expect("list").into_inner();
-                let items = all.kvs.iter().map(|kv| (kv.key.clone(), stored(kv))).collect();
-                (all.header.expect("header").revision, Read::List { paged: false, items, count: all.count })
+                let items = all
+                    .kvs
+                    .iter()
+                    .map(|kv| (kv.key.clone(), stored(kv)))
+                    .collect();
+                (
+                    all.header.expect("header").revision,
+                    Read::List {
+                        paged: false,
+                        items,
+                        count: all.count,
+                    },
+                )
             }
             3 => {
-                let counted = kv.range(RangeRequest { count_only: true, ..prefix_request() }).await.expect("count").into_inner();
-                let keys = kv.range(RangeRequest { keys_only: true, ..prefix_request() }).await.expect("keys").into_inner();
-                reads.push((counted.header.expect("header").revision, Read::Count(counted.count)));
+                let counted = kv
+                    .range(RangeRequest {
+                        count_only: true,
+                        ..prefix_request()
+                    })
+                    .await
+                    .expect("count")
+                    .into_inner();
+                let keys = kv
+                    .range(RangeRequest {
+                        keys_only: true,
+                        ..prefix_request()
+                    })
+                    .await
+                    .expect("keys")
+                    .into_inner();
+                reads.push((
+                    counted.header.expect("header").revision,
+                    Read::Count(counted.count),
+                ));
                 let listed = keys.kvs.iter().map(|kv| kv.key.clone()).collect();
                 (keys.header.expect("header").revision, Read::Keys(listed))
             }
             _ => {
-                let key = key(rng.random_range(0..WRITERS), rng.random_range(0..KEYS_PER_WRITER));
-                let got = kv.range(RangeRequest { key: key.clone(), ..Default::default() }).await.expect("get").into_inner();
-                (got.header.expect("header").revision, Read::Get(key, got.kvs.first().map(stored)))
+                let key = key(
+                    rng.random_range(0..WRITERS),
+                    rng.random_range(0..KEYS_PER_WRITER),
+                );
+                let got = kv
+                    .range(RangeRequest {
+                        key: key.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("get")
+                    .into_inner();
+                (
+                    got.header.expect("header").revision,
+                    Read::Get(key, got.kvs.first().map(stored)),
+                )
             }
         };
         reads.push(read);
@@ -143,17 +226,31 @@ async fn reader(mut kv: KvClient<Channel>, stop: Arc<AtomicBool>, seed: u64) -> 
 }
 
 /// Every event under the prefix after `start`, until `until` was delivered.
-async fn watch_from(channel: Channel, start: i64) -> (mpsc::Sender<WatchRequest>, tonic::Streaming<ste_etcd_proto::pb::WatchResponse>) {
+async fn watch_from(
+    channel: Channel,
+    start: i64,
+) -> (
+    mpsc::Sender<WatchRequest>,
+    tonic::Streaming<ste_etcd_proto::pb::WatchResponse>,
+) {
     let (tx, rx) = mpsc::channel(1);
     tx.send(WatchRequest {
         request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
             start_revision: start + 1,
-            ..WatchCreateRequest { key: Bytes::from_static(PREFIX), range_end: Bytes::from_static(PREFIX_END), ..Default::default() }
+            ..WatchCreateRequest {
+                key: Bytes::from_static(PREFIX),
+                range_end: Bytes::from_static(PREFIX_END),
+                ..Default::default()
+            }
         })),
     })
     .await
     .unwrap();
-    let mut stream = WatchClient::new(channel).watch(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut stream = WatchClient::new(channel)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(stream.message().await.unwrap().unwrap().created);
     (tx, stream)
 }
@@ -183,8 +280,12 @@ async fn run(channel: Channel, seed: u64) -> (usize, Vec<String>) {
     });
 
     let stop = Arc::new(AtomicBool::new(false));
-    let readers: Vec<_> = (0..2).map(|r| tokio::spawn(reader(kv.clone(), stop.clone(), seed + 100 + r))).collect();
-    let writers: Vec<_> = (0..WRITERS).map(|w| tokio::spawn(writer(kv.clone(), w, seed + w as u64))).collect();
+    let readers: Vec<_> = (0..2)
+        .map(|r| tokio::spawn(reader(kv.clone(), stop.clone(), seed + 100 + r)))
+        .collect();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| tokio::spawn(writer(kv.clone(), w, seed + w as u64)))
+        .collect();
     for w in writers {
         w.await.unwrap();
     }
@@ -193,7 +294,14 @@ async fn run(channel: Channel, seed: u64) -> (usize, Vec<String>) {
     for r in readers {
         reads.extend(r.await.unwrap());
     }
-    let end = kv.range(prefix_request()).await.unwrap().into_inner().header.unwrap().revision;
+    let end = kv
+        .range(prefix_request())
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
     // The watch has delivered everything up to the last write.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -201,13 +309,24 @@ async fn run(channel: Channel, seed: u64) -> (usize, Vec<String>) {
         if last >= end {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "watch stuck at {last}, writes reached {end}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watch stuck at {last}, writes reached {end}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     collector.abort();
     let events = events.lock().await.clone();
-    assert!(events.windows(2).all(|w| w[0].0 <= w[1].0), "watch events out of revision order");
-    assert!(events.len() >= WRITERS * OPS_PER_WRITER, "the watch saw {} events for {} writes", events.len(), WRITERS * OPS_PER_WRITER);
+    assert!(
+        events.windows(2).all(|w| w[0].0 <= w[1].0),
+        "watch events out of revision order"
+    );
+    assert!(
+        events.len() >= WRITERS * OPS_PER_WRITER,
+        "the watch saw {} events for {} writes",
+        events.len(),
+        WRITERS * OPS_PER_WRITER
+    );
 
     // Replay the watch, checking each read at its header revision.
     reads.sort_by_key(|(revision, _)| *revision);
@@ -215,7 +334,10 @@ async fn run(channel: Channel, seed: u64) -> (usize, Vec<String>) {
     let mut next = 0;
     let mut wrong = Vec::new();
     for (revision, read) in &reads {
-        assert!(*revision >= start && *revision <= end, "header {revision} outside [{start}, {end}]");
+        assert!(
+            *revision >= start && *revision <= end,
+            "header {revision} outside [{start}, {end}]"
+        );
         while next < events.len() && events[next].0 <= *revision {
             let (_, key, value) = &events[next];
             match value {
@@ -232,22 +354,48 @@ async fn run(channel: Channel, seed: u64) -> (usize, Vec<String>) {
         };
         if !exact {
             let what = match read {
-                Read::List { paged, items, count } => {
-                    let missing: Vec<_> = state.keys().filter(|k| !items.contains_key(*k)).take(3).collect();
-                    let differing: Vec<_> = items.iter().filter(|(k, v)| state.get(*k) != Some(v)).map(|(k, _)| k).take(3).collect();
+                Read::List {
+                    paged,
+                    items,
+                    count,
+                } => {
+                    let missing: Vec<_> = state
+                        .keys()
+                        .filter(|k| !items.contains_key(*k))
+                        .take(3)
+                        .collect();
+                    let differing: Vec<_> = items
+                        .iter()
+                        .filter(|(k, v)| state.get(*k) != Some(v))
+                        .map(|(k, _)| k)
+                        .take(3)
+                        .collect();
                     format!("{} List at {revision}: {} items (count {count}), snapshot has {}; missing {missing:?}, differing {differing:?}",
                         if *paged { "paged" } else { "whole" }, items.len(), state.len())
                 }
-                Read::Count(count) => format!("count at {revision}: {count}, snapshot has {}", state.len()),
-                Read::Keys(keys) => format!("keys-only at {revision}: {} keys, snapshot has {}", keys.len(), state.len()),
-                Read::Get(key, got) => format!("get {key:?} at {revision}: {got:?}, snapshot has {:?}", state.get(key)),
+                Read::Count(count) => {
+                    format!("count at {revision}: {count}, snapshot has {}", state.len())
+                }
+                Read::Keys(keys) => format!(
+                    "keys-only at {revision}: {} keys, snapshot has {}",
+                    keys.len(),
+                    state.len()
+                ),
+                Read::Get(key, got) => format!(
+                    "get {key:?} at {revision}: {got:?}, snapshot has {:?}",
+                    state.get(key)
+                ),
             };
             wrong.push(what);
         }
     }
     // The reads really raced the writes: their headers are spread over the run.
     let distinct: std::collections::BTreeSet<i64> = reads.iter().map(|(r, _)| *r).collect();
-    assert!(distinct.len() > 20, "reads saw only {} distinct revisions: they did not overlap the writes", distinct.len());
+    assert!(
+        distinct.len() > 20,
+        "reads saw only {} distinct revisions: they did not overlap the writes",
+        distinct.len()
+    );
     (reads.len(), wrong)
 }
 
@@ -263,9 +411,18 @@ async fn every_read_is_exact_at_its_header_revision_under_concurrent_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_etcd_passes_the_same_snapshot_check() {
     let etcd = Etcd::start("plain").await.unwrap();
-    let channel = Channel::from_shared(etcd.endpoint()).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(etcd.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let (checked, wrong) = run(channel, 11).await;
-    assert!(wrong.is_empty(), "{} of {checked} reads from plain etcd were not exact:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} of {checked} reads from plain etcd were not exact:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
 }
 
 /// Read-only txns answer at the revision their reads saw, too (they share a
@@ -283,7 +440,13 @@ async fn read_only_txns_answer_at_the_revision_they_read() {
         writers.push(tokio::spawn(async move {
             for i in 0..150 {
                 let value = Bytes::from(format!("{w}-{i}"));
-                kv.put(PutRequest { key: counter.clone(), value, ..Default::default() }).await.unwrap();
+                kv.put(PutRequest {
+                    key: counter.clone(),
+                    value,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
             }
         }));
     }
@@ -291,21 +454,36 @@ async fn read_only_txns_answer_at_the_revision_they_read() {
     let mut kv_reader = kv.clone();
     let mut stale = Vec::new();
     while !writers.iter().all(|w| w.is_finished()) {
-        let read = TxnRequest { success: vec![shapes::get(&counter)], ..Default::default() };
+        let read = TxnRequest {
+            success: vec![shapes::get(&counter)],
+            ..Default::default()
+        };
         let answer = kv_reader.txn(read).await.unwrap().into_inner();
         let header = answer.header.unwrap().revision;
-        let Some(ste_etcd_proto::pb::response_op::Response::ResponseRange(range)) = answer.responses[0].response.clone() else {
+        let Some(ste_etcd_proto::pb::response_op::Response::ResponseRange(range)) =
+            answer.responses[0].response.clone()
+        else {
             panic!("a Range answer")
         };
-        let Some(seen) = range.kvs.first() else { continue };
+        let Some(seen) = range.kvs.first() else {
+            continue;
+        };
         // The value read must be the one current at the header revision.
         let at = kv_reader
-            .range(RangeRequest { key: counter.clone(), revision: header, ..Default::default() })
+            .range(RangeRequest {
+                key: counter.clone(),
+                revision: header,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
         if at.kvs.first().map(|kv| kv.mod_revision) != Some(seen.mod_revision) {
-            stale.push((header, seen.mod_revision, at.kvs.first().map(|kv| kv.mod_revision)));
+            stale.push((
+                header,
+                seen.mod_revision,
+                at.kvs.first().map(|kv| kv.mod_revision),
+            ));
         }
         checked += 1;
     }

@@ -56,7 +56,12 @@ const KEYS_PER_WRITER: usize = 40;
 type State = BTreeMap<Bytes, (Bytes, i64)>;
 
 fn env_secs(name: &str, default: u64) -> Duration {
-    Duration::from_secs(std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
+    Duration::from_secs(
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
 }
 
 /// The ste-router binary, killed with SIGKILL and started again on its ports.
@@ -70,7 +75,11 @@ struct RouterProcess {
 
 impl RouterProcess {
     async fn start(shards: &[Etcd], log: std::path::PathBuf) -> RouterProcess {
-        let shards = shards.iter().map(|s| format!("{}={}", s.name, s.endpoint())).collect::<Vec<_>>().join(",");
+        let shards = shards
+            .iter()
+            .map(|s| format!("{}={}", s.name, s.endpoint()))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut router = RouterProcess {
             child: None,
             listen: format!("127.0.0.1:{}", free_port()),
@@ -83,10 +92,28 @@ impl RouterProcess {
     }
 
     async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ste-router"))
-            .args(["--listen", &self.listen, "--admin-listen", &self.admin, "--shards", &self.shards])
-            .args(["--replication-factor", "2", "--load-timeout", "10s", "--shard-timeout", "3s"])
+            .args([
+                "--listen",
+                &self.listen,
+                "--admin-listen",
+                &self.admin,
+                "--shards",
+                &self.shards,
+            ])
+            .args([
+                "--replication-factor",
+                "2",
+                "--load-timeout",
+                "10s",
+                "--shard-timeout",
+                "3s",
+            ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -97,10 +124,16 @@ impl RouterProcess {
         let deadline = Instant::now() + Duration::from_secs(60);
         let admin: std::net::SocketAddr = self.admin.parse().unwrap();
         loop {
-            if tokio::net::TcpStream::connect(admin).await.is_ok() && http(admin, "GET", "/readyz", "").await.0 == 200 {
+            if tokio::net::TcpStream::connect(admin).await.is_ok()
+                && http(admin, "GET", "/readyz", "").await.0 == 200
+            {
                 return;
             }
-            assert!(Instant::now() < deadline, "ste-router not ready within 60 s; log: {}", self.log.display());
+            assert!(
+                Instant::now() < deadline,
+                "ste-router not ready within 60 s; log: {}",
+                self.log.display()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -124,7 +157,10 @@ impl Drop for RouterProcess {
 }
 
 fn channel(endpoint: &str) -> Channel {
-    Endpoint::from_shared(endpoint.to_string()).unwrap().timeout(Duration::from_secs(5)).connect_lazy()
+    Endpoint::from_shared(endpoint.to_string())
+        .unwrap()
+        .timeout(Duration::from_secs(5))
+        .connect_lazy()
 }
 
 fn prefix(limit: i64, revision: i64, from: Option<Bytes>) -> RangeRequest {
@@ -166,10 +202,25 @@ enum Step {
     Observed(Option<(Bytes, i64)>),
 }
 
-async fn read_key(kv: &mut KvClient<Channel>, key: &Bytes, until: Instant) -> Option<Option<(Bytes, i64)>> {
+async fn read_key(
+    kv: &mut KvClient<Channel>,
+    key: &Bytes,
+    until: Instant,
+) -> Option<Option<(Bytes, i64)>> {
     while Instant::now() < until {
-        if let Ok(r) = kv.range(RangeRequest { key: key.clone(), ..Default::default() }).await {
-            return Some(r.into_inner().kvs.first().map(|kv| (kv.value.clone(), kv.mod_revision)));
+        if let Ok(r) = kv
+            .range(RangeRequest {
+                key: key.clone(),
+                ..Default::default()
+            })
+            .await
+        {
+            return Some(
+                r.into_inner()
+                    .kvs
+                    .first()
+                    .map(|kv| (kv.value.clone(), kv.mod_revision)),
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -177,7 +228,13 @@ async fn read_key(kv: &mut KvClient<Channel>, key: &Bytes, until: Instant) -> Op
 }
 
 /// Writes its own keys with kube-apiserver's shapes until `stop`; returns each key's steps.
-async fn writer(endpoint: String, w: usize, stop: Arc<AtomicBool>, findings: Arc<Findings>, hard_stop: Instant) -> BTreeMap<Bytes, Vec<Step>> {
+async fn writer(
+    endpoint: String,
+    w: usize,
+    stop: Arc<AtomicBool>,
+    findings: Arc<Findings>,
+    hard_stop: Instant,
+) -> BTreeMap<Bytes, Vec<Step>> {
     let mut kv = KvClient::new(channel(&endpoint));
     let mut rng = rand::rngs::StdRng::seed_from_u64(w as u64);
     let mut model: BTreeMap<Bytes, (Bytes, i64)> = BTreeMap::new();
@@ -186,7 +243,10 @@ async fn writer(endpoint: String, w: usize, stop: Arc<AtomicBool>, findings: Arc
     let mut n = 0u64;
     while !stop.load(Ordering::Acquire) {
         n += 1;
-        let key = Bytes::from(format!("/soak/w{w}/k{:03}", rng.random_range(0..KEYS_PER_WRITER)));
+        let key = Bytes::from(format!(
+            "/soak/w{w}/k{:03}",
+            rng.random_range(0..KEYS_PER_WRITER)
+        ));
         let value = Bytes::from(format!("w{w}-{n}"));
         let (request, attempted) = match model.get(&key) {
             None => (shapes::create(&key, &value), Some(value.clone())),
@@ -202,7 +262,11 @@ async fn writer(endpoint: String, w: usize, stop: Arc<AtomicBool>, findings: Arc
                     findings.violation(format!("writer {w}: compare on {key:?} failed although the writer's model says {:?} (an acknowledged write lost or a phantom write)", model.get(&key))).await;
                 } else {
                     if revision <= last_revision {
-                        findings.violation(format!("writer {w}: revision went back {last_revision} -> {revision}")).await;
+                        findings
+                            .violation(format!(
+                                "writer {w}: revision went back {last_revision} -> {revision}"
+                            ))
+                            .await;
                     }
                     last_revision = revision;
                     findings.acked.fetch_add(1, Ordering::Relaxed);
@@ -220,7 +284,9 @@ async fn writer(endpoint: String, w: usize, stop: Arc<AtomicBool>, findings: Arc
             }
         }
         // Learn the truth before the next write of this key.
-        let Some(observed) = read_key(&mut kv, &key, hard_stop).await else { break };
+        let Some(observed) = read_key(&mut kv, &key, hard_stop).await else {
+            break;
+        };
         history.push(Step::Observed(observed.clone()));
         match observed {
             Some(state) => model.insert(key, state),
@@ -233,7 +299,12 @@ async fn writer(endpoint: String, w: usize, stop: Arc<AtomicBool>, findings: Arc
 
 /// Checks one key's steps: after an unknown outcome the key holds the
 /// previous or the attempted value; the final state is the last known step.
-fn check_steps(key: &Bytes, steps: &[Step], final_state: Option<&(Bytes, i64)>, out: &mut Vec<String>) {
+fn check_steps(
+    key: &Bytes,
+    steps: &[Step],
+    final_state: Option<&(Bytes, i64)>,
+    out: &mut Vec<String>,
+) {
     let mut known: Option<(Bytes, i64)> = None;
     let mut pending: Option<Option<Bytes>> = None;
     for step in steps {
@@ -241,8 +312,11 @@ fn check_steps(key: &Bytes, steps: &[Step], final_state: Option<&(Bytes, i64)>, 
             Step::Acked(value, revision) => known = value.clone().map(|v| (v, *revision)),
             Step::Unknown(attempted) => pending = Some(attempted.clone()),
             Step::Observed(seen) => {
-                let attempted = pending.take().expect("an observation follows an unknown outcome");
-                let kept = seen.as_ref().map(|s| &s.0) == known.as_ref().map(|k| &k.0) && seen.as_ref().map(|s| s.1) == known.as_ref().map(|k| k.1);
+                let attempted = pending
+                    .take()
+                    .expect("an observation follows an unknown outcome");
+                let kept = seen.as_ref().map(|s| &s.0) == known.as_ref().map(|k| &k.0)
+                    && seen.as_ref().map(|s| s.1) == known.as_ref().map(|k| k.1);
                 let applied = seen.as_ref().map(|s| &s.0) == attempted.as_ref();
                 if !kept && !applied {
                     out.push(format!("{key:?}: after an unknown write of {attempted:?} the key is {seen:?}; before it, it was {known:?}"));
@@ -274,21 +348,48 @@ async fn watcher(endpoint: String, stop: Arc<AtomicBool>, segments: Arc<Mutex<Ve
         };
         let listed = listed.into_inner();
         let base = listed.header.unwrap().revision;
-        let state = listed.kvs.iter().map(|kv| (kv.key.clone(), (kv.value.clone(), kv.mod_revision))).collect();
+        let state = listed
+            .kvs
+            .iter()
+            .map(|kv| (kv.key.clone(), (kv.value.clone(), kv.mod_revision)))
+            .collect();
         let index = {
             let mut segments = segments.lock().await;
-            segments.push(Segment { base, state, events: Vec::new(), confirmed: base });
+            segments.push(Segment {
+                base,
+                state,
+                events: Vec::new(),
+                confirmed: base,
+            });
             segments.len() - 1
         };
         let (tx, rx) = mpsc::channel(4);
-        let create = WatchCreateRequest { start_revision: base + 1, ..WatchCreateRequest { key: Bytes::from_static(PREFIX), range_end: Bytes::from_static(PREFIX_END), ..Default::default() } };
-        tx.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) }).await.unwrap();
-        let Ok(stream) = WatchClient::new(channel(&endpoint)).watch(ReceiverStream::new(rx)).await else { continue };
+        let create = WatchCreateRequest {
+            start_revision: base + 1,
+            ..WatchCreateRequest {
+                key: Bytes::from_static(PREFIX),
+                range_end: Bytes::from_static(PREFIX_END),
+                ..Default::default()
+            }
+        };
+        tx.send(WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(create)),
+        })
+        .await
+        .unwrap();
+        let Ok(stream) = WatchClient::new(channel(&endpoint))
+            .watch(ReceiverStream::new(rx))
+            .await
+        else {
+            continue;
+        };
         let mut stream = stream.into_inner();
         let progress = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                let request = WatchRequest { request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})) };
+                let request = WatchRequest {
+                    request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
+                };
                 if tx.send(request).await.is_err() {
                     return;
                 }
@@ -301,7 +402,9 @@ async fn watcher(endpoint: String, stop: Arc<AtomicBool>, segments: Arc<Mutex<Ve
             let mut segments = segments.lock().await;
             let segment = &mut segments[index];
             if response.events.is_empty() && !response.created {
-                segment.confirmed = segment.confirmed.max(response.header.map(|h| h.revision).unwrap_or(0));
+                segment.confirmed = segment
+                    .confirmed
+                    .max(response.header.map(|h| h.revision).unwrap_or(0));
             }
             for event in response.events {
                 let kv = event.kv.unwrap();
@@ -314,27 +417,50 @@ async fn watcher(endpoint: String, stop: Arc<AtomicBool>, segments: Arc<Mutex<Ve
 }
 
 /// Lists at revision 0 (whole or paged), then again at the header revision: they must be equal.
-async fn reader(endpoint: String, stop: Arc<AtomicBool>, findings: Arc<Findings>, reads: Arc<Mutex<Vec<(i64, State)>>>) {
+async fn reader(
+    endpoint: String,
+    stop: Arc<AtomicBool>,
+    findings: Arc<Findings>,
+    reads: Arc<Mutex<Vec<(i64, State)>>>,
+) {
     let mut kv = KvClient::new(channel(&endpoint));
     let mut turn = 0u64;
     while !stop.load(Ordering::Acquire) {
         turn += 1;
         let paged = turn.is_multiple_of(2);
         let first = async {
-            let first = kv.range(prefix(if paged { 25 } else { 0 }, 0, None)).await?.into_inner();
+            let first = kv
+                .range(prefix(if paged { 25 } else { 0 }, 0, None))
+                .await?
+                .into_inner();
             let revision = first.header.unwrap().revision;
-            let mut items: State = first.kvs.iter().map(|kv| (kv.key.clone(), (kv.value.clone(), kv.mod_revision))).collect();
+            let mut items: State = first
+                .kvs
+                .iter()
+                .map(|kv| (kv.key.clone(), (kv.value.clone(), kv.mod_revision)))
+                .collect();
             let (mut more, mut last) = (first.more, first.kvs.last().map(|kv| kv.key.clone()));
             while more {
                 let mut from = last.clone().unwrap().to_vec();
                 from.push(0);
-                let page = kv.range(prefix(25, revision, Some(Bytes::from(from)))).await?.into_inner();
-                items.extend(page.kvs.iter().map(|kv| (kv.key.clone(), (kv.value.clone(), kv.mod_revision))));
+                let page = kv
+                    .range(prefix(25, revision, Some(Bytes::from(from))))
+                    .await?
+                    .into_inner();
+                items.extend(
+                    page.kvs
+                        .iter()
+                        .map(|kv| (kv.key.clone(), (kv.value.clone(), kv.mod_revision))),
+                );
                 more = page.more;
                 last = page.kvs.last().map(|kv| kv.key.clone());
             }
             let again = kv.range(prefix(0, revision, None)).await?.into_inner();
-            let at: State = again.kvs.iter().map(|kv| (kv.key.clone(), (kv.value.clone(), kv.mod_revision))).collect();
+            let at: State = again
+                .kvs
+                .iter()
+                .map(|kv| (kv.key.clone(), (kv.value.clone(), kv.mod_revision)))
+                .collect();
             Ok::<_, tonic::Status>((revision, items, at, first.count))
         };
         match first.await {
@@ -363,9 +489,16 @@ fn pod(name: &str) -> String {
 }
 
 /// Pod churn through kube-apiserver; returns (acknowledged live, acknowledged deleted, unknown).
-async fn pod_churn(api: ste_testkit::Api, stop: Arc<AtomicBool>) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
+async fn pod_churn(
+    api: ste_testkit::Api,
+    stop: Arc<AtomicBool>,
+) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
     tokio::task::spawn_blocking(move || {
-        let (mut live, mut deleted, mut unknown) = (std::collections::VecDeque::new(), BTreeSet::new(), BTreeSet::new());
+        let (mut live, mut deleted, mut unknown) = (
+            std::collections::VecDeque::new(),
+            BTreeSet::new(),
+            BTreeSet::new(),
+        );
         let mut n = 0u64;
         while !stop.load(Ordering::Acquire) {
             n += 1;
@@ -378,7 +511,11 @@ async fn pod_churn(api: ste_testkit::Api, stop: Arc<AtomicBool>) -> (BTreeSet<St
             }
             if live.len() > 40 {
                 let victim = live.pop_front().unwrap();
-                match api.curl(&[&format!("/api/v1/namespaces/default/pods/{victim}?gracePeriodSeconds=0"), "-X", "DELETE"]) {
+                match api.curl(&[
+                    &format!("/api/v1/namespaces/default/pods/{victim}?gracePeriodSeconds=0"),
+                    "-X",
+                    "DELETE",
+                ]) {
                     Ok((200, _)) => {
                         deleted.insert(victim);
                     }
@@ -398,7 +535,10 @@ async fn pod_churn(api: ste_testkit::Api, stop: Arc<AtomicBool>) -> (BTreeSet<St
 fn checker_counts(metrics: &str) -> BTreeMap<String, f64> {
     metrics
         .lines()
-        .filter(|l| l.starts_with("apiserver_storage_consistency_checks_total") && l.contains("resource=\"pods\""))
+        .filter(|l| {
+            l.starts_with("apiserver_storage_consistency_checks_total")
+                && l.contains("resource=\"pods\"")
+        })
         .filter_map(|l| {
             let status = l.split("status=\"").nth(1)?.split('"').next()?.to_string();
             Some((status, l.rsplit(' ').next()?.parse().ok()?))
@@ -411,7 +551,10 @@ fn checker_counts(metrics: &str) -> BTreeMap<String, f64> {
 async fn soak_with_faults_loses_nothing() {
     let duration = env_secs("STE_SOAK_SECONDS", 1800);
     let fault_every = env_secs("STE_SOAK_FAULT_SECONDS", 150);
-    let dir = tempfile::Builder::new().prefix("ste-soak-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("ste-soak-")
+        .tempdir()
+        .unwrap();
     let durable = Etcd::start("durable").await.unwrap();
     let mut shards = start_shards(3).await.unwrap();
     let mut router = RouterProcess::start(&shards, dir.path().join("router.log")).await;
@@ -431,8 +574,27 @@ async fn soak_with_faults_loses_nothing() {
     let segments = Arc::new(Mutex::new(Vec::new()));
     let reads = Arc::new(Mutex::new(Vec::new()));
     let endpoint = router.endpoint();
-    let writers: Vec<_> = (0..WRITERS).map(|w| tokio::spawn(writer(endpoint.clone(), w, stop.clone(), findings.clone(), hard_stop))).collect();
-    let readers: Vec<_> = (0..2).map(|_| tokio::spawn(reader(endpoint.clone(), stop.clone(), findings.clone(), reads.clone()))).collect();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            tokio::spawn(writer(
+                endpoint.clone(),
+                w,
+                stop.clone(),
+                findings.clone(),
+                hard_stop,
+            ))
+        })
+        .collect();
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(reader(
+                endpoint.clone(),
+                stop.clone(),
+                findings.clone(),
+                reads.clone(),
+            ))
+        })
+        .collect();
     let watch = tokio::spawn(watcher(endpoint.clone(), stop.clone(), segments.clone()));
     let churn = tokio::spawn(pod_churn(api.clone(), stop.clone()));
 
@@ -443,7 +605,12 @@ async fn soak_with_faults_loses_nothing() {
     while started.elapsed() < duration {
         tokio::time::sleep(Duration::from_millis(250)).await;
         if let Some(status) = apiserver.exited() {
-            findings.violation(format!("kube-apiserver exited ({status}); log: {}", apiserver.log_path().display())).await;
+            findings
+                .violation(format!(
+                    "kube-apiserver exited ({status}); log: {}",
+                    apiserver.log_path().display()
+                ))
+                .await;
             break;
         }
         if Instant::now() >= next_report {
@@ -473,7 +640,10 @@ async fn soak_with_faults_loses_nothing() {
                 shards[victim].kill();
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 shards[victim].restart().await.unwrap();
-                format!("{} killed for 3 s, restarted with its data", shards[victim].name)
+                format!(
+                    "{} killed for 3 s, restarted with its data",
+                    shards[victim].name
+                )
             }
             _ => {
                 shards[victim].restart_empty().await.unwrap();
@@ -481,10 +651,17 @@ async fn soak_with_faults_loses_nothing() {
                 tokio::time::sleep(Duration::from_millis(700)).await;
                 router.kill9();
                 router.spawn().await;
-                format!("{} emptied, router SIGKILLed during the repair", shards[victim].name)
+                format!(
+                    "{} emptied, router SIGKILLed during the repair",
+                    shards[victim].name
+                )
             }
         };
-        println!("soak {:>5.0}s: fault {}: {fault}", started.elapsed().as_secs_f64(), faults.len() + 1);
+        println!(
+            "soak {:>5.0}s: fault {}: {fault}",
+            started.elapsed().as_secs_f64(),
+            faults.len() + 1
+        );
         faults.push(fault);
     }
     stop.store(true, Ordering::Release);
@@ -501,15 +678,38 @@ async fn soak_with_faults_loses_nothing() {
     let mut kv = KvClient::new(channel(&endpoint));
     let final_state: State = loop {
         if let Ok(r) = kv.range(prefix(0, 0, None)).await {
-            break r.into_inner().kvs.iter().map(|kv| (kv.key.clone(), (kv.value.clone(), kv.mod_revision))).collect();
+            break r
+                .into_inner()
+                .kvs
+                .iter()
+                .map(|kv| (kv.key.clone(), (kv.value.clone(), kv.mod_revision)))
+                .collect();
         }
-        assert!(Instant::now() < hard_stop, "the router does not serve at the end");
+        assert!(
+            Instant::now() < hard_stop,
+            "the router does not serve at the end"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let end = kv.range(prefix(1, 0, None)).await.unwrap().into_inner().header.unwrap().revision;
+    let end = kv
+        .range(prefix(1, 0, None))
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
     // The last watch window confirms delivery past the end, or says where it stopped.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while segments.lock().await.last().map(|s| s.confirmed).unwrap_or(0) < end && Instant::now() < deadline {
+    while segments
+        .lock()
+        .await
+        .last()
+        .map(|s| s.confirmed)
+        .unwrap_or(0)
+        < end
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     watch.abort();
@@ -527,11 +727,15 @@ async fn soak_with_faults_loses_nothing() {
     let segments = segments.lock().await;
     let mut reads = reads.lock().await.clone();
     reads.sort_by_key(|(revision, _)| *revision);
-    let (mut checked_by_watch, mut watch_mismatches, mut acks_in_windows, mut acks_missing) = (0, 0, 0, 0);
+    let (mut checked_by_watch, mut watch_mismatches, mut acks_in_windows, mut acks_missing) =
+        (0, 0, 0, 0);
     for segment in segments.iter() {
         let mut state = segment.state.clone();
         let mut next = 0;
-        for (revision, items) in reads.iter().filter(|(r, _)| *r >= segment.base && *r <= segment.confirmed) {
+        for (revision, items) in reads
+            .iter()
+            .filter(|(r, _)| *r >= segment.base && *r <= segment.confirmed)
+        {
             while next < segment.events.len() && segment.events[next].0 <= *revision {
                 let (rev, key, value) = &segment.events[next];
                 match value {
@@ -543,10 +747,20 @@ async fn soak_with_faults_loses_nothing() {
             checked_by_watch += 1;
             if *items != state {
                 watch_mismatches += 1;
-                findings.violation(format!("List at {revision} differs from the watch-rebuilt state ({} vs {} keys)", items.len(), state.len())).await;
+                findings
+                    .violation(format!(
+                        "List at {revision} differs from the watch-rebuilt state ({} vs {} keys)",
+                        items.len(),
+                        state.len()
+                    ))
+                    .await;
             }
         }
-        let delivered: BTreeSet<(i64, &Bytes, Option<&Bytes>)> = segment.events.iter().map(|(r, k, v)| (*r, k, v.as_ref())).collect();
+        let delivered: BTreeSet<(i64, &Bytes, Option<&Bytes>)> = segment
+            .events
+            .iter()
+            .map(|(r, k, v)| (*r, k, v.as_ref()))
+            .collect();
         for (key, history) in &steps {
             for step in history {
                 if let Step::Acked(value, revision) = step {
@@ -565,20 +779,39 @@ async fn soak_with_faults_loses_nothing() {
     // kube-apiserver: pods and its own checker.
     let mut pods_wrong = 0;
     let listed = loop {
-        if let Ok((200, body)) = api.curl(&["/api/v1/namespaces/default/pods?labelSelector=app%3Dsoak"]) {
+        if let Ok((200, body)) =
+            api.curl(&["/api/v1/namespaces/default/pods?labelSelector=app%3Dsoak"])
+        {
             let value: serde_json::Value = serde_json::from_str(&body).unwrap();
-            break value["items"].as_array().unwrap().iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_string()).collect::<BTreeSet<_>>();
+            break value["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+                .collect::<BTreeSet<_>>();
         }
-        assert!(Instant::now() < hard_stop, "kube-apiserver does not list pods at the end");
+        assert!(
+            Instant::now() < hard_stop,
+            "kube-apiserver does not list pods at the end"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    for name in live.iter().filter(|n| !unknown_pods.contains(*n) && !listed.contains(*n)) {
+    for name in live
+        .iter()
+        .filter(|n| !unknown_pods.contains(*n) && !listed.contains(*n))
+    {
         pods_wrong += 1;
-        findings.violation(format!("pod {name}: create acknowledged, never deleted, yet it is gone")).await;
+        findings
+            .violation(format!(
+                "pod {name}: create acknowledged, never deleted, yet it is gone"
+            ))
+            .await;
     }
     for name in deleted.iter().filter(|n| listed.contains(*n)) {
         pods_wrong += 1;
-        findings.violation(format!("pod {name}: delete acknowledged, yet it is listed")).await;
+        findings
+            .violation(format!("pod {name}: delete acknowledged, yet it is listed"))
+            .await;
     }
     let checks = match api.curl(&["/metrics"]) {
         Ok((200, body)) => checker_counts(&body),
@@ -588,7 +821,11 @@ async fn soak_with_faults_loses_nothing() {
     let failed_checks = log.matches("Cache consistency check failed").count();
     let alive = apiserver.exited().is_none();
 
-    println!("\n=== soak summary ({} s, {} faults) ===", started.elapsed().as_secs(), faults.len());
+    println!(
+        "\n=== soak summary ({} s, {} faults) ===",
+        started.elapsed().as_secs(),
+        faults.len()
+    );
     for (i, fault) in faults.iter().enumerate() {
         println!("fault {}: {fault}", i + 1);
     }
@@ -600,13 +837,27 @@ async fn soak_with_faults_loses_nothing() {
         live.len(), deleted.len(), unknown_pods.len());
     let violations = findings.violations.lock().await;
     println!("violations: {}", violations.len());
-    assert!(violations.is_empty(), "{} violations, first: {:?}", violations.len(), violations.iter().take(10).collect::<Vec<_>>());
+    assert!(
+        violations.is_empty(),
+        "{} violations, first: {:?}",
+        violations.len(),
+        violations.iter().take(10).collect::<Vec<_>>()
+    );
     assert!(alive, "kube-apiserver exited");
-    assert_eq!(failed_checks, 0, "kube-apiserver's cache differed from storage");
+    assert_eq!(
+        failed_checks, 0,
+        "kube-apiserver's cache differed from storage"
+    );
     assert_eq!(checks.get("failure").copied().unwrap_or(0.0), 0.0);
     if duration >= Duration::from_secs(600) {
-        assert!(checks.get("success").copied().unwrap_or(0.0) >= 1.0, "the consistency checker never succeeded: {checks:?}");
+        assert!(
+            checks.get("success").copied().unwrap_or(0.0) >= 1.0,
+            "the consistency checker never succeeded: {checks:?}"
+        );
     }
-    assert!(findings.acked.load(Ordering::Relaxed) > 100, "the workload did not run");
+    assert!(
+        findings.acked.load(Ordering::Relaxed) > 100,
+        "the workload did not run"
+    );
     apiserver.stop();
 }

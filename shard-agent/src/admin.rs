@@ -23,7 +23,10 @@ async fn livez(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
     if state.is_live() {
         (StatusCode::OK, "ok\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "the supervisor loop is stuck\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the supervisor loop is stuck\n",
+        )
     }
 }
 
@@ -38,14 +41,20 @@ async fn readyz(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
         (true, true) => "registered",
         (true, false) => "not registered",
     };
-    let mut report = format!("shard {}\netcd: {etcd}\nregistration: {registration}\n", state.shard_name);
+    let mut report = format!(
+        "shard {}\netcd: {etcd}\nregistration: {registration}\n",
+        state.shard_name
+    );
     if state.draining() {
         report.push_str("draining\n");
     }
     if state.is_ready() {
         (StatusCode::OK, format!("ok\n{report}"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{report}"))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready\n{report}"),
+        )
     }
 }
 
@@ -54,7 +63,10 @@ async fn metrics(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
     match encode(&mut body, &state.metrics.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         ),
         Err(err) => (

@@ -9,7 +9,9 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::etcd::{EtcdCommand, EtcdError, HealthChecker, StopMode, Supervisor, SupervisorSettings};
+use crate::etcd::{
+    EtcdCommand, EtcdError, HealthChecker, StopMode, Supervisor, SupervisorSettings,
+};
 use crate::registration::{self, Registrar, RegistrationError};
 use crate::state::AgentState;
 use ste_shard_api::ShardPhase;
@@ -29,17 +31,27 @@ pub enum AgentError {
     #[error(transparent)]
     Registration(#[from] RegistrationError),
     #[error("binding the admin server on {addr}: {source}")]
-    Admin { addr: std::net::SocketAddr, source: std::io::Error },
+    Admin {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("the etcd supervisor stopped unexpectedly: {0}")]
     Supervisor(String),
     #[error("the drain of shard {shard} did not finish within {seconds}s (last phase: {phase}); etcd was stopped anyway and the Shard kept: the router will declare it Lost")]
-    DrainTimedOut { shard: String, seconds: u64, phase: String },
+    DrainTimedOut {
+        shard: String,
+        seconds: u64,
+        phase: String,
+    },
     #[error("stopped at once by a second {signal}: etcd killed, shard {shard} not drained")]
     Interrupted { signal: &'static str, shard: String },
     #[error("shard {shard} drained and etcd stopped, but deleting the Shard failed for {}s: {source}", DELETE_TIMEOUT.as_secs())]
-    Delete { shard: String, source: RegistrationError },
+    Delete {
+        shard: String,
+        source: RegistrationError,
+    },
 }
 
 pub async fn run(config: Config) -> Result<(), AgentError> {
@@ -61,14 +73,21 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             None
         }
     };
-    let state = Arc::new(AgentState::new(config.shard_name.clone(), registrar.is_some(), config.health_interval));
+    let state = Arc::new(AgentState::new(
+        config.shard_name.clone(),
+        registrar.is_some(),
+        config.health_interval,
+    ));
 
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
 
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
-        .map_err(|source| AgentError::Admin { addr: config.admin_listen, source })?;
+        .map_err(|source| AgentError::Admin {
+            addr: config.admin_listen,
+            source,
+        })?;
     let admin_addr = admin.local_addr().unwrap_or(config.admin_listen);
     command.prepare()?;
     info!(shard = %config.shard_name, "admin server on http://{admin_addr} (/livez /readyz /metrics)");
@@ -83,16 +102,16 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let (stop_etcd, stop_rx) = watch::channel(None::<StopMode>);
     let (etcd_done, etcd_stopped) = watch::channel(false);
     let supervisor = Supervisor {
-            command,
-            health,
-            settings: SupervisorSettings {
-                health_interval: config.health_interval,
-                unhealthy_after: config.unhealthy_after,
-                stop_grace: config.stop_grace,
-            },
-            state: state.clone(),
-            healthy: healthy_tx,
-        };
+        command,
+        health,
+        settings: SupervisorSettings {
+            health_interval: config.health_interval,
+            unhealthy_after: config.unhealthy_after,
+            stop_grace: config.stop_grace,
+        },
+        state: state.clone(),
+        healthy: healthy_tx,
+    };
     let mut supervisor: JoinHandle<()> = tokio::spawn(async move {
         supervisor.run(stop_rx).await;
         etcd_done.send_replace(true);
@@ -138,7 +157,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             info!(shard = %config.shard_name, "etcd stopped; bye");
             return Ok(());
         };
-        let drain_timeout = config.registration.as_ref().map(|r| r.drain_timeout).unwrap_or_default();
+        let drain_timeout = config
+            .registration
+            .as_ref()
+            .map(|r| r.drain_timeout)
+            .unwrap_or_default();
         let outcome = drain(registrar, &state, drain_timeout, &gate).await;
         stop_heartbeat.send_replace(true);
         if let Some(heartbeat) = heartbeat {
@@ -276,11 +299,18 @@ enum DrainOutcome {
     Drained,
     /// The Shard does not exist (never registered, or deleted by someone else).
     Gone,
-    TimedOut { phase: String },
+    TimedOut {
+        phase: String,
+    },
 }
 
 /// Sets `spec.drain: true` and waits (bounded) for the router's `Drained`.
-async fn drain(registrar: &Registrar, state: &AgentState, timeout: Duration, gate: &Mutex<()>) -> DrainOutcome {
+async fn drain(
+    registrar: &Registrar,
+    state: &AgentState,
+    timeout: Duration,
+    gate: &Mutex<()>,
+) -> DrainOutcome {
     let shard = registrar.name();
     let start = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
@@ -333,9 +363,16 @@ async fn drain(registrar: &Registrar, state: &AgentState, timeout: Duration, gat
         }
     }
     .await;
-    state.metrics.drain_seconds.set(start.elapsed().as_secs_f64());
+    state
+        .metrics
+        .drain_seconds
+        .set(start.elapsed().as_secs_f64());
     if let DrainOutcome::Drained = outcome {
-        info!(shard, "the router drained shard {shard} in {:.1}s", start.elapsed().as_secs_f64());
+        info!(
+            shard,
+            "the router drained shard {shard} in {:.1}s",
+            start.elapsed().as_secs_f64()
+        );
     }
     outcome
 }
@@ -352,10 +389,17 @@ async fn delete(registrar: &Registrar) -> Result<(), AgentError> {
                 return Ok(());
             }
             Err(err) if Instant::now() + backoff >= deadline => {
-                return Err(AgentError::Delete { shard: shard.to_string(), source: err });
+                return Err(AgentError::Delete {
+                    shard: shard.to_string(),
+                    source: err,
+                });
             }
             Err(err) => {
-                warn!(shard, "{err}; retrying in {}", humantime::format_duration(backoff));
+                warn!(
+                    shard,
+                    "{err}; retrying in {}",
+                    humantime::format_duration(backoff)
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

@@ -35,7 +35,11 @@ pub struct RunArgs {
 
     /// URL etcd serves clients on (`--listen-client-urls`); one URL, `https://`
     /// requires --cert-file and --key-file.
-    #[arg(long, env = "STE_SHARD_LISTEN_CLIENT", default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "STE_SHARD_LISTEN_CLIENT",
+        default_value = "http://127.0.0.1:2379"
+    )]
     pub listen_client: String,
 
     /// Client URL the routers use to reach this shard (`spec.endpoint`,
@@ -45,7 +49,11 @@ pub struct RunArgs {
 
     /// etcd's peer URL (listen and advertise). A single-member etcd has no
     /// peers, but etcd needs the port; keep it on loopback.
-    #[arg(long, env = "STE_SHARD_LISTEN_PEER", default_value = "http://127.0.0.1:2380")]
+    #[arg(
+        long,
+        env = "STE_SHARD_LISTEN_PEER",
+        default_value = "http://127.0.0.1:2380"
+    )]
     pub listen_peer: String,
 
     /// etcd backend quota (`--quota-backend-bytes`, also `spec.capacityBytes`):
@@ -89,7 +97,13 @@ pub struct RunArgs {
     /// Extra etcd flag, repeatable, e.g. `--etcd-arg=--log-level=debug`.
     /// Passed after the agent's own flags, so it overrides them. In the
     /// environment variable, separate flags with spaces.
-    #[arg(long = "etcd-arg", value_name = "FLAG", env = "STE_SHARD_ETCD_ARGS", value_delimiter = ' ', allow_hyphen_values = true)]
+    #[arg(
+        long = "etcd-arg",
+        value_name = "FLAG",
+        env = "STE_SHARD_ETCD_ARGS",
+        value_delimiter = ' ',
+        allow_hyphen_values = true
+    )]
     pub etcd_args: Vec<String>,
 
     /// Interval between health checks of etcd (GET /health?exclude=NOSPACE:
@@ -144,11 +158,19 @@ pub enum ConfigError {
     #[error("etcd binary {path:?} is not an executable file: {why}")]
     EtcdNotExecutable { path: PathBuf, why: String },
     #[error("invalid {flag} {value:?}: {why}")]
-    InvalidUrl { flag: &'static str, value: String, why: String },
+    InvalidUrl {
+        flag: &'static str,
+        value: String,
+        why: String,
+    },
     #[error("{0}")]
     Tls(String),
     #[error("{flag} file {path:?} is not readable: {source}")]
-    UnreadableFile { flag: &'static str, path: PathBuf, source: std::io::Error },
+    UnreadableFile {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{flag} must be greater than zero")]
     Zero { flag: &'static str },
 }
@@ -208,8 +230,10 @@ impl RunArgs {
             .filter(|n| !n.is_empty())
             .or_else(|| self.node_name.clone().filter(|n| !n.is_empty()))
             .ok_or(ConfigError::MissingShardName)?;
-        validate_dns1123_subdomain(&shard_name)
-            .map_err(|why| ConfigError::InvalidShardName { name: shard_name.clone(), why })?;
+        validate_dns1123_subdomain(&shard_name).map_err(|why| ConfigError::InvalidShardName {
+            name: shard_name.clone(),
+            why,
+        })?;
         let etcd_binary = resolve_binary(&self.etcd_binary)?;
 
         let listen_client = parse_url("--listen-client", &self.listen_client)?;
@@ -220,7 +244,10 @@ impl RunArgs {
                     return Err(ConfigError::InvalidUrl {
                         flag: "--advertise-client",
                         value: url.clone(),
-                        why: format!("its scheme differs from --listen-client ({})", listen_client.scheme()),
+                        why: format!(
+                            "its scheme differs from --listen-client ({})",
+                            listen_client.scheme()
+                        ),
                     });
                 }
                 url.trim_end_matches('/').to_string()
@@ -259,10 +286,14 @@ impl RunArgs {
         };
         match (&tls, listen_client.scheme()) {
             (Some(_), "http") => {
-                return Err(ConfigError::Tls("--cert-file is given but --listen-client is http://: use https://".into()))
+                return Err(ConfigError::Tls(
+                    "--cert-file is given but --listen-client is http://: use https://".into(),
+                ))
             }
             (None, "https") => {
-                return Err(ConfigError::Tls("--listen-client is https:// but no --cert-file/--key-file are given".into()))
+                return Err(ConfigError::Tls(
+                    "--listen-client is https:// but no --cert-file/--key-file are given".into(),
+                ))
             }
             _ => {}
         }
@@ -270,10 +301,17 @@ impl RunArgs {
             (Some(cert), Some(key)) => {
                 readable("--client-cert-file", cert)?;
                 readable("--client-key-file", key)?;
-                Some(ClientTlsFiles { cert: cert.clone(), key: key.clone() })
+                Some(ClientTlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                })
             }
             (None, None) => None,
-            _ => return Err(ConfigError::Tls("--client-cert-file and --client-key-file go together".into())),
+            _ => {
+                return Err(ConfigError::Tls(
+                    "--client-cert-file and --client-key-file go together".into(),
+                ))
+            }
         };
         if tls.as_ref().is_some_and(|t| t.trusted_ca.is_some()) && client_tls.is_none() {
             return Err(ConfigError::Tls(
@@ -291,16 +329,24 @@ impl RunArgs {
                 return Err(ConfigError::Zero { flag });
             }
         }
-        for (flag, value) in [("--quota-bytes", self.quota_bytes), ("--max-request-bytes", self.max_request_bytes)] {
+        for (flag, value) in [
+            ("--quota-bytes", self.quota_bytes),
+            ("--max-request-bytes", self.max_request_bytes),
+        ] {
             if value == 0 {
                 return Err(ConfigError::Zero { flag });
             }
         }
         if self.max_txn_ops == 0 {
-            return Err(ConfigError::Zero { flag: "--max-txn-ops" });
+            return Err(ConfigError::Zero {
+                flag: "--max-txn-ops",
+            });
         }
 
-        let etcd_log = self.etcd_log.clone().unwrap_or_else(|| default_log_path(&self.data_dir));
+        let etcd_log = self
+            .etcd_log
+            .clone()
+            .unwrap_or_else(|| default_log_path(&self.data_dir));
         let registration = if self.no_register || self.kubeconfig.as_deref() == Some("none") {
             None
         } else {
@@ -324,7 +370,11 @@ impl RunArgs {
             max_txn_ops: self.max_txn_ops,
             tls,
             client_tls,
-            etcd_args: self.etcd_args.into_iter().filter(|a| !a.is_empty()).collect(),
+            etcd_args: self
+                .etcd_args
+                .into_iter()
+                .filter(|a| !a.is_empty())
+                .collect(),
             health_interval: self.health_interval,
             health_timeout: self.health_timeout,
             unhealthy_after: self.unhealthy_after,
@@ -350,7 +400,10 @@ pub fn validate_dns1123_subdomain(name: &str) -> Result<(), &'static str> {
     if name.len() > 253 {
         return Err("it is longer than 253 characters");
     }
-    if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.') {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    {
         return Err("it has a character other than a-z, 0-9, '-' or '.'");
     }
     for label in name.split('.') {
@@ -370,7 +423,9 @@ pub fn validate_dns1123_subdomain(name: &str) -> Result<(), &'static str> {
 /// `2GiB`, `16MiB`, `512K`, `1073741824`.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number
         .parse()
@@ -380,13 +435,23 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "K" | "Ki" | "KiB" => 1 << 10,
         "M" | "Mi" | "MiB" => 1 << 20,
         "G" | "Gi" | "GiB" => 1 << 30,
-        other => return Err(format!("unknown unit {other:?} in {text:?} (use KiB, MiB or GiB)")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use KiB, MiB or GiB)"
+            ))
+        }
     };
-    number.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn parse_url(flag: &'static str, value: &str) -> Result<reqwest::Url, ConfigError> {
-    let invalid = |why: String| ConfigError::InvalidUrl { flag, value: value.to_string(), why };
+    let invalid = |why: String| ConfigError::InvalidUrl {
+        flag,
+        value: value.to_string(),
+        why,
+    };
     if value.contains(',') {
         return Err(invalid("give one URL".into()));
     }
@@ -398,7 +463,9 @@ fn parse_url(flag: &'static str, value: &str) -> Result<reqwest::Url, ConfigErro
         return Err(invalid("it has no host".into()));
     }
     if url.port().is_none() {
-        return Err(invalid("give the port explicitly, e.g. http://127.0.0.1:2379".into()));
+        return Err(invalid(
+            "give the port explicitly, e.g. http://127.0.0.1:2379".into(),
+        ));
     }
     if url.path() != "/" && !url.path().is_empty() {
         return Err(invalid("it must not have a path".into()));
@@ -409,7 +476,11 @@ fn parse_url(flag: &'static str, value: &str) -> Result<reqwest::Url, ConfigErro
 fn readable(flag: &'static str, path: &Path) -> Result<(), ConfigError> {
     std::fs::File::open(path)
         .map(|_| ())
-        .map_err(|source| ConfigError::UnreadableFile { flag, path: path.to_path_buf(), source })
+        .map_err(|source| ConfigError::UnreadableFile {
+            flag,
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// A path as given, or a bare name looked up on PATH.
@@ -423,8 +494,10 @@ fn resolve_binary(binary: &Path) -> Result<PathBuf, ConfigError> {
             .find(|p| is_executable(p).is_ok())
             .ok_or_else(|| ConfigError::EtcdNotOnPath(binary.to_path_buf()))?
     };
-    is_executable(&candidate)
-        .map_err(|why| ConfigError::EtcdNotExecutable { path: candidate.clone(), why })?;
+    is_executable(&candidate).map_err(|why| ConfigError::EtcdNotExecutable {
+        path: candidate.clone(),
+        why,
+    })?;
     Ok(candidate)
 }
 

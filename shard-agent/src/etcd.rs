@@ -26,11 +26,20 @@ const LOG_ROTATE_BYTES: u64 = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     #[error("creating etcd's data directory {path:?}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("opening etcd's log {path:?}: {source}")]
-    Log { path: PathBuf, source: std::io::Error },
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("starting {binary:?}: {source}")]
-    Spawn { binary: PathBuf, source: std::io::Error },
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
     #[error("loading TLS files for health checks: {0}")]
     Tls(String),
 }
@@ -47,7 +56,11 @@ pub struct EtcdCommand {
 impl EtcdCommand {
     pub fn from_config(config: &Config) -> EtcdCommand {
         let name = &config.shard_name;
-        let listen = config.listen_client.as_str().trim_end_matches('/').to_string();
+        let listen = config
+            .listen_client
+            .as_str()
+            .trim_end_matches('/')
+            .to_string();
         let mut args: Vec<String> = vec![
             format!("--name={name}"),
             format!("--data-dir={}", config.data_dir.display()),
@@ -90,12 +103,19 @@ impl EtcdCommand {
                 .recursive(true)
                 .mode(0o700)
                 .create(&self.data_dir)
-                .map_err(|source| EtcdError::DataDir { path: self.data_dir.clone(), source })?;
+                .map_err(|source| EtcdError::DataDir {
+                    path: self.data_dir.clone(),
+                    source,
+                })?;
         } else {
-            let _ = std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700));
+            let _ =
+                std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700));
         }
         if let Some(parent) = self.log.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| EtcdError::Log { path: self.log.clone(), source })?;
+            std::fs::create_dir_all(parent).map_err(|source| EtcdError::Log {
+                path: self.log.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -109,8 +129,14 @@ impl EtcdCommand {
             .create(true)
             .append(true)
             .open(&self.log)
-            .map_err(|source| EtcdError::Log { path: self.log.clone(), source })?;
-        let stderr = log.try_clone().map_err(|source| EtcdError::Log { path: self.log.clone(), source })?;
+            .map_err(|source| EtcdError::Log {
+                path: self.log.clone(),
+                source,
+            })?;
+        let stderr = log.try_clone().map_err(|source| EtcdError::Log {
+            path: self.log.clone(),
+            source,
+        })?;
         let mut command = Command::new(&self.binary);
         command
             .args(&self.args)
@@ -125,7 +151,14 @@ impl EtcdCommand {
         // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
         unsafe {
             command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 // The agent died before prctl took effect.
@@ -135,12 +168,18 @@ impl EtcdCommand {
                 Ok(())
             });
         }
-        command.spawn().map_err(|source| EtcdError::Spawn { binary: self.binary.clone(), source })
+        command.spawn().map_err(|source| EtcdError::Spawn {
+            binary: self.binary.clone(),
+            source,
+        })
     }
 }
 
 fn rotate_log(log: &Path) {
-    if std::fs::metadata(log).map(|m| m.len() > LOG_ROTATE_BYTES).unwrap_or(false) {
+    if std::fs::metadata(log)
+        .map(|m| m.len() > LOG_ROTATE_BYTES)
+        .unwrap_or(false)
+    {
         let mut rotated = log.as_os_str().to_owned();
         rotated.push(".1");
         if let Err(err) = std::fs::rename(log, &rotated) {
@@ -191,12 +230,15 @@ impl HealthChecker {
         // A full shard (NOSPACE alarm) still serves reads and deletes, and a
         // restart would not clear the alarm: it is not a reason to restart.
         url.set_query(Some("exclude=NOSPACE"));
-        let mut builder = reqwest::Client::builder().timeout(config.health_timeout).no_proxy();
+        let mut builder = reqwest::Client::builder()
+            .timeout(config.health_timeout)
+            .no_proxy();
         if let Some(tls) = &config.tls {
             builder = builder.use_rustls_tls().tls_built_in_root_certs(false);
             match &tls.trusted_ca {
                 Some(ca) => {
-                    let pem = std::fs::read(ca).map_err(|e| EtcdError::Tls(format!("{}: {e}", ca.display())))?;
+                    let pem = std::fs::read(ca)
+                        .map_err(|e| EtcdError::Tls(format!("{}: {e}", ca.display())))?;
                     for cert in reqwest::Certificate::from_pem_bundle(&pem)
                         .map_err(|e| EtcdError::Tls(format!("{}: {e}", ca.display())))?
                     {
@@ -215,10 +257,15 @@ impl HealthChecker {
                 .map_err(|e| EtcdError::Tls(format!("{}: {e}", client.cert.display())))?;
             pem.push(b'\n');
             pem.extend(
-                std::fs::read(&client.key).map_err(|e| EtcdError::Tls(format!("{}: {e}", client.key.display())))?,
+                std::fs::read(&client.key)
+                    .map_err(|e| EtcdError::Tls(format!("{}: {e}", client.key.display())))?,
             );
             let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                EtcdError::Tls(format!("{} / {}: {e}", client.cert.display(), client.key.display()))
+                EtcdError::Tls(format!(
+                    "{} / {}: {e}",
+                    client.cert.display(),
+                    client.key.display()
+                ))
             })?;
             builder = builder.identity(identity);
         }
@@ -232,11 +279,20 @@ impl HealthChecker {
 
     /// `Ok` when etcd answers `{"health":"true"}`; else why not.
     pub async fn check(&self) -> Result<(), String> {
-        let response = self.client.get(self.url.clone()).send().await.map_err(|e| error_chain(&e))?;
+        let response = self
+            .client
+            .get(self.url.clone())
+            .send()
+            .await
+            .map_err(|e| error_chain(&e))?;
         let status = response.status();
         let body = response.text().await.map_err(|e| error_chain(&e))?;
         let parsed: Option<serde_json::Value> = serde_json::from_str(&body).ok();
-        let healthy = parsed.as_ref().and_then(|v| v.get("health")).and_then(|h| h.as_str()) == Some("true");
+        let healthy = parsed
+            .as_ref()
+            .and_then(|v| v.get("health"))
+            .and_then(|h| h.as_str())
+            == Some("true");
         if status.is_success() && healthy {
             Ok(())
         } else {
@@ -336,7 +392,11 @@ impl Supervisor {
 
     /// Watches one etcd process. Returns how it ended and how long it was
     /// continuously healthy before that.
-    async fn supervise(&self, mut child: Child, stop: &mut watch::Receiver<Option<StopMode>>) -> (RunEnd, Duration) {
+    async fn supervise(
+        &self,
+        mut child: Child,
+        stop: &mut watch::Receiver<Option<StopMode>>,
+    ) -> (RunEnd, Duration) {
         let pid = child.id();
         self.state.set_etcd_pid(pid);
         info!(

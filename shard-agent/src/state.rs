@@ -21,7 +21,11 @@ pub struct AgentState {
 }
 
 impl AgentState {
-    pub fn new(shard_name: String, registration_enabled: bool, health_interval: Duration) -> AgentState {
+    pub fn new(
+        shard_name: String,
+        registration_enabled: bool,
+        health_interval: Duration,
+    ) -> AgentState {
         AgentState {
             metrics: Metrics::new(),
             shard_name,
@@ -37,13 +41,15 @@ impl AgentState {
     }
 
     pub fn tick(&self) {
-        self.last_tick_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_tick_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// The supervisor loop turned recently.
     pub fn is_live(&self) -> bool {
         let now = self.started.elapsed().as_millis() as u64;
-        now.saturating_sub(self.last_tick_ms.load(Ordering::Relaxed)) <= self.liveness_window.as_millis() as u64
+        now.saturating_sub(self.last_tick_ms.load(Ordering::Relaxed))
+            <= self.liveness_window.as_millis() as u64
     }
 
     pub fn set_etcd_healthy(&self, healthy: bool) {

@@ -11,14 +11,21 @@ use ste_testkit::wait_until;
 use tonic::transport::Channel;
 
 async fn kv(endpoint: &str) -> KvClient<Channel> {
-    let channel = Channel::from_shared(endpoint.to_string()).expect("url").connect().await.expect("connect to the shard");
+    let channel = Channel::from_shared(endpoint.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect to the shard");
     KvClient::new(channel)
 }
 
 async fn get(endpoint: &str, key: &str) -> Option<Vec<u8>> {
     let mut client = kv(endpoint).await;
     let response = client
-        .range(RangeRequest { key: key.as_bytes().to_vec().into(), ..Default::default() })
+        .range(RangeRequest {
+            key: key.as_bytes().to_vec().into(),
+            ..Default::default()
+        })
         .await
         .expect("range")
         .into_inner();
@@ -31,7 +38,10 @@ async fn etcd_is_served_restarted_after_a_crash_with_its_data_and_stopped_on_sig
     agent.wait_ready(Duration::from_secs(30)).await;
     assert_eq!(agent.admin("/livez").await.0, 200);
     assert_eq!(agent.metric("ste_shard_agent_etcd_up").await, Some(1.0));
-    assert_eq!(agent.metric("ste_shard_agent_etcd_restarts_total").await, Some(0.0));
+    assert_eq!(
+        agent.metric("ste_shard_agent_etcd_restarts_total").await,
+        Some(0.0)
+    );
 
     // The shard serves KV.
     kv(&agent.endpoint())
@@ -43,30 +53,50 @@ async fn etcd_is_served_restarted_after_a_crash_with_its_data_and_stopped_on_sig
         })
         .await
         .expect("put");
-    assert_eq!(get(&agent.endpoint(), "/registry/pods/default/a").await.as_deref(), Some(&b"pod-a"[..]));
+    assert_eq!(
+        get(&agent.endpoint(), "/registry/pods/default/a")
+            .await
+            .as_deref(),
+        Some(&b"pod-a"[..])
+    );
 
     // kill -9 of etcd: the agent notices, restarts it on the same data.
     let first = agent.etcd_pid().expect("etcd runs as the agent's child");
     // SAFETY: kill(2) on the etcd child of our agent.
     unsafe { libc::kill(first as libc::pid_t, libc::SIGKILL) };
-    wait_until("the agent to report etcd down", Duration::from_secs(10), || async {
-        agent.admin("/readyz").await.0 == 503
-    })
+    wait_until(
+        "the agent to report etcd down",
+        Duration::from_secs(10),
+        || async { agent.admin("/readyz").await.0 == 503 },
+    )
     .await;
-    wait_until("etcd to be restarted (a new pid)", Duration::from_secs(30), || async {
-        agent.etcd_pid().is_some_and(|pid| pid != first)
-    })
+    wait_until(
+        "etcd to be restarted (a new pid)",
+        Duration::from_secs(30),
+        || async { agent.etcd_pid().is_some_and(|pid| pid != first) },
+    )
     .await;
     agent.wait_ready(Duration::from_secs(30)).await;
-    assert_eq!(agent.metric("ste_shard_agent_etcd_restarts_total").await, Some(1.0));
     assert_eq!(
-        get(&agent.endpoint(), "/registry/pods/default/a").await.as_deref(),
+        agent.metric("ste_shard_agent_etcd_restarts_total").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        get(&agent.endpoint(), "/registry/pods/default/a")
+            .await
+            .as_deref(),
         Some(&b"pod-a"[..]),
         "the data directory survives an etcd restart"
     );
     let logs = agent.logs();
-    assert!(logs.contains("etcd exited (killed by signal 9)"), "the exit is logged:\n{logs}");
-    assert!(logs.contains("Last lines of"), "etcd's log tail is logged:\n{logs}");
+    assert!(
+        logs.contains("etcd exited (killed by signal 9)"),
+        "the exit is logged:\n{logs}"
+    );
+    assert!(
+        logs.contains("Last lines of"),
+        "etcd's log tail is logged:\n{logs}"
+    );
 
     // SIGTERM without registration: etcd stops, the agent exits 0.
     let second = agent.etcd_pid().expect("etcd runs");
@@ -74,7 +104,10 @@ async fn etcd_is_served_restarted_after_a_crash_with_its_data_and_stopped_on_sig
     let status = agent.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "exit status {status}\n{}", agent.logs());
     assert!(!process_alive(second), "etcd stopped with the agent");
-    assert!(agent.data_dir().join("member").is_dir(), "the data directory is kept");
+    assert!(
+        agent.data_dir().join("member").is_dir(),
+        "the data directory is kept"
+    );
 }
 
 #[tokio::test]
@@ -84,9 +117,11 @@ async fn etcd_dies_with_a_killed_agent() {
     let etcd = agent.etcd_pid().expect("etcd runs");
     agent.signal(libc::SIGKILL);
     agent.wait_exit(Duration::from_secs(10)).await;
-    wait_until("etcd to die with its agent (PR_SET_PDEATHSIG)", Duration::from_secs(10), || async {
-        !process_alive(etcd)
-    })
+    wait_until(
+        "etcd to die with its agent (PR_SET_PDEATHSIG)",
+        Duration::from_secs(10),
+        || async { !process_alive(etcd) },
+    )
     .await;
 }
 
@@ -95,41 +130,87 @@ async fn an_etcd_that_cannot_start_is_retried_with_backoff() {
     // The peer port is taken: etcd exits at once, every time.
     let blocker = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = blocker.local_addr().expect("addr").port();
-    let agent = Agent::start("shard-c", &["--no-register", &format!("--listen-peer=http://127.0.0.1:{port}")]);
+    let agent = Agent::start(
+        "shard-c",
+        &[
+            "--no-register",
+            &format!("--listen-peer=http://127.0.0.1:{port}"),
+        ],
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !agent.metric("ste_shard_agent_etcd_restarts_total").await.is_some_and(|n| n >= 2.0) {
-        assert!(std::time::Instant::now() < deadline, "no two restarts within 30s:\n{}", agent.logs());
+    while !agent
+        .metric("ste_shard_agent_etcd_restarts_total")
+        .await
+        .is_some_and(|n| n >= 2.0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no two restarts within 30s:\n{}",
+            agent.logs()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(agent.admin("/readyz").await.0, 503);
-    assert_eq!(agent.admin("/livez").await.0, 200, "the agent itself is alive");
+    assert_eq!(
+        agent.admin("/livez").await.0,
+        200,
+        "the agent itself is alive"
+    );
     let logs = agent.logs();
     assert!(logs.contains("restarting etcd in 1s"), "{logs}");
-    assert!(logs.contains("restarting etcd in 2s"), "backoff doubles:\n{logs}");
-    assert!(logs.contains("address already in use"), "etcd's own error is in the log tail:\n{logs}");
+    assert!(
+        logs.contains("restarting etcd in 2s"),
+        "backoff doubles:\n{logs}"
+    );
+    assert!(
+        logs.contains("address already in use"),
+        "etcd's own error is in the log tail:\n{logs}"
+    );
 }
 
 #[tokio::test]
 async fn an_etcd_that_stops_answering_is_restarted() {
     let agent = Agent::start(
         "shard-d",
-        &["--no-register", "--unhealthy-after=2s", "--stop-grace=1s", "--etcd-arg=--log-level=debug"],
+        &[
+            "--no-register",
+            "--unhealthy-after=2s",
+            "--stop-grace=1s",
+            "--etcd-arg=--log-level=debug",
+        ],
     );
     agent.wait_ready(Duration::from_secs(30)).await;
-    assert!(agent.logs().contains("--auto-compaction-retention=0 --log-level=debug"), "--etcd-arg comes last:\n{}", agent.logs());
+    assert!(
+        agent
+            .logs()
+            .contains("--auto-compaction-retention=0 --log-level=debug"),
+        "--etcd-arg comes last:\n{}",
+        agent.logs()
+    );
     let frozen = agent.etcd_pid().expect("etcd runs");
     // SAFETY: kill(2) on the etcd child of our agent.
     unsafe { libc::kill(frozen as libc::pid_t, libc::SIGSTOP) };
-    wait_until("etcd to be replaced after 2s without a healthy check", Duration::from_secs(30), || async {
-        agent.etcd_pid().is_some_and(|pid| pid != frozen)
-    })
+    wait_until(
+        "etcd to be replaced after 2s without a healthy check",
+        Duration::from_secs(30),
+        || async { agent.etcd_pid().is_some_and(|pid| pid != frozen) },
+    )
     .await;
     agent.wait_ready(Duration::from_secs(30)).await;
-    assert_eq!(agent.metric("ste_shard_agent_etcd_restarts_total").await, Some(1.0));
-    assert!(agent.metric("ste_shard_agent_health_check_failures_total").await.is_some_and(|n| n >= 1.0));
+    assert_eq!(
+        agent.metric("ste_shard_agent_etcd_restarts_total").await,
+        Some(1.0)
+    );
+    assert!(agent
+        .metric("ste_shard_agent_health_check_failures_total")
+        .await
+        .is_some_and(|n| n >= 1.0));
     let logs = agent.logs();
     assert!(logs.contains("etcd has not been healthy for"), "{logs}");
-    assert!(logs.contains("did not stop within the grace period: SIGKILL"), "{logs}");
+    assert!(
+        logs.contains("did not stop within the grace period: SIGKILL"),
+        "{logs}"
+    );
     assert!(!process_alive(frozen), "the frozen etcd was killed");
 }
 
@@ -137,8 +218,16 @@ async fn an_etcd_that_stops_answering_is_restarted() {
 async fn with_tls_the_shard_refuses_clients_without_a_certificate() {
     let certs = tempfile::tempdir().expect("tempdir");
     let script = ste_testkit::repo_root().join("hack/gen-certs.sh");
-    let out = std::process::Command::new("bash").arg(&script).arg(certs.path()).output().expect("gen-certs.sh");
-    assert!(out.status.success(), "gen-certs.sh: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(certs.path())
+        .output()
+        .expect("gen-certs.sh");
+    assert!(
+        out.status.success(),
+        "gen-certs.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let file = |name: &str| certs.path().join(name).display().to_string();
     let port = ste_testkit::free_port();
     let url = format!("https://127.0.0.1:{port}");
@@ -186,29 +275,68 @@ async fn with_tls_the_shard_refuses_clients_without_a_certificate() {
 
 #[tokio::test]
 async fn a_full_shard_is_not_restarted() {
-    let agent = Agent::start("shard-full", &["--no-register", "--quota-bytes=1MiB", "--unhealthy-after=1s"]);
+    let agent = Agent::start(
+        "shard-full",
+        &[
+            "--no-register",
+            "--quota-bytes=1MiB",
+            "--unhealthy-after=1s",
+        ],
+    );
     agent.wait_ready(Duration::from_secs(30)).await;
     let mut client = kv(&agent.endpoint()).await;
     let value = vec![b'x'; 64 << 10];
     let mut filled = false;
     // etcd measures its size at backend commits (every 100ms): pace the puts.
     for i in 0..256 {
-        let put = PutRequest { key: format!("/registry/pods/default/p{i}").into_bytes().into(), value: value.clone().into(), ..Default::default() };
+        let put = PutRequest {
+            key: format!("/registry/pods/default/p{i}").into_bytes().into(),
+            value: value.clone().into(),
+            ..Default::default()
+        };
         if let Err(status) = client.put(put).await {
-            assert!(status.message().contains("database space exceeded"), "{status}");
+            assert!(
+                status.message().contains("database space exceeded"),
+                "{status}"
+            );
             filled = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(filled, "a 1 MiB quota is exceeded by 16 MiB of values\n{}", agent.logs());
+    assert!(
+        filled,
+        "a 1 MiB quota is exceeded by 16 MiB of values\n{}",
+        agent.logs()
+    );
     // Ten health checks after the NOSPACE alarm, longer than --unhealthy-after: no restart.
-    let checks = agent.metric("ste_shard_agent_health_checks_total").await.expect("health_checks_total");
-    wait_until("ten more health checks", Duration::from_secs(20), || async {
-        agent.metric("ste_shard_agent_health_checks_total").await.is_some_and(|n| n >= checks + 10.0)
-    })
+    let checks = agent
+        .metric("ste_shard_agent_health_checks_total")
+        .await
+        .expect("health_checks_total");
+    wait_until(
+        "ten more health checks",
+        Duration::from_secs(20),
+        || async {
+            agent
+                .metric("ste_shard_agent_health_checks_total")
+                .await
+                .is_some_and(|n| n >= checks + 10.0)
+        },
+    )
     .await;
-    assert_eq!(agent.metric("ste_shard_agent_etcd_restarts_total").await, Some(0.0), "{}", agent.logs());
+    assert_eq!(
+        agent.metric("ste_shard_agent_etcd_restarts_total").await,
+        Some(0.0),
+        "{}",
+        agent.logs()
+    );
     assert_eq!(agent.admin("/readyz").await.0, 200);
-    assert_eq!(get(&agent.endpoint(), "/registry/pods/default/p0").await.map(|v| v.len()), Some(64 << 10), "a full shard still serves reads");
+    assert_eq!(
+        get(&agent.endpoint(), "/registry/pods/default/p0")
+            .await
+            .map(|v| v.len()),
+        Some(64 << 10),
+        "a full shard still serves reads"
+    );
 }

@@ -111,12 +111,16 @@ fn to_yaml(value: &serde_json::Value, indent: usize) -> String {
         Value::Object(map) => {
             for (key, item) in map {
                 match item {
-                    Value::Object(inner) if !inner.is_empty() => {
-                        out.push_str(&format!("{pad}{}:\n{}", quote_key(key), to_yaml(item, indent + 2)))
-                    }
-                    Value::Array(inner) if !inner.is_empty() => {
-                        out.push_str(&format!("{pad}{}:\n{}", quote_key(key), to_yaml(item, indent)))
-                    }
+                    Value::Object(inner) if !inner.is_empty() => out.push_str(&format!(
+                        "{pad}{}:\n{}",
+                        quote_key(key),
+                        to_yaml(item, indent + 2)
+                    )),
+                    Value::Array(inner) if !inner.is_empty() => out.push_str(&format!(
+                        "{pad}{}:\n{}",
+                        quote_key(key),
+                        to_yaml(item, indent)
+                    )),
                     _ => out.push_str(&format!("{pad}{}: {}\n", quote_key(key), scalar(item))),
                 }
             }
@@ -138,7 +142,10 @@ fn to_yaml(value: &serde_json::Value, indent: usize) -> String {
 }
 
 fn quote_key(key: &str) -> String {
-    if key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+    if key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
         key.to_string()
     } else {
         serde_json::to_string(key).expect("string serializes")
@@ -167,8 +174,12 @@ mod tests {
     #[test]
     fn status_fields_are_camel_case_and_optional() {
         let status: ShardStatus =
-            serde_json::from_str(r#"{"heartbeatTime":"2026-01-01T00:00:00Z","phase":"Draining"}"#).unwrap();
+            serde_json::from_str(r#"{"heartbeatTime":"2026-01-01T00:00:00Z","phase":"Draining"}"#)
+                .unwrap();
         assert_eq!(status.phase, Some(ShardPhase::Draining));
-        assert_eq!(serde_json::to_value(&ShardStatus::default()).unwrap(), serde_json::json!({}));
+        assert_eq!(
+            serde_json::to_value(ShardStatus::default()).unwrap(),
+            serde_json::json!({})
+        );
     }
 }

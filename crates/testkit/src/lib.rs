@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ste_etcd_proto::pb::{kv_client::KvClient, maintenance_client::MaintenanceClient, StatusRequest};
+use ste_etcd_proto::pb::{
+    kv_client::KvClient, maintenance_client::MaintenanceClient, StatusRequest,
+};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
@@ -16,11 +18,22 @@ use tonic::transport::Channel;
 #[derive(Debug, thiserror::Error)]
 pub enum TestkitError {
     #[error("{what} not found at {path}: run `hack/build-upstream.sh` (or set {env})")]
-    MissingBinary { what: &'static str, path: PathBuf, env: &'static str },
+    MissingBinary {
+        what: &'static str,
+        path: PathBuf,
+        env: &'static str,
+    },
     #[error("starting {what} failed: {source}")]
-    Spawn { what: String, source: std::io::Error },
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("{what} was not ready within {seconds:.0}s (log: {log})")]
-    NotReady { what: String, seconds: f64, log: String },
+    NotReady {
+        what: String,
+        seconds: f64,
+        log: String,
+    },
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("router failed: {0}")]
@@ -33,7 +46,10 @@ pub type Result<T> = std::result::Result<T, TestkitError>;
 
 /// The repository root (two levels above this crate).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
 }
 
 /// Where `hack/build-upstream.sh` puts the pinned upstream binaries.
@@ -51,7 +67,11 @@ pub fn upstream_binary(name: &'static str, env: &'static str) -> Result<PathBuf>
     if path.is_file() {
         Ok(path)
     } else {
-        Err(TestkitError::MissingBinary { what: name, path, env })
+        Err(TestkitError::MissingBinary {
+            what: name,
+            path,
+            env,
+        })
     }
 }
 
@@ -115,8 +135,15 @@ impl Etcd {
         Self::start_full(name, &std::env::temp_dir(), extra, Some(tls)).await
     }
 
-    async fn start_full(name: &str, base: &Path, extra: &[&str], tls: Option<EtcdTls>) -> Result<Etcd> {
-        let dir = tempfile::Builder::new().prefix(&format!("ste-etcd-{name}-")).tempdir_in(base)?;
+    async fn start_full(
+        name: &str,
+        base: &Path,
+        extra: &[&str],
+        tls: Option<EtcdTls>,
+    ) -> Result<Etcd> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("ste-etcd-{name}-"))
+            .tempdir_in(base)?;
         let mut etcd = Etcd {
             name: name.to_string(),
             client_port: free_port(),
@@ -139,7 +166,8 @@ impl Etcd {
                 Err(err) if attempt < ATTEMPTS && etcd.lost_a_port_race(log_before) => {
                     etcd.kill();
                     let _ = std::fs::remove_dir_all(&etcd.data_dir);
-                    (etcd.client_port, etcd.peer_port, etcd.metrics_port) = (free_port(), free_port(), free_port());
+                    (etcd.client_port, etcd.peer_port, etcd.metrics_port) =
+                        (free_port(), free_port(), free_port());
                     eprintln!("etcd {name}: a port was taken before etcd bound it ({err}); retrying on other ports");
                 }
                 Err(err) => return Err(err),
@@ -150,7 +178,11 @@ impl Etcd {
 
     /// etcd exited because one of its ports was in use (log written since `from`).
     fn lost_a_port_race(&mut self, from: u64) -> bool {
-        let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some();
+        let exited = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+            .is_some();
         let log = std::fs::read(&self.log).unwrap_or_default();
         let written = log.get(from as usize..).unwrap_or_default();
         exited && String::from_utf8_lossy(written).contains("address already in use")
@@ -167,23 +199,38 @@ impl Etcd {
 
     async fn spawn(&mut self) -> Result<()> {
         let binary = etcd_binary()?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let child = Command::new(&binary)
-            .arg("--name").arg(&self.name)
-            .arg("--data-dir").arg(&self.data_dir)
-            .arg("--listen-client-urls").arg(self.endpoint())
-            .arg("--advertise-client-urls").arg(self.endpoint())
-            .arg("--listen-peer-urls").arg(&peer)
-            .arg("--initial-advertise-peer-urls").arg(&peer)
-            .arg("--initial-cluster").arg(format!("{}={}", self.name, peer))
-            .arg("--log-level").arg("warn")
-            .arg("--listen-metrics-urls").arg(format!("http://127.0.0.1:{}", self.metrics_port))
+            .arg("--name")
+            .arg(&self.name)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen-client-urls")
+            .arg(self.endpoint())
+            .arg("--advertise-client-urls")
+            .arg(self.endpoint())
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("{}={}", self.name, peer))
+            .arg("--log-level")
+            .arg("warn")
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://127.0.0.1:{}", self.metrics_port))
             .args(self.tls.iter().flat_map(|tls| {
                 [
-                    "--cert-file".into(), tls.cert.clone().into_os_string(),
-                    "--key-file".into(), tls.key.clone().into_os_string(),
-                    "--trusted-ca-file".into(), tls.ca.clone().into_os_string(),
+                    "--cert-file".into(),
+                    tls.cert.clone().into_os_string(),
+                    "--key-file".into(),
+                    tls.key.clone().into_os_string(),
+                    "--trusted-ca-file".into(),
+                    tls.ca.clone().into_os_string(),
                     "--client-cert-auth".into(),
                 ]
             }))
@@ -192,7 +239,10 @@ impl Etcd {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .map_err(|source| TestkitError::Spawn { what: format!("etcd {}", self.name), source })?;
+            .map_err(|source| TestkitError::Spawn {
+                what: format!("etcd {}", self.name),
+                source,
+            })?;
         self.child = Some(child);
         self.wait_ready(Duration::from_secs(30)).await
     }
@@ -204,12 +254,24 @@ impl Etcd {
                 if http_get_ok(self.metrics_port, "/health").await {
                     return Ok(());
                 }
-            } else if let Ok(channel) = Channel::from_shared(self.endpoint()).expect("url").connect().await {
-                if MaintenanceClient::new(channel).status(StatusRequest {}).await.is_ok() {
+            } else if let Ok(channel) = Channel::from_shared(self.endpoint())
+                .expect("url")
+                .connect()
+                .await
+            {
+                if MaintenanceClient::new(channel)
+                    .status(StatusRequest {})
+                    .await
+                    .is_ok()
+                {
                     return Ok(());
                 }
             }
-            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some();
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .is_some();
             if exited || Instant::now() >= deadline {
                 return Err(TestkitError::NotReady {
                     what: format!("etcd {}", self.name),
@@ -240,13 +302,22 @@ impl Etcd {
     pub async fn restart_empty(&mut self) -> Result<()> {
         self.kill();
         std::fs::remove_dir_all(&self.data_dir).or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
         })?;
         self.spawn().await
     }
 
     pub async fn kv(&self) -> Result<KvClient<Channel>> {
-        Ok(KvClient::new(Channel::from_shared(self.endpoint()).expect("url").connect().await?))
+        Ok(KvClient::new(
+            Channel::from_shared(self.endpoint())
+                .expect("url")
+                .connect()
+                .await?,
+        ))
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -287,7 +358,9 @@ pub async fn start_shards(n: usize) -> Result<Vec<Etcd>> {
 pub fn shard_specs(shards: &[Etcd]) -> Vec<ste_router::ShardSpec> {
     shards
         .iter()
-        .map(|s| ste_router::ShardSpec::parse(&format!("{}={}", s.name, s.endpoint())).expect("spec"))
+        .map(|s| {
+            ste_router::ShardSpec::parse(&format!("{}={}", s.name, s.endpoint())).expect("spec")
+        })
         .collect()
 }
 
@@ -326,7 +399,10 @@ impl Router {
     }
 
     /// Starts on a given address (a restarted router keeps its clients' endpoint).
-    pub async fn start_at(config: ste_router::RouterConfig, addr: std::net::SocketAddr) -> Result<Router> {
+    pub async fn start_at(
+        config: ste_router::RouterConfig,
+        addr: std::net::SocketAddr,
+    ) -> Result<Router> {
         let listener = TcpListener::bind(addr).await?;
         let admin = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -338,7 +414,14 @@ impl Router {
         let task = tokio::spawn(ste_router::run(config, listener, Some(admin), async {
             let _ = stopped.await;
         }));
-        let router = Router { addr, admin_addr, tls, via_admin, stop: Some(stop), task: Some(task) };
+        let router = Router {
+            addr,
+            admin_addr,
+            tls,
+            via_admin,
+            stop: Some(stop),
+            task: Some(task),
+        };
         router.wait_serving(Duration::from_secs(30)).await?;
         Ok(router)
     }
@@ -357,8 +440,16 @@ impl Router {
                 if http_get_ok(self.admin_addr.port(), "/livez").await {
                     return Ok(());
                 }
-            } else if let Ok(channel) = Channel::from_shared(self.endpoint()).expect("url").connect().await {
-                if MaintenanceClient::new(channel).status(StatusRequest {}).await.is_ok() {
+            } else if let Ok(channel) = Channel::from_shared(self.endpoint())
+                .expect("url")
+                .connect()
+                .await
+            {
+                if MaintenanceClient::new(channel)
+                    .status(StatusRequest {})
+                    .await
+                    .is_ok()
+                {
                     return Ok(());
                 }
             }
@@ -374,7 +465,10 @@ impl Router {
     }
 
     pub async fn channel(&self) -> Result<Channel> {
-        Ok(Channel::from_shared(self.endpoint()).expect("url").connect().await?)
+        Ok(Channel::from_shared(self.endpoint())
+            .expect("url")
+            .connect()
+            .await?)
     }
 
     /// Stops the router gracefully and waits for it to finish.
@@ -408,7 +502,10 @@ where
 {
     let deadline = Instant::now() + within;
     while !condition().await {
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -439,7 +536,11 @@ impl KubeApiserver {
 
     /// Like [`KubeApiserver::start`], with extra flags appended (e.g.
     /// `--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile` for TLS storage).
-    pub async fn start_with_flags(etcd: &str, pods: Option<&str>, extra: &[String]) -> Result<KubeApiserver> {
+    pub async fn start_with_flags(
+        etcd: &str,
+        pods: Option<&str>,
+        extra: &[String],
+    ) -> Result<KubeApiserver> {
         Self::start_with_env(etcd, pods, extra, &[]).await
     }
 
@@ -451,10 +552,15 @@ impl KubeApiserver {
         extra: &[String],
         env: &[(&str, &str)],
     ) -> Result<KubeApiserver> {
-        let dir = tempfile::Builder::new().prefix("ste-kube-apiserver-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("ste-kube-apiserver-")
+            .tempdir()?;
         let (key, public) = service_account_keys(dir.path())?;
         let token = "ste-test-token".to_string();
-        std::fs::write(dir.path().join("tokens.csv"), format!("{token},admin,admin,system:masters\n"))?;
+        std::fs::write(
+            dir.path().join("tokens.csv"),
+            format!("{token},admin,admin,system:masters\n"),
+        )?;
         let port = free_port();
         let args = kube_apiserver_args(&KubeApiserverFlags {
             port,
@@ -465,8 +571,18 @@ impl KubeApiserver {
             overrides: pods.map(|p| vec![format!("/pods#{p}")]).unwrap_or_default(),
         });
         let args = args.into_iter().chain(extra.iter().cloned()).collect();
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut server = KubeApiserver { port, token, dir, child: None, args, env };
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut server = KubeApiserver {
+            port,
+            token,
+            dir,
+            child: None,
+            args,
+            env,
+        };
         server.spawn().await?;
         Ok(server)
     }
@@ -480,7 +596,10 @@ impl KubeApiserver {
     }
 
     async fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         let child = Command::new(kube_apiserver_binary()?)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -488,14 +607,21 @@ impl KubeApiserver {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .map_err(|source| TestkitError::Spawn { what: "kube-apiserver".into(), source })?;
+            .map_err(|source| TestkitError::Spawn {
+                what: "kube-apiserver".into(),
+                source,
+            })?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if let Ok((200, _)) = self.curl(&["/readyz"]) {
                 return Ok(());
             }
-            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).is_some();
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .is_some();
             if exited || Instant::now() >= deadline {
                 return Err(TestkitError::NotReady {
                     what: "kube-apiserver".into(),
@@ -522,11 +648,16 @@ impl KubeApiserver {
 
     /// None while running; the exit status once the process has ended by itself.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn api(&self) -> Api {
-        Api { url: self.url(), token: self.token.clone() }
+        Api {
+            url: self.url(),
+            token: self.token.clone(),
+        }
     }
 
     /// See [`Api::curl`].
@@ -579,7 +710,12 @@ impl Api {
     }
 
     /// POSTs (or otherwise sends) a JSON body; returns (status, body).
-    pub fn send_json(&self, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    pub fn send_json(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> std::io::Result<(u16, String)> {
         let content_type = if method == "PATCH" {
             "Content-Type: application/merge-patch+json"
         } else {
@@ -606,18 +742,30 @@ pub fn kube_apiserver_args(flags: &KubeApiserverFlags) -> Vec<String> {
         "--bind-address=127.0.0.1".to_string(),
         format!("--secure-port={}", flags.port),
         format!("--cert-dir={}", flags.dir.join("certs").display()),
-        format!("--token-auth-file={}", flags.dir.join("tokens.csv").display()),
+        format!(
+            "--token-auth-file={}",
+            flags.dir.join("tokens.csv").display()
+        ),
         "--authorization-mode=RBAC".into(),
         format!("--etcd-servers={}", flags.etcd),
-        format!("--service-account-key-file={}", flags.service_account_public_key.display()),
-        format!("--service-account-signing-key-file={}", flags.service_account_key.display()),
+        format!(
+            "--service-account-key-file={}",
+            flags.service_account_public_key.display()
+        ),
+        format!(
+            "--service-account-signing-key-file={}",
+            flags.service_account_key.display()
+        ),
         "--service-account-issuer=https://kubernetes.default.svc".into(),
         "--service-cluster-ip-range=10.0.0.0/24".into(),
         // No kubelet mounts tokens here (kwok is the kubelet).
         "--disable-admission-plugins=ServiceAccount".into(),
     ];
     if !flags.overrides.is_empty() {
-        args.push(format!("--etcd-servers-overrides={}", flags.overrides.join(",")));
+        args.push(format!(
+            "--etcd-servers-overrides={}",
+            flags.overrides.join(",")
+        ));
     }
     args
 }
@@ -627,14 +775,29 @@ pub fn service_account_keys(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let key = dir.join("sa.key");
     let public = dir.join("sa.pub");
     for args in [
-        vec!["genrsa".to_string(), "-out".into(), key.display().to_string(), "2048".into()],
-        vec!["rsa".into(), "-pubout".into(), "-in".into(), key.display().to_string(), "-out".into(), public.display().to_string()],
+        vec![
+            "genrsa".to_string(),
+            "-out".into(),
+            key.display().to_string(),
+            "2048".into(),
+        ],
+        vec![
+            "rsa".into(),
+            "-pubout".into(),
+            "-in".into(),
+            key.display().to_string(),
+            "-out".into(),
+            public.display().to_string(),
+        ],
     ] {
         let status = Command::new("openssl")
             .args(&args)
             .stderr(Stdio::null())
             .status()
-            .map_err(|source| TestkitError::Spawn { what: "openssl".into(), source })?;
+            .map_err(|source| TestkitError::Spawn {
+                what: "openssl".into(),
+                source,
+            })?;
         if !status.success() {
             return Err(TestkitError::Spawn {
                 what: format!("openssl {}", args[0]),
@@ -644,7 +807,6 @@ pub fn service_account_keys(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     }
     Ok((key, public))
 }
-
 
 /// The request shapes kube-apiserver sends, for tests and benchmarks.
 pub mod shapes {
@@ -667,26 +829,54 @@ pub mod shapes {
     }
 
     pub fn put(key: &Bytes, value: &Bytes) -> RequestOp {
-        RequestOp { request: Some(Request::RequestPut(PutRequest { key: key.clone(), value: value.clone(), ..Default::default() })) }
+        RequestOp {
+            request: Some(Request::RequestPut(PutRequest {
+                key: key.clone(),
+                value: value.clone(),
+                ..Default::default()
+            })),
+        }
     }
 
     pub fn get(key: &Bytes) -> RequestOp {
-        RequestOp { request: Some(Request::RequestRange(RangeRequest { key: key.clone(), ..Default::default() })) }
+        RequestOp {
+            request: Some(Request::RequestRange(RangeRequest {
+                key: key.clone(),
+                ..Default::default()
+            })),
+        }
     }
 
     /// Create: put only if the key does not exist.
     pub fn create(key: &Bytes, value: &Bytes) -> TxnRequest {
-        TxnRequest { compare: vec![mod_revision_is(key, 0)], success: vec![put(key, value)], failure: vec![] }
+        TxnRequest {
+            compare: vec![mod_revision_is(key, 0)],
+            success: vec![put(key, value)],
+            failure: vec![],
+        }
     }
 
     /// Delete (kube-apiserver's conditional delete): delete if unchanged since `revision`, else read the current value.
     pub fn delete(key: &Bytes, revision: i64) -> TxnRequest {
-        let delete = RequestOp { request: Some(Request::RequestDeleteRange(DeleteRangeRequest { key: key.clone(), ..Default::default() })) };
-        TxnRequest { compare: vec![mod_revision_is(key, revision)], success: vec![delete], failure: vec![get(key)] }
+        let delete = RequestOp {
+            request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
+                key: key.clone(),
+                ..Default::default()
+            })),
+        };
+        TxnRequest {
+            compare: vec![mod_revision_is(key, revision)],
+            success: vec![delete],
+            failure: vec![get(key)],
+        }
     }
 
     /// Update (GuaranteedUpdate): put if unchanged since `revision`, else read the current value.
     pub fn update(key: &Bytes, revision: i64, value: &Bytes) -> TxnRequest {
-        TxnRequest { compare: vec![mod_revision_is(key, revision)], success: vec![put(key, value)], failure: vec![get(key)] }
+        TxnRequest {
+            compare: vec![mod_revision_is(key, revision)],
+            success: vec![put(key, value)],
+            failure: vec![get(key)],
+        }
     }
 }

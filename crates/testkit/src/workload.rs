@@ -555,7 +555,11 @@ impl Outcome {
     /// that no write touched since (acknowledged after it, or of unknown
     /// outcome), with what they held then: what a lost shard's replica
     /// copies must bring back unchanged.
-    pub fn untouched_since(&self, revision: i64, placed: impl Fn(&Bytes) -> bool) -> BTreeMap<Bytes, Stored> {
+    pub fn untouched_since(
+        &self,
+        revision: i64,
+        placed: impl Fn(&Bytes) -> bool,
+    ) -> BTreeMap<Bytes, Stored> {
         let touched: BTreeSet<Bytes> = self
             .acked
             .iter()

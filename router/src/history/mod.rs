@@ -120,6 +120,10 @@ impl History {
         self.inner.read().expect("history lock").events.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Drops events below `revision`. Returns false if it was already compacted further.
     pub fn compact(&self, revision: i64) -> bool {
         let mut inner = self.inner.write().expect("history lock");
@@ -182,12 +186,18 @@ mod tests {
             .map(|e| e.revision)
             .collect();
         assert_eq!(got, vec![12, 13, 14]);
-        assert!(history.compact(10), "the starting floor may be compacted once");
+        assert!(
+            history.compact(10),
+            "the starting floor may be compacted once"
+        );
         assert!(!history.compact(10));
         assert!(history.compact(13));
         assert!(!history.compact(12));
         assert!(!history.compact(13));
-        assert!(matches!(history.read(12, 20, |_| true), Err(StoreError::Compacted)));
+        assert!(matches!(
+            history.read(12, 20, |_| true),
+            Err(StoreError::Compacted)
+        ));
         assert_eq!(history.read(13, 20, |_| true).unwrap().len(), 3);
     }
 

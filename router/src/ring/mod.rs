@@ -131,7 +131,9 @@ mod tests {
         let mut counts = std::collections::HashMap::new();
         for i in 0..3000 {
             let key = format!("/registry/pods/default/pod-{i}");
-            *counts.entry(ring.locate(key.as_bytes()).unwrap()).or_insert(0) += 1;
+            *counts
+                .entry(ring.locate(key.as_bytes()).unwrap())
+                .or_insert(0) += 1;
         }
         assert_eq!(counts.len(), 3);
         for (shard, count) in counts {

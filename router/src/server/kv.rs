@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ste_etcd_proto::pb::{
-    kv_server::Kv, CompactionRequest, CompactionResponse, DeleteRangeRequest,
-    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    RangeStreamResponse, TxnRequest, TxnResponse,
+    kv_server::Kv, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    PutRequest, PutResponse, RangeRequest, RangeResponse, RangeStreamResponse, TxnRequest,
+    TxnResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -19,14 +19,16 @@ pub struct KvService {
 
 #[tonic::async_trait]
 impl Kv for KvService {
-    async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+    async fn range(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<Response<RangeResponse>, Status> {
         let started = Instant::now();
         let result = self.store.range(request.into_inner()).await;
         answer(self.store.metrics(), "Range", started, result)
     }
 
-    type RangeStreamStream =
-        futures::stream::Empty<Result<RangeStreamResponse, Status>>;
+    type RangeStreamStream = futures::stream::Empty<Result<RangeStreamResponse, Status>>;
 
     /// kube-apiserver falls back to Range when streaming is not implemented.
     async fn range_stream(

@@ -28,12 +28,14 @@ impl Lease for LeaseService {
         let started = Instant::now();
         let req = request.into_inner();
         let store = &self.store;
-        let result = store.lease_grant(req.id, req.ttl).map(|(id, ttl)| LeaseGrantResponse {
-            header: Some(store.header(store.sequencer().published())),
-            id,
-            ttl,
-            error: String::new(),
-        });
+        let result = store
+            .lease_grant(req.id, req.ttl)
+            .map(|(id, ttl)| LeaseGrantResponse {
+                header: Some(store.header(store.sequencer().published())),
+                id,
+                ttl,
+                error: String::new(),
+            });
         answer(store.metrics(), "LeaseGrant", started, result)
     }
 

@@ -91,8 +91,13 @@ impl WatchStream {
         let mut closing = self.store.closing();
         let mut ticker = tokio::time::interval(progress_interval);
         ticker.tick().await;
-        let _ = self.serve(&mut inbound, &mut published, &mut closing, &mut ticker).await;
-        self.store.metrics().watchers.dec_by(self.watchers.len() as i64);
+        let _ = self
+            .serve(&mut inbound, &mut published, &mut closing, &mut ticker)
+            .await;
+        self.store
+            .metrics()
+            .watchers
+            .dec_by(self.watchers.len() as i64);
     }
 
     async fn serve(
@@ -172,7 +177,8 @@ impl WatchStream {
                 let mut response = self.response(current, create.watch_id);
                 response.created = true;
                 response.canceled = true;
-                response.cancel_reason = "mvcc: duplicate watch ID provided on the WatchStream".into();
+                response.cancel_reason =
+                    "mvcc: duplicate watch ID provided on the WatchStream".into();
                 return self.send(response).await;
             }
             create.watch_id
@@ -223,7 +229,11 @@ impl WatchStream {
             if watcher.next > current {
                 continue;
             }
-            match self.store.history().read(watcher.next, current, |e| watcher.matches(e)) {
+            match self
+                .store
+                .history()
+                .read(watcher.next, current, |e| watcher.matches(e))
+            {
                 Ok(events) => {
                     watcher.next = current + 1;
                     if !events.is_empty() {
@@ -294,7 +304,10 @@ mod tests {
             .iter()
             .map(|g| StoredEvent::test_put(b"k", *g))
             .collect();
-        let sizes: Vec<usize> = chunk_by_revision(&events, 2).iter().map(|c| c.len()).collect();
+        let sizes: Vec<usize> = chunk_by_revision(&events, 2)
+            .iter()
+            .map(|c| c.len())
+            .collect();
         assert_eq!(sizes, vec![4, 2]);
         assert!(chunk_by_revision(&[], 2).is_empty());
     }

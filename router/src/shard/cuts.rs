@@ -124,6 +124,10 @@ impl Cuts {
     pub fn len(&self) -> usize {
         self.entries.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -151,11 +155,23 @@ mod tests {
         cuts.reset(10, 3, CutLookup::Unknown);
         cuts.push_batch(11, 15, 4);
         assert_eq!(cuts.at(10), CutLookup::At(3));
-        assert_eq!(cuts.at(12), CutLookup::Within { base: Some(3), from: 11 });
+        assert_eq!(
+            cuts.at(12),
+            CutLookup::Within {
+                base: Some(3),
+                from: 11
+            }
+        );
         assert_eq!(cuts.at(15), CutLookup::At(4));
         // Compacting inside the batch keeps the cut its reads start from.
         assert_eq!(cuts.compact(13), Some(3));
-        assert_eq!(cuts.at(13), CutLookup::Within { base: Some(3), from: 11 });
+        assert_eq!(
+            cuts.at(13),
+            CutLookup::Within {
+                base: Some(3),
+                from: 11
+            }
+        );
     }
 
     #[test]

@@ -17,12 +17,12 @@ use ste_etcd_proto::pb::{
     kv_client::KvClient,
     maintenance_client::MaintenanceClient,
     request_op::Request,
-    Compare, CompactionRequest, PutRequest, RangeRequest, RangeResponse, RequestOp, StatusRequest,
+    CompactionRequest, Compare, PutRequest, RangeRequest, RangeResponse, RequestOp, StatusRequest,
     StatusResponse, TxnRequest, TxnResponse,
 };
-use tracing::warn;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::warn;
 
 use crate::error::{StoreError, StoreResult};
 use crate::ring::ShardId;
@@ -182,9 +182,9 @@ impl Shard {
             }
             (true, None) => {
                 return Err(StoreError::Internal(format!(
-                    "shard {} is at an https:// URL but no shard CA is configured (--shard-ca-file)",
-                    spec.id
-                )))
+                "shard {} is at an https:// URL but no shard CA is configured (--shard-ca-file)",
+                spec.id
+            )))
             }
         };
         Ok(Shard {
@@ -287,7 +287,8 @@ impl Shard {
     /// answering has lost data the router wrote. Marks read before the
     /// router accepted a new history (`forget_history`) prove nothing.
     pub fn went_back(&self, mark: RevisionMark, revision: i64) -> bool {
-        let went_back = revision < mark.seen && self.history_resets.load(Ordering::Acquire) == mark.resets;
+        let went_back =
+            revision < mark.seen && self.history_resets.load(Ordering::Acquire) == mark.resets;
         if went_back {
             self.note_replaced_in(mark.resets);
         }
@@ -297,7 +298,9 @@ impl Shard {
     /// Records an answer's revision: raises the high-water mark, or marks the
     /// shard replaced when the revision went back.
     fn observe(&self, mark: RevisionMark, revision: Option<i64>) {
-        let Some(revision) = revision.filter(|r| *r > 0) else { return };
+        let Some(revision) = revision.filter(|r| *r > 0) else {
+            return;
+        };
         if !self.went_back(mark, revision) {
             self.seen_revision.fetch_max(revision, Ordering::AcqRel);
         }
@@ -347,13 +350,20 @@ impl Shard {
                 _ => self.fenced.store(false, Ordering::Release),
             }
         }
-        Err(StoreError::unavailable(self.id.as_str(), "its leader fence keeps disappearing"))
+        Err(StoreError::unavailable(
+            self.id.as_str(),
+            "its leader fence keeps disappearing",
+        ))
     }
 
     /// Whether the shard carries `MARKER_KEY`.
     pub async fn has_marker(&self) -> StoreResult<bool> {
         let answer = self
-            .range(RangeRequest { key: Bytes::from_static(MARKER_KEY), count_only: true, ..Default::default() })
+            .range(RangeRequest {
+                key: Bytes::from_static(MARKER_KEY),
+                count_only: true,
+                ..Default::default()
+            })
             .await?;
         Ok(answer.count > 0)
     }
@@ -365,9 +375,14 @@ impl Shard {
             value: Bytes::copy_from_slice(self.id.as_str().as_bytes()),
             ..Default::default()
         };
-        self.txn(TxnRequest { success: vec![RequestOp { request: Some(Request::RequestPut(put)) }], ..Default::default() })
-            .await
-            .map(|_| ())
+        self.txn(TxnRequest {
+            success: vec![RequestOp {
+                request: Some(Request::RequestPut(put)),
+            }],
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
     }
 
     pub fn with_fencing(mut self, fencing: Option<Fencing>) -> Self {
@@ -379,7 +394,9 @@ impl Shard {
     /// shard at once, so an old one is fenced out before its next write).
     pub async fn fence_now(&self) -> StoreResult<()> {
         match self.fencing.clone() {
-            Some(fencing) if !self.fenced.load(Ordering::Acquire) => self.raise_fence(&fencing).await,
+            Some(fencing) if !self.fenced.load(Ordering::Acquire) => {
+                self.raise_fence(&fencing).await
+            }
             _ => Ok(()),
         }
     }
@@ -393,13 +410,19 @@ impl Shard {
     /// (epoch in the fence, its mod revision); (0, 0) when there is none.
     async fn fence_epoch(&self) -> StoreResult<(i64, i64)> {
         let answer = self
-            .range(RangeRequest { key: Bytes::from_static(FENCE_KEY), ..Default::default() })
+            .range(RangeRequest {
+                key: Bytes::from_static(FENCE_KEY),
+                ..Default::default()
+            })
             .await?;
         Ok(answer
             .kvs
             .first()
             .map(|kv| {
-                let epoch = std::str::from_utf8(&kv.value).ok().and_then(|v| v.parse().ok()).unwrap_or(i64::MAX);
+                let epoch = std::str::from_utf8(&kv.value)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(i64::MAX);
                 (epoch, kv.mod_revision)
             })
             .unwrap_or((0, 0)))
@@ -441,7 +464,10 @@ impl Shard {
             self.fenced.store(true, Ordering::Release);
             return Ok(());
         }
-        Err(StoreError::unavailable(self.id.as_str(), "its leader fence keeps changing"))
+        Err(StoreError::unavailable(
+            self.id.as_str(),
+            "its leader fence keeps changing",
+        ))
     }
 
     pub async fn compact(&self, shard_revision: i64) -> StoreResult<()> {
@@ -461,7 +487,8 @@ impl Shard {
         let answer = self.answer(result);
         self.set_healthy(answer.is_ok());
         if let Ok(status) = &answer {
-            self.db_bytes.store(status.db_size_in_use, Ordering::Relaxed);
+            self.db_bytes
+                .store(status.db_size_in_use, Ordering::Relaxed);
         }
         answer
     }
@@ -495,7 +522,8 @@ impl Shard {
         }
         drop(identity);
         if !went_back {
-            self.seen_revision.fetch_max(header.revision, Ordering::AcqRel);
+            self.seen_revision
+                .fetch_max(header.revision, Ordering::AcqRel);
         }
         Ok(went_back || new_identity)
     }
@@ -519,7 +547,9 @@ impl Shard {
     /// with the same ids) and was written to before a health check noticed.
     pub fn push_batch_cut(&self, first: i64, last: i64, shard_revision: i64) -> bool {
         let mut cuts = self.cuts.lock().expect("cuts lock");
-        let went_back = cuts.latest_shard_revision().is_some_and(|prev| shard_revision < prev);
+        let went_back = cuts
+            .latest_shard_revision()
+            .is_some_and(|prev| shard_revision < prev);
         cuts.push_batch(first, last, shard_revision);
         drop(cuts);
         if went_back {
@@ -540,7 +570,10 @@ impl Shard {
     /// message; everything else means the shard cannot serve right now.
     fn classify(&self, status: Status) -> StoreError {
         match status.code() {
-            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition | Code::NotFound
+            Code::InvalidArgument
+            | Code::OutOfRange
+            | Code::FailedPrecondition
+            | Code::NotFound
             | Code::ResourceExhausted => StoreError::ShardRejected(status),
             _ => {
                 self.set_healthy(false);
@@ -562,10 +595,17 @@ mod tests {
     #[test]
     fn shard_specs_parse_with_and_without_names() {
         let named = ShardSpec::parse("a=http://127.0.0.1:2380").unwrap();
-        assert_eq!((named.id.as_str(), named.endpoint.as_str()), ("a", "http://127.0.0.1:2380"));
+        assert_eq!(
+            (named.id.as_str(), named.endpoint.as_str()),
+            ("a", "http://127.0.0.1:2380")
+        );
         let bare = ShardSpec::parse(" http://127.0.0.1:2381 ").unwrap();
         assert_eq!(bare.id.as_str(), "http://127.0.0.1:2381");
-        assert!(ShardSpec::parse("127.0.0.1:2380").unwrap_err().contains("http://"));
-        assert!(ShardSpec::parse("=http://x:1").unwrap_err().contains("empty name"));
+        assert!(ShardSpec::parse("127.0.0.1:2380")
+            .unwrap_err()
+            .contains("http://"));
+        assert!(ShardSpec::parse("=http://x:1")
+            .unwrap_err()
+            .contains("empty name"));
     }
 }

@@ -27,8 +27,7 @@ use ste_etcd_proto::pb::{
     request_op::Request,
     response_op::Response,
     Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
-    RangeResponse, RequestOp, ResponseHeader, ResponseOp, StatusResponse, TxnRequest,
-    TxnResponse,
+    RangeResponse, RequestOp, ResponseHeader, ResponseOp, StatusResponse, TxnRequest, TxnResponse,
 };
 use tokio::sync::{oneshot, MutexGuard};
 use tracing::{info, warn};
@@ -98,7 +97,12 @@ struct IndexEntry {
 impl IndexEntry {
     /// A version just written to `shard` (its copy, if any, is recorded after).
     fn written(shard: &ShardId, shard_mod_revision: i64, meta: Meta) -> Self {
-        IndexEntry { shard: shard.clone(), shard_mod_revision, meta, replica: None }
+        IndexEntry {
+            shard: shard.clone(),
+            shard_mod_revision,
+            meta,
+            replica: None,
+        }
     }
 }
 
@@ -249,7 +253,13 @@ impl Store {
         store.adopt_replicas(start).await;
         if store.config.fencing.is_some() {
             // A newer fence anywhere marks this router deposed (it steps down).
-            let fenced = join_all(store.shard_list().iter().map(|s| async move { (s.id.clone(), s.fence_now().await) })).await;
+            let fenced = join_all(
+                store
+                    .shard_list()
+                    .iter()
+                    .map(|s| async move { (s.id.clone(), s.fence_now().await) }),
+            )
+            .await;
             for (id, result) in fenced {
                 if let Err(err) = result {
                     warn!(shard = %id, error = %err, "cannot raise the leader fence yet; it is raised before the first write");
@@ -271,13 +281,19 @@ impl Store {
             by_shard.entry(shard).or_default().push((key, shard_mod));
         }
         for (id, keys) in by_shard {
-            let Some(shard) = self.shard(&id) else { continue };
+            let Some(shard) = self.shard(&id) else {
+                continue;
+            };
             match moves::delete_silently(&shard, &keys).await {
                 Ok(revision) => {
                     info!(shard = %id, keys = keys.len(), "deleted copies left by an interrupted move");
                     if let Some(revision) = revision {
                         let at = self.sequencer.published();
-                        shard.cuts.lock().expect("cuts lock").reset(at, revision, CutLookup::Unknown);
+                        shard.cuts.lock().expect("cuts lock").reset(
+                            at,
+                            revision,
+                            CutLookup::Unknown,
+                        );
                     }
                 }
                 Err(err) => {
@@ -308,7 +324,11 @@ impl Store {
                             duplicates.push((shard.id.clone(), item.key, item.shard_mod_revision));
                             continue;
                         }
-                        duplicates.push((existing.shard.clone(), item.key.clone(), existing.shard_mod_revision));
+                        duplicates.push((
+                            existing.shard.clone(),
+                            item.key.clone(),
+                            existing.shard_mod_revision,
+                        ));
                     }
                 }
                 if item.meta.lease != 0 {
@@ -380,7 +400,12 @@ impl Store {
     }
 
     pub fn shard_list(&self) -> Vec<Arc<Shard>> {
-        self.shards.read().expect("shards lock").values().cloned().collect()
+        self.shards
+            .read()
+            .expect("shards lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     fn shard(&self, id: &ShardId) -> Option<Arc<Shard>> {
@@ -401,8 +426,11 @@ impl Store {
     /// update the index in between rather than waiting for the whole count.
     pub fn keys_per_shard(&self) -> BTreeMap<ShardId, usize> {
         const SLICE: usize = 8192;
-        let mut counts: BTreeMap<ShardId, usize> =
-            self.shard_list().iter().map(|s| (s.id.clone(), 0)).collect();
+        let mut counts: BTreeMap<ShardId, usize> = self
+            .shard_list()
+            .iter()
+            .map(|s| (s.id.clone(), 0))
+            .collect();
         let mut after: Option<Bytes> = None;
         loop {
             let index = self.index.read().expect("index lock");
@@ -480,7 +508,9 @@ impl Store {
             && !req.count_only
             && reads.len() > 1
             && req.sort_order != SortOrder::Descend as i32
-            && reads.iter().all(|(_, cut)| matches!(cut, CutLookup::At(_) | CutLookup::Empty));
+            && reads
+                .iter()
+                .all(|(_, cut)| matches!(cut, CutLookup::At(_) | CutLookup::Empty));
         let first_limit = if lazy {
             let n = reads.len() as i64;
             (req.limit / n + req.limit / (4 * n) + 16).min(req.limit)
@@ -502,7 +532,10 @@ impl Store {
         }
         if lazy {
             loop {
-                let mut fetched: Vec<&Bytes> = parts.iter().flat_map(|(kvs, _)| kvs.iter().map(|kv| &kv.key)).collect();
+                let mut fetched: Vec<&Bytes> = parts
+                    .iter()
+                    .flat_map(|(kvs, _)| kvs.iter().map(|kv| &kv.key))
+                    .collect();
                 // The page ends at the limit-th key fetched so far (or is open-ended).
                 let boundary = if fetched.len() >= req.limit as usize {
                     fetched.sort();
@@ -514,10 +547,11 @@ impl Store {
                     .iter()
                     .enumerate()
                     .filter(|(_, (kvs, more))| {
-                        *more && match (kvs.last(), &boundary) {
-                            (Some(last), Some(boundary)) => last.key < *boundary,
-                            _ => true,
-                        }
+                        *more
+                            && match (kvs.last(), &boundary) {
+                                (Some(last), Some(boundary)) => last.key < *boundary,
+                                _ => true,
+                            }
                     })
                     .map(|(i, _)| i)
                     .collect();
@@ -531,7 +565,10 @@ impl Store {
                         key: after.unwrap_or_else(|| req.key.clone()),
                         ..req.clone()
                     };
-                    async move { self.read_shard_at(shard, &next, *cut, revision, first_limit).await }
+                    async move {
+                        self.read_shard_at(shard, &next, *cut, revision, first_limit)
+                            .await
+                    }
                 }))
                 .await;
                 for (&i, answer) in behind.iter().zip(more) {
@@ -568,7 +605,11 @@ impl Store {
         // would never see the writes in between. A Range at an explicit
         // revision answers, like etcd, with the current revision (the
         // client knows what it asked; headers never go back).
-        let header = if req.revision > 0 { self.sequencer.published().max(revision) } else { revision };
+        let header = if req.revision > 0 {
+            self.sequencer.published().max(revision)
+        } else {
+            revision
+        };
         Ok(RangeResponse {
             header: Some(self.header(header)),
             kvs,
@@ -581,7 +622,10 @@ impl Store {
     /// revision 0 never answers ErrCompacted (etcd would not): if it raced
     /// a shard's history being reset (the shard lost its data and was just
     /// reconciled at g), it reads again once g is published.
-    async fn plan_read(&self, req: &RangeRequest) -> StoreResult<(i64, Vec<(Arc<Shard>, CutLookup)>)> {
+    async fn plan_read(
+        &self,
+        req: &RangeRequest,
+    ) -> StoreResult<(i64, Vec<(Arc<Shard>, CutLookup)>)> {
         for _ in 0..3 {
             let revision = self.read_revision(req.revision)?;
             let shards = if req.range_end.is_empty() {
@@ -617,11 +661,18 @@ impl Store {
             match reset_at {
                 None => return Ok((revision, reads)),
                 Some(g) => {
-                    let _ = tokio::time::timeout(self.config.shard_timeout, self.sequencer.wait_published(g)).await;
+                    let _ = tokio::time::timeout(
+                        self.config.shard_timeout,
+                        self.sequencer.wait_published(g),
+                    )
+                    .await;
                 }
             }
         }
-        Err(StoreError::unavailable("(several)", "a shard's history is being reset after it lost its data; retry"))
+        Err(StoreError::unavailable(
+            "(several)",
+            "a shard's history is being reset after it lost its data; retry",
+        ))
     }
 
     /// One shard's part of a Range at global `revision`: its count and kvs
@@ -659,14 +710,16 @@ impl Store {
             CutLookup::Unknown => Err(StoreError::Compacted),
             CutLookup::Empty => Ok((0, Vec::new(), false)),
             CutLookup::At(shard_revision) => {
-                let answer = read(shard_revision, 0).await.map_err(|e| shard_read_error(shard, e))?;
+                let answer = read(shard_revision, 0)
+                    .await
+                    .map_err(|e| shard_read_error(shard, e))?;
                 translate_all(answer)
             }
             CutLookup::Within { base, from } => {
                 // The batch's events up to `revision`, applied to the shard before the batch.
-                let overlay = self
-                    .history
-                    .read(from, revision, |e| key_in_range(e.key(), &req.key, &req.range_end))?;
+                let overlay = self.history.read(from, revision, |e| {
+                    key_in_range(e.key(), &req.key, &req.range_end)
+                })?;
                 let (mut count, kvs, more) = match base {
                     Some(shard_revision) => translate_all(
                         read(shard_revision, overlay.len() as i64)
@@ -680,7 +733,9 @@ impl Store {
                     kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
                 for stored in overlay {
                     let existed = stored.event.prev_kv.is_some();
-                    let Some(kv) = stored.event.kv.clone() else { continue };
+                    let Some(kv) = stored.event.kv.clone() else {
+                        continue;
+                    };
                     if stored.event.r#type == EventType::Put as i32 {
                         if !existed {
                             count += 1;
@@ -809,14 +864,19 @@ impl Store {
         let committed = loop {
             let shard = self.single_shard_for(&keys)?;
             let (reply, answer) = oneshot::channel();
-            shard.queue.lock().expect("queue lock").push_back(PendingTxn {
-                req: req.clone(),
-                keys: keys.clone(),
-                reply,
-            });
+            shard
+                .queue
+                .lock()
+                .expect("queue lock")
+                .push_back(PendingTxn {
+                    req: req.clone(),
+                    keys: keys.clone(),
+                    reply,
+                });
             {
                 let mut state = shard.write.lock().await;
-                let queued: Vec<PendingTxn> = shard.queue.lock().expect("queue lock").drain(..).collect();
+                let queued: Vec<PendingTxn> =
+                    shard.queue.lock().expect("queue lock").drain(..).collect();
                 if !queued.is_empty() {
                     self.commit_queued(&shard, &mut state, queued).await;
                 }
@@ -863,7 +923,8 @@ impl Store {
                 }
             }
             if !batch.accepts(&pending) {
-                self.commit_batch(shard, state, std::mem::take(&mut batch)).await;
+                self.commit_batch(shard, state, std::mem::take(&mut batch))
+                    .await;
             }
             match self.plan_txn(shard, &pending.req).await {
                 Ok(plan) => batch.add(pending, plan),
@@ -880,7 +941,11 @@ impl Store {
     /// Decides the branch of a txn from the index and validates its ops.
     async fn plan_txn(&self, shard: &Shard, req: &TxnRequest) -> StoreResult<TxnPlan> {
         let succeeded = self.evaluate_compares(shard, &req.compare).await?;
-        let ops = if succeeded { &req.success } else { &req.failure };
+        let ops = if succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
         let mut prepared = Vec::with_capacity(ops.len());
         for op in ops {
             prepared.push(self.prepare_op(shard, op.clone()).await?);
@@ -901,7 +966,11 @@ impl Store {
         let writers = batch.items.iter().filter(|(_, plan)| plan.writes).count() as i64;
         // A block of consecutive revisions, so a read inside the batch can be
         // answered from the shard before it plus the batch's events.
-        let first = if writers > 0 { self.sequencer.assign_block(writers) } else { 0 };
+        let first = if writers > 0 {
+            self.sequencer.assign_block(writers)
+        } else {
+            0
+        };
         let mut next = first;
         let mut shard_ops = Vec::new();
         let mut fences = Vec::new();
@@ -935,40 +1004,42 @@ impl Store {
             .filter(|p| matches!(p, PlannedOp::Put { .. }))
             .count();
 
-        let primary = async { if shard_ops.is_empty() {
-            Ok(TxnResponse {
-                header: None,
-                succeeded: true,
-                responses: Vec::new(),
-            })
-        } else {
-            match shard
-                .txn(TxnRequest {
-                    compare: fences,
-                    success: shard_ops,
-                    failure: Vec::new(),
+        let primary = async {
+            if shard_ops.is_empty() {
+                Ok(TxnResponse {
+                    header: None,
+                    succeeded: true,
+                    responses: Vec::new(),
                 })
-                .await
-            {
-                Ok(answer) if answer.succeeded => Ok(answer),
-                Ok(_) => {
-                    state.needs_reconcile = true;
-                    // Nothing was written (the fences refused it) and the
-                    // shard is reconciled before its next write: retryable.
-                    Err(StoreError::unavailable(
+            } else {
+                match shard
+                    .txn(TxnRequest {
+                        compare: fences,
+                        success: shard_ops,
+                        failure: Vec::new(),
+                    })
+                    .await
+                {
+                    Ok(answer) if answer.succeeded => Ok(answer),
+                    Ok(_) => {
+                        state.needs_reconcile = true;
+                        // Nothing was written (the fences refused it) and the
+                        // shard is reconciled before its next write: retryable.
+                        Err(StoreError::unavailable(
                         shard.id.as_str(),
                         "it changed behind the router's back (its revisions no longer match the index; did its etcd lose its data?); it is being reconciled, retry",
                     ))
-                }
-                Err(err) => {
-                    if !write_certainly_not_applied(&err) {
-                        warn!(shard = %shard.id, error = %err, "shard write failed with an unknown outcome; reconciling the shard before its next write");
-                        state.needs_reconcile = true;
                     }
-                    Err(err)
+                    Err(err) => {
+                        if !write_certainly_not_applied(&err) {
+                            warn!(shard = %shard.id, error = %err, "shard write failed with an unknown outcome; reconciling the shard before its next write");
+                            state.needs_reconcile = true;
+                        }
+                        Err(err)
+                    }
                 }
             }
-        } };
+        };
         // Replica copies go out with the primary Txn, not after it: a copy of
         // a write that then fails does not match the index and is never used.
         let cleanups = std::mem::take(&mut replica_writes.cleanups);
@@ -983,12 +1054,18 @@ impl Store {
                     let written: Vec<(ShardId, Bytes, i64)> = copied
                         .iter()
                         .filter_map(|(key, shard)| {
-                            let planned_revision = planned.iter().flat_map(|(_, _, _, plans)| plans.iter()).find_map(|p| match p {
-                                PlannedOp::Put { key: k, meta, .. } if k == key => Some(meta.mod_revision),
-                                _ => None,
-                            })?;
+                            let planned_revision = planned
+                                .iter()
+                                .flat_map(|(_, _, _, plans)| plans.iter())
+                                .find_map(|p| match p {
+                                    PlannedOp::Put { key: k, meta, .. } if k == key => {
+                                        Some(meta.mod_revision)
+                                    }
+                                    _ => None,
+                                })?;
                             let current = index.get(key).map(|e| e.meta.mod_revision);
-                            (current != Some(planned_revision)).then(|| (shard.clone(), key.clone(), planned_revision))
+                            (current != Some(planned_revision))
+                                .then(|| (shard.clone(), key.clone(), planned_revision))
                         })
                         .collect();
                     drop(index);
@@ -1012,8 +1089,16 @@ impl Store {
         // batch's revisions are not published yet). So the data is exact at
         // the header, and headers never go below an acknowledged revision
         // (etcd answers with its current revision).
-        let loaded_at = shard.cuts.lock().expect("cuts lock").latest_revision().unwrap_or(0);
-        let mut read_at = state.last_revision.max(loaded_at).max(self.sequencer.published());
+        let loaded_at = shard
+            .cuts
+            .lock()
+            .expect("cuts lock")
+            .latest_revision()
+            .unwrap_or(0);
+        let mut read_at = state
+            .last_revision
+            .max(loaded_at)
+            .max(self.sequencer.published());
         if writers > 0 {
             self.metrics.batch(writers);
             if !shard.push_batch_cut(first, last, shard_revision) {
@@ -1092,8 +1177,16 @@ impl Store {
 
     async fn evaluate_compares(&self, shard: &Shard, compares: &[Compare]) -> StoreResult<bool> {
         for compare in compares {
-            let entry = self.index.read().expect("index lock").get(&compare.key).cloned();
-            let ordering = match (CompareTarget::try_from(compare.target), &compare.target_union) {
+            let entry = self
+                .index
+                .read()
+                .expect("index lock")
+                .get(&compare.key)
+                .cloned();
+            let ordering = match (
+                CompareTarget::try_from(compare.target),
+                &compare.target_union,
+            ) {
                 (Ok(CompareTarget::Value), Some(TargetUnion::Value(expected))) => {
                     if entry.is_none() {
                         // etcd: a value compare on a missing key is always false.
@@ -1112,7 +1205,9 @@ impl Store {
                         (CompareTarget::Create, TargetUnion::CreateRevision(v)) => {
                             (meta.create_revision, *v)
                         }
-                        (CompareTarget::Mod, TargetUnion::ModRevision(v)) => (meta.mod_revision, *v),
+                        (CompareTarget::Mod, TargetUnion::ModRevision(v)) => {
+                            (meta.mod_revision, *v)
+                        }
                         (CompareTarget::Lease, TargetUnion::Lease(v)) => (meta.lease, *v),
                         _ => {
                             return Err(StoreError::Unsupported(format!(
@@ -1204,7 +1299,12 @@ impl Store {
     async fn prepare_op(&self, shard: &Shard, op: RequestOp) -> StoreResult<PreparedOp> {
         match op.request {
             Some(Request::RequestPut(put)) => {
-                let entry = self.index.read().expect("index lock").get(&put.key).cloned();
+                let entry = self
+                    .index
+                    .read()
+                    .expect("index lock")
+                    .get(&put.key)
+                    .cloned();
                 if put.ignore_value && !put.value.is_empty() {
                     return Err(StoreError::ValueProvided);
                 }
@@ -1241,7 +1341,12 @@ impl Store {
                 })
             }
             Some(Request::RequestDeleteRange(delete)) => {
-                let entry = self.index.read().expect("index lock").get(&delete.key).cloned();
+                let entry = self
+                    .index
+                    .read()
+                    .expect("index lock")
+                    .get(&delete.key)
+                    .cloned();
                 Ok(PreparedOp::Delete {
                     key: delete.key,
                     want_prev: delete.prev_kv,
@@ -1417,7 +1522,11 @@ impl Store {
             }
         }
         if by_shard.is_empty() {
-            let last = guards.iter().map(|(_, s)| s.last_revision).max().unwrap_or(0);
+            let last = guards
+                .iter()
+                .map(|(_, s)| s.last_revision)
+                .max()
+                .unwrap_or(0);
             drop(guards);
             return Ok((self.sequencer.wait_published(last).await, Vec::new()));
         }
@@ -1456,17 +1565,15 @@ impl Store {
                             }
                         }
                     }
-                    Ok(_) => {
-                        return (
-                            shard,
-                            deleted,
-                            last_revision,
-                            Some(StoreError::unavailable(
-                                shard.id.as_str(),
-                                "it changed behind the router's back; it is being reconciled, retry",
-                            )),
-                        )
-                    }
+                    Ok(_) => return (
+                        shard,
+                        deleted,
+                        last_revision,
+                        Some(StoreError::unavailable(
+                            shard.id.as_str(),
+                            "it changed behind the router's back; it is being reconciled, retry",
+                        )),
+                    ),
                     Err(err) => return (shard, deleted, last_revision, Some(err)),
                 }
             }
@@ -1485,7 +1592,9 @@ impl Store {
                 }
                 first_error.get_or_insert(err);
             }
-            let Some(shard_revision) = last_revision else { continue };
+            let Some(shard_revision) = last_revision else {
+                continue;
+            };
             for kv in deleted {
                 let kv = owned_kv(translate_kv(&shard.id, kv)?);
                 if let Some(removed) = self.index.write().expect("index lock").remove(&kv.key) {
@@ -1494,7 +1603,11 @@ impl Store {
                         copies_to_delete.push((replica, kv.key.clone(), removed.meta.mod_revision));
                     }
                 }
-                events.push(Arc::new(StoredEvent::delete(kv.key.clone(), g, Some(kv.clone()))));
+                events.push(Arc::new(StoredEvent::delete(
+                    kv.key.clone(),
+                    g,
+                    Some(kv.clone()),
+                )));
                 all_deleted.push(kv);
             }
             shard
@@ -1566,7 +1679,11 @@ impl Store {
             .filter(|(_, e)| e.shard == shard.id)
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect();
-        let last_cut = shard.cuts.lock().expect("cuts lock").latest_shard_revision();
+        let last_cut = shard
+            .cuts
+            .lock()
+            .expect("cuts lock")
+            .latest_shard_revision();
         let scan = scan_shard_changes(shard, &known, last_cut).await?;
         // Counted once the shard answered the scan (attempts while it is
         // still down are not reconciliations).
@@ -1678,7 +1795,10 @@ impl Store {
                 .await;
             let failed = match answer {
                 Ok(a) if a.succeeded => Ok(a),
-                Ok(_) => Err(StoreError::unavailable(shard.id.as_str(), "changed during reconciliation")),
+                Ok(_) => Err(StoreError::unavailable(
+                    shard.id.as_str(),
+                    "changed during reconciliation",
+                )),
                 Err(err) => Err(err),
             };
             let answer = match failed {
@@ -1697,7 +1817,11 @@ impl Store {
             let mut index = self.index.write().expect("index lock");
             for (key, meta, value, prev) in written {
                 let old_lease = index.get(&key).map(|e| e.meta.lease).unwrap_or(0);
-                upsert(&mut index, &key, IndexEntry::written(&shard.id, shard_revision, meta));
+                upsert(
+                    &mut index,
+                    &key,
+                    IndexEntry::written(&shard.id, shard_revision, meta),
+                );
                 if meta.lease != 0 && self.leases.attachable_ttl(meta.lease).is_err() {
                     self.leases.restore(meta.lease, meta.lease_ttl, key.clone());
                 } else {
@@ -1719,7 +1843,7 @@ impl Store {
         {
             let mut index = self.index.write().expect("index lock");
             for (key, entry) in &lost {
-                if !index.get(key).is_some_and(|e| e.shard == shard.id) {
+                if index.get(key).is_none_or(|e| e.shard != shard.id) {
                     // Adopted from a shard loading late during the scan: not lost.
                     continue;
                 }
@@ -1890,7 +2014,12 @@ impl Store {
                     db_size_in_use += status.db_size_in_use;
                     db_size_quota += status.db_size_quota;
                     versions.push(status.version);
-                    errors.extend(status.errors.into_iter().map(|e| format!("shard {}: {e}", shard.id)));
+                    errors.extend(
+                        status
+                            .errors
+                            .into_iter()
+                            .map(|e| format!("shard {}: {e}", shard.id)),
+                    );
                 }
                 Err(err) => errors.push(format!("shard {} unreachable: {err}", shard.id)),
             }
@@ -2056,7 +2185,10 @@ impl PreparedOp {
                     lease,
                     lease_ttl,
                 };
-                let fence = fence(&key, entry.as_ref().map(|e| e.shard_mod_revision).unwrap_or(0));
+                let fence = fence(
+                    &key,
+                    entry.as_ref().map(|e| e.shard_mod_revision).unwrap_or(0),
+                );
                 let op = RequestOp {
                     request: Some(Request::RequestPut(PutRequest {
                         key: key.clone(),
@@ -2320,7 +2452,12 @@ async fn scan_shard_changes(
                 ..Default::default()
             })
             .await?;
-        answer.kvs.into_iter().next().map(|kv| scanned_key(shard, kv)).transpose()
+        answer
+            .kvs
+            .into_iter()
+            .next()
+            .map(|kv| scanned_key(shard, kv))
+            .transpose()
     });
     let mut items = Vec::new();
     let mut reads = futures::stream::iter(reads).buffer_unordered(PARALLEL_READS);
@@ -2329,12 +2466,20 @@ async fn scan_shard_changes(
     }
     items.sort_by(|a, b| a.key.cmp(&b.key));
     tracing::debug!(shard = %shard.id, keys = present.len(), values_read = items.len(), "reconciliation scan read keys only");
-    Ok(Scan { revision, items, present, replaced: false })
+    Ok(Scan {
+        revision,
+        items,
+        present,
+        replaced: false,
+    })
 }
 
 /// All keys clients can write: everything below the router's reserved prefix.
 fn router_keys() -> (Bytes, Bytes) {
-    (Bytes::from_static(&[0]), Bytes::from_static(RESERVED_PREFIX))
+    (
+        Bytes::from_static(&[0]),
+        Bytes::from_static(RESERVED_PREFIX),
+    )
 }
 
 /// The first key after `last`.
@@ -2373,7 +2518,12 @@ async fn scan_values(shard: &Shard, replaced: bool) -> StoreResult<Scan> {
         Ok(())
     })
     .await?;
-    Ok(Scan { revision, items, present, replaced })
+    Ok(Scan {
+        revision,
+        items,
+        present,
+        replaced,
+    })
 }
 
 /// Reads the shard's keys in [from, end) a page at a time, every page at the

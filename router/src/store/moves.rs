@@ -18,8 +18,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ste_etcd_proto::pb::{
-    request_op::Request, DeleteRangeRequest, PutRequest,
-    RequestOp, TxnRequest,
+    request_op::Request, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest,
 };
 use tokio::sync::MutexGuard;
 use tracing::{info, warn};
@@ -58,10 +57,17 @@ impl Store {
             }
             return Ok(());
         }
-        let spec = ShardSpec { origin: Origin::Registered, ..spec.clone() };
+        let spec = ShardSpec {
+            origin: Origin::Registered,
+            ..spec.clone()
+        };
         let shard = Arc::new(
-            Shard::connect(&spec, self.config.shard_timeout, self.config.shard_tls.as_ref())?
-                .with_fencing(self.config.fencing.clone()),
+            Shard::connect(
+                &spec,
+                self.config.shard_timeout,
+                self.config.shard_tls.as_ref(),
+            )?
+            .with_fencing(self.config.fencing.clone()),
         );
         let scan = scan_shard(&shard).await?;
         let mut revision = scan.revision;
@@ -170,11 +176,16 @@ impl Store {
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect();
         // With replication, keys whose copy is valid live on (no events).
-        let restored: std::collections::BTreeSet<Bytes> =
-            self.promote_replicas(id, &entries).await.into_iter().collect();
+        let restored: std::collections::BTreeSet<Bytes> = self
+            .promote_replicas(id, &entries)
+            .await
+            .into_iter()
+            .collect();
         for (member, state) in guards.iter_mut() {
             if member != id {
-                state.last_revision = state.last_revision.max(self.last_move.load(Ordering::Acquire));
+                state.last_revision = state
+                    .last_revision
+                    .max(self.last_move.load(Ordering::Acquire));
             }
         }
         let mut state = guards
@@ -210,7 +221,9 @@ impl Store {
     }
 
     fn remove_shard(&self, shard: &Arc<Shard>, last_revision: i64) {
-        shard.removed_at.fetch_max(last_revision.max(1), Ordering::AcqRel);
+        shard
+            .removed_at
+            .fetch_max(last_revision.max(1), Ordering::AcqRel);
         // Reads before this revision would need the shard's data.
         self.range_floor.fetch_max(last_revision, Ordering::AcqRel);
         self.shards.write().expect("shards lock").remove(&shard.id);
@@ -239,10 +252,16 @@ impl Store {
             let slice: Vec<(Bytes, ShardId)> = {
                 let index = self.index.read().expect("index lock");
                 let range = match &after {
-                    Some(key) => index.range::<Bytes, _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)),
+                    Some(key) => index.range::<Bytes, _>((
+                        std::ops::Bound::Excluded(key),
+                        std::ops::Bound::Unbounded,
+                    )),
                     None => index.range::<Bytes, _>(..),
                 };
-                range.take(SLICE).map(|(k, e)| (k.clone(), e.shard.clone())).collect()
+                range
+                    .take(SLICE)
+                    .map(|(k, e)| (k.clone(), e.shard.clone()))
+                    .collect()
             };
             let Some((last, _)) = slice.last() else { break };
             after = Some(last.clone());
@@ -277,7 +296,11 @@ impl Store {
             if plan.is_empty() {
                 // Writes planned before the last ring change may still land on
                 // the old owner for a moment: look again until that is past.
-                let settled = self.ring_changed.lock().expect("ring change lock").elapsed()
+                let settled = self
+                    .ring_changed
+                    .lock()
+                    .expect("ring change lock")
+                    .elapsed()
                     > std::time::Duration::from_secs(2);
                 if settled {
                     self.placement_dirty.store(false, Ordering::Release);
@@ -302,16 +325,23 @@ impl Store {
         }
     }
 
-    async fn move_chunk(&self, from: &Arc<Shard>, to: &Arc<Shard>, keys: &[Bytes]) -> StoreResult<usize> {
+    async fn move_chunk(
+        &self,
+        from: &Arc<Shard>,
+        to: &Arc<Shard>,
+        keys: &[Bytes],
+    ) -> StoreResult<usize> {
         // Name order, like every multi-shard writer, so no two deadlock.
-        let (mut from_state, mut to_state): (MutexGuard<'_, WriteState>, MutexGuard<'_, WriteState>) =
-            if from.id < to.id {
-                let f = from.write.lock().await;
-                (f, to.write.lock().await)
-            } else {
-                let t = to.write.lock().await;
-                (from.write.lock().await, t)
-            };
+        let (mut from_state, mut to_state): (
+            MutexGuard<'_, WriteState>,
+            MutexGuard<'_, WriteState>,
+        ) = if from.id < to.id {
+            let f = from.write.lock().await;
+            (f, to.write.lock().await)
+        } else {
+            let t = to.write.lock().await;
+            (from.write.lock().await, t)
+        };
         from.require_loaded()?;
         to.require_loaded()?;
         self.ensure_reconciled(from, &mut from_state).await?;
@@ -364,7 +394,7 @@ impl Store {
                 // Copies that did land are leftovers its reconciliation deletes.
                 let certain = matches!(&outcome, Err(err) if write_certainly_not_applied(err));
                 to_state.needs_reconcile |= !certain;
-                if matches!(outcome, Ok(_)) {
+                if outcome.is_ok() {
                     to_state.needs_reconcile = true;
                 }
                 return Err(match outcome {
@@ -428,7 +458,10 @@ impl Store {
 /// Deletes keys from a shard without events (they are copies the index does
 /// not point to), each fenced on the shard revision seen. Returns the
 /// shard's revision after the last delete.
-pub(super) async fn delete_silently(shard: &Shard, keys: &[(Bytes, i64)]) -> StoreResult<Option<i64>> {
+pub(super) async fn delete_silently(
+    shard: &Shard,
+    keys: &[(Bytes, i64)],
+) -> StoreResult<Option<i64>> {
     let mut revision = None;
     for chunk in keys.chunks(MOVE_CHUNK) {
         let answer = shard

@@ -104,13 +104,19 @@ impl Store {
         let ring = self.ring.read().expect("ring lock");
         for op in ops {
             let (key, new) = match op {
-                PlannedOp::Put { key, meta, value, .. } => (key, Some((meta, value))),
-                PlannedOp::Delete { key, sent: true, .. } => (key, None),
+                PlannedOp::Put {
+                    key, meta, value, ..
+                } => (key, Some((meta, value))),
+                PlannedOp::Delete {
+                    key, sent: true, ..
+                } => (key, None),
                 _ => continue,
             };
             if let Some(old) = index.get(key) {
                 if let Some(replica) = &old.replica {
-                    writes.cleanups.push((replica.clone(), key.clone(), old.meta.mod_revision));
+                    writes
+                        .cleanups
+                        .push((replica.clone(), key.clone(), old.meta.mod_revision));
                 }
             }
             if let Some((meta, value)) = new {
@@ -137,7 +143,9 @@ impl Store {
         if copies.is_empty() {
             return;
         }
-        let Some(store) = self.this.get().and_then(std::sync::Weak::upgrade) else { return };
+        let Some(store) = self.this.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
         tokio::spawn(async move { store.delete_copies(copies).await });
     }
 
@@ -193,9 +201,13 @@ impl Store {
             let ring = self.ring.read().expect("ring lock");
             let mut plan: BTreeMap<(ShardId, ShardId), Vec<Bytes>> = BTreeMap::new();
             for (key, entry) in index.iter() {
-                let Some(target) = ring.locate_replica(key, &entry.shard) else { continue };
+                let Some(target) = ring.locate_replica(key, &entry.shard) else {
+                    continue;
+                };
                 if entry.replica.as_ref() != Some(&target) {
-                    plan.entry((entry.shard.clone(), target)).or_default().push(key.clone());
+                    plan.entry((entry.shard.clone(), target))
+                        .or_default()
+                        .push(key.clone());
                 }
             }
             plan
@@ -240,7 +252,12 @@ impl Store {
 
     /// One chunk of replica copies, under the primary's write lock so the
     /// values cannot change between reading and copying them.
-    async fn copy_chunk(&self, primary: &Arc<Shard>, target: &Arc<Shard>, keys: &[Bytes]) -> StoreResult<usize> {
+    async fn copy_chunk(
+        &self,
+        primary: &Arc<Shard>,
+        target: &Arc<Shard>,
+        keys: &[Bytes],
+    ) -> StoreResult<usize> {
         let mut state = primary.write.lock().await;
         primary.require_loaded()?;
         self.ensure_reconciled(primary, &mut state).await?;
@@ -270,7 +287,10 @@ impl Store {
             }
         }
         target
-            .txn(TxnRequest { success: ops, ..Default::default() })
+            .txn(TxnRequest {
+                success: ops,
+                ..Default::default()
+            })
             .await?;
         self.delete_copies(stale).await;
         let mut index = self.index.write().expect("index lock");
@@ -300,7 +320,8 @@ impl Store {
             return Vec::new();
         }
         // Written to each key's new owner at a revision of their own (no events).
-        let mut by_target: BTreeMap<ShardId, Vec<(Bytes, IndexEntry, Bytes, ShardId)>> = BTreeMap::new();
+        let mut by_target: BTreeMap<ShardId, Vec<(Bytes, IndexEntry, Bytes, ShardId)>> =
+            BTreeMap::new();
         {
             let ring = self.ring.read().expect("ring lock");
             for item in found {
@@ -315,7 +336,11 @@ impl Store {
     /// Keys a shard lost while it stays a member (it came back empty):
     /// their valid copies are written back to it. Returns the revision of
     /// the shard after the last write, and removes the restored keys from `lost`.
-    pub(super) async fn restore_in_place(&self, shard: &Shard, lost: &mut Vec<(Bytes, IndexEntry)>) -> Option<i64> {
+    pub(super) async fn restore_in_place(
+        &self,
+        shard: &Shard,
+        lost: &mut Vec<(Bytes, IndexEntry)>,
+    ) -> Option<i64> {
         if !self.replication() || lost.is_empty() {
             return None;
         }
@@ -324,7 +349,11 @@ impl Store {
         let mut restored = std::collections::BTreeSet::new();
         for chunk in found.chunks(MAX_TXN_OPS) {
             let answer = shard.txn(restore_txn(chunk)).await;
-            let Ok(answer) = answer.map_err(|err| warn!(shard = %shard.id, error = %err, "cannot write replica copies back")) else { break };
+            let Ok(answer) = answer.map_err(
+                |err| warn!(shard = %shard.id, error = %err, "cannot write replica copies back"),
+            ) else {
+                break;
+            };
             if !answer.succeeded {
                 break;
             }
@@ -356,12 +385,17 @@ impl Store {
         let mut by_replica: BTreeMap<ShardId, Vec<(Bytes, IndexEntry)>> = BTreeMap::new();
         for (key, entry) in entries {
             if let Some(replica) = entry.replica.as_ref().filter(|r| *r != lost) {
-                by_replica.entry(replica.clone()).or_default().push((key.clone(), entry.clone()));
+                by_replica
+                    .entry(replica.clone())
+                    .or_default()
+                    .push((key.clone(), entry.clone()));
             }
         }
         let mut found: Vec<(Bytes, IndexEntry, Bytes, ShardId)> = Vec::new();
         for (replica, keys) in by_replica {
-            let Some(shard) = self.shard(&replica) else { continue };
+            let Some(shard) = self.shard(&replica) else {
+                continue;
+            };
             for chunk in keys.chunks(MAX_TXN_OPS) {
                 let request = TxnRequest {
                     success: chunk
@@ -383,8 +417,12 @@ impl Store {
                     }
                 };
                 for ((key, entry), response) in chunk.iter().zip(answer.responses) {
-                    let Some(Response::ResponseRange(range)) = response.response else { continue };
-                    let Some(kv) = range.kvs.into_iter().next() else { continue };
+                    let Some(Response::ResponseRange(range)) = response.response else {
+                        continue;
+                    };
+                    let Some(kv) = range.kvs.into_iter().next() else {
+                        continue;
+                    };
                     // Only a copy of exactly the indexed version is the key.
                     if envelope::decode(&kv.value).is_ok_and(|(meta, _)| meta == entry.meta) {
                         found.push((key.clone(), entry.clone(), kv.value, replica.clone()));
@@ -404,11 +442,15 @@ impl Store {
         self.last_move.fetch_max(g, Ordering::AcqRel);
         let mut restored = Vec::new();
         for (target, items) in by_target {
-            let Some(shard) = self.shard(&target) else { continue };
+            let Some(shard) = self.shard(&target) else {
+                continue;
+            };
             for chunk in items.chunks(MAX_TXN_OPS) {
                 let answer = shard.txn(restore_txn(chunk)).await;
                 let revision = match answer {
-                    Ok(answer) if answer.succeeded => answer.header.map(|h| h.revision).unwrap_or(0),
+                    Ok(answer) if answer.succeeded => {
+                        answer.header.map(|h| h.revision).unwrap_or(0)
+                    }
                     Ok(_) | Err(_) => {
                         warn!(shard = %target, keys = chunk.len(), "cannot restore replica copies there; those keys are lost");
                         continue;
@@ -441,9 +483,16 @@ impl Store {
         }
         let mut by_shard: BTreeMap<ShardId, Vec<(RequestOp, Option<Bytes>)>> = BTreeMap::new();
         for (shard, key, revision) in copies {
-            by_shard.entry(shard).or_default().push((delete_copy(&key, revision), None));
+            by_shard
+                .entry(shard)
+                .or_default()
+                .push((delete_copy(&key, revision), None));
         }
-        self.send_replica_writes(ReplicaWrites { by_shard, cleanups: Vec::new() }).await;
+        self.send_replica_writes(ReplicaWrites {
+            by_shard,
+            cleanups: Vec::new(),
+        })
+        .await;
     }
 
     /// After `shard` lost its data: the index stops naming it as the replica
@@ -490,9 +539,18 @@ impl Store {
     /// now). Every loaded shard gets its marker once this is done. Returns
     /// the keys restored.
     pub(super) async fn adopt_replicas(&self, at: i64) -> usize {
-        let shards: Vec<Arc<Shard>> = self.shard_list().into_iter().filter(|s| s.is_loaded()).collect();
+        let shards: Vec<Arc<Shard>> = self
+            .shard_list()
+            .into_iter()
+            .filter(|s| s.is_loaded())
+            .collect();
         let mut lost = BTreeSet::new();
-        let mut unknown: BTreeSet<ShardId> = self.shard_list().iter().filter(|s| !s.is_loaded()).map(|s| s.id.clone()).collect();
+        let mut unknown: BTreeSet<ShardId> = self
+            .shard_list()
+            .iter()
+            .filter(|s| !s.is_loaded())
+            .map(|s| s.id.clone())
+            .collect();
         for shard in &shards {
             match shard.has_marker().await {
                 Ok(true) => {}
@@ -528,10 +586,19 @@ impl Store {
                         Some(_) => {}
                         None => match ring.locate(&key) {
                             Some(owner) if lost.contains(&owner) => {
-                                let newer = orphans.get(&key).is_none_or(|(e, ..)| e.meta.mod_revision < meta.mod_revision);
+                                let newer = orphans
+                                    .get(&key)
+                                    .is_none_or(|(e, ..)| e.meta.mod_revision < meta.mod_revision);
                                 if newer {
-                                    let entry = IndexEntry { shard: owner, shard_mod_revision: 0, meta, replica: Some(shard.id.clone()) };
-                                    if let Some((old, _, holder)) = orphans.insert(key.clone(), (entry, value, shard.id.clone())) {
+                                    let entry = IndexEntry {
+                                        shard: owner,
+                                        shard_mod_revision: 0,
+                                        meta,
+                                        replica: Some(shard.id.clone()),
+                                    };
+                                    if let Some((old, _, holder)) = orphans
+                                        .insert(key.clone(), (entry, value, shard.id.clone()))
+                                    {
                                         garbage.push((holder, key, old.meta.mod_revision));
                                     }
                                     continue;
@@ -546,7 +613,10 @@ impl Store {
             }
             restored = self.restore_orphans(orphans, at).await;
             if !garbage.is_empty() {
-                info!(copies = garbage.len(), "deleting replica copies of versions that no longer exist");
+                info!(
+                    copies = garbage.len(),
+                    "deleting replica copies of versions that no longer exist"
+                );
                 self.delete_copies(garbage).await;
             }
             self.replicas_dirty.store(true, Ordering::Release);
@@ -561,14 +631,24 @@ impl Store {
 
     /// Writes back, at startup, the keys of shards that lost their data from
     /// their copies (see `adopt_replicas`); their cuts restart at `at` after it.
-    async fn restore_orphans(&self, orphans: BTreeMap<Bytes, (IndexEntry, Bytes, ShardId)>, at: i64) -> usize {
-        let mut by_owner: BTreeMap<ShardId, Vec<(Bytes, IndexEntry, Bytes, ShardId)>> = BTreeMap::new();
+    async fn restore_orphans(
+        &self,
+        orphans: BTreeMap<Bytes, (IndexEntry, Bytes, ShardId)>,
+        at: i64,
+    ) -> usize {
+        let mut by_owner: BTreeMap<ShardId, Vec<(Bytes, IndexEntry, Bytes, ShardId)>> =
+            BTreeMap::new();
         for (key, (entry, value, holder)) in orphans {
-            by_owner.entry(entry.shard.clone()).or_default().push((key, entry, value, holder));
+            by_owner
+                .entry(entry.shard.clone())
+                .or_default()
+                .push((key, entry, value, holder));
         }
         let mut restored = 0;
         for (owner, items) in by_owner {
-            let Some(shard) = self.shard(&owner) else { continue };
+            let Some(shard) = self.shard(&owner) else {
+                continue;
+            };
             let mut revision = None;
             for chunk in items.chunks(MAX_TXN_OPS) {
                 let answer = match shard.txn(restore_txn(chunk)).await {
@@ -582,16 +662,27 @@ impl Store {
                 let mut index = self.index.write().expect("index lock");
                 for (key, entry, _, _) in chunk {
                     if entry.meta.lease != 0 {
-                        self.leases.restore(entry.meta.lease, entry.meta.lease_ttl, key.clone());
+                        self.leases
+                            .restore(entry.meta.lease, entry.meta.lease_ttl, key.clone());
                     }
-                    index.insert(super::own_key(key), IndexEntry { shard_mod_revision: shard_revision, ..entry.clone() });
+                    index.insert(
+                        super::own_key(key),
+                        IndexEntry {
+                            shard_mod_revision: shard_revision,
+                            ..entry.clone()
+                        },
+                    );
                 }
                 restored += chunk.len();
                 revision = Some(shard_revision);
             }
             if let Some(revision) = revision {
                 // Nothing was served yet: the shard's state at `at` includes them.
-                shard.cuts.lock().expect("cuts lock").reset(at, revision, super::CutLookup::Unknown);
+                shard.cuts.lock().expect("cuts lock").reset(
+                    at,
+                    revision,
+                    super::CutLookup::Unknown,
+                );
                 info!(shard = %owner, keys = items.len(), "the shard lost its data while no router ran: its keys written back from their replica copies");
             }
         }
@@ -629,7 +720,10 @@ fn delete_copy(key: &Bytes, revision: i64) -> RequestOp {
 
 /// The stored values (envelope included) of keys the index places on `shard`,
 /// checked against the index's shard revisions.
-pub(super) async fn read_values(shard: &Shard, entries: &[(Bytes, IndexEntry)]) -> StoreResult<Vec<Bytes>> {
+pub(super) async fn read_values(
+    shard: &Shard,
+    entries: &[(Bytes, IndexEntry)],
+) -> StoreResult<Vec<Bytes>> {
     let read = shard
         .txn(TxnRequest {
             success: entries
@@ -669,7 +763,9 @@ async fn scan_copies(shard: &Shard) -> StoreResult<Vec<(Bytes, i64, envelope::Me
     let mut out = Vec::new();
     let copies = (Bytes::from_static(REPLICA_PREFIX), Bytes::from_static(&[0]));
     super::read_pages(shard, copies, 1000, false, |kv| {
-        if let (Some((key, revision)), Ok((meta, _))) = (parse_replica_key(&kv.key), envelope::decode(&kv.value)) {
+        if let (Some((key, revision)), Ok((meta, _))) =
+            (parse_replica_key(&kv.key), envelope::decode(&kv.value))
+        {
             out.push((key, revision, meta, Bytes::copy_from_slice(&kv.value)));
         }
         Ok(())
@@ -686,13 +782,20 @@ mod tests {
     fn copy_keys_round_trip_and_sort_after_every_client_key() {
         for key in [&b"/registry/pods/a"[..], b"", b"k\x00with-nul", b"\xff\xff"] {
             let stored = replica_key(key, 1_795_394_212_754_644);
-            assert_eq!(parse_replica_key(&stored), Some((Bytes::copy_from_slice(key), 1_795_394_212_754_644)));
+            assert_eq!(
+                parse_replica_key(&stored),
+                Some((Bytes::copy_from_slice(key), 1_795_394_212_754_644))
+            );
             assert!(clamp_range(&stored, &Bytes::new()).is_none());
         }
         let all = clamp_range(&Bytes::from_static(b"\0"), &Bytes::from_static(b"\0")).unwrap();
         assert_eq!(all.1.as_ref(), RESERVED_PREFIX);
         assert!(clamp_range(&Bytes::from_static(crate::shard::FENCE_KEY), &Bytes::new()).is_none());
-        let pods = clamp_range(&Bytes::from_static(b"/registry/pods/"), &Bytes::from_static(b"/registry/pods0")).unwrap();
+        let pods = clamp_range(
+            &Bytes::from_static(b"/registry/pods/"),
+            &Bytes::from_static(b"/registry/pods0"),
+        )
+        .unwrap();
         assert_eq!(pods.1.as_ref(), b"/registry/pods0");
     }
 }

@@ -24,7 +24,10 @@ impl Agent {
     /// Starts `ste-shard-agent run` with the etcd built by hack/build-upstream.sh,
     /// loopback ports, fast health checks, and `extra` flags.
     pub fn start(shard: &str, extra: &[&str]) -> Agent {
-        let dir = tempfile::Builder::new().prefix("ste-shard-agent-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("ste-shard-agent-test-")
+            .tempdir()
+            .expect("tempdir");
         let etcd = ste_testkit::etcd_binary().expect("etcd binary (run hack/build-upstream.sh)");
         let mut agent = Agent {
             client_port: free_port(),
@@ -86,7 +89,12 @@ impl Agent {
     /// GET on the admin port: (status, body); (0, error) when it does not answer.
     pub async fn admin(&self, path: &str) -> (u16, String) {
         let url = format!("http://127.0.0.1:{}{path}", self.admin_port);
-        match reqwest::Client::new().get(url).timeout(Duration::from_secs(5)).send().await {
+        match reqwest::Client::new()
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
             Ok(response) => {
                 let status = response.status().as_u16();
                 (status, response.text().await.unwrap_or_default())
@@ -98,8 +106,13 @@ impl Agent {
     /// The value of a metric without labels, from /metrics.
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = self.admin("/metrics").await;
-        body.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        body.lines().find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 
     pub async fn wait_ready(&self, within: Duration) {
@@ -120,8 +133,15 @@ impl Agent {
 
     /// The etcd child's pid (the agent's only child process).
     pub fn etcd_pid(&self) -> Option<u32> {
-        let out = Command::new("pgrep").arg("-P").arg(self.pid().to_string()).output().expect("pgrep");
-        String::from_utf8_lossy(&out.stdout).lines().next().and_then(|l| l.trim().parse().ok())
+        let out = Command::new("pgrep")
+            .arg("-P")
+            .arg(self.pid().to_string())
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
     }
 
     pub fn signal(&self, signal: i32) {
@@ -130,7 +150,11 @@ impl Agent {
     }
 
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().expect("running").try_wait().expect("try_wait")
+        self.child
+            .as_mut()
+            .expect("running")
+            .try_wait()
+            .expect("try_wait")
     }
 
     /// Waits for the agent to exit.
@@ -140,7 +164,11 @@ impl Agent {
             if let Some(status) = self.try_exit() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "agent did not exit within {within:?}\nagent log:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit within {within:?}\nagent log:\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -160,7 +188,10 @@ impl Drop for Agent {
 pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
-            let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next());
             state != Some("Z") && state != Some("X")
         }
         Err(_) => false,
@@ -206,5 +237,8 @@ pub fn run_to_end(args: &[&str]) -> (Option<i32>, String) {
         .stdin(Stdio::null())
         .output()
         .expect("running ste-shard-agent");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
