@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod coldstart;
 pub mod external;
 pub mod jobs;
+pub mod knative;
 pub mod plots;
 pub mod real_node;
 pub mod ring;

@@ -1,0 +1,196 @@
+//! Waking Knative revisions the way Knative's activator does: request
+//! statistics to the autoscaler ([`stats`]), which decides and patches the
+//! revisions' Deployments at its own pace; per-hop times of each wake from
+//! watches ([`hops`]).
+
+pub mod hops;
+pub mod stats;
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use serde_json::json;
+
+use crate::churn::{client_for, Authed};
+use crate::cluster::ClusterRecord;
+use crate::coldstart::revision_of;
+use hops::{Hop, HopWatch, WakeRound};
+use stats::{Activator, RevisionKey, AUTOSCALER_STATS_ADDR};
+
+/// What the autoscaler needs to take revisions back to zero here, applied on
+/// top of hack/knative (the same in every arm):
+/// - `target-burst-capacity: -1`: the activator is always in the path, as
+///   this bench's activator is; otherwise the KPA probes the activator
+///   through the revision's Service before scaling to zero, and no activator
+///   answers on kwok, so nothing would ever go back to zero.
+/// - `stable-window: 6s` (Knative's minimum) and `scale-to-zero-grace-period:
+///   6s`, so a revision is back at zero ~15 s after its last request instead
+///   of ~90 s. Scaling from zero does not wait for either: the first stat
+///   pokes the revision's scaler at once (`MultiScaler.Poke`).
+pub const AUTOSCALER_SETTINGS: [(&str, &str); 3] = [
+    ("target-burst-capacity", "-1"),
+    ("stable-window", "6s"),
+    ("scale-to-zero-grace-period", "6s"),
+];
+
+/// Applies [`AUTOSCALER_SETTINGS`] to `knative-serving/config-autoscaler`
+/// (the autoscaler and controller watch it).
+pub async fn configure_autoscaler(record: &ClusterRecord) -> anyhow::Result<()> {
+    let data: serde_json::Map<String, serde_json::Value> = AUTOSCALER_SETTINGS
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    let response = client_for(record)?
+        .patch(format!(
+            "{}/api/v1/namespaces/knative-serving/configmaps/config-autoscaler",
+            record.api_url
+        ))
+        .auth(record)
+        .header("Content-Type", "application/merge-patch+json")
+        .body(json!({ "data": data }).to_string())
+        .send()
+        .await?;
+    if !response.status().is_success() {
+        bail!(
+            "patching config-autoscaler: HTTP {}: {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// Connects the bench's activator to the autoscaler's stat server, retrying
+/// for `within` (it listens a little after taking its lease).
+pub async fn connect_activator(within: Duration) -> anyhow::Result<Activator> {
+    let deadline = Instant::now() + within;
+    loop {
+        match Activator::connect(AUTOSCALER_STATS_ADDR, "activator-ste-bench").await {
+            Ok(a) => return Ok(a),
+            Err(e) if Instant::now() > deadline => bail!("{e} (for {within:?})"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Wakes the revisions of `services` (namespace of `record`) with one held
+/// request each, as the activator would on their first requests; each
+/// request is answered when its pod's IP reaches the revision's private
+/// Endpoints. Returns when every revision got there (or fails after
+/// `within`), with the hops of every wake.
+pub async fn wake_round(
+    record: &ClusterRecord,
+    activator: &Activator,
+    services: &[String],
+    arm: &str,
+    within: Duration,
+) -> anyhow::Result<WakeRound> {
+    let watch = HopWatch::start(record).await?;
+    // Let the watches start before the first stat.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent_before = activator.messages_sent();
+    let keys: Vec<(String, RevisionKey)> = services
+        .iter()
+        .map(|s| {
+            let rev = revision_of(s);
+            let key = RevisionKey::new(&record.namespace, &rev);
+            (rev, key)
+        })
+        .collect();
+    for (rev, key) in &keys {
+        watch.woke(rev, Instant::now());
+        activator.request_in(key).await?;
+    }
+    let mut held: Vec<&(String, RevisionKey)> = keys.iter().collect();
+    let deadline = Instant::now() + within;
+    while !held.is_empty() {
+        held.retain(|(rev, key)| {
+            let done = watch.reached(rev, Hop::Endpoints);
+            if done {
+                activator.request_out(key);
+            }
+            !done
+        });
+        if Instant::now() > deadline {
+            let counts: Vec<String> = Hop::ALL
+                .iter()
+                .map(|h| format!("{} {}", h.name(), watch.count(*h)))
+                .collect();
+            watch.stop();
+            for (_, key) in &held {
+                activator.request_out(key);
+            }
+            bail!(
+                "{arm}: {}/{} revisions with their pod in the private Endpoints after {within:?} ({})",
+                keys.len() - held.len(),
+                keys.len(),
+                counts.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The slices are filled by another controller: give them a moment.
+    let slices = Instant::now() + Duration::from_secs(5);
+    while watch.count(Hop::EndpointSlice) < keys.len() && Instant::now() < slices {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let wakes = watch.wakes();
+    let round = WakeRound {
+        arm: arm.into(),
+        revisions: keys.len(),
+        hops: hops::summarize(&wakes),
+        scale_pace_ms: watch.scale_pace_ms(),
+        stat_messages: activator.messages_sent() - sent_before,
+        wakes,
+    };
+    watch.stop();
+    Ok(round)
+}
+
+/// Waits until the activator stopped reporting on every revision (a whole
+/// second without requests) and the autoscaler took them back to zero.
+pub async fn back_to_zero(
+    record: &ClusterRecord,
+    activator: &Activator,
+    services: &[String],
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while activator.tracked() > 0 {
+        if Instant::now() > deadline {
+            bail!(
+                "the activator still reports on {} revision(s)",
+                activator.tracked()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    crate::coldstart::wait_at_zero(&client_for(record)?, record, services, left).await
+}
+
+/// A plain-text table of rounds: per hop p50 / p95 (ms from the wake).
+pub fn markdown(rounds: &[WakeRound]) -> String {
+    let mut out = String::from("| arm | revisions | autoscaler patch pace first→last (ms) |");
+    for hop in Hop::ALL {
+        out.push_str(&format!(" {} p50 / p95 (ms) |", hop.name()));
+    }
+    out.push_str("\n|---|---:|---:|");
+    out.push_str(&"---|".repeat(Hop::ALL.len()));
+    out.push('\n');
+    for r in rounds {
+        out.push_str(&format!(
+            "| {} | {} | {} |",
+            r.arm, r.revisions, r.scale_pace_ms
+        ));
+        for h in &r.hops {
+            if h.count == 0 {
+                out.push_str(" – |");
+            } else {
+                out.push_str(&format!(" {} / {} |", h.p50_ms, h.p95_ms));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}

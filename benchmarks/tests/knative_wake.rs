@@ -1,0 +1,159 @@
+//! Revisions woken the way Knative's activator wakes them: request stats
+//! over the autoscaler's websocket (ste_bench::knative::stats), against the
+//! real local control plane (kube-apiserver, kube-controller-manager,
+//! kube-scheduler, kwok) and Knative Serving's own controller and autoscaler
+//! (hack/knative, built by hack/build-upstream.sh). The bench never patches
+//! a Deployment: the autoscaler must decide, patch, and later take the
+//! revisions back to zero by itself.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use ste_bench::cluster::{self, Arm, ClusterRecord, UpArgs};
+use ste_bench::coldstart::{self, Knative};
+use ste_bench::knative::{self, hops::Hop};
+
+/// Stops the cluster even when an assertion fails.
+struct Running(ClusterRecord);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let record = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(cluster::stop(&record))
+        })
+        .join();
+    }
+}
+
+fn get(record: &ClusterRecord, path: &str) -> Value {
+    let (code, body) = record.api().curl(&[path]).unwrap();
+    assert_eq!(code, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The field managers that own a Deployment's `spec.replicas`.
+fn replicas_managers(record: &ClusterRecord, service: &str) -> Vec<String> {
+    let d = get(
+        record,
+        &format!(
+            "/apis/apps/v1/namespaces/default/deployments/{}",
+            coldstart::deployment_of(service)
+        ),
+    );
+    d["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| !m["fieldsV1"]["f:spec"]["f:replicas"].is_null())
+        .filter_map(|m| m["manager"].as_str().map(String::from))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_autoscaler_wakes_revisions_from_activator_stats_and_takes_them_back_to_zero() {
+    let started = Instant::now();
+    let tmp = tempfile::Builder::new()
+        .prefix("knative-wake-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
+    // STE_KEEP_TEST_DIR=1 keeps the cluster's and Knative's logs.
+    let _guard = if std::env::var_os("STE_KEEP_TEST_DIR").is_some() {
+        eprintln!("keeping {}", tmp.keep().display());
+        None
+    } else {
+        Some(tmp)
+    };
+    let up = UpArgs {
+        arm: Arm::Stock,
+        shards: 2,
+        nodes: 4,
+        events_to_ste: false,
+        client_qps: None,
+        fsync_delay: None,
+        apiserver_env: Vec::new(),
+        apiserver_bin: None,
+        dir: dir.clone(),
+    };
+    let record = cluster::up(&up).await.expect("cluster up");
+    let running = Running(record.clone());
+    let record = &running.0;
+    let leases = coldstart::keep_node_leases(record).unwrap();
+    let mut knative_processes = Knative::start(record, &dir.join("logs"))
+        .await
+        .expect("Knative controller and autoscaler");
+    knative::configure_autoscaler(record).await.unwrap();
+    let http = ste_bench::churn::client().unwrap();
+    let services: Vec<String> = (0..3).map(|i| format!("wake-{i}")).collect();
+    for s in &services {
+        coldstart::create_service(&http, record, s, "100m")
+            .await
+            .unwrap();
+    }
+    coldstart::wait_at_zero(&http, record, &services, Duration::from_secs(90))
+        .await
+        .expect("revisions at zero");
+    let activator = knative::connect_activator(Duration::from_secs(30))
+        .await
+        .expect("the autoscaler's stat server");
+
+    let round = knative::wake_round(
+        record,
+        &activator,
+        &services,
+        "stock",
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("every revision woken through the autoscaler");
+    eprintln!("{}", knative::markdown(std::slice::from_ref(&round)));
+    assert_eq!(round.wakes.len(), services.len());
+    for wake in &round.wakes {
+        for hop in [
+            Hop::Scaled,
+            Hop::PodCreated,
+            Hop::PodBound,
+            Hop::PodReady,
+            Hop::Endpoints,
+        ] {
+            assert!(
+                wake.ms.contains_key(&hop),
+                "{}: no {} seen: {:?}",
+                wake.revision,
+                hop.name(),
+                wake.ms
+            );
+        }
+        assert!(
+            wake.out_of_order().is_empty(),
+            "{}: hops out of order: {:?}",
+            wake.revision,
+            wake.ms
+        );
+    }
+    assert!(round.stat_messages >= services.len() as u64);
+    // The autoscaler patched spec.replicas (its field manager is its binary's
+    // name), nobody else but the Knative controller that made the Deployment.
+    for s in &services {
+        let managers = replicas_managers(record, s);
+        assert!(
+            managers.iter().any(|m| m == "knative-autoscaler")
+                && managers.iter().all(|m| m.starts_with("knative-")),
+            "{s}: spec.replicas managed by {managers:?}"
+        );
+    }
+
+    // No more requests: the autoscaler scales them back to zero by itself.
+    knative::back_to_zero(record, &activator, &services, Duration::from_secs(120))
+        .await
+        .expect("the autoscaler took the revisions back to zero");
+    activator.stop();
+    knative_processes
+        .check()
+        .expect("Knative's components still running");
+    leases.abort();
+    eprintln!("test took {:?}", started.elapsed());
+}
