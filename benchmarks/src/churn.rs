@@ -18,7 +18,8 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::cluster::{self, Arm, ClusterRecord, UpArgs};
+use crate::arms::qps_name;
+use crate::cluster::{self, Arm, ClusterRecord};
 use crate::stats::{process_group_cpu_seconds, Samples};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -75,6 +76,8 @@ pub struct ChurnArgs {
     #[arg(long, env = "STE_CHURN_OUTPUT", default_value = "target/bench/churn")]
     pub output: PathBuf,
     #[command(flatten)]
+    pub topology: crate::arms::Topology,
+    #[command(flatten)]
     pub external: crate::external::ExternalArgs,
 }
 
@@ -92,8 +95,10 @@ pub fn parse_qps(text: &str) -> Result<Option<u32>, String> {
 pub struct ArmResult {
     pub arm: Arm,
     pub mode: Mode,
-    /// None: Kubernetes' default client limits.
+    /// None: Kubernetes' default client limits (on every arm alike).
     pub client_qps: Option<u32>,
+    /// Members of the durable etcd.
+    pub etcd_members: usize,
     /// At least 95% of the Deployments sent had their pod bound within the window.
     pub sustained: bool,
     pub offered_per_s: f64,
@@ -358,30 +363,25 @@ async fn delete(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> a
     .await
 }
 
+/// The cluster settings of one run of `args` at `client_qps`.
+pub fn environment(args: &ChurnArgs, client_qps: Option<u32>) -> crate::arms::Environment {
+    crate::arms::Environment {
+        shards: args.shards,
+        nodes: args.nodes,
+        client_qps,
+        fsync_delay: args.fsync_delay,
+        topology: args.topology.clone(),
+    }
+}
+
 async fn run_arm(
     args: &ChurnArgs,
     arm: Arm,
     client_qps: Option<u32>,
 ) -> anyhow::Result<Vec<ArmResult>> {
-    let setting = client_qps
-        .map(|q| format!("qps{q}"))
-        .unwrap_or_else(|| "default".into());
-    let dir = std::path::absolute(
-        args.output
-            .join(format!("{arm:?}-{setting}").to_lowercase()),
-    )?;
-    let record = cluster::up(&UpArgs {
-        arm,
-        shards: args.shards,
-        nodes: args.nodes,
-        events_to_ste: arm == Arm::Ste,
-        client_qps,
-        fsync_delay: args.fsync_delay,
-        apiserver_env: Vec::new(),
-        apiserver_bin: None,
-        dir: dir.clone(),
-    })
-    .await?;
+    let env = environment(args, client_qps);
+    let dir = std::path::absolute(args.output.join(crate::arms::dir_name(arm, &env)))?;
+    let record = crate::arms::up(arm, &env, dir).await?;
     let results = run_steps(args, arm, client_qps, &record).await;
     cluster::stop(&record).await?;
     results
@@ -586,6 +586,7 @@ async fn measure(
         arm,
         mode: args.mode,
         client_qps,
+        etcd_members: record.durable_etcd.len(),
         sustained: bound_in_window as f64 >= 0.95 * total as f64,
         bound_samples,
         offered_per_s: 1.0 / interarrival.as_secs_f64(),
@@ -605,9 +606,12 @@ async fn measure(
 pub fn cpu_by_component(record: &ClusterRecord) -> Vec<(String, f64)> {
     let mut by_kind: Vec<(String, f64)> = Vec::new();
     for process in &record.processes {
-        // Shards are summed as one "shards" component.
+        // Shards are summed as one "shards" component, the durable etcd's
+        // members as one "etcd-main".
         let kind = if process.name.starts_with("shard-") {
             "shards".to_string()
+        } else if process.name.starts_with("etcd-main") {
+            "etcd-main".to_string()
         } else {
             process.name.clone()
         };
@@ -675,11 +679,12 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
     print_report(&args, &results);
     let json_path = args.output.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
-    let mut csv = String::from("arm,mode,client_qps,offered_per_s,sustained,sent,bound,achieved_per_s,bound_p50_ms,bound_p99_ms,bound_p999_ms,running_p50_ms,running_p99_ms\n");
+    let mut csv = String::from("arm,etcd_members,mode,client_qps,offered_per_s,sustained,sent,bound,achieved_per_s,bound_p50_ms,bound_p99_ms,bound_p999_ms,running_p50_ms,running_p99_ms\n");
     for r in &results {
         csv.push_str(&format!(
-            "{:?},{:?},{},{:.2},{},{},{},{:.2},{:.1},{:.1},{:.1},{:.1},{:.1}\n",
+            "{:?},{},{:?},{},{:.2},{},{},{},{:.2},{:.1},{:.1},{:.1},{:.1},{:.1}\n",
             r.arm,
+            r.etcd_members,
             r.mode,
             r.client_qps
                 .map(|q| q.to_string())
@@ -718,11 +723,6 @@ pub fn cpu_per_100(arm: Arm, cpu_seconds: &[(String, f64)], deployments: usize) 
         .join(", ")
 }
 
-fn qps_name(qps: Option<u32>) -> String {
-    qps.map(|q| format!("QPS {q}"))
-        .unwrap_or_else(|| "default QPS".into())
-}
-
 fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
     println!();
     println!(
@@ -741,32 +741,35 @@ fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
                 args.external.namespace
             ),
             None => format!(
-                "{} fake nodes, durable etcd fsync delay {}",
+                "{} fake nodes, durable etcd of {} member(s) with fsync delay {}, STE replication factor {}",
                 args.nodes,
+                args.topology.etcd_members,
                 args.fsync_delay
                     .map(|d| format!("{d:?}"))
-                    .unwrap_or_else(|| "none".into())
+                    .unwrap_or_else(|| "none".into()),
+                args.topology.replication_factor
             ),
         },
     );
     println!();
-    println!("| arm | client limits | offered/s | achieved/s | sustained | bound | create→bound p50 / p99 / p99.9 ms | create→Running p50 / p99 ms | CPU s per 100 Deployments |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| arm | etcd members | client limits (every arm) | offered/s | achieved/s | sustained | bound | create→bound p50 / p99 / p99.9 ms | create→Running p50 / p99 ms | CPU s per 100 Deployments |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let cpu = cpu_per_100(r.arm, &r.cpu_seconds, r.sent);
         println!(
-            "| {:?} | {} | {:.1} | {:.1} | {} | {}/{} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {} |",
-            r.arm, if r.arm == Arm::External { "the cluster's own".into() } else { qps_name(r.client_qps) }, r.offered_per_s, r.achieved_per_s, if r.sustained { "yes" } else { "no" },
+            "| {:?} | {} | {} | {:.1} | {:.1} | {} | {}/{} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {} |",
+            r.arm, r.etcd_members, if r.arm == Arm::External { "the cluster's own".into() } else { qps_name(r.client_qps) }, r.offered_per_s, r.achieved_per_s, if r.sustained { "yes" } else { "no" },
             r.bound, r.sent, r.bound_p50_ms, r.bound_p99_ms, r.bound_p999_ms, r.running_p50_ms, r.running_p99_ms, cpu
         );
     }
     println!();
     // Ratios against stock and tuned, at the same client limits and offered rate.
     for r in results.iter().filter(|r| r.arm == Arm::Ste) {
-        for base_arm in [Arm::Stock, Arm::Tuned] {
+        for base_arm in [Arm::Stock, Arm::Tuned, Arm::Override] {
             let base = results.iter().find(|b| {
                 b.arm == base_arm
                     && b.client_qps == r.client_qps
+                    && b.etcd_members == r.etcd_members
                     && (b.offered_per_s - r.offered_per_s).abs() < 1e-6
             });
             if let Some(base) = base {

@@ -24,37 +24,7 @@ const TOKEN: &str = "ste-admin-token";
 /// every cluster the benchmarks bring up; unset: its default (0).
 pub const APISERVER_VERBOSITY_ENV: &str = "STE_KUBE_APISERVER_VERBOSITY";
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
-pub enum Arm {
-    /// One durable etcd (on disk, fsync on) stores everything.
-    Stock,
-    /// One etcd on a RAM disk without fsync stores everything: what a user
-    /// would try first (and loses the whole cluster with the node).
-    Tuned,
-    /// Pods go through ste-router to RAM etcd shards; the rest stays in the durable etcd.
-    Ste,
-    /// A cluster given by `--kubeconfig` (not started by the tool); shown
-    /// as its `--arm-name` (see [`crate::external`]).
-    #[value(skip)]
-    External,
-}
-
-impl std::fmt::Debug for Arm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Arm::Stock => f.write_str("Stock"),
-            Arm::Tuned => f.write_str("Tuned"),
-            Arm::Ste => f.write_str("Ste"),
-            Arm::External => f.write_str(&crate::external::arm_name()),
-        }
-    }
-}
-
-impl Serialize for Arm {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&format!("{self:?}"))
-    }
-}
+pub use crate::arms::Arm;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct UpArgs {
@@ -125,6 +95,8 @@ pub struct UpCommand {
     pub agents: AgentArgs,
     #[command(flatten)]
     pub real: crate::real_node::RealNodeArgs,
+    #[command(flatten)]
+    pub topology: crate::arms::Topology,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -146,6 +118,12 @@ pub struct ClusterRecord {
     pub processes: Vec<ProcessRecord>,
     /// Shard data on a RAM disk, removed by `down`.
     pub ram_dir: Option<PathBuf>,
+    /// The override arm's RAM etcd (pods and events), to read directly.
+    #[serde(default)]
+    pub ram_etcd: Option<String>,
+    /// Client URLs of the durable etcd's members.
+    #[serde(default)]
+    pub durable_etcd: Vec<String>,
     /// Namespace the scenarios run in: `default` on local clusters, the
     /// run's own one on a cluster given by `--kubeconfig`.
     #[serde(default = "default_namespace")]
@@ -287,50 +265,113 @@ impl Launcher {
         ram: bool,
         fsync_delay: Option<Duration>,
     ) -> anyhow::Result<String> {
-        let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let mut args = vec![
-            format!("--name={name}"),
-            format!("--data-dir={}", data.display()),
-            format!("--listen-client-urls={endpoint}"),
-            format!("--advertise-client-urls={endpoint}"),
-            format!("--listen-peer-urls={peer_url}"),
-            format!("--initial-advertise-peer-urls={peer_url}"),
-            format!("--initial-cluster={name}={peer_url}"),
-            "--log-level=warn".into(),
-            "--quota-backend-bytes=4294967296".into(),
-        ];
-        if ram {
-            args.push("--unsafe-no-fsync".into());
-        }
-        let etcd = upstream_binary("etcd", "STE_ETCD_BIN")?;
-        match fsync_delay {
-            None => self.spawn(name, &etcd, &args)?,
-            Some(delay) => {
-                // Only fsync and fdatasync are stopped, each for `delay` on exit.
-                let us = delay.as_micros();
-                let mut traced = vec![
-                    "-f".to_string(),
-                    "--seccomp-bpf".into(),
-                    "-qq".into(),
-                    "-o".into(),
-                    "/dev/null".into(),
-                    "-e".into(),
-                    "trace=fdatasync,fsync".into(),
-                    "-e".into(),
-                    format!("inject=fdatasync:delay_exit={us}"),
-                    "-e".into(),
-                    format!("inject=fsync:delay_exit={us}"),
-                    etcd.display().to_string(),
-                ];
-                traced.extend(args);
-                let strace = which("strace")
-                    .context("--fsync-delay needs strace (apt-get install strace)")?;
-                self.spawn(name, &strace, &traced)?;
+        let members = [(name.to_string(), data.to_path_buf())];
+        Ok(self
+            .start_etcd_members(&members, ram, fsync_delay)?
+            .remove(0))
+    }
+
+    /// Starts one etcd cluster of `members` (name, data directory) on
+    /// loopback, each with its own client and peer ports; returns their
+    /// client URLs.
+    fn start_etcd_members(
+        &mut self,
+        members: &[(String, PathBuf)],
+        ram: bool,
+        fsync_delay: Option<Duration>,
+    ) -> anyhow::Result<Vec<String>> {
+        let ports: Vec<(u16, u16)> = members.iter().map(|_| (free_port(), free_port())).collect();
+        let initial_cluster = members
+            .iter()
+            .zip(&ports)
+            .map(|((name, _), (_, peer))| format!("{name}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut endpoints = Vec::new();
+        for ((name, data), (client, peer)) in members.iter().zip(&ports) {
+            let endpoint = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let mut args = vec![
+                format!("--name={name}"),
+                format!("--data-dir={}", data.display()),
+                format!("--listen-client-urls={endpoint}"),
+                format!("--advertise-client-urls={endpoint}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster={initial_cluster}"),
+                "--initial-cluster-state=new".into(),
+                "--log-level=warn".into(),
+                "--quota-backend-bytes=4294967296".into(),
+            ];
+            if ram {
+                args.push("--unsafe-no-fsync".into());
             }
+            self.spawn_etcd(name, args, fsync_delay)?;
+            endpoints.push(endpoint);
         }
-        Ok(endpoint)
+        Ok(endpoints)
+    }
+
+    /// etcd with `args`, under strace when each fsync is to be delayed.
+    fn spawn_etcd(
+        &mut self,
+        name: &str,
+        args: Vec<String>,
+        fsync_delay: Option<Duration>,
+    ) -> anyhow::Result<()> {
+        let etcd = upstream_binary("etcd", "STE_ETCD_BIN")?;
+        let Some(delay) = fsync_delay else {
+            return self.spawn(name, &etcd, &args);
+        };
+        // Only fsync and fdatasync are stopped, each for `delay` on exit.
+        let us = delay.as_micros();
+        let mut traced = vec![
+            "-f".to_string(),
+            "--seccomp-bpf".into(),
+            "-qq".into(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-e".into(),
+            "trace=fdatasync,fsync".into(),
+            "-e".into(),
+            format!("inject=fdatasync:delay_exit={us}"),
+            "-e".into(),
+            format!("inject=fsync:delay_exit={us}"),
+            etcd.display().to_string(),
+        ];
+        traced.extend(args);
+        let strace =
+            which("strace").context("--fsync-delay needs strace (apt-get install strace)")?;
+        self.spawn(name, &strace, &traced)
+    }
+
+    /// The durable etcd: `members` processes named etcd-main, etcd-main-1, …
+    /// with their data under the cluster directory; returns the client URLs.
+    fn start_durable(
+        &mut self,
+        members: usize,
+        fsync_delay: Option<Duration>,
+    ) -> anyhow::Result<Vec<String>> {
+        let members: Vec<(String, PathBuf)> = (0..members)
+            .map(|i| {
+                let name = durable_member_name(i);
+                let data = self.dir.join(&name);
+                (name, data)
+            })
+            .collect();
+        let endpoints = self.start_etcd_members(&members, false, fsync_delay)?;
+        self.record.durable_etcd = endpoints.clone();
+        self.save()?;
+        Ok(endpoints)
+    }
+}
+
+/// Process name of the durable etcd's i-th member: etcd-main, etcd-main-1, …
+pub fn durable_member_name(i: usize) -> String {
+    if i == 0 {
+        "etcd-main".into()
+    } else {
+        format!("etcd-main-{i}")
     }
 }
 
@@ -521,11 +562,32 @@ pub async fn up_with_real(
     agents: &AgentArgs,
     real: &crate::real_node::RealNodeArgs,
 ) -> anyhow::Result<ClusterRecord> {
+    up_full(args, agents, real, &crate::arms::Topology::default()).await
+}
+
+/// [`up_with_real`] with the durable etcd's members and the router's
+/// replication factor (see [`crate::arms::Topology`]).
+pub async fn up_full(
+    args: &UpArgs,
+    agents: &AgentArgs,
+    real: &crate::real_node::RealNodeArgs,
+    topology: &crate::arms::Topology,
+) -> anyhow::Result<ClusterRecord> {
     if agents.shard_agents > 0 && args.arm != Arm::Ste {
         bail!("--shard-agents needs the ste arm");
     }
     if args.arm == Arm::Ste && args.shards == 0 {
         bail!("--shards must be at least 1 for the ste arm");
+    }
+    if args.arm == Arm::Ste && usize::from(topology.replication_factor) > args.shards {
+        bail!(
+            "--replication-factor {} needs at least as many --shards ({})",
+            topology.replication_factor,
+            args.shards
+        );
+    }
+    if args.arm == Arm::Tuned && topology.etcd_members != 1 {
+        bail!("the tuned arm has one RAM etcd: --etcd-members must be 1");
     }
     let dir = std::path::absolute(&args.dir)?;
     if let Ok(existing) = read_record(&dir) {
@@ -537,13 +599,14 @@ pub async fn up_with_real(
             );
         }
     }
-    for sub in ["logs", "etcd-main"] {
-        let path = dir.join(sub);
-        if sub != "logs" && path.exists() {
+    // The durable etcd's members start empty.
+    for i in 0..5 {
+        let path = dir.join(durable_member_name(i));
+        if path.exists() {
             std::fs::remove_dir_all(&path)?;
         }
-        std::fs::create_dir_all(dir.join("logs"))?;
     }
+    std::fs::create_dir_all(dir.join("logs"))?;
     let api_port = free_port();
     let mut launcher = Launcher {
         dir: dir.clone(),
@@ -556,11 +619,13 @@ pub async fn up_with_real(
             router_admin: None,
             processes: Vec::new(),
             ram_dir: None,
+            ram_etcd: None,
+            durable_etcd: Vec::new(),
             namespace: default_namespace(),
             tls: None,
         },
     };
-    let result = start_all(&mut launcher, args, agents, real, api_port).await;
+    let result = start_all(&mut launcher, args, agents, real, topology, api_port).await;
     if let Err(err) = result {
         eprintln!("startup failed, stopping what was started…");
         if let Err(e) = crate::real_node::down(&dir).await {
@@ -577,6 +642,7 @@ async fn start_all(
     args: &UpArgs,
     agents: &AgentArgs,
     real: &crate::real_node::RealNodeArgs,
+    topology: &crate::arms::Topology,
     api_port: u16,
 ) -> anyhow::Result<()> {
     let dir = launcher.dir.clone();
@@ -588,10 +654,25 @@ async fn start_all(
         launcher.record.ram_dir = Some(ram.clone());
         launcher.start_etcd("etcd-main", &ram.join("etcd"), true, None)?
     } else {
-        step("durable etcd (on disk, fsync on)");
-        launcher.start_etcd("etcd-main", &dir.join("etcd-main"), false, args.fsync_delay)?
+        step(&format!(
+            "durable etcd (on disk, fsync on), {} member(s)",
+            topology.etcd_members
+        ));
+        launcher
+            .start_durable(topology.etcd_members, args.fsync_delay)?
+            .join(",")
     };
     let mut overrides = Vec::new();
+    if args.arm == Arm::Override {
+        step("override: pods and events in one etcd on a RAM disk, no fsync");
+        let ram = ram_directory(&dir, "ste-override-")?;
+        launcher.record.ram_dir = Some(ram.clone());
+        let endpoint = launcher.start_etcd("etcd-override", &ram.join("etcd"), true, None)?;
+        overrides.push(format!("/pods#{endpoint}"));
+        overrides.push(format!("/events#{endpoint}"));
+        launcher.record.ram_etcd = Some(endpoint);
+        launcher.save()?;
+    }
     if args.arm == Arm::Ste {
         step(&format!("{} RAM etcd shard(s) and ste-router", args.shards));
         let ram = ram_directory(&dir, "ste-shards-")?;
@@ -608,6 +689,7 @@ async fn start_all(
             format!("--listen={listen}"),
             format!("--admin-listen={admin}"),
             format!("--shards={}", shard_specs.join(",")),
+            format!("--replication-factor={}", topology.replication_factor),
         ];
         let mut router_args = router_args;
         if agents.shard_agents > 0 {
@@ -942,6 +1024,10 @@ pub fn print_summary(record: &ClusterRecord, dir: &Path) {
     if let (Some(router), Some(admin)) = (&record.router, &record.router_admin) {
         println!("  ste-router:     {router} (admin {admin}/metrics)");
     }
+    if let Some(ram) = &record.ram_etcd {
+        println!("  RAM etcd:       {ram} (pods and events)");
+    }
+    println!("  durable etcd:   {}", record.durable_etcd.join(","));
     println!("  logs:           {}", dir.join("logs").display());
     println!(
         "  stop it with:   ste-bench cluster down --dir {}",

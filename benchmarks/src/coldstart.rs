@@ -22,7 +22,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::churn::{client, current_resource_version, watch_pods};
-use crate::cluster::{self, Arm, ClusterRecord, UpArgs};
+use crate::cluster::{self, Arm, ClusterRecord};
 use crate::stats::Samples;
 
 const CRDS: &str = include_str!("../../hack/knative/serving-crds.yaml");
@@ -589,6 +589,11 @@ pub struct ColdstartArgs {
     /// kube-controller-manager/kube-scheduler client QPS (unset: Kubernetes' defaults).
     #[arg(long, env = "STE_COLDSTART_CLIENT_QPS")]
     pub client_qps: Option<u32>,
+    /// Delay added to every fsync/fdatasync of the durable etcd (e.g. 8ms).
+    #[arg(long, env = "STE_COLDSTART_FSYNC_DELAY", value_parser = humantime::parse_duration)]
+    pub fsync_delay: Option<Duration>,
+    #[command(flatten)]
+    pub topology: crate::arms::Topology,
     /// Bridge modes to run after each round without the bridge (default:
     /// act on the ReplicaSet's 0→N; aggressive: on the Deployment's 0→N).
     #[arg(
@@ -805,20 +810,20 @@ async fn run_arm(
     arm: Arm,
     bridge_bin: &Path,
 ) -> anyhow::Result<Vec<RoundResult>> {
-    let dir = std::path::absolute(args.output.join(format!("{arm:?}").to_lowercase()))?;
-    eprintln!("== {arm:?} arm: cluster with {} nodes", args.nodes);
-    let up = UpArgs {
-        arm,
+    let env = crate::arms::Environment {
         shards: args.shards,
         nodes: args.nodes,
-        events_to_ste: false,
         client_qps: args.client_qps,
-        fsync_delay: None,
-        apiserver_env: Vec::new(),
-        apiserver_bin: None,
-        dir: dir.clone(),
+        fsync_delay: args.fsync_delay,
+        topology: args.topology.clone(),
     };
-    let record = cluster::up(&up).await?;
+    let dir = std::path::absolute(args.output.join(crate::arms::dir_name(arm, &env)))?;
+    eprintln!(
+        "== {arm:?} arm: cluster with {} nodes, {}",
+        args.nodes,
+        env.qps_name()
+    );
+    let record = crate::arms::up(arm, &env, dir.clone()).await?;
     let leases = keep_node_leases(&record)?;
     let result = async {
         let mut knative = Knative::start(&record, &dir.join("logs")).await?;

@@ -354,6 +354,8 @@ pub async fn connect(args: &ExternalArgs) -> anyhow::Result<ClusterRecord> {
         router_admin: None,
         processes: Vec::new(),
         ram_dir: None,
+        ram_etcd: None,
+        durable_etcd: Vec::new(),
         namespace: args.namespace.clone(),
         tls: Some(Arc::new(endpoint.tls)),
     };

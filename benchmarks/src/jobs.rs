@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use crate::churn::{
     clear_namespace, client_for, current_resource_version, delete_path, watch_pods, Authed,
 };
-use crate::cluster::{self, Arm, ClusterRecord, UpArgs};
+use crate::cluster::{self, Arm, ClusterRecord};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct JobsArgs {
@@ -43,6 +43,8 @@ pub struct JobsArgs {
     /// Delay added to every fsync/fdatasync of the durable etcd (e.g. 8ms).
     #[arg(long, env = "STE_JOBS_FSYNC_DELAY", value_parser = humantime::parse_duration)]
     pub fsync_delay: Option<Duration>,
+    #[command(flatten)]
+    pub topology: crate::arms::Topology,
     /// Where clusters, logs and results go.
     #[arg(long, env = "STE_JOBS_OUTPUT", default_value = "target/bench/jobs")]
     pub output: PathBuf,
@@ -218,18 +220,15 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Vec<BurstResult>> {
     }
     for (i, arm) in args.arms.iter().enumerate().filter(|_| !external) {
         eprintln!("[{}/{}] {arm:?} arm", i + 1, args.arms.len());
-        let record = cluster::up(&UpArgs {
-            arm: *arm,
+        let env = crate::arms::Environment {
             shards: args.shards,
             nodes: args.nodes,
-            events_to_ste: *arm == Arm::Ste,
             client_qps: args.client_qps,
             fsync_delay: args.fsync_delay,
-            apiserver_env: Vec::new(),
-            apiserver_bin: None,
-            dir: std::path::absolute(args.output.join(format!("{arm:?}").to_lowercase()))?,
-        })
-        .await?;
+            topology: args.topology.clone(),
+        };
+        let dir = std::path::absolute(args.output.join(crate::arms::dir_name(*arm, &env)))?;
+        let record = crate::arms::up(*arm, &env, dir).await?;
         let outcome = bursts(&args, *arm, &record).await;
         cluster::stop(&record).await?;
         results.extend(outcome?);

@@ -1,5 +1,6 @@
 //! STE's benchmarks and the local control plane they run on.
 
+pub mod arms;
 pub mod churn;
 pub mod cluster;
 pub mod coldstart;

@@ -37,7 +37,7 @@ enum Command {
     /// with and without ste-activator-bridge, on the stock and STE arms;
     /// latency from the autoscaler's scale patch to the first pod bound and Ready.
     Coldstart(coldstart::ColdstartArgs),
-    /// The README's demo: the stock, tuned and STE arms side by side on a short
+    /// The README's demo: the stock, tuned, override and STE arms side by side on a short
     /// churn burst, with an 8 ms fsync on the durable etcd, then the table and plots.
     Demo {
         /// Seconds of churn per arm.
@@ -71,7 +71,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Cluster {
             command: ClusterCommand::Up(args),
         } => {
-            let record = cluster::up_with_real(&args.up, &args.agents, &args.real).await?;
+            let record =
+                cluster::up_full(&args.up, &args.agents, &args.real, &args.topology).await?;
             cluster::print_summary(&record, &std::path::absolute(&args.up.dir)?);
             Ok(())
         }
@@ -85,7 +86,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Ring(args) => ring::run(args).await.map(|_| ()),
         Command::Demo { seconds } => {
             let args = churn::ChurnArgs {
-                arms: vec![cluster::Arm::Stock, cluster::Arm::Tuned, cluster::Arm::Ste],
+                arms: vec![
+                    cluster::Arm::Stock,
+                    cluster::Arm::Tuned,
+                    cluster::Arm::Override,
+                    cluster::Arm::Ste,
+                ],
                 mode: churn::Mode::Burst,
                 interarrival: std::time::Duration::from_millis(100),
                 duration: std::time::Duration::from_secs(seconds),
@@ -96,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
                 sweep: Vec::new(),
                 fsync_delay: Some(std::time::Duration::from_millis(8)),
                 output: "target/bench/demo".into(),
+                topology: Default::default(),
                 external: Default::default(),
             };
             churn::run(args).await.map(|_| ())

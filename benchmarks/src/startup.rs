@@ -23,7 +23,7 @@ use crate::churn::{
     clear_namespace, client_for, cpu_by_component, create, current_resource_version, parse_qps,
     watch_objects, watch_pods, Authed,
 };
-use crate::cluster::{self, Arm, ClusterRecord, UpArgs};
+use crate::cluster::{self, Arm, ClusterRecord};
 use crate::stats::Samples;
 
 /// The Deployments collection of the run's namespace.
@@ -64,6 +64,8 @@ pub struct StartupArgs {
     /// cloud block storage has; this VM's disk makes fsync nearly free.
     #[arg(long, env = "STE_STARTUP_FSYNC_DELAY", value_parser = humantime::parse_duration)]
     pub fsync_delay: Option<Duration>,
+    #[command(flatten)]
+    pub topology: crate::arms::Topology,
     /// Longest wait for one level's Deployments to become available.
     #[arg(long, env = "STE_STARTUP_TIMEOUT", default_value = "180s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -293,27 +295,15 @@ async fn measure_level(
 }
 
 async fn run_arm(args: &StartupArgs, arm: Arm) -> anyhow::Result<Vec<LevelResult>> {
-    let setting = args
-        .client_qps
-        .0
-        .map(|q| format!("qps{q}"))
-        .unwrap_or_else(|| "default".into());
-    let dir = std::path::absolute(
-        args.output
-            .join(format!("{arm:?}-{setting}").to_lowercase()),
-    )?;
-    let record = cluster::up(&UpArgs {
-        arm,
+    let env = crate::arms::Environment {
         shards: args.shards,
         nodes: args.nodes,
-        events_to_ste: arm == Arm::Ste,
         client_qps: args.client_qps.0,
         fsync_delay: args.fsync_delay,
-        apiserver_env: Vec::new(),
-        apiserver_bin: None,
-        dir,
-    })
-    .await?;
+        topology: args.topology.clone(),
+    };
+    let dir = std::path::absolute(args.output.join(crate::arms::dir_name(arm, &env)))?;
+    let record = crate::arms::up(arm, &env, dir).await?;
     let outcome = levels(args, arm, &record).await;
     cluster::stop(&record).await?;
     outcome

@@ -1,0 +1,183 @@
+//! The arms every suite compares, defined once: which storage each one runs
+//! on, the flags that shape them (`--etcd-members`, `--replication-factor`)
+//! and how a suite brings one up. churn, startup, jobs, coldstart, the demo
+//! and the scenarios all start their clusters through [`up`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{self, ClusterRecord, UpArgs};
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+pub enum Arm {
+    /// One durable etcd (on disk, fsync on) stores everything.
+    Stock,
+    /// One etcd on a RAM disk without fsync stores everything: what a user
+    /// would try first (and loses the whole cluster with the node).
+    Tuned,
+    /// kube-apiserver's own `--etcd-servers-overrides`: pods and events in
+    /// ONE plain etcd on a RAM disk without fsync (no router, no shards); the
+    /// rest in the durable etcd as in stock.
+    Override,
+    /// Pods go through ste-router to RAM etcd shards; the rest stays in the durable etcd.
+    Ste,
+    /// A cluster given by `--kubeconfig` (not started by the tool); shown
+    /// as its `--arm-name` (see [`crate::external`]).
+    #[value(skip)]
+    External,
+}
+
+impl std::fmt::Debug for Arm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Arm::Stock => f.write_str("Stock"),
+            Arm::Tuned => f.write_str("Tuned"),
+            Arm::Override => f.write_str("Override"),
+            Arm::Ste => f.write_str("Ste"),
+            Arm::External => f.write_str(&crate::external::arm_name()),
+        }
+    }
+}
+
+impl Serialize for Arm {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format!("{self:?}"))
+    }
+}
+
+impl Arm {
+    /// Whether pods (and events) leave the durable etcd on this arm.
+    pub fn pods_in_ram(self) -> bool {
+        matches!(self, Arm::Override | Arm::Ste)
+    }
+}
+
+/// Members of the durable etcd (1, 3 or 5).
+pub fn parse_members(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n @ (1 | 3 | 5)) => Ok(n),
+        _ => Err(format!("{text:?}: the durable etcd has 1, 3 or 5 members")),
+    }
+}
+
+/// How the storage of an arm is laid out beyond the arm itself; flattened
+/// into `cluster up` and every suite.
+#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
+pub struct Topology {
+    /// Members of the durable etcd (1, 3 or 5): real etcd processes on
+    /// 127.0.0.1, each with its own client and peer ports and the same
+    /// --fsync-delay; kube-apiserver is given every member. No network
+    /// delay is added between members (loopback).
+    #[arg(long, env = "STE_ETCD_MEMBERS", default_value_t = 1, value_parser = parse_members)]
+    pub etcd_members: usize,
+    /// Copies of each pod key behind ste-router (ste arm): 1 or 2.
+    #[arg(long, env = "STE_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub replication_factor: u8,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology {
+            etcd_members: 1,
+            replication_factor: 1,
+        }
+    }
+}
+
+/// Everything but the arm that decides how a suite's cluster is started.
+#[derive(Clone, Debug)]
+pub struct Environment {
+    pub shards: usize,
+    pub nodes: usize,
+    /// Client QPS of kube-controller-manager and kube-scheduler (burst 1.5×
+    /// and 2×), on every arm alike; None: Kubernetes' defaults.
+    pub client_qps: Option<u32>,
+    /// Delay added to each fsync of every durable etcd member.
+    pub fsync_delay: Option<Duration>,
+    pub topology: Topology,
+}
+
+impl Environment {
+    /// How reports name the client limits: `QPS 200` or `default QPS`.
+    pub fn qps_name(&self) -> String {
+        qps_name(self.client_qps)
+    }
+}
+
+pub fn qps_name(qps: Option<u32>) -> String {
+    qps.map(|q| format!("QPS {q}"))
+        .unwrap_or_else(|| "default QPS".into())
+}
+
+/// `cluster up`'s arguments for `arm` in `env`: pods and events go to RAM
+/// on the override and ste arms alike.
+pub fn up_args(arm: Arm, env: &Environment, dir: PathBuf) -> UpArgs {
+    UpArgs {
+        arm,
+        shards: env.shards,
+        nodes: env.nodes,
+        events_to_ste: arm == Arm::Ste,
+        client_qps: env.client_qps,
+        fsync_delay: env.fsync_delay,
+        apiserver_env: Vec::new(),
+        apiserver_bin: None,
+        dir,
+    }
+}
+
+/// Starts `arm` in `env` in `dir`, waiting until every component is ready.
+pub async fn up(arm: Arm, env: &Environment, dir: PathBuf) -> anyhow::Result<ClusterRecord> {
+    cluster::up_full(
+        &up_args(arm, env, dir),
+        &cluster::AgentArgs::default(),
+        &crate::real_node::RealNodeArgs::default(),
+        &env.topology,
+    )
+    .await
+}
+
+/// A directory name for `arm` in `env`: `ste-qps200-m3-rf2`.
+pub fn dir_name(arm: Arm, env: &Environment) -> String {
+    let qps = env
+        .client_qps
+        .map(|q| format!("qps{q}"))
+        .unwrap_or_else(|| "default".into());
+    let mut name = format!("{arm:?}-{qps}").to_lowercase();
+    if env.topology.etcd_members != 1 {
+        name.push_str(&format!("-m{}", env.topology.etcd_members));
+    }
+    if arm == Arm::Ste && env.topology.replication_factor != 1 {
+        name.push_str(&format!("-rf{}", env.topology.replication_factor));
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_are_one_three_or_five() {
+        assert_eq!(parse_members("3"), Ok(3));
+        assert!(parse_members("2").is_err());
+        assert!(parse_members("x").is_err());
+    }
+
+    #[test]
+    fn directory_names_say_members_and_copies() {
+        let env = Environment {
+            shards: 2,
+            nodes: 1,
+            client_qps: Some(200),
+            fsync_delay: None,
+            topology: Topology {
+                etcd_members: 3,
+                replication_factor: 2,
+            },
+        };
+        assert_eq!(dir_name(Arm::Ste, &env), "ste-qps200-m3-rf2");
+        assert_eq!(dir_name(Arm::Override, &env), "override-qps200-m3");
+    }
+}
