@@ -39,6 +39,10 @@ pub struct Settings {
     pub settle: Duration,
     pub max_attempts: u32,
     pub workers: usize,
+    /// The admission webhook runs: gated pods are swept.
+    pub webhook: bool,
+    /// How long a surplus gated pod is left to the ReplicaSet controller before the sweep deletes it.
+    pub gated_grace: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,47 +76,89 @@ struct Trigger {
     attempt: u32,
 }
 
-/// A pod the bridge created that the pod cache may not show yet.
-struct Reservation {
-    id: u64,
-    /// Known once the create call returned.
-    pod: Option<String>,
-    ns: String,
-    owner: String,
-    node: String,
-    requests: Resources,
-    revision: Option<String>,
-    images: Vec<String>,
-    at: Instant,
+/// A pod the bridge created, or bound at admission, that the pod cache may
+/// not show yet.
+pub(crate) struct Reservation {
+    pub(crate) id: u64,
+    /// Known once the create call returned (pods the bridge created).
+    pub(crate) pod: Option<String>,
+    /// Pods bound by the webhook have no name at admission (generateName is
+    /// resolved after it): such a reservation ends when the cache shows more
+    /// pods of its owner on its node than `baseline`.
+    pub(crate) baseline: Option<usize>,
+    pub(crate) ns: String,
+    pub(crate) owner: String,
+    pub(crate) node: String,
+    pub(crate) requests: Resources,
+    pub(crate) revision: Option<String>,
+    pub(crate) images: Vec<String>,
+    pub(crate) at: Instant,
 }
 
 /// A scale-up the bridge acted on, watched for `settle` to count races.
-struct Tracking {
-    started: Instant,
+pub(crate) struct Tracking {
+    pub(crate) started: Instant,
+    /// The replicas the bridge filled (the Deployment's, in aggressive mode).
+    pub(crate) want: i32,
     preexisting: HashSet<String>,
-    ours: HashSet<String>,
+    pub(crate) ours: HashSet<String>,
     controller_created: bool,
     deleted: HashSet<String>,
 }
 
+/// How long a reservation lives at most if the cache never shows its pod.
+const RESERVATION_TTL: Duration = Duration::from_secs(30);
+
+/// Pods of `owner` bound to `node` in the cache.
+pub(crate) fn pods_on(pods: &[Arc<Pod>], owner: &str, node: &str) -> usize {
+    pods.iter()
+        .filter(|p| {
+            controller_uid(&p.metadata) == Some(owner)
+                && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+        })
+        .count()
+}
+
+/// Drops the reservations whose pod the cache now shows (or that are too old).
+pub(crate) fn prune_reservations(reservations: &mut Vec<Reservation>, pods: &[Arc<Pod>]) {
+    let in_cache: HashSet<(String, String)> = pods
+        .iter()
+        .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
+        .collect();
+    reservations.retain(|r| {
+        if r.at.elapsed() >= RESERVATION_TTL {
+            return false;
+        }
+        if let Some(pod) = &r.pod {
+            return !in_cache.contains(&(r.ns.clone(), pod.clone()));
+        }
+        match r.baseline {
+            Some(baseline) => pods_on(pods, &r.owner, &r.node) <= baseline,
+            None => true,
+        }
+    });
+}
+
 pub struct Bridge {
-    client: kube::Client,
-    settings: Settings,
+    pub(crate) client: kube::Client,
+    pub(crate) settings: Settings,
     pub metrics: Arc<Metrics>,
     pub leading: Arc<AtomicBool>,
-    nodes: Store<Node>,
-    pods: Store<Pod>,
-    replicasets: Store<ReplicaSet>,
+    pub(crate) nodes: Store<Node>,
+    pub(crate) pods: Store<Pod>,
+    pub(crate) replicasets: Store<ReplicaSet>,
     /// Held only while deciding, never across API calls.
-    reservations: Mutex<Vec<Reservation>>,
-    next_reservation: std::sync::atomic::AtomicU64,
-    tracking: Mutex<HashMap<String, Tracking>>,
+    pub(crate) reservations: Mutex<Vec<Reservation>>,
+    pub(crate) next_reservation: std::sync::atomic::AtomicU64,
+    pub(crate) tracking: Mutex<HashMap<String, Tracking>>,
+    /// When the sweep first saw each gated pod (by UID).
+    pub(crate) gated_seen: Mutex<HashMap<String, Instant>>,
     rejected: Mutex<HashSet<String>>,
     queue: mpsc::UnboundedSender<Trigger>,
     synced: [AtomicBool; 4],
 }
 
-fn controller_uid(meta: &ObjectMeta) -> Option<&str> {
+pub(crate) fn controller_uid(meta: &ObjectMeta) -> Option<&str> {
     meta.owner_references
         .iter()
         .flatten()
@@ -153,6 +199,7 @@ impl Bridge {
             reservations: Mutex::new(Vec::new()),
             next_reservation: Default::default(),
             tracking: Mutex::new(HashMap::new()),
+            gated_seen: Mutex::new(HashMap::new()),
             rejected: Mutex::new(HashSet::new()),
             queue: tx,
             synced: Default::default(),
@@ -290,6 +337,9 @@ impl Bridge {
             loop {
                 tick.tick().await;
                 b.settle().await;
+                if b.settings.webhook {
+                    b.sweep().await;
+                }
             }
         });
         bridge
@@ -343,6 +393,10 @@ impl Bridge {
     }
 
     async fn handle(&self, trigger: &Trigger) -> Result<(), BridgeError> {
+        if self.settings.mode == Mode::Webhook {
+            // Binding at admission only: the ReplicaSet controller creates every pod.
+            return Ok(());
+        }
         if !self.leading.load(Ordering::SeqCst) {
             self.metrics.decision("not_leader");
             return Ok(());
@@ -480,19 +534,10 @@ impl Bridge {
         let (chosen, ids) = {
             let mut reservations = self.reservations.lock().unwrap();
             let all_pods = self.pods.state();
-            let in_cache: HashSet<(String, String)> = all_pods
-                .iter()
-                .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
-                .collect();
-            reservations.retain(|r| {
-                r.at.elapsed() < Duration::from_secs(60)
-                    && !r
-                        .pod
-                        .as_ref()
-                        .is_some_and(|p| in_cache.contains(&(r.ns.clone(), p.clone())))
-            });
+            prune_reservations(&mut reservations, &all_pods);
             let new_tracking = |preexisting: HashSet<String>| Tracking {
                 started: Instant::now(),
+                want,
                 preexisting,
                 ours: HashSet::new(),
                 controller_created: false,
@@ -592,6 +637,7 @@ impl Bridge {
                     reservations.push(Reservation {
                         id,
                         pod: None,
+                        baseline: None,
                         ns: ns.to_string(),
                         owner: rs_uid.clone(),
                         node: node.clone(),

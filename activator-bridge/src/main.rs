@@ -1,11 +1,15 @@
 //! ste-activator-bridge: pre-stages pods on Knative's scale-from-zero path,
 //! Knative unchanged. See docs/activator-bridge.md.
 
+mod admission;
 mod bridge;
 mod leader;
 mod metrics;
 mod placement;
 mod ratelimit;
+mod sweep;
+mod tls;
+mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +40,9 @@ pub enum Mode {
     /// the current ReplicaSet's scale to N (the value the Deployment
     /// controller is about to write), then create the pods.
     Aggressive,
+    /// Create no pods: only bind the ReplicaSet controller's pods at
+    /// admission (needs --webhook-listen). No race, no duplicate.
+    Webhook,
 }
 
 #[derive(Parser, Debug)]
@@ -110,6 +117,43 @@ struct Args {
     /// Scale-ups handled concurrently.
     #[arg(long, env = "STE_BRIDGE_WORKERS", default_value_t = 16)]
     workers: usize,
+    /// HTTPS address of the mutating admission webhook (binds revision pods at
+    /// creation, gates duplicates); unset = no webhook.
+    #[arg(long, env = "STE_BRIDGE_WEBHOOK_LISTEN")]
+    webhook_listen: Option<SocketAddr>,
+    /// The webhook's serving certificate (PEM; its SAN must match how kube-apiserver reaches it).
+    #[arg(long, env = "STE_BRIDGE_WEBHOOK_CERT_FILE")]
+    webhook_cert_file: Option<PathBuf>,
+    /// The webhook's private key (PEM).
+    #[arg(long, env = "STE_BRIDGE_WEBHOOK_KEY_FILE")]
+    webhook_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) that signed the serving certificate; put into the
+    /// MutatingWebhookConfiguration when the bridge registers it.
+    #[arg(long, env = "STE_BRIDGE_WEBHOOK_CA_FILE")]
+    webhook_ca_file: Option<PathBuf>,
+    /// Register the webhook with this URL (e.g. https://127.0.0.1:8443/mutate-pods, outside a cluster).
+    #[arg(
+        long,
+        env = "STE_BRIDGE_WEBHOOK_URL",
+        conflicts_with = "webhook_service"
+    )]
+    webhook_url: Option<String>,
+    /// Register the webhook behind this Service, NAMESPACE/NAME[:PORT] (port 443 by default).
+    #[arg(long, env = "STE_BRIDGE_WEBHOOK_SERVICE")]
+    webhook_service: Option<String>,
+    /// Name of the MutatingWebhookConfiguration the bridge applies.
+    #[arg(
+        long,
+        env = "STE_BRIDGE_WEBHOOK_CONFIGURATION",
+        default_value = "ste-activator-bridge"
+    )]
+    webhook_configuration: String,
+    /// timeoutSeconds of the webhook (1-30): past it kube-apiserver creates the pod unchanged.
+    #[arg(long, env = "STE_BRIDGE_WEBHOOK_TIMEOUT", value_parser = humantime::parse_duration, default_value = "2s")]
+    webhook_timeout: Duration,
+    /// How long a surplus gated pod is left to the ReplicaSet controller before the sweep deletes it.
+    #[arg(long, env = "STE_BRIDGE_GATED_GRACE", value_parser = humantime::parse_duration, default_value = "5s")]
+    gated_grace: Duration,
 }
 
 struct AppState {
@@ -196,6 +240,9 @@ async fn main() -> anyhow::Result<()> {
     if args.kube_api_qps.is_nan() || args.kube_api_qps < 0.0 {
         anyhow::bail!("--kube-api-qps must be 0 (no limit) or positive");
     }
+    if args.mode == Mode::Webhook && args.webhook_listen.is_none() {
+        anyhow::bail!("--mode=webhook needs --webhook-listen");
+    }
     let client = kube_client(&args).await?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -211,6 +258,8 @@ async fn main() -> anyhow::Result<()> {
         settle: args.settle,
         max_attempts: args.max_attempts.max(1),
         workers: args.workers,
+        webhook: args.webhook_listen.is_some(),
+        gated_grace: args.gated_grace,
     };
     let lease = leader::Config {
         namespace: args.lease_namespace.clone(),
@@ -225,6 +274,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding the admin address {}", args.admin_listen))?;
     let bridge = bridge::Bridge::start(client.clone(), settings, metrics, leading.clone());
     tokio::spawn(leader::run(client.clone(), lease.clone(), leading.clone()));
+    if let Some(addr) = args.webhook_listen {
+        start_webhook(&args, addr, client.clone(), bridge.clone()).await?;
+    }
     let app = axum::Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -244,6 +296,61 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Serves the admission webhook and, when asked, registers it.
+async fn start_webhook(
+    args: &Args,
+    addr: SocketAddr,
+    client: kube::Client,
+    bridge: Arc<bridge::Bridge>,
+) -> anyhow::Result<()> {
+    let (Some(cert), Some(key)) = (&args.webhook_cert_file, &args.webhook_key_file) else {
+        anyhow::bail!("--webhook-listen needs --webhook-cert-file and --webhook-key-file");
+    };
+    let config = tls::server_config(cert, key)?;
+    let listener = tls::TlsListener::bind(addr, config).await?;
+    info!(webhook = %listener_addr(&listener), "admission webhook listening (HTTPS)");
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, webhook::router(bridge)).await {
+            tracing::error!(error = %err, "webhook server stopped");
+        }
+    });
+    let endpoint = match (&args.webhook_url, &args.webhook_service) {
+        (Some(url), _) => webhook::Endpoint::Url(url.clone()),
+        (None, Some(svc)) => webhook::Endpoint::parse_service(svc)?,
+        (None, None) => return Ok(()),
+    };
+    let Some(ca) = &args.webhook_ca_file else {
+        anyhow::bail!("registering the webhook needs --webhook-ca-file");
+    };
+    let configuration = webhook::configuration(
+        &args.webhook_configuration,
+        &endpoint,
+        webhook::read_ca(ca)?,
+        args.webhook_timeout,
+    );
+    let mut attempt = 0;
+    loop {
+        match webhook::register(client.clone(), &configuration).await {
+            Ok(()) => {
+                info!(name = %args.webhook_configuration, endpoint = ?endpoint, "MutatingWebhookConfiguration applied");
+                return Ok(());
+            }
+            Err(err) if attempt < 5 => {
+                attempt += 1;
+                tracing::warn!(error = %err, attempt, "registering the webhook failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+fn listener_addr(listener: &tls::TlsListener) -> String {
+    axum::serve::Listener::local_addr(listener)
+        .map(|a| a.to_string())
+        .unwrap_or_default()
 }
 
 async fn shutdown_signal() {

@@ -27,6 +27,13 @@ pub struct CreatorLabels {
     pub creator: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    /// bound, gated, or why the pod was left alone (already_bound,
+    /// not_synced, not_replicaset, unsafe_template, no_safe_node, ...).
+    pub verdict: String,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub decisions: Family<DecisionLabels, Counter>,
@@ -38,6 +45,11 @@ pub struct Metrics {
     pub retries: Counter,
     pub trigger_to_created: Histogram,
     pub leader: Gauge,
+    pub admissions: Family<VerdictLabels, Counter>,
+    pub duplicates_gated: Counter,
+    pub gates_removed: Counter,
+    pub gated_deleted: Counter,
+    pub admission_seconds: Histogram,
 }
 
 impl Metrics {
@@ -54,6 +66,38 @@ impl Metrics {
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
         let leader = Gauge::default();
+        let admissions = Family::<VerdictLabels, Counter>::default();
+        let duplicates_gated = Counter::default();
+        let gates_removed = Counter::default();
+        let gated_deleted = Counter::default();
+        let admission_seconds = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]);
+        registry.register(
+            "webhook_admissions",
+            "Pods seen by the admission webhook, by verdict",
+            admissions.clone(),
+        );
+        registry.register(
+            "duplicates_gated",
+            "Pods created while the bridge's pods already filled their ReplicaSet, held back by the scheduling gate",
+            duplicates_gated.clone(),
+        );
+        registry.register(
+            "gates_removed",
+            "Gated pods the sweep found still wanted and released to the scheduler",
+            gates_removed.clone(),
+        );
+        registry.register(
+            "gated_deleted",
+            "Surplus gated pods the sweep deleted after the grace period",
+            gated_deleted.clone(),
+        );
+        registry.register(
+            "webhook_admission_seconds",
+            "Time the webhook took to decide, request read to response",
+            admission_seconds.clone(),
+        );
         registry.register(
             "decisions",
             "Scale-ups from zero seen, by what the bridge did",
@@ -110,6 +154,11 @@ impl Metrics {
             retries,
             trigger_to_created,
             leader,
+            admissions,
+            duplicates_gated,
+            gates_removed,
+            gated_deleted,
+            admission_seconds,
         }
     }
 

@@ -1,0 +1,260 @@
+//! What the webhook does with a Knative revision's pod at creation: bind it
+//! (`spec.nodeName` from the placement), gate it (a duplicate of pods the
+//! bridge already created), or leave it alone. Decided from the bridge's
+//! caches and reservations under the reservation lock, so pods bound here and
+//! pods the bridge creates see each other at once.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::bridge::{controller_uid, pods_on, prune_reservations, Bridge, Reservation};
+use crate::placement;
+use crate::{CREATED_BY_ANNOTATION, REVISION_UID_LABEL};
+
+/// The scheduling gate put on duplicates; only the bridge removes it.
+pub const GATE: &str = "ste.dev/activator-bridge";
+/// Annotation the webhook sets on the pods it binds (`bound`) or gates (`gated`).
+pub const WEBHOOK_ANNOTATION: &str = "ste.dev/activator-bridge-webhook";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Set `spec.nodeName` to this node.
+    Bind(String),
+    /// A duplicate: add the scheduling gate.
+    Gate,
+    /// Leave the pod to the scheduler (the reason is a metric label).
+    Pass(&'static str),
+}
+
+impl Verdict {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::Bind(_) => "bound",
+            Verdict::Gate => "gated",
+            Verdict::Pass(why) => why,
+        }
+    }
+}
+
+/// True when the pod carries the bridge's scheduling gate.
+pub fn is_gated(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.scheduling_gates.as_ref())
+        .is_some_and(|g| g.iter().any(|g| g.name == GATE))
+}
+
+/// Running or about to: not terminal, not being deleted.
+pub(crate) fn is_live(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && !matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded") | Some("Failed")
+        )
+}
+
+impl Bridge {
+    /// Decides for one pod being created in `ns`.
+    pub fn admit(&self, ns: &str, pod: &Pod) -> Verdict {
+        let Some(spec) = pod.spec.as_ref() else {
+            return Verdict::Pass("no_spec");
+        };
+        if spec.node_name.as_deref().is_some_and(|n| !n.is_empty()) {
+            // The bridge's own pods, or anyone else's already placed.
+            return Verdict::Pass("already_bound");
+        }
+        if spec
+            .scheduling_gates
+            .as_ref()
+            .is_some_and(|g| !g.is_empty())
+        {
+            return Verdict::Pass("gated_by_others");
+        }
+        if !self.synced() {
+            return Verdict::Pass("not_synced");
+        }
+        let owner = match pod
+            .owner_references()
+            .iter()
+            .find(|o| o.controller == Some(true))
+        {
+            Some(o) if o.kind == "ReplicaSet" => o.uid.clone(),
+            _ => return Verdict::Pass("not_replicaset"),
+        };
+        if placement::check_template(spec).is_err() {
+            return Verdict::Pass("unsafe_template");
+        }
+        let requests = placement::pod_requests(spec).unwrap_or_default();
+        let revision = pod.labels().get(REVISION_UID_LABEL).cloned();
+        let images: Vec<String> = spec
+            .containers
+            .iter()
+            .filter_map(|c| c.image.clone())
+            .collect();
+
+        let mut reservations = self.reservations.lock().unwrap();
+        let all_pods = self.pods.state();
+        prune_reservations(&mut reservations, &all_pods);
+        if self.is_duplicate(&owner, &all_pods, &reservations) {
+            return Verdict::Gate;
+        }
+        let mut usage = placement::usage_from_pods(all_pods.iter().map(|p| p.as_ref()));
+        for r in reservations.iter() {
+            usage.entry(r.node.clone()).or_default().add(
+                &r.requests,
+                r.revision.as_deref(),
+                r.images.clone(),
+            );
+        }
+        let nodes = self.nodes.state();
+        let Some(node) =
+            placement::choose_node(&nodes, &usage, spec, &requests, revision.as_deref())
+        else {
+            return Verdict::Pass("no_safe_node");
+        };
+        let node = node.name_any();
+        let id = self.next_reservation.fetch_add(1, Ordering::Relaxed);
+        reservations.push(Reservation {
+            id,
+            pod: None,
+            baseline: Some(pods_on(&all_pods, &owner, &node)),
+            ns: ns.to_string(),
+            owner,
+            node: node.clone(),
+            requests,
+            revision,
+            images,
+            at: Instant::now(),
+        });
+        Verdict::Bind(node)
+    }
+
+    /// A pod of `owner` is a duplicate when the bridge created pods for this
+    /// scale-up and the ReplicaSet already has the pods it wants: live,
+    /// ungated pods in the cache plus pods created or bound but not cached yet.
+    fn is_duplicate(&self, owner: &str, pods: &[Arc<Pod>], reservations: &[Reservation]) -> bool {
+        let tracked_want = {
+            let tracking = self.tracking.lock().unwrap();
+            match tracking.get(owner) {
+                Some(t) if t.started.elapsed() < self.settings.settle => t.want,
+                _ => return false,
+            }
+        };
+        let bridge_pods = pods.iter().any(|p| {
+            controller_uid(&p.metadata) == Some(owner)
+                && p.annotations().contains_key(CREATED_BY_ANNOTATION)
+        }) || reservations
+            .iter()
+            .any(|r| r.owner == owner && r.baseline.is_none());
+        if !bridge_pods {
+            return false;
+        }
+        let cached_want = self
+            .replicasets
+            .find(|rs| rs.metadata.uid.as_deref() == Some(owner))
+            .and_then(|rs| rs.spec.as_ref().and_then(|s| s.replicas))
+            .unwrap_or(0);
+        let want = tracked_want.max(cached_want).max(0) as usize;
+        let have = pods
+            .iter()
+            .filter(|p| controller_uid(&p.metadata) == Some(owner) && is_live(p) && !is_gated(p))
+            .count()
+            + reservations.iter().filter(|r| r.owner == owner).count();
+        have >= want
+    }
+}
+
+/// The JSON patch for a verdict (`None`: no change).
+pub fn patch(pod: &Pod, verdict: &Verdict) -> Option<Value> {
+    let mut ops = Vec::new();
+    match verdict {
+        Verdict::Bind(node) => {
+            ops.push(json!({"op": "add", "path": "/spec/nodeName", "value": node}));
+        }
+        Verdict::Gate => {
+            let has_gates = pod
+                .spec
+                .as_ref()
+                .is_some_and(|s| s.scheduling_gates.is_some());
+            ops.push(if has_gates {
+                json!({"op": "add", "path": "/spec/schedulingGates/-", "value": {"name": GATE}})
+            } else {
+                json!({"op": "add", "path": "/spec/schedulingGates", "value": [{"name": GATE}]})
+            });
+        }
+        Verdict::Pass(_) => return None,
+    }
+    let value = verdict.label();
+    ops.push(if pod.metadata.annotations.is_some() {
+        json!({"op": "add", "path": format!("/metadata/annotations/{}", WEBHOOK_ANNOTATION.replace('~', "~0").replace('/', "~1")), "value": value})
+    } else {
+        json!({"op": "add", "path": "/metadata/annotations", "value": {WEBHOOK_ANNOTATION: value}})
+    });
+    Some(Value::Array(ops))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(extra: Value) -> Pod {
+        let mut base = json!({"metadata": {}, "spec": {"containers": [{"name": "c"}]}});
+        for (k, v) in extra.as_object().unwrap() {
+            let slot = &mut base[k.as_str()];
+            if slot.is_null() {
+                *slot = json!({});
+            }
+            slot.as_object_mut()
+                .unwrap()
+                .extend(v.as_object().unwrap().clone());
+        }
+        serde_json::from_value(base).unwrap()
+    }
+
+    #[test]
+    fn bind_patch_sets_node_and_annotation() {
+        let p = pod(json!({}));
+        let ops = patch(&p, &Verdict::Bind("n1".into())).unwrap();
+        assert_eq!(
+            ops[0],
+            json!({"op": "add", "path": "/spec/nodeName", "value": "n1"})
+        );
+        assert_eq!(
+            ops[1],
+            json!({"op": "add", "path": "/metadata/annotations", "value": {WEBHOOK_ANNOTATION: "bound"}})
+        );
+        let p = pod(json!({"metadata": {"annotations": {"a": "b"}}}));
+        let ops = patch(&p, &Verdict::Bind("n1".into())).unwrap();
+        assert_eq!(
+            ops[1]["path"],
+            "/metadata/annotations/ste.dev~1activator-bridge-webhook"
+        );
+    }
+
+    #[test]
+    fn gate_patch_appends_or_creates() {
+        let p = pod(json!({}));
+        let ops = patch(&p, &Verdict::Gate).unwrap();
+        assert_eq!(ops[0]["path"], "/spec/schedulingGates");
+        assert_eq!(ops[0]["value"], json!([{"name": GATE}]));
+        let p = pod(json!({"spec": {"schedulingGates": []}}));
+        let ops = patch(&p, &Verdict::Gate).unwrap();
+        assert_eq!(ops[0]["path"], "/spec/schedulingGates/-");
+        assert!(patch(&p, &Verdict::Pass("x")).is_none());
+    }
+
+    #[test]
+    fn gated_and_live() {
+        let p = pod(json!({"spec": {"schedulingGates": [{"name": GATE}]}}));
+        assert!(is_gated(&p));
+        assert!(!is_gated(&pod(json!({}))));
+        let failed = pod(json!({"status": {"phase": "Failed"}}));
+        assert!(!is_live(&failed));
+        assert!(is_live(&pod(json!({}))));
+    }
+}
