@@ -374,7 +374,8 @@ pub fn environment(args: &ChurnArgs, client_qps: Option<u32>) -> crate::arms::En
     }
 }
 
-async fn run_arm(
+/// One arm of `args` at `client_qps` on a fresh cluster: every step (rate).
+pub async fn run_arm(
     args: &ChurnArgs,
     arm: Arm,
     client_qps: Option<u32>,

@@ -547,6 +547,42 @@ fn router_binary() -> anyhow::Result<PathBuf> {
     }
 }
 
+/// Only the durable etcd (`members` members, each fsync delayed by
+/// `fsync_delay`) in `dir`, for measuring etcd alone; stop it with [`stop`].
+pub async fn durable_etcd_only(
+    dir: &Path,
+    members: usize,
+    fsync_delay: Option<Duration>,
+) -> anyhow::Result<ClusterRecord> {
+    let dir = std::path::absolute(dir)?;
+    for i in 0..5 {
+        let _ = std::fs::remove_dir_all(dir.join(durable_member_name(i)));
+    }
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let mut launcher = Launcher {
+        dir: dir.clone(),
+        record: ClusterRecord {
+            arm: Arm::Stock,
+            api_url: String::new(),
+            token: String::new(),
+            kubeconfig: dir.join("kubeconfig"),
+            router: None,
+            router_admin: None,
+            processes: Vec::new(),
+            ram_dir: None,
+            ram_etcd: None,
+            durable_etcd: Vec::new(),
+            namespace: default_namespace(),
+            tls: None,
+        },
+    };
+    if let Err(err) = launcher.start_durable(members, fsync_delay) {
+        let _ = stop(&launcher.record).await;
+        return Err(err);
+    }
+    Ok(launcher.record)
+}
+
 pub async fn up(args: &UpArgs) -> anyhow::Result<ClusterRecord> {
     up_with(args, &AgentArgs::default()).await
 }

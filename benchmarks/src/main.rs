@@ -1,7 +1,7 @@
 //! ste-bench: STE's benchmarks. Every suite runs its arms side by side in one
 //! run on the same machine and reports ratios.
 
-use ste_bench::{churn, cluster, coldstart, jobs, ring, router_bench, startup};
+use ste_bench::{churn, cluster, coldstart, failure, jobs, members, ring, router_bench, startup};
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +37,15 @@ enum Command {
     /// with and without ste-activator-bridge, on the stock and STE arms;
     /// latency from the autoscaler's scale patch to the first pod bound and Ready.
     Coldstart(coldstart::ColdstartArgs),
+    /// The edge paper's experiment: durable-etcd write latency and throughput
+    /// against its member count (1, 3, 5, each fsync delayed), and pod
+    /// create→bound latency on stock and STE at each member count.
+    Members(members::MembersArgs),
+    /// What STE buys over the override arm: in the middle of churn, the
+    /// override's RAM etcd or one STE shard (RF 1, RF 2) is killed and wiped;
+    /// pods lost and recreated, time until every ReplicaSet is whole again,
+    /// errors and relists of a client watch.
+    Failure(failure::FailureArgs),
     /// The README's demo: the stock, tuned, override and STE arms side by side on a short
     /// churn burst, with an 8 ms fsync on the durable etcd, then the table and plots.
     Demo {
@@ -84,6 +93,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Startup(args) => startup::run(args).await.map(|_| ()),
         Command::Coldstart(args) => coldstart::run(args).await.map(|_| ()),
         Command::Ring(args) => ring::run(args).await.map(|_| ()),
+        Command::Members(args) => members::run(args).await.map(|_| ()),
+        Command::Failure(args) => failure::run(args).await.map(|_| ()),
         Command::Demo { seconds } => {
             let args = churn::ChurnArgs {
                 arms: vec![

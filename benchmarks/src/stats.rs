@@ -21,6 +21,11 @@ impl Samples {
         sorted[rank.min(sorted.len() - 1)]
     }
 
+    /// Adds every sample of `other`.
+    pub fn extend(&mut self, other: &Samples) {
+        self.0.extend_from_slice(&other.0);
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }

@@ -1,0 +1,201 @@
+//! The arms of issue 15 on the real local control plane: the override arm
+//! (pods and events in one RAM etcd through kube-apiserver's
+//! --etcd-servers-overrides) on a 3-member durable etcd comes up, serves a
+//! Deployment's pods, and keeps them in its RAM etcd, not in the durable one.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ste_bench::arms::{self, Arm, Environment, Topology};
+use ste_bench::cluster::{self, ClusterRecord};
+use ste_testkit::Api;
+
+/// Stops the cluster even when an assertion fails.
+struct Running(ClusterRecord);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let record = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(cluster::stop(&record))
+        })
+        .join();
+    }
+}
+
+/// Keys under `prefix` in the etcd at `endpoint`, read with etcdctl.
+fn etcd_keys(endpoint: &str, prefix: &str) -> Vec<String> {
+    let out = Command::new(ste_testkit::etcdctl_binary().unwrap())
+        .args([
+            &format!("--endpoints={endpoint}"),
+            "get",
+            "--prefix",
+            "--keys-only",
+            prefix,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "etcdctl get on {endpoint}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Members etcd at `endpoint` reports (etcdctl member list).
+fn etcd_members(endpoint: &str) -> usize {
+    let out = Command::new(ste_testkit::etcdctl_binary().unwrap())
+        .args([&format!("--endpoints={endpoint}"), "member", "list"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "etcdctl member list on {endpoint}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("started"))
+        .count()
+}
+
+fn running_pods(api: &Api, app: &str) -> usize {
+    let (code, body) = api
+        .curl(&[&format!(
+            "/api/v1/namespaces/default/pods?labelSelector=app%3D{app}"
+        )])
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"]["phase"] == "Running" && p["spec"]["nodeName"].is_string())
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn override_arm_on_three_etcd_members_keeps_pods_in_its_ram_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = Environment {
+        shards: 1,
+        nodes: 3,
+        client_qps: Some(100),
+        fsync_delay: None,
+        topology: Topology {
+            etcd_members: 3,
+            replication_factor: 1,
+        },
+    };
+    let record = arms::up(Arm::Override, &env, PathBuf::from(dir.path()))
+        .await
+        .unwrap();
+    let running = Running(record);
+    let record = &running.0;
+    assert_eq!(record.durable_etcd.len(), 3, "three durable members");
+    for endpoint in &record.durable_etcd {
+        assert_eq!(
+            etcd_members(endpoint),
+            3,
+            "{endpoint} sees 3 started members"
+        );
+    }
+    let ram = record
+        .ram_etcd
+        .clone()
+        .expect("the override arm's RAM etcd");
+    assert!(record.router.is_none(), "no router on the override arm");
+
+    let api = record.api();
+    let deployment = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 5,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}},
+                         "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
+        }
+    });
+    let (code, body) = api
+        .send_json(
+            "POST",
+            "/apis/apps/v1/namespaces/default/deployments",
+            &deployment.to_string(),
+        )
+        .unwrap();
+    assert_eq!(code, 201, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while running_pods(&api, "web") < 5 {
+        assert!(Instant::now() < deadline, "5 pods not Running within 90 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let in_ram = etcd_keys(&ram, "/registry/pods/default/web-");
+    assert_eq!(in_ram.len(), 5, "the pods are in the RAM etcd: {in_ram:?}");
+    let in_durable = etcd_keys(&record.durable_etcd[0], "/registry/pods/");
+    assert!(
+        in_durable.is_empty(),
+        "no pod in the durable etcd: {in_durable:?}"
+    );
+    assert!(
+        !etcd_keys(&ram, "/registry/events/").is_empty(),
+        "events go to the RAM etcd too"
+    );
+    let deployments = etcd_keys(&record.durable_etcd[1], "/registry/deployments/default/web");
+    assert_eq!(
+        deployments.len(),
+        1,
+        "the Deployment is durable (read on member 1)"
+    );
+}
+
+/// The member-count scenario in seconds: etcd alone at 1 and 3 members, then
+/// pods on the stock arm at each; the report has one write row per rate and
+/// member count plus the saturated one, and one pod row per member count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_scenario_reports_writes_and_pods_per_member_count() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ste_bench::members::MembersArgs,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().display().to_string();
+    let cli = Cli::try_parse_from([
+        "members",
+        "--members=1,3",
+        "--fsync-delay=2ms",
+        "--write-rates=40",
+        "--write-duration=2s",
+        "--writers=4",
+        "--arms=stock",
+        "--interarrival=500ms",
+        "--duration=3s",
+        "--nodes=2",
+        &format!("--output={output}"),
+    ])
+    .unwrap();
+    let report = ste_bench::members::run(cli.args).await.unwrap();
+    assert_eq!(
+        report.writes.len(),
+        4,
+        "1 rate + saturated, at 1 and 3 members"
+    );
+    for w in &report.writes {
+        assert!(w.acknowledged > 0 && w.errors == 0, "{w:?}");
+        assert!(w.p50_ms > 0.0 && w.p50_ms <= w.p99_ms, "{w:?}");
+        if let Some(rate) = w.offered_per_s {
+            assert_eq!(w.sent, (rate * 2.0) as usize, "{w:?}");
+        }
+    }
+    let members: Vec<usize> = report.pods.iter().map(|r| r.etcd_members).collect();
+    assert_eq!(members, vec![1, 3], "one stock row per member count");
+    for r in &report.pods {
+        assert_eq!(r.arm, Arm::Stock);
+        assert_eq!(r.bound, r.sent, "{r:?}");
+    }
+    assert!(dir.path().join("results.json").is_file());
+}
