@@ -151,6 +151,15 @@ struct Args {
     /// timeoutSeconds of the webhook (1-30): past it kube-apiserver creates the pod unchanged.
     #[arg(long, env = "STE_BRIDGE_WEBHOOK_TIMEOUT", value_parser = humantime::parse_duration, default_value = "2s")]
     webhook_timeout: Duration,
+    /// Serve the webhook with a certificate for the listen address made at
+    /// start (loopback tests and benchmarks), and register it with that CA at
+    /// https://LISTEN/mutate-pods unless --webhook-url/--webhook-service say otherwise.
+    #[arg(long, env = "STE_BRIDGE_WEBHOOK_SELF_SIGNED")]
+    webhook_self_signed: bool,
+    /// Delete the MutatingWebhookConfiguration on SIGTERM (a single bridge
+    /// outside a cluster; never with several replicas sharing it).
+    #[arg(long, env = "STE_BRIDGE_WEBHOOK_UNREGISTER_ON_EXIT")]
+    webhook_unregister_on_exit: bool,
     /// How long a surplus gated pod is left to the ReplicaSet controller before the sweep deletes it.
     #[arg(long, env = "STE_BRIDGE_GATED_GRACE", value_parser = humantime::parse_duration, default_value = "5s")]
     gated_grace: Duration,
@@ -274,9 +283,10 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding the admin address {}", args.admin_listen))?;
     let bridge = bridge::Bridge::start(client.clone(), settings, metrics, leading.clone());
     tokio::spawn(leader::run(client.clone(), lease.clone(), leading.clone()));
-    if let Some(addr) = args.webhook_listen {
-        start_webhook(&args, addr, client.clone(), bridge.clone()).await?;
-    }
+    let registered = match args.webhook_listen {
+        Some(addr) => start_webhook(&args, addr, client.clone(), bridge.clone()).await?,
+        None => None,
+    };
     let app = axum::Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -292,25 +302,48 @@ async fn main() -> anyhow::Result<()> {
         _ = shutdown_signal() => {
             info!("shutting down; releasing the lease");
             leading.store(false, Ordering::SeqCst);
+            if let (Some(name), true) = (registered, args.webhook_unregister_on_exit) {
+                webhook::unregister(client.clone(), &name).await;
+            }
             leader::release(client, &lease).await;
         }
     }
     Ok(())
 }
 
-/// Serves the admission webhook and, when asked, registers it.
+/// Serves the admission webhook and, when asked, registers it; returns the
+/// name of the configuration it applied.
 async fn start_webhook(
     args: &Args,
     addr: SocketAddr,
     client: kube::Client,
     bridge: Arc<bridge::Bridge>,
-) -> anyhow::Result<()> {
-    let (Some(cert), Some(key)) = (&args.webhook_cert_file, &args.webhook_key_file) else {
-        anyhow::bail!("--webhook-listen needs --webhook-cert-file and --webhook-key-file");
+) -> anyhow::Result<Option<String>> {
+    let (config, mut ca) = if args.webhook_self_signed {
+        let ip = if addr.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            addr.ip()
+        };
+        let (cert, key, ca) = tls::self_signed(ip)?;
+        let here = std::path::Path::new("(self-signed)");
+        let config = tls::server_config_from_pem(cert.as_bytes(), here, key.as_bytes(), here)?;
+        (config, Some(ca.into_bytes()))
+    } else {
+        let (Some(cert), Some(key)) = (&args.webhook_cert_file, &args.webhook_key_file) else {
+            anyhow::bail!("--webhook-listen needs --webhook-cert-file and --webhook-key-file (or --webhook-self-signed)");
+        };
+        if !cert.exists() || !key.exists() {
+            // The manifests mount the Secret as optional: no certificate, no
+            // webhook, and the normal path runs (failurePolicy Ignore).
+            tracing::error!(cert = %cert.display(), key = %key.display(), "webhook disabled: no serving certificate or key");
+            return Ok(None);
+        }
+        (tls::server_config(cert, key)?, None)
     };
-    let config = tls::server_config(cert, key)?;
     let listener = tls::TlsListener::bind(addr, config).await?;
-    info!(webhook = %listener_addr(&listener), "admission webhook listening (HTTPS)");
+    let local = axum::serve::Listener::local_addr(&listener)?;
+    info!(webhook = %local, "admission webhook listening (HTTPS)");
     tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, webhook::router(bridge)).await {
             tracing::error!(error = %err, "webhook server stopped");
@@ -319,15 +352,26 @@ async fn start_webhook(
     let endpoint = match (&args.webhook_url, &args.webhook_service) {
         (Some(url), _) => webhook::Endpoint::Url(url.clone()),
         (None, Some(svc)) => webhook::Endpoint::parse_service(svc)?,
-        (None, None) => return Ok(()),
+        (None, None) if args.webhook_self_signed => {
+            let host = if local.ip().is_unspecified() {
+                SocketAddr::from(([127, 0, 0, 1], local.port()))
+            } else {
+                local
+            };
+            webhook::Endpoint::Url(format!("https://{host}{}", webhook::PATH))
+        }
+        (None, None) => return Ok(None),
     };
-    let Some(ca) = &args.webhook_ca_file else {
-        anyhow::bail!("registering the webhook needs --webhook-ca-file");
+    if let Some(path) = &args.webhook_ca_file {
+        ca = Some(webhook::read_ca(path)?);
+    }
+    let Some(ca) = ca else {
+        anyhow::bail!("registering the webhook needs --webhook-ca-file (or --webhook-self-signed)");
     };
     let configuration = webhook::configuration(
         &args.webhook_configuration,
         &endpoint,
-        webhook::read_ca(ca)?,
+        ca,
         args.webhook_timeout,
     );
     let mut attempt = 0;
@@ -335,7 +379,7 @@ async fn start_webhook(
         match webhook::register(client.clone(), &configuration).await {
             Ok(()) => {
                 info!(name = %args.webhook_configuration, endpoint = ?endpoint, "MutatingWebhookConfiguration applied");
-                return Ok(());
+                return Ok(Some(args.webhook_configuration.clone()));
             }
             Err(err) if attempt < 5 => {
                 attempt += 1;
@@ -345,12 +389,6 @@ async fn start_webhook(
             Err(err) => return Err(err.into()),
         }
     }
-}
-
-fn listener_addr(listener: &tls::TlsListener) -> String {
-    axum::serve::Listener::local_addr(listener)
-        .map(|a| a.to_string())
-        .unwrap_or_default()
 }
 
 async fn shutdown_signal() {

@@ -33,12 +33,47 @@ pub enum TlsError {
 
 /// Builds the rustls server configuration from PEM files.
 pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    };
+    server_config_from_pem(&read(cert)?, cert, &read(key)?, key)
+}
+
+/// A serving certificate for `ip` (and localhost) signed by a CA made on
+/// the spot: (certificate PEM, key PEM, CA PEM). For a webhook on loopback
+/// (tests, benchmarks), registered with that CA.
+pub fn self_signed(ip: std::net::IpAddr) -> Result<(String, String, String), TlsError> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    let bad = |e: rcgen::Error| TlsError::Pem {
+        path: PathBuf::from("(self-signed)"),
+        message: e.to_string(),
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(bad)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let issuer =
+        CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(bad)?).map_err(bad)?;
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).map_err(bad)?;
+    leaf.subject_alt_names.push(SanType::IpAddress(ip));
+    let key = KeyPair::generate().map_err(bad)?;
+    let cert = leaf.signed_by(&key, &issuer).map_err(bad)?;
+    Ok((cert.pem(), key.serialize_pem(), issuer.pem()))
+}
+
+/// Builds the rustls server configuration from PEM text (paths for errors).
+pub fn server_config_from_pem(
+    cert_pem: &[u8],
+    cert: &Path,
+    key_pem: &[u8],
+    key: &Path,
+) -> Result<rustls::ServerConfig, TlsError> {
     let pem_error = |path: &Path, e: &dyn std::fmt::Display| TlsError::Pem {
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    let certs = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| pem_error(cert, &e))?
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(cert, &e))?;
     if certs.is_empty() {
@@ -46,7 +81,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, Tl
             path: cert.to_path_buf(),
         });
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error(key, &e))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| pem_error(key, &e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -123,5 +158,26 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_certificate_serves() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (cert, key, ca) = self_signed([127, 0, 0, 1].into()).unwrap();
+        assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"));
+        let here = Path::new("x");
+        server_config_from_pem(cert.as_bytes(), here, key.as_bytes(), here).unwrap();
+        assert!(matches!(
+            server_config_from_pem(b"", here, key.as_bytes(), here),
+            Err(TlsError::NoCertificate { .. })
+        ));
+        assert!(
+            server_config(Path::new("/nonexistent.crt"), Path::new("/nonexistent.key")).is_err()
+        );
     }
 }

@@ -233,6 +233,18 @@ pub async fn register(
         .map_err(|source| WebhookError::Register { name, source })
 }
 
+/// Deletes the configuration (best effort: failurePolicy Ignore makes a
+/// stale one harmless, only slower).
+pub async fn unregister(client: kube::Client, name: &str) {
+    match Api::<MutatingWebhookConfiguration>::all(client)
+        .delete(name, &Default::default())
+        .await
+    {
+        Ok(_) => tracing::info!(name, "MutatingWebhookConfiguration deleted"),
+        Err(err) => warn!(name, error = %err, "deleting the MutatingWebhookConfiguration failed"),
+    }
+}
+
 /// Reads the CA bundle file.
 pub fn read_ca(path: &std::path::Path) -> Result<Vec<u8>, WebhookError> {
     std::fs::read(path).map_err(|source| WebhookError::Ca {
