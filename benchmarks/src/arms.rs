@@ -54,6 +54,17 @@ impl Arm {
     }
 }
 
+/// A client QPS setting: `default` (Kubernetes' own limits) or a number.
+pub fn parse_qps(text: &str) -> Result<Option<u32>, String> {
+    match text.trim() {
+        "default" => Ok(None),
+        n => n
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{n:?} is neither `default` nor a number")),
+    }
+}
+
 /// Members of the durable etcd (1, 3 or 5).
 pub fn parse_members(text: &str) -> Result<usize, String> {
     match text.trim().parse::<usize>() {

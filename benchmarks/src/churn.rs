@@ -13,14 +13,20 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use futures::StreamExt;
+use anyhow::bail;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::arms::qps_name;
+use crate::api::{clear_namespace, create, current_resource_version, delete_deployment};
+use crate::arms::{parse_qps, qps_name};
 use crate::cluster::{self, Arm, ClusterRecord};
-use crate::stats::{process_group_cpu_seconds, Samples};
+use crate::measure::{cpu_by_component, cpu_per_100, watch_pods};
+use crate::stats::Samples;
+
+// Kept for modules that still import these from here (knative); the
+// definitions live in `api` and `measure`, which suites import directly.
+pub use crate::api::{client, client_for, Authed};
+pub use crate::measure::watch_objects;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 pub enum Mode {
@@ -81,16 +87,6 @@ pub struct ChurnArgs {
     pub external: crate::external::ExternalArgs,
 }
 
-pub fn parse_qps(text: &str) -> Result<Option<u32>, String> {
-    match text.trim() {
-        "default" => Ok(None),
-        n => n
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("{n:?} is neither `default` nor a number")),
-    }
-}
-
 #[derive(Serialize, Clone, Debug)]
 pub struct ArmResult {
     pub arm: Arm,
@@ -123,140 +119,6 @@ struct PodTimes {
     running: HashMap<String, Instant>,
 }
 
-pub fn client() -> anyhow::Result<reqwest::Client> {
-    // Loopback, self-signed serving certificate.
-    Ok(reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .tcp_nodelay(true)
-        .build()?)
-}
-
-/// A client for `record`'s API server: [`client`] for a local cluster; for
-/// one given by kubeconfig, its CA, client certificate and TLS verification.
-pub fn client_for(record: &ClusterRecord) -> anyhow::Result<reqwest::Client> {
-    let Some(tls) = &record.tls else {
-        return client();
-    };
-    let mut builder = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .danger_accept_invalid_certs(tls.insecure);
-    if let Some(ca) = &tls.ca_pem {
-        for cert in reqwest::Certificate::from_pem_bundle(ca)
-            .context("the kubeconfig's certificate authority is not PEM")?
-        {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    if let Some(identity) = &tls.identity_pem {
-        builder = builder.identity(
-            reqwest::Identity::from_pem(identity)
-                .context("the kubeconfig's client certificate and key are not PEM")?,
-        );
-    }
-    Ok(builder.build()?)
-}
-
-/// Authenticates a request as `record`'s user: its bearer token, if any (a
-/// client certificate is in the client itself).
-pub trait Authed {
-    fn auth(self, record: &ClusterRecord) -> Self;
-}
-
-impl Authed for reqwest::RequestBuilder {
-    fn auth(self, record: &ClusterRecord) -> Self {
-        if record.token.is_empty() {
-            self
-        } else {
-            self.bearer_auth(&record.token)
-        }
-    }
-}
-
-/// Follows pods from `resource_version` on and records bound/Running times per `app` label.
-/// Follows pods of the default namespace from `resource_version` on and calls
-/// `on_pod` with each event's pod and its arrival time (sub-millisecond, unlike
-/// the 1-second condition timestamps). Like a reflector, it re-watches from the
-/// last resourceVersion when kube-apiserver ends the watch, and relists on 410.
-pub fn watch_pods<F>(
-    record: &ClusterRecord,
-    resource_version: &str,
-    on_pod: F,
-) -> anyhow::Result<tokio::task::JoinHandle<()>>
-where
-    F: FnMut(&Value, Instant) + Send + 'static,
-{
-    watch_objects(
-        record,
-        &format!("/api/v1/namespaces/{}/pods", record.namespace),
-        resource_version,
-        on_pod,
-    )
-}
-
-/// [`watch_pods`] for any collection path (e.g. `/apis/apps/v1/namespaces/default/deployments`).
-pub fn watch_objects<F>(
-    record: &ClusterRecord,
-    path: &str,
-    resource_version: &str,
-    mut on_pod: F,
-) -> anyhow::Result<tokio::task::JoinHandle<()>>
-where
-    F: FnMut(&Value, Instant) + Send + 'static,
-{
-    let http = client_for(record)?;
-    let base = format!("{}{path}", record.api_url);
-    let record = record.clone();
-    let mut last = resource_version.to_string();
-    Ok(tokio::spawn(async move {
-        loop {
-            let url = format!("{base}?watch=1&resourceVersion={last}&allowWatchBookmarks=true&timeoutSeconds=3600");
-            let mut gone = false;
-            if let Ok(response) = http.get(&url).auth(&record).send().await {
-                let mut stream = response.bytes_stream();
-                let mut buffer = Vec::new();
-                while let Some(Ok(chunk)) = stream.next().await {
-                    let now = Instant::now();
-                    buffer.extend_from_slice(&chunk);
-                    while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = buffer.drain(..=end).collect();
-                        let Ok(event) = serde_json::from_slice::<Value>(&line) else {
-                            continue;
-                        };
-                        if event["type"] == "ERROR" {
-                            gone |= event["object"]["code"] == 410;
-                            continue;
-                        }
-                        if let Some(rv) = event["object"]["metadata"]["resourceVersion"].as_str() {
-                            last = rv.to_string();
-                        }
-                        if event["type"] != "BOOKMARK" {
-                            on_pod(&event["object"], now);
-                        }
-                    }
-                }
-            }
-            if gone {
-                // Too old: relist, report what is there now, and watch from the list.
-                let Ok(response) = http.get(&base).auth(&record).send().await else {
-                    continue;
-                };
-                let Ok(list) = response.json::<Value>().await else {
-                    continue;
-                };
-                let now = Instant::now();
-                for pod in list["items"].as_array().into_iter().flatten() {
-                    on_pod(pod, now);
-                }
-                if let Some(rv) = list["metadata"]["resourceVersion"].as_str() {
-                    last = rv.to_string();
-                }
-            } else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }))
-}
-
 /// Records when each Deployment's (`app` label) first pod was bound and Running.
 fn track_deployments(times: Arc<Mutex<PodTimes>>) -> impl FnMut(&Value, Instant) + Send + 'static {
     move |pod, now| {
@@ -271,96 +133,6 @@ fn track_deployments(times: Arc<Mutex<PodTimes>>) -> impl FnMut(&Value, Instant)
             times.running.entry(app.to_string()).or_insert(now);
         }
     }
-}
-
-/// The first page (one pod) of the namespace's pods: its resourceVersion and
-/// how many pods there are.
-async fn first_pod_page(http: &reqwest::Client, record: &ClusterRecord) -> anyhow::Result<Value> {
-    Ok(http
-        .get(format!(
-            "{}/api/v1/namespaces/{}/pods?limit=1",
-            record.api_url, record.namespace
-        ))
-        .auth(record)
-        .send()
-        .await?
-        .json()
-        .await?)
-}
-
-/// The namespace's current resourceVersion, to watch from.
-pub async fn current_resource_version(record: &ClusterRecord) -> anyhow::Result<String> {
-    let list = first_pod_page(&client_for(record)?, record).await?;
-    Ok(list["metadata"]["resourceVersion"]
-        .as_str()
-        .context("list without resourceVersion")?
-        .to_string())
-}
-
-fn deployment(name: &str) -> Value {
-    json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {"metadata": {"labels": {"app": name}},
-                         "spec": {"containers": [{"name": "nginx", "image": "nginx"}]}}
-        }
-    })
-}
-
-/// Creates Deployment `name` (replicas 1, nginx, label `app: name`).
-pub async fn create(
-    http: &reqwest::Client,
-    record: &ClusterRecord,
-    name: &str,
-) -> anyhow::Result<()> {
-    let response = http
-        .post(format!(
-            "{}/apis/apps/v1/namespaces/{}/deployments",
-            record.api_url, record.namespace
-        ))
-        .auth(record)
-        .json(&deployment(name))
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!("creating {name}: HTTP {}", response.status());
-    }
-    Ok(())
-}
-
-/// DELETE on an API path (background propagation), failing on any non-2xx answer.
-pub async fn delete_path(
-    http: &reqwest::Client,
-    record: &ClusterRecord,
-    path: &str,
-) -> anyhow::Result<()> {
-    let response = http
-        .delete(format!(
-            "{}{path}?propagationPolicy=Background",
-            record.api_url
-        ))
-        .auth(record)
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!("DELETE {path}: HTTP {}", response.status());
-    }
-    Ok(())
-}
-
-async fn delete(http: &reqwest::Client, record: &ClusterRecord, name: &str) -> anyhow::Result<()> {
-    delete_path(
-        http,
-        record,
-        &format!(
-            "/apis/apps/v1/namespaces/{}/deployments/{name}",
-            record.namespace
-        ),
-    )
-    .await
 }
 
 /// The cluster settings of one run of `args` at `client_qps`.
@@ -423,31 +195,6 @@ async fn run_steps(
         }
     }
     Ok(results)
-}
-
-/// Deletes every Deployment in the namespace and waits until no pod is left.
-pub async fn clear_namespace(record: &ClusterRecord) -> anyhow::Result<()> {
-    let http = client_for(record)?;
-    delete_path(
-        &http,
-        record,
-        &format!("/apis/apps/v1/namespaces/{}/deployments", record.namespace),
-    )
-    .await?;
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let pods = first_pod_page(&http, record).await?;
-        let left = pods["items"].as_array().map(|i| i.len()).unwrap_or(0)
-            + pods["metadata"]["remainingItemCount"].as_u64().unwrap_or(0) as usize;
-        if left == 0 {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{left} pods still there 180s after deleting their Deployments");
-        }
-        eprint!("\r  waiting for {left} pods to go…   ");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }
 
 async fn measure(
@@ -514,7 +261,7 @@ async fn measure(
                 errors.lock().expect("errors").push(err.to_string());
             }
             if let Some(victim) = victim {
-                if let Err(err) = delete(&http, &record, &victim).await {
+                if let Err(err) = delete_deployment(&http, &record, &victim).await {
                     errors.lock().expect("errors").push(err.to_string());
                 }
             }
@@ -603,28 +350,6 @@ async fn measure(
     })
 }
 
-/// CPU seconds used so far by each component (its whole process group).
-pub fn cpu_by_component(record: &ClusterRecord) -> Vec<(String, f64)> {
-    let mut by_kind: Vec<(String, f64)> = Vec::new();
-    for process in &record.processes {
-        // Shards are summed as one "shards" component, the durable etcd's
-        // members as one "etcd-main".
-        let kind = if process.name.starts_with("shard-") {
-            "shards".to_string()
-        } else if process.name.starts_with("etcd-main") {
-            "etcd-main".to_string()
-        } else {
-            process.name.clone()
-        };
-        let cpu = process_group_cpu_seconds(process.pid);
-        match by_kind.iter_mut().find(|(k, _)| *k == kind) {
-            Some(entry) => entry.1 += cpu,
-            None => by_kind.push((kind, cpu)),
-        }
-    }
-    by_kind
-}
-
 pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
     if args.interarrival.is_zero() || args.duration.is_zero() {
         bail!("--interarrival and --duration must be positive");
@@ -709,19 +434,6 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
         dir = args.output.display()
     );
     Ok(results)
-}
-
-/// CPU seconds per 100 Deployments, per component ("n/a" on a cluster the tool did not start).
-pub fn cpu_per_100(arm: Arm, cpu_seconds: &[(String, f64)], deployments: usize) -> String {
-    if arm == Arm::External {
-        return "n/a".into();
-    }
-    cpu_seconds
-        .iter()
-        .filter(|(_, s)| *s > 0.0)
-        .map(|(n, s)| format!("{n} {:.1}", s * 100.0 / deployments.max(1) as f64))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn print_report(args: &ChurnArgs, results: &[ArmResult]) {

@@ -21,8 +21,9 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::churn::{client, current_resource_version, watch_pods};
+use crate::api::{client, current_resource_version};
 use crate::cluster::{self, Arm, ClusterRecord};
+use crate::measure::watch_pods;
 use crate::stats::Samples;
 
 const CRDS: &str = include_str!("../../hack/knative/serving-crds.yaml");

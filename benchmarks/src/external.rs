@@ -359,8 +359,8 @@ pub async fn connect(args: &ExternalArgs) -> anyhow::Result<ClusterRecord> {
         namespace: args.namespace.clone(),
         tls: Some(Arc::new(endpoint.tls)),
     };
-    let http = crate::churn::client_for(&record)?;
-    use crate::churn::Authed;
+    let http = crate::api::client_for(&record)?;
+    use crate::api::Authed;
     let body = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": args.namespace}});
     let response = http
         .post(format!("{}/api/v1/namespaces", record.api_url))
@@ -405,8 +405,8 @@ pub async fn connect(args: &ExternalArgs) -> anyhow::Result<ClusterRecord> {
 
 /// Deletes the run's namespace and waits (up to 120 s) until it is gone.
 pub async fn cleanup(record: &ClusterRecord) -> anyhow::Result<()> {
-    use crate::churn::Authed;
-    let http = crate::churn::client_for(record)?;
+    use crate::api::Authed;
+    let http = crate::api::client_for(record)?;
     let url = format!("{}/api/v1/namespaces/{}", record.api_url, record.namespace);
     let response = http.delete(&url).auth(record).send().await?;
     if !response.status().is_success() && response.status().as_u16() != 404 {

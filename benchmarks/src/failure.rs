@@ -24,8 +24,8 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::api::{client_for, create, delete_path, Authed};
 use crate::arms::{self, Arm, Environment, Topology};
-use crate::churn::{client_for, create, delete_path, Authed};
 use crate::cluster::{self, ClusterRecord};
 
 /// Which RAM store dies.
@@ -98,7 +98,7 @@ pub struct FailureArgs {
     pub shards: usize,
     /// Client QPS of controller-manager and scheduler, on every arm: a
     /// number, or `default` for Kubernetes' own limits.
-    #[arg(long, env = "STE_FAILURE_CLIENT_QPS", default_value = "200", value_parser = crate::churn::parse_qps)]
+    #[arg(long, env = "STE_FAILURE_CLIENT_QPS", default_value = "200", value_parser = crate::arms::parse_qps)]
     pub client_qps: ::std::option::Option<u32>,
     /// Where clusters, logs and results go.
     #[arg(
@@ -127,6 +127,12 @@ pub struct FailureResult {
     pub list_errors: usize,
     pub watch_errors: usize,
     pub watch_relists: usize,
+    /// Steady pods kube-apiserver lists at the window's end.
+    pub pods_listed_after: usize,
+    /// Steady pod keys the pods' store really holds then (the override's
+    /// RAM etcd, or the router's key space), read with the etcd API: fewer
+    /// than listed means kube-apiserver serves pods that no longer exist.
+    pub pods_in_store_after: Option<usize>,
     /// The first few watch errors, as seen.
     pub watch_error_samples: Vec<String>,
     pub churn_requests: usize,
@@ -433,6 +439,12 @@ async fn measure(
     watcher.abort();
     restarted?;
     let after = last_uids.unwrap_or_default();
+    let store = record.ram_etcd.clone().or_else(|| record.router.clone());
+    let prefix = format!("/registry/pods/{}/steady-", record.namespace);
+    let pods_in_store_after = match store {
+        Some(endpoint) => count_keys(&endpoint, &prefix).await.ok(),
+        None => None,
+    };
     let watch = std::mem::take(&mut *watch_counts.lock().expect("counts"));
     let (churn_requests, churn_errors) = *churn_counts.lock().expect("churn counts");
     Ok(FailureResult {
@@ -441,6 +453,8 @@ async fn measure(
         client_qps: args.client_qps,
         pods_before: before.len(),
         pods_lost: before.difference(&after).count(),
+        pods_listed_after: after.len(),
+        pods_in_store_after,
         pods_recreated: after.difference(&before).count(),
         whole_after_s: whole_now.then(|| {
             last_not_whole
@@ -454,6 +468,28 @@ async fn measure(
         churn_requests,
         churn_errors,
     })
+}
+
+/// Keys under `prefix` in the etcd API at `endpoint`.
+async fn count_keys(endpoint: &str, prefix: &str) -> anyhow::Result<usize> {
+    use ste_etcd_proto::pb::{kv_client::KvClient, RangeRequest};
+    let channel = tonic::transport::Channel::from_shared(endpoint.to_string())?
+        .connect()
+        .await?;
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    let response = KvClient::new(channel)
+        .range(RangeRequest {
+            key: prefix.as_bytes().to_vec().into(),
+            range_end: end.into(),
+            keys_only: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(response.kvs.len())
 }
 
 async fn run_arm(args: &FailureArgs, victim: Victim) -> anyhow::Result<FailureResult> {
@@ -512,16 +548,20 @@ fn print_report(args: &FailureArgs, results: &[FailureResult]) {
         args.observe
     );
     println!();
-    println!("| arm | killed | steady pods lost / before | recreated | whole again after | list errors | client watch errors / relists | churn errors / requests |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| arm | killed | steady pods lost / before | recreated | listed / in the store after | whole again after | list errors | client watch errors / relists | churn errors / requests |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in results {
         println!(
-            "| {:?} | {} | {} / {} | {} | {} | {} | {} / {} | {} / {} |",
+            "| {:?} | {} | {} / {} | {} | {} / {} | {} | {} | {} / {} | {} / {} |",
             r.arm,
             r.killed,
             r.pods_lost,
             r.pods_before,
             r.pods_recreated,
+            r.pods_listed_after,
+            r.pods_in_store_after
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "?".into()),
             r.whole_after_s
                 .map(|s| format!("{s:.1} s"))
                 .unwrap_or_else(|| format!("not within {:?}", args.observe)),

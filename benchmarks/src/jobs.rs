@@ -12,10 +12,9 @@ use anyhow::bail;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::churn::{
-    clear_namespace, client_for, current_resource_version, delete_path, watch_pods, Authed,
-};
+use crate::api::{clear_namespace, client_for, current_resource_version, delete_path, Authed};
 use crate::cluster::{self, Arm, ClusterRecord};
+use crate::measure::watch_pods;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct JobsArgs {

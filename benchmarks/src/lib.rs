@@ -1,5 +1,6 @@
 //! STE's benchmarks and the local control plane they run on.
 
+pub mod api;
 pub mod arms;
 pub mod churn;
 pub mod cluster;
@@ -8,6 +9,7 @@ pub mod external;
 pub mod failure;
 pub mod jobs;
 pub mod knative;
+pub mod measure;
 pub mod members;
 pub mod plots;
 pub mod real_node;

@@ -72,7 +72,7 @@ pub struct MembersArgs {
     pub shards: usize,
     /// Client QPS of controller-manager and scheduler, on every arm: a
     /// number, or `default` for Kubernetes' own limits.
-    #[arg(long, env = "STE_MEMBERS_CLIENT_QPS", default_value = "200", value_parser = churn::parse_qps)]
+    #[arg(long, env = "STE_MEMBERS_CLIENT_QPS", default_value = "200", value_parser = crate::arms::parse_qps)]
     pub client_qps: ::std::option::Option<u32>,
     /// Where clusters, logs and results go.
     #[arg(

@@ -19,11 +19,10 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::churn::{
-    clear_namespace, client_for, cpu_by_component, create, current_resource_version, parse_qps,
-    watch_objects, watch_pods, Authed,
-};
+use crate::api::{clear_namespace, client_for, create, current_resource_version, Authed};
+use crate::arms::parse_qps;
 use crate::cluster::{self, Arm, ClusterRecord};
+use crate::measure::{cpu_by_component, watch_objects, watch_pods};
 use crate::stats::Samples;
 
 /// The Deployments collection of the run's namespace.
@@ -440,7 +439,7 @@ fn print_report(args: &StartupArgs, results: &[LevelResult]) {
     println!("| arm | parallelism | create→pod p50 / p99 ms | create→bound p50 / p99 ms | create→Running p50 / p99 ms | all available s | Deployments available/s | CPU s per 100 Deployments |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in results {
-        let cpu = crate::churn::cpu_per_100(r.arm, &r.cpu_seconds, r.parallelism);
+        let cpu = crate::measure::cpu_per_100(r.arm, &r.cpu_seconds, r.parallelism);
         println!(
             "| {:?} | {} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2} | {:.1} | {} |",
             r.arm,

@@ -199,3 +199,48 @@ async fn members_scenario_reports_writes_and_pods_per_member_count() {
     }
     assert!(dir.path().join("results.json").is_file());
 }
+
+/// The failure scenario in seconds on all three arms: the report has one row
+/// per arm with the steady set counted before the kill; STE at RF 2 loses no
+/// pod, STE at RF 1 loses only the killed shard's share and is whole again,
+/// and the store behind kube-apiserver is read directly on every arm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_scenario_reports_losses_per_arm() {
+    use clap::Parser;
+    use ste_bench::failure::Victim;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ste_bench::failure::FailureArgs,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().display().to_string();
+    let cli = Cli::try_parse_from([
+        "failure",
+        "--deployments=4",
+        "--replicas=5",
+        "--before=2s",
+        "--observe=20s",
+        "--nodes=3",
+        &format!("--output={output}"),
+    ])
+    .unwrap();
+    let results = ste_bench::failure::run(cli.args).await.unwrap();
+    let arms: Vec<Victim> = results.iter().map(|r| r.arm).collect();
+    assert_eq!(arms, vec![Victim::Override, Victim::SteRf1, Victim::SteRf2]);
+    for r in &results {
+        assert_eq!(r.pods_before, 20, "{r:?}");
+        assert!(r.churn_requests > 0, "{r:?}");
+        assert!(r.pods_in_store_after.is_some(), "{r:?}");
+    }
+    let (rf1, rf2) = (&results[1], &results[2]);
+    assert_eq!(rf2.pods_lost, 0, "RF 2 loses no pod: {rf2:?}");
+    assert_eq!(rf2.pods_in_store_after, Some(20), "{rf2:?}");
+    assert!(
+        rf1.pods_lost > 0 && rf1.pods_lost < 20,
+        "RF 1 loses only the killed shard's pods: {rf1:?}"
+    );
+    assert_eq!(rf1.pods_recreated, rf1.pods_lost, "{rf1:?}");
+    assert!(rf1.whole_after_s.is_some(), "{rf1:?}");
+    assert!(dir.path().join("results.json").is_file());
+}
