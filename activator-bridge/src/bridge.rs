@@ -43,6 +43,10 @@ pub struct Settings {
     pub webhook: bool,
     /// How long a surplus gated pod is left to the ReplicaSet controller before the sweep deletes it.
     pub gated_grace: Duration,
+    /// Create pods only when at least this many revisions woke within
+    /// `burst_window` (0 or 1: always).
+    pub burst_threshold: usize,
+    pub burst_window: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +160,8 @@ pub struct Bridge {
     rejected: Mutex<HashSet<String>>,
     queue: mpsc::UnboundedSender<Trigger>,
     synced: [AtomicBool; 4],
+    /// When recent revisions woke (for `burst_threshold`).
+    wakes: Mutex<std::collections::VecDeque<Instant>>,
 }
 
 pub(crate) fn controller_uid(meta: &ObjectMeta) -> Option<&str> {
@@ -200,6 +206,7 @@ impl Bridge {
             next_reservation: Default::default(),
             tracking: Mutex::new(HashMap::new()),
             gated_seen: Mutex::new(HashMap::new()),
+            wakes: Mutex::new(Default::default()),
             rejected: Mutex::new(HashSet::new()),
             queue: tx,
             synced: Default::default(),
@@ -267,6 +274,9 @@ impl Bridge {
                         let before = last.insert(rs.uid().unwrap_or_default(), now);
                         if before == Some(0) && now > 0 {
                             debug!(replicaset = %key(&rs.namespace().unwrap_or_default(), &rs.name_any()), replicas = now, "scale-up from zero");
+                            if b.settings.mode != Mode::Aggressive {
+                                b.note_wake();
+                            }
                             b.enqueue(Trigger {
                                 ns: rs.namespace().unwrap_or_default(),
                                 name: rs.name_any(),
@@ -305,6 +315,7 @@ impl Bridge {
                             let now = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
                             let before = last.insert(d.uid().unwrap_or_default(), now);
                             if before == Some(0) && now > 0 {
+                                b.note_wake();
                                 b.enqueue(Trigger {
                                     ns: d.namespace().unwrap_or_default(),
                                     name: d.name_any(),
@@ -348,6 +359,34 @@ impl Bridge {
     /// True once every cache has its first full list.
     pub fn synced(&self) -> bool {
         self.synced.iter().all(|s| s.load(Ordering::SeqCst))
+    }
+
+    /// Records a revision woken (once per wake: the Deployment's 0→N in
+    /// aggressive mode, the ReplicaSet's otherwise).
+    fn note_wake(&self) {
+        let mut wakes = self.wakes.lock().unwrap();
+        wakes.push_back(Instant::now());
+        while wakes
+            .front()
+            .is_some_and(|t| t.elapsed() > self.settings.burst_window)
+        {
+            wakes.pop_front();
+        }
+    }
+
+    /// True when fewer revisions than `burst_threshold` woke within
+    /// `burst_window`: the ReplicaSet controller keeps up, and the webhook
+    /// binds its pods without any duplicate.
+    fn below_burst(&self) -> bool {
+        if self.settings.burst_threshold <= 1 {
+            return false;
+        }
+        let wakes = self.wakes.lock().unwrap();
+        let recent = wakes
+            .iter()
+            .filter(|t| t.elapsed() <= self.settings.burst_window)
+            .count();
+        recent < self.settings.burst_threshold
     }
 
     fn enqueue(&self, trigger: Trigger) {
@@ -399,6 +438,10 @@ impl Bridge {
         }
         if !self.leading.load(Ordering::SeqCst) {
             self.metrics.decision("not_leader");
+            return Ok(());
+        }
+        if trigger.attempt == 0 && self.below_burst() {
+            self.metrics.decision("below_burst");
             return Ok(());
         }
         if !self.synced() {

@@ -160,6 +160,14 @@ struct Args {
     /// outside a cluster; never with several replicas sharing it).
     #[arg(long, env = "STE_BRIDGE_WEBHOOK_UNREGISTER_ON_EXIT")]
     webhook_unregister_on_exit: bool,
+    /// Create pods (default/aggressive mode) only when at least this many
+    /// revisions woke within --burst-window; below it the ReplicaSet
+    /// controller keeps up and the webhook binds its pods (0 = always create).
+    #[arg(long, env = "STE_BRIDGE_BURST_THRESHOLD", default_value_t = 0)]
+    burst_threshold: usize,
+    /// The window of --burst-threshold.
+    #[arg(long, env = "STE_BRIDGE_BURST_WINDOW", value_parser = humantime::parse_duration, default_value = "1s")]
+    burst_window: Duration,
     /// How long a surplus gated pod is left to the ReplicaSet controller before the sweep deletes it.
     #[arg(long, env = "STE_BRIDGE_GATED_GRACE", value_parser = humantime::parse_duration, default_value = "5s")]
     gated_grace: Duration,
@@ -269,6 +277,8 @@ async fn main() -> anyhow::Result<()> {
         workers: args.workers,
         webhook: args.webhook_listen.is_some(),
         gated_grace: args.gated_grace,
+        burst_threshold: args.burst_threshold,
+        burst_window: args.burst_window,
     };
     let lease = leader::Config {
         namespace: args.lease_namespace.clone(),

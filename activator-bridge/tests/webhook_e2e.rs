@@ -238,7 +238,7 @@ impl Harness {
     }
 
     /// Starts a bridge; with `webhook`, waits until kube-apiserver calls it.
-    async fn bridge(&self, log: &str, mode: &str, webhook: bool) -> BridgeProcess {
+    async fn bridge(&self, log: &str, mode: &str, webhook: bool, extra: &[&str]) -> BridgeProcess {
         let mut flags = vec![
             "--lease-namespace=default".to_string(),
             "--lease-duration=3s".into(),
@@ -246,7 +246,6 @@ impl Harness {
             "--retry-period=250ms".into(),
             "--settle=5s".into(),
             "--gated-grace=3s".into(),
-            "--kube-api-qps=0".into(),
             format!("--mode={mode}"),
         ];
         if webhook {
@@ -259,6 +258,7 @@ impl Harness {
                 "--webhook-timeout=1s".into(),
             ]);
         }
+        flags.extend(extra.iter().map(|f| f.to_string()));
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let bridge = BridgeProcess::start(
             Path::new(BRIDGE),
@@ -562,7 +562,7 @@ async fn webhook_binds_at_creation_gates_duplicates_and_fails_open() {
     create_revisions(&h, &["left-gated".to_string()], true).await;
 
     // 1. Webhook only, one revision.
-    let bridge = h.bridge("bridge-webhook", "webhook", true).await;
+    let bridge = h.bridge("bridge-webhook", "webhook", true, &[]).await;
     let started = Instant::now();
     h.scale(&one, 1).await;
     h.converged(&one, 1, Duration::from_secs(30)).await;
@@ -615,7 +615,7 @@ async fn webhook_binds_at_creation_gates_duplicates_and_fails_open() {
     bridge.stop();
 
     // 2. Aggressive mode with the webhook: a burst.
-    let bridge = h.bridge("bridge-aggressive", "aggressive", true).await;
+    let bridge = h.bridge("bridge-aggressive", "aggressive", true, &[]).await;
     let started = Instant::now();
     h.scale(&many, 2).await;
     h.converged(&many, 2, Duration::from_secs(120)).await;
@@ -674,7 +674,7 @@ async fn webhook_binds_at_creation_gates_duplicates_and_fails_open() {
             .any(|p| p.revision == "left-gated" && p.ever_gated)
     })
     .await;
-    let bridge = h.bridge("bridge-restarted", "aggressive", true).await;
+    let bridge = h.bridge("bridge-restarted", "aggressive", true, &[]).await;
     h.converged(&many, 2, Duration::from_secs(120)).await;
     h.converged(&["left-gated".to_string()], 1, Duration::from_secs(60))
         .await;
@@ -789,7 +789,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Wake → first pod bound per revision, per bridge setting, 1/5/25
 /// revisions, in one cluster (printed; run with --ignored --nocapture).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "measurement, about 5 minutes: cargo test -p ste-activator-bridge --test webhook_e2e -- --ignored --nocapture"]
+#[ignore = "measurement, about 12 minutes on a loaded 2-core machine: cargo test -p ste-activator-bridge --test webhook_e2e -- --ignored --nocapture"]
 async fn wake_to_bound_by_bridge_setting() {
     let (tmp, _running, h) = setup("bridge-webhook-bench-", 20).await;
     let _keep = keep_dir(tmp);
@@ -797,12 +797,19 @@ async fn wake_to_bound_by_bridge_setting() {
     let watchers = watch(h.client.clone(), h.history.clone());
     let revisions = names("rev", 25);
     create_revisions(&h, &revisions, false).await;
-    let rounds: [(usize, usize); 3] = [(1, 5), (5, 2), (25, 1)];
-    let settings: [(&str, Option<&str>, bool); 4] = [
-        ("none", None, false),
-        ("aggressive", Some("aggressive"), false),
-        ("webhook", Some("webhook"), true),
-        ("aggressive+webhook", Some("aggressive"), true),
+    let rounds: [(usize, usize); 3] = [(1, 10), (5, 10), (25, 2)];
+    type Setting<'a> = (&'a str, Option<&'a str>, bool, &'a [&'a str]);
+    let settings: [Setting; 5] = [
+        ("none", None, false, &[]),
+        ("aggressive", Some("aggressive"), false, &[]),
+        ("webhook", Some("webhook"), true, &[]),
+        ("aggressive+webhook", Some("aggressive"), true, &[]),
+        (
+            "aggressive+webhook, burst ≥ 10/s",
+            Some("aggressive"),
+            true,
+            &["--burst-threshold=10"],
+        ),
     ];
     let mut table: BTreeMap<(usize, usize), Row> = BTreeMap::new();
     // Arms interleaved per repetition: each round runs every setting in turn.
@@ -810,10 +817,10 @@ async fn wake_to_bound_by_bridge_setting() {
     let mut duplicates: BTreeMap<(usize, usize), (usize, usize)> = BTreeMap::new();
     for (size, reps) in rounds {
         for _ in 0..reps {
-            for (si, (_, mode, webhook)) in settings.iter().enumerate() {
+            for (si, (_, mode, webhook, extra)) in settings.iter().enumerate() {
                 let bridge = match mode {
                     Some(mode) => Some(
-                        h.bridge(&format!("bench-{si}-{size}"), mode, *webhook)
+                        h.bridge(&format!("bench-{si}-{size}"), mode, *webhook, extra)
                             .await,
                     ),
                     None => None,
