@@ -21,6 +21,7 @@ use crate::api::{clear_namespace, create, current_resource_version, delete_deplo
 use crate::arms::{parse_qps, qps_name};
 use crate::cluster::{self, Arm, ClusterRecord};
 use crate::measure::{cpu_by_component, cpu_per_100, watch_pods};
+use crate::progress::Progress;
 use crate::stats::Samples;
 
 // Kept for modules that still import these from here (knative); the
@@ -239,6 +240,14 @@ async fn measure(
         1.0 / interarrival.as_secs_f64(),
         args.duration
     );
+    let mut progress = Progress::new(
+        format!(
+            "{arm:?} ({}), {prefix}, {:.1}/s: sent",
+            qps_name(client_qps),
+            1.0 / interarrival.as_secs_f64()
+        ),
+        total as u64,
+    );
     let start = Instant::now();
     let mut sent_at = HashMap::new();
     let mut requests = Vec::with_capacity(total);
@@ -266,12 +275,8 @@ async fn measure(
                 }
             }
         }));
-        if i % 50 == 0 {
-            eprint!(
-                "\r  {arm:?}: sent {i}/{total}, bound {}   ",
-                times.lock().expect("times").bound.len()
-            );
-        }
+        let bound = times.lock().expect("times").bound.len();
+        progress.update(i as u64 + 1, &format!("bound {bound}"));
     }
     for request in requests {
         request.await?;
@@ -283,13 +288,13 @@ async fn measure(
             .keys()
             .filter(|n| times.lock().expect("times").bound.contains_key(*n))
             .count();
-        eprint!("\r  {arm:?}: sent {total}/{total}, bound {bound}   ");
+        progress.update(total as u64, &format!("bound {bound} (draining)"));
         if bound == total || Instant::now() > drain_deadline {
+            progress.finish(total as u64, &format!("bound {bound}"));
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    eprintln!();
     let cpu_after = cpu_by_component(record);
     watcher.abort();
     let errors = errors.lock().expect("errors").clone();

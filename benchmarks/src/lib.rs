@@ -12,6 +12,7 @@ pub mod knative;
 pub mod measure;
 pub mod members;
 pub mod plots;
+pub mod progress;
 pub mod real_node;
 pub mod ring;
 pub mod router_bench;

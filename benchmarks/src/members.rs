@@ -24,6 +24,7 @@ use tonic::transport::Channel;
 use crate::arms::{Arm, Topology};
 use crate::churn::{self, ArmResult, ChurnArgs, Mode};
 use crate::cluster;
+use crate::progress::Progress;
 use crate::stats::Samples;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -142,11 +143,17 @@ async fn open_loop(
 ) -> WriteResult {
     let total = (duration.as_secs_f64() * rate).floor() as usize;
     let samples = Arc::new(Mutex::new((Samples::default(), 0usize)));
+    let mut progress = Progress::new(
+        format!("etcd, {members} member(s), {rate}/s: sent"),
+        total as u64,
+    );
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(total);
     for i in 0..total {
         let due = start + Duration::from_secs_f64(i as f64 / rate);
         tokio::time::sleep_until(due.into()).await;
+        let acknowledged = samples.lock().expect("samples").0.len();
+        progress.update(i as u64 + 1, &format!("acknowledged {acknowledged}"));
         let (mut kv, samples) = (kv.clone(), samples.clone());
         tasks.push(tokio::spawn(async move {
             let ok = kv.put(put(i)).await.is_ok();
@@ -163,6 +170,7 @@ async fn open_loop(
     }
     let elapsed = start.elapsed().as_secs_f64();
     let (samples, errors) = samples.lock().expect("samples").clone();
+    progress.finish(total as u64, &format!("acknowledged {}", samples.len()));
     summary(members, Some(rate), total, &samples, errors, elapsed)
 }
 
