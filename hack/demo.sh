@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README's main job: STE against stock (and tuned) Kubernetes, side by side on this
+# README's main job: STE against stock, tuned and override Kubernetes, side by side on this
 # machine. Starts a real local control plane on each arm in turn (durable etcd
 # with an 8 ms fsync, as cloud disks have; on the STE arm pods go through
 # ste-router to RAM etcd shards), sends a Deployment every 100 ms for 30 s,

@@ -688,7 +688,10 @@ async fn start_all(
         step("etcd on a RAM disk, no fsync");
         let ram = ram_directory(&dir, "ste-tuned-")?;
         launcher.record.ram_dir = Some(ram.clone());
-        launcher.start_etcd("etcd-main", &ram.join("etcd"), true, None)?
+        let endpoint = launcher.start_etcd("etcd-main", &ram.join("etcd"), true, None)?;
+        // Tuned's one etcd holds what the durable etcd holds on other arms.
+        launcher.record.durable_etcd = vec![endpoint.clone()];
+        endpoint
     } else {
         step(&format!(
             "durable etcd (on disk, fsync on), {} member(s)",
