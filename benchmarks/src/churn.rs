@@ -405,8 +405,9 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
         );
         results.extend(run_arm(&args, *arm, *qps).await?);
     }
-    crate::plots::churn(&results, &args.output)?;
-    crate::plots::churn_throughput(&results, &args.output)?;
+    let plotted = serde_json::to_value(&results)?;
+    let suite = crate::plots::Suite::Churn;
+    crate::plots::write_suite(suite, "churn", plotted, &args.output)?;
     print_report(&args, &results);
     let json_path = args.output.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
@@ -435,7 +436,7 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
     std::fs::write(args.output.join("results.csv"), csv)?;
     eprintln!("raw results: {} and results.csv", json_path.display());
     eprintln!(
-        "plots: {dir}/churn-latency-cdf.svg, {dir}/churn-bound-over-time.svg, {dir}/churn-throughput-<arm>-<qps>-<rate>.svg",
+        "plots: {dir}/churn-latency-cdf.svg, {dir}/churn-p50-p99.svg, {dir}/churn-lines.svg",
         dir = args.output.display()
     );
     Ok(results)

@@ -57,6 +57,9 @@ enum Command {
     /// when a shard joins and when one drains, and the client's latency
     /// during each move against a baseline, for each key count.
     Ring(ring::RingArgs),
+    /// A suite's figures (SVG) from recorded results files, e.g.
+    /// `ste-bench plot --suite churn --from docs/results/churn.json`.
+    Plot(ste_bench::plots::command::PlotArgs),
     /// A real local control plane (kube-apiserver, controller-manager,
     /// scheduler, kwok fake nodes) on the stock or the STE storage arm.
     Cluster {
@@ -93,6 +96,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Startup(args) => startup::run(args).await.map(|_| ()),
         Command::Coldstart(args) => coldstart::run(args).await.map(|_| ()),
         Command::Ring(args) => ring::run(args).await.map(|_| ()),
+        Command::Plot(args) => {
+            for path in ste_bench::plots::command::run(&args)? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
         Command::Members(args) => members::run(args).await.map(|_| ()),
         Command::Failure(args) => failure::run(args).await.map(|_| ()),
         Command::Demo { seconds } => {

@@ -381,7 +381,9 @@ pub async fn run(args: StartupArgs) -> anyhow::Result<Vec<LevelResult>> {
         );
         results.extend(run_arm(&args, *arm).await?);
     }
-    crate::plots::startup(&results, &args.output)?;
+    let plotted = serde_json::to_value(&results)?;
+    let suite = crate::plots::Suite::Startup;
+    crate::plots::write_suite(suite, "startup", plotted, &args.output)?;
     print_report(&args, &results);
     let json_path = args.output.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
@@ -405,7 +407,7 @@ pub async fn run(args: StartupArgs) -> anyhow::Result<Vec<LevelResult>> {
     }
     std::fs::write(args.output.join("results.csv"), csv)?;
     eprintln!(
-        "raw results: {}, results.csv, startup-latency.svg, startup-throughput.svg",
+        "raw results: {}, results.csv, startup-latency-cdf.svg, startup-p50-p99.svg, startup-lines.svg",
         json_path.display()
     );
     Ok(results)

@@ -1,0 +1,167 @@
+//! Where a cold start's time goes: per arm, a bar stacked from the hops
+//! (wake → scaled → created → bound → Ready → Endpoints → first response),
+//! one panel per scale. Each segment is the growth of the chosen percentile
+//! of the time from the wake to that hop, so the bar's top is that
+//! percentile of wake → last hop. Hops have their own colours, light to
+//! dark in hop order; the bar's outline is the arm's colour.
+
+use plotters::prelude::*;
+
+use super::cdf::entry;
+use super::figure::{self, Axis, Description, DrawError, Figure, Series};
+use super::header::{self, quantile};
+use super::input::{Wake, COLDSTART_HOPS};
+use super::palette::{hex, Palette, HOPS};
+use super::slots::Slots;
+use super::ticks::trim;
+
+/// (hop, cumulative ms at percentile `q`) for the hops some wake of `arm`
+/// at `revisions` reached, in hop order.
+pub fn stack(wakes: &[Wake], arm: &str, revisions: usize, q: f64) -> Vec<(String, f64)> {
+    let mine: Vec<&Wake> = wakes
+        .iter()
+        .filter(|w| w.arm == arm && w.revisions == revisions)
+        .collect();
+    let mut out: Vec<(String, f64)> = Vec::new();
+    for hop in hop_order(wakes) {
+        let mut times: Vec<f64> = mine
+            .iter()
+            .filter_map(|w| w.hops_ms.iter().find(|(h, _)| *h == hop).map(|(_, ms)| *ms))
+            .collect();
+        if times.is_empty() {
+            continue;
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        let at = quantile(&times, q).max(out.last().map(|l| l.1).unwrap_or(0.0));
+        out.push((hop, at));
+    }
+    out
+}
+
+/// Known hops in their order, then unknown ones as first seen.
+fn hop_order(wakes: &[Wake]) -> Vec<String> {
+    let mut order: Vec<String> = COLDSTART_HOPS.iter().map(|h| h.to_string()).collect();
+    for w in wakes {
+        for (h, _) in &w.hops_ms {
+            if !order.contains(h) {
+                order.push(h.clone());
+            }
+        }
+    }
+    // The wake is the zero every hop counts from: no segment of its own.
+    order.retain(|h| h != "wake" && wakes.iter().any(|w| w.hops_ms.iter().any(|(x, _)| x == h)));
+    order
+}
+
+/// The stacked-bar figure `file` of `wakes` at percentile `q` (e.g. 0.95).
+pub fn render(file: &str, wakes: &[Wake], q: f64) -> Result<Figure, DrawError> {
+    let mut arms: Vec<String> = Vec::new();
+    let mut scales: Vec<usize> = Vec::new();
+    for w in wakes {
+        if !arms.contains(&w.arm) {
+            arms.push(w.arm.clone());
+        }
+        if !scales.contains(&w.revisions) {
+            scales.push(w.revisions);
+        }
+    }
+    scales.sort_unstable();
+    let hops = hop_order(wakes);
+    let hop_colour = |h: &str| HOPS[hops.iter().position(|x| x == h).unwrap_or(0) % HOPS.len()];
+    let mut palette = Palette::default();
+    let colours: Vec<RGBColor> = arms.iter().map(|a| palette.colour(a)).collect();
+    let pct = format!("p{}", trim(q * 100.0));
+    let mut svg = String::new();
+    let mut series = Vec::new();
+    {
+        let root =
+            SVGBackend::with_string(&mut svg, figure::size(scales.len())).into_drawing_area();
+        let err = |e: &dyn std::fmt::Display| DrawError::new(file, e);
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let (top, body) = root.split_vertically(figure::HEADER);
+        let legend: Vec<_> = hops
+            .iter()
+            .map(|h| {
+                (
+                    entry(&format!("→ {h}"), hop_colour(h), "box"),
+                    hop_colour(h),
+                )
+            })
+            .collect();
+        header::draw(&top, &format!("cold start, {pct} time from the wake to each hop, per arm (bar outline: the arm's colour)"), &legend)
+            .map_err(|e| err(&e))?;
+        let areas = body.split_evenly(figure::grid(scales.len()));
+        for (p, (scale, area)) in scales.iter().zip(areas.iter()).enumerate() {
+            let stacks: Vec<Vec<(String, f64)>> =
+                arms.iter().map(|a| stack(wakes, a, *scale, q)).collect();
+            let top_ms = stacks
+                .iter()
+                .filter_map(|s| s.last().map(|l| l.1))
+                .fold(0.0, f64::max);
+            let names = arms.clone();
+            let mut chart = ChartBuilder::on(area)
+                .caption(
+                    match scale {
+                        1 => "1 revision woken".to_string(),
+                        n => format!("{n} revisions woken at once"),
+                    },
+                    ("sans-serif", 15),
+                )
+                .margin(8)
+                .margin_right(24)
+                .x_label_area_size(36)
+                .y_label_area_size(56)
+                .build_cartesian_2d(Slots(arms.len()), 0.0..(top_ms.max(1.0) * 1.1) / 1000.0)
+                .map_err(|e| err(&e))?;
+            chart
+                .configure_mesh()
+                .x_label_formatter(&|v| names.get(v.round() as usize).cloned().unwrap_or_default())
+                .y_desc(format!("seconds from the wake ({pct})"))
+                .light_line_style(WHITE)
+                .draw()
+                .map_err(|e| err(&e))?;
+            for (a, (stack, colour)) in stacks.iter().zip(&colours).enumerate() {
+                let (x0, x1) = (a as f64 - 0.3, a as f64 + 0.3);
+                let mut below = 0.0;
+                for (hop, at) in stack {
+                    let c = hop_colour(hop);
+                    series.push(Series {
+                        panel: p,
+                        key: format!("{} {hop}", arms[a]),
+                        colour: hex(c),
+                        points: 1,
+                    });
+                    chart
+                        .draw_series([Rectangle::new(
+                            [(x0, below / 1000.0), (x1, at / 1000.0)],
+                            c.filled(),
+                        )])
+                        .map_err(|e| err(&e))?;
+                    below = *at;
+                }
+                chart
+                    .draw_series([Rectangle::new(
+                        [(x0, 0.0), (x1, below / 1000.0)],
+                        colour.stroke_width(3),
+                    )])
+                    .map_err(|e| err(&e))?;
+            }
+        }
+        root.present().map_err(|e| err(&e))?;
+    }
+    let legend = hops
+        .iter()
+        .map(|h| entry(&format!("→ {h}"), hop_colour(h), "box"))
+        .collect();
+    Ok(Figure {
+        svg,
+        description: Description {
+            file: file.into(),
+            panels: scales.len(),
+            x_axis: Axis::Categories,
+            y_axis: Axis::Linear,
+            series,
+            legend,
+        },
+    })
+}

@@ -1,0 +1,153 @@
+//! Lines over a linear (or log) x axis, one panel per step, one colour per
+//! arm: pods bound per second against the offered load, Deployments per
+//! second against parallelism.
+
+use plotters::coord::ranged1d::Ranged;
+use plotters::coord::types::RangedCoordf64;
+use plotters::prelude::*;
+
+use super::cdf::entry;
+use super::figure::{self, Axis, Description, DrawError, Figure, Series};
+use super::header;
+use super::input::{Line, LineChart};
+use super::palette::{hex, width, Palette};
+use super::ticks::{log_range, log_ticks, trim};
+
+/// The arms of `chart` in first-seen order and their colours.
+fn arms(chart: &LineChart) -> (Vec<String>, Vec<RGBColor>) {
+    let mut arms: Vec<String> = Vec::new();
+    for (_, lines) in &chart.panels {
+        for l in lines {
+            if !arms.contains(&l.arm) {
+                arms.push(l.arm.clone());
+            }
+        }
+    }
+    let mut palette = Palette::default();
+    let colours = arms.iter().map(|a| palette.colour(a)).collect();
+    (arms, colours)
+}
+
+/// The figure `file` of `chart`.
+pub fn render(file: &str, chart: &LineChart) -> Result<Figure, DrawError> {
+    let (arms, colours) = arms(chart);
+    let points = || {
+        chart
+            .panels
+            .iter()
+            .flat_map(|p| p.1.iter().flat_map(|l| l.points.iter()))
+    };
+    let x_max = points().map(|p| p.0).fold(0.0, f64::max);
+    let x_min = points().map(|p| p.0).fold(f64::MAX, f64::min);
+    let y_max = points().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.1;
+    let n = chart.panels.len();
+    let mark = if chart.markers { "circle" } else { "line" };
+    let legend: Vec<_> = arms
+        .iter()
+        .zip(&colours)
+        .map(|(a, c)| entry(a, *c, mark))
+        .collect();
+    let mut svg = String::new();
+    let mut series = Vec::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, figure::size(n)).into_drawing_area();
+        let err = |e: &dyn std::fmt::Display| DrawError::new(file, e);
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let (top, body) = root.split_vertically(figure::HEADER);
+        let strip: Vec<_> = legend
+            .iter()
+            .cloned()
+            .zip(colours.iter().copied())
+            .collect();
+        header::draw(&top, &chart.title, &strip).map_err(|e| err(&e))?;
+        let style = |arm: &str| {
+            let i = arms.iter().position(|a| a == arm).unwrap_or(0);
+            (colours[i], width(i, arms.len()))
+        };
+        let areas = body.split_evenly(figure::grid(n));
+        for (p, ((title, lines), area)) in chart.panels.iter().zip(areas.iter()).enumerate() {
+            for line in lines {
+                series.push(Series {
+                    panel: p,
+                    key: line.arm.clone(),
+                    colour: hex(style(&line.arm).0),
+                    points: line.points.len(),
+                });
+            }
+            let mut builder = ChartBuilder::on(area);
+            builder
+                .caption(title, ("sans-serif", 15))
+                .margin(8)
+                .margin_right(24)
+                .x_label_area_size(36)
+                .y_label_area_size(48);
+            if chart.log_x {
+                let (lo, hi) = log_range(x_min.max(1e-3), x_max);
+                let mut c = builder
+                    .build_cartesian_2d(
+                        (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
+                        0.0..y_max,
+                    )
+                    .map_err(|e| err(&e))?;
+                c.configure_mesh()
+                    .x_label_formatter(&|v| trim(*v))
+                    .y_label_formatter(&|v| trim(*v))
+                    .x_desc(format!("{} (log scale)", chart.x_label))
+                    .y_desc(&chart.y_label)
+                    .light_line_style(WHITE)
+                    .draw()
+                    .map_err(|e| err(&e))?;
+                draw_lines(&mut c, lines, &style, chart.markers).map_err(|e| err(&e))?;
+            } else {
+                let mut c = builder
+                    .build_cartesian_2d(0.0..x_max.max(1e-9), 0.0..y_max)
+                    .map_err(|e| err(&e))?;
+                c.configure_mesh()
+                    .x_label_formatter(&|v| trim(*v))
+                    .y_label_formatter(&|v| trim(*v))
+                    .x_desc(&chart.x_label)
+                    .y_desc(&chart.y_label)
+                    .light_line_style(WHITE)
+                    .draw()
+                    .map_err(|e| err(&e))?;
+                draw_lines(&mut c, lines, &style, chart.markers).map_err(|e| err(&e))?;
+            }
+        }
+        root.present().map_err(|e| err(&e))?;
+    }
+    Ok(Figure {
+        svg,
+        description: Description {
+            file: file.into(),
+            panels: n,
+            x_axis: if chart.log_x { Axis::Log } else { Axis::Linear },
+            y_axis: Axis::Linear,
+            series,
+            legend,
+        },
+    })
+}
+
+/// Each line in its arm's colour and width, with a dot on every point if `markers`.
+fn draw_lines<DB: DrawingBackend, X: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<X, RangedCoordf64>>,
+    lines: &[Line],
+    style: &dyn Fn(&str) -> (RGBColor, u32),
+    markers: bool,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    for line in lines {
+        let (colour, w) = style(&line.arm);
+        chart.draw_series(LineSeries::new(
+            line.points.iter().copied(),
+            colour.stroke_width(w),
+        ))?;
+        if markers {
+            chart.draw_series(
+                line.points
+                    .iter()
+                    .map(|pt| Circle::new(*pt, 4, colour.filled())),
+            )?;
+        }
+    }
+    Ok(())
+}
