@@ -8,8 +8,9 @@
 //!
 //! Knative's webhook and activator do not run (docs/activator-bridge.md
 //! says why): Services are created fully defaulted, and revisions are woken
-//! by the exact JSON patch the autoscaler's KPA scaler sends to the
-//! revision's Deployment.
+//! as the activator wakes them, by request stats to the autoscaler
+//! (`--wake stats`, crate::knative), or by the exact JSON patch the
+//! autoscaler's KPA scaler sends to the revision's Deployment (`--wake patch`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -610,6 +611,10 @@ pub struct ColdstartArgs {
     /// Seconds to wait after a round for the bridge's race accounting (its --settle).
     #[arg(long, env = "STE_COLDSTART_SETTLE", default_value_t = 5)]
     pub settle: u64,
+    /// How revisions are woken: stats (as Knative's activator, through the
+    /// autoscaler; src/knative) or patch (the scale patch sent by the bench).
+    #[arg(long, value_enum, env = "STE_COLDSTART_WAKE", default_value = "stats")]
+    pub wake: crate::knative::Wake,
     /// Output directory (clusters, logs, coldstart.json, coldstart.md).
     #[arg(
         long,
@@ -640,6 +645,8 @@ pub struct RoundResult {
     pub races_lost: f64,
     pub duplicates_deleted: f64,
     pub rejections: f64,
+    /// Per-hop times of a wake through the autoscaler (`--wake stats`).
+    pub hops: Option<crate::knative::hops::WakeRound>,
 }
 
 fn bridge_binary(args: &ColdstartArgs) -> anyhow::Result<PathBuf> {
@@ -723,7 +730,19 @@ async fn round(
     // Let the watch start before the first patch.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut triggers = HashMap::new();
-    let patches = services.iter().map(|s| {
+    let woken = match args.wake {
+        crate::knative::Wake::Stats => Some(
+            crate::knative::wake_through_autoscaler(
+                record,
+                services,
+                &format!("{arm:?}, bridge {mode}"),
+            )
+            .await?,
+        ),
+        crate::knative::Wake::Patch => None,
+    };
+    triggers.extend(woken.iter().flat_map(|w| w.sent()));
+    let patches = services.iter().filter(|_| woken.is_none()).map(|s| {
         let http = http.clone();
         async move {
             let at = Instant::now();
@@ -778,6 +797,7 @@ async fn round(
         races_lost: 0.0,
         duplicates_deleted: 0.0,
         rejections: 0.0,
+        hops: woken.as_ref().map(|w| w.round.clone()),
     };
     // Let duplicates be removed and the bridge close its race accounting.
     tokio::time::sleep(Duration::from_secs(args.settle.max(1) + 1)).await;
@@ -798,6 +818,11 @@ async fn round(
     }
     result.pods_seen = times.lock().expect("times").pods.len();
     watcher.abort();
+    if let Some(woken) = woken {
+        // Back to zero by the autoscaler itself, once the requests are answered.
+        woken.back_to_zero(record, services).await?;
+        return Ok(result);
+    }
     // Back to zero, as the autoscaler would after its grace period.
     for s in services {
         scale_revision(&http, record, s, 0).await?;
@@ -828,6 +853,10 @@ async fn run_arm(
     let leases = keep_node_leases(&record)?;
     let result = async {
         let mut knative = Knative::start(&record, &dir.join("logs")).await?;
+        if args.wake == crate::knative::Wake::Stats {
+            // Before the Services: a later change resyncs every PodAutoscaler.
+            crate::knative::configure_autoscaler(&record).await?;
+        }
         let http = client()?;
         let max = args.revisions.iter().copied().max().unwrap_or(0);
         let services: Vec<String> = (0..max).map(|i| format!("cold-{i}")).collect();
@@ -926,6 +955,8 @@ pub async fn run(args: ColdstartArgs) -> anyhow::Result<Vec<RoundResult>> {
         serde_json::to_string_pretty(&results)?,
     )?;
     std::fs::write(args.output.join("coldstart.md"), &table)?;
+    let hops: Vec<_> = results.iter().filter_map(|r| r.hops.clone()).collect();
+    std::fs::write(args.output.join("hops.md"), crate::knative::markdown(&hops))?;
     println!("{table}");
     eprintln!(
         "results in {}",

@@ -250,6 +250,14 @@ impl HopWatch {
         out
     }
 
+    /// When each followed revision's wake was sent.
+    pub fn sent(&self) -> HashMap<String, Instant> {
+        lock(&self.state)
+            .iter()
+            .map(|(rev, w)| (rev.clone(), w.sent))
+            .collect()
+    }
+
     /// Milliseconds from the first to the last Deployment seen scaled: the
     /// pace of the autoscaler's patches.
     pub fn scale_pace_ms(&self) -> f64 {
@@ -320,6 +328,9 @@ pub struct HopSummary {
 /// One round of wakes through the autoscaler, ready to serialize (and plot).
 #[derive(Clone, Debug, Serialize)]
 pub struct WakeRound {
+    /// When each revision's wake was sent (not serialized).
+    #[serde(skip)]
+    pub sent: HashMap<String, Instant>,
     pub arm: String,
     pub revisions: usize,
     /// Per hop, milliseconds from the wake (p50/p95/max over the revisions).

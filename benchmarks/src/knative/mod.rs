@@ -6,6 +6,7 @@
 pub mod hops;
 pub mod stats;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -16,6 +17,18 @@ use crate::cluster::ClusterRecord;
 use crate::coldstart::revision_of;
 use hops::{Hop, HopWatch, WakeRound};
 use stats::{Activator, RevisionKey, AUTOSCALER_STATS_ADDR};
+
+/// How `ste-bench coldstart` wakes revisions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Wake {
+    /// As Knative's activator: request stats to the autoscaler, which
+    /// decides and patches the Deployments at its own pace.
+    Stats,
+    /// The bench sends the autoscaler's scale patch itself, all at once
+    /// (skips the autoscaler's own pace).
+    Patch,
+}
 
 /// What the autoscaler needs to take revisions back to zero here, applied on
 /// top of hack/knative (the same in every arm):
@@ -136,6 +149,7 @@ pub async fn wake_round(
     }
     let wakes = watch.wakes();
     let round = WakeRound {
+        sent: watch.sent(),
         arm: arm.into(),
         revisions: keys.len(),
         hops: hops::summarize(&wakes),
@@ -145,6 +159,54 @@ pub async fn wake_round(
     };
     watch.stop();
     Ok(round)
+}
+
+/// A round woken through the autoscaler, its activator still connected
+/// until the revisions are back at zero.
+pub struct AutoscalerWake {
+    activator: Activator,
+    pub round: WakeRound,
+}
+
+/// For `ste-bench coldstart --wake stats`: connects an activator and wakes
+/// `services` through the autoscaler ([`wake_round`], 180 s at most).
+/// [`configure_autoscaler`] must have run before the Services were made:
+/// a config change makes the KPA resync every PodAutoscaler, ~10 s for 100
+/// revisions at its 10 QPS, and the wakes would queue behind it.
+pub async fn wake_through_autoscaler(
+    record: &ClusterRecord,
+    services: &[String],
+    arm: &str,
+) -> anyhow::Result<AutoscalerWake> {
+    let activator = connect_activator(Duration::from_secs(30)).await?;
+    let round = wake_round(record, &activator, services, arm, Duration::from_secs(180)).await;
+    if round.is_err() {
+        activator.stop();
+    }
+    Ok(AutoscalerWake {
+        round: round?,
+        activator,
+    })
+}
+
+impl AutoscalerWake {
+    /// When each revision's wake was sent.
+    pub fn sent(&self) -> HashMap<String, Instant> {
+        self.round.sent.clone()
+    }
+
+    /// Leaves the revisions to the autoscaler until they are back at zero
+    /// (180 s at most), then disconnects.
+    pub async fn back_to_zero(
+        self,
+        record: &ClusterRecord,
+        services: &[String],
+    ) -> anyhow::Result<()> {
+        let result =
+            back_to_zero(record, &self.activator, services, Duration::from_secs(180)).await;
+        self.activator.stop();
+        result
+    }
 }
 
 /// Waits until the activator stopped reporting on every revision (a whole
