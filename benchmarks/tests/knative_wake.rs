@@ -96,6 +96,9 @@ async fn the_autoscaler_wakes_revisions_from_activator_stats_and_takes_them_back
     coldstart::wait_at_zero(&http, record, &services, Duration::from_secs(90))
         .await
         .expect("revisions at zero");
+    knative::wait_autoscaler_quiet(record, Duration::from_secs(2), Duration::from_secs(90))
+        .await
+        .expect("the autoscaler done with the new revisions");
     let activator = knative::connect_activator(Duration::from_secs(30))
         .await
         .expect("the autoscaler's stat server");

@@ -86,6 +86,43 @@ pub async fn connect_activator(within: Duration) -> anyhow::Result<Activator> {
     }
 }
 
+/// Waits until Knative's autoscaler has no PodAutoscaler work left in the
+/// namespace: no PodAutoscaler changed for `quiet`. Right after Services are
+/// made, its KPA reconciles each of them (SKS, Metric, status) through its
+/// 10 QPS client for a while, and a wake sent then queues behind that.
+pub async fn wait_autoscaler_quiet(
+    record: &ClusterRecord,
+    quiet: Duration,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let http = client_for(record)?;
+    let url = format!(
+        "{}/apis/autoscaling.internal.knative.dev/v1alpha1/namespaces/{}/podautoscalers",
+        record.api_url, record.namespace
+    );
+    let deadline = Instant::now() + within;
+    let (mut last, mut since) = (Vec::new(), Instant::now());
+    loop {
+        let list: serde_json::Value = http.get(&url).auth(record).send().await?.json().await?;
+        let mut versions: Vec<String> = list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|pa| pa["metadata"]["resourceVersion"].as_str().map(String::from))
+            .collect();
+        versions.sort();
+        if versions != last {
+            (last, since) = (versions, Instant::now());
+        } else if since.elapsed() >= quiet {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("PodAutoscalers still changing after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Wakes the revisions of `services` (namespace of `record`) with one held
 /// request each, as the activator would on their first requests; each
 /// request is answered when its pod's IP reaches the revision's private
@@ -168,8 +205,9 @@ pub struct AutoscalerWake {
     pub round: WakeRound,
 }
 
-/// For `ste-bench coldstart --wake stats`: connects an activator and wakes
-/// `services` through the autoscaler ([`wake_round`], 180 s at most).
+/// For `ste-bench coldstart --wake stats`: waits until the autoscaler is
+/// quiet ([`wait_autoscaler_quiet`]), connects an activator and wakes
+/// `services` through it ([`wake_round`], 180 s at most).
 /// [`configure_autoscaler`] must have run before the Services were made:
 /// a config change makes the KPA resync every PodAutoscaler, ~10 s for 100
 /// revisions at its 10 QPS, and the wakes would queue behind it.
@@ -178,6 +216,7 @@ pub async fn wake_through_autoscaler(
     services: &[String],
     arm: &str,
 ) -> anyhow::Result<AutoscalerWake> {
+    wait_autoscaler_quiet(record, Duration::from_secs(2), Duration::from_secs(120)).await?;
     let activator = connect_activator(Duration::from_secs(30)).await?;
     let round = wake_round(record, &activator, services, arm, Duration::from_secs(180)).await;
     if round.is_err() {
