@@ -379,3 +379,15 @@ fn the_check_catches_two_arms_in_one_colour() {
         .unwrap_err()
         .contains("twice"));
 }
+
+#[test]
+fn a_suite_run_with_results_the_plots_cannot_read_keeps_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let odd = json!([{"arm": "stock", "no_samples": true}]);
+    let written = ste_bench::plots::write_suite(Suite::Churn, "churn", odd, dir.path()).unwrap();
+    assert!(written.is_empty());
+    let good = churn_results(&["Stock", "Ste"], &[10.0], 1.0);
+    let written = ste_bench::plots::write_suite(Suite::Churn, "churn", good, dir.path()).unwrap();
+    assert_eq!(written.len(), 3);
+    assert!(written.iter().all(|p| p.is_file()));
+}

@@ -106,12 +106,26 @@ pub fn write(plots: &SuitePlots, dir: &Path) -> Result<Vec<PathBuf>, PlotError> 
 
 /// What a suite's call site does: its results (as they go to results.json)
 /// into figures in `dir`, through the same reader `ste-bench plot` uses.
+/// Results the reader does not understand or cannot draw are reported on
+/// stderr and draw nothing, so a run never loses its measurements to a
+/// plot; only a file that cannot be written is an error.
 pub fn write_suite(
     suite: Suite,
     name: &str,
     results: serde_json::Value,
     dir: &Path,
 ) -> Result<Vec<PathBuf>, PlotError> {
-    let plots = suite.read(name, &[("this run".into(), results)])?;
-    write(&plots, dir)
+    match suite.read(name, &[("this run".into(), results)]) {
+        Ok(plots) => match write(&plots, dir) {
+            Err(PlotError::Draw(e)) => {
+                eprintln!("plots not drawn: {e}");
+                Ok(Vec::new())
+            }
+            written => written,
+        },
+        Err(e) => {
+            eprintln!("plots not drawn: {e}");
+            Ok(Vec::new())
+        }
+    }
 }
