@@ -5,7 +5,7 @@
 use plotters::prelude::*;
 
 use super::figure::{self, Axis, Description, DrawError, Figure, LegendEntry, Series};
-use super::header::{self, quantile};
+use super::header::{self, entry, quantile};
 use super::input::{LatencySet, Load};
 use super::palette::{hex, width, Palette};
 use super::ticks::{log_range, log_ticks, ms_label};
@@ -166,14 +166,6 @@ pub fn render(file: &str, what: &str, sets: &[LatencySet]) -> Result<Figure, Dra
             legend,
         },
     })
-}
-
-pub fn entry(label: &str, colour: RGBColor, mark: &str) -> LegendEntry {
-    LegendEntry {
-        label: label.into(),
-        colour: hex(colour),
-        mark: mark.into(),
-    }
 }
 
 /// A step CDF through the sorted values (at most [`MAX_POINTS`] ranks),

@@ -5,6 +5,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::figure::LegendEntry;
+use super::palette::hex;
 
 /// Draws `title` and `legend` on `area` (the strip), left to right, wrapping.
 pub fn draw<DB: DrawingBackend>(
@@ -34,6 +35,15 @@ pub fn draw<DB: DrawingBackend>(
         x += 40 + text_width;
     }
     Ok(())
+}
+
+/// A legend entry: `mark` is "line", "circle", "triangle" or "box".
+pub fn entry(label: &str, colour: RGBColor, mark: &str) -> LegendEntry {
+    LegendEntry {
+        label: label.into(),
+        colour: hex(colour),
+        mark: mark.into(),
+    }
 }
 
 /// A legend mark centred on `at`.

@@ -7,9 +7,8 @@
 
 use plotters::prelude::*;
 
-use super::cdf::entry;
 use super::figure::{self, Axis, Description, DrawError, Figure, Series};
-use super::header::{self, quantile};
+use super::header::{self, entry, quantile};
 use super::input::{Wake, COLDSTART_HOPS};
 use super::palette::{hex, Palette, HOPS};
 use super::slots::Slots;

@@ -6,9 +6,8 @@ use plotters::coord::ranged1d::Ranged;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
-use super::cdf::entry;
 use super::figure::{self, Axis, Description, DrawError, Figure, Series};
-use super::header;
+use super::header::{self, entry};
 use super::input::{Line, LineChart};
 use super::palette::{hex, width, Palette};
 use super::ticks::{log_range, log_ticks, trim};

@@ -4,9 +4,9 @@
 
 use plotters::prelude::*;
 
-use super::cdf::{arms_and_loads, entry};
+use super::cdf::arms_and_loads;
 use super::figure::{self, Axis, Description, DrawError, Figure, Series};
-use super::header::{self, quantile};
+use super::header::{self, entry, quantile};
 
 use super::input::{LatencySet, Load};
 use super::palette::{hex, Palette};
