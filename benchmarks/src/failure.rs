@@ -27,6 +27,7 @@ use serde_json::{json, Value};
 use crate::api::{client_for, create, delete_path, Authed};
 use crate::arms::{self, Arm, Environment, Topology};
 use crate::cluster::{self, ClusterRecord};
+use crate::progress::Progress;
 
 /// Which RAM store dies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -418,7 +419,11 @@ async fn measure(
     let mut list_errors = 0;
     let mut last_uids = None;
     let mut whole_now = false;
+    let window = args.observe.as_secs();
+    let mut progress = Progress::new(format!("{victim:?}: seconds after the kill"), window);
     while killed_at.elapsed() < args.observe {
+        let whole = if whole_now { "whole" } else { "not whole" };
+        progress.update(killed_at.elapsed().as_secs().min(window), whole);
         match steady_pods(&http, record, args).await {
             Ok((uids, whole)) => {
                 if !whole {
@@ -435,6 +440,7 @@ async fn measure(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    progress.finish(window, if whole_now { "whole" } else { "not whole" });
     churner.abort();
     watcher.abort();
     restarted?;
