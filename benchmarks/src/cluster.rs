@@ -819,6 +819,9 @@ async fn start_all(
         // No cloud, no real node IPAM: the rest of the controllers run as in any cluster.
         "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller".into(),
     ]);
+    if real.real_nodes > 0 {
+        kcm.extend(crate::real_node::controller_manager_args(&dir));
+    }
     let mut scheduler = common();
     if let Some(qps) = args.client_qps {
         kcm.push(format!("--kube-api-qps={qps}"));
@@ -1033,7 +1036,10 @@ pub async fn stop(record: &ClusterRecord) -> anyhow::Result<()> {
         if process_alive(process.pid) {
             let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         }
-        eprintln!("stopped {} (pid {})", process.name, process.pid);
+        crate::real_node::say(format_args!(
+            "stopped {} (pid {})",
+            process.name, process.pid
+        ));
     }
     if let Some(ram) = &record.ram_dir {
         let _ = std::fs::remove_dir_all(ram);
@@ -1048,11 +1054,11 @@ pub async fn down(args: &DownArgs) -> anyhow::Result<()> {
     let real = crate::real_node::down(&dir).await;
     stop(&record).await?;
     real?;
-    eprintln!(
+    crate::real_node::say(format_args!(
         "cluster in {} is down; logs kept in {}",
         dir.display(),
         dir.join("logs").display()
-    );
+    ));
     Ok(())
 }
 

@@ -57,6 +57,20 @@ const KUBELET_HOST_PATHS: [&str; 3] = [
 ];
 const RECORD: &str = "real-nodes.json";
 
+/// A line to stderr that never panics: `cluster down` must finish removing
+/// what it recorded when its output goes to a closed pipe (`| head`).
+pub fn say(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|()| err.write_all(b"\n"));
+}
+
+macro_rules! say {
+    ($($arg:tt)*) => {
+        say(format_args!($($arg)*))
+    };
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct RealNodeArgs {
     /// Real nodes (each a kubelet and its own containerd, running the
@@ -105,6 +119,10 @@ pub struct RealNode {
     pub kubelet_port: u16,
     /// (image archive, seconds its import took).
     pub images: Vec<(String, f64)>,
+    /// The nat rule (`iptables -t nat` PREROUTING spec) that takes this
+    /// node's pods from the `kubernetes` Service's address to kube-apiserver.
+    #[serde(default)]
+    pub api_dnat: Option<Vec<String>>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -151,97 +169,126 @@ fn pki(dir: &Path) -> PathBuf {
     dir.join("pki")
 }
 
-/// The cluster's CA (made once per cluster directory) and a client
-/// certificate `name` signed by it: CN `cn`, O `org`, clientAuth.
-fn client_cert(dir: &Path, name: &str, cn: &str, org: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let pki = pki(dir);
-    std::fs::create_dir_all(&pki)?;
-    let (ca, ca_key) = (pki.join("ca.crt"), pki.join("ca.key"));
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    if !ca.is_file() {
-        let mut args = vec!["req", "-x509"];
-        args.extend(ec);
-        let (key, crt) = (ca_key.display().to_string(), ca.display().to_string());
-        args.extend([
-            "-keyout",
-            &key,
-            "-out",
-            &crt,
-            "-days",
-            "3650",
-            "-subj",
-            "/CN=ste-local-ca",
-        ]);
-        args.extend([
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,digitalSignature,keyCertSign",
-        ]);
-        run("openssl", &args).context("making the cluster CA")?;
+/// A CA `prefix`.crt/.key (EC P-256, 10 years), made once.
+fn make_ca(prefix: &Path, cn: &str) -> anyhow::Result<()> {
+    let (crt, key) = (prefix.with_extension("crt"), prefix.with_extension("key"));
+    if crt.is_file() {
+        return Ok(());
     }
-    let (key, csr, crt, ext) = (
-        pki.join(format!("{name}.key")),
-        pki.join(format!("{name}.csr")),
-        pki.join(format!("{name}.crt")),
-        pki.join(format!("{name}.ext")),
-    );
-    let (key_s, csr_s, crt_s, ext_s) = (
-        key.display().to_string(),
-        csr.display().to_string(),
-        crt.display().to_string(),
-        ext.display().to_string(),
-    );
-    let subject = format!("/O={org}/CN={cn}");
+    if let Some(parent) = prefix.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let (key_s, crt_s) = (key.display().to_string(), crt.display().to_string());
+    let subject = format!("/CN={cn}");
+    let mut args = vec!["req", "-x509"];
+    args.extend(EC_KEY);
+    args.extend([
+        "-keyout", &key_s, "-out", &crt_s, "-days", "3650", "-subj", &subject,
+    ]);
+    args.extend([
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,digitalSignature,keyCertSign",
+    ]);
+    run("openssl", &args).with_context(|| format!("making the CA {crt_s}"))?;
+    Ok(())
+}
+
+const EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// A leaf certificate `out`.crt/.key signed by the CA `ca`.crt/.key, with
+/// `subject` and the openssl extensions `ext` (key usages, SANs).
+fn issue(ca: &Path, out: &Path, subject: &str, ext: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let [key, csr, crt, ext_file] =
+        ["key", "csr", "crt", "ext"].map(|e| out.with_extension(e).display().to_string());
     let mut args = vec!["req", "-new"];
-    args.extend(ec);
-    args.extend(["-keyout", &key_s, "-out", &csr_s, "-subj", &subject]);
-    run("openssl", &args).with_context(|| format!("making {name}'s key"))?;
-    std::fs::write(
-        &ext,
-        "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
-    )?;
+    args.extend(EC_KEY);
+    args.extend(["-keyout", &key, "-out", &csr, "-subj", subject]);
+    run("openssl", &args).with_context(|| format!("making the key {key}"))?;
+    std::fs::write(&ext_file, ext)?;
     let serial = format!(
         "{}",
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_nanos()
     );
-    let (ca_s, ca_key_s) = (ca.display().to_string(), ca_key.display().to_string());
+    let (ca_crt, ca_key) = (
+        ca.with_extension("crt").display().to_string(),
+        ca.with_extension("key").display().to_string(),
+    );
     run(
         "openssl",
         &[
             "x509",
             "-req",
             "-in",
-            &csr_s,
+            &csr,
             "-CA",
-            &ca_s,
+            &ca_crt,
             "-CAkey",
-            &ca_key_s,
+            &ca_key,
             "-set_serial",
             &serial,
             "-days",
             "365",
             "-out",
-            &crt_s,
+            &crt,
             "-extfile",
-            &ext_s,
+            &ext_file,
         ],
     )
-    .with_context(|| format!("signing {name}'s certificate"))?;
-    Ok((crt, key))
+    .with_context(|| format!("signing {crt}"))?;
+    Ok((PathBuf::from(crt), PathBuf::from(key)))
 }
 
-/// kube-apiserver's flags for real nodes: client certificates from the
-/// cluster's CA, the Node authorizer and NodeRestriction (as kubeadm sets
-/// them), and a client certificate to reach kubelets (logs, exec).
+/// The cluster's CA (made once per cluster directory) and a client
+/// certificate `name` signed by it: CN `cn`, O `org`, clientAuth.
+fn client_cert(dir: &Path, name: &str, cn: &str, org: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let ca = pki(dir).join("ca");
+    make_ca(&ca, "ste-local-ca")?;
+    issue(
+        &ca,
+        &pki(dir).join(name),
+        &format!("/O={org}/CN={cn}"),
+        CLIENT_EXT,
+    )
+}
+
+const CLIENT_EXT: &str = "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n";
+
+/// The `kubernetes` Service's address (first of testkit's
+/// `--service-cluster-ip-range=10.0.0.0/24`) and port: what in-cluster
+/// clients dial (KUBERNETES_SERVICE_HOST/PORT).
+pub const KUBERNETES_SERVICE_IP: &str = "10.0.0.1";
+pub const KUBERNETES_SERVICE_PORT: u16 = 443;
+
+/// The etcd CA of a cluster with real nodes (`D/pki/etcd/ca.crt/.key`, as
+/// kubeadm's `/etc/kubernetes/pki/etcd/ca`): it signs kube-apiserver's etcd
+/// client certificate, so an etcd backend trusting it accepts kube-apiserver.
+pub fn etcd_ca(dir: &Path) -> PathBuf {
+    pki(dir).join("etcd").join("ca")
+}
+
+/// The cluster CA (`D/pki/ca.crt/.key`, kubeadm's `/etc/kubernetes/pki/ca`):
+/// signs the kubelets' and kube-apiserver's certificates.
+pub fn cluster_ca(dir: &Path) -> PathBuf {
+    pki(dir).join("ca")
+}
+
+/// kube-apiserver's flags for real nodes, what kubeadm gives a cluster:
+/// client certificates from the cluster's CA, the Node authorizer and
+/// NodeRestriction, a client certificate to reach kubelets (logs, exec); a
+/// serving certificate from that CA naming the `kubernetes` Service (pods
+/// verify it with the kube-root-ca.crt ConfigMap), ServiceAccount admission
+/// (pods get tokens), every address (pods reach it through the Service's
+/// address, see [`start`]); an etcd client certificate from the etcd CA.
 pub fn apiserver_args(dir: &Path, args: &mut Vec<String>) -> anyhow::Result<()> {
     let (crt, key) = client_cert(
         dir,
@@ -249,20 +296,62 @@ pub fn apiserver_args(dir: &Path, args: &mut Vec<String>) -> anyhow::Result<()> 
         "kube-apiserver-kubelet-client",
         "system:masters",
     )?;
+    let serving = issue(
+        &cluster_ca(dir),
+        &pki(dir).join("apiserver"),
+        "/CN=kube-apiserver",
+        &format!(
+            "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n\
+             subjectAltName=IP:127.0.0.1,IP:{KUBERNETES_SERVICE_IP},DNS:localhost,DNS:kubernetes,\
+             DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
+        ),
+    )?;
+    make_ca(&etcd_ca(dir), "etcd-ca")?;
+    let etcd_client = issue(
+        &etcd_ca(dir),
+        &pki(dir).join("apiserver-etcd-client"),
+        "/O=system:masters/CN=kube-apiserver-etcd-client",
+        CLIENT_EXT,
+    )?;
+    args.retain(|a| a != "--disable-admission-plugins=ServiceAccount");
     for arg in args.iter_mut() {
         if arg == "--authorization-mode=RBAC" {
             *arg = "--authorization-mode=Node,RBAC".into();
         }
+        if arg == "--bind-address=127.0.0.1" {
+            *arg = "--bind-address=0.0.0.0".into();
+        }
     }
     args.extend([
-        format!("--client-ca-file={}", pki(dir).join("ca.crt").display()),
+        format!(
+            "--client-ca-file={}",
+            cluster_ca(dir).with_extension("crt").display()
+        ),
         format!("--kubelet-client-certificate={}", crt.display()),
         format!("--kubelet-client-key={}", key.display()),
         "--enable-admission-plugins=NodeRestriction".into(),
         // A real node's name does not resolve; its InternalIP is the bridge's address.
         "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
+        format!("--tls-cert-file={}", serving.0.display()),
+        format!("--tls-private-key-file={}", serving.1.display()),
+        format!(
+            "--etcd-cafile={}",
+            etcd_ca(dir).with_extension("crt").display()
+        ),
+        format!("--etcd-certfile={}", etcd_client.0.display()),
+        format!("--etcd-keyfile={}", etcd_client.1.display()),
     ]);
     Ok(())
+}
+
+/// kube-controller-manager's flags for real nodes: the CA published to pods
+/// (ConfigMap kube-root-ca.crt) is the one that signed kube-apiserver's
+/// serving certificate.
+pub fn controller_manager_args(dir: &Path) -> Vec<String> {
+    vec![format!(
+        "--root-ca-file={}",
+        cluster_ca(dir).with_extension("crt").display()
+    )]
 }
 
 fn which(program: &str) -> Option<PathBuf> {
@@ -321,6 +410,7 @@ pub async fn start(dir: &Path, api: &Api, args: &RealNodeArgs) -> anyhow::Result
         bail!("--real-nodes needs root (containerd, a bridge and cgroups per node)");
     }
     for program in [
+        "iptables",
         "containerd",
         "ctr",
         "runc",
@@ -380,7 +470,7 @@ pub async fn start(dir: &Path, api: &Api, args: &RealNodeArgs) -> anyhow::Result
     let api_url = api.url.clone();
     for i in 0..args.real_nodes {
         let name = format!("{REAL_NODE_PREFIX}{i}");
-        eprintln!("• real node {name}: containerd, images, kubelet");
+        say!("• real node {name}: containerd, images, kubelet");
         start_node(dir, &mut record, &name, &kubelet, &archives, &api_url).await?;
     }
     for node in record.nodes.clone() {
@@ -395,6 +485,33 @@ fn node_mut<'a>(record: &'a mut RealNodesRecord, name: &str) -> &'a mut RealNode
         .iter_mut()
         .find(|n| n.name == name)
         .expect("node recorded")
+}
+
+/// What kube-proxy would do for the one Service pods here need: the node's
+/// pods dial `kubernetes` (10.0.0.1:443, KUBERNETES_SERVICE_HOST/PORT) and
+/// reach kube-apiserver at the bridge address (it listens on every address).
+/// Only packets from this node's bridge are touched.
+fn api_dnat_rule(bridge: &str, gateway: &str, api_url: &str) -> anyhow::Result<Vec<String>> {
+    let port = api_url
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.trim_end_matches('/').parse::<u16>().ok())
+        .with_context(|| format!("no port in kube-apiserver's URL {api_url}"))?;
+    Ok([
+        "-i",
+        bridge,
+        "-d",
+        &format!("{KUBERNETES_SERVICE_IP}/32"),
+        "-p",
+        "tcp",
+        "--dport",
+        &KUBERNETES_SERVICE_PORT.to_string(),
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &format!("{gateway}:{port}"),
+    ]
+    .map(String::from)
+    .to_vec())
 }
 
 async fn start_node(
@@ -434,6 +551,7 @@ async fn start_node(
         kubelet: None,
         kubelet_port: free_port(),
         images: Vec::new(),
+        api_dnat: None,
     });
     save(dir, record)?;
 
@@ -470,6 +588,12 @@ async fn start_node(
         &["addr", "add", &format!("{gateway}/24"), "dev", &bridge],
     )?;
     run("ip", &["link", "set", &bridge, "up"])?;
+    let rule = api_dnat_rule(&bridge, &gateway, api_url)?;
+    node_mut(record, name).api_dnat = Some(rule.clone());
+    save(dir, record)?;
+    let mut add = vec!["-t", "nat", "-A", "PREROUTING"];
+    add.extend(rule.iter().map(String::as_str));
+    run("iptables", &add).context("adding the nat rule to kube-apiserver for the node's pods")?;
 
     // The kubelet's cgroup root, in every hierarchy (cgroup v1 controllers,
     // the named systemd one and the v2 one of a hybrid host).
@@ -771,7 +895,26 @@ async fn stop_process(what: &str, process: &NodeProcess, grace: Duration) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    eprintln!("stopped {what} (pid {})", process.pid);
+    say!("stopped {what} (pid {})", process.pid);
+}
+
+/// Stops the kubelet of node `name` and starts it again with its recorded
+/// flags (as `systemctl restart kubelet`): it lists its pods afresh.
+pub async fn restart_kubelet(dir: &Path, name: &str) -> anyhow::Result<()> {
+    let mut record = read_record(dir)?.context("no real nodes recorded")?;
+    let node = record
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .with_context(|| format!("no real node {name} recorded"))?;
+    let old = node.kubelet.clone().context("no kubelet recorded")?;
+    stop_process(&format!("{name} kubelet"), &old, Duration::from_secs(10)).await;
+    if alive(old.pid) {
+        bail!("the kubelet of {name} (pid {}) did not stop", old.pid);
+    }
+    let process = spawn(Path::new(&old.binary), &old.args, &old.log)?;
+    node_mut(&mut record, name).kubelet = Some(process);
+    save(dir, &record)
 }
 
 /// Mount points at or under `dir` (from /proc/self/mountinfo), deepest first.
@@ -875,7 +1018,7 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
                             problems.push(format!("{}: crictl rm {container}: {e:#}", node.name));
                         }
                     }
-                    eprintln!("removed the pods of {}", node.name);
+                    say!("removed the pods of {}", node.name);
                 }
                 None => problems
                     .push(format!("{}: crictl not found (hack/build-upstream.sh crictl): pods not stopped through the CRI", node.name)),
@@ -893,7 +1036,7 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
-            eprintln!("killed shim {pid} of {}", node.name);
+            say!("killed shim {pid} of {}", node.name);
         }
         // Containers whose runtime died with them still run in the node's
         // cgroups (a shim's children outlive it): they go by those cgroups.
@@ -907,6 +1050,21 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
             if run("umount", &[&m]).is_err() {
                 if let Err(e) = run("umount", &["-l", &m]) {
                     problems.push(format!("{}: umount {m}: {e:#}", node.name));
+                }
+            }
+        }
+        if let Some(rule) = &node.api_dnat {
+            let mut delete = vec!["-t", "nat", "-D", "PREROUTING"];
+            delete.extend(rule.iter().map(String::as_str));
+            let mut check = delete.clone();
+            check[2] = "-C";
+            if run("iptables", &check).is_ok() {
+                if let Err(e) = run("iptables", &delete) {
+                    problems.push(format!(
+                        "{}: iptables {}: {e:#}",
+                        node.name,
+                        delete.join(" ")
+                    ));
                 }
             }
         }
@@ -927,7 +1085,7 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
                 if let Err(e) = run("ip", &["link", "del", bridge]) {
                     problems.push(format!("{}: ip link del {bridge}: {e:#}", node.name));
                 } else {
-                    eprintln!("deleted bridge {bridge}");
+                    say!("deleted bridge {bridge}");
                 }
             }
         }
