@@ -9,6 +9,13 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v strace >/dev/null 2>&1 || need_apt+=(strace)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# The launcher signals process groups with kill(1), not the shell's builtin.
+[ -x /usr/bin/kill ] || [ -x /bin/kill ] || need_apt+=(procps)
+# Real nodes (hack/test.sh's real-node and install tests): a bridge per node,
+# one nat rule each for pods to reach kube-apiserver, mounts to undo.
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
+command -v umount >/dev/null 2>&1 || need_apt+=(mount)
 if ((${#need_apt[@]})); then
   echo "installing ${need_apt[*]} (apt)…"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -14,9 +14,10 @@ export CARGO_INCREMENTAL=0
 rm -rf target/debug/incremental
 hack/check-disk.sh
 hack/build-upstream.sh
-# The real-node test's images (pod sandbox, function); installs containerd,
-# runc, buildah and the CNI plugins when missing.
-hack/build-images.sh pause function
+# The real-node and install tests' images (pod sandbox, function, etcd and
+# STE's three; a release build of the Rust ones); installs containerd, runc,
+# buildah and the CNI plugins when missing.
+hack/build-images.sh
 # Formatting and lints first: a style slip fails in seconds, not after the
 # tests. The lint levels live in Cargo.toml's [workspace.lints].
 echo "checking formatting (cargo fmt) and lints (cargo clippy -D warnings)…"
