@@ -318,6 +318,17 @@ struct RoundWake {
     ms: std::collections::BTreeMap<String, f64>,
 }
 
+/// A round's arm as the plots name arms: "Ste, bridge aggressive" →
+/// "ste+bridge aggressive", "Stock, bridge none" → "stock".
+fn round_arm(arm: &str) -> String {
+    let arm = arm.trim().to_lowercase();
+    match arm.split_once(", bridge ") {
+        Some((base, "none")) => base.to_string(),
+        Some((base, mode)) => format!("{base}+bridge {mode}"),
+        None => arm,
+    }
+}
+
 /// The wakes of one results row: a [`Wake`] itself, a round with `wakes`,
 /// or a coldstart result whose `hops` holds the round (none when null).
 fn row_wakes(row: &Value, repeat: usize) -> Result<Vec<Wake>, serde_json::Error> {
@@ -336,7 +347,7 @@ fn row_wakes(row: &Value, repeat: usize) -> Result<Vec<Wake>, serde_json::Error>
         .wakes
         .iter()
         .map(|w| Wake {
-            arm: round.arm.clone(),
+            arm: round_arm(&round.arm),
             revisions: round.revisions,
             repeat,
             hops_ms: std::iter::once(("wake".to_string(), 0.0))
@@ -467,6 +478,8 @@ mod tests {
             ["wake", "scaled", "created", "bound", "ready", "endpoints"]
         );
         assert_eq!(plots.wakes[1].hops_ms.last().unwrap().1, 35.0);
+        assert_eq!(round_arm("Ste, bridge aggressive"), "ste+bridge aggressive");
+        assert_eq!(round_arm("Stock, bridge none"), "stock");
         let none = serde_json::json!([{"arm": "x", "hops": null}]);
         let err = coldstart("c", &[("n.json".into(), none)]);
         assert!(matches!(err, Err(InputError::Empty(_))));

@@ -8,11 +8,12 @@ use plotters::style::RGBColor;
 /// Preferred colours by arm name (lowercase; the first entry whose name
 /// starts the arm's name wins, so "stock qps 200" matches "stock qps"; `-`
 /// and `_` read as spaces).
-const BY_ARM: [(&str, RGBColor); 13] = [
+const BY_ARM: [(&str, RGBColor); 14] = [
     ("offered", RGBColor(0x00, 0x00, 0x00)),
     ("stock qps", RGBColor(0xFF, 0x7F, 0x0E)),
     ("stock 3", RGBColor(0xE3, 0x77, 0xC2)),
     ("stock 5", RGBColor(0x8C, 0x56, 0x4B)),
+    ("stock+bridge", RGBColor(0xBC, 0xBD, 0x22)),
     ("stock", RGBColor(0xD6, 0x27, 0x28)),
     ("tuned", RGBColor(0x2C, 0xA0, 0x2C)),
     ("override", RGBColor(0x94, 0x67, 0xBD)),
@@ -121,7 +122,7 @@ pub fn hex(c: RGBColor) -> String {
 /// Line width of the `i`-th of `n` arms: the first drawn are wider, so a
 /// line hidden under a later one still shows at its edges.
 pub fn width(i: usize, n: usize) -> u32 {
-    2 + (n.saturating_sub(1 + i)).min(2) as u32
+    2 + (n.saturating_sub(1 + i)).min(3) as u32
 }
 
 #[cfg(test)]
