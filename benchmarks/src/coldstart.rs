@@ -957,6 +957,13 @@ pub async fn run(args: ColdstartArgs) -> anyhow::Result<Vec<RoundResult>> {
     std::fs::write(args.output.join("coldstart.md"), &table)?;
     let hops: Vec<_> = results.iter().filter_map(|r| r.hops.clone()).collect();
     std::fs::write(args.output.join("hops.md"), crate::knative::markdown(&hops))?;
+    let plotted = serde_json::to_value(&results)?;
+    crate::plots::write_suite(
+        crate::plots::Suite::Coldstart,
+        "coldstart",
+        plotted,
+        &args.output,
+    )?;
     println!("{table}");
     eprintln!(
         "results in {}",
