@@ -248,7 +248,13 @@ impl Harness {
             "--gated-grace=3s".into(),
             format!("--mode={mode}"),
         ];
-        if webhook {
+        if webhook && extra.contains(&"--webhook-self-signed") {
+            // The bridge makes its certificate and registers https://LISTEN itself.
+            flags.extend([
+                format!("--webhook-listen=127.0.0.1:{}", self.port),
+                "--webhook-timeout=1s".into(),
+            ]);
+        } else if webhook {
             flags.extend([
                 format!("--webhook-listen=127.0.0.1:{}", self.port),
                 format!("--webhook-cert-file={}", self.certs.cert.display()),
@@ -548,11 +554,13 @@ async fn webhook_binds_at_creation_gates_duplicates_and_fails_open() {
     let watchers = watch(h.client.clone(), h.history.clone());
     let one = vec!["solo".to_string()];
     let many = names("burst", burst);
+    let below = names("below", 2);
     let down = names("down", 3);
     let hung = names("hung", 2);
     let mut all: Vec<String> = one
         .iter()
         .chain(&many)
+        .chain(&below)
         .chain(&down)
         .chain(&hung)
         .cloned()
@@ -613,6 +621,68 @@ async fn webhook_binds_at_creation_gates_duplicates_and_fails_open() {
         0.0
     );
     bridge.stop();
+
+    // 1b. Aggressive mode below its burst threshold, with a certificate the
+    // bridge made itself: it creates nothing, the webhook binds the
+    // controller's pods; on SIGTERM it deletes its configuration.
+    let bridge = h
+        .bridge(
+            "bridge-below-burst",
+            "aggressive",
+            true,
+            &[
+                "--webhook-self-signed",
+                "--webhook-unregister-on-exit",
+                "--burst-threshold=10",
+            ],
+        )
+        .await;
+    h.scale(&below, 1).await;
+    h.converged(&below, 1, Duration::from_secs(30)).await;
+    wait_metric(&bridge, "ste_activator_bridge_decisions_total", 2.0).await;
+    let m = bridge.metrics().await.unwrap();
+    // Each wake is seen twice in aggressive mode (the Deployment's and the
+    // ReplicaSet's 0→1): every decision is below_burst.
+    assert_eq!(
+        m.get("ste_activator_bridge_decisions_total{decision=\"below_burst\"}")
+            .copied()
+            .unwrap_or(0.0),
+        metric_sum(&m, "ste_activator_bridge_decisions_total"),
+        "{m:?}"
+    );
+    assert_eq!(
+        metric_sum(&m, "ste_activator_bridge_pods_created_total"),
+        0.0
+    );
+    assert_eq!(
+        m["ste_activator_bridge_webhook_admissions_total{verdict=\"bound\"}"], 2.0,
+        "{m:?}"
+    );
+    {
+        let history = h.history.lock().unwrap();
+        let pods: Vec<&PodSeen> = history
+            .pods
+            .values()
+            .filter(|p| below.contains(&p.revision))
+            .collect();
+        assert_eq!(pods.len(), 2, "no duplicate: {pods:?}");
+        assert!(
+            pods.iter().all(|p| p.node_at_creation.is_some()),
+            "{pods:?}"
+        );
+    }
+    bridge.stop();
+    let configurations = Api::<
+        k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+    >::all(h.client.clone());
+    assert!(
+        configurations
+            .get_opt(CONFIGURATION)
+            .await
+            .unwrap()
+            .is_none(),
+        "--webhook-unregister-on-exit deleted the configuration"
+    );
 
     // 2. Aggressive mode with the webhook: a burst.
     let bridge = h.bridge("bridge-aggressive", "aggressive", true, &[]).await;
