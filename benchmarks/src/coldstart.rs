@@ -597,7 +597,10 @@ pub struct ColdstartArgs {
     #[command(flatten)]
     pub topology: crate::arms::Topology,
     /// Bridge modes to run after each round without the bridge (default:
-    /// act on the ReplicaSet's 0→N; aggressive: on the Deployment's 0→N).
+    /// act on the ReplicaSet's 0→N; aggressive: on the Deployment's 0→N;
+    /// webhook: create nothing, bind pods at admission; aggressive+webhook:
+    /// both, late duplicates gated; aggressive+webhook+burst: the same, pods
+    /// created only when 10 revisions woke within the burst window).
     #[arg(
         long,
         value_delimiter = ',',
@@ -645,8 +648,65 @@ pub struct RoundResult {
     pub races_lost: f64,
     pub duplicates_deleted: f64,
     pub rejections: f64,
+    /// The ReplicaSet controller's late pods the webhook gated (never bound).
+    #[serde(default)]
+    pub duplicates_gated: f64,
+    /// Gated pods the sweep found still wanted and released to the scheduler.
+    #[serde(default)]
+    pub gates_removed: f64,
     /// Per-hop times of a wake through the autoscaler (`--wake stats`).
     pub hops: Option<crate::knative::hops::WakeRound>,
+}
+
+/// The bridge's own flags for one `--bridge-modes` entry. The webhook is
+/// served on a free loopback port with a certificate the bridge makes at
+/// start and registers itself (removed again when the bridge stops).
+fn bridge_flags(mode: &str) -> Result<Vec<String>, String> {
+    let webhook = [
+        format!("--webhook-listen=127.0.0.1:{}", ste_testkit::free_port()),
+        "--webhook-self-signed".to_string(),
+        "--webhook-unregister-on-exit".to_string(),
+        "--webhook-timeout=1s".to_string(),
+    ];
+    let (base, extra): (&str, &[String]) = match mode {
+        "default" | "aggressive" => (mode, &[]),
+        "webhook" => ("webhook", &webhook),
+        "aggressive+webhook" => ("aggressive", &webhook),
+        "aggressive+webhook+burst" => {
+            let mut flags = vec!["--mode=aggressive".to_string(), "--burst-threshold=10".into()];
+            flags.extend(webhook);
+            return Ok(flags);
+        }
+        other => {
+            return Err(format!(
+                "{other:?} is not a bridge mode (default, aggressive, webhook, aggressive+webhook, aggressive+webhook+burst)"
+            ))
+        }
+    };
+    Ok([vec![format!("--mode={base}")], extra.to_vec()].concat())
+}
+
+#[cfg(test)]
+mod bridge_modes {
+    use super::bridge_flags;
+
+    #[test]
+    fn every_mode_maps_to_the_bridge_flags_it_needs() {
+        assert_eq!(bridge_flags("default").unwrap(), ["--mode=default"]);
+        let webhook = bridge_flags("webhook").unwrap();
+        assert_eq!(webhook[0], "--mode=webhook");
+        assert!(webhook.iter().any(|f| f == "--webhook-self-signed"));
+        let both = bridge_flags("aggressive+webhook").unwrap();
+        assert_eq!(both[0], "--mode=aggressive");
+        assert!(both
+            .iter()
+            .any(|f| f.starts_with("--webhook-listen=127.0.0.1:")));
+        let burst = bridge_flags("aggressive+webhook+burst").unwrap();
+        assert!(burst.iter().any(|f| f == "--burst-threshold=10"));
+        assert!(bridge_flags("fast")
+            .unwrap_err()
+            .contains("not a bridge mode"));
+    }
 }
 
 fn bridge_binary(args: &ColdstartArgs) -> anyhow::Result<PathBuf> {
@@ -695,10 +755,16 @@ async fn round(
                 record,
                 &dir.join("logs").join(format!("bridge-{k}-{mode}.log")),
                 &[
-                    "--lease-namespace=default",
-                    &format!("--mode={mode}"),
-                    &format!("--settle={}s", args.settle.max(1)),
-                ],
+                    vec![
+                        "--lease-namespace=default".to_string(),
+                        format!("--settle={}s", args.settle.max(1)),
+                    ],
+                    bridge_flags(mode).map_err(anyhow::Error::msg)?,
+                ]
+                .concat()
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
             )
             .await?,
         ),
@@ -797,6 +863,8 @@ async fn round(
         races_lost: 0.0,
         duplicates_deleted: 0.0,
         rejections: 0.0,
+        duplicates_gated: 0.0,
+        gates_removed: 0.0,
         hops: woken.as_ref().map(|w| w.round.clone()),
     };
     // Let duplicates be removed and the bridge close its race accounting.
@@ -814,6 +882,8 @@ async fn round(
             .unwrap_or(0.0);
         result.duplicates_deleted = metric_sum(&m, "ste_activator_bridge_duplicates_deleted_total");
         result.rejections = metric_sum(&m, "ste_activator_bridge_rejections_total");
+        result.duplicates_gated = metric_sum(&m, "ste_activator_bridge_duplicates_gated_total");
+        result.gates_removed = metric_sum(&m, "ste_activator_bridge_gates_removed_total");
         bridge.stop();
     }
     result.pods_seen = times.lock().expect("times").pods.len();
@@ -892,7 +962,7 @@ async fn run_arm(
 
 pub fn markdown(results: &[RoundResult]) -> String {
     let mut out = String::from(
-        "| arm | revisions | bridge | bound p50 / p95 / p99 (ms) | Ready p50 / p95 / p99 (ms) | pods seen | bridge pods | races won / lost | duplicates deleted | rejections |\n|---|---:|---|---|---|---:|---:|---|---:|---:|\n",
+        "| arm | revisions | bridge | bound p50 / p95 / p99 (ms) | Ready p50 / p95 / p99 (ms) | pods seen | bridge pods | races won / lost | duplicates deleted / gated | rejections |\n|---|---:|---|---|---|---:|---:|---|---:|---:|\n",
     );
     for r in results {
         out.push_str(&format!(
@@ -918,7 +988,7 @@ pub fn markdown(results: &[RoundResult]) -> String {
                 "–".into()
             },
             if r.bridge != "none" {
-                format!("{}", r.duplicates_deleted)
+                format!("{} / {}", r.duplicates_deleted, r.duplicates_gated)
             } else {
                 "–".into()
             },
@@ -936,12 +1006,8 @@ pub async fn run(args: ColdstartArgs) -> anyhow::Result<Vec<RoundResult>> {
     if args.revisions.is_empty() || args.revisions.contains(&0) {
         bail!("--revisions needs positive counts, e.g. 1,5,25,100");
     }
-    if let Some(bad) = args
-        .bridge_modes
-        .iter()
-        .find(|m| !matches!(m.as_str(), "default" | "aggressive"))
-    {
-        bail!("--bridge-modes: {bad:?} is not default or aggressive");
+    if let Some(bad) = args.bridge_modes.iter().find(|m| bridge_flags(m).is_err()) {
+        bail!("--bridge-modes: {}", bridge_flags(bad).unwrap_err());
     }
     let bridge_bin = bridge_binary(&args)?;
     std::fs::create_dir_all(&args.output)?;
