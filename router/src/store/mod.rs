@@ -39,11 +39,15 @@ use crate::leases::{LeaseInfo, Leases};
 use crate::metrics::Metrics;
 use crate::ring::{Ring, ShardId};
 use crate::sequencer::{starting_revision, Sequencer};
-use crate::shard::{write_certainly_not_applied, CutLookup, Shard, ShardSpec, WriteState};
+use crate::shard::{
+    etcd_connector, write_certainly_not_applied, Connector, CutLookup, Shard, ShardSpec, WriteState,
+};
 use crate::txn_shapes::{self, show_key, MAX_TXN_OPS};
 
 mod moves;
 mod replicas;
+#[cfg(test)]
+mod tests;
 pub use moves::DrainProgress;
 pub use replicas::{REPLICA_PREFIX, RESERVED_PREFIX};
 
@@ -160,6 +164,8 @@ pub struct Store {
     ring_changed: std::sync::Mutex<Instant>,
     /// For background work started from `&self` (replica cleanups).
     this: std::sync::OnceLock<std::sync::Weak<Store>>,
+    /// How a shard joining the ring is reached.
+    connector: Connector,
 }
 
 fn zero_kv_meta() -> Meta {
@@ -175,6 +181,18 @@ impl Store {
         specs: &[ShardSpec],
         metrics: Arc<Metrics>,
     ) -> StoreResult<Arc<Store>> {
+        let connector = etcd_connector(config.shard_timeout, config.shard_tls.clone());
+        Self::open_with(config, specs, metrics, connector).await
+    }
+
+    /// `open`, with the shards (and those joining later) reached through
+    /// `connector` instead of gRPC (unit tests use in-memory shards).
+    pub async fn open_with(
+        config: StoreConfig,
+        specs: &[ShardSpec],
+        metrics: Arc<Metrics>,
+        connector: Connector,
+    ) -> StoreResult<Arc<Store>> {
         let mut shards = BTreeMap::new();
         let mut ring = Ring::new(config.vnodes);
         for spec in specs {
@@ -184,10 +202,8 @@ impl Store {
                     spec.id
                 )));
             }
-            let shard = Arc::new(
-                Shard::connect(spec, config.shard_timeout, config.shard_tls.as_ref())?
-                    .with_fencing(config.fencing.clone()),
-            );
+            let shard =
+                Arc::new(Shard::connect(spec, &connector)?.with_fencing(config.fencing.clone()));
             ring.add(&spec.id);
             shards.insert(spec.id.clone(), shard);
         }
@@ -243,6 +259,7 @@ impl Store {
             placement_dirty: AtomicBool::new(true),
             ring_changed: std::sync::Mutex::new(Instant::now()),
             this: std::sync::OnceLock::new(),
+            connector,
         });
         let _ = store.this.set(Arc::downgrade(&store));
         for (id, scan) in scans {

@@ -62,12 +62,7 @@ impl Store {
             ..spec.clone()
         };
         let shard = Arc::new(
-            Shard::connect(
-                &spec,
-                self.config.shard_timeout,
-                self.config.shard_tls.as_ref(),
-            )?
-            .with_fencing(self.config.fencing.clone()),
+            Shard::connect(&spec, &self.connector)?.with_fencing(self.config.fencing.clone()),
         );
         let scan = scan_shard(&shard).await?;
         let mut revision = scan.revision;
