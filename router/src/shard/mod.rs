@@ -3,7 +3,10 @@
 
 mod client;
 mod cuts;
+pub mod kv;
 pub mod memory;
+pub mod queue;
+pub mod scan;
 
 pub use client::{etcd_connector, Connector, EtcdShard, ShardAnswer, ShardClient};
 pub use cuts::{CutLookup, Cuts};
@@ -25,18 +28,9 @@ use tonic::{Code, Status};
 use tracing::warn;
 
 use crate::error::{StoreError, StoreResult};
-use crate::ring::ShardId;
+use crate::placement::ring::ShardId;
 
-/// Keys from here on are the router's own on every shard (replica copies,
-/// the leader fence); clients can neither read nor write them.
-pub const RESERVED_PREFIX: &[u8] = b"\xff\xff\xff\xffste/";
-/// The epoch of the router allowed to write this shard (see `leader`).
-pub const FENCE_KEY: &[u8] = b"\xff\xff\xff\xffste/leader";
-/// Written on a shard once the router holds its keys in its index (loaded,
-/// joined, or reconciled after losing its data). A shard without it when a
-/// router starts is new or lost its data: with replication, the copies of
-/// the keys placed on it are then its keys, not leftovers of deletes.
-pub const MARKER_KEY: &[u8] = b"\xff\xff\xff\xffste/shard";
+pub use crate::keys::{FENCE_KEY, MARKER_KEY, RESERVED_PREFIX};
 
 /// The leader epoch this router writes under, shared by all its shards.
 #[derive(Clone, Debug)]
@@ -125,7 +119,7 @@ pub struct Shard {
     client: Arc<dyn ShardClient>,
     pub write: tokio::sync::Mutex<WriteState>,
     /// Txns waiting for the next group commit (see `Store::txn`).
-    pub queue: Mutex<std::collections::VecDeque<crate::store::PendingTxn>>,
+    pub queue: Mutex<std::collections::VecDeque<queue::PendingTxn>>,
     pub cuts: Mutex<Cuts>,
     /// The shard's keys are in the index. Until then every request that may
     /// touch it answers Unavailable rather than a result that misses keys.

@@ -19,7 +19,7 @@ use ste_etcd_proto::pb::{
 use super::{Store, StoreConfig};
 use crate::error::StoreError;
 use crate::metrics::Metrics;
-use crate::ring::ShardId;
+use crate::placement::ring::ShardId;
 use crate::shard::memory::{Call, Fault, MemoryShard};
 use crate::shard::{Connector, Origin, ShardClient, ShardSpec};
 
