@@ -3,7 +3,7 @@
 //! unknown outcome, a shard recreated empty and a revision going back, and a
 //! key move. The same paths against real etcd are in `router/tests/`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use ste_etcd_proto::pb::{
     compare::{CompareResult, CompareTarget, TargetUnion},
     request_op::Request,
     response_op::Response,
-    Compare, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 
 use super::{Store, StoreConfig};
@@ -39,17 +39,26 @@ struct Fixture {
 
 impl Fixture {
     async fn open(members: usize, spare: usize) -> Fixture {
+        Self::open_rf(members, spare, 1).await
+    }
+
+    /// With `replication_factor` copies of each key.
+    async fn open_rf(members: usize, spare: usize, replication_factor: u8) -> Fixture {
         let shards: BTreeMap<String, MemoryShard> = (0..members + spare)
             .map(|i| (format!("s{i}"), MemoryShard::new()))
             .collect();
         let specs: Vec<ShardSpec> = (0..members).map(|i| spec(&format!("s{i}"))).collect();
         Fixture {
-            store: Self::open_on(&shards, &specs).await,
+            store: Self::open_on(&shards, &specs, replication_factor).await,
             shards,
         }
     }
 
-    async fn open_on(shards: &BTreeMap<String, MemoryShard>, specs: &[ShardSpec]) -> Arc<Store> {
+    async fn open_on(
+        shards: &BTreeMap<String, MemoryShard>,
+        specs: &[ShardSpec],
+        replication_factor: u8,
+    ) -> Arc<Store> {
         let by_name = shards.clone();
         let connector: Connector = Arc::new(move |spec: &ShardSpec| {
             let shard = by_name
@@ -61,7 +70,8 @@ impl Fixture {
         });
         let config = StoreConfig {
             shard_timeout: Duration::from_millis(500),
-            load_timeout: Duration::from_millis(500),
+            load_timeout: Duration::from_millis(200),
+            replication_factor,
             ..Default::default()
         };
         Store::open_with(config, specs, Arc::new(Metrics::default()), connector)
@@ -450,4 +460,182 @@ async fn keys_move_to_a_joining_shard_and_old_revisions_still_read() {
     }
     // Moves announce nothing.
     assert_eq!(f.events_of("m00").len(), 1);
+}
+
+fn lease_put(key: &str, lease: i64) -> PutRequest {
+    PutRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: Bytes::from_static(b"v"),
+        lease,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_range_delete_across_shards_takes_one_revision_with_one_event_per_key() {
+    let f = Fixture::open(3, 0).await;
+    for i in 0..30 {
+        f.put(&format!("d/{i:02}"), "v").await.unwrap();
+    }
+    f.put("e/kept", "v").await.unwrap();
+    let answer = f
+        .store
+        .delete_range(DeleteRangeRequest {
+            key: Bytes::from_static(b"d/"),
+            range_end: Bytes::from_static(b"d0"),
+            prev_kv: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(answer.deleted, 30);
+    assert_eq!(answer.prev_kvs.len(), 30);
+    let revision = answer.header.expect("header").revision;
+    for i in 0..30 {
+        let key = format!("d/{i:02}");
+        assert_eq!(f.get(&key).await, None);
+        assert_eq!(
+            f.events_of(&key).last(),
+            Some(&(EventType::Delete, revision))
+        );
+    }
+    assert!(f.get("e/kept").await.is_some());
+    let left: usize = f
+        .shards
+        .values()
+        .map(|s| {
+            s.dump()
+                .iter()
+                .filter(|kv| kv.key.starts_with(b"d/"))
+                .count()
+        })
+        .sum();
+    assert_eq!(left, 0, "the shards hold none of the deleted keys");
+}
+
+#[tokio::test]
+async fn revoking_a_lease_deletes_its_keys_on_every_shard() {
+    let f = Fixture::open(3, 0).await;
+    f.store.lease_grant(7, 60).unwrap();
+    for i in 0..12 {
+        f.store.put(lease_put(&format!("l{i}"), 7)).await.unwrap();
+    }
+    f.put("free", "v").await.unwrap();
+    let revision = f.store.lease_revoke(7).await.unwrap();
+    for i in 0..12 {
+        assert_eq!(f.get(&format!("l{i}")).await, None);
+    }
+    assert_eq!(
+        f.events_of("l0").last(),
+        Some(&(EventType::Delete, revision))
+    );
+    assert!(f.get("free").await.is_some());
+    assert!(f.store.lease_info(7).is_none());
+}
+
+#[tokio::test]
+async fn reads_below_a_compaction_are_refused() {
+    let f = Fixture::open(2, 0).await;
+    let r1 = f.put("a", "1").await.unwrap();
+    let r2 = f.put("a", "2").await.unwrap();
+    assert_eq!(f.get_at("a", r1).await.unwrap().0, "1");
+    f.store.compact(r2).unwrap();
+    let err = f
+        .store
+        .range(RangeRequest {
+            key: Bytes::from_static(b"a"),
+            revision: r1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Compacted), "{err:?}");
+    assert_eq!(f.get_at("a", r2).await.unwrap().0, "2");
+    assert!(matches!(f.store.compact(r1), Err(StoreError::Compacted)));
+}
+
+#[tokio::test]
+async fn a_shard_down_at_startup_is_loaded_when_it_answers() {
+    let shards: BTreeMap<String, MemoryShard> = [("s0".to_string(), MemoryShard::new())]
+        .into_iter()
+        .collect();
+    {
+        let first = Fixture {
+            store: Fixture::open_on(&shards, &[spec("s0")], 1).await,
+            shards: shards.clone(),
+        };
+        first.put("kept", "v").await.unwrap();
+        first.store.shutdown();
+    }
+    shards["s0"].set_down(true);
+    let f = Fixture {
+        store: Fixture::open_on(&shards, &[spec("s0")], 1).await,
+        shards: shards.clone(),
+    };
+    assert!(!f.store.is_ready());
+    assert!(
+        f.store
+            .range(RangeRequest {
+                key: Bytes::from_static(b"kept"),
+                ..Default::default()
+            })
+            .await
+            .is_err(),
+        "no answer that misses the shard's keys"
+    );
+    shards["s0"].set_down(false);
+    f.store.maintain().await;
+    assert!(f.store.is_ready());
+    assert_eq!(f.get("kept").await.unwrap().0, "v");
+}
+
+#[tokio::test]
+async fn a_lost_shard_without_replication_announces_its_keys_deleted_at_one_revision() {
+    let f = Fixture::open(3, 0).await;
+    for i in 0..30 {
+        f.put(&format!("k{i:02}"), "v").await.unwrap();
+    }
+    let on_s1: Vec<String> = (0..30)
+        .map(|i| format!("k{i:02}"))
+        .filter(|k| f.store.shard_for_key(k.as_bytes()).unwrap().id.as_str() == "s1")
+        .collect();
+    assert!(!on_s1.is_empty());
+    f.shard("s1").set_down(true);
+    let lost = f.store.declare_lost(&ShardId::new("s1")).await.unwrap();
+    assert_eq!(lost, on_s1.len());
+    let revisions: BTreeSet<i64> = on_s1
+        .iter()
+        .map(|k| {
+            let (kind, revision) = *f.events_of(k).last().unwrap();
+            assert_eq!(kind, EventType::Delete);
+            revision
+        })
+        .collect();
+    assert_eq!(revisions.len(), 1, "one revision for the whole loss");
+    for i in 0..30 {
+        let key = format!("k{i:02}");
+        assert_eq!(f.get(&key).await.is_some(), !on_s1.contains(&key), "{key}");
+    }
+    // New keys go to the shards left.
+    f.put("after", "v").await.unwrap();
+    assert_ne!(f.store.shard_for_key(b"after").unwrap().id.as_str(), "s1");
+}
+
+#[tokio::test]
+async fn with_replication_a_lost_shard_loses_nothing_and_announces_nothing() {
+    let f = Fixture::open_rf(3, 0, 2).await;
+    for i in 0..30 {
+        f.put(&format!("k{i:02}"), &format!("v{i}")).await.unwrap();
+    }
+    let events = f.store.history().len();
+    f.shard("s1").set_down(true);
+    assert_eq!(f.store.declare_lost(&ShardId::new("s1")).await.unwrap(), 0);
+    assert_eq!(
+        f.store.history().len(),
+        events,
+        "no event for promoted keys"
+    );
+    for i in 0..30 {
+        let key = format!("k{i:02}");
+        assert_eq!(f.get(&key).await.unwrap().0, format!("v{i}"), "{key}");
+    }
 }
