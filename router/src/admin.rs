@@ -11,7 +11,7 @@ use prometheus_client::encoding::text::encode;
 
 use crate::membership::Membership;
 use crate::metrics::ShardLabels;
-use crate::ring::ShardId;
+use crate::placement::ring::ShardId;
 use crate::shard::ShardSpec;
 use crate::store::Store;
 

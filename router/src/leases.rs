@@ -74,7 +74,7 @@ impl Leases {
             keys: BTreeSet::new(),
             revoking: false,
         });
-        lease.keys.insert(crate::store::own_key(&key));
+        lease.keys.insert(crate::keys::own_key(&key));
     }
 
     /// The granted TTL of a lease a new key may attach to.
@@ -99,7 +99,7 @@ impl Leases {
         }
         if new != 0 {
             if let Some(lease) = table.get_mut(&new) {
-                lease.keys.insert(crate::store::own_key(key));
+                lease.keys.insert(crate::keys::own_key(key));
             }
         }
     }

@@ -1,28 +1,33 @@
 //! ste-router: an etcd v3 server that spreads keys over single-member RAM
 //! etcd shards and presents one revision space.
 //!
-//! Where things are:
-//! - `server/`: one file per etcd service (KV, Watch, Lease, Maintenance, Cluster);
+//! Where things are (docs/router.md, "Code layout"):
+//! - `api/`: one file per etcd service (KV, Watch, Lease, Maintenance, Cluster);
 //! - `txn_shapes`: which Txn shapes are accepted, and the errors for the rest;
-//! - `store`: the narrow interface the services call, and the index;
-//! - `sequencer/`: where a revision comes from, and when it becomes visible;
+//! - `store/`: the narrow interface the services call, one file per phase;
+//! - `revision/`: where a revision comes from, and when it becomes visible;
 //! - `history/`: where watch events come from, and compaction;
-//! - `ring/`: where a key is placed;
-//! - `shard/`: one shard's client, write lock and revision cuts;
-//! - `envelope`: the global revisions stored with each value;
-//! - `leases`, `admin`, `metrics`.
+//! - `placement/`: where a key is placed (ring) and where it is (index);
+//! - `shard/`: how a shard etcd is reached (`ShardClient`), fences, cuts, scans;
+//! - `ring_changes/`: shards joining, draining, lost; `replication/`: copies;
+//! - `membership/`: which shards are members; `leader`: one writer at a time;
+//! - `keys`, `envelope`, `leases`, `retry`, `admin`, `metrics`, `tls`.
 
 pub mod admin;
+pub mod api;
 pub mod envelope;
 pub mod error;
 pub mod history;
+pub mod keys;
 pub mod leader;
 pub mod leases;
 pub mod membership;
 pub mod metrics;
-pub mod ring;
-pub mod sequencer;
-pub mod server;
+pub mod placement;
+pub mod replication;
+pub mod retry;
+pub mod revision;
+pub mod ring_changes;
 pub mod shard;
 pub mod store;
 pub mod tls;
@@ -37,9 +42,12 @@ use ste_etcd_proto::pb::{
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use error::{StoreError, StoreResult};
+/// `ste_router::ring` (the ring is part of `placement`).
+pub use placement::ring;
 pub use shard::ShardSpec;
 pub use store::{Store, StoreConfig};
 
@@ -104,14 +112,34 @@ fn incoming(
     })
 }
 
-/// Serves the router on `listener` (gRPC) and `admin` (HTTP) until `shutdown`
-/// completes. With leader election configured, only the leader serves the
-/// etcd API; the others wait for leadership and refuse connections meanwhile.
+/// `run_until`, stopped when `shutdown` completes.
 pub async fn run(
     config: RouterConfig,
     listener: TcpListener,
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    let signal = tokio::spawn(async move {
+        shutdown.await;
+        cancel.cancel();
+    });
+    let result = run_until(config, listener, admin, token).await;
+    signal.abort();
+    result
+}
+
+/// Serves the router on `listener` (gRPC) and `admin` (HTTP) until
+/// `shutdown`, the process's one cancellation token, is cancelled: streams
+/// end, the server stops, leadership is released. With leader election
+/// configured, only the leader serves the etcd API; the others wait for
+/// leadership and refuse connections meanwhile.
+pub async fn run_until(
+    config: RouterConfig,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: CancellationToken,
 ) -> Result<(), RouterError> {
     let listener = Arc::new(listener);
     let slot = admin::Slot::default();
@@ -119,8 +147,12 @@ pub async fn run(
         Some(admin) => {
             let app = admin::router(slot.clone());
             info!(address = %admin.local_addr()?, "admin server listening");
+            let stopped = shutdown.clone().cancelled_owned();
             Some(tokio::spawn(async move {
-                if let Err(err) = axum::serve(admin, app).await {
+                if let Err(err) = axum::serve(admin, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+                {
                     warn!(error = %err, "admin server stopped");
                 }
             }))
@@ -128,7 +160,7 @@ pub async fn run(
         None => None,
     };
     let result = match config.leader.clone() {
-        None => serve(config, listener, slot, shutdown).await,
+        None => serve(config, listener, slot, shutdown.child_token()).await,
         Some(leader) => elect_and_serve(config, leader, listener, slot, shutdown).await,
     };
     if let Some(task) = admin_task {
@@ -145,10 +177,9 @@ async fn elect_and_serve(
     leader: leader::LeaderConfig,
     listener: Arc<TcpListener>,
     slot: admin::Slot,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
 ) -> Result<(), RouterError> {
     let mut elector = leader::Elector::new(leader.clone())?;
-    let mut shutdown = std::pin::pin!(shutdown);
     loop {
         // Follower: connections are refused at once, so clients go elsewhere.
         let refuse = {
@@ -168,7 +199,7 @@ async fn elect_and_serve(
             }
             tokio::select! {
                 _ = tokio::time::sleep(leader.retry_period) => {}
-                _ = &mut shutdown => break None,
+                _ = shutdown.cancelled() => break None,
             }
         };
         refuse.abort();
@@ -180,10 +211,9 @@ async fn elect_and_serve(
             epoch,
             deposed: deposed.clone(),
         });
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let serving = serve(leading, listener.clone(), slot.clone(), async {
-            let _ = stop_rx.await;
-        });
+        // This term's token: cancelled when it steps down or the process stops.
+        let term = shutdown.child_token();
+        let serving = serve(leading, listener.clone(), slot.clone(), term.clone());
         let mut serving = std::pin::pin!(serving);
         let keep_leading = async {
             loop {
@@ -205,9 +235,9 @@ async fn elect_and_serve(
         let stepped_down = tokio::select! {
             result = &mut serving => { result?; return Ok(()); }
             reason = keep_leading => Some(reason),
-            _ = &mut shutdown => None,
+            _ = shutdown.cancelled() => None,
         };
-        let _ = stop_tx.send(());
+        term.cancel();
         serving.await?;
         match stepped_down {
             Some(reason) => {
@@ -223,12 +253,12 @@ async fn elect_and_serve(
     }
 }
 
-/// Opens the store and serves the etcd API until `stop` completes.
+/// Opens the store and serves the etcd API until `stop` is cancelled.
 async fn serve(
     config: RouterConfig,
     listener: Arc<TcpListener>,
     slot: admin::Slot,
-    stop: impl Future<Output = ()> + Send + 'static,
+    stop: CancellationToken,
 ) -> Result<(), RouterError> {
     let mut shards = config.shards.clone();
     for remembered in membership::load_cache(config.membership.cache_file.as_ref())? {
@@ -259,23 +289,24 @@ async fn serve(
     let maintainer = {
         let store = store.clone();
         let interval = config.maintain_interval;
+        let stop = stop.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             loop {
-                ticker.tick().await;
-                store.maintain().await;
+                tokio::select! {
+                    _ = ticker.tick() => store.maintain().await,
+                    _ = stop.cancelled() => return,
+                }
             }
         })
     };
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     {
         let store = store.clone();
         tokio::spawn(async move {
-            stop.await;
+            stop.cancelled().await;
             // End long-lived streams first, or the graceful shutdown would wait for them.
             store.shutdown();
-            let _ = stop_tx.send(());
         });
     }
 
@@ -286,35 +317,34 @@ async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(
-            KvServer::new(server::kv::KvService {
+            KvServer::new(api::kv::KvService {
                 store: store.clone(),
             })
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX),
         )
         .add_service(
-            WatchServer::new(server::watch::WatchService {
+            WatchServer::new(api::watch::WatchService {
                 store: store.clone(),
                 progress_interval: config.progress_interval,
             })
             .max_encoding_message_size(usize::MAX),
         )
-        .add_service(LeaseServer::new(server::lease::LeaseService {
+        .add_service(LeaseServer::new(api::lease::LeaseService {
             store: store.clone(),
         }))
         .add_service(MaintenanceServer::new(
-            server::maintenance::MaintenanceService {
+            api::maintenance::MaintenanceService {
                 store: store.clone(),
             },
         ))
-        .add_service(ClusterServer::new(server::cluster::ClusterService {
+        .add_service(ClusterServer::new(api::cluster::ClusterService {
             store: store.clone(),
             member_id,
             client_url,
         }));
-    let stopped = async {
-        let _ = stop_rx.await;
-    };
+    // The server stops once the store is closed (its streams are ended by then).
+    let stopped = store.closing().cancelled_owned();
     let result = match &config.server_tls {
         Some(tls) => {
             server

@@ -235,16 +235,22 @@ impl ServerTls {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let tls = self.clone();
         tokio::spawn(async move {
+            let mut backoff =
+                crate::retry::Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
             loop {
                 let accepted = tokio::select! {
                     accepted = listener.accept() => accepted,
                     _ = tx.closed() => break,
                 };
                 let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
+                    Ok(accepted) => {
+                        backoff.reset();
+                        accepted
+                    }
                     Err(err) => {
+                        // Out of file descriptors, say: wait before accepting again.
                         warn!(error = %err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tokio::time::sleep(backoff.next_delay()).await;
                         continue;
                     }
                 };

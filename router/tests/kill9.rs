@@ -595,7 +595,7 @@ async fn shard_client_keys(shard: &Etcd) -> BTreeSet<Bytes> {
     let answer = kv
         .range(RangeRequest {
             key: Bytes::from_static(&[0]),
-            range_end: Bytes::from_static(ste_router::store::RESERVED_PREFIX),
+            range_end: Bytes::from_static(ste_router::keys::RESERVED_PREFIX),
             keys_only: true,
             ..Default::default()
         })
@@ -623,7 +623,7 @@ async fn shard_count(shard: &Etcd, from: &[u8], to: &[u8]) -> i64 {
 
 /// The end of the replica-copy range (the prefix with its last byte raised).
 fn replica_range_end() -> Vec<u8> {
-    let mut end = ste_router::store::REPLICA_PREFIX.to_vec();
+    let mut end = ste_router::keys::REPLICA_PREFIX.to_vec();
     *end.last_mut().unwrap() += 1;
     end
 }
@@ -631,7 +631,7 @@ fn replica_range_end() -> Vec<u8> {
 /// (key, global mod revision) of every replica copy on a shard.
 async fn shard_copies(shard: &Etcd) -> BTreeSet<(Bytes, i64)> {
     let mut kv = shard.kv().await.expect("connect to shard");
-    let prefix = ste_router::store::REPLICA_PREFIX;
+    let prefix = ste_router::keys::REPLICA_PREFIX;
     let answer = kv
         .range(RangeRequest {
             key: Bytes::from_static(prefix),
@@ -872,7 +872,7 @@ async fn sigkill_under_writes_and_during_a_key_move() {
     // Keys move 128 to a shard Txn; a few keys may also be created there by
     // the clients (the ring places new keys on it at once).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while shard_count(new, &[0], ste_router::store::RESERVED_PREFIX).await < 64 {
+    while shard_count(new, &[0], ste_router::keys::RESERVED_PREFIX).await < 64 {
         assert!(
             Instant::now() < deadline,
             "no keys moved to the new shard within 30s"
@@ -950,10 +950,10 @@ async fn sigkill_during_replica_repair() {
     // other shards' keys is back (the repair pass copying them again).
     for (victim, copies_wanted) in [(1, None), (2, Some(4))] {
         clients.run_for(200).await;
-        let before = shard_count(&shards[victim], &[0], ste_router::store::RESERVED_PREFIX).await;
+        let before = shard_count(&shards[victim], &[0], ste_router::keys::RESERVED_PREFIX).await;
         let copies_before = shard_count(
             &shards[victim],
-            ste_router::store::REPLICA_PREFIX,
+            ste_router::keys::REPLICA_PREFIX,
             &replica_range_end(),
         )
         .await;
@@ -965,10 +965,10 @@ async fn sigkill_during_replica_repair() {
         shards[victim].restart_empty().await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let (keys, copies) = loop {
-            let keys = shard_count(&shards[victim], &[0], ste_router::store::RESERVED_PREFIX).await;
+            let keys = shard_count(&shards[victim], &[0], ste_router::keys::RESERVED_PREFIX).await;
             let copies = shard_count(
                 &shards[victim],
-                ste_router::store::REPLICA_PREFIX,
+                ste_router::keys::REPLICA_PREFIX,
                 &replica_range_end(),
             )
             .await;

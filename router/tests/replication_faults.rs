@@ -13,7 +13,7 @@ use ste_etcd_proto::pb::{
     kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion, PutRequest,
     RangeRequest, WatchCreateRequest, WatchRequest, WatchResponse,
 };
-use ste_router::store::{REPLICA_PREFIX, RESERVED_PREFIX};
+use ste_router::keys::{REPLICA_PREFIX, RESERVED_PREFIX};
 use ste_testkit::workload::{http, metric};
 use ste_testkit::{shard_specs, start_shards, wait_until, Etcd, Router};
 use tokio::sync::mpsc;

@@ -1,8 +1,14 @@
 //! One shard: its client, its write lock (one write in flight, so the shard
 //! commits in global revision order), and its revision cuts.
 
+mod client;
 mod cuts;
+pub mod kv;
+pub mod memory;
+pub mod queue;
+pub mod scan;
 
+pub use client::{etcd_connector, Connector, EtcdShard, ShardAnswer, ShardClient};
 pub use cuts::{CutLookup, Cuts};
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -14,29 +20,17 @@ use std::time::Duration;
 
 use ste_etcd_proto::pb::{
     compare::{CompareResult, CompareTarget, TargetUnion},
-    kv_client::KvClient,
-    maintenance_client::MaintenanceClient,
     request_op::Request,
-    CompactionRequest, Compare, PutRequest, RangeRequest, RangeResponse, RequestOp, StatusRequest,
-    StatusResponse, TxnRequest, TxnResponse,
+    CompactionRequest, Compare, PutRequest, RangeRequest, RangeResponse, RequestOp, StatusResponse,
+    TxnRequest, TxnResponse,
 };
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::warn;
 
 use crate::error::{StoreError, StoreResult};
-use crate::ring::ShardId;
+use crate::placement::ring::ShardId;
 
-/// Keys from here on are the router's own on every shard (replica copies,
-/// the leader fence); clients can neither read nor write them.
-pub const RESERVED_PREFIX: &[u8] = b"\xff\xff\xff\xffste/";
-/// The epoch of the router allowed to write this shard (see `leader`).
-pub const FENCE_KEY: &[u8] = b"\xff\xff\xff\xffste/leader";
-/// Written on a shard once the router holds its keys in its index (loaded,
-/// joined, or reconciled after losing its data). A shard without it when a
-/// router starts is new or lost its data: with replication, the copies of
-/// the keys placed on it are then its keys, not leftovers of deletes.
-pub const MARKER_KEY: &[u8] = b"\xff\xff\xff\xffste/shard";
+pub use crate::keys::{FENCE_KEY, MARKER_KEY, RESERVED_PREFIX};
 
 /// The leader epoch this router writes under, shared by all its shards.
 #[derive(Clone, Debug)]
@@ -122,11 +116,10 @@ pub struct Shard {
     fencing: Option<Fencing>,
     /// This router's epoch is in the shard's fence key.
     fenced: AtomicBool,
-    kv: KvClient<Channel>,
-    maintenance: MaintenanceClient<Channel>,
+    client: Arc<dyn ShardClient>,
     pub write: tokio::sync::Mutex<WriteState>,
     /// Txns waiting for the next group commit (see `Store::txn`).
-    pub queue: Mutex<std::collections::VecDeque<crate::store::PendingTxn>>,
+    pub queue: Mutex<std::collections::VecDeque<queue::PendingTxn>>,
     pub cuts: Mutex<Cuts>,
     /// The shard's keys are in the index. Until then every request that may
     /// touch it answers Unavailable rather than a result that misses keys.
@@ -159,35 +152,13 @@ pub struct RevisionMark {
 }
 
 impl Shard {
-    pub fn connect(
-        spec: &ShardSpec,
-        timeout: Duration,
-        tls: Option<&crate::tls::ClientTls>,
-    ) -> StoreResult<Self> {
-        let endpoint = Endpoint::from_shared(spec.endpoint.clone())
-            .map_err(|e| StoreError::unavailable(spec.id.as_str(), e))?
-            .connect_timeout(timeout.min(Duration::from_secs(2)))
-            .timeout(timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(timeout);
-        let channel = match (spec.endpoint.starts_with("https://"), tls) {
-            (false, _) => endpoint.connect_lazy(),
-            (true, Some(tls)) => {
-                let tls = tls.clone();
-                endpoint.connect_with_connector_lazy(tower::service_fn(move |uri| {
-                    let tls = tls.clone();
-                    async move { tls.connect(&uri).await }
-                }))
-            }
-            (true, None) => {
-                return Err(StoreError::Internal(format!(
-                "shard {} is at an https:// URL but no shard CA is configured (--shard-ca-file)",
-                spec.id
-            )))
-            }
-        };
-        Ok(Shard {
+    /// A shard reached through `connector` (see `etcd_connector`).
+    pub fn connect(spec: &ShardSpec, connector: &Connector) -> StoreResult<Self> {
+        Ok(Self::with_client(spec, connector(spec)?))
+    }
+
+    pub fn with_client(spec: &ShardSpec, client: Arc<dyn ShardClient>) -> Self {
+        Shard {
             id: spec.id.clone(),
             endpoint: spec.endpoint.clone(),
             origin: spec.origin,
@@ -197,10 +168,7 @@ impl Shard {
             db_bytes: AtomicI64::new(0),
             fencing: None,
             fenced: AtomicBool::new(false),
-            kv: KvClient::new(channel.clone())
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
-            maintenance: MaintenanceClient::new(channel),
+            client,
             write: tokio::sync::Mutex::new(WriteState::default()),
             queue: Mutex::new(std::collections::VecDeque::new()),
             cuts: Mutex::new(Cuts::unloaded()),
@@ -210,7 +178,7 @@ impl Shard {
             replaced_before: AtomicU64::new(0),
             seen_revision: AtomicI64::new(0),
             history_resets: AtomicU64::new(0),
-        })
+        }
     }
 
     pub fn is_loaded(&self) -> bool {
@@ -268,7 +236,7 @@ impl Shard {
         // without the Raft read-index round a linearizable read pays.
         req.serializable = true;
         let mark = self.revision_mark();
-        let result = self.kv.clone().range(req).await;
+        let result = self.client.range(req).await;
         let answer = self.answer(result)?;
         self.observe(mark, answer.header.as_ref().map(|h| h.revision));
         Ok(answer)
@@ -324,7 +292,7 @@ impl Shard {
 
     async fn txn_fenced(&self, mut req: TxnRequest) -> StoreResult<TxnResponse> {
         let Some(fencing) = self.fencing.clone() else {
-            let result = self.kv.clone().txn(req).await;
+            let result = self.client.txn(req).await;
             return self.answer(result);
         };
         req.compare.push(Compare {
@@ -338,7 +306,7 @@ impl Shard {
             if !self.fenced.load(Ordering::Acquire) {
                 self.raise_fence(&fencing).await?;
             }
-            let result = self.kv.clone().txn(req.clone()).await;
+            let result = self.client.txn(req.clone()).await;
             let answer = self.answer(result)?;
             if answer.succeeded {
                 return Ok(answer);
@@ -437,8 +405,7 @@ impl Shard {
             }
             if current < fencing.epoch {
                 let answer = self
-                    .kv
-                    .clone()
+                    .client
                     .txn(TxnRequest {
                         compare: vec![Compare {
                             key: Bytes::from_static(FENCE_KEY),
@@ -472,8 +439,7 @@ impl Shard {
 
     pub async fn compact(&self, shard_revision: i64) -> StoreResult<()> {
         let result = self
-            .kv
-            .clone()
+            .client
             .compact(CompactionRequest {
                 revision: shard_revision,
                 physical: false,
@@ -483,7 +449,7 @@ impl Shard {
     }
 
     pub async fn status(&self) -> StoreResult<StatusResponse> {
-        let result = self.maintenance.clone().status(StatusRequest {}).await;
+        let result = self.client.status().await;
         let answer = self.answer(result);
         self.set_healthy(answer.is_ok());
         if let Ok(status) = &answer {
@@ -559,9 +525,9 @@ impl Shard {
         !went_back
     }
 
-    fn answer<T>(&self, result: Result<tonic::Response<T>, Status>) -> StoreResult<T> {
+    fn answer<T>(&self, result: Result<T, Status>) -> StoreResult<T> {
         match result {
-            Ok(response) => Ok(response.into_inner()),
+            Ok(response) => Ok(response),
             Err(status) => Err(self.classify(status)),
         }
     }

@@ -58,29 +58,30 @@ impl Sequencer {
     }
 
     /// Reserves the next revision. The caller must hold the write lock of
-    /// every shard the write touches, and must call `finish` exactly once.
-    pub fn assign(&self) -> i64 {
-        let mut inner = self.inner.lock().expect("sequencer lock");
-        inner.last_assigned += 1;
-        let g = inner.last_assigned;
-        inner.in_flight.insert(g);
-        g
+    /// every shard the write touches; the revision is published when the
+    /// returned obligation is (or when it is dropped, with no events).
+    pub fn assign(&self) -> Assigned<'_> {
+        self.assign_block(1)
     }
 
-    /// Reserves `n` consecutive revisions and returns the first (same rules as `assign`).
-    pub fn assign_block(&self, n: i64) -> i64 {
+    /// Reserves `n` (≥ 1) consecutive revisions (same rules as `assign`).
+    pub fn assign_block(&self, n: i64) -> Assigned<'_> {
         let mut inner = self.inner.lock().expect("sequencer lock");
         let first = inner.last_assigned + 1;
-        inner.last_assigned += n;
+        inner.last_assigned += n.max(1);
         for g in first..=inner.last_assigned {
             inner.in_flight.insert(g);
         }
-        first
+        Assigned {
+            sequencer: self,
+            first,
+            unpublished: (first..=inner.last_assigned).collect(),
+        }
     }
 
     /// Marks `g` finished with the events it produced (none if it failed) and
     /// publishes every revision that no longer waits on a smaller one.
-    pub fn finish(&self, g: i64, events: Vec<Arc<StoredEvent>>) {
+    fn finish(&self, g: i64, events: Vec<Arc<StoredEvent>>) {
         let mut inner = self.inner.lock().expect("sequencer lock");
         if !inner.in_flight.remove(&g) {
             return;
@@ -131,6 +132,45 @@ impl Sequencer {
     }
 }
 
+/// Revisions handed out by the sequencer and not yet published: the
+/// obligation as a value. Each revision is published once, with the events
+/// its write produced (`publish_at`, `publish`); whatever is left when the
+/// value is dropped (an early return, an error, a panic) is published with
+/// no events, so a failed write leaves a gap and never stalls publication.
+#[must_use = "assigned revisions are published when this is published or dropped"]
+pub struct Assigned<'a> {
+    sequencer: &'a Sequencer,
+    first: i64,
+    unpublished: BTreeSet<i64>,
+}
+
+impl Assigned<'_> {
+    /// The first (for `assign`, the only) revision.
+    pub fn first(&self) -> i64 {
+        self.first
+    }
+
+    /// Publishes revision `g` of the block with `events` (once; later calls for `g` do nothing).
+    pub fn publish_at(&mut self, g: i64, events: Vec<Arc<StoredEvent>>) {
+        if self.unpublished.remove(&g) {
+            self.sequencer.finish(g, events);
+        }
+    }
+
+    /// Publishes the first revision with `events`, and the rest of the block with none.
+    pub fn publish(mut self, events: Vec<Arc<StoredEvent>>) {
+        self.publish_at(self.first, events);
+    }
+}
+
+impl Drop for Assigned<'_> {
+    fn drop(&mut self) {
+        for g in std::mem::take(&mut self.unpublished) {
+            self.sequencer.finish(g, Vec::new());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,12 +182,13 @@ mod tests {
         let a = seq.assign();
         let b = seq.assign();
         let c = seq.assign();
-        assert_eq!((a, b, c), (101, 102, 103));
-        seq.finish(b, vec![StoredEvent::test_put(b"b", b)]);
-        seq.finish(c, vec![StoredEvent::test_put(b"c", c)]);
+        let (ga, gb, gc) = (a.first(), b.first(), c.first());
+        assert_eq!((ga, gb, gc), (101, 102, 103));
+        b.publish(vec![StoredEvent::test_put(b"b", gb)]);
+        c.publish(vec![StoredEvent::test_put(b"c", gc)]);
         assert_eq!(seq.published(), 100, "102 and 103 wait for 101");
         assert_eq!(history.len(), 0);
-        seq.finish(a, vec![]); // a failed write leaves a gap, it does not block
+        drop(a); // a failed write leaves a gap, it does not block
         assert_eq!(seq.published(), 103);
         let revisions: Vec<i64> = history
             .read(101, 103, |_| true)
@@ -156,6 +197,19 @@ mod tests {
             .map(|e| e.revision)
             .collect();
         assert_eq!(revisions, vec![102, 103]);
+    }
+
+    #[test]
+    fn a_block_dropped_half_published_publishes_the_rest_without_events() {
+        let history = Arc::new(History::new(100, 1_000));
+        let seq = Sequencer::new(100, history.clone());
+        let mut block = seq.assign_block(3);
+        block.publish_at(102, vec![StoredEvent::test_put(b"b", 102)]);
+        assert_eq!(seq.published(), 100);
+        // An early return (error, `?`) drops the obligation.
+        drop(block);
+        assert_eq!(seq.published(), 103);
+        assert_eq!(history.len(), 1);
     }
 
     #[test]

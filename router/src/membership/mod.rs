@@ -16,14 +16,16 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 use serde::{Deserialize, Serialize};
 use ste_shard_api::{Shard as ShardResource, ShardPhase};
 use tracing::{debug, info, warn};
 
-use crate::ring::ShardId;
+use crate::placement::ring::ShardId;
+use crate::retry::Backoff;
+use crate::ring_changes::DrainProgress;
 use crate::shard::{Origin, ShardSpec};
-use crate::store::{DrainProgress, Store};
+use crate::store::Store;
 
 #[derive(Clone)]
 pub struct MembershipConfig {
@@ -193,13 +195,13 @@ impl Membership {
         if let Some(client) = self.config.kube.clone() {
             tokio::spawn(self.clone().watch_registrations(client));
         }
-        let mut closing = self.store.closing();
+        let closing = self.store.closing();
         let mut ticker = tokio::time::interval(self.config.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
-                _ = Store::until_closed(&mut closing) => return,
+                _ = closing.cancelled() => return,
             }
             self.step().await;
             self.write_cache();
@@ -469,19 +471,21 @@ impl Membership {
     /// Keeps `wanted` in line with the `Shard` objects in the cluster.
     async fn watch_registrations(self, client: kube::Client) {
         let api: Api<ShardResource> = Api::all(client);
-        let mut events = std::pin::pin!(watcher::watcher(api, watcher::Config::default()));
-        let mut closing = self.store.closing();
+        // Errors are retried by the watcher, waiting by the router's backoff.
+        let mut events = std::pin::pin!(watcher::watcher(api, watcher::Config::default()).backoff(
+            Backoff::new(Duration::from_millis(250), Duration::from_secs(30))
+        ));
+        let closing = self.store.closing();
         let mut listing: Option<BTreeMap<ShardId, ShardResource>> = None;
         loop {
             let event = tokio::select! {
                 event = events.next() => event,
-                _ = Store::until_closed(&mut closing) => return,
+                _ = closing.cancelled() => return,
             };
             match event {
                 None => return,
                 Some(Err(err)) => {
                     warn!(error = %err, "watching Shard registrations failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 Some(Ok(watcher::Event::Init)) => listing = Some(BTreeMap::new()),
                 Some(Ok(watcher::Event::InitApply(shard))) => {

@@ -1,11 +1,4 @@
-//! The etcd v3 gRPC services, one file each. They translate requests into
-//! calls on the store and the store's errors into etcd's statuses.
-
-pub mod cluster;
-pub mod kv;
-pub mod lease;
-pub mod maintenance;
-pub mod watch;
+//! How every service answers: a store result as a gRPC response, recorded in the metrics.
 
 use std::time::Instant;
 

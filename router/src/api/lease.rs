@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::answer;
+use super::answer::answer;
 use crate::store::Store;
 
 pub struct LeaseService {
@@ -64,11 +64,11 @@ impl Lease for LeaseService {
         let (tx, rx) = mpsc::channel(16);
         let store = self.store.clone();
         tokio::spawn(async move {
-            let mut closing = store.closing();
+            let closing = store.closing();
             loop {
                 let message = tokio::select! {
                     message = inbound.message() => message,
-                    _ = Store::until_closed(&mut closing) => {
+                    _ = closing.cancelled() => {
                         let _ = tx.send(Err(Status::unavailable("ste-router is shutting down"))).await;
                         return;
                     }

@@ -10,7 +10,7 @@ use ste_etcd_proto::pb::{
 };
 use tonic::{Request, Response, Status};
 
-use super::answer;
+use super::answer::answer;
 use crate::store::Store;
 
 pub struct KvService {

@@ -17,6 +17,7 @@ use ste_etcd_proto::pb::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::StoreError;
@@ -88,11 +89,11 @@ struct Gone;
 impl WatchStream {
     async fn run(mut self, mut inbound: Streaming<WatchRequest>, progress_interval: Duration) {
         let mut published = self.store.sequencer().subscribe();
-        let mut closing = self.store.closing();
+        let closing = self.store.closing();
         let mut ticker = tokio::time::interval(progress_interval);
         ticker.tick().await;
         let _ = self
-            .serve(&mut inbound, &mut published, &mut closing, &mut ticker)
+            .serve(&mut inbound, &mut published, &closing, &mut ticker)
             .await;
         self.store
             .metrics()
@@ -104,7 +105,7 @@ impl WatchStream {
         &mut self,
         inbound: &mut Streaming<WatchRequest>,
         published: &mut tokio::sync::watch::Receiver<i64>,
-        closing: &mut tokio::sync::watch::Receiver<bool>,
+        closing: &CancellationToken,
         ticker: &mut tokio::time::Interval,
     ) -> Result<(), Gone> {
         loop {
@@ -130,7 +131,7 @@ impl WatchStream {
                         self.send(self.response(current, id)).await?;
                     }
                 }
-                _ = Store::until_closed(closing) => {
+                _ = closing.cancelled() => {
                     // A clean error the client resumes from (it re-watches from its last revision).
                     let _ = self.tx.send(Err(Status::unavailable("ste-router is shutting down"))).await;
                     return Err(Gone);

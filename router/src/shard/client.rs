@@ -1,0 +1,117 @@
+//! What the router asks of a shard's etcd, and nothing more: Range (at a
+//! revision), Txn (with compares), Compact and Status. `Shard` (fences,
+//! revision marks, health) sits on top of a `ShardClient`; the etcd
+//! implementation speaks gRPC, `memory::MemoryShard` answers from memory for
+//! the store's unit tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use ste_etcd_proto::pb::{
+    kv_client::KvClient, maintenance_client::MaintenanceClient, CompactionRequest,
+    CompactionResponse, RangeRequest, RangeResponse, StatusRequest, StatusResponse, TxnRequest,
+    TxnResponse,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+use super::ShardSpec;
+use crate::error::{StoreError, StoreResult};
+
+/// A shard answer: etcd's response, or the gRPC status it failed with.
+pub type ShardAnswer<'a, T> = BoxFuture<'a, Result<T, Status>>;
+
+/// The four etcd calls the store makes on a shard.
+pub trait ShardClient: Send + Sync + 'static {
+    fn range(&self, req: RangeRequest) -> ShardAnswer<'_, RangeResponse>;
+    fn txn(&self, req: TxnRequest) -> ShardAnswer<'_, TxnResponse>;
+    fn compact(&self, req: CompactionRequest) -> ShardAnswer<'_, CompactionResponse>;
+    fn status(&self) -> ShardAnswer<'_, StatusResponse>;
+}
+
+/// Makes the client of a shard from its spec (etcd over gRPC in the router;
+/// in-memory shards in unit tests).
+pub type Connector =
+    Arc<dyn Fn(&ShardSpec) -> StoreResult<Arc<dyn ShardClient>> + Send + Sync + 'static>;
+
+/// The connector of real shards: gRPC, with `timeout` per request and mTLS
+/// towards `https://` endpoints.
+pub fn etcd_connector(timeout: Duration, tls: Option<crate::tls::ClientTls>) -> Connector {
+    Arc::new(move |spec: &ShardSpec| {
+        let client: Arc<dyn ShardClient> =
+            Arc::new(EtcdShard::connect(spec, timeout, tls.as_ref())?);
+        Ok(client)
+    })
+}
+
+/// A shard's etcd over gRPC (one lazily connected channel).
+pub struct EtcdShard {
+    kv: KvClient<Channel>,
+    maintenance: MaintenanceClient<Channel>,
+}
+
+impl EtcdShard {
+    pub fn connect(
+        spec: &ShardSpec,
+        timeout: Duration,
+        tls: Option<&crate::tls::ClientTls>,
+    ) -> StoreResult<Self> {
+        let endpoint = Endpoint::from_shared(spec.endpoint.clone())
+            .map_err(|e| StoreError::unavailable(spec.id.as_str(), e))?
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(timeout);
+        let channel = match (spec.endpoint.starts_with("https://"), tls) {
+            (false, _) => endpoint.connect_lazy(),
+            (true, Some(tls)) => {
+                let tls = tls.clone();
+                endpoint.connect_with_connector_lazy(tower::service_fn(move |uri| {
+                    let tls = tls.clone();
+                    async move { tls.connect(&uri).await }
+                }))
+            }
+            (true, None) => {
+                return Err(StoreError::Internal(format!(
+                "shard {} is at an https:// URL but no shard CA is configured (--shard-ca-file)",
+                spec.id
+            )))
+            }
+        };
+        Ok(EtcdShard {
+            kv: KvClient::new(channel.clone())
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+            maintenance: MaintenanceClient::new(channel),
+        })
+    }
+}
+
+impl ShardClient for EtcdShard {
+    fn range(&self, req: RangeRequest) -> ShardAnswer<'_, RangeResponse> {
+        let mut kv = self.kv.clone();
+        Box::pin(async move { kv.range(req).await.map(tonic::Response::into_inner) })
+    }
+
+    fn txn(&self, req: TxnRequest) -> ShardAnswer<'_, TxnResponse> {
+        let mut kv = self.kv.clone();
+        Box::pin(async move { kv.txn(req).await.map(tonic::Response::into_inner) })
+    }
+
+    fn compact(&self, req: CompactionRequest) -> ShardAnswer<'_, CompactionResponse> {
+        let mut kv = self.kv.clone();
+        Box::pin(async move { kv.compact(req).await.map(tonic::Response::into_inner) })
+    }
+
+    fn status(&self) -> ShardAnswer<'_, StatusResponse> {
+        let mut maintenance = self.maintenance.clone();
+        Box::pin(async move {
+            maintenance
+                .status(StatusRequest {})
+                .await
+                .map(tonic::Response::into_inner)
+        })
+    }
+}
