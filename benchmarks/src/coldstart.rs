@@ -558,7 +558,8 @@ pub fn metric_sum(metrics: &BTreeMap<String, f64>, prefix: &str) -> f64 {
         .iter()
         .filter(|(k, _)| *k == prefix || k.starts_with(&format!("{prefix}{{")))
         .map(|(_, v)| v)
-        .sum()
+        // Not `.sum()`: an empty float sum is -0.0, printed "-0".
+        .fold(0.0, |total, v| total + v)
 }
 
 // ---------------------------------------------------------------- benchmark
