@@ -10,27 +10,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use ste_bench::cluster::{self, Arm, ClusterRecord, UpArgs};
+use ste_bench::cluster::{self, Arm, ClusterRecord, RunningCluster, UpArgs};
 use ste_bench::coldstart::{
     self, metric_sum, BridgeProcess, Knative, BRIDGE_ANNOTATION, REVISION_LABEL,
 };
 
 const BRIDGE: &str = env!("CARGO_BIN_EXE_ste-activator-bridge");
-
-/// Stops the cluster even when an assertion fails.
-struct Running(ClusterRecord);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let record = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .unwrap()
-                .block_on(cluster::stop(&record))
-        })
-        .join();
-    }
-}
 
 fn get(record: &ClusterRecord, path: &str) -> Value {
     let (code, body) = record.api().curl(&[path]).unwrap();
@@ -211,21 +196,11 @@ fn up_args(arm: Arm, dir: &Path) -> UpArgs {
 /// the standby (aggressive mode) wakes a revision; with the bridge
 /// stopped the same wake converges the same way through the normal path.
 async fn bridge_story(arm: Arm) {
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("bridge-e2e-{arm:?}-"))
-        .tempdir()
-        .unwrap();
-    let dir = tmp.path().to_path_buf();
-    // STE_KEEP_TEST_DIR=1 keeps the cluster's and the components' logs for a post-mortem.
-    let _guard = if std::env::var_os("STE_KEEP_TEST_DIR").is_some() {
-        eprintln!("keeping {}", tmp.keep().display());
-        None
-    } else {
-        Some(tmp)
-    };
+    // STE_KEEP_TEST_DIR=1 keeps the cluster's and the components' logs.
+    let (dir, _guard) = ste_testkit::test_dir(&format!("bridge-e2e-{arm:?}-"));
     let record = cluster::up(&up_args(arm, &dir)).await.expect("cluster up");
-    let running = Running(record.clone());
-    let record = &running.0;
+    let running = RunningCluster::new(record.clone());
+    let record = running.record();
     let leases = coldstart::keep_node_leases(record).unwrap();
     let logs = dir.join("logs");
     let mut knative = Knative::start(record, &logs)

@@ -29,7 +29,7 @@ use kube::runtime::WatchStreamExt;
 use kube::ResourceExt;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 use serde_json::json;
-use ste_bench::cluster::{self, Arm, ClusterRecord, UpArgs};
+use ste_bench::cluster::{self, Arm, ClusterRecord, RunningCluster, UpArgs};
 use ste_bench::coldstart::{self, metric_sum, BridgeProcess};
 
 const BRIDGE: &str = env!("CARGO_BIN_EXE_ste-activator-bridge");
@@ -39,21 +39,6 @@ const GATE: &str = "ste.dev/activator-bridge";
 const WEBHOOK_ANNOTATION: &str = "ste.dev/activator-bridge-webhook";
 const BRIDGE_ANNOTATION: &str = "ste.dev/activator-bridge";
 const CONFIGURATION: &str = "ste-activator-bridge";
-
-/// Stops the cluster even when an assertion fails.
-struct Running(ClusterRecord);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let record = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .unwrap()
-                .block_on(cluster::stop(&record))
-        })
-        .join();
-    }
-}
 
 /// What the watch saw of one pod.
 #[derive(Debug, Clone, Default)]
@@ -447,7 +432,7 @@ async fn wait_metric(bridge: &BridgeProcess, series: &str, at_least: f64) {
     }
 }
 
-async fn setup(prefix: &str, nodes: usize) -> (tempfile::TempDir, Running, Harness) {
+async fn setup(prefix: &str, nodes: usize) -> (tempfile::TempDir, RunningCluster, Harness) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tmp = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
@@ -464,7 +449,7 @@ async fn setup(prefix: &str, nodes: usize) -> (tempfile::TempDir, Running, Harne
     })
     .await
     .expect("cluster up");
-    let running = Running(record.clone());
+    let running = RunningCluster::new(record.clone());
     let config = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::read_from(&record.kubeconfig).unwrap(),
         &Default::default(),

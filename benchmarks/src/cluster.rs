@@ -1079,3 +1079,44 @@ pub fn print_summary(record: &ClusterRecord, dir: &Path) {
         dir.display()
     );
 }
+
+/// A started cluster whose drop stops it: the obligation to call [`stop`] as
+/// a value, so a test that fails an assertion still leaves nothing running.
+/// Dropping it blocks while the processes stop, on a runtime of its own (so
+/// it may be dropped inside or outside of one).
+pub struct RunningCluster(ClusterRecord);
+
+impl RunningCluster {
+    pub fn new(record: ClusterRecord) -> Self {
+        Self(record)
+    }
+
+    pub fn record(&self) -> &ClusterRecord {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for RunningCluster {
+    type Target = ClusterRecord;
+
+    fn deref(&self) -> &ClusterRecord {
+        &self.0
+    }
+}
+
+/// A cluster restarted in place (`crash_and_restart`) is recorded anew.
+impl std::ops::DerefMut for RunningCluster {
+    fn deref_mut(&mut self) -> &mut ClusterRecord {
+        &mut self.0
+    }
+}
+
+impl Drop for RunningCluster {
+    fn drop(&mut self) {
+        let record = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().map(|runtime| runtime.block_on(stop(&record)))
+        })
+        .join();
+    }
+}

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use ste_testkit::{free_port, upstream_binary, Api};
+use ste_testkit::{free_port, pid_alive, upstream_binary, Api};
 
 /// Node (and process-name) prefix of real nodes: real-node-<i>.
 pub const REAL_NODE_PREFIX: &str = "real-node-";
@@ -373,16 +373,6 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            !stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
 fn spawn(binary: &Path, args: &[String], log: &Path) -> anyhow::Result<NodeProcess> {
     use std::os::unix::process::CommandExt;
     let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -712,7 +702,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     let socket_s = socket.display().to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
     while run("ctr", &["-a", &socket_s, "version"]).is_err() {
-        if !alive(pid) {
+        if !pid_alive(pid) {
             bail!(
                 "containerd of {name} exited during startup; see {}",
                 containerd_log.display()
@@ -846,7 +836,7 @@ async fn wait_ready(api: &Api, node: &RealNode, within: Duration) -> anyhow::Res
         }
         for (what, process) in [("kubelet", &node.kubelet), ("containerd", &node.containerd)] {
             if let Some(p) = process {
-                if !alive(p.pid) {
+                if !pid_alive(p.pid) {
                     bail!(
                         "the {what} of {} exited; see {}",
                         node.name,
@@ -879,19 +869,19 @@ async fn stop_process(what: &str, process: &NodeProcess, grace: Duration) {
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    if !alive(process.pid) || !String::from_utf8_lossy(&cmdline).contains(&binary) {
+    if !pid_alive(process.pid) || !String::from_utf8_lossy(&cmdline).contains(&binary) {
         return;
     }
     let group = format!("-{}", process.pid);
     let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
     let deadline = Instant::now() + grace;
-    while alive(process.pid) && Instant::now() < deadline {
+    while pid_alive(process.pid) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if alive(process.pid) {
+    if pid_alive(process.pid) {
         let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while alive(process.pid) && Instant::now() < deadline {
+        while pid_alive(process.pid) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -909,7 +899,7 @@ pub async fn restart_kubelet(dir: &Path, name: &str) -> anyhow::Result<()> {
         .with_context(|| format!("no real node {name} recorded"))?;
     let old = node.kubelet.clone().context("no kubelet recorded")?;
     stop_process(&format!("{name} kubelet"), &old, Duration::from_secs(10)).await;
-    if alive(old.pid) {
+    if pid_alive(old.pid) {
         bail!("the kubelet of {name} (pid {}) did not stop", old.pid);
     }
     let process = spawn(Path::new(&old.binary), &old.args, &old.log)?;
@@ -990,7 +980,7 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
             )
             .await;
         }
-        let containerd_alive = node.containerd.as_ref().is_some_and(|p| alive(p.pid));
+        let containerd_alive = node.containerd.as_ref().is_some_and(|p| pid_alive(p.pid));
         if containerd_alive {
             let endpoint = format!("unix://{}", node.socket.display());
             match &crictl {

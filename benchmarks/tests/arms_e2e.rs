@@ -8,23 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ste_bench::arms::{self, Arm, Environment, Topology};
-use ste_bench::cluster::{self, ClusterRecord};
+use ste_bench::cluster::RunningCluster;
 use ste_testkit::Api;
-
-/// Stops the cluster even when an assertion fails.
-struct Running(ClusterRecord);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let record = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .unwrap()
-                .block_on(cluster::stop(&record))
-        })
-        .join();
-    }
-}
 
 /// Keys under `prefix` in the etcd at `endpoint`, read with etcdctl.
 fn etcd_keys(endpoint: &str, prefix: &str) -> Vec<String> {
@@ -91,8 +76,8 @@ async fn override_arm_on_three_etcd_members_keeps_pods_in_its_ram_etcd() {
     let record = arms::up(Arm::Override, &env, PathBuf::from(dir.path()))
         .await
         .unwrap();
-    let running = Running(record);
-    let record = &running.0;
+    let running = RunningCluster::new(record);
+    let record = running.record();
     assert_eq!(record.durable_etcd.len(), 3, "three durable members");
     for endpoint in &record.durable_etcd {
         assert_eq!(

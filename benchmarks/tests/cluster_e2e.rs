@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use ste_bench::cluster::{self, Arm, ClusterRecord, UpArgs};
-use ste_testkit::Api;
+use ste_bench::cluster::{self, Arm, ClusterRecord, RunningCluster, UpArgs};
+use ste_testkit::{pid_alive, wait_for, Api};
 
 fn up_args(arm: Arm, dir: &std::path::Path) -> UpArgs {
     UpArgs {
@@ -20,21 +20,6 @@ fn up_args(arm: Arm, dir: &std::path::Path) -> UpArgs {
         apiserver_env: Vec::new(),
         apiserver_bin: None,
         dir: dir.to_path_buf(),
-    }
-}
-
-/// Stops the cluster even when an assertion fails.
-struct Running(ClusterRecord);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let record = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .unwrap()
-                .block_on(cluster::stop(&record))
-        })
-        .join();
     }
 }
 
@@ -207,8 +192,8 @@ impl PodWatch {
 
 async fn lifecycle(arm: Arm) -> Duration {
     let dir = tempfile::tempdir().unwrap();
-    let running = Running(cluster::up(&up_args(arm, dir.path())).await.unwrap());
-    let api = running.0.api();
+    let running = RunningCluster::new(cluster::up(&up_args(arm, dir.path())).await.unwrap());
+    let api = running.record().api();
     let started = Instant::now();
     // A watch on pods from now on: every change must arrive once, in order.
     let list = get(&api, "/api/v1/namespaces/default/pods");
@@ -282,7 +267,10 @@ async fn lifecycle(arm: Arm) -> Duration {
         let metrics = std::process::Command::new("curl")
             .args([
                 "-s",
-                &format!("{}/metrics", running.0.router_admin.as_ref().unwrap()),
+                &format!(
+                    "{}/metrics",
+                    running.record().router_admin.as_ref().unwrap()
+                ),
             ])
             .output()
             .unwrap();
@@ -309,8 +297,8 @@ async fn deployments_converge_on_both_arms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_of_a_lost_shard_come_back_through_their_replicaset() {
     let dir = tempfile::tempdir().unwrap();
-    let running = Running(cluster::up(&up_args(Arm::Ste, dir.path())).await.unwrap());
-    let api = running.0.api();
+    let running = RunningCluster::new(cluster::up(&up_args(Arm::Ste, dir.path())).await.unwrap());
+    let api = running.record().api();
     create_deployment(&api, "svc", 30);
     let before: BTreeSet<String> = wait_pods(&api, "svc", 30, Duration::from_secs(120))
         .await
@@ -321,7 +309,7 @@ async fn pods_of_a_lost_shard_come_back_through_their_replicaset() {
     let record = cluster::crash_and_restart(dir.path(), "shard-1", true)
         .await
         .unwrap();
-    let running = Running(record);
+    let running = RunningCluster::new(record);
     let deadline = Instant::now() + Duration::from_secs(120);
     let after = loop {
         let (names, ready) = pods(&api, "svc");
@@ -348,8 +336,8 @@ async fn pods_of_a_lost_shard_come_back_through_their_replicaset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_and_apiserver_restarts_during_churn_lose_no_pod() {
     let dir = tempfile::tempdir().unwrap();
-    let running = Running(cluster::up(&up_args(Arm::Ste, dir.path())).await.unwrap());
-    let api = running.0.api();
+    let running = RunningCluster::new(cluster::up(&up_args(Arm::Ste, dir.path())).await.unwrap());
+    let api = running.record().api();
     create_deployment(&api, "churn", 20);
     wait_pods(&api, "churn", 20, Duration::from_secs(120)).await;
 
@@ -358,7 +346,7 @@ async fn router_and_apiserver_restarts_during_churn_lose_no_pod() {
     let record = cluster::crash_and_restart(dir.path(), "ste-router", false)
         .await
         .unwrap();
-    let _running = Running(record);
+    let _running = RunningCluster::new(record);
     let names: BTreeSet<String> = wait_pods(&api, "churn", 60, Duration::from_secs(180))
         .await
         .into_iter()
@@ -369,7 +357,7 @@ async fn router_and_apiserver_restarts_during_churn_lose_no_pod() {
     let record = cluster::crash_and_restart(dir.path(), "kube-apiserver", false)
         .await
         .unwrap();
-    let _running = Running(record);
+    let _running = RunningCluster::new(record);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !matches!(api.curl(&["/readyz"]), Ok((200, _))) {
         assert!(
@@ -486,27 +474,6 @@ fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill {signal} {pid}");
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            !stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
-async fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// Shards registered by real ste-shard-agent processes: one killed with -9
 /// is declared Lost and exactly its pods are recreated by their ReplicaSet;
 /// one stopped with SIGTERM is drained without any pod being recreated.
@@ -520,13 +487,15 @@ async fn shard_agents_lost_and_drained_under_a_deployment() {
     let record = cluster::up_with(&args, &cluster::AgentArgs { shard_agents: 2 })
         .await
         .unwrap();
-    let cluster_running = Running(record.clone());
+    let cluster_running = RunningCluster::new(record.clone());
     let api = record.api();
     let admin = record.router_admin.clone().unwrap();
     let (killed, drained) = ("shard-agent-0", "shard-agent-1");
     for name in [killed, drained] {
         wait_for(&format!("{name} Active"), Duration::from_secs(30), || {
-            shard_status(&api, name).is_some_and(|(p, _)| p == "Active")
+            shard_status(&api, name)
+                .is_some_and(|(p, _)| p == "Active")
+                .then_some(())
         })
         .await;
     }
@@ -536,7 +505,7 @@ async fn shard_agents_lost_and_drained_under_a_deployment() {
     wait_for(
         "keys to settle on their shards",
         Duration::from_secs(30),
-        || router_metric(&record, "ste_router_keys_to_move") == 0.0,
+        || (router_metric(&record, "ste_router_keys_to_move") == 0.0).then_some(()),
     )
     .await;
     let (before, _) = pod_uids(&api, "agents");
@@ -554,11 +523,17 @@ async fn shard_agents_lost_and_drained_under_a_deployment() {
     wait_for(
         &format!("the router to drop {killed}"),
         Duration::from_secs(60),
-        || cluster::router_members(&admin).is_some_and(|m| !m.contains(&killed.to_string())),
+        || {
+            cluster::router_members(&admin)
+                .is_some_and(|m| !m.contains(&killed.to_string()))
+                .then_some(())
+        },
     )
     .await;
     wait_for(&format!("{killed} Lost"), Duration::from_secs(10), || {
-        shard_status(&api, killed).is_some_and(|(p, _)| p == "Lost")
+        shard_status(&api, killed)
+            .is_some_and(|(p, _)| p == "Lost")
+            .then_some(())
     })
     .await;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -613,7 +588,7 @@ async fn shard_agents_lost_and_drained_under_a_deployment() {
     wait_for(
         &format!("{drained} to exit"),
         Duration::from_secs(60),
-        || !alive(pid),
+        || (!pid_alive(pid)).then_some(()),
     )
     .await;
     assert!(
@@ -819,10 +794,10 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(
         apiserver_bin: apiserver_bin.clone(),
         ..up_args(Arm::Ste, dir.path())
     };
-    let mut running = Running(cluster::up(&args).await.unwrap());
+    let mut running = RunningCluster::new(cluster::up(&args).await.unwrap());
     let started = Instant::now();
-    let api = running.0.api();
-    let apiserver = running.0.pid_of("kube-apiserver").unwrap();
+    let api = running.record().api();
+    let apiserver = running.record().pid_of("kube-apiserver").unwrap();
     let environ = std::fs::read(format!("/proc/{apiserver}/environ")).unwrap();
     for (name, value) in &apiserver_env {
         let var = format!("{name}={value}");
@@ -859,7 +834,7 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(
     let base = "/apis/apps/v1/namespaces/default/deployments";
     loop {
         assert!(
-            alive(apiserver),
+            pid_alive(apiserver),
             "kube-apiserver exited (panicked?) in round {round}:\n{}",
             log_tail()
         );
@@ -871,10 +846,10 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(
                     apiserver_pod_metric(&api, "apiserver_watch_cache_initializations_total", "")
                         .unwrap();
                 eprintln!("round {round}, {:?}: {success} check(s) passed; killing and restarting ste-router", started.elapsed());
-                running.0 = cluster::crash_and_restart(dir.path(), "ste-router", false)
+                *running = cluster::crash_and_restart(dir.path(), "ste-router", false)
                     .await
                     .unwrap();
-                assert_eq!(running.0.pid_of("kube-apiserver"), Some(apiserver));
+                assert_eq!(running.record().pid_of("kube-apiserver"), Some(apiserver));
                 restarted = Some((success, inits));
             }
             None => assert!(
@@ -941,7 +916,7 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(
                 break;
             }
             assert!(
-                alive(apiserver),
+                pid_alive(apiserver),
                 "kube-apiserver exited (panicked?) in round {round}:\n{}",
                 log_tail()
             );
@@ -966,7 +941,11 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(
         started.elapsed(),
         reinitialized.unwrap()
     );
-    assert!(alive(apiserver), "kube-apiserver exited:\n{}", log_tail());
+    assert!(
+        pid_alive(apiserver),
+        "kube-apiserver exited:\n{}",
+        log_tail()
+    );
     let log = std::fs::read_to_string(&log_path).unwrap();
     let bad: Vec<&str> = log
         .lines()

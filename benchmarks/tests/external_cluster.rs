@@ -6,23 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use ste_bench::cluster::{self, Arm, ClusterRecord, UpArgs};
+use ste_bench::cluster::{self, Arm, RunningCluster, UpArgs};
 use ste_bench::external::{self, ExternalArgs};
-
-/// Stops the cluster even when an assertion fails.
-struct Running(ClusterRecord);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let record = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .unwrap()
-                .block_on(cluster::stop(&record))
-        })
-        .join();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_runs_against_a_cluster_given_by_kubeconfig() {
@@ -38,8 +23,8 @@ async fn churn_runs_against_a_cluster_given_by_kubeconfig() {
         apiserver_bin: None,
         dir: dir.path().join("cluster"),
     };
-    let cluster = Running(cluster::up(&args).await.expect("cluster up"));
-    let kubeconfig = cluster.0.kubeconfig.clone();
+    let cluster = RunningCluster::new(cluster::up(&args).await.expect("cluster up"));
+    let kubeconfig = cluster.record().kubeconfig.clone();
     assert!(
         kubeconfig.is_file(),
         "the cluster wrote {}",
@@ -102,15 +87,15 @@ async fn churn_runs_against_a_cluster_given_by_kubeconfig() {
     assert!(!output.join("stock-qps200").exists() && !output.join("ste-qps200").exists());
 
     // The run's namespace is gone (deleted before ste-bench exited).
-    let api = cluster.0.api();
+    let api = cluster.record().api();
     let (code, body) = api.curl(&["/api/v1/namespaces/ste-bench-test"]).unwrap();
     assert_eq!(code, 404, "namespace left behind: {body}");
 
     // TLS verified against `certificate-authority` (relative to the
     // kubeconfig): kube-apiserver's self-signed certificate passes; without
     // it (and without insecure-skip-tls-verify) the server is refused.
-    let text = std::fs::read_to_string(&cluster.0.kubeconfig).unwrap();
-    let verified = cluster.0.kubeconfig.with_file_name("kubeconfig-ca");
+    let text = std::fs::read_to_string(&cluster.record().kubeconfig).unwrap();
+    let verified = cluster.record().kubeconfig.with_file_name("kubeconfig-ca");
     std::fs::write(
         &verified,
         text.replace(
@@ -119,7 +104,10 @@ async fn churn_runs_against_a_cluster_given_by_kubeconfig() {
         ),
     )
     .unwrap();
-    let unverified = cluster.0.kubeconfig.with_file_name("kubeconfig-no-ca");
+    let unverified = cluster
+        .record()
+        .kubeconfig
+        .with_file_name("kubeconfig-no-ca");
     std::fs::write(
         &unverified,
         text.replace("    insecure-skip-tls-verify: true\n", ""),

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use ste_bench::cluster::{self, AgentArgs, Arm, UpArgs};
 use ste_bench::real_node::{self, RealNode, RealNodeArgs, FUNCTION_BODY, FUNCTION_IMAGE};
-use ste_testkit::{upstream_binary, Api};
+use ste_testkit::{http_get, repo_root, upstream_binary, wait_for, Api};
 
 const STATIC_POD_PORTS: [u16; 5] = [2479, 2480, 2579, 2580, 2581];
 const IMAGES: [&str; 6] = [
@@ -47,32 +47,10 @@ const ROUTER_ADMIN: &str = "http://127.0.0.1:2480";
 const BOOTSTRAP_SHARD: &str = "https://127.0.0.1:2579";
 const AGENT_LABEL: &str = "app.kubernetes.io/name=ste-shard-agent";
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
 fn upstream(name: &'static str) -> PathBuf {
     upstream_binary(name, "STE_UNUSED").unwrap_or_else(|_| {
         panic!("{name} missing from target/upstream/bin: run hack/build-upstream.sh")
     })
-}
-
-async fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {}s",
-            within.as_secs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// The per-test host: where docs/install.md's fixed host paths go.
@@ -424,16 +402,6 @@ fn override_flag(text: &str) -> String {
         .next()
         .unwrap()
         .to_string()
-}
-
-fn http_get(url: &str) -> Option<String> {
-    let out = Command::new("curl")
-        .args(["-sf", "--max-time", "2", url])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn port_free(port: u16) -> bool {

@@ -9,24 +9,9 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use ste_bench::cluster::{self, Arm, ClusterRecord, UpArgs};
+use ste_bench::cluster::{self, Arm, ClusterRecord, RunningCluster, UpArgs};
 use ste_bench::coldstart::{self, Knative};
 use ste_bench::knative::{self, hops::Hop};
-
-/// Stops the cluster even when an assertion fails.
-struct Running(ClusterRecord);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let record = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .unwrap()
-                .block_on(cluster::stop(&record))
-        })
-        .join();
-    }
-}
 
 fn get(record: &ClusterRecord, path: &str) -> Value {
     let (code, body) = record.api().curl(&[path]).unwrap();
@@ -55,18 +40,8 @@ fn replicas_managers(record: &ClusterRecord, service: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_autoscaler_wakes_revisions_from_activator_stats_and_takes_them_back_to_zero() {
     let started = Instant::now();
-    let tmp = tempfile::Builder::new()
-        .prefix("knative-wake-")
-        .tempdir()
-        .unwrap();
-    let dir = tmp.path().to_path_buf();
-    // STE_KEEP_TEST_DIR=1 keeps the cluster's and Knative's logs.
-    let _guard = if std::env::var_os("STE_KEEP_TEST_DIR").is_some() {
-        eprintln!("keeping {}", tmp.keep().display());
-        None
-    } else {
-        Some(tmp)
-    };
+    // STE_KEEP_TEST_DIR=1 keeps the cluster's and the components' logs.
+    let (dir, _guard) = ste_testkit::test_dir("knative-wake-");
     let up = UpArgs {
         arm: Arm::Stock,
         shards: 2,
@@ -79,8 +54,8 @@ async fn the_autoscaler_wakes_revisions_from_activator_stats_and_takes_them_back
         dir: dir.clone(),
     };
     let record = cluster::up(&up).await.expect("cluster up");
-    let running = Running(record.clone());
-    let record = &running.0;
+    let running = RunningCluster::new(record.clone());
+    let record = running.record();
     let leases = coldstart::keep_node_leases(record).unwrap();
     let mut knative_processes = Knative::start(record, &dir.join("logs"))
         .await

@@ -9,46 +9,14 @@
 //! `hack/build-upstream.sh kubelet crictl`. Missing pieces fail the test with
 //! what to run; it never falls back to kwok.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use ste_bench::cluster::{self, AgentArgs, Arm, UpArgs};
 use ste_bench::real_node::{self, RealNodeArgs, FUNCTION_BODY, FUNCTION_IMAGE, REAL_NODE_PREFIX};
-use ste_testkit::{upstream_binary, Api};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            !stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
-async fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {}s",
-            within.as_secs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use ste_testkit::{http_get, pid_alive, repo_root, upstream_binary, wait_for, Api};
 
 fn pod_status(api: &Api, name: &str) -> Option<Value> {
     let (code, body) = api
@@ -57,16 +25,6 @@ fn pod_status(api: &Api, name: &str) -> Option<Value> {
     (code == 200)
         .then(|| serde_json::from_str::<Value>(&body).ok())
         .flatten()
-}
-
-fn http_get(url: &str) -> Option<String> {
-    let out = Command::new("curl")
-        .args(["-sf", "--max-time", "2", url])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,7 +103,7 @@ async fn real_nodes_run_the_function_image_by_pod_ip_and_down_removes_them_even_
             wait_for(
                 "a SIGKILLed process to die",
                 Duration::from_secs(10),
-                || (!alive(process.pid)).then_some(()),
+                || (!pid_alive(process.pid)).then_some(()),
             )
             .await;
         }
@@ -164,7 +122,7 @@ async fn real_nodes_run_the_function_image_by_pod_ip_and_down_removes_them_even_
     for node in &nodes.nodes {
         for process in [&node.kubelet, &node.containerd].into_iter().flatten() {
             assert!(
-                !alive(process.pid),
+                !pid_alive(process.pid),
                 "{} (pid {}) still runs after down",
                 process.binary,
                 process.pid

@@ -91,6 +91,45 @@ pub fn free_port() -> u16 {
         .expect("binding 127.0.0.1:0")
 }
 
+/// Whether process `pid` exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// The body of a GET of `url` with curl (2 s at most); None unless 2xx.
+pub fn http_get(url: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "2", url])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A fresh directory for a test's cluster and logs, and its guard: removed
+/// when the guard drops, unless STE_KEEP_TEST_DIR is set (then kept for a
+/// post-mortem, its path printed, and the guard is None).
+pub fn test_dir(prefix: &str) -> (PathBuf, Option<TempDir>) {
+    let tmp = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("a temporary directory");
+    let dir = tmp.path().to_path_buf();
+    if std::env::var_os("STE_KEEP_TEST_DIR").is_some() {
+        eprintln!("keeping {}", tmp.keep().display());
+        (dir, None)
+    } else {
+        (dir, Some(tmp))
+    }
+}
+
 /// A single-member etcd on loopback, the way shards run: no fsync.
 pub struct Etcd {
     pub name: String,
@@ -507,6 +546,22 @@ where
             "timed out after {within:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `check` every 100 ms until it gives a value, which it returns;
+/// panics naming `what` when `within` has passed without one.
+pub async fn wait_for<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
