@@ -49,10 +49,6 @@ pub enum StoreError {
     /// An admin request named something that does not exist.
     #[error("ste-router: {0}")]
     NotFound(String),
-    /// The keys' shard changed while the write waited for its lock (a move):
-    /// the write is retried on the new shard and never reaches clients.
-    #[error("ste-router: the keys moved to another shard while the write waited")]
-    Moved,
     #[error("ste-router internal error: {0}")]
     Internal(String),
 }
@@ -73,7 +69,7 @@ impl From<StoreError> for Status {
                 Code::OutOfRange
             }
             StoreError::LeaseNotFound | StoreError::NotFound(_) => Code::NotFound,
-            StoreError::Moved | StoreError::NotLeader => Code::Unavailable,
+            StoreError::NotLeader => Code::Unavailable,
             StoreError::LeaseExists => Code::FailedPrecondition,
             StoreError::EmptyKey
             | StoreError::KeyNotFound

@@ -20,6 +20,7 @@ use ste_etcd_proto::pb::{
     PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader, ResponseOp,
     StatusResponse, TxnRequest, TxnResponse,
 };
+use tokio::sync::Semaphore;
 use tonic::Status;
 
 use super::client::{ShardAnswer, ShardClient};
@@ -348,6 +349,11 @@ struct Inner {
     txns: AtomicU64,
     ranges: AtomicU64,
     next_member: AtomicU64,
+    /// While set, every Txn waits here for a permit before it is applied
+    /// (see `hold_txns`).
+    gate: Mutex<Option<Arc<Semaphore>>>,
+    /// Txns waiting at the gate now.
+    held: AtomicU64,
 }
 
 impl Default for MemoryShard {
@@ -366,6 +372,8 @@ impl MemoryShard {
                 txns: AtomicU64::new(0),
                 ranges: AtomicU64::new(0),
                 next_member: AtomicU64::new(2),
+                gate: Mutex::new(None),
+                held: AtomicU64::new(0),
             }),
         }
     }
@@ -427,6 +435,31 @@ impl MemoryShard {
         next
     }
 
+    /// From now on every Txn is held in flight (not applied, not answered)
+    /// until `release_txns` lets it through, one permit per Txn.
+    pub fn hold_txns(&self) {
+        *self.inner.gate.lock().expect("gate lock") = Some(Arc::new(Semaphore::new(0)));
+    }
+
+    /// Lets `n` held Txns (or the next `n` to come) through, in arrival order.
+    pub fn release_txns(&self, n: usize) {
+        if let Some(gate) = self.inner.gate.lock().expect("gate lock").as_ref() {
+            gate.add_permits(n);
+        }
+    }
+
+    /// Stops holding Txns; the ones held go through.
+    pub fn open_txns(&self) {
+        if let Some(gate) = self.inner.gate.lock().expect("gate lock").take() {
+            gate.close();
+        }
+    }
+
+    /// Txns held in flight right now.
+    pub fn held_txns(&self) -> u64 {
+        self.inner.held.load(Ordering::Acquire)
+    }
+
     /// Txns received (answered or not).
     pub fn txn_count(&self) -> u64 {
         self.inner.txns.load(Ordering::Acquire)
@@ -483,6 +516,18 @@ impl ShardClient for MemoryShard {
 
     fn txn(&self, req: TxnRequest) -> ShardAnswer<'_, TxnResponse> {
         self.inner.txns.fetch_add(1, Ordering::AcqRel);
+        let gate = self.inner.gate.lock().expect("gate lock").clone();
+        if let Some(gate) = gate {
+            self.inner.held.fetch_add(1, Ordering::AcqRel);
+            return Box::pin(async move {
+                // A closed gate (`open_txns`) lets everything through.
+                if let Ok(permit) = gate.acquire().await {
+                    permit.forget();
+                }
+                self.inner.held.fetch_sub(1, Ordering::AcqRel);
+                self.answer(Call::Txn, |mvcc| mvcc.txn(&req))
+            });
+        }
         let answer = self.answer(Call::Txn, |mvcc| mvcc.txn(&req));
         Box::pin(async move {
             tokio::task::yield_now().await;

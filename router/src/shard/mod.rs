@@ -1,5 +1,7 @@
 //! One shard: its client, its write lock (one write in flight, so the shard
-//! commits in global revision order), and its revision cuts.
+//! commits in global revision order; held by the shard's committer for
+//! each group commit, and by moves, reconciliation and multi-shard deletes),
+//! its write queue and its revision cuts.
 
 mod client;
 mod cuts;
@@ -118,8 +120,8 @@ pub struct Shard {
     fenced: AtomicBool,
     client: Arc<dyn ShardClient>,
     pub write: tokio::sync::Mutex<WriteState>,
-    /// Txns waiting for the next group commit (see `Store::txn`).
-    pub queue: Mutex<std::collections::VecDeque<queue::PendingTxn>>,
+    /// Txns waiting for the shard's committer (see `store::write::committer`).
+    pub queue: queue::WriteQueue,
     pub cuts: Mutex<Cuts>,
     /// The shard's keys are in the index. Until then every request that may
     /// touch it answers Unavailable rather than a result that misses keys.
@@ -170,7 +172,7 @@ impl Shard {
             fenced: AtomicBool::new(false),
             client,
             write: tokio::sync::Mutex::new(WriteState::default()),
-            queue: Mutex::new(std::collections::VecDeque::new()),
+            queue: queue::WriteQueue::default(),
             cuts: Mutex::new(Cuts::unloaded()),
             loaded: AtomicBool::new(false),
             healthy: AtomicBool::new(false),

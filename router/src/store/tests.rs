@@ -639,3 +639,156 @@ async fn with_replication_a_lost_shard_loses_nothing_and_announces_nothing() {
         assert_eq!(f.get(&key).await.unwrap().0, format!("v{i}"), "{key}");
     }
 }
+
+/// Waits (bounded) until `done` holds.
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A put of `key`, polled once so it is queued on its shard's committer.
+async fn queued_put(
+    store: &Arc<Store>,
+    key: &str,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = Result<i64, StoreError>>>> {
+    let store = store.clone();
+    let key = Bytes::copy_from_slice(key.as_bytes());
+    let mut put = Box::pin(async move {
+        let answer = store
+            .put(PutRequest {
+                key,
+                value: Bytes::from_static(b"v"),
+                ..Default::default()
+            })
+            .await?;
+        Ok(answer.header.expect("header").revision)
+    });
+    assert!(
+        futures::poll!(put.as_mut()).is_pending(),
+        "a put to a held shard cannot finish"
+    );
+    put
+}
+
+#[tokio::test]
+async fn a_finished_write_is_answered_while_the_next_batch_is_in_flight() {
+    let f = Fixture::open(1, 0).await;
+    let shard = f.shard("s0").clone();
+    let before = shard.txn_count();
+    shard.hold_txns();
+    let first = queued_put(&f.store, "k1").await;
+    wait_until("the first batch is in flight", || shard.held_txns() == 1).await;
+    let second = queued_put(&f.store, "k2").await;
+    let third = queued_put(&f.store, "k3").await;
+    shard.release_txns(1);
+    let r1 = first.await.expect("first write");
+    wait_until("the second batch is in flight", || {
+        shard.held_txns() == 1 && shard.txn_count() == before + 2
+    })
+    .await;
+    let mut fourth = queued_put(&f.store, "k4").await;
+    shard.release_txns(1);
+    wait_until("the fourth write's batch is in flight", || {
+        shard.held_txns() == 1 && shard.txn_count() == before + 3
+    })
+    .await;
+    // k2 and k3 were committed together; their answers do not wait for k4's round trip.
+    let within = Duration::from_secs(5);
+    let r2 = tokio::time::timeout(within, second)
+        .await
+        .expect("k2 answered while the next batch is in flight")
+        .expect("k2");
+    let r3 = tokio::time::timeout(within, third)
+        .await
+        .expect("k3 answered while the next batch is in flight")
+        .expect("k3");
+    assert!(
+        futures::poll!(fourth.as_mut()).is_pending(),
+        "k4 is still held"
+    );
+    assert_eq!(shard.held_txns(), 1);
+    shard.open_txns();
+    let r4 = fourth.await.expect("k4");
+    let mut revisions = vec![r1, r2, r3, r4];
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(revisions.len(), 4, "each write has its own revision");
+    assert!(
+        r1 < r2.min(r3) && r2.max(r3) < r4,
+        "revisions in commit order"
+    );
+}
+
+#[tokio::test]
+async fn writes_queued_behind_a_batch_in_flight_go_out_as_one_batch() {
+    let f = Fixture::open(1, 0).await;
+    let shard = f.shard("s0").clone();
+    let before = shard.txn_count();
+    shard.hold_txns();
+    let first = queued_put(&f.store, "a").await;
+    wait_until("the first batch is in flight", || shard.held_txns() == 1).await;
+    let mut queued = Vec::new();
+    for i in 0..10 {
+        queued.push(queued_put(&f.store, &format!("b{i}")).await);
+    }
+    shard.open_txns();
+    first.await.expect("first write");
+    let revisions: Vec<i64> = futures::future::join_all(queued)
+        .await
+        .into_iter()
+        .map(|r| r.expect("queued write"))
+        .collect();
+    assert_eq!(
+        shard.txn_count() - before,
+        2,
+        "the ten writes queued behind the first batch took one shard Txn"
+    );
+    assert_eq!(
+        revisions.iter().collect::<BTreeSet<_>>().len(),
+        10,
+        "each write of the batch has its own revision"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_with_an_unknown_outcome_is_reconciled_before_the_next_one() {
+    let f = Fixture::open(1, 0).await;
+    let shard = f.shard("s0").clone();
+    shard.hold_txns();
+    let first = queued_put(&f.store, "a").await;
+    wait_until("the first batch is in flight", || shard.held_txns() == 1).await;
+    let second = queued_put(&f.store, "b").await;
+    let third = queued_put(&f.store, "c").await;
+    shard.release_txns(1);
+    first.await.expect("first write");
+    wait_until("the second batch is in flight", || shard.held_txns() == 1).await;
+    // The batch of b and c is applied, then its answer is lost.
+    shard.fail_next(Call::Txn, Fault::UnknownOutcome);
+    shard.open_txns();
+    for (key, write) in [("b", second), ("c", third)] {
+        let err = write.await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::ShardUnavailable { .. }),
+            "{key}: {err:?}"
+        );
+    }
+    assert_eq!(
+        f.get("b").await,
+        None,
+        "not announced before reconciliation"
+    );
+    // The next batch reconciles the shard first: b and c were applied, so
+    // each is announced as a write of its own, below the new write.
+    let r4 = f.put("d", "4").await.expect("write after the failed batch");
+    for key in ["b", "c"] {
+        let (_, revision) = f.get(key).await.expect("applied on the shard");
+        assert!(revision < r4, "{key} at {revision}, d at {r4}");
+        assert_eq!(f.events_of(key), vec![(EventType::Put, revision)]);
+    }
+}

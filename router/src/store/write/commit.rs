@@ -133,7 +133,7 @@ impl Store {
                 // Nothing was written: the revisions are published without events.
                 drop(assigned);
                 for (pending, ..) in planned {
-                    let _ = pending.reply.send(Err(err.clone()));
+                    pending.answer(Err(err.clone()));
                 }
                 return;
             }
@@ -204,7 +204,7 @@ impl Store {
                     visible_at,
                 }),
             };
-            let _ = pending.reply.send(reply);
+            pending.answer(reply);
         }
         self.record_replicas(copied, planned_puts);
         self.spawn_cleanup(cleanups);

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use crate::error::{StoreError, StoreResult};
 use crate::keys::RESERVED_PREFIX;
 use crate::placement::ring::ShardId;
-use crate::shard::queue::PendingTxn;
+use crate::shard::queue::{PendingTxn, Reply};
 use crate::shard::{Shard, WriteState};
 use crate::store::Store;
 use crate::txn_shapes::{self, show_key};
@@ -24,6 +24,7 @@ use crate::store::delete::Selection;
 use crate::store::write::plan::Batch;
 
 mod commit;
+mod committer;
 pub(crate) mod plan;
 
 impl Store {
@@ -111,47 +112,31 @@ impl Store {
                 responses: Vec::new(),
             });
         }
-        let store = self.clone();
-        self.detached(async move { store.txn_on_one_shard(req, keys).await })
-            .await
+        // No task of its own: the shard's committer finishes the write
+        // (and its revision) even if this caller goes away.
+        self.txn_on_one_shard(req, keys).await
     }
 
-    /// Queues the txn on its shard and commits it in a group: whoever holds
-    /// the shard's write lock commits everything queued so far as one shard
-    /// Txn (group commit), so a shard takes one round trip per batch instead
-    /// of one per write, while each write keeps its own global revision.
+    /// Queues the txn on its shard's committer and waits for its answer:
+    /// the committer commits everything queued so far as one shard Txn
+    /// (group commit), so a shard takes one round trip per batch instead of
+    /// one per write, while each write keeps its own global revision.
     async fn txn_on_one_shard(
-        self: Arc<Self>,
-        req: TxnRequest,
-        keys: BTreeSet<Bytes>,
+        self: &Arc<Self>,
+        mut req: TxnRequest,
+        mut keys: BTreeSet<Bytes>,
     ) -> StoreResult<TxnResponse> {
         let committed = loop {
             let shard = self.single_shard_for(&keys)?;
             let (reply, answer) = oneshot::channel();
-            shard
-                .queue
-                .lock()
-                .expect("queue lock")
-                .push_back(PendingTxn {
-                    req: req.clone(),
-                    keys: keys.clone(),
-                    reply,
-                });
-            {
-                let mut state = shard.write.lock().await;
-                let queued: Vec<PendingTxn> =
-                    shard.queue.lock().expect("queue lock").drain(..).collect();
-                if !queued.is_empty() {
-                    self.commit_queued(&shard, &mut state, queued).await;
-                }
-            }
+            self.enqueue(&shard, PendingTxn { req, keys, reply });
             match answer
                 .await
                 .map_err(|_| StoreError::Internal("write dropped before commit".into()))?
             {
+                Reply::Done(result) => break result?,
                 // A move took the keys elsewhere before this write was planned: nothing was written.
-                Err(StoreError::Moved) => continue,
-                other => break other?,
+                Reply::Moved(r, k) => (req, keys) = (r, k),
             }
         };
         self.sequencer.wait_published(committed.visible_at).await;
@@ -159,17 +144,22 @@ impl Store {
         // A write answers at its own revision, a read-only txn at the revision
         // its reads saw (etcd's header is the revision the data was read at;
         // a later one would be ahead of the data).
-        set_revision(&mut response, committed.visible_at, &self);
+        set_revision(&mut response, committed.visible_at, self);
         self.compact_overflow();
         Ok(response)
     }
 
     /// Plans the queued txns in order and commits them in batches; a txn
     /// that touches a key written earlier in the batch starts the next batch.
-    async fn commit_queued(&self, shard: &Shard, state: &mut WriteState, queued: Vec<PendingTxn>) {
+    pub(crate) async fn commit_queued(
+        &self,
+        shard: &Shard,
+        state: &mut WriteState,
+        queued: Vec<PendingTxn>,
+    ) {
         if let Err(err) = self.ensure_reconciled(shard, state).await {
             for pending in queued {
-                let _ = pending.reply.send(Err(err.clone()));
+                pending.answer(Err(err.clone()));
             }
             return;
         }
@@ -178,11 +168,11 @@ impl Store {
             match self.single_shard_for(&pending.keys) {
                 Ok(placed) if placed.id == shard.id => {}
                 Ok(_) => {
-                    let _ = pending.reply.send(Err(StoreError::Moved));
+                    pending.moved();
                     continue;
                 }
                 Err(err) => {
-                    let _ = pending.reply.send(Err(err));
+                    pending.answer(Err(err));
                     continue;
                 }
             }
@@ -192,9 +182,7 @@ impl Store {
             }
             match self.plan_txn(shard, &pending.req).await {
                 Ok(plan) => batch.add(pending, plan),
-                Err(err) => {
-                    let _ = pending.reply.send(Err(err));
-                }
+                Err(err) => pending.answer(Err(err)),
             }
         }
         if !batch.items.is_empty() {
@@ -204,27 +192,35 @@ impl Store {
 
     /// The shard of all `keys`, or the error naming them if they are on several.
     fn single_shard_for(&self, keys: &BTreeSet<Bytes>) -> StoreResult<Arc<Shard>> {
-        let mut placed: BTreeMap<ShardId, Vec<&Bytes>> = BTreeMap::new();
-        let mut first = None;
-        for key in keys {
-            let shard = self.shard_for_key(key)?;
-            placed.entry(shard.id.clone()).or_default().push(key);
-            first.get_or_insert(shard);
+        let mut keys_iter = keys.iter();
+        let first = keys_iter.next().expect("keys is not empty");
+        let shard = self.shard_for_key(first)?;
+        for key in keys_iter {
+            if self.shard_for_key(key)?.id != shard.id {
+                return Err(self.cross_shard(keys));
+            }
         }
-        if placed.len() > 1 {
-            let detail = placed
-                .iter()
-                .map(|(shard, keys)| {
-                    let keys: Vec<String> = keys.iter().map(|k| show_key(k)).collect();
-                    format!("{} on shard {}", keys.join(", "), shard)
-                })
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(StoreError::CrossShard(detail));
-        }
-        let shard = first.expect("keys is not empty");
         shard.require_loaded()?;
         Ok(shard)
+    }
+
+    /// The error for a txn whose keys are on several shards, naming them.
+    fn cross_shard(&self, keys: &BTreeSet<Bytes>) -> StoreError {
+        let mut placed: BTreeMap<ShardId, Vec<String>> = BTreeMap::new();
+        for key in keys {
+            if let Ok(shard) = self.shard_for_key(key) {
+                placed
+                    .entry(shard.id.clone())
+                    .or_default()
+                    .push(show_key(key));
+            }
+        }
+        let detail = placed
+            .iter()
+            .map(|(shard, keys)| format!("{} on shard {}", keys.join(", "), shard))
+            .collect::<Vec<_>>()
+            .join("; ");
+        StoreError::CrossShard(detail)
     }
 }
 

@@ -33,7 +33,7 @@ impl Store {
         };
         let mut prepared = Vec::with_capacity(ops.len());
         for op in ops {
-            prepared.push(self.prepare_op(shard, op.clone()).await?);
+            prepared.push(self.prepare_op(shard, op).await?);
         }
         let writes = prepared.iter().any(|op| match op {
             PreparedOp::Put { .. } => true,
@@ -168,8 +168,9 @@ impl Store {
         })
     }
 
-    async fn prepare_op(&self, shard: &Shard, op: RequestOp) -> StoreResult<PreparedOp> {
-        match op.request {
+    /// Only the op's buffers are shared (reference counts), nothing is copied.
+    async fn prepare_op(&self, shard: &Shard, op: &RequestOp) -> StoreResult<PreparedOp> {
+        match &op.request {
             Some(Request::RequestPut(put)) => {
                 let entry = self
                     .index
@@ -204,7 +205,7 @@ impl Store {
                     0
                 };
                 Ok(PreparedOp::Put {
-                    key: put.key,
+                    key: put.key.clone(),
                     value,
                     lease,
                     lease_ttl,
@@ -220,14 +221,14 @@ impl Store {
                     .get(&delete.key)
                     .cloned();
                 Ok(PreparedOp::Delete {
-                    key: delete.key,
+                    key: delete.key.clone(),
                     want_prev: delete.prev_kv,
                     entry,
                 })
             }
             Some(Request::RequestRange(range)) => {
-                check_range_options(&range)?;
-                Ok(PreparedOp::Range(range))
+                check_range_options(range)?;
+                Ok(PreparedOp::Range(range.clone()))
             }
             _ => Err(StoreError::Unsupported("this Txn operation".into())),
         }
@@ -339,7 +340,10 @@ impl PreparedOp {
                     request: Some(Request::RequestPut(PutRequest {
                         key: key.clone(),
                         value: envelope::encode(&meta, &value),
-                        prev_kv: true,
+                        // The previous value (for the event and the caller)
+                        // exists only if the index has the key; for a create
+                        // the fence already says the shard has none.
+                        prev_kv: entry.is_some(),
                         ..Default::default()
                     })),
                 };
