@@ -4,8 +4,8 @@
 
 use plotters::prelude::*;
 
-use super::figure::{self, Axis, Description, DrawError, Figure, LegendEntry, Series};
-use super::header::{self, entry, quantile};
+use super::figure::{self, Axis, Description, DrawError, Figure, Series};
+use super::header::{self, quantile};
 use super::input::{LatencySet, Load};
 use super::palette::{hex, width, Palette};
 use super::ticks::{log_range, log_ticks, ms_label};
@@ -68,13 +68,7 @@ pub fn render(file: &str, what: &str, sets: &[LatencySet]) -> Result<Figure, Dra
         let err = |e: &dyn std::fmt::Display| DrawError::new(file, e);
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let (top, body) = root.split_vertically(figure::HEADER);
-        let mut legend: Vec<(LegendEntry, RGBColor)> = arms
-            .iter()
-            .zip(&colours)
-            .map(|(a, c)| (entry(a, *c, "line"), *c))
-            .collect();
-        legend.push((entry("p50", BLACK, "circle"), BLACK));
-        legend.push((entry("p99", BLACK, "triangle"), BLACK));
+        let legend = header::arms_and_percentiles(&arms, &colours, "line");
         header::draw(
             &top,
             &format!("{what}: CDF per arm, one panel per load (log scale)"),
@@ -146,14 +140,9 @@ pub fn render(file: &str, what: &str, sets: &[LatencySet]) -> Result<Figure, Dra
         }
         root.present().map_err(|e| err(&e))?;
     }
-    let legend = arms
-        .iter()
-        .zip(&colours)
-        .map(|(a, c)| entry(a, *c, "line"))
-        .chain([
-            entry("p50", BLACK, "circle"),
-            entry("p99", BLACK, "triangle"),
-        ])
+    let legend = header::arms_and_percentiles(&arms, &colours, "line")
+        .into_iter()
+        .map(|(e, _)| e)
         .collect();
     Ok(Figure {
         svg,

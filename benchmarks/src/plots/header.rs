@@ -46,6 +46,23 @@ pub fn entry(label: &str, colour: RGBColor, mark: &str) -> LegendEntry {
     }
 }
 
+/// The legend of a per-arm figure: one entry per arm drawn with `mark` in
+/// its colour, then the black p50 and p99 markers.
+pub fn arms_and_percentiles(
+    arms: &[String],
+    colours: &[RGBColor],
+    mark: &str,
+) -> Vec<(LegendEntry, RGBColor)> {
+    arms.iter()
+        .zip(colours)
+        .map(|(a, c)| (entry(a, *c, mark), *c))
+        .chain([
+            (entry("p50", BLACK, "circle"), BLACK),
+            (entry("p99", BLACK, "triangle"), BLACK),
+        ])
+        .collect()
+}
+
 /// A legend mark centred on `at`.
 pub fn mark<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,

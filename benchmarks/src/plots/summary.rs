@@ -6,7 +6,7 @@ use plotters::prelude::*;
 
 use super::cdf::arms_and_loads;
 use super::figure::{self, Axis, Description, DrawError, Figure, Series};
-use super::header::{self, entry, quantile};
+use super::header::{self, quantile};
 
 use super::input::{LatencySet, Load};
 use super::palette::{hex, Palette};
@@ -86,13 +86,7 @@ pub fn render(
         let err = |e: &dyn std::fmt::Display| DrawError::new(file, e);
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let (top, body) = root.split_vertically(figure::HEADER);
-        let mut legend: Vec<_> = arms
-            .iter()
-            .zip(&colours)
-            .map(|(a, c)| (entry(a, *c, "box"), *c))
-            .collect();
-        legend.push((entry("p50", BLACK, "circle"), BLACK));
-        legend.push((entry("p99", BLACK, "triangle"), BLACK));
+        let legend = header::arms_and_percentiles(&arms, &colours, "box");
         let spread_note = if repeats > 1 {
             format!("whiskers: lowest to highest of {repeats} repeats")
         } else {
@@ -155,14 +149,9 @@ pub fn render(
         }
         root.present().map_err(|e| err(&e))?;
     }
-    let legend = arms
-        .iter()
-        .zip(&colours)
-        .map(|(a, c)| entry(a, *c, "box"))
-        .chain([
-            entry("p50", BLACK, "circle"),
-            entry("p99", BLACK, "triangle"),
-        ])
+    let legend = header::arms_and_percentiles(&arms, &colours, "box")
+        .into_iter()
+        .map(|(e, _)| e)
         .collect();
     Ok(Figure {
         svg,
