@@ -235,6 +235,21 @@ impl Host {
             .collect()
     }
 
+    /// What the page's `etcdctl del /registry/pods/ --prefix` does, on the
+    /// durable etcd (kubeadm's etcd pod is not there to exec into).
+    fn delete_durable_pod_keys(&self) {
+        let out = Command::new(upstream("etcdctl"))
+            .arg(format!("--endpoints={}", self.durable_etcd()))
+            .args(["del", "/registry/pods/", "--prefix"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn durable_etcd(&self) -> String {
         let record = cluster::read_record(&self.cluster).unwrap();
         let etcd = record
@@ -688,17 +703,7 @@ async fn install(host: &Host) {
     );
     // Step 6: the page's etcdctl, on the durable etcd.
     assert!(step(&steps, 6).contains("del /registry/pods/ --prefix"));
-    let durable = host.durable_etcd();
-    let out = Command::new(upstream("etcdctl"))
-        .arg(format!("--endpoints={durable}"))
-        .args(["del", "/registry/pods/", "--prefix"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    host.delete_durable_pod_keys();
     host.run_step("install step 7", step(&steps, 7), Duration::from_secs(240));
 }
 
@@ -868,17 +873,7 @@ async fn uninstall(host: &Host) {
         Duration::from_secs(150),
     );
     assert!(step(&steps, 2).contains("del /registry/pods/ --prefix"));
-    let durable = host.durable_etcd();
-    let out = Command::new(upstream("etcdctl"))
-        .arg(format!("--endpoints={durable}"))
-        .args(["del", "/registry/pods/", "--prefix"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    host.delete_durable_pod_keys();
     // Step 3: the flag goes (the page's sed deletes every line naming it).
     assert!(step(&steps, 3).contains("/--etcd-servers-overrides=/d"));
     eprintln!(
