@@ -6,7 +6,12 @@
 //! stream no event at or below R may arrive after a progress notification
 //! with R, events only go up, and every watch receives exactly the
 //! acknowledged writes in its range. The same check runs against a plain
-//! etcd, which must pass it too.
+//! etcd, which must pass it too — for what etcd promises: on a stream with
+//! several watchers, etcd 3.6 can still send a progress notification ahead of
+//! a lagging watcher's events (etcd-io/etcd#15220, #17557, #20242), so on etcd
+//! that ordering is checked on one-watcher streams only (kube-apiserver opens
+//! one watcher per stream), and overtakes on the shared stream are counted and
+//! printed. The router promises the ordering on every stream.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -260,7 +265,9 @@ impl Stream {
     }
 
     /// The checks; returns the number of progress notifications received.
-    fn check(&self, acked: &[Write], end: i64, side: &str) -> usize {
+    /// Without `ordering_promised`, events overtaken by a notification are
+    /// counted and printed instead of failing the test.
+    fn check(&self, acked: &[Write], end: i64, side: &str, ordering_promised: bool) -> usize {
         let received = self.received.lock().unwrap().clone();
         let name = format!("{side} stream {}", self.name);
         // A notification covers the watches created before it on the stream
@@ -269,6 +276,7 @@ impl Stream {
         let mut last_notification = 0i64;
         let mut notifications = 0;
         let mut events_after_a_notification = 0;
+        let mut overtaken = 0;
         let mut got: BTreeMap<i64, Vec<Write>> = BTreeMap::new();
         for response in &received {
             assert!(
@@ -295,8 +303,11 @@ impl Stream {
             let covered = progress_at.get(&response.watch_id).copied().unwrap_or(0);
             for event in &response.events {
                 let kv = event.kv.as_ref().expect("event kv");
+                if !ordering_promised && kv.mod_revision <= covered {
+                    overtaken += 1;
+                }
                 assert!(
-                    kv.mod_revision > covered,
+                    !ordering_promised || kv.mod_revision > covered,
                     "{name}: watch {} got an event at revision {} ({:?}) after a progress notification with revision {covered}",
                     response.watch_id,
                     kv.mod_revision,
@@ -370,12 +381,22 @@ impl Stream {
             events_after_a_notification > 0,
             "{name}: every event came before the first progress notification"
         );
+        if overtaken > 0 {
+            eprintln!(
+                "{name}: {overtaken} events arrived after a progress notification covering them \
+                 ({} watchers on the stream; not promised there)",
+                self.watches.len()
+            );
+        }
         notifications
     }
 }
 
 /// The whole scenario against one etcd API endpoint (the router or etcd).
-async fn progress_under_load(channel: Channel, side: &str) {
+/// `every_stream_ordered`: whether progress may never overtake events on a
+/// stream with several watchers too (the router) or only on one-watcher
+/// streams (etcd).
+async fn progress_under_load(channel: Channel, side: &str, every_stream_ordered: bool) {
     let kv = KvClient::new(channel.clone());
     let started = Instant::now();
     let mut acked = preload(&kv).await;
@@ -443,7 +464,8 @@ async fn progress_under_load(channel: Channel, side: &str) {
     }
     let mut notifications = 0;
     for stream in streams {
-        notifications += stream.check(&acked, end, side);
+        let ordering_promised = every_stream_ordered || stream.watches.len() == 1;
+        notifications += stream.check(&acked, end, side, ordering_promised);
     }
     let requested: usize = streams
         .iter()
@@ -460,11 +482,12 @@ async fn progress_under_load(channel: Channel, side: &str) {
 async fn progress_requests_never_overtake_events_through_the_router() {
     let shards = start_shards(3).await.unwrap();
     let router = Router::start(shard_specs(&shards)).await.unwrap();
-    progress_under_load(router.channel().await.unwrap(), "router").await;
+    progress_under_load(router.channel().await.unwrap(), "router", true).await;
     router.stop().await.unwrap();
 }
 
-/// The same check against a plain etcd: it must hold there too.
+/// The same check against a plain etcd, for what etcd promises: ordering on
+/// one-watcher streams, completeness and monotonic revisions everywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_requests_never_overtake_events_on_etcd() {
     let etcd = Etcd::start_with("reference", &["--unsafe-no-fsync"])
@@ -475,7 +498,7 @@ async fn progress_requests_never_overtake_events_on_etcd() {
         .connect()
         .await
         .unwrap();
-    progress_under_load(channel, "etcd").await;
+    progress_under_load(channel, "etcd", false).await;
 }
 
 /// The check itself refuses what it must: an event at or below the revision
@@ -506,7 +529,7 @@ fn the_check_refuses_an_event_overtaken_by_a_progress_notification() {
         ..Default::default()
     };
     let acked: Vec<Write> = (10..=200).map(|r| (r, key(0, r as usize), true)).collect();
-    let stream = |responses: Vec<WatchResponse>| {
+    let stream_with = |responses: Vec<WatchResponse>, ordering_promised: bool| {
         let (requests, _) = mpsc::channel(1);
         let mut watches = BTreeMap::new();
         watches.insert(
@@ -525,9 +548,10 @@ fn the_check_refuses_an_event_overtaken_by_a_progress_notification() {
             progress_sent: Arc::new(AtomicUsize::new(1)),
         };
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            stream.check(&acked, 201, "test")
+            stream.check(&acked, 201, "test", ordering_promised)
         }))
     };
+    let stream = |responses: Vec<WatchResponse>| stream_with(responses, true);
     let all: Vec<i64> = (10..=200).collect();
     // In order: events up to 100, progress 100, the rest.
     let good = vec![
@@ -544,7 +568,9 @@ fn the_check_refuses_an_event_overtaken_by_a_progress_notification() {
         response(-1, 100, false, &[]),
         response(1, 200, false, &all[90..]),
     ];
-    assert!(stream(overtaken).is_err());
+    assert!(stream(overtaken.clone()).is_err());
+    // Where the ordering is not promised (etcd's shared streams) it is counted, not refused.
+    assert_eq!(stream_with(overtaken, false).ok(), Some(1));
     // A revision delivered twice.
     let repeated = vec![
         response(1, 9, true, &[]),
