@@ -14,6 +14,12 @@ use crate::cluster::{self, ClusterRecord, UpArgs};
 pub enum Arm {
     /// One durable etcd (on disk, fsync on) stores everything.
     Stock,
+    /// Stock with kube-controller-manager's and kube-scheduler's client QPS
+    /// raised to [`RAISED_QPS`] whatever `--client-qps` says: the one-flag
+    /// alternative, side by side with stock at default limits in one run.
+    #[value(name = "stock-qps")]
+    #[serde(rename = "Stock-qps")]
+    StockQps,
     /// One etcd on a RAM disk without fsync stores everything: what a user
     /// would try first (and loses the whole cluster with the node).
     Tuned,
@@ -33,6 +39,7 @@ impl std::fmt::Debug for Arm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Arm::Stock => f.write_str("Stock"),
+            Arm::StockQps => f.write_str("Stock-qps"),
             Arm::Tuned => f.write_str("Tuned"),
             Arm::Override => f.write_str("Override"),
             Arm::Ste => f.write_str("Ste"),
@@ -51,6 +58,18 @@ impl Arm {
     /// Whether pods (and events) leave the durable etcd on this arm.
     pub fn pods_in_ram(self) -> bool {
         matches!(self, Arm::Override | Arm::Ste)
+    }
+}
+
+/// The client QPS of the `stock-qps` arm.
+pub const RAISED_QPS: u32 = 200;
+
+/// The client QPS `arm` runs at when the suite asks for `asked`: `asked`,
+/// except on `stock-qps`, which always raises it.
+pub fn client_qps(arm: Arm, asked: Option<u32>) -> Option<u32> {
+    match arm {
+        Arm::StockQps => Some(RAISED_QPS),
+        _ => asked,
     }
 }
 
@@ -126,11 +145,16 @@ pub fn qps_name(qps: Option<u32>) -> String {
 /// on the override and ste arms alike.
 pub fn up_args(arm: Arm, env: &Environment, dir: PathBuf) -> UpArgs {
     UpArgs {
-        arm,
+        // stock-qps is a stock cluster with other client limits.
+        arm: if arm == Arm::StockQps {
+            Arm::Stock
+        } else {
+            arm
+        },
         shards: env.shards,
         nodes: env.nodes,
         events_to_ste: arm == Arm::Ste,
-        client_qps: env.client_qps,
+        client_qps: client_qps(arm, env.client_qps),
         fsync_delay: env.fsync_delay,
         apiserver_env: Vec::new(),
         apiserver_bin: None,
@@ -151,8 +175,7 @@ pub async fn up(arm: Arm, env: &Environment, dir: PathBuf) -> anyhow::Result<Clu
 
 /// A directory name for `arm` in `env`: `ste-qps200-m3-rf2`.
 pub fn dir_name(arm: Arm, env: &Environment) -> String {
-    let qps = env
-        .client_qps
+    let qps = client_qps(arm, env.client_qps)
         .map(|q| format!("qps{q}"))
         .unwrap_or_else(|| "default".into());
     let mut name = format!("{arm:?}-{qps}").to_lowercase();
@@ -190,5 +213,16 @@ mod tests {
         };
         assert_eq!(dir_name(Arm::Ste, &env), "ste-qps200-m3-rf2");
         assert_eq!(dir_name(Arm::Override, &env), "override-qps200-m3");
+        let default = Environment {
+            client_qps: None,
+            ..env
+        };
+        assert_eq!(dir_name(Arm::StockQps, &default), "stock-qps-qps200-m3");
+        assert_eq!(
+            up_args(Arm::StockQps, &default, "d".into()).client_qps,
+            Some(RAISED_QPS)
+        );
+        assert!(up_args(Arm::StockQps, &default, "d".into()).arm == Arm::Stock);
+        assert_eq!(up_args(Arm::Ste, &default, "d".into()).client_qps, None);
     }
 }

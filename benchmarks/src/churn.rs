@@ -338,7 +338,7 @@ async fn measure(
     Ok(ArmResult {
         arm,
         mode: args.mode,
-        client_qps,
+        client_qps: crate::arms::client_qps(arm, client_qps),
         etcd_members: record.durable_etcd.len(),
         sustained: bound_in_window as f64 >= 0.95 * total as f64,
         bound_samples,

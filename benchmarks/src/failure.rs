@@ -537,6 +537,12 @@ pub async fn run(args: FailureArgs) -> anyhow::Result<Vec<FailureResult>> {
     print_report(&args, &results);
     let path = args.output.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    crate::plots::write_suite(
+        crate::plots::Suite::Failure,
+        "failure",
+        serde_json::to_value(&results)?,
+        &args.output,
+    )?;
     eprintln!("raw results: {}", path.display());
     Ok(results)
 }

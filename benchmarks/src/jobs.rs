@@ -276,6 +276,12 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Vec<BurstResult>> {
     }
     let path = args.output.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    crate::plots::write_suite(
+        crate::plots::Suite::Jobs,
+        "jobs",
+        serde_json::to_value(&results)?,
+        &args.output,
+    )?;
     eprintln!("raw results: {}", path.display());
     Ok(results)
 }

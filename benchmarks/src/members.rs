@@ -317,6 +317,12 @@ pub async fn run(args: MembersArgs) -> anyhow::Result<MembersReport> {
     print_report(&args, &report);
     let path = args.output.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    crate::plots::write_suite(
+        crate::plots::Suite::Members,
+        "members",
+        serde_json::to_value(&report)?,
+        &args.output,
+    )?;
     eprintln!("raw results: {}", path.display());
     Ok(report)
 }

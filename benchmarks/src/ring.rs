@@ -260,6 +260,13 @@ pub async fn run(args: RingArgs) -> anyhow::Result<Vec<RunResult>> {
         std::fs::write(path, serde_json::to_string_pretty(&results)?)
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
+        let dir = path.parent().unwrap_or(Path::new("."));
+        crate::plots::write_suite(
+            crate::plots::Suite::Ring,
+            "ring",
+            serde_json::to_value(&results)?,
+            dir,
+        )?;
     }
     Ok(results)
 }

@@ -172,6 +172,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     std::fs::write(&args.output, serde_json::to_string_pretty(&results)?)?;
     eprintln!("raw results: {}", args.output.display());
+    let dir = args.output.parent().unwrap_or(std::path::Path::new("."));
+    crate::plots::write_suite(
+        crate::plots::Suite::Router,
+        "router",
+        serde_json::to_value(&results)?,
+        dir,
+    )?;
     Ok(())
 }
 

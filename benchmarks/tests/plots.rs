@@ -391,3 +391,294 @@ fn a_suite_run_with_results_the_plots_cannot_read_keeps_going() {
     assert_eq!(written.len(), 3);
     assert!(written.iter().all(|p| p.is_file()));
 }
+
+/// `ste-bench jobs`'s results.json: `arms` × both bursts.
+fn jobs_results(arms: &[&str], scale: f64) -> Value {
+    let mut rows = Vec::new();
+    for (a, arm) in arms.iter().enumerate() {
+        for (scenario, base) in [("jobs-x1", 1.5), ("job-x-pods", 0.5)] {
+            let s = scale * base * (1.0 - 0.1 * a as f64);
+            rows.push(json!({
+                "arm": arm, "scenario": scenario, "pods": 100,
+                "all_created_s": s, "all_bound_s": s * 1.1, "all_running_s": s * 1.3,
+            }));
+        }
+    }
+    Value::Array(rows)
+}
+
+fn members_results() -> Value {
+    let mut writes = Vec::new();
+    let mut pods = Vec::new();
+    for members in [1usize, 3, 5] {
+        for offered in [Some(50.0), Some(200.0), None] {
+            let m = members as f64;
+            writes.push(json!({
+                "members": members, "offered_per_s": offered, "sent": 500, "acknowledged": 500,
+                "errors": 0, "achieved_per_s": offered.unwrap_or(600.0 / m),
+                "p50_ms": 9.0 * m, "p99_ms": 40.0 * m,
+            }));
+        }
+        for (a, arm) in ["Stock", "Ste"].iter().enumerate() {
+            let samples: Vec<(f64, f64)> = (0..30)
+                .map(|i| {
+                    (
+                        i as f64 / 10.0,
+                        (50.0 + i as f64) * members as f64 / (1 + a) as f64,
+                    )
+                })
+                .collect();
+            pods.push(json!({
+                "arm": arm, "etcd_members": members, "client_qps": 200, "offered_per_s": 10.0,
+                "sent": 30, "bound_samples": samples,
+            }));
+        }
+    }
+    json!({"fsync_delay_ms": 8.0, "writes": writes, "pods": pods})
+}
+
+fn failure_results() -> Value {
+    json!([
+        {"arm": "Override", "killed": "etcd-override", "pods_before": 50, "pods_lost": 0,
+         "pods_recreated": 0, "whole_after_s": 0.0, "list_errors": 0, "watch_errors": 0,
+         "watch_relists": 0, "pods_listed_after": 50, "pods_in_store_after": 0,
+         "churn_requests": 250, "churn_errors": 3},
+        {"arm": "SteRf1", "killed": "shard-0", "pods_before": 50, "pods_lost": 16,
+         "pods_recreated": 16, "whole_after_s": 2.6, "list_errors": 0, "watch_errors": 0,
+         "watch_relists": 1, "pods_listed_after": 50, "pods_in_store_after": 50,
+         "churn_requests": 250, "churn_errors": 0},
+        {"arm": "SteRf2", "killed": "shard-0", "pods_before": 50, "pods_lost": 0,
+         "pods_recreated": 0, "whole_after_s": null, "list_errors": 0, "watch_errors": 0,
+         "watch_relists": 0, "pods_listed_after": 50, "pods_in_store_after": 50,
+         "churn_requests": 250, "churn_errors": 0}
+    ])
+}
+
+fn ring_results() -> Value {
+    let runs: Vec<Value> = [10_000usize, 30_000]
+        .iter()
+        .map(|keys| {
+            let k = *keys as f64 / 10_000.0;
+            let phases: Vec<Value> = [
+                ("baseline", 15.0, 1.0),
+                ("join", 0.3, 3.0),
+                ("drain", 0.2, 5.0),
+            ]
+            .iter()
+            .map(|(phase, s, slow)| {
+                json!({"phase": phase, "duration_s": s * k, "keys_moved": 2500.0 * k,
+                           "keys_per_s": 8000.0 / slow, "p50_ms": 2.3, "p99_ms": 4.0 * slow * k})
+            })
+            .collect();
+            json!({"keys": keys, "value_bytes": 2048, "shards": 3, "rate": 200, "phases": phases})
+        })
+        .collect();
+    Value::Array(runs)
+}
+
+fn router_results() -> Value {
+    let rows: Vec<Value> = [
+        ("etcd", 0usize),
+        ("ste-router", 1),
+        ("ste-router", 2),
+        ("ste-router", 4),
+    ]
+    .iter()
+    .map(|(arm, shards)| {
+        let f = if *shards == 0 {
+            1.0
+        } else {
+            2.0 + *shards as f64 / 10.0
+        };
+        json!({"arm": arm, "shards": shards,
+                   "get_p50_us": 245.0 * f, "get_p99_us": 470.0 * f,
+                   "create_p50_us": 331.0 * f, "create_p99_us": 981.0 * f,
+                   "update_p50_us": 325.0 * f, "update_p99_us": 966.0 * f,
+                   "list_all_ms": 36.7 * f, "watch_p50_us": 272.0 * f, "watch_p99_us": 781.0 * f,
+                   "saturated_writes_per_s": 19248.0 / f, "etcd_cpu_us_per_write": 64.0})
+    })
+    .collect();
+    Value::Array(rows)
+}
+
+/// Every figure checks; returns them by file name.
+fn checked(figures: &[Figure]) -> HashMap<&str, &Figure> {
+    for f in figures {
+        check(&f.description, &f.svg).unwrap();
+    }
+    figures
+        .iter()
+        .map(|f| (f.description.file.as_str(), f))
+        .collect()
+}
+
+/// Series keys of `d` in `panel`.
+fn keys_in(d: &Description, panel: usize) -> Vec<&str> {
+    d.series
+        .iter()
+        .filter(|s| s.panel == panel)
+        .map(|s| s.key.as_str())
+        .collect()
+}
+
+#[test]
+fn jobs_figure_has_a_panel_per_burst_and_a_bar_per_arm_and_stage() {
+    let arms = ["Stock", "Stock-qps", "Tuned", "Override", "Ste"];
+    let figures = figures(
+        Suite::Jobs,
+        "jobs",
+        vec![jobs_results(&arms, 1.0), jobs_results(&arms, 1.4)],
+    );
+    let by = checked(&figures);
+    assert_eq!(by.keys().collect::<Vec<_>>(), [&"jobs-bursts.svg"]);
+    let f = by["jobs-bursts.svg"];
+    let d = &f.description;
+    assert_eq!(
+        (d.panels, d.x_axis, d.y_axis),
+        (2, Axis::Categories, Axis::Linear)
+    );
+    assert_eq!(
+        keys_in(d, 0),
+        ["stock", "stock-qps", "tuned", "override", "ste"]
+    );
+    // Created, bound, Running per arm; two repeats merge into one bar each.
+    assert!(d.series.iter().all(|s| s.points == 3), "{:?}", d.series);
+    assert!(has_text(&f.svg, "100 Jobs × 1 pod, created at once"));
+    assert!(has_text(&f.svg, "1 Job × 100 pods"));
+    let colours: HashSet<&str> = d.series.iter().map(|s| s.colour.as_str()).collect();
+    assert_eq!(colours.len(), 5);
+}
+
+#[test]
+fn members_figures_show_writes_per_member_count_and_pods_per_arm() {
+    let figures = figures(Suite::Members, "members", vec![members_results()]);
+    let by = checked(&figures);
+    let mut names: Vec<&&str> = by.keys().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            &"members-latency-cdf.svg",
+            &"members-p50-p99.svg",
+            &"members-writes.svg"
+        ]
+    );
+    let writes = &by["members-writes.svg"].description;
+    assert_eq!((writes.panels, writes.y_axis), (2, Axis::Log));
+    // Three loads, each at 1, 3 and 5 members, in both panels.
+    assert_eq!(keys_in(writes, 0).len(), 3);
+    assert!(writes.series.iter().all(|s| s.points == 3));
+    for label in ["1 member", "3 members", "5 members"] {
+        assert!(has_text(&by["members-writes.svg"].svg, label), "{label}");
+    }
+    let cdf = &by["members-latency-cdf.svg"].description;
+    assert_eq!((cdf.panels, cdf.x_axis), (3, Axis::Log));
+    assert_eq!(keys_in(cdf, 0), ["stock", "ste"]);
+}
+
+#[test]
+fn failure_figure_compares_losses_time_and_client_errors_per_arm() {
+    let figures = figures(Suite::Failure, "failure", vec![failure_results()]);
+    let by = checked(&figures);
+    let f = by["failure-losses.svg"];
+    let d = &f.description;
+    assert_eq!(d.panels, 3);
+    for p in 0..3 {
+        assert_eq!(keys_in(d, p), ["override", "ste rf 1", "ste rf 2"]);
+    }
+    // Lost, recreated and listed-but-gone per arm.
+    assert_eq!(d.series[0].points, 3);
+    assert!(
+        has_text(&f.svg, "not whole"),
+        "a window without a whole end is said"
+    );
+    assert!(has_text(
+        &f.svg,
+        "steady pods after the kill (of 50 before)"
+    ));
+    // Every bar's value is written above it (16 lost on RF 1).
+    assert!(has_text(&f.svg, "16"));
+    let colours: HashSet<&str> = d.series.iter().map(|s| s.colour.as_str()).collect();
+    assert_eq!(colours.len(), 3);
+}
+
+#[test]
+fn ring_figure_shows_latency_per_phase_and_move_times_per_key_count() {
+    let figures = figures(Suite::Ring, "ring", vec![ring_results()]);
+    let by = checked(&figures);
+    let f = by["ring-moves.svg"];
+    let d = &f.description;
+    assert_eq!((d.panels, d.y_axis), (3, Axis::Log));
+    assert_eq!(keys_in(d, 0), ["baseline", "join", "drain"]);
+    assert_eq!(keys_in(d, 1), ["join", "drain"]);
+    assert!(d.series.iter().all(|s| s.points == 2));
+    assert!(has_text(&f.svg, "10k keys") && has_text(&f.svg, "30k keys"));
+    // Log axis ticks are round: 2, 5, 10 ms … (p50 2.3 ms to p99 60 ms).
+    for tick in ["2 ms", "5 ms", "10 ms", "20 ms", "50 ms"] {
+        assert!(has_text(&f.svg, tick), "no tick {tick}");
+    }
+}
+
+#[test]
+fn router_figure_has_p50_and_p99_per_operation_per_arm() {
+    let figures = figures(Suite::Router, "router", vec![router_results()]);
+    let by = checked(&figures);
+    let f = by["router-ops.svg"];
+    let d = &f.description;
+    assert_eq!(
+        keys_in(d, 0),
+        [
+            "plain etcd",
+            "router 1 shard",
+            "router 2 shards",
+            "router 4 shards"
+        ]
+    );
+    // get, create, update, watch per arm.
+    assert!(d
+        .series
+        .iter()
+        .filter(|s| s.panel == 0)
+        .all(|s| s.points == 4));
+    let labels: Vec<&str> = d.legend.iter().map(|e| e.label.as_str()).collect();
+    assert_eq!(labels[4..], ["p50", "p99"]);
+    // µs are drawn in ms: 0.2 ms … 2 ms ticks.
+    assert!(has_text(&f.svg, "0.2 ms") && has_text(&f.svg, "1 ms"));
+}
+
+#[test]
+fn new_arms_keep_their_colours_across_suites() {
+    let churn = figures(
+        Suite::Churn,
+        "churn",
+        vec![churn_results(
+            &["Stock", "Stock-qps", "Tuned", "Override", "Ste"],
+            &[10.0],
+            1.0,
+        )],
+    );
+    let jobs = figures(
+        Suite::Jobs,
+        "jobs",
+        vec![jobs_results(
+            &["Stock", "Stock-qps", "Tuned", "Override", "Ste"],
+            1.0,
+        )],
+    );
+    let members = figures(Suite::Members, "members", vec![members_results()]);
+    let failure = figures(Suite::Failure, "failure", vec![failure_results()]);
+    let mut colour_of: HashMap<String, String> = HashMap::new();
+    for f in churn.iter().chain(&jobs).chain(&members).chain(&failure) {
+        if f.description.file.contains("writes") {
+            continue; // loads, not arms
+        }
+        for s in &f.description.series {
+            let c = colour_of.entry(s.key.clone()).or_insert(s.colour.clone());
+            assert_eq!(*c, s.colour, "{} in {}", s.key, f.description.file);
+        }
+    }
+    // stock-qps is orange, override purple, ste blue, as the palette says.
+    assert_eq!(colour_of["stock-qps"], "#FF7F0E");
+    assert_eq!(colour_of["override"], "#9467BD");
+    assert_eq!(colour_of["ste"], "#1F77B4");
+}

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::{input, PlotError, SuitePlots};
+use super::{input, scenarios, PlotError, SuitePlots};
 
 /// Which suite wrote the results.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -14,6 +14,16 @@ pub enum Suite {
     Startup,
     /// A JSON list of wakes `{arm, revisions, repeat, hops_ms: [[hop, ms], …]}`.
     Coldstart,
+    /// `ste-bench jobs`'s results.json.
+    Jobs,
+    /// `ste-bench members`'s results.json.
+    Members,
+    /// `ste-bench failure`'s results.json.
+    Failure,
+    /// `ste-bench ring --json`'s file.
+    Ring,
+    /// `ste-bench router`'s JSON file.
+    Router,
 }
 
 impl Suite {
@@ -27,6 +37,11 @@ impl Suite {
             Suite::Churn => input::churn(name, runs),
             Suite::Startup => input::startup(name, runs),
             Suite::Coldstart => input::coldstart(name, runs),
+            Suite::Jobs => scenarios::jobs(name, runs),
+            Suite::Members => scenarios::members(name, runs),
+            Suite::Failure => scenarios::failure(name, runs),
+            Suite::Ring => scenarios::ring(name, runs),
+            Suite::Router => scenarios::router(name, runs),
         }
     }
 }

@@ -83,6 +83,9 @@ pub struct SuitePlots {
     pub lines: Vec<LineChart>,
     #[serde(default)]
     pub wakes: Vec<Wake>,
+    /// Values per arm at a few categories (bars, p50/p99 marks).
+    #[serde(default)]
+    pub groups: Vec<super::groups::GroupChart>,
 }
 
 /// A results file the readers do not understand.
@@ -122,7 +125,7 @@ struct StartupRow {
     running_ms: Vec<f64>,
 }
 
-fn rows<T: serde::de::DeserializeOwned>(
+pub(super) fn rows<T: serde::de::DeserializeOwned>(
     what: &str,
     value: &Value,
     expected: &'static str,
@@ -146,10 +149,10 @@ fn churn_arm(row: &ChurnRow, several_qps: bool) -> String {
     if let Some(n) = row.etcd_members.filter(|n| *n > 1) {
         arm = format!("{arm} {n} members");
     }
+    // stock-qps names its raised limits itself.
     match (several_qps, row.client_qps) {
-        (false, _) => arm,
-        (true, Some(q)) => format!("{arm} qps {q}"),
-        (true, None) => arm,
+        (true, Some(q)) if !arm.contains("qps") => format!("{arm} qps {q}"),
+        _ => arm,
     }
 }
 

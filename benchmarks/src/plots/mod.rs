@@ -5,17 +5,21 @@
 //! Per suite: a latency CDF per arm, one panel per load, on a log x axis
 //! ([`cdf`]); p50 and p99 per arm at each load with the spread over repeats
 //! ([`summary`]); the suite's lines over time or load ([`lines`]); for cold
-//! start, the per-hop stacked bars ([`hops`]). Every arm keeps its colour
-//! in every figure ([`palette`]).
+//! start, the per-hop stacked bars ([`hops`]); for the scenarios (jobs,
+//! members, failure, ring, router), values per arm side by side as bars or
+//! p50/p99 marks ([`groups`], read by [`scenarios`]). Every arm keeps its
+//! colour in every figure ([`palette`]).
 
 pub mod cdf;
 pub mod command;
 pub mod figure;
+pub mod groups;
 pub mod header;
 pub mod hops;
 pub mod input;
 pub mod lines;
 pub mod palette;
+pub mod scenarios;
 pub mod slots;
 pub mod summary;
 pub mod ticks;
@@ -85,6 +89,12 @@ pub fn render(plots: &SuitePlots) -> Result<Vec<Figure>, PlotError> {
             &format!("{name}-hops-p95.svg"),
             &plots.wakes,
             0.95,
+        )?);
+    }
+    for chart in &plots.groups {
+        figures.push(groups::render(
+            &format!("{name}-{}.svg", chart.file),
+            chart,
         )?);
     }
     Ok(figures)

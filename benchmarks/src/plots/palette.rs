@@ -8,7 +8,7 @@ use plotters::style::RGBColor;
 /// Preferred colours by arm name (lowercase; the first entry whose name
 /// starts the arm's name wins, so "stock qps 200" matches "stock qps"; `-`
 /// and `_` read as spaces).
-const BY_ARM: [(&str, RGBColor); 14] = [
+const BY_ARM: [(&str, RGBColor); 19] = [
     ("offered", RGBColor(0x00, 0x00, 0x00)),
     ("stock qps", RGBColor(0xFF, 0x7F, 0x0E)),
     ("stock 3", RGBColor(0xE3, 0x77, 0xC2)),
@@ -19,10 +19,15 @@ const BY_ARM: [(&str, RGBColor); 14] = [
     ("override", RGBColor(0x94, 0x67, 0xBD)),
     ("ste+bridge aggressive", RGBColor(0x0B, 0x2E, 0x6B)),
     ("ste+bridge", RGBColor(0x17, 0xBE, 0xCF)),
+    ("ste rf 2", RGBColor(0x9E, 0xCA, 0xE1)),
     ("ste 3", RGBColor(0x6B, 0xAE, 0xD6)),
     ("ste 5", RGBColor(0x31, 0x82, 0xBD)),
     ("ste", RGBColor(0x1F, 0x77, 0xB4)),
     ("external", RGBColor(0x7F, 0x7F, 0x7F)),
+    ("plain etcd", RGBColor(0x00, 0x6D, 0x2C)),
+    ("router 1", RGBColor(0x42, 0x92, 0xC6)),
+    ("router 2", RGBColor(0x21, 0x71, 0xB5)),
+    ("router 4", RGBColor(0x08, 0x30, 0x6B)),
 ];
 
 /// Colours for arms the table does not know, in order of use.
