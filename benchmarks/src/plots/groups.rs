@@ -267,7 +267,7 @@ fn draw_panel<DB: DrawingBackend>(
                     )])?;
                 }
                 let text = v.note.clone().unwrap_or_else(|| number(v.value));
-                let font = ("sans-serif", 11).into_font().color(&BLACK);
+                let font = ("sans-serif", 10).into_font().color(&BLACK);
                 let shift = 3 * text.chars().count() as i32;
                 chart
                     .draw_series([EmptyElement::at((x, v.value.max(0.0)))
@@ -278,11 +278,12 @@ fn draw_panel<DB: DrawingBackend>(
     Ok(())
 }
 
-/// A bar's value as written above it: whole numbers as such, else 3 digits.
+/// A bar's value as written above it, short enough for a narrow bar:
+/// whole from 10 up, one decimal below (two below 0.1).
 fn number(v: f64) -> String {
-    if v >= 100.0 || v.fract() == 0.0 {
+    if v >= 10.0 || v.fract() == 0.0 {
         format!("{v:.0}")
-    } else if v >= 10.0 {
+    } else if v >= 0.1 {
         format!("{v:.1}")
     } else {
         trim(v)
@@ -300,7 +301,9 @@ mod tests {
         assert!(a < b && (b - a - w).abs() < 1e-9);
         assert!((place(3, 0, 1).0 - 3.0).abs() < 1e-9);
         assert_eq!(number(16.0), "16");
-        assert_eq!(number(2.61), "2.61");
+        assert_eq!(number(2.61), "2.6");
+        assert_eq!(number(12.6), "13");
+        assert_eq!(number(0.05), "0.05");
         assert_eq!(number(8090.4), "8090");
     }
 }
