@@ -241,11 +241,19 @@ fn draw_panel<DB: DrawingBackend>(
                 .iter()
                 .map(|v| v.spread.map(|s| s.1).unwrap_or(v.value).max(v.value))
                 .fold(0.0, f64::max);
-            // Room above the tallest bar for its value.
-            let top = if top > 0.0 { top * 1.2 } else { 1.0 };
+            // Small counts get whole ticks (no 0.1 pods); the rest room
+            // above the tallest bar for its value.
+            let counts = panel.values.iter().all(|v| v.value.fract() == 0.0);
+            let (top, labels) = if counts && top <= 8.0 {
+                let top = top.max(3.0) + 1.0;
+                (top, top as usize + 1)
+            } else {
+                (if top > 0.0 { top * 1.2 } else { 1.0 }, 10)
+            };
             let mut chart = builder.build_cartesian_2d(categories, 0.0..top)?;
             chart
                 .configure_mesh()
+                .y_labels(labels)
                 .x_label_formatter(&label)
                 .y_label_formatter(&|v| trim(*v))
                 .x_desc(&panel.x_label)
@@ -259,6 +267,11 @@ fn draw_panel<DB: DrawingBackend>(
                 chart.draw_series([Rectangle::new(
                     [(x - half, 0.0), (x + half, v.value.max(0.0))],
                     colour.filled(),
+                )])?;
+                // A zero bar still shows whose it is: a stub on the axis.
+                chart.draw_series([PathElement::new(
+                    vec![(x - half, 0.0), (x + half, 0.0)],
+                    colour.stroke_width(4),
                 )])?;
                 if let Some((a, b)) = v.spread {
                     chart.draw_series([PathElement::new(
