@@ -25,6 +25,7 @@ const TOKEN: &str = "ste-admin-token";
 pub const APISERVER_VERBOSITY_ENV: &str = "STE_KUBE_APISERVER_VERBOSITY";
 
 pub use crate::arms::Arm;
+use crate::arms::Environment;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct UpArgs {
@@ -128,9 +129,11 @@ pub struct ClusterRecord {
     /// run's own one on a cluster given by `--kubeconfig`.
     #[serde(default = "default_namespace")]
     pub namespace: String,
-    /// TLS settings from a kubeconfig; None: loopback, certificate not verified.
+    /// The kube-rs configuration of a cluster given by kubeconfig; None:
+    /// loopback with `token`, serving certificate not verified (see
+    /// [`crate::api::config_for`]).
     #[serde(skip)]
-    pub tls: Option<std::sync::Arc<crate::external::Tls>>,
+    pub kube_config: Option<std::sync::Arc<kube::Config>>,
 }
 
 fn default_namespace() -> String {
@@ -573,7 +576,7 @@ pub async fn durable_etcd_only(
             ram_etcd: None,
             durable_etcd: Vec::new(),
             namespace: default_namespace(),
-            tls: None,
+            kube_config: None,
         },
     };
     if let Err(err) = launcher.start_durable(members, fsync_delay) {
@@ -658,7 +661,7 @@ pub async fn up_full(
             ram_etcd: None,
             durable_etcd: Vec::new(),
             namespace: default_namespace(),
-            tls: None,
+            kube_config: None,
         },
     };
     let result = start_all(&mut launcher, args, agents, real, topology, api_port).await;
@@ -1119,4 +1122,31 @@ impl Drop for RunningCluster {
         })
         .join();
     }
+}
+
+/// `cluster up`'s arguments for `arm` in `env`: pods and events go to RAM
+/// on the override and ste arms alike.
+pub fn arm_up_args(arm: Arm, env: &Environment, dir: PathBuf) -> UpArgs {
+    UpArgs {
+        arm,
+        shards: env.shards,
+        nodes: env.nodes,
+        events_to_ste: arm == Arm::Ste,
+        client_qps: env.client_qps,
+        fsync_delay: env.fsync_delay,
+        apiserver_env: Vec::new(),
+        apiserver_bin: None,
+        dir,
+    }
+}
+
+/// Starts `arm` in `env` in `dir`, waiting until every component is ready.
+pub async fn up_arm(arm: Arm, env: &Environment, dir: PathBuf) -> anyhow::Result<ClusterRecord> {
+    up_full(
+        &arm_up_args(arm, env, dir),
+        &AgentArgs::default(),
+        &crate::real_node::RealNodeArgs::default(),
+        &env.topology,
+    )
+    .await
 }

@@ -10,9 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::api::{clear_namespace, client_for, current_resource_version, delete_path, Authed};
+use anyhow::Context;
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{DeleteParams, ListParams, PostParams};
+
+use crate::api::{clear_namespace, client_for, current_resource_version, namespaced};
 use crate::cluster::{self, Arm, ClusterRecord};
 use crate::measure::watch_pods;
 
@@ -81,8 +85,8 @@ struct Seen {
     running: HashMap<String, Instant>,
 }
 
-fn job(name: &str, pods: usize) -> Value {
-    json!({
+fn job(name: &str, pods: usize) -> anyhow::Result<Job> {
+    Ok(serde_json::from_value(json!({
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name},
         "spec": {
@@ -90,7 +94,7 @@ fn job(name: &str, pods: usize) -> Value {
             "template": {"spec": {"restartPolicy": "Never",
                                   "containers": [{"name": "work", "image": "busybox"}]}}
         }
-    })
+    }))?)
 }
 
 async fn burst(
@@ -131,23 +135,15 @@ async fn burst(
     };
     let total = jobs * pods_per_job;
     let start = Instant::now();
+    let api = namespaced::<Job>(&http, record);
     let creates = (0..jobs).map(|i| {
-        let (http, record) = (http.clone(), record.clone());
+        let api = api.clone();
         let body = job(&format!("{scenario}-{i}"), pods_per_job);
         tokio::spawn(async move {
-            let response = http
-                .post(format!(
-                    "{}/apis/batch/v1/namespaces/{}/jobs",
-                    record.api_url, record.namespace
-                ))
-                .auth(&record)
-                .json(&body)
-                .send()
-                .await?;
-            if !response.status().is_success() {
-                bail!("creating a Job: HTTP {}", response.status());
-            }
-            Ok(())
+            api.create(&PostParams::default(), &body?)
+                .await
+                .context("creating a Job")?;
+            anyhow::Ok(())
         })
     });
     for create in futures::future::join_all(creates).await {
@@ -186,12 +182,10 @@ async fn burst(
 }
 
 async fn delete_jobs(record: &ClusterRecord) -> anyhow::Result<()> {
-    delete_path(
-        &client_for(record)?,
-        record,
-        &format!("/apis/batch/v1/namespaces/{}/jobs", record.namespace),
-    )
-    .await?;
+    namespaced::<Job>(&client_for(record)?, record)
+        .delete_collection(&DeleteParams::background(), &ListParams::default())
+        .await
+        .context("deleting the Jobs")?;
     clear_namespace(record).await
 }
 
@@ -227,7 +221,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Vec<BurstResult>> {
             topology: args.topology.clone(),
         };
         let dir = std::path::absolute(args.output.join(crate::arms::dir_name(*arm, &env)))?;
-        let record = crate::arms::up(*arm, &env, dir).await?;
+        let record = crate::cluster::up_arm(*arm, &env, dir).await?;
         let outcome = bursts(&args, *arm, &record).await;
         cluster::stop(&record).await?;
         results.extend(outcome?);
