@@ -30,6 +30,7 @@ pub use crate::knative::objects::{
     wait_at_zero, REVISION_LABEL,
 };
 use crate::measure::watch_pods_started;
+use crate::progress::Progress;
 
 /// How long a round waits for its pod watch to open before waking anything.
 const WATCH_OPEN_WITHIN: Duration = Duration::from_secs(10);
@@ -603,19 +604,25 @@ async fn round(
         triggers.insert(rev, at);
     }
     let deadline = Instant::now() + Duration::from_secs(180);
+    let mut progress = Progress::new(format!("{arm:?} {label}: revisions Ready"), k as u64);
     loop {
-        let ready = times.lock().expect("times").ready.len();
-        eprint!("\r    {ready}/{k} revisions Ready   ");
+        let (bound, ready) = {
+            let t = times.lock().expect("times");
+            (t.bound.len(), t.ready.len())
+        };
+        let message = format!("bound {bound}");
+        progress.update(ready as u64, &message);
         if ready >= k {
+            progress.finish(ready as u64, &message);
             break;
         }
         if Instant::now() > deadline {
+            progress.finish(ready as u64, &message);
             watcher.abort();
             bail!("{arm:?} {label}: only {ready}/{k} revisions Ready after 180s");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!();
     let (mut bound, mut ready) = (Samples::default(), Samples::default());
     {
         let t = times.lock().expect("times");
@@ -711,10 +718,12 @@ async fn run_arm(
         let client = client_for(&record)?;
         let max = args.revisions.iter().copied().max().unwrap_or(0);
         let services: Vec<String> = (0..max).map(|i| format!("cold-{i}")).collect();
-        eprintln!("  creating {max} Knative Services at zero…");
-        for s in &services {
+        let mut progress = Progress::new(format!("{arm:?}: Knative Services created"), max as u64);
+        for (i, s) in services.iter().enumerate() {
             create_service(&client, s, "100m").await?;
+            progress.update(i as u64 + 1, "at zero");
         }
+        progress.finish(max as u64, "waiting for their revisions at zero");
         wait_at_zero(&client, &services, Duration::from_secs(300)).await?;
         let mut results = Vec::new();
         for &k in &args.revisions {

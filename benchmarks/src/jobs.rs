@@ -19,6 +19,7 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use crate::api::{clear_namespace, client_for, current_resource_version, namespaced};
 use crate::cluster::{self, Arm, ClusterRecord};
 use crate::measure::watch_pods;
+use crate::progress::Progress;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct JobsArgs {
@@ -150,18 +151,24 @@ async fn burst(
         create??;
     }
     let deadline = start + Duration::from_secs(300);
+    let mut progress = Progress::new(format!("{arm:?} {scenario}: pods started"), total as u64);
     loop {
-        let running = seen.lock().expect("seen lock").running.len();
-        eprint!("\r  {arm:?} {scenario}: {running}/{total} pods started   ");
+        let (bound, running) = {
+            let seen = seen.lock().expect("seen lock");
+            (seen.bound.len(), seen.running.len())
+        };
+        let message = format!("bound {bound}");
+        progress.update(running as u64, &message);
         if running >= total {
+            progress.finish(running as u64, &message);
             break;
         }
         if Instant::now() > deadline {
+            progress.finish(running as u64, &message);
             bail!("{arm:?} {scenario}: only {running} of {total} pods started within 300s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!();
     watcher.abort();
     let seen = seen.lock().expect("seen lock");
     let last = |times: &HashMap<String, Instant>| {

@@ -26,6 +26,7 @@ use crate::api::{
 use crate::arms::parse_qps;
 use crate::cluster::{self, Arm, ClusterRecord};
 use crate::measure::{cpu_by_component, watch_objects, watch_pods};
+use crate::progress::Progress;
 use crate::stats::Samples;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -216,22 +217,29 @@ async fn measure_level(
         created??;
     }
     let deadline = start + args.timeout;
+    let total = parallelism as u64;
+    let mut progress = Progress::new(format!("{arm:?} P={parallelism}: pods Running"), total);
     loop {
-        let (running, available) = {
+        let (bound, running, available) = {
             let times = times.lock().expect("times lock");
-            (times.running.len(), times.available.len())
+            (
+                times.bound.len(),
+                times.running.len(),
+                times.available.len(),
+            )
         };
-        eprint!("\r  {arm:?} P={parallelism}: {running}/{parallelism} pods Running, {available}/{parallelism} Deployments available   ");
+        let message = format!("bound {bound}, Deployments available {available}");
+        progress.update(running as u64, &message);
         if running >= parallelism && available >= parallelism {
+            progress.finish(running as u64, &message);
             break;
         }
         if Instant::now() > deadline {
-            eprintln!();
+            progress.finish(running as u64, &message);
             bail!("{arm:?} P={parallelism}: only {running} pods Running and {available} Deployments available within {:?}", args.timeout);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eprintln!();
     let cpu_after = cpu_by_component(record);
     let times = times.lock().expect("times lock");
     let samples = |map: &HashMap<String, Instant>| {
