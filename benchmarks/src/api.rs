@@ -155,17 +155,21 @@ pub async fn clear_namespace(record: &ClusterRecord) -> anyhow::Result<()> {
         .context("deleting the namespace's Deployments")?;
     let pods = namespaced::<Pod>(&client, record);
     let deadline = Instant::now() + Duration::from_secs(180);
-    let mut progress = crate::progress::Progress::new("clearing the namespace: pods left", 0);
+    let first = pod_count(&pods).await?;
+    let mut progress =
+        crate::progress::Progress::new("clearing the namespace: pods gone", first as u64);
     loop {
         let left = pod_count(&pods).await?;
+        let gone = first.saturating_sub(left) as u64;
         if left == 0 {
-            progress.finish(0, "none left");
+            progress.finish(gone, "none left");
             return Ok(());
         }
         if Instant::now() > deadline {
+            progress.finish(gone, &format!("{left} left"));
             bail!("{left} pods still there 180s after deleting their Deployments");
         }
-        progress.update(left as u64, "waiting for them to go");
+        progress.update(gone, &format!("{left} left"));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -405,6 +405,7 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
                 .await?
                 .is_some_and(|k| k > 0)
         {
+            progress.set_total(moved as u64);
             progress.finish(moved as u64, "joined");
             break;
         }
@@ -486,6 +487,7 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
         }
         // GET /shards also counts every key: read it only once nothing is left to move.
         if moved > 0.0 && to_move == 0.0 && member_keys(&http, &admin, &drained).await?.is_none() {
+            progress.set_total(moved as u64);
             progress.finish(moved as u64, "drained");
             break;
         }
