@@ -1,92 +1,114 @@
-//! The Kubernetes API as the suites use it: an HTTP client for a cluster
-//! (loopback or a kubeconfig's), its authentication, the Deployment objects
-//! the suites create, deletes, and emptying the namespace.
+//! The Kubernetes API as the suites use it, through kube-rs: a client for a
+//! cluster (loopback, or a kubeconfig's with every auth method kube-rs
+//! knows), the Deployment objects the suites create, deletes, lists, and
+//! emptying the namespace.
+//!
+//! The client does not throttle (kube-rs has no client-side QPS limit), does
+//! not retry (a refused create is counted, as before), and keeps its HTTP/1.1
+//! connections pooled: every clone of a [`kube::Client`] shares them.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
+use kube::api::{PostParams, Resource};
 use serde_json::{json, Value};
 
 use crate::cluster::ClusterRecord;
 
-pub fn client() -> anyhow::Result<reqwest::Client> {
-    // Loopback, self-signed serving certificate.
-    Ok(reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .tcp_nodelay(true)
-        .build()?)
-}
-
-/// A client for `record`'s API server: [`client`] for a local cluster; for
-/// one given by kubeconfig, its CA, client certificate and TLS verification.
-pub fn client_for(record: &ClusterRecord) -> anyhow::Result<reqwest::Client> {
-    let Some(tls) = &record.tls else {
-        return client();
+/// A kube-rs configuration for `record`'s API server: the kubeconfig's (kept
+/// in the record by [`crate::external::connect`]) or, for a local cluster,
+/// its loopback URL, its admin token and its self-signed serving certificate
+/// (not verified).
+pub fn config_for(record: &ClusterRecord) -> anyhow::Result<kube::Config> {
+    let mut config = match &record.kube_config {
+        Some(config) => config.as_ref().clone(),
+        None => {
+            let url = record
+                .api_url
+                .parse()
+                .with_context(|| format!("kube-apiserver URL {:?}", record.api_url))?;
+            let mut config = kube::Config::new(url);
+            config.accept_invalid_certs = true;
+            if !record.token.is_empty() {
+                config.auth_info.token = Some(record.token.clone().into());
+            }
+            config
+        }
     };
-    let mut builder = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .danger_accept_invalid_certs(tls.insecure);
-    if let Some(ca) = &tls.ca_pem {
-        for cert in reqwest::Certificate::from_pem_bundle(ca)
-            .context("the kubeconfig's certificate authority is not PEM")?
-        {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    if let Some(identity) = &tls.identity_pem {
-        builder = builder.identity(
-            reqwest::Identity::from_pem(identity)
-                .context("the kubeconfig's client certificate and key are not PEM")?,
-        );
-    }
-    Ok(builder.build()?)
+    // Measured requests are not retried behind the bench's back.
+    config.default_retry = false;
+    config.default_namespace = record.namespace.clone();
+    Ok(config)
 }
 
-/// Authenticates a request as `record`'s user: its bearer token, if any (a
-/// client certificate is in the client itself).
-pub trait Authed {
-    fn auth(self, record: &ClusterRecord) -> Self;
+/// A client for `record`'s API server (see [`config_for`]); clone it to share its connections.
+pub fn client_for(record: &ClusterRecord) -> anyhow::Result<kube::Client> {
+    kube::Client::try_from(config_for(record)?).context("creating the Kubernetes client")
 }
 
-impl Authed for reqwest::RequestBuilder {
-    fn auth(self, record: &ClusterRecord) -> Self {
-        if record.token.is_empty() {
-            self
-        } else {
-            self.bearer_auth(&record.token)
-        }
-    }
+/// The run's namespace's objects of type `K`.
+pub fn namespaced<K>(client: &kube::Client, record: &ClusterRecord) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    Api::namespaced(client.clone(), &record.namespace)
 }
 
-/// The first page (one pod) of the namespace's pods: its resourceVersion and
-/// how many pods there are.
-pub async fn first_pod_page(
-    http: &reqwest::Client,
-    record: &ClusterRecord,
-) -> anyhow::Result<Value> {
-    Ok(http
-        .get(format!(
-            "{}/api/v1/namespaces/{}/pods?limit=1",
-            record.api_url, record.namespace
-        ))
-        .auth(record)
-        .send()
+/// A resource given by group, version, kind and plural (e.g. Knative's).
+pub fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+}
+
+/// The typed resource `K` as an [`ApiResource`], for [`dynamic`] APIs and watches.
+pub fn resource_of<K: Resource<DynamicType = ()>>() -> ApiResource {
+    ApiResource::erase::<K>(&())
+}
+
+/// Objects of `resource` in `namespace`, untyped.
+pub fn dynamic(
+    client: &kube::Client,
+    namespace: &str,
+    resource: &ApiResource,
+) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), namespace, resource)
+}
+
+/// A list of untyped objects as JSON (`items`, `metadata`), for code that reads a few fields.
+pub async fn list_json(api: &Api<DynamicObject>, params: &ListParams) -> anyhow::Result<Value> {
+    let list = api.list(params).await?;
+    Ok(json!({
+        "metadata": list.metadata,
+        "items": list.items,
+    }))
+}
+
+/// The collection's current resourceVersion (a one-item list), to watch from.
+pub async fn collection_version(api: &Api<DynamicObject>) -> anyhow::Result<String> {
+    api.list(&ListParams::default().limit(1))
         .await?
-        .json()
-        .await?)
+        .metadata
+        .resource_version
+        .context("list without resourceVersion")
 }
 
-/// The namespace's current resourceVersion, to watch from.
+/// The namespace's current resourceVersion of pods, to watch from.
 pub async fn current_resource_version(record: &ClusterRecord) -> anyhow::Result<String> {
-    let list = first_pod_page(&client_for(record)?, record).await?;
-    Ok(list["metadata"]["resourceVersion"]
-        .as_str()
-        .context("list without resourceVersion")?
-        .to_string())
+    let client = client_for(record)?;
+    collection_version(&dynamic(&client, &record.namespace, &resource_of::<Pod>())).await
 }
 
-fn deployment(name: &str) -> Value {
-    json!({
+/// How many pods the namespace holds (a one-item list and its remaining count).
+pub async fn pod_count(pods: &Api<Pod>) -> anyhow::Result<usize> {
+    let page = pods.list_metadata(&ListParams::default().limit(1)).await?;
+    Ok(page.items.len() + page.metadata.remaining_item_count.unwrap_or(0).max(0) as usize)
+}
+
+fn deployment(name: &str) -> anyhow::Result<Deployment> {
+    Ok(serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name},
         "spec": {
@@ -95,88 +117,59 @@ fn deployment(name: &str) -> Value {
             "template": {"metadata": {"labels": {"app": name}},
                          "spec": {"containers": [{"name": "nginx", "image": "nginx"}]}}
         }
-    })
+    }))?)
 }
 
 /// Creates Deployment `name` (replicas 1, nginx, label `app: name`).
 pub async fn create(
-    http: &reqwest::Client,
+    client: &kube::Client,
     record: &ClusterRecord,
     name: &str,
 ) -> anyhow::Result<()> {
-    let response = http
-        .post(format!(
-            "{}/apis/apps/v1/namespaces/{}/deployments",
-            record.api_url, record.namespace
-        ))
-        .auth(record)
-        .json(&deployment(name))
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!("creating {name}: HTTP {}", response.status());
-    }
-    Ok(())
-}
-
-/// DELETE on an API path (background propagation), failing on any non-2xx answer.
-pub async fn delete_path(
-    http: &reqwest::Client,
-    record: &ClusterRecord,
-    path: &str,
-) -> anyhow::Result<()> {
-    let response = http
-        .delete(format!(
-            "{}{path}?propagationPolicy=Background",
-            record.api_url
-        ))
-        .auth(record)
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!("DELETE {path}: HTTP {}", response.status());
-    }
+    namespaced::<Deployment>(client, record)
+        .create(&PostParams::default(), &deployment(name)?)
+        .await
+        .with_context(|| format!("creating {name}"))?;
     Ok(())
 }
 
 /// Deletes Deployment `name` of the run's namespace (background propagation).
 pub async fn delete_deployment(
-    http: &reqwest::Client,
+    client: &kube::Client,
     record: &ClusterRecord,
     name: &str,
 ) -> anyhow::Result<()> {
-    delete_path(
-        http,
-        record,
-        &format!(
-            "/apis/apps/v1/namespaces/{}/deployments/{name}",
-            record.namespace
-        ),
-    )
-    .await
+    namespaced::<Deployment>(client, record)
+        .delete(name, &DeleteParams::background())
+        .await
+        .with_context(|| format!("deleting Deployment {name}"))?;
+    Ok(())
 }
 
 /// Deletes every Deployment in the namespace and waits until no pod is left.
 pub async fn clear_namespace(record: &ClusterRecord) -> anyhow::Result<()> {
-    let http = client_for(record)?;
-    delete_path(
-        &http,
-        record,
-        &format!("/apis/apps/v1/namespaces/{}/deployments", record.namespace),
-    )
-    .await?;
+    let client = client_for(record)?;
+    namespaced::<Deployment>(&client, record)
+        .delete_collection(&DeleteParams::background(), &ListParams::default())
+        .await
+        .context("deleting the namespace's Deployments")?;
+    let pods = namespaced::<Pod>(&client, record);
     let deadline = Instant::now() + Duration::from_secs(180);
+    let first = pod_count(&pods).await?;
+    let mut progress =
+        crate::progress::Progress::new("clearing the namespace: pods gone", first as u64);
     loop {
-        let pods = first_pod_page(&http, record).await?;
-        let left = pods["items"].as_array().map(|i| i.len()).unwrap_or(0)
-            + pods["metadata"]["remainingItemCount"].as_u64().unwrap_or(0) as usize;
+        let left = pod_count(&pods).await?;
+        let gone = first.saturating_sub(left) as u64;
         if left == 0 {
+            progress.finish(gone, "none left");
             return Ok(());
         }
         if Instant::now() > deadline {
+            progress.finish(gone, &format!("{left} left"));
             bail!("{left} pods still there 180s after deleting their Deployments");
         }
-        eprint!("\r  waiting for {left} pods to go…   ");
+        progress.update(gone, &format!("{left} left"));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

@@ -1,14 +1,13 @@
 //! The arms every suite compares, defined once: which storage each one runs
 //! on, the flags that shape them (`--etcd-members`, `--replication-factor`)
-//! and how a suite brings one up. churn, startup, jobs, coldstart, the demo
-//! and the scenarios all start their clusters through [`up`].
+//! and the environment a suite runs them in. churn, startup, jobs, coldstart,
+//! the demo and the scenarios all start their clusters through
+//! [`crate::cluster::up_arm`].
 
-use std::path::PathBuf;
+use std::sync::RwLock;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-
-use crate::cluster::{self, ClusterRecord, UpArgs};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 pub enum Arm {
@@ -43,8 +42,28 @@ impl std::fmt::Debug for Arm {
             Arm::Tuned => f.write_str("Tuned"),
             Arm::Override => f.write_str("Override"),
             Arm::Ste => f.write_str("Ste"),
-            Arm::External => f.write_str(&crate::external::arm_name()),
+            Arm::External => f.write_str(&external_name()),
         }
+    }
+}
+
+static EXTERNAL_NAME: RwLock<String> = RwLock::new(String::new());
+
+/// The name `Arm::External` shows in tables, plots and JSON (`--arm-name`,
+/// set by [`crate::external::connect`]); `cluster` until then.
+pub fn external_name() -> String {
+    let name = EXTERNAL_NAME.read().map(|n| n.clone()).unwrap_or_default();
+    if name.is_empty() {
+        "cluster".into()
+    } else {
+        name
+    }
+}
+
+/// Names `Arm::External` (see [`external_name`]).
+pub fn set_external_name(name: &str) {
+    if let Ok(mut current) = EXTERNAL_NAME.write() {
+        *current = name.trim().to_string();
     }
 }
 
@@ -141,38 +160,6 @@ pub fn qps_name(qps: Option<u32>) -> String {
         .unwrap_or_else(|| "default QPS".into())
 }
 
-/// `cluster up`'s arguments for `arm` in `env`: pods and events go to RAM
-/// on the override and ste arms alike.
-pub fn up_args(arm: Arm, env: &Environment, dir: PathBuf) -> UpArgs {
-    UpArgs {
-        // stock-qps is a stock cluster with other client limits.
-        arm: if arm == Arm::StockQps {
-            Arm::Stock
-        } else {
-            arm
-        },
-        shards: env.shards,
-        nodes: env.nodes,
-        events_to_ste: arm == Arm::Ste,
-        client_qps: client_qps(arm, env.client_qps),
-        fsync_delay: env.fsync_delay,
-        apiserver_env: Vec::new(),
-        apiserver_bin: None,
-        dir,
-    }
-}
-
-/// Starts `arm` in `env` in `dir`, waiting until every component is ready.
-pub async fn up(arm: Arm, env: &Environment, dir: PathBuf) -> anyhow::Result<ClusterRecord> {
-    cluster::up_full(
-        &up_args(arm, env, dir),
-        &cluster::AgentArgs::default(),
-        &crate::real_node::RealNodeArgs::default(),
-        &env.topology,
-    )
-    .await
-}
-
 /// A directory name for `arm` in `env`: `ste-qps200-m3-rf2`.
 pub fn dir_name(arm: Arm, env: &Environment) -> String {
     let qps = client_qps(arm, env.client_qps)
@@ -218,11 +205,7 @@ mod tests {
             ..env
         };
         assert_eq!(dir_name(Arm::StockQps, &default), "stock-qps-qps200-m3");
-        assert_eq!(
-            up_args(Arm::StockQps, &default, "d".into()).client_qps,
-            Some(RAISED_QPS)
-        );
-        assert!(up_args(Arm::StockQps, &default, "d".into()).arm == Arm::Stock);
-        assert_eq!(up_args(Arm::Ste, &default, "d".into()).client_qps, None);
+        assert_eq!(client_qps(Arm::StockQps, None), Some(RAISED_QPS));
+        assert_eq!(client_qps(Arm::Ste, None), None);
     }
 }

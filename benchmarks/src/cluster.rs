@@ -25,6 +25,8 @@ const TOKEN: &str = "ste-admin-token";
 pub const APISERVER_VERBOSITY_ENV: &str = "STE_KUBE_APISERVER_VERBOSITY";
 
 pub use crate::arms::Arm;
+use crate::arms::Environment;
+use k8s_openapi::api::core::v1::Node;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct UpArgs {
@@ -128,9 +130,11 @@ pub struct ClusterRecord {
     /// run's own one on a cluster given by `--kubeconfig`.
     #[serde(default = "default_namespace")]
     pub namespace: String,
-    /// TLS settings from a kubeconfig; None: loopback, certificate not verified.
+    /// The kube-rs configuration of a cluster given by kubeconfig; None:
+    /// loopback with `token`, serving certificate not verified (see
+    /// [`crate::api::config_for`]).
     #[serde(skip)]
-    pub tls: Option<std::sync::Arc<crate::external::Tls>>,
+    pub kube_config: Option<std::sync::Arc<kube::Config>>,
 }
 
 fn default_namespace() -> String {
@@ -230,15 +234,18 @@ impl Launcher {
     }
 
     /// Waits for `check`, failing early if the process died, and naming its log.
-    async fn wait(
+    async fn wait<F>(
         &self,
         name: &str,
         within: Duration,
-        mut check: impl FnMut() -> bool,
-    ) -> anyhow::Result<()> {
+        mut check: impl FnMut() -> F,
+    ) -> anyhow::Result<()>
+    where
+        F: std::future::Future<Output = bool>,
+    {
         let deadline = Instant::now() + within;
         loop {
-            if check() {
+            if check().await {
                 return Ok(());
             }
             if !self.alive(name) {
@@ -467,10 +474,19 @@ async fn start_shard_agents(launcher: &mut Launcher, n: usize) -> anyhow::Result
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let api = launcher.record.api();
+    let shards = kube::Api::<kube::api::DynamicObject>::all_with(
+        crate::api::client_for(&launcher.record)?,
+        &crate::api::resource("ste.dev", "v1alpha1", "Shard", "shards"),
+    );
     launcher
         .wait("kube-apiserver", Duration::from_secs(60), || {
-            matches!(api.curl(&["/apis/ste.dev/v1alpha1/shards"]), Ok((200, _)))
+            let shards = shards.clone();
+            async move {
+                shards
+                    .list(&kube::api::ListParams::default().limit(1))
+                    .await
+                    .is_ok()
+            }
         })
         .await?;
     let ram = launcher
@@ -505,7 +521,7 @@ async fn start_shard_agents(launcher: &mut Launcher, n: usize) -> anyhow::Result
         let name = format!("{SHARD_AGENT_PREFIX}{i}");
         launcher
             .wait(&name, Duration::from_secs(60), || {
-                router_members(&admin).is_some_and(|m| m.contains(&name))
+                std::future::ready(router_members(&admin).is_some_and(|m| m.contains(&name)))
             })
             .await?;
     }
@@ -573,7 +589,7 @@ pub async fn durable_etcd_only(
             ram_etcd: None,
             durable_etcd: Vec::new(),
             namespace: default_namespace(),
-            tls: None,
+            kube_config: None,
         },
     };
     if let Err(err) = launcher.start_durable(members, fsync_delay) {
@@ -658,7 +674,7 @@ pub async fn up_full(
             ram_etcd: None,
             durable_etcd: Vec::new(),
             namespace: default_namespace(),
-            tls: None,
+            kube_config: None,
         },
     };
     let result = start_all(&mut launcher, args, agents, real, topology, api_port).await;
@@ -745,7 +761,9 @@ async fn start_all(
         launcher.spawn("ste-router", &router_binary()?, &router_args)?;
         let ready = format!("http://{admin}/readyz");
         launcher
-            .wait("ste-router", Duration::from_secs(60), || http_ok(&ready))
+            .wait("ste-router", Duration::from_secs(60), || {
+                std::future::ready(http_ok(&ready))
+            })
             .await?;
         overrides.push(format!("/pods#http://{listen}"));
         if args.events_to_ste {
@@ -788,10 +806,11 @@ async fn start_all(
         None => upstream_binary("kube-apiserver", "STE_KUBE_APISERVER_BIN")?,
     };
     launcher.spawn_with_env("kube-apiserver", &apiserver, &api_args, &args.apiserver_env)?;
-    let api = launcher.record.api();
+    let client = crate::api::client_for(&launcher.record)?;
     launcher
         .wait("kube-apiserver", Duration::from_secs(120), || {
-            matches!(api.curl(&["/readyz"]), Ok((200, _)))
+            let client = client.clone();
+            async move { readyz(&client).await }
         })
         .await?;
     write_kubeconfig(&launcher.record)?;
@@ -861,6 +880,7 @@ async fn start_all(
         "--node-lease-duration-seconds=40".into(),
     ];
     launcher.spawn("kwok", &upstream_binary("kwok", "STE_KWOK_BIN")?, &kwok)?;
+    let nodes_api = kube::Api::<Node>::all(crate::api::client_for(&launcher.record)?);
     for i in 0..args.nodes {
         let node = serde_json::json!({
             "apiVersion": "v1", "kind": "Node",
@@ -874,19 +894,27 @@ async fn start_all(
                 "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"}
             }
         });
-        let (code, body) = api.send_json("POST", "/api/v1/nodes", &node.to_string())?;
-        if code != 201 && code != 409 {
-            bail!("creating node kwok-node-{i}: HTTP {code}: {body}");
+        let node: Node = serde_json::from_value(node)?;
+        match nodes_api
+            .create(&kube::api::PostParams::default(), &node)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("creating node kwok-node-{i}")))
+            }
         }
     }
     let nodes = args.nodes;
     launcher
         .wait("kwok", Duration::from_secs(120), || {
-            ready_nodes(&api).is_ok_and(|n| n >= nodes)
+            let nodes_api = nodes_api.clone();
+            async move { ready_nodes(&nodes_api).await.is_ok_and(|n| n >= nodes) }
         })
         .await?;
     if real.real_nodes > 0 {
-        crate::real_node::start(&dir, &api, real).await?;
+        crate::real_node::start(&dir, &launcher.record.api(), real).await?;
     }
     // The controllers must be serving too before anyone relies on them.
     for name in ["kube-controller-manager", "kube-scheduler"] {
@@ -899,26 +927,26 @@ async fn start_all(
 }
 
 /// Nodes whose Ready condition is True.
-pub fn ready_nodes(api: &Api) -> anyhow::Result<usize> {
-    let (code, body) = api.curl(&["/api/v1/nodes"])?;
-    if code != 200 {
-        bail!("listing nodes: HTTP {code}");
-    }
-    let list: serde_json::Value = serde_json::from_str(&body)?;
-    Ok(list["items"]
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .filter(|node| {
-                    node["status"]["conditions"].as_array().is_some_and(|c| {
-                        c.iter()
-                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                    })
-                })
-                .count()
+pub async fn ready_nodes(nodes: &kube::Api<Node>) -> anyhow::Result<usize> {
+    let list = nodes.list(&kube::api::ListParams::default()).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|node| {
+            node.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
         })
-        .unwrap_or(0))
+        .count())
+}
+
+/// Whether kube-apiserver answers `/readyz` with 200.
+async fn readyz(client: &kube::Client) -> bool {
+    match http::Request::get("/readyz").body(Vec::new()) {
+        Ok(request) => client.request_text(request).await.is_ok(),
+        Err(_) => false,
+    }
 }
 
 fn write_kubeconfig(record: &ClusterRecord) -> anyhow::Result<()> {
@@ -1119,4 +1147,36 @@ impl Drop for RunningCluster {
         })
         .join();
     }
+}
+
+/// `cluster up`'s arguments for `arm` in `env`: pods and events go to RAM
+/// on the override and ste arms alike.
+/// `stock-qps` is a stock cluster with raised client limits.
+pub fn arm_up_args(arm: Arm, env: &Environment, dir: PathBuf) -> UpArgs {
+    UpArgs {
+        arm: if arm == Arm::StockQps {
+            Arm::Stock
+        } else {
+            arm
+        },
+        shards: env.shards,
+        nodes: env.nodes,
+        events_to_ste: arm == Arm::Ste,
+        client_qps: crate::arms::client_qps(arm, env.client_qps),
+        fsync_delay: env.fsync_delay,
+        apiserver_env: Vec::new(),
+        apiserver_bin: None,
+        dir,
+    }
+}
+
+/// Starts `arm` in `env` in `dir`, waiting until every component is ready.
+pub async fn up_arm(arm: Arm, env: &Environment, dir: PathBuf) -> anyhow::Result<ClusterRecord> {
+    up_full(
+        &arm_up_args(arm, env, dir),
+        &AgentArgs::default(),
+        &crate::real_node::RealNodeArgs::default(),
+        &env.topology,
+    )
+    .await
 }

@@ -20,18 +20,26 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::Serialize;
-use serde_json::{json, Value};
 
-use crate::api::{client, current_resource_version};
+use k8s_openapi::api::coordination::v1::Lease;
+
+use crate::api::{client_for, current_resource_version};
 use crate::cluster::{self, Arm, ClusterRecord};
-use crate::measure::watch_pods;
+pub use crate::knative::objects::{
+    create_service, deployment_of, keep_node_leases, revision_of, scale_revision, service,
+    wait_at_zero, REVISION_LABEL,
+};
+use crate::measure::watch_pods_started;
+use crate::progress::Progress;
+
+/// How long a round waits for its pod watch to open before waking anything.
+const WATCH_OPEN_WITHIN: Duration = Duration::from_secs(10);
 use crate::stats::Samples;
 
 const CRDS: &str = include_str!("../../hack/knative/serving-crds.yaml");
 const CONFIG: &str = include_str!("../../hack/knative/serving-config.yaml");
 const STE_CONFIG: &str = include_str!("../../hack/knative/serving-ste.yaml");
 
-pub const REVISION_LABEL: &str = "serving.knative.dev/revision";
 pub const BRIDGE_ANNOTATION: &str = "ste.dev/activator-bridge";
 
 fn kubectl(record: &ClusterRecord, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
@@ -177,23 +185,19 @@ impl Knative {
                 log,
             });
         }
-        let api = record.api();
+        let leases = kube::Api::<Lease>::namespaced(client_for(record)?, "knative-serving");
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             knative.check()?;
-            let (code, body) =
-                api.curl(&["/apis/coordination.k8s.io/v1/namespaces/knative-serving/leases"])?;
-            let holders: Vec<String> = if code == 200 {
-                serde_json::from_str::<Value>(&body)?["items"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|l| l["spec"]["holderIdentity"].is_string())
-                    .filter_map(|l| l["metadata"]["name"].as_str().map(String::from))
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            let holders: Vec<String> = leases
+                .list(&kube::api::ListParams::default())
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|l| l.spec.as_ref().is_some_and(|s| s.holder_identity.is_some()))
+                .filter_map(|l| l.metadata.name)
+                .collect();
             let controller = holders
                 .iter()
                 .any(|h| h.starts_with("controller.knative.dev.serving.pkg.reconciler.revision"));
@@ -216,232 +220,6 @@ impl Knative {
             }
         }
         Ok(())
-    }
-}
-
-/// Renews a node Lease (`kube-node-lease/<node>`) for every node every 10 s,
-/// as each node's kubelet does. `ste-bench cluster up` starts kwok without
-/// `--node-lease-duration-seconds`, so kwok renews no Lease and its node
-/// heartbeat stage waits 10 minutes: after the node monitor grace period
-/// (50 s) the node lifecycle controller marks every node NotReady (and its
-/// pods not Ready), kwok re-initializes them, and this repeats. Runs until
-/// the returned task is aborted.
-pub fn keep_node_leases(record: &ClusterRecord) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let http = client()?;
-    let record = record.clone();
-    Ok(tokio::spawn(async move {
-        loop {
-            let nodes = get_json(&http, &record, "/api/v1/nodes")
-                .await
-                .unwrap_or_default();
-            let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
-            for node in nodes["items"].as_array().into_iter().flatten() {
-                let Some(name) = node["metadata"]["name"].as_str() else {
-                    continue;
-                };
-                let base = format!(
-                    "{}/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
-                    record.api_url
-                );
-                let lease = json!({
-                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": name, "namespace": "kube-node-lease"},
-                    "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": now}
-                });
-                let created = http
-                    .post(&base)
-                    .bearer_auth(&record.token)
-                    .json(&lease)
-                    .send()
-                    .await;
-                if created.is_ok_and(|r| r.status() == reqwest::StatusCode::CONFLICT) {
-                    let _ = http
-                        .patch(format!("{base}/{name}"))
-                        .bearer_auth(&record.token)
-                        .header("Content-Type", "application/merge-patch+json")
-                        .body(json!({"spec": {"renewTime": now}}).to_string())
-                        .send()
-                        .await;
-                }
-            }
-            tokio::time::sleep(Duration::from_secs(10)).await;
-        }
-    }))
-}
-
-/// A Knative Service as the webhook would leave it (it does not run here):
-/// every default the controller relies on set, the revision created at
-/// zero (`initial-scale: 0`, allowed by serving-ste.yaml).
-pub fn service(name: &str, cpu: &str) -> Value {
-    json!({
-        "apiVersion": "serving.knative.dev/v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "template": {
-                "metadata": {"annotations": {
-                    "autoscaling.knative.dev/initial-scale": "0",
-                    "autoscaling.knative.dev/class": "kpa.autoscaling.knative.dev",
-                    "autoscaling.knative.dev/metric": "concurrency"
-                }},
-                "spec": {
-                    "containerConcurrency": 0,
-                    "timeoutSeconds": 300,
-                    "enableServiceLinks": false,
-                    "containers": [{
-                        "name": "user-container",
-                        "image": "dev.local/hello:v1",
-                        "readinessProbe": {"successThreshold": 1, "tcpSocket": {"port": 0}},
-                        "resources": {"requests": {"cpu": cpu, "memory": "64Mi"}}
-                    }]
-                }
-            },
-            "traffic": [{"latestRevision": true, "percent": 100}]
-        }
-    })
-}
-
-/// The Deployment Knative's controller makes for a Service's first revision.
-pub fn deployment_of(service: &str) -> String {
-    format!("{service}-00001-deployment")
-}
-
-pub fn revision_of(service: &str) -> String {
-    format!("{service}-00001")
-}
-
-pub async fn create_service(
-    http: &reqwest::Client,
-    record: &ClusterRecord,
-    name: &str,
-    cpu: &str,
-) -> anyhow::Result<()> {
-    let response = http
-        .post(format!(
-            "{}/apis/serving.knative.dev/v1/namespaces/default/services",
-            record.api_url
-        ))
-        .bearer_auth(&record.token)
-        .json(&service(name, cpu))
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!(
-            "creating Knative Service {name}: HTTP {}: {}",
-            response.status(),
-            response.text().await.unwrap_or_default()
-        );
-    }
-    Ok(())
-}
-
-/// Scales a revision's Deployment with the autoscaler's own request (KPA
-/// scaler.applyScale: a JSON patch of /spec/replicas on the Deployment).
-pub async fn scale_revision(
-    http: &reqwest::Client,
-    record: &ClusterRecord,
-    service: &str,
-    replicas: u32,
-) -> anyhow::Result<()> {
-    let response = http
-        .patch(format!(
-            "{}/apis/apps/v1/namespaces/default/deployments/{}",
-            record.api_url,
-            deployment_of(service)
-        ))
-        .bearer_auth(&record.token)
-        .header("Content-Type", "application/json-patch+json")
-        .body(json!([{"op": "replace", "path": "/spec/replicas", "value": replicas}]).to_string())
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!(
-            "scaling {} to {replicas}: HTTP {}: {}",
-            deployment_of(service),
-            response.status(),
-            response.text().await.unwrap_or_default()
-        );
-    }
-    Ok(())
-}
-
-async fn get_json(
-    http: &reqwest::Client,
-    record: &ClusterRecord,
-    path: &str,
-) -> anyhow::Result<Value> {
-    let response = http
-        .get(format!("{}{path}", record.api_url))
-        .bearer_auth(&record.token)
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!("GET {path}: HTTP {}", response.status());
-    }
-    Ok(response.json().await?)
-}
-
-/// Waits until every named Service's revision is at zero: its Deployment and
-/// ReplicaSet exist with 0 replicas and no pod of it is left.
-pub async fn wait_at_zero(
-    http: &reqwest::Client,
-    record: &ClusterRecord,
-    services: &[String],
-    within: Duration,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        let deployments = get_json(http, record, "/apis/apps/v1/namespaces/default/deployments?labelSelector=serving.knative.dev%2Fservice").await?;
-        let rses = get_json(http, record, "/apis/apps/v1/namespaces/default/replicasets?labelSelector=serving.knative.dev%2Fservice").await?;
-        let pods = get_json(
-            http,
-            record,
-            "/api/v1/namespaces/default/pods?labelSelector=serving.knative.dev%2Fservice",
-        )
-        .await?;
-        let zero = |list: &Value| -> std::collections::HashSet<String> {
-            list["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|o| {
-                    o["spec"]["replicas"] == 0 && o["status"]["replicas"].as_u64().unwrap_or(0) == 0
-                })
-                .filter_map(|o| {
-                    o["metadata"]["labels"][REVISION_LABEL]
-                        .as_str()
-                        .map(String::from)
-                })
-                .collect()
-        };
-        let (d0, r0) = (zero(&deployments), zero(&rses));
-        let with_pods: std::collections::HashSet<String> = pods["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| {
-                p["metadata"]["labels"][REVISION_LABEL]
-                    .as_str()
-                    .map(String::from)
-            })
-            .collect();
-        let missing: Vec<&String> = services
-            .iter()
-            .filter(|s| {
-                let r = revision_of(s);
-                !d0.contains(&r) || !r0.contains(&r) || with_pods.contains(&r)
-            })
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{} revision(s) not at zero after {within:?}, e.g. {}",
-                missing.len(),
-                missing[0]
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -741,7 +519,7 @@ async fn round(
     bridge: Option<(&Path, &str)>,
     arm: Arm,
 ) -> anyhow::Result<RoundResult> {
-    let http = client()?;
+    let client = client_for(record)?;
     let k = services.len();
     let label = match bridge {
         Some((_, mode)) => format!("with the bridge ({mode} mode)"),
@@ -774,7 +552,7 @@ async fn round(
     let times = Arc::new(Mutex::new(Times::default()));
     let rv = current_resource_version(record).await?;
     let t = times.clone();
-    let watcher = watch_pods(record, &rv, move |pod, now| {
+    let (watcher, started) = watch_pods_started(record, &rv, move |pod, now| {
         let Some(rev) = pod["metadata"]["labels"][REVISION_LABEL].as_str() else {
             return;
         };
@@ -794,8 +572,11 @@ async fn round(
             t.ready.entry(rev.to_string()).or_insert(now);
         }
     })?;
-    // Let the watch start before the first patch.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The watch is open (kube-apiserver answered it) before the first wake.
+    match tokio::time::timeout(WATCH_OPEN_WITHIN, started).await {
+        Ok(Ok(())) => {}
+        _ => bail!("the pod watch did not open within {WATCH_OPEN_WITHIN:?}"),
+    }
     let mut triggers = HashMap::new();
     let woken = match args.wake {
         crate::knative::Wake::Stats => Some(
@@ -810,10 +591,10 @@ async fn round(
     };
     triggers.extend(woken.iter().flat_map(|w| w.sent()));
     let patches = services.iter().filter(|_| woken.is_none()).map(|s| {
-        let http = http.clone();
+        let client = client.clone();
         async move {
             let at = Instant::now();
-            scale_revision(&http, record, s, 1)
+            scale_revision(&client, s, 1)
                 .await
                 .map(|()| (revision_of(s), at))
         }
@@ -823,19 +604,25 @@ async fn round(
         triggers.insert(rev, at);
     }
     let deadline = Instant::now() + Duration::from_secs(180);
+    let mut progress = Progress::new(format!("{arm:?} {label}: revisions Ready"), k as u64);
     loop {
-        let ready = times.lock().expect("times").ready.len();
-        eprint!("\r    {ready}/{k} revisions Ready   ");
+        let (bound, ready) = {
+            let t = times.lock().expect("times");
+            (t.bound.len(), t.ready.len())
+        };
+        let message = format!("bound {bound}");
+        progress.update(ready as u64, &message);
         if ready >= k {
+            progress.finish(ready as u64, &message);
             break;
         }
         if Instant::now() > deadline {
+            progress.finish(ready as u64, &message);
             watcher.abort();
             bail!("{arm:?} {label}: only {ready}/{k} revisions Ready after 180s");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!();
     let (mut bound, mut ready) = (Samples::default(), Samples::default());
     {
         let t = times.lock().expect("times");
@@ -896,9 +683,9 @@ async fn round(
     }
     // Back to zero, as the autoscaler would after its grace period.
     for s in services {
-        scale_revision(&http, record, s, 0).await?;
+        scale_revision(&client, s, 0).await?;
     }
-    wait_at_zero(&http, record, services, Duration::from_secs(120)).await?;
+    wait_at_zero(&client, services, Duration::from_secs(120)).await?;
     Ok(result)
 }
 
@@ -920,7 +707,7 @@ async fn run_arm(
         args.nodes,
         env.qps_name()
     );
-    let record = crate::arms::up(arm, &env, dir.clone()).await?;
+    let record = crate::cluster::up_arm(arm, &env, dir.clone()).await?;
     let leases = keep_node_leases(&record)?;
     let result = async {
         let mut knative = Knative::start(&record, &dir.join("logs")).await?;
@@ -928,14 +715,16 @@ async fn run_arm(
             // Before the Services: a later change resyncs every PodAutoscaler.
             crate::knative::configure_autoscaler(&record).await?;
         }
-        let http = client()?;
+        let client = client_for(&record)?;
         let max = args.revisions.iter().copied().max().unwrap_or(0);
         let services: Vec<String> = (0..max).map(|i| format!("cold-{i}")).collect();
-        eprintln!("  creating {max} Knative Services at zero…");
-        for s in &services {
-            create_service(&http, &record, s, "100m").await?;
+        let mut progress = Progress::new(format!("{arm:?}: Knative Services created"), max as u64);
+        for (i, s) in services.iter().enumerate() {
+            create_service(&client, s, "100m").await?;
+            progress.update(i as u64 + 1, "at zero");
         }
-        wait_at_zero(&http, &record, &services, Duration::from_secs(300)).await?;
+        progress.finish(max as u64, "waiting for their revisions at zero");
+        wait_at_zero(&client, &services, Duration::from_secs(300)).await?;
         let mut results = Vec::new();
         for &k in &args.revisions {
             let variants = std::iter::once(None).chain(

@@ -22,9 +22,16 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use futures::StreamExt;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::api::{client_for, create, delete_path, Authed};
+use anyhow::Context;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+
+use crate::api::{
+    client_for, create, delete_deployment, dynamic, list_json, namespaced, resource_of,
+};
 use crate::arms::{self, Arm, Environment, Topology};
 use crate::cluster::{self, ClusterRecord};
 use crate::progress::Progress;
@@ -164,18 +171,13 @@ fn client_watch(
     record: &ClusterRecord,
     counts: Arc<Mutex<WatchCounts>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let http = client_for(record)?;
-    let base = format!(
-        "{}/api/v1/namespaces/{}/pods",
-        record.api_url, record.namespace
-    );
-    let record = record.clone();
+    let pods = namespaced::<Pod>(&client_for(record)?, record);
     Ok(tokio::spawn(async move {
         let mut from: Option<String> = None;
         let mut first = true;
         loop {
             let Some(rv) = from.clone() else {
-                match list_rv(&http, &record, &base).await {
+                match list_rv(&pods).await {
                     Ok(rv) => {
                         counts.lock().expect("counts").relists += usize::from(!first);
                         first = false;
@@ -188,22 +190,12 @@ fn client_watch(
                 }
                 continue;
             };
-            let url = format!("{base}?watch=1&resourceVersion={rv}&allowWatchBookmarks=true");
-            let response = match http.get(&url).auth(&record).send().await {
-                Ok(r) if r.status().is_success() => r,
-                Ok(r) => {
-                    let status = r.status().as_u16();
-                    counts
-                        .lock()
-                        .expect("counts")
-                        .error(format!("watch: HTTP {status}"));
-                    if status == 410 {
+            let stream = match pods.watch(&WatchParams::default(), &rv).await {
+                Ok(stream) => stream,
+                Err(err) => {
+                    if matches!(&err, kube::Error::Api(e) if e.code == 410) {
                         from = None;
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                Err(err) => {
                     counts
                         .lock()
                         .expect("counts")
@@ -212,7 +204,7 @@ fn client_watch(
                     continue;
                 }
             };
-            from = follow(response, rv, &counts).await;
+            from = follow(stream, rv, &counts).await;
         }
     }))
 }
@@ -220,15 +212,27 @@ fn client_watch(
 /// Reads one watch stream; returns the resourceVersion to watch from next,
 /// None to relist.
 async fn follow(
-    response: reqwest::Response,
+    stream: impl futures::Stream<Item = kube::Result<WatchEvent<Pod>>>,
     mut rv: String,
     counts: &Mutex<WatchCounts>,
 ) -> Option<String> {
-    let mut stream = response.bytes_stream();
-    let mut buffer = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(chunk) => chunk,
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        let pod = match event {
+            Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod) | WatchEvent::Deleted(pod)) => {
+                pod
+            }
+            Ok(WatchEvent::Bookmark(bookmark)) => {
+                rv = bookmark.metadata.resource_version;
+                continue;
+            }
+            Ok(WatchEvent::Error(status)) => {
+                counts
+                    .lock()
+                    .expect("counts")
+                    .error(format!("ERROR event {}: {}", status.code, status.message));
+                return (status.code != 410).then_some(rv);
+            }
             Err(err) => {
                 counts
                     .lock()
@@ -237,53 +241,23 @@ async fn follow(
                 return Some(rv);
             }
         };
-        buffer.extend_from_slice(&chunk);
-        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buffer.drain(..=end).collect();
-            let Ok(event) = serde_json::from_slice::<Value>(&line) else {
-                continue;
-            };
-            if event["type"] == "ERROR" {
-                let message = event["object"]["message"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string();
-                counts.lock().expect("counts").error(format!(
-                    "ERROR event {}: {message}",
-                    event["object"]["code"]
-                ));
-                return (event["object"]["code"] != 410).then_some(rv);
-            }
-            if let Some(v) = event["object"]["metadata"]["resourceVersion"].as_str() {
-                rv = v.to_string();
-            }
+        if let Some(v) = pod.metadata.resource_version {
+            rv = v;
         }
     }
     Some(rv)
 }
 
-async fn list_rv(
-    http: &reqwest::Client,
-    record: &ClusterRecord,
-    base: &str,
-) -> anyhow::Result<String> {
-    let response = http
-        .get(format!("{base}?limit=1"))
-        .auth(record)
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!("HTTP {}", response.status());
-    }
-    let list: Value = response.json().await?;
-    match list["metadata"]["resourceVersion"].as_str() {
-        Some(rv) => Ok(rv.to_string()),
-        None => bail!("list without resourceVersion"),
-    }
+async fn list_rv(pods: &Api<Pod>) -> anyhow::Result<String> {
+    pods.list_metadata(&ListParams::default().limit(1))
+        .await?
+        .metadata
+        .resource_version
+        .context("list without resourceVersion")
 }
 
-fn steady_deployment(name: &str, replicas: usize) -> Value {
-    json!({
+fn steady_deployment(name: &str, replicas: usize) -> anyhow::Result<Deployment> {
+    Ok(serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": name},
         "spec": {
@@ -292,27 +266,21 @@ fn steady_deployment(name: &str, replicas: usize) -> Value {
             "template": {"metadata": {"labels": {"app": name, "set": "steady"}},
                          "spec": {"containers": [{"name": "nginx", "image": "nginx"}]}}
         }
-    })
+    }))?)
 }
 
 /// The steady pods now: (UIDs of live pods, whether every Deployment is whole).
 async fn steady_pods(
-    http: &reqwest::Client,
+    client: &kube::Client,
     record: &ClusterRecord,
     args: &FailureArgs,
 ) -> anyhow::Result<(BTreeSet<String>, bool)> {
-    let response = http
-        .get(format!(
-            "{}/api/v1/namespaces/{}/pods?labelSelector=set%3Dsteady",
-            record.api_url, record.namespace
-        ))
-        .auth(record)
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!("listing steady pods: HTTP {}", response.status());
-    }
-    let list: Value = response.json().await?;
+    let list = list_json(
+        &dynamic(client, &record.namespace, &resource_of::<Pod>()),
+        &ListParams::default().labels("set=steady"),
+    )
+    .await
+    .context("listing steady pods")?;
     let mut uids = BTreeSet::new();
     let mut running = std::collections::HashMap::<String, usize>::new();
     for pod in list["items"].as_array().into_iter().flatten() {
@@ -347,12 +315,8 @@ fn churn(
             let mut ok = create(&http, &record, &format!("churn-{i}")).await.is_ok();
             let mut sent = 1;
             if i >= 5 {
-                let path = format!(
-                    "/apis/apps/v1/namespaces/{}/deployments/churn-{}",
-                    record.namespace,
-                    i - 5
-                );
-                ok &= delete_path(&http, &record, &path).await.is_ok();
+                let victim = format!("churn-{}", i - 5);
+                ok &= delete_deployment(&http, &record, &victim).await.is_ok();
                 sent += 1;
             }
             let mut c = counts.lock().expect("churn counts");
@@ -363,28 +327,20 @@ fn churn(
 }
 
 async fn steady_set_up(
-    http: &reqwest::Client,
+    client: &kube::Client,
     record: &ClusterRecord,
     args: &FailureArgs,
 ) -> anyhow::Result<BTreeSet<String>> {
     for i in 0..args.deployments {
-        let body = steady_deployment(&format!("steady-{i}"), args.replicas);
-        let response = http
-            .post(format!(
-                "{}/apis/apps/v1/namespaces/{}/deployments",
-                record.api_url, record.namespace
-            ))
-            .auth(record)
-            .json(&body)
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            bail!("creating steady-{i}: HTTP {}", response.status());
-        }
+        let body = steady_deployment(&format!("steady-{i}"), args.replicas)?;
+        namespaced::<Deployment>(client, record)
+            .create(&PostParams::default(), &body)
+            .await
+            .with_context(|| format!("creating steady-{i}"))?;
     }
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let (uids, whole) = steady_pods(http, record, args).await?;
+        let (uids, whole) = steady_pods(client, record, args).await?;
         if whole {
             return Ok(uids);
         }
@@ -510,7 +466,7 @@ async fn run_arm(args: &FailureArgs, victim: Victim) -> anyhow::Result<FailureRe
         },
     };
     let dir = std::path::absolute(args.output.join(arms::dir_name(victim.arm(), &env)))?;
-    let record = arms::up(victim.arm(), &env, dir.clone()).await?;
+    let record = cluster::up_arm(victim.arm(), &env, dir.clone()).await?;
     let outcome = measure(args, victim, &record, &dir).await;
     // The restarted victim has a new pid: stop what the directory records now.
     let record = cluster::read_record(&dir).unwrap_or(record);

@@ -10,11 +10,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::api::{clear_namespace, client_for, current_resource_version, delete_path, Authed};
+use anyhow::Context;
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{DeleteParams, ListParams, PostParams};
+
+use crate::api::{clear_namespace, client_for, current_resource_version, namespaced};
 use crate::cluster::{self, Arm, ClusterRecord};
 use crate::measure::watch_pods;
+use crate::progress::Progress;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct JobsArgs {
@@ -81,8 +86,8 @@ struct Seen {
     running: HashMap<String, Instant>,
 }
 
-fn job(name: &str, pods: usize) -> Value {
-    json!({
+fn job(name: &str, pods: usize) -> anyhow::Result<Job> {
+    Ok(serde_json::from_value(json!({
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name},
         "spec": {
@@ -90,7 +95,7 @@ fn job(name: &str, pods: usize) -> Value {
             "template": {"spec": {"restartPolicy": "Never",
                                   "containers": [{"name": "work", "image": "busybox"}]}}
         }
-    })
+    }))?)
 }
 
 async fn burst(
@@ -131,41 +136,39 @@ async fn burst(
     };
     let total = jobs * pods_per_job;
     let start = Instant::now();
+    let api = namespaced::<Job>(&http, record);
     let creates = (0..jobs).map(|i| {
-        let (http, record) = (http.clone(), record.clone());
+        let api = api.clone();
         let body = job(&format!("{scenario}-{i}"), pods_per_job);
         tokio::spawn(async move {
-            let response = http
-                .post(format!(
-                    "{}/apis/batch/v1/namespaces/{}/jobs",
-                    record.api_url, record.namespace
-                ))
-                .auth(&record)
-                .json(&body)
-                .send()
-                .await?;
-            if !response.status().is_success() {
-                bail!("creating a Job: HTTP {}", response.status());
-            }
-            Ok(())
+            api.create(&PostParams::default(), &body?)
+                .await
+                .context("creating a Job")?;
+            anyhow::Ok(())
         })
     });
     for create in futures::future::join_all(creates).await {
         create??;
     }
     let deadline = start + Duration::from_secs(300);
+    let mut progress = Progress::new(format!("{arm:?} {scenario}: pods started"), total as u64);
     loop {
-        let running = seen.lock().expect("seen lock").running.len();
-        eprint!("\r  {arm:?} {scenario}: {running}/{total} pods started   ");
+        let (bound, running) = {
+            let seen = seen.lock().expect("seen lock");
+            (seen.bound.len(), seen.running.len())
+        };
+        let message = format!("bound {bound}");
+        progress.update(running as u64, &message);
         if running >= total {
+            progress.finish(running as u64, &message);
             break;
         }
         if Instant::now() > deadline {
+            progress.finish(running as u64, &message);
             bail!("{arm:?} {scenario}: only {running} of {total} pods started within 300s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!();
     watcher.abort();
     let seen = seen.lock().expect("seen lock");
     let last = |times: &HashMap<String, Instant>| {
@@ -186,12 +189,10 @@ async fn burst(
 }
 
 async fn delete_jobs(record: &ClusterRecord) -> anyhow::Result<()> {
-    delete_path(
-        &client_for(record)?,
-        record,
-        &format!("/apis/batch/v1/namespaces/{}/jobs", record.namespace),
-    )
-    .await?;
+    namespaced::<Job>(&client_for(record)?, record)
+        .delete_collection(&DeleteParams::background(), &ListParams::default())
+        .await
+        .context("deleting the Jobs")?;
     clear_namespace(record).await
 }
 
@@ -227,7 +228,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Vec<BurstResult>> {
             topology: args.topology.clone(),
         };
         let dir = std::path::absolute(args.output.join(crate::arms::dir_name(*arm, &env)))?;
-        let record = crate::arms::up(*arm, &env, dir).await?;
+        let record = crate::cluster::up_arm(*arm, &env, dir).await?;
         let outcome = bursts(&args, *arm, &record).await;
         cluster::stop(&record).await?;
         results.extend(outcome?);

@@ -9,6 +9,7 @@ pub mod external;
 pub mod failure;
 pub mod jobs;
 pub mod knative;
+pub mod load;
 pub mod measure;
 pub mod members;
 pub mod plots;

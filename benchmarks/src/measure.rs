@@ -5,16 +5,20 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::Value;
+use tokio::sync::oneshot;
 
-use crate::api::{client_for, Authed};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, WatchEvent, WatchParams};
+
+use crate::api::{client_for, dynamic, resource_of};
 use crate::cluster::{Arm, ClusterRecord};
 use crate::stats::process_group_cpu_seconds;
 
-/// Follows pods from `resource_version` on and records bound/Running times per `app` label.
-/// Follows pods of the default namespace from `resource_version` on and calls
-/// `on_pod` with each event's pod and its arrival time (sub-millisecond, unlike
-/// the 1-second condition timestamps). Like a reflector, it re-watches from the
-/// last resourceVersion when kube-apiserver ends the watch, and relists on 410.
+/// Follows the namespace's pods from `resource_version` on and calls
+/// `on_pod` with each event's pod and its arrival time (sub-millisecond,
+/// unlike the 1-second condition timestamps). Like a reflector, it re-watches
+/// from the last resourceVersion when kube-apiserver ends the watch, and
+/// relists on 410.
 pub fn watch_pods<F>(
     record: &ClusterRecord,
     resource_version: &str,
@@ -23,76 +27,120 @@ pub fn watch_pods<F>(
 where
     F: FnMut(&Value, Instant) + Send + 'static,
 {
-    watch_objects(
-        record,
-        &format!("/api/v1/namespaces/{}/pods", record.namespace),
-        resource_version,
-        on_pod,
-    )
+    watch_objects(record, &resource_of::<Pod>(), resource_version, on_pod)
 }
 
-/// [`watch_pods`] for any collection path (e.g. `/apis/apps/v1/namespaces/default/deployments`).
+/// [`watch_pods`], and a signal sent once kube-apiserver has answered the
+/// first watch request (the watch is open: what follows arrives as it happens).
+pub fn watch_pods_started<F>(
+    record: &ClusterRecord,
+    resource_version: &str,
+    on_pod: F,
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, oneshot::Receiver<()>)>
+where
+    F: FnMut(&Value, Instant) + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let task = watch(
+        record,
+        &resource_of::<Pod>(),
+        resource_version,
+        on_pod,
+        Some(tx),
+    )?;
+    Ok((task, rx))
+}
+
+/// [`watch_pods`] for any namespaced resource. A raw watch (`Api::watch`),
+/// not `kube::runtime::watcher`: the suites need each event as it arrives,
+/// from a given resourceVersion, without the watcher's initial list.
 pub fn watch_objects<F>(
     record: &ClusterRecord,
-    path: &str,
+    resource: &ApiResource,
     resource_version: &str,
-    mut on_pod: F,
+    on_object: F,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>>
 where
     F: FnMut(&Value, Instant) + Send + 'static,
 {
-    let http = client_for(record)?;
-    let base = format!("{}{path}", record.api_url);
-    let record = record.clone();
+    watch(record, resource, resource_version, on_object, None)
+}
+
+fn watch<F>(
+    record: &ClusterRecord,
+    resource: &ApiResource,
+    resource_version: &str,
+    mut on_object: F,
+    mut opened: Option<oneshot::Sender<()>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>>
+where
+    F: FnMut(&Value, Instant) + Send + 'static,
+{
+    let api = dynamic(&client_for(record)?, &record.namespace, resource);
     let mut last = resource_version.to_string();
     Ok(tokio::spawn(async move {
         loop {
-            let url = format!("{base}?watch=1&resourceVersion={last}&allowWatchBookmarks=true&timeoutSeconds=3600");
-            let mut gone = false;
-            if let Ok(response) = http.get(&url).auth(&record).send().await {
-                let mut stream = response.bytes_stream();
-                let mut buffer = Vec::new();
-                while let Some(Ok(chunk)) = stream.next().await {
-                    let now = Instant::now();
-                    buffer.extend_from_slice(&chunk);
-                    while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = buffer.drain(..=end).collect();
-                        let Ok(event) = serde_json::from_slice::<Value>(&line) else {
-                            continue;
-                        };
-                        if event["type"] == "ERROR" {
-                            gone |= event["object"]["code"] == 410;
-                            continue;
-                        }
-                        if let Some(rv) = event["object"]["metadata"]["resourceVersion"].as_str() {
-                            last = rv.to_string();
-                        }
-                        if event["type"] != "BOOKMARK" {
-                            on_pod(&event["object"], now);
-                        }
-                    }
-                }
-            }
+            let gone = follow(&api, &mut last, &mut on_object, &mut opened).await;
             if gone {
                 // Too old: relist, report what is there now, and watch from the list.
-                let Ok(response) = http.get(&base).auth(&record).send().await else {
-                    continue;
-                };
-                let Ok(list) = response.json::<Value>().await else {
+                let Ok(list) = api.list(&ListParams::default()).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
                 let now = Instant::now();
-                for pod in list["items"].as_array().into_iter().flatten() {
-                    on_pod(pod, now);
+                for object in &list.items {
+                    if let Ok(value) = serde_json::to_value(object) {
+                        on_object(&value, now);
+                    }
                 }
-                if let Some(rv) = list["metadata"]["resourceVersion"].as_str() {
-                    last = rv.to_string();
+                if let Some(rv) = list.metadata.resource_version {
+                    last = rv;
                 }
             } else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }))
+}
+
+/// One watch request from `last` until kube-apiserver ends it; `true` when
+/// it answered 410 Gone (a relist is needed).
+async fn follow<F>(
+    api: &Api<DynamicObject>,
+    last: &mut String,
+    on_object: &mut F,
+    opened: &mut Option<oneshot::Sender<()>>,
+) -> bool
+where
+    F: FnMut(&Value, Instant),
+{
+    let params = WatchParams::default().timeout(290);
+    let Ok(stream) = api.watch(&params, last).await else {
+        return false;
+    };
+    if let Some(opened) = opened.take() {
+        let _ = opened.send(());
+    }
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        let now = Instant::now();
+        let object = match event {
+            Ok(WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o)) => o,
+            Ok(WatchEvent::Bookmark(b)) => {
+                *last = b.metadata.resource_version;
+                continue;
+            }
+            Ok(WatchEvent::Error(status)) => return status.code == 410,
+            Err(_) => return false,
+        };
+        if let Some(rv) = &object.metadata.resource_version {
+            last.clone_from(rv);
+        }
+        if let Ok(value) = serde_json::to_value(&object) {
+            on_object(&value, now);
+        }
+    }
+    false
 }
 
 /// CPU seconds used so far by each component (its whole process group).

@@ -10,7 +10,7 @@
 //! each offered rate (latency from when the Put was due), then closed loop
 //! with --writers concurrent writers (saturated throughput). Part 2, pods:
 //! churn bursts (a Deployment every --interarrival) on each --arms arm at each
-//! member count, through the churn suite's measurement.
+//! member count, through the pod-churn load of [`crate::load`].
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -22,8 +22,8 @@ use ste_etcd_proto::pb::{kv_client::KvClient, PutRequest};
 use tonic::transport::Channel;
 
 use crate::arms::{Arm, Topology};
-use crate::churn::{self, ArmResult, ChurnArgs, Mode};
 use crate::cluster;
+use crate::load::{self, ArmResult, ChurnArgs, Mode};
 use crate::progress::Progress;
 use crate::stats::Samples;
 
@@ -256,7 +256,7 @@ async fn etcd_writes(args: &MembersArgs, members: usize) -> anyhow::Result<Vec<W
     outcome
 }
 
-/// Part 2 at one member count: the churn suite's measurement on each arm.
+/// Part 2 at one member count: the pod-churn load on each arm.
 async fn pod_latency(args: &MembersArgs, members: usize) -> anyhow::Result<Vec<ArmResult>> {
     let churn = ChurnArgs {
         arms: args.arms.clone(),
@@ -279,7 +279,7 @@ async fn pod_latency(args: &MembersArgs, members: usize) -> anyhow::Result<Vec<A
     let mut results = Vec::new();
     for arm in &args.arms {
         eprintln!("  pods, {arm:?} arm, {members} member(s)");
-        results.extend(churn::run_arm(&churn, *arm, args.client_qps).await?);
+        results.extend(load::run_arm(&churn, *arm, args.client_qps).await?);
     }
     Ok(results)
 }

@@ -39,6 +39,14 @@ impl Progress {
         }
     }
 
+    /// The total changed (e.g. keys still to move were planned).
+    pub fn set_total(&mut self, total: u64) {
+        self.total = total;
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+        }
+    }
+
     /// `done` of the total so far, with `message` beside it.
     pub fn update(&mut self, done: u64, message: &str) {
         match &self.bar {

@@ -25,6 +25,7 @@ use ste_testkit::{shapes, shard_specs, Etcd, Router};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
+use crate::progress::Progress;
 use crate::stats::Samples;
 
 /// Keys one move chunk carries (the router's MOVE_CHUNK: etcd's default
@@ -397,7 +398,7 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
         );
     }
     let mut first_move = None;
-    let mut last_report = Instant::now();
+    let mut progress = Progress::new(format!("join of {new_name}: keys moved"), 0);
     loop {
         let text = metrics(&http, &admin).await?;
         let moved = metric(&text, "ste_router_keys_moved_total")? - moved_before;
@@ -411,15 +412,12 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
                 .await?
                 .is_some_and(|k| k > 0)
         {
+            progress.set_total(moved as u64);
+            progress.finish(moved as u64, "joined");
             break;
         }
-        if last_report.elapsed() >= Duration::from_secs(5) {
-            eprintln!(
-                "  {:>5.1}s: {moved} keys moved, {to_move} planned",
-                started.elapsed().as_secs_f64()
-            );
-            last_report = Instant::now();
-        }
+        progress.set_total((moved + to_move) as u64);
+        progress.update(moved as u64, &format!("{to_move} still to move"));
         if started.elapsed() > args.phase_timeout {
             bail!(
                 "the join did not finish within {:?} ({moved} keys moved)",
@@ -478,7 +476,10 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
     }
     let mut first_move = None;
     let mut last_moved_at = None;
-    let mut last_report = Instant::now();
+    let mut progress = Progress::new(
+        format!("drain of {drained}: keys moved"),
+        keys_on_drained as u64,
+    );
     let mut last_moved = 0.0;
     loop {
         let text = metrics(&http, &admin).await?;
@@ -493,15 +494,12 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
         }
         // GET /shards also counts every key: read it only once nothing is left to move.
         if moved > 0.0 && to_move == 0.0 && member_keys(&http, &admin, &drained).await?.is_none() {
+            progress.set_total(moved as u64);
+            progress.finish(moved as u64, "drained");
             break;
         }
-        if last_report.elapsed() >= Duration::from_secs(5) {
-            eprintln!(
-                "  {:>5.1}s: {moved} keys moved",
-                started.elapsed().as_secs_f64()
-            );
-            last_report = Instant::now();
-        }
+        progress.set_total((moved + to_move) as u64);
+        progress.update(moved as u64, &format!("{to_move} still to move"));
         if started.elapsed() > args.phase_timeout {
             bail!(
                 "the drain did not finish within {:?} ({moved} keys moved)",
@@ -622,10 +620,11 @@ async fn load_keys(
     let progress = {
         let done = done.clone();
         tokio::spawn(async move {
+            let mut progress = Progress::new("loading keys", n as u64);
             loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                let d = done.load(Ordering::Relaxed);
-                eprintln!("  {:>5.1}s: {d}/{n} keys", started.elapsed().as_secs_f64());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let d = done.load(Ordering::Relaxed) as u64;
+                progress.update(d, "created");
             }
         })
     };

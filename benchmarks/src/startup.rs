@@ -15,20 +15,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
+use k8s_openapi::api::apps::v1::Deployment;
 use serde::Serialize;
-use serde_json::Value;
 
-use crate::api::{clear_namespace, client_for, create, current_resource_version, Authed};
+use crate::api::{
+    clear_namespace, client_for, collection_version, create, current_resource_version, dynamic,
+    resource_of,
+};
 use crate::arms::parse_qps;
 use crate::cluster::{self, Arm, ClusterRecord};
 use crate::measure::{cpu_by_component, watch_objects, watch_pods};
+use crate::progress::Progress;
 use crate::stats::Samples;
-
-/// The Deployments collection of the run's namespace.
-fn deployments(record: &ClusterRecord) -> String {
-    format!("/apis/apps/v1/namespaces/{}/deployments", record.namespace)
-}
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct StartupArgs {
@@ -124,17 +123,13 @@ struct Times {
 /// The Deployments collection's resourceVersion, to watch from (in the ste
 /// arm it is not the pods' one: they live in different etcds).
 async fn deployments_resource_version(record: &ClusterRecord) -> anyhow::Result<String> {
-    let list: Value = client_for(record)?
-        .get(format!("{}{}?limit=1", record.api_url, deployments(record)))
-        .auth(record)
-        .send()
-        .await?
-        .json()
-        .await?;
-    Ok(list["metadata"]["resourceVersion"]
-        .as_str()
-        .context("Deployment list without resourceVersion")?
-        .to_string())
+    let client = client_for(record)?;
+    collection_version(&dynamic(
+        &client,
+        &record.namespace,
+        &resource_of::<Deployment>(),
+    ))
+    .await
 }
 
 async fn level(
@@ -175,7 +170,7 @@ async fn level(
         let (times, prefix) = (times.clone(), prefix.clone());
         watch_objects(
             record,
-            &deployments(record),
+            &resource_of::<Deployment>(),
             &deployments_resource_version(record).await?,
             move |deployment, now| {
                 let Some(name) = deployment["metadata"]["name"].as_str() else {
@@ -222,22 +217,29 @@ async fn measure_level(
         created??;
     }
     let deadline = start + args.timeout;
+    let total = parallelism as u64;
+    let mut progress = Progress::new(format!("{arm:?} P={parallelism}: pods Running"), total);
     loop {
-        let (running, available) = {
+        let (bound, running, available) = {
             let times = times.lock().expect("times lock");
-            (times.running.len(), times.available.len())
+            (
+                times.bound.len(),
+                times.running.len(),
+                times.available.len(),
+            )
         };
-        eprint!("\r  {arm:?} P={parallelism}: {running}/{parallelism} pods Running, {available}/{parallelism} Deployments available   ");
+        let message = format!("bound {bound}, Deployments available {available}");
+        progress.update(running as u64, &message);
         if running >= parallelism && available >= parallelism {
+            progress.finish(running as u64, &message);
             break;
         }
         if Instant::now() > deadline {
-            eprintln!();
+            progress.finish(running as u64, &message);
             bail!("{arm:?} P={parallelism}: only {running} pods Running and {available} Deployments available within {:?}", args.timeout);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eprintln!();
     let cpu_after = cpu_by_component(record);
     let times = times.lock().expect("times lock");
     let samples = |map: &HashMap<String, Instant>| {
@@ -302,7 +304,7 @@ async fn run_arm(args: &StartupArgs, arm: Arm) -> anyhow::Result<Vec<LevelResult
         topology: args.topology.clone(),
     };
     let dir = std::path::absolute(args.output.join(crate::arms::dir_name(arm, &env)))?;
-    let record = crate::arms::up(arm, &env, dir).await?;
+    let record = crate::cluster::up_arm(arm, &env, dir).await?;
     let outcome = levels(args, arm, &record).await;
     cluster::stop(&record).await?;
     outcome

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ste_bench::arms::{self, Arm, Environment, Topology};
-use ste_bench::cluster::RunningCluster;
+use ste_bench::arms::{Arm, Environment, Topology};
+use ste_bench::cluster::{self, RunningCluster};
 use ste_testkit::Api;
 
 /// Keys under `prefix` in the etcd at `endpoint`, read with etcdctl.
@@ -73,7 +73,7 @@ async fn override_arm_on_three_etcd_members_keeps_pods_in_its_ram_etcd() {
             replication_factor: 1,
         },
     };
-    let record = arms::up(Arm::Override, &env, PathBuf::from(dir.path()))
+    let record = cluster::up_arm(Arm::Override, &env, PathBuf::from(dir.path()))
         .await
         .unwrap();
     let running = RunningCluster::new(record);

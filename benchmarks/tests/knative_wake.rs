@@ -61,14 +61,12 @@ async fn the_autoscaler_wakes_revisions_from_activator_stats_and_takes_them_back
         .await
         .expect("Knative controller and autoscaler");
     knative::configure_autoscaler(record).await.unwrap();
-    let http = ste_bench::churn::client().unwrap();
+    let client = ste_bench::api::client_for(record).unwrap();
     let services: Vec<String> = (0..3).map(|i| format!("wake-{i}")).collect();
     for s in &services {
-        coldstart::create_service(&http, record, s, "100m")
-            .await
-            .unwrap();
+        coldstart::create_service(&client, s, "100m").await.unwrap();
     }
-    coldstart::wait_at_zero(&http, record, &services, Duration::from_secs(90))
+    coldstart::wait_at_zero(&client, &services, Duration::from_secs(90))
         .await
         .expect("revisions at zero");
     knative::wait_autoscaler_quiet(record, Duration::from_secs(2), Duration::from_secs(90))

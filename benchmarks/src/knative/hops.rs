@@ -13,9 +13,16 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::churn::{client_for, watch_objects, Authed};
+use anyhow::Context;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Endpoints, Pod};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::ApiResource;
+
+use super::objects::REVISION_LABEL;
+use crate::api::{client_for, collection_version, dynamic, resource_of};
 use crate::cluster::ClusterRecord;
-use crate::coldstart::REVISION_LABEL;
+use crate::measure::watch_objects;
 use crate::stats::Samples;
 
 /// A hop of a cold start, in the order a wake goes through them.
@@ -144,65 +151,40 @@ pub fn hops_of(kind: &str, object: &Value) -> Option<(String, Vec<Hop>)> {
     }
 }
 
-const COLLECTIONS: [(&str, &str); 4] = [
-    ("deployments", "/apis/apps/v1/namespaces/{ns}/deployments"),
-    ("pods", "/api/v1/namespaces/{ns}/pods"),
-    ("endpoints", "/api/v1/namespaces/{ns}/endpoints"),
-    (
-        "endpointslices",
-        "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices",
-    ),
-];
-
-#[derive(Debug, thiserror::Error)]
-pub enum HopsError {
-    #[error("listing {path}: {detail}")]
-    List { path: String, detail: String },
-}
-
-async fn resource_version(
-    http: &reqwest::Client,
-    record: &ClusterRecord,
-    path: &str,
-) -> Result<String, HopsError> {
-    let err = |detail: String| HopsError::List {
-        path: path.into(),
-        detail,
-    };
-    let list: Value = http
-        .get(format!("{}{path}?limit=1", record.api_url))
-        .auth(record)
-        .send()
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .error_for_status()
-        .map_err(|e| err(e.to_string()))?
-        .json()
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    list["metadata"]["resourceVersion"]
-        .as_str()
-        .map(String::from)
-        .ok_or_else(|| err("no resourceVersion".into()))
+/// The collections watched, by the kind name [`hops_of`] takes.
+fn collections() -> [(&'static str, ApiResource); 4] {
+    [
+        ("deployments", resource_of::<Deployment>()),
+        ("pods", resource_of::<Pod>()),
+        ("endpoints", resource_of::<Endpoints>()),
+        ("endpointslices", resource_of::<EndpointSlice>()),
+    ]
 }
 
 impl HopWatch {
     /// Starts the four watches from their collections' current resourceVersions.
     pub async fn start(record: &ClusterRecord) -> anyhow::Result<HopWatch> {
         let state: State = Arc::default();
-        let http = client_for(record)?;
+        let client = client_for(record)?;
         let mut tasks = Vec::new();
-        for (kind, path) in COLLECTIONS {
-            let path = path.replace("{ns}", &record.namespace);
-            let rv = resource_version(&http, record, &path).await?;
+        for (kind, resource) in collections() {
+            let api = dynamic(&client, &record.namespace, &resource);
+            let rv = collection_version(&api)
+                .await
+                .with_context(|| format!("listing {kind}"))?;
             let s = state.clone();
-            tasks.push(watch_objects(record, &path, &rv, move |object, now| {
-                if let Some((rev, hops)) = hops_of(kind, object) {
-                    for hop in hops {
-                        mark(&s, &rev, hop, now);
+            tasks.push(watch_objects(
+                record,
+                &resource,
+                &rv,
+                move |object, now| {
+                    if let Some((rev, hops)) = hops_of(kind, object) {
+                        for hop in hops {
+                            mark(&s, &rev, hop, now);
+                        }
                     }
-                }
-            })?);
+                },
+            )?);
         }
         Ok(HopWatch { state, tasks })
     }

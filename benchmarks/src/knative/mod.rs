@@ -4,18 +4,22 @@
 //! watches ([`hops`]).
 
 pub mod hops;
+pub mod objects;
 pub mod stats;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use serde_json::json;
 
-use crate::churn::{client_for, Authed};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+
+use crate::api::{client_for, dynamic, resource};
 use crate::cluster::ClusterRecord;
-use crate::coldstart::revision_of;
 use hops::{Hop, HopWatch, WakeRound};
+use objects::revision_of;
 use stats::{Activator, RevisionKey, AUTOSCALER_STATS_ADDR};
 
 /// How `ste-bench coldstart` wakes revisions.
@@ -53,23 +57,14 @@ pub async fn configure_autoscaler(record: &ClusterRecord) -> anyhow::Result<()> 
         .iter()
         .map(|(k, v)| (k.to_string(), json!(v)))
         .collect();
-    let response = client_for(record)?
-        .patch(format!(
-            "{}/api/v1/namespaces/knative-serving/configmaps/config-autoscaler",
-            record.api_url
-        ))
-        .auth(record)
-        .header("Content-Type", "application/merge-patch+json")
-        .body(json!({ "data": data }).to_string())
-        .send()
-        .await?;
-    if !response.status().is_success() {
-        bail!(
-            "patching config-autoscaler: HTTP {}: {}",
-            response.status(),
-            response.text().await.unwrap_or_default()
-        );
-    }
+    Api::<ConfigMap>::namespaced(client_for(record)?, "knative-serving")
+        .patch(
+            "config-autoscaler",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "data": data })),
+        )
+        .await
+        .context("patching config-autoscaler")?;
     Ok(())
 }
 
@@ -95,20 +90,24 @@ pub async fn wait_autoscaler_quiet(
     quiet: Duration,
     within: Duration,
 ) -> anyhow::Result<()> {
-    let http = client_for(record)?;
-    let url = format!(
-        "{}/apis/autoscaling.internal.knative.dev/v1alpha1/namespaces/{}/podautoscalers",
-        record.api_url, record.namespace
+    let autoscalers = dynamic(
+        &client_for(record)?,
+        &record.namespace,
+        &resource(
+            "autoscaling.internal.knative.dev",
+            "v1alpha1",
+            "PodAutoscaler",
+            "podautoscalers",
+        ),
     );
     let deadline = Instant::now() + within;
     let (mut last, mut since) = (Vec::new(), Instant::now());
     loop {
-        let list: serde_json::Value = http.get(&url).auth(record).send().await?.json().await?;
-        let mut versions: Vec<String> = list["items"]
-            .as_array()
+        let list = autoscalers.list(&ListParams::default()).await?;
+        let mut versions: Vec<String> = list
+            .items
             .into_iter()
-            .flatten()
-            .filter_map(|pa| pa["metadata"]["resourceVersion"].as_str().map(String::from))
+            .filter_map(|pa| pa.metadata.resource_version)
             .collect();
         versions.sort();
         if versions != last {
@@ -267,7 +266,7 @@ pub async fn back_to_zero(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let left = deadline.saturating_duration_since(Instant::now());
-    crate::coldstart::wait_at_zero(&client_for(record)?, record, services, left).await
+    objects::wait_at_zero(&client_for(record)?, services, left).await
 }
 
 /// A plain-text table of rounds: per hop p50 / p95 (ms from the wake).

@@ -1,0 +1,354 @@
+//! The pod-churn load and its measurement, on one arm: the two-tier storage
+//! thesis' open-loop Deployment client (the churn suite's and the members
+//! scenario's pod half).
+//!
+//! Open loop (no coordinated omission): the i-th Deployment (replicas 1,
+//! nginx, `app: <its name>`) is sent at start + i·T whether or not earlier
+//! ones were answered. A watch on pods records when each Deployment's pod is
+//! first bound to a node and first Running; latency is from sending the
+//! Deployment to those moments. `steady` first creates an initial set, then
+//! alternates creating a new Deployment and deleting the oldest every T.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::api::{
+    clear_namespace, client_for, create, current_resource_version, delete_deployment,
+};
+use crate::arms::{parse_qps, qps_name};
+use crate::cluster::{self, Arm, ClusterRecord};
+use crate::measure::{cpu_by_component, watch_pods};
+use crate::progress::Progress;
+use crate::stats::Samples;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+pub enum Mode {
+    /// A Deployment every T.
+    Burst,
+    /// An initial set, then create one and delete the oldest every T.
+    Steady,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ChurnArgs {
+    /// Arms to run, one after the other on this machine, each on a fresh cluster.
+    #[arg(
+        long,
+        env = "STE_CHURN_ARMS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "stock,ste"
+    )]
+    pub arms: Vec<Arm>,
+    #[arg(long, env = "STE_CHURN_MODE", value_enum, default_value = "burst")]
+    pub mode: Mode,
+    /// Time between two Deployments (the offered rate is 1/T).
+    #[arg(long, env = "STE_CHURN_INTERARRIVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub interarrival: Duration,
+    /// How long Deployments are sent.
+    #[arg(long, env = "STE_CHURN_DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Deployments created before the measured phase in steady mode.
+    #[arg(long, env = "STE_CHURN_INITIAL", default_value_t = 50)]
+    pub initial: usize,
+    /// Fake nodes (110 pods each).
+    #[arg(long, env = "STE_CHURN_NODES", default_value_t = 50)]
+    pub nodes: usize,
+    /// RAM shards of the ste arm.
+    #[arg(long, env = "STE_CHURN_SHARDS", default_value_t = 2)]
+    pub shards: usize,
+    /// Client rate limits of the controller-manager and scheduler to run under,
+    /// comma separated: `default` (Kubernetes' own, which cap churn at a few
+    /// Deployments/s) and/or a QPS to raise them to. Each is a separate run.
+    #[arg(long, env = "STE_CHURN_CLIENT_QPS", value_delimiter = ',', default_value = "200", value_parser = parse_qps)]
+    pub client_qps: Vec<Option<u32>>,
+    /// Instead of one rate, offered rates (Deployments/s) to try in turn on each
+    /// arm until one is not sustained (fewer than 95% of its pods bound within
+    /// the window); reports the highest sustained rate. Overrides --interarrival.
+    #[arg(long, env = "STE_CHURN_SWEEP", value_delimiter = ',')]
+    pub sweep: Vec<f64>,
+    /// Delay added to every fsync/fdatasync of the durable etcd (e.g. 8ms), as
+    /// cloud block storage has; this VM's disk makes fsync nearly free.
+    #[arg(long, env = "STE_CHURN_FSYNC_DELAY", value_parser = humantime::parse_duration)]
+    pub fsync_delay: Option<Duration>,
+    /// Where clusters, logs and results go.
+    #[arg(long, env = "STE_CHURN_OUTPUT", default_value = "target/bench/churn")]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub topology: crate::arms::Topology,
+    #[command(flatten)]
+    pub external: crate::external::ExternalArgs,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct ArmResult {
+    pub arm: Arm,
+    pub mode: Mode,
+    /// None: Kubernetes' default client limits (on every arm alike).
+    pub client_qps: Option<u32>,
+    /// Members of the durable etcd.
+    pub etcd_members: usize,
+    /// At least 95% of the Deployments sent had their pod bound within the window.
+    pub sustained: bool,
+    pub offered_per_s: f64,
+    pub sent: usize,
+    pub bound: usize,
+    pub achieved_per_s: f64,
+    pub bound_p50_ms: f64,
+    pub bound_p99_ms: f64,
+    pub bound_p999_ms: f64,
+    pub running_p50_ms: f64,
+    pub running_p99_ms: f64,
+    /// CPU seconds per component during the measured phase.
+    pub cpu_seconds: Vec<(String, f64)>,
+    /// Raw data: per bound Deployment, (seconds from start to bound, create→bound ms).
+    pub bound_samples: Vec<(f64, f64)>,
+}
+
+/// When each Deployment's first pod was bound and Running, by Deployment name.
+#[derive(Default)]
+struct PodTimes {
+    bound: HashMap<String, Instant>,
+    running: HashMap<String, Instant>,
+}
+
+/// Records when each Deployment's (`app` label) first pod was bound and Running.
+fn track_deployments(times: Arc<Mutex<PodTimes>>) -> impl FnMut(&Value, Instant) + Send + 'static {
+    move |pod, now| {
+        let Some(app) = pod["metadata"]["labels"]["app"].as_str() else {
+            return;
+        };
+        let mut times = times.lock().expect("times lock");
+        if pod["spec"]["nodeName"].is_string() {
+            times.bound.entry(app.to_string()).or_insert(now);
+        }
+        if pod["status"]["phase"] == "Running" {
+            times.running.entry(app.to_string()).or_insert(now);
+        }
+    }
+}
+
+/// The cluster settings of one run of `args` at `client_qps`.
+pub fn environment(args: &ChurnArgs, client_qps: Option<u32>) -> crate::arms::Environment {
+    crate::arms::Environment {
+        shards: args.shards,
+        nodes: args.nodes,
+        client_qps,
+        fsync_delay: args.fsync_delay,
+        topology: args.topology.clone(),
+    }
+}
+
+/// One arm of `args` at `client_qps` on a fresh cluster: every step (rate).
+pub async fn run_arm(
+    args: &ChurnArgs,
+    arm: Arm,
+    client_qps: Option<u32>,
+) -> anyhow::Result<Vec<ArmResult>> {
+    let env = environment(args, client_qps);
+    let dir = std::path::absolute(args.output.join(crate::arms::dir_name(arm, &env)))?;
+    let record = crate::cluster::up_arm(arm, &env, dir).await?;
+    let results = run_steps(args, arm, client_qps, &record).await;
+    cluster::stop(&record).await?;
+    results
+}
+
+/// Every step (rate) of the run on one cluster, from an empty namespace each.
+pub async fn run_steps(
+    args: &ChurnArgs,
+    arm: Arm,
+    client_qps: Option<u32>,
+    record: &ClusterRecord,
+) -> anyhow::Result<Vec<ArmResult>> {
+    let rates: Vec<f64> = if args.sweep.is_empty() {
+        vec![1.0 / args.interarrival.as_secs_f64()]
+    } else {
+        args.sweep.clone()
+    };
+    let mut results = Vec::new();
+    for (step, rate) in rates.iter().enumerate() {
+        if step > 0 {
+            // Each step starts from an empty namespace: leftovers would fill the nodes.
+            clear_namespace(record).await?;
+        }
+        let interarrival = Duration::from_secs_f64(1.0 / rate);
+        let result = measure(
+            args,
+            arm,
+            client_qps,
+            interarrival,
+            &format!("s{step}"),
+            record,
+        )
+        .await?;
+        let sustained = result.sustained;
+        results.push(result);
+        if !sustained {
+            break;
+        }
+    }
+    Ok(results)
+}
+
+async fn measure(
+    args: &ChurnArgs,
+    arm: Arm,
+    client_qps: Option<u32>,
+    interarrival: Duration,
+    prefix: &str,
+    record: &ClusterRecord,
+) -> anyhow::Result<ArmResult> {
+    let http = client_for(record)?;
+    let resource_version = current_resource_version(record).await?;
+    let times = Arc::new(Mutex::new(PodTimes::default()));
+    let watcher = watch_pods(record, &resource_version, track_deployments(times.clone()))?;
+
+    let mut live: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    if args.mode == Mode::Steady {
+        eprintln!("  creating {} initial Deployments…", args.initial);
+        for i in 0..args.initial {
+            let name = format!("{prefix}-init-{i}");
+            create(&http, record, &name).await?;
+            live.push_back(name);
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while live
+            .iter()
+            .filter(|n| times.lock().expect("times").running.contains_key(*n))
+            .count()
+            < args.initial
+        {
+            if Instant::now() > deadline {
+                bail!("initial Deployments not Running within 120s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let cpu_before = cpu_by_component(record);
+    let total = (args.duration.as_secs_f64() / interarrival.as_secs_f64()).floor() as usize;
+    eprintln!(
+        "  {arm:?}: {:.1} Deployments/s for {:?}",
+        1.0 / interarrival.as_secs_f64(),
+        args.duration
+    );
+    let mut progress = Progress::new(
+        format!(
+            "{arm:?} ({}), {prefix}, {:.1}/s: sent",
+            qps_name(client_qps),
+            1.0 / interarrival.as_secs_f64()
+        ),
+        total as u64,
+    );
+    let start = Instant::now();
+    let mut sent_at = HashMap::new();
+    let mut requests = Vec::with_capacity(total);
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    for i in 0..total {
+        let due = start + interarrival.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let name = format!("{prefix}-churn-{i}");
+        // Latency counts from when the Deployment was due (open loop).
+        sent_at.insert(name.clone(), due);
+        let (http, record, errors) = (http.clone(), record.clone(), errors.clone());
+        let victim = if args.mode == Mode::Steady {
+            live.pop_front()
+        } else {
+            None
+        };
+        live.push_back(name.clone());
+        requests.push(tokio::spawn(async move {
+            if let Err(err) = create(&http, &record, &name).await {
+                errors.lock().expect("errors").push(err.to_string());
+            }
+            if let Some(victim) = victim {
+                if let Err(err) = delete_deployment(&http, &record, &victim).await {
+                    errors.lock().expect("errors").push(err.to_string());
+                }
+            }
+        }));
+        let bound = times.lock().expect("times").bound.len();
+        progress.update(i as u64 + 1, &format!("bound {bound}"));
+    }
+    for request in requests {
+        request.await?;
+    }
+    // Let the backlog drain (bounded), then stop measuring.
+    let drain_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let bound = sent_at
+            .keys()
+            .filter(|n| times.lock().expect("times").bound.contains_key(*n))
+            .count();
+        progress.update(total as u64, &format!("bound {bound} (draining)"));
+        if bound == total || Instant::now() > drain_deadline {
+            progress.finish(total as u64, &format!("bound {bound}"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cpu_after = cpu_by_component(record);
+    watcher.abort();
+    let errors = errors.lock().expect("errors").clone();
+    if !errors.is_empty() {
+        eprintln!("  {} request errors, first: {}", errors.len(), errors[0]);
+    }
+
+    let times = times.lock().expect("times");
+    let window_end = start + args.duration;
+    let mut bound = Samples::default();
+    let mut running = Samples::default();
+    let mut bound_in_window = 0;
+    let mut bound_samples = Vec::new();
+    for (name, due) in &sent_at {
+        if let Some(at) = times.bound.get(name) {
+            let latency = at.saturating_duration_since(*due);
+            bound.push(latency);
+            bound_samples.push((
+                at.saturating_duration_since(start).as_secs_f64(),
+                latency.as_secs_f64() * 1e3,
+            ));
+            // Sustained: bound within the window, or within one interarrival after it.
+            bound_in_window += (*at <= window_end + interarrival) as usize;
+        }
+        if let Some(at) = times.running.get(name) {
+            running.push(at.saturating_duration_since(*due));
+        }
+    }
+    let cpu_seconds = cpu_after
+        .iter()
+        .map(|(name, after)| {
+            let before = cpu_before
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, b)| *b)
+                .unwrap_or(0.0);
+            (name.clone(), after - before)
+        })
+        .collect();
+    bound_samples.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(ArmResult {
+        arm,
+        mode: args.mode,
+        client_qps: crate::arms::client_qps(arm, client_qps),
+        etcd_members: record.durable_etcd.len(),
+        sustained: bound_in_window as f64 >= 0.95 * total as f64,
+        bound_samples,
+        offered_per_s: 1.0 / interarrival.as_secs_f64(),
+        sent: total,
+        bound: bound.len(),
+        achieved_per_s: bound_in_window as f64 / args.duration.as_secs_f64(),
+        bound_p50_ms: bound.percentile(50.0) / 1e3,
+        bound_p99_ms: bound.percentile(99.0) / 1e3,
+        bound_p999_ms: bound.percentile(99.9) / 1e3,
+        running_p50_ms: running.percentile(50.0) / 1e3,
+        running_p99_ms: running.percentile(99.0) / 1e3,
+        cpu_seconds,
+    })
+}
