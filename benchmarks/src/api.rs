@@ -16,7 +16,7 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind,
 use kube::api::{PostParams, Resource};
 use serde_json::{json, Value};
 
-use crate::cluster::ClusterRecord;
+use crate::record::ClusterRecord;
 
 /// A kube-rs configuration for `record`'s API server: the kubeconfig's (kept
 /// in the record by [`crate::external::connect`]) or, for a local cluster,

@@ -13,9 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde::{Deserialize, Serialize};
 use ste_testkit::{
-    free_port, kube_apiserver_args, service_account_keys, upstream_binary, Api, KubeApiserverFlags,
+    free_port, kube_apiserver_args, service_account_keys, upstream_binary, KubeApiserverFlags,
 };
 
 const KWOK_STAGES: &str = include_str!("../../hack/kwok/stages.yaml");
@@ -26,6 +25,8 @@ pub const APISERVER_VERBOSITY_ENV: &str = "STE_KUBE_APISERVER_VERBOSITY";
 
 pub use crate::arms::Arm;
 use crate::arms::Environment;
+use crate::record::default_namespace;
+pub use crate::record::{ClusterRecord, ProcessRecord};
 use k8s_openapi::api::core::v1::Node;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -106,67 +107,6 @@ pub struct DownArgs {
     /// The directory given to `cluster up`.
     #[arg(long, env = "STE_CLUSTER_DIR", default_value = "target/cluster")]
     pub dir: PathBuf,
-}
-
-/// What `up` started, as recorded in D/cluster.json.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct ClusterRecord {
-    pub arm: Arm,
-    pub api_url: String,
-    pub token: String,
-    pub kubeconfig: PathBuf,
-    pub router: Option<String>,
-    pub router_admin: Option<String>,
-    pub processes: Vec<ProcessRecord>,
-    /// Shard data on a RAM disk, removed by `down`.
-    pub ram_dir: Option<PathBuf>,
-    /// The override arm's RAM etcd (pods and events), to read directly.
-    #[serde(default)]
-    pub ram_etcd: Option<String>,
-    /// Client URLs of the durable etcd's members.
-    #[serde(default)]
-    pub durable_etcd: Vec<String>,
-    /// Namespace the scenarios run in: `default` on local clusters, the
-    /// run's own one on a cluster given by `--kubeconfig`.
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    /// The kube-rs configuration of a cluster given by kubeconfig; None:
-    /// loopback with `token`, serving certificate not verified (see
-    /// [`crate::api::config_for`]).
-    #[serde(skip)]
-    pub kube_config: Option<std::sync::Arc<kube::Config>>,
-}
-
-fn default_namespace() -> String {
-    "default".into()
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct ProcessRecord {
-    pub name: String,
-    pub pid: u32,
-    pub binary: String,
-    pub args: Vec<String>,
-    /// Variables added to the inherited environment.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub env: Vec<(String, String)>,
-    pub log: PathBuf,
-}
-
-impl ClusterRecord {
-    pub fn api(&self) -> Api {
-        Api {
-            url: self.api_url.clone(),
-            token: self.token.clone(),
-        }
-    }
-
-    pub fn pid_of(&self, name: &str) -> Option<u32> {
-        self.processes
-            .iter()
-            .find(|p| p.name == name)
-            .map(|p| p.pid)
-    }
 }
 
 struct Launcher {

@@ -15,6 +15,7 @@ pub mod members;
 pub mod plots;
 pub mod progress;
 pub mod real_node;
+pub mod record;
 pub mod ring;
 pub mod router_bench;
 pub mod startup;
