@@ -321,9 +321,14 @@ pub fn failure(name: &str, runs: &[(String, Value)]) -> Result<SuitePlots, Input
             for (c, n) in [r.pods_lost, r.pods_recreated, missing].iter().enumerate() {
                 pods.values.push(at(&arm, c, *n as f64, None));
             }
-            let mut w = at(&arm, 0, r.whole_after_s.unwrap_or(0.0), None);
+            // Listed by kube-apiserver but gone from the store: its cache
+            // hides the loss, nothing recreates the pods, so never whole.
+            let whole_after = r.whole_after_s.filter(|_| missing == 0);
+            let mut w = at(&arm, 0, whole_after.unwrap_or(0.0), None);
             if r.whole_after_s.is_none() {
                 w.note = Some("not whole".into());
+            } else if whole_after.is_none() {
+                w.note = Some(format!("never: {missing} listed, not stored"));
             }
             whole.values.push(w);
             let counts = [
