@@ -565,10 +565,16 @@ fn members_figures_show_writes_per_member_count_and_pods_per_arm() {
     );
     let writes = &by["members-writes.svg"].description;
     assert_eq!((writes.panels, writes.y_axis), (2, Axis::Log));
-    // Three loads, each at 1, 3 and 5 members, in both panels.
-    assert_eq!(keys_in(writes, 0).len(), 3);
+    // One series per member count (the stock arm's colour on that many
+    // members), each at three loads, in both panels.
+    assert_eq!(
+        keys_in(writes, 0),
+        ["etcd 1 member", "etcd 3 members", "etcd 5 members"]
+    );
     assert!(writes.series.iter().all(|s| s.points == 3));
-    for label in ["1 member", "3 members", "5 members"] {
+    let colours: HashSet<&str> = writes.series.iter().map(|s| s.colour.as_str()).collect();
+    assert_eq!(colours.len(), 3);
+    for label in ["etcd 1 member", "etcd 3 members", "etcd 5 members"] {
         assert!(has_text(&by["members-writes.svg"].svg, label), "{label}");
     }
     let cdf = &by["members-latency-cdf.svg"].description;

@@ -8,8 +8,12 @@ use plotters::style::RGBColor;
 /// Preferred colours by arm name (lowercase; the first entry whose name
 /// starts the arm's name wins, so "stock qps 200" matches "stock qps"; `-`
 /// and `_` read as spaces).
-const BY_ARM: [(&str, RGBColor); 19] = [
+const BY_ARM: [(&str, RGBColor); 22] = [
     ("offered", RGBColor(0x00, 0x00, 0x00)),
+    // The durable etcd alone (`ste-bench members`), as the stock arm on it.
+    ("etcd 1", RGBColor(0xD6, 0x27, 0x28)),
+    ("etcd 3", RGBColor(0xE3, 0x77, 0xC2)),
+    ("etcd 5", RGBColor(0x8C, 0x56, 0x4B)),
     ("stock qps", RGBColor(0xFF, 0x7F, 0x0E)),
     ("stock 3", RGBColor(0xE3, 0x77, 0xC2)),
     ("stock 5", RGBColor(0x8C, 0x56, 0x4B)),

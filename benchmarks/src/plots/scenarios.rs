@@ -197,9 +197,15 @@ fn members_label(n: usize) -> String {
 
 fn write_load(row: &WriteRow) -> String {
     match row.offered_per_s {
-        Some(rate) => format!("Puts at {}/s", super::ticks::trim(rate)),
-        None => "Puts saturated".into(),
+        Some(rate) => format!("{}/s", super::ticks::trim(rate)),
+        None => "saturated".into(),
     }
+}
+
+/// The series of the Put figure: the durable etcd at one member count, in
+/// the colour of the stock arm on that many members.
+fn etcd_label(n: usize) -> String {
+    format!("etcd {}", members_label(n))
 }
 
 /// `ste-bench members`: durable etcd's Put latency and throughput per
@@ -208,38 +214,51 @@ pub fn members(name: &str, runs: &[(String, Value)]) -> Result<SuitePlots, Input
     let mut plots = suite(name);
     plots.latency = "create → pod bound".into();
     plots.load_axis = "members of the durable etcd".into();
-    let mut counts: Vec<usize> = Vec::new();
     let mut files = Vec::new();
     for (what, value) in runs {
         let file: MembersFile = object(what, value, "ste-bench members's results.json")?;
         if file.writes.is_empty() && file.pods.is_empty() {
             return Err(InputError::Empty(what.clone()));
         }
-        counts.extend(file.writes.iter().map(|w| w.members));
         files.push(file);
     }
-    counts.sort_unstable();
-    counts.dedup();
-    let labels: Vec<String> = counts.iter().map(|n| members_label(*n)).collect();
-    let labels: Vec<&str> = labels.iter().map(|s| s.as_str()).collect();
+    let mut loads: Vec<(Option<f64>, String)> = Vec::new();
+    for w in files.iter().flat_map(|f| &f.writes) {
+        if !loads.iter().any(|(rate, _)| *rate == w.offered_per_s) {
+            loads.push((w.offered_per_s, write_load(w)));
+        }
+    }
+    // Offered rates up, saturation last.
+    loads.sort_by(|a, b| match (a.0, b.0) {
+        (Some(x), Some(y)) => x.total_cmp(&y),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => std::cmp::Ordering::Equal,
+    });
+    let labels: Vec<&str> = loads.iter().map(|(_, l)| l.as_str()).collect();
     let mut latency = panel(
-        "Put latency, p50 and p99 (from when each Put was due)",
+        "Put latency p50, p99 (from when due), per load",
         Kind::Percentiles,
         &labels,
         "Put latency",
     );
     let mut rate = panel(
-        "Puts acknowledged per second",
+        "Puts acknowledged per second, per load",
         Kind::Bars,
         &labels,
         "Puts/s",
     );
     for (repeat, file) in files.iter().enumerate() {
         for w in &file.writes {
-            let c = counts.iter().position(|n| *n == w.members).unwrap_or(0);
-            let load = write_load(w);
-            latency.values.push(at(&load, c, w.p50_ms, Some(w.p99_ms)));
-            rate.values.push(at(&load, c, w.achieved_per_s, None));
+            let c = loads
+                .iter()
+                .position(|(r, _)| *r == w.offered_per_s)
+                .unwrap_or(0);
+            let series = etcd_label(w.members);
+            latency
+                .values
+                .push(at(&series, c, w.p50_ms, Some(w.p99_ms)));
+            rate.values.push(at(&series, c, w.achieved_per_s, None));
         }
         for p in &file.pods {
             let n = p.etcd_members.unwrap_or(1);
