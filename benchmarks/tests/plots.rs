@@ -615,8 +615,8 @@ fn ring_figure_shows_latency_per_phase_and_move_times_per_key_count() {
     let f = by["ring-moves.svg"];
     let d = &f.description;
     assert_eq!((d.panels, d.y_axis), (3, Axis::Log));
-    assert_eq!(keys_in(d, 0), ["baseline", "join", "drain"]);
-    assert_eq!(keys_in(d, 1), ["join", "drain"]);
+    assert_eq!(keys_in(d, 0), ["ste baseline", "ste join", "ste drain"]);
+    assert_eq!(keys_in(d, 1), ["ste join", "ste drain"]);
     assert!(d.series.iter().all(|s| s.points == 2));
     assert!(has_text(&f.svg, "10k keys") && has_text(&f.svg, "30k keys"));
     // Log axis ticks are round: 2, 5, 10 ms … (p50 2.3 ms to p99 60 ms).

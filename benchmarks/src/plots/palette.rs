@@ -8,7 +8,7 @@ use plotters::style::RGBColor;
 /// Preferred colours by arm name (lowercase; the first entry whose name
 /// starts the arm's name wins, so "stock qps 200" matches "stock qps"; `-`
 /// and `_` read as spaces).
-const BY_ARM: [(&str, RGBColor); 22] = [
+const BY_ARM: [(&str, RGBColor); 25] = [
     ("offered", RGBColor(0x00, 0x00, 0x00)),
     // The durable etcd alone (`ste-bench members`), as the stock arm on it.
     ("etcd 1", RGBColor(0xD6, 0x27, 0x28)),
@@ -24,6 +24,10 @@ const BY_ARM: [(&str, RGBColor); 22] = [
     ("ste+bridge aggressive", RGBColor(0x0B, 0x2E, 0x6B)),
     ("ste+bridge", RGBColor(0x17, 0xBE, 0xCF)),
     ("ste rf 2", RGBColor(0x9E, 0xCA, 0xE1)),
+    // `ste-bench ring`'s phases, all on STE.
+    ("ste baseline", RGBColor(0x9E, 0xCA, 0xE1)),
+    ("ste join", RGBColor(0x31, 0x82, 0xBD)),
+    ("ste drain", RGBColor(0x08, 0x30, 0x6B)),
     ("ste 3", RGBColor(0x6B, 0xAE, 0xD6)),
     ("ste 5", RGBColor(0x31, 0x82, 0xBD)),
     ("ste", RGBColor(0x1F, 0x77, 0xB4)),

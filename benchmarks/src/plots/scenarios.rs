@@ -419,12 +419,14 @@ pub fn ring(name: &str, runs: &[(String, Value)]) -> Result<SuitePlots, InputErr
     for run in &all {
         let c = counts.iter().position(|k| *k == run.keys).unwrap_or(0);
         for p in &run.phases {
+            // Every phase is STE's: shades of its blue, not other arms' colours.
+            let series = format!("ste {}", p.phase);
             latency
                 .values
-                .push(at(&p.phase, c, p.p50_ms, Some(p.p99_ms)));
+                .push(at(&series, c, p.p50_ms, Some(p.p99_ms)));
             if p.phase != "baseline" {
-                seconds.values.push(at(&p.phase, c, p.duration_s, None));
-                speed.values.push(at(&p.phase, c, p.keys_per_s, None));
+                seconds.values.push(at(&series, c, p.duration_s, None));
+                speed.values.push(at(&series, c, p.keys_per_s, None));
             }
         }
     }
