@@ -147,7 +147,7 @@ struct Args {
     #[arg(long, env = "STE_ROUTER_HISTORY_MAX_EVENTS", default_value_t = 200_000)]
     history_max_events: usize,
 
-    /// Memory bound of the value cache, in bytes (keys, values and about 200
+    /// Memory bound of the value cache, in bytes (keys, values and 256
     /// bytes of bookkeeping per value): single-key reads, a Txn's read of one
     /// key and value compares are answered from it when it holds the key's
     /// current version. 0 turns it off (every read goes to a shard).
