@@ -265,6 +265,11 @@ impl Elector {
         Ok(Role::Leader { epoch })
     }
 
+    /// When leadership was last acquired or renewed.
+    pub fn last_renewed(&self) -> Option<Instant> {
+        self.last_renewed
+    }
+
     /// True while a leader may keep acting: its last renewal is recent.
     pub fn within_renew_deadline(&self) -> bool {
         self.last_renewed
@@ -282,5 +287,66 @@ impl Elector {
                 warn!(error = %err, "could not release leadership; it expires by itself");
             }
         }
+    }
+}
+
+/// How long this router may still act as the leader: its last renewal plus
+/// the renew deadline (shorter than the lease, so no other router can lead
+/// yet). Readable from any thread; the store serves reads from its value
+/// cache only within it (a deposed leader's index may be behind the shards).
+#[derive(Debug)]
+pub struct Tenure {
+    start: Instant,
+    renew_deadline: Duration,
+    /// Microseconds after `start` until which leadership holds (0: ended).
+    until_micros: std::sync::atomic::AtomicU64,
+}
+
+impl Tenure {
+    /// Leadership acquired (or last renewed) at `at`.
+    pub fn new(at: Instant, renew_deadline: Duration) -> Self {
+        Tenure {
+            start: at,
+            renew_deadline,
+            until_micros: std::sync::atomic::AtomicU64::new(renew_deadline.as_micros() as u64),
+        }
+    }
+
+    /// A renewal at `at` extends leadership to `at` + the renew deadline.
+    pub fn renewed_at(&self, at: Instant) {
+        let until = at.saturating_duration_since(self.start) + self.renew_deadline;
+        self.until_micros.fetch_max(
+            until.as_micros() as u64,
+            std::sync::atomic::Ordering::AcqRel,
+        );
+    }
+
+    /// Leadership is over (lost, or given up).
+    pub fn end(&self) {
+        self.until_micros
+            .store(0, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_valid(&self) -> bool {
+        (self.start.elapsed().as_micros() as u64)
+            < self.until_micros.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tenure_tests {
+    use super::*;
+
+    #[test]
+    fn tenure_lasts_the_renew_deadline_after_the_last_renewal() {
+        let at = Instant::now();
+        let tenure = Tenure::new(at, Duration::from_secs(60));
+        assert!(tenure.is_valid());
+        tenure.renewed_at(at + Duration::from_secs(1));
+        assert!(tenure.is_valid());
+        tenure.end();
+        assert!(!tenure.is_valid());
+        let expired = Tenure::new(at, Duration::ZERO);
+        assert!(!expired.is_valid());
     }
 }

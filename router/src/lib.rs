@@ -206,10 +206,17 @@ async fn elect_and_serve(
         let Some(epoch) = epoch else { return Ok(()) };
 
         let deposed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tenure = Arc::new(leader::Tenure::new(
+            elector
+                .last_renewed()
+                .unwrap_or_else(std::time::Instant::now),
+            leader.renew_deadline,
+        ));
         let mut leading = config.clone();
         leading.store.fencing = Some(shard::Fencing {
             epoch,
             deposed: deposed.clone(),
+            tenure: tenure.clone(),
         });
         // This term's token: cancelled when it steps down or the process stops.
         let term = shutdown.child_token();
@@ -222,7 +229,11 @@ async fn elect_and_serve(
                     return "a shard's fence shows a newer leader";
                 }
                 match elector.try_acquire_or_renew().await {
-                    Ok(leader::Role::Leader { epoch: renewed }) if renewed == epoch => {}
+                    Ok(leader::Role::Leader { epoch: renewed }) if renewed == epoch => {
+                        if let Some(at) = elector.last_renewed() {
+                            tenure.renewed_at(at);
+                        }
+                    }
                     Ok(_) => return "another router holds the election key",
                     Err(err) if !elector.within_renew_deadline() => {
                         warn!(error = %err, "cannot renew leadership");
@@ -237,6 +248,7 @@ async fn elect_and_serve(
             reason = keep_leading => Some(reason),
             _ = shutdown.cancelled() => None,
         };
+        tenure.end();
         term.cancel();
         serving.await?;
         match stepped_down {

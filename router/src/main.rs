@@ -147,6 +147,13 @@ struct Args {
     #[arg(long, env = "STE_ROUTER_HISTORY_MAX_EVENTS", default_value_t = 200_000)]
     history_max_events: usize,
 
+    /// Memory bound of the value cache, in bytes (keys, values and 256
+    /// bytes of bookkeeping per value): single-key reads, a Txn's read of one
+    /// key and value compares are answered from it when it holds the key's
+    /// current version. 0 turns it off (every read goes to a shard).
+    #[arg(long, env = "STE_ROUTER_VALUE_CACHE_BYTES", default_value_t = ste_router::store::DEFAULT_VALUE_CACHE_BYTES)]
+    value_cache_bytes: usize,
+
     /// Threads serving requests (default: one per CPU). On small or virtualised
     /// machines one thread can answer faster: it avoids waking other threads.
     #[arg(long, env = "STE_ROUTER_WORKER_THREADS")]
@@ -310,6 +317,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             shard_timeout: args.shard_timeout,
             vnodes: args.vnodes,
             history_max_events: args.history_max_events,
+            value_cache_bytes: args.value_cache_bytes,
             load_timeout: args.load_timeout,
             ..StoreConfig::default()
         },

@@ -45,6 +45,10 @@ pub struct Metrics {
     ring_changes: Family<ChangeLabels, Counter>,
     reconciliations: Family<ShardLabels, Counter>,
     shard_checks: Family<ShardLabels, Counter>,
+    value_cache_hits: Counter,
+    value_cache_misses: Counter,
+    value_cache_bytes: Gauge,
+    value_cache_entries: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -165,7 +169,35 @@ impl Default for Metrics {
             "Periodic health checks the shard answered (each also looks for a lost or replaced etcd)",
             shard_checks.clone(),
         );
+        let value_cache_hits = Counter::default();
+        registry.register(
+            "value_cache_hits",
+            "Values read from the router's value cache instead of a shard (single-key reads, a Txn's read of one key, value compares)",
+            value_cache_hits.clone(),
+        );
+        let value_cache_misses = Counter::default();
+        registry.register(
+            "value_cache_misses",
+            "Cache lookups that found no value for the key's current version (read from the shard)",
+            value_cache_misses.clone(),
+        );
+        let value_cache_bytes = Gauge::default();
+        registry.register(
+            "value_cache_bytes",
+            "Bytes held by the value cache (keys, values and per-entry overhead)",
+            value_cache_bytes.clone(),
+        );
+        let value_cache_entries = Gauge::default();
+        registry.register(
+            "value_cache_entries",
+            "Values held by the value cache",
+            value_cache_entries.clone(),
+        );
         Metrics {
+            value_cache_hits,
+            value_cache_misses,
+            value_cache_bytes,
+            value_cache_entries,
             reconciliations,
             shard_checks,
             shard_bytes,
@@ -246,6 +278,24 @@ impl Metrics {
         let _ = self.reconciliations.get_or_create(&ShardLabels {
             shard: shard.to_string(),
         });
+    }
+
+    pub fn value_cache_lookup(&self, hit: bool) {
+        if hit {
+            self.value_cache_hits.inc();
+        } else {
+            self.value_cache_misses.inc();
+        }
+    }
+
+    pub fn value_cache_size(&self, bytes: usize, entries: usize) {
+        self.value_cache_bytes.set(bytes as i64);
+        self.value_cache_entries.set(entries as i64);
+    }
+
+    /// (hits, misses) so far.
+    pub fn value_cache_counts(&self) -> (u64, u64) {
+        (self.value_cache_hits.get(), self.value_cache_misses.get())
     }
 
     pub fn keys_lost(&self, n: usize) {

@@ -64,6 +64,7 @@ impl Store {
             let mut index = self.index.write().expect("index lock");
             for (key, entry) in entries.into_iter().filter(|(k, _)| !restored.contains(k)) {
                 index.remove(&key);
+                self.values.forget(&key, &self.metrics);
                 self.leases.reattach(&key, entry.meta.lease, 0);
                 let prev = self.last_known_value(&key, &entry);
                 events.push(Arc::new(StoredEvent::delete(key, g, prev)));

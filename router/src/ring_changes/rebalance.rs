@@ -160,6 +160,7 @@ impl Store {
                 if matches!(err, StoreError::Internal(_)) {
                     // The shard no longer holds what the index says: reconcile before moving.
                     from_state.needs_reconcile = true;
+                    from.note_reconcile(&from_state);
                 }
                 return Err(err);
             }
@@ -191,6 +192,7 @@ impl Store {
                 if outcome.is_ok() {
                     to_state.needs_reconcile = true;
                 }
+                to.note_reconcile(&to_state);
                 return Err(match outcome {
                     Err(err) => err,
                     Ok(_) => StoreError::Internal(format!(
@@ -241,6 +243,7 @@ impl Store {
                 // seeing a key twice.
                 warn!(shard = %from.id, error = %err, "deleting moved keys failed; reconciling the shard");
                 from_state.needs_reconcile = true;
+                from.note_reconcile(&from_state);
                 from.set_loaded(false);
             }
         }

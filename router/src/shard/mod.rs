@@ -40,6 +40,15 @@ pub struct Fencing {
     pub epoch: i64,
     /// Set when a shard's fence shows a newer epoch: the router steps down.
     pub deposed: Arc<AtomicBool>,
+    /// Until when this router is the leader (renewals extend it).
+    pub tenure: Arc<crate::leader::Tenure>,
+}
+
+impl Fencing {
+    /// Not deposed and within the renew deadline of the last renewal.
+    pub fn leads(&self) -> bool {
+        !self.deposed.load(Ordering::Acquire) && self.tenure.is_valid()
+    }
 }
 
 fn epoch_bytes(epoch: i64) -> Bytes {
@@ -144,6 +153,9 @@ pub struct Shard {
     /// Bumped when a reconciliation accepts the shard's new, lower history:
     /// a verdict taken against the old high-water mark is then void.
     history_resets: AtomicU64,
+    /// `WriteState::needs_reconcile`, readable without the write lock: while
+    /// set, reads do not use the value cache (see `Shard::note_reconcile`).
+    unreconciled: AtomicBool,
 }
 
 /// The shard's high-water mark, read before a request is sent (see `Shard::went_back`).
@@ -172,6 +184,7 @@ impl Shard {
             fenced: AtomicBool::new(false),
             client,
             write: tokio::sync::Mutex::new(WriteState::default()),
+            unreconciled: AtomicBool::new(false),
             queue: queue::WriteQueue::default(),
             cuts: Mutex::new(Cuts::unloaded()),
             loaded: AtomicBool::new(false),
@@ -219,6 +232,24 @@ impl Shard {
 
     pub fn set_draining(&self, draining: bool) {
         self.draining.store(draining, Ordering::Release);
+    }
+
+    /// Mirrors `state.needs_reconcile` (called wherever it changes), so that
+    /// reads, which do not take the write lock, know the index may not match
+    /// the shard (a write with an unknown outcome, an outage) until it is
+    /// reconciled.
+    pub fn note_reconcile(&self, state: &WriteState) {
+        self.unreconciled
+            .store(state.needs_reconcile, Ordering::Release);
+    }
+
+    /// Loaded, healthy, a member, and nothing to reconcile: the index is
+    /// exactly what it holds, so the value cache may answer for its keys.
+    pub fn is_settled(&self) -> bool {
+        self.is_loaded()
+            && self.is_healthy()
+            && !self.unreconciled.load(Ordering::Acquire)
+            && self.removed_at.load(Ordering::Acquire) == 0
     }
 
     pub fn require_loaded(&self) -> StoreResult<()> {

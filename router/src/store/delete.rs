@@ -146,6 +146,7 @@ impl Store {
             if let Some(err) = error {
                 if let Some((_, state)) = guards.iter_mut().find(|(s, _)| s.id == shard.id) {
                     state.needs_reconcile = true;
+                    shard.note_reconcile(state);
                 }
                 first_error.get_or_insert(err);
             }
@@ -155,6 +156,7 @@ impl Store {
             for kv in deleted {
                 let kv = owned_kv(translate_kv(&shard.id, kv)?);
                 if let Some(removed) = self.index.write().expect("index lock").remove(&kv.key) {
+                    self.values.forget(&kv.key, &self.metrics);
                     self.leases.reattach(&kv.key, removed.meta.lease, 0);
                     if let Some(replica) = removed.replica {
                         copies_to_delete.push((replica, kv.key.clone(), removed.meta.mod_revision));

@@ -10,7 +10,9 @@ impl Store {
         for shard in self.shard_list() {
             if shard.check().await.is_err() {
                 // Whatever happened while it was away must be checked on return.
-                shard.write.lock().await.needs_reconcile |= shard.is_loaded();
+                let mut state = shard.write.lock().await;
+                state.needs_reconcile |= shard.is_loaded();
+                shard.note_reconcile(&state);
                 continue;
             }
             self.metrics.shard_checked(shard.id.as_str());

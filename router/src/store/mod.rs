@@ -13,6 +13,7 @@
 
 //!
 //! One file per phase: `open` (loading the shards), `read` (Range),
+//! `cached` (reads answered from the value cache),
 //! `write/` (the group-commit queue, planning, committing), `delete`
 //! (multi-shard deletes), `reconcile` (the index against a shard),
 //! `health` (the periodic checks), `compact`, `leases`, `status`.
@@ -33,9 +34,11 @@ use crate::leases::Leases;
 use crate::metrics::Metrics;
 use crate::placement::index::IndexEntry;
 use crate::placement::ring::{Ring, ShardId};
+use crate::placement::values::ValueCache;
 use crate::revision::Sequencer;
 use crate::shard::{Connector, Shard};
 
+mod cached;
 mod compact;
 mod delete;
 mod health;
@@ -67,7 +70,12 @@ pub struct StoreConfig {
     pub replication_factor: u8,
     /// The leader epoch every shard Txn is fenced with (leader election on).
     pub fencing: Option<crate::shard::Fencing>,
+    /// Memory bound of the value cache (keys, values, overhead); 0 turns it off.
+    pub value_cache_bytes: usize,
 }
+
+/// The value cache's default bound: 256 MiB.
+pub const DEFAULT_VALUE_CACHE_BYTES: usize = 256 << 20;
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -81,6 +89,7 @@ impl Default for StoreConfig {
             shard_tls: None,
             replication_factor: 1,
             fencing: None,
+            value_cache_bytes: DEFAULT_VALUE_CACHE_BYTES,
         }
     }
 }
@@ -90,6 +99,8 @@ pub struct Store {
     pub(crate) shards: RwLock<BTreeMap<ShardId, Arc<Shard>>>,
     pub(crate) ring: RwLock<Ring>,
     pub(crate) index: RwLock<BTreeMap<Bytes, IndexEntry>>,
+    /// Values of some keys' versions, kept with the index (`store::cached`).
+    pub(crate) values: ValueCache,
     pub(crate) sequencer: Sequencer,
     pub(crate) history: Arc<History>,
     pub(crate) leases: Leases,

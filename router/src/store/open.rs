@@ -17,6 +17,7 @@ use crate::leases::Leases;
 use crate::metrics::Metrics;
 use crate::placement::index::IndexEntry;
 use crate::placement::ring::{Ring, ShardId};
+use crate::placement::values::ValueCache;
 use crate::retry::Backoff;
 use crate::revision::{starting_revision, Sequencer};
 use crate::shard::scan::{delete_silently, scan_shard, Scan};
@@ -97,10 +98,11 @@ impl Store {
         let store = Arc::new(Store {
             sequencer: Sequencer::new(start, history.clone()),
             history,
-            config,
             shards: RwLock::new(shards),
             ring: RwLock::new(ring),
             index: RwLock::new(BTreeMap::new()),
+            values: ValueCache::new(config.value_cache_bytes),
+            config,
             leases: Leases::default(),
             metrics,
             closing: CancellationToken::new(),
@@ -167,7 +169,9 @@ impl Store {
                 }
                 Err(err) => {
                     warn!(shard = %id, error = %err, "cannot delete copies left by a move yet; reconciling later");
-                    shard.write.lock().await.needs_reconcile = true;
+                    let mut state = shard.write.lock().await;
+                    state.needs_reconcile = true;
+                    shard.note_reconcile(&state);
                     shard.set_loaded(false);
                 }
             }

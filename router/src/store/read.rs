@@ -22,7 +22,7 @@ use crate::store::Store;
 
 impl Store {
     /// Resolves a requested read revision (0 = current) against the window.
-    fn read_revision(&self, requested: i64) -> StoreResult<i64> {
+    pub(crate) fn read_revision(&self, requested: i64) -> StoreResult<i64> {
         let current = self.sequencer.published();
         if requested <= 0 {
             return Ok(current);
@@ -44,6 +44,9 @@ impl Store {
             return Err(StoreError::EmptyKey);
         }
         check_range_options(&req)?;
+        if let Some(answer) = self.cached_range(&req) {
+            return Ok(answer);
+        }
         let (revision, reads) = self.plan_read(&req).await?;
         // Keys are spread evenly, so a page of `limit` needs about limit/n keys
         // from each shard: ask for a little more than that and fetch the rest
@@ -137,6 +140,11 @@ impl Store {
         }
         if req.limit > 0 && !req.count_only && count > kvs.len() as i64 {
             more = true;
+        }
+        if req.range_end.is_empty() && !req.keys_only {
+            if let Some(kv) = kvs.first() {
+                self.remember_read(kv);
+            }
         }
         if req.keys_only {
             for kv in &mut kvs {

@@ -45,6 +45,7 @@ impl Store {
         // Cleared only once the index matches the shard: a reconciliation
         // that fails half-way is retried before the shard's next write.
         state.needs_reconcile = true;
+        shard.note_reconcile(state);
         // The shard's writes and moves wait on `state` (held by the caller),
         // so its cuts do not change during the scan and its index entries
         // change only through a shard loading late adopting a duplicate
@@ -64,6 +65,7 @@ impl Store {
         let mut diff = self.differences(shard, &known, scan);
         if diff.is_empty() && !lost_history {
             state.needs_reconcile = false;
+            shard.note_reconcile(state);
             shard.set_loaded(true);
             shard.set_healthy(true);
             return Ok(());
@@ -114,6 +116,7 @@ impl Store {
         assigned.publish(events);
         state.last_revision = g;
         state.needs_reconcile = false;
+        shard.note_reconcile(state);
         shard.set_loaded(true);
         shard.set_healthy(true);
         Ok(())
@@ -325,6 +328,7 @@ impl Store {
                 continue;
             }
             index.remove(key);
+            self.values.forget(key, &self.metrics);
             self.leases.reattach(key, entry.meta.lease, 0);
             let prev = self.last_known_value(key, entry);
             events.push(Arc::new(StoredEvent::delete(key.clone(), g, prev)));

@@ -17,6 +17,8 @@ use ste_etcd_proto::pb::{
 };
 
 use super::{Store, StoreConfig};
+
+mod cache;
 use crate::error::StoreError;
 use crate::metrics::Metrics;
 use crate::placement::ring::ShardId;

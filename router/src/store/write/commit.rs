@@ -82,6 +82,7 @@ impl Store {
                     Ok(answer) if answer.succeeded => Ok(answer),
                     Ok(_) => {
                         state.needs_reconcile = true;
+                        shard.note_reconcile(state);
                         // Nothing was written (the fences refused it) and the
                         // shard is reconciled before its next write: retryable.
                         Err(StoreError::unavailable(
@@ -93,6 +94,7 @@ impl Store {
                         if !write_certainly_not_applied(&err) {
                             warn!(shard = %shard.id, error = %err, "shard write failed with an unknown outcome; reconciling the shard before its next write");
                             state.needs_reconcile = true;
+                            shard.note_reconcile(state);
                         }
                         Err(err)
                     }
@@ -162,6 +164,7 @@ impl Store {
             if !shard.push_batch_cut(first, last, shard_revision) {
                 warn!(shard = %shard.id, shard_revision, "the shard's revision went back: its etcd lost its data; reconciling it");
                 state.needs_reconcile = true;
+                shard.note_reconcile(state);
             }
             state.last_revision = last;
         }
@@ -250,12 +253,20 @@ impl Store {
                     &key,
                     IndexEntry::written(&shard.id, shard_revision, meta),
                 );
+                // Visible to reads only at or above its mod revision, which
+                // is not published yet (see `store::cached`).
+                self.values
+                    .insert(&key, meta.mod_revision, kv.value.clone(), &self.metrics);
                 self.leases.reattach(&key, old_lease, meta.lease);
                 events.push(Arc::new(StoredEvent::put(kv, prev.clone())));
                 Response::ResponsePut(PutResponse {
                     header: Some(self.header(g)),
                     prev_kv: if want_prev { prev } else { None },
                 })
+            }
+            (PlannedOp::Answered(mut answer), _) => {
+                answer.header = Some(self.header(g));
+                Response::ResponseRange(answer)
             }
             (PlannedOp::Delete { sent: false, .. }, _) => {
                 Response::ResponseDeleteRange(DeleteRangeResponse::default())
@@ -279,6 +290,7 @@ impl Store {
                     if let Some(removed) = removed {
                         self.leases.reattach(&key, removed.meta.lease, 0);
                     }
+                    self.values.forget(&key, &self.metrics);
                     events.push(Arc::new(StoredEvent::delete(
                         own_key(&key),
                         g,

@@ -38,8 +38,19 @@ impl Store {
         let writes = prepared.iter().any(|op| match op {
             PreparedOp::Put { .. } => true,
             PreparedOp::Delete { entry, .. } => entry.is_some(),
-            PreparedOp::Range(_) => false,
+            PreparedOp::Range(_) | PreparedOp::Answered(_) => false,
         });
+        if !writes {
+            // A read-only branch (a failed compare's Get): nothing in this
+            // batch writes its keys, so the index and the cache answer.
+            for op in &mut prepared {
+                if let PreparedOp::Range(range) = op {
+                    if let Some(answer) = self.cached_txn_read(shard, range) {
+                        *op = PreparedOp::Answered(answer);
+                    }
+                }
+            }
+        }
         Ok(TxnPlan {
             succeeded,
             ops: prepared,
@@ -132,8 +143,12 @@ impl Store {
         Ok(true)
     }
 
-    /// The current client value of a key (the caller holds the shard's write lock).
+    /// The current client value of a key (the caller holds the shard's write
+    /// lock), from the value cache when it has it.
     async fn read_latest_value(&self, shard: &Shard, key: &Bytes) -> StoreResult<Option<Bytes>> {
+        if let Some(cached) = self.cached_latest(shard, key) {
+            return Ok(cached.map(|(_, _, value)| value));
+        }
         let answer = shard
             .range(RangeRequest {
                 key: key.clone(),
@@ -141,7 +156,11 @@ impl Store {
             })
             .await?;
         match answer.kvs.into_iter().next() {
-            Some(kv) => Ok(Some(translate_kv(&shard.id, kv)?.value)),
+            Some(kv) => {
+                let kv = translate_kv(&shard.id, kv)?;
+                self.remember_read(&kv);
+                Ok(Some(kv.value))
+            }
             None => Ok(None),
         }
     }
@@ -272,7 +291,7 @@ impl Batch {
                 PreparedOp::Put { key, .. } | PreparedOp::Delete { key, .. } => {
                     self.written.insert(key.clone());
                 }
-                PreparedOp::Range(_) => {}
+                PreparedOp::Range(_) | PreparedOp::Answered(_) => {}
             }
         }
         self.ops += plan.ops.len();
@@ -310,6 +329,8 @@ pub(crate) enum PreparedOp {
         entry: Option<IndexEntry>,
     },
     Range(RangeRequest),
+    /// A read answered from the index and the value cache (not sent to the shard).
+    Answered(RangeResponse),
 }
 
 impl PreparedOp {
@@ -391,6 +412,7 @@ impl PreparedOp {
                 };
                 (plan, Some(op), Some(fence))
             }
+            PreparedOp::Answered(answer) => (PlannedOp::Answered(answer), None, None),
             PreparedOp::Range(range) => {
                 let plan = PlannedOp::Range {
                     keys_only: range.keys_only,
@@ -429,10 +451,14 @@ pub(crate) enum PlannedOp {
         keys_only: bool,
         count_only: bool,
     },
+    Answered(RangeResponse),
 }
 
 impl PlannedOp {
     pub(crate) fn sent_to_shard(&self) -> bool {
-        !matches!(self, PlannedOp::Delete { sent: false, .. })
+        !matches!(
+            self,
+            PlannedOp::Delete { sent: false, .. } | PlannedOp::Answered(_)
+        )
     }
 }
