@@ -24,6 +24,12 @@ struct Args {
     #[arg(long, env = "STE_ROUTER_LISTEN", default_value = "127.0.0.1:2479")]
     listen: SocketAddr,
 
+    /// Also serve the etcd API on this Unix socket, for a kube-apiserver on
+    /// the same host (`--etcd-servers=unix:///path` or an override); the file
+    /// exists while this router serves (leader) and is removed when it stops.
+    #[arg(long, env = "STE_ROUTER_LISTEN_UNIX")]
+    listen_unix: Option<PathBuf>,
+
     /// Address of the admin HTTP server (/livez, /readyz, /metrics).
     #[arg(
         long,
@@ -32,7 +38,9 @@ struct Args {
     )]
     admin_listen: SocketAddr,
 
-    /// Shards, comma separated: `name=http://host:port` or a bare URL (then the URL is its name).
+    /// Shards, comma separated: `name=URL` or a bare URL (then the URL is its name). URL:
+    /// `http://host:port`, `https://host:port`, or `unix:///path/to.sock` for an etcd on this
+    /// host (etcd: `--listen-client-urls unix:///path/to.sock`).
     /// Placement hashes the name, so keep names stable when addresses change.
     #[arg(
         long,
@@ -315,6 +323,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         },
         shards,
         progress_interval: args.progress_interval,
+        listen_unix: args.listen_unix.clone(),
         ..RouterConfig::default()
     };
     let listener = TcpListener::bind(args.listen)

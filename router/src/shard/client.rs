@@ -9,13 +9,12 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use ste_etcd_proto::pb::{
-    kv_client::KvClient, maintenance_client::MaintenanceClient, CompactionRequest,
-    CompactionResponse, RangeRequest, RangeResponse, StatusRequest, StatusResponse, TxnRequest,
-    TxnResponse,
+    CompactionRequest, CompactionResponse, RangeRequest, RangeResponse, StatusRequest,
+    StatusResponse, TxnRequest, TxnResponse,
 };
-use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
+use super::transport::{Connection, Target};
 use super::ShardSpec;
 use crate::error::{StoreError, StoreResult};
 
@@ -35,7 +34,8 @@ pub trait ShardClient: Send + Sync + 'static {
 pub type Connector =
     Arc<dyn Fn(&ShardSpec) -> StoreResult<Arc<dyn ShardClient>> + Send + Sync + 'static>;
 
-/// The connector of real shards: gRPC, with `timeout` per request and mTLS
+/// The connector of real shards: gRPC on the router's own HTTP/2
+/// connections (see `transport`), with `timeout` per request and mTLS
 /// towards `https://` endpoints.
 pub fn etcd_connector(timeout: Duration, tls: Option<crate::tls::ClientTls>) -> Connector {
     Arc::new(move |spec: &ShardSpec| {
@@ -45,10 +45,13 @@ pub fn etcd_connector(timeout: Duration, tls: Option<crate::tls::ClientTls>) -> 
     })
 }
 
-/// A shard's etcd over gRPC (one lazily connected channel).
+/// A shard's etcd over gRPC: two lazily made HTTP/2 connections, one for
+/// the Txns (only the shard's committer and the write-lock holders send
+/// them, so a batch never queues behind a large read's frames) and one for
+/// everything else.
 pub struct EtcdShard {
-    kv: KvClient<Channel>,
-    maintenance: MaintenanceClient<Channel>,
+    writes: Connection,
+    reads: Connection,
 }
 
 impl EtcdShard {
@@ -57,61 +60,32 @@ impl EtcdShard {
         timeout: Duration,
         tls: Option<&crate::tls::ClientTls>,
     ) -> StoreResult<Self> {
-        let endpoint = Endpoint::from_shared(spec.endpoint.clone())
-            .map_err(|e| StoreError::unavailable(spec.id.as_str(), e))?
-            .connect_timeout(timeout.min(Duration::from_secs(2)))
-            .timeout(timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(timeout);
-        let channel = match (spec.endpoint.starts_with("https://"), tls) {
-            (false, _) => endpoint.connect_lazy(),
-            (true, Some(tls)) => {
-                let tls = tls.clone();
-                endpoint.connect_with_connector_lazy(tower::service_fn(move |uri| {
-                    let tls = tls.clone();
-                    async move { tls.connect(&uri).await }
-                }))
-            }
-            (true, None) => {
-                return Err(StoreError::Internal(format!(
-                "shard {} is at an https:// URL but no shard CA is configured (--shard-ca-file)",
-                spec.id
-            )))
-            }
-        };
+        let target = Target::parse(&spec.endpoint, tls).map_err(StoreError::Internal)?;
         Ok(EtcdShard {
-            kv: KvClient::new(channel.clone())
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
-            maintenance: MaintenanceClient::new(channel),
+            writes: Connection::new(target.clone(), timeout),
+            reads: Connection::new(target, timeout),
         })
     }
 }
 
 impl ShardClient for EtcdShard {
     fn range(&self, req: RangeRequest) -> ShardAnswer<'_, RangeResponse> {
-        let mut kv = self.kv.clone();
-        Box::pin(async move { kv.range(req).await.map(tonic::Response::into_inner) })
+        Box::pin(async move { self.reads.call("/etcdserverpb.KV/Range", &req).await })
     }
 
     fn txn(&self, req: TxnRequest) -> ShardAnswer<'_, TxnResponse> {
-        let mut kv = self.kv.clone();
-        Box::pin(async move { kv.txn(req).await.map(tonic::Response::into_inner) })
+        Box::pin(async move { self.writes.call("/etcdserverpb.KV/Txn", &req).await })
     }
 
     fn compact(&self, req: CompactionRequest) -> ShardAnswer<'_, CompactionResponse> {
-        let mut kv = self.kv.clone();
-        Box::pin(async move { kv.compact(req).await.map(tonic::Response::into_inner) })
+        Box::pin(async move { self.reads.call("/etcdserverpb.KV/Compact", &req).await })
     }
 
     fn status(&self) -> ShardAnswer<'_, StatusResponse> {
-        let mut maintenance = self.maintenance.clone();
         Box::pin(async move {
-            maintenance
-                .status(StatusRequest {})
+            self.reads
+                .call("/etcdserverpb.Maintenance/Status", &StatusRequest {})
                 .await
-                .map(tonic::Response::into_inner)
         })
     }
 }
