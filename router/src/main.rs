@@ -30,6 +30,17 @@ struct Args {
     #[arg(long, env = "STE_ROUTER_LISTEN_UNIX")]
     listen_unix: Option<PathBuf>,
 
+    /// How to speak gRPC to shards: `h2` (the router's own HTTP/2 connections, one for
+    /// writes and one for reads per shard) or `tonic` (tonic's Channel, the transport before;
+    /// kept to compare the two in `ste-bench router`).
+    #[arg(
+        long,
+        env = "STE_ROUTER_SHARD_TRANSPORT",
+        value_enum,
+        default_value = "h2"
+    )]
+    shard_transport: ste_router::shard::ShardTransport,
+
     /// Address of the admin HTTP server (/livez, /readyz, /metrics).
     #[arg(
         long,
@@ -319,6 +330,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             vnodes: args.vnodes,
             history_max_events: args.history_max_events,
             load_timeout: args.load_timeout,
+            shard_transport: args.shard_transport,
             ..StoreConfig::default()
         },
         shards,

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use ste_etcd_proto::pb::{
-    CompactionRequest, CompactionResponse, RangeRequest, RangeResponse, StatusRequest,
-    StatusResponse, TxnRequest, TxnResponse,
+    kv_client::KvClient, maintenance_client::MaintenanceClient, CompactionRequest,
+    CompactionResponse, RangeRequest, RangeResponse, StatusRequest, StatusResponse, TxnRequest,
+    TxnResponse,
 };
+use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
 use super::transport::{Connection, Target};
@@ -24,7 +26,8 @@ pub type ShardAnswer<'a, T> = BoxFuture<'a, Result<T, Status>>;
 /// The four etcd calls the store makes on a shard.
 pub trait ShardClient: Send + Sync + 'static {
     fn range(&self, req: RangeRequest) -> ShardAnswer<'_, RangeResponse>;
-    fn txn(&self, req: TxnRequest) -> ShardAnswer<'_, TxnResponse>;
+    /// By reference: the shard sends it (and may send it again) without a copy.
+    fn txn<'a>(&'a self, req: &'a TxnRequest) -> ShardAnswer<'a, TxnResponse>;
     fn compact(&self, req: CompactionRequest) -> ShardAnswer<'_, CompactionResponse>;
     fn status(&self) -> ShardAnswer<'_, StatusResponse>;
 }
@@ -34,13 +37,30 @@ pub trait ShardClient: Send + Sync + 'static {
 pub type Connector =
     Arc<dyn Fn(&ShardSpec) -> StoreResult<Arc<dyn ShardClient>> + Send + Sync + 'static>;
 
-/// The connector of real shards: gRPC on the router's own HTTP/2
-/// connections (see `transport`), with `timeout` per request and mTLS
-/// towards `https://` endpoints.
-pub fn etcd_connector(timeout: Duration, tls: Option<crate::tls::ClientTls>) -> Connector {
+/// How the router speaks gRPC to its shards.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShardTransport {
+    /// Its own HTTP/2 connections (`transport`): the default.
+    #[default]
+    H2,
+    /// tonic's `Channel`, as before (kept to measure the difference side by
+    /// side: `ste-bench router`); TCP and TLS only.
+    Tonic,
+}
+
+/// The connector of real shards: gRPC with `timeout` per request and mTLS
+/// towards `https://` endpoints, on the router's own HTTP/2 connections
+/// (see `transport`) or tonic's `Channel`.
+pub fn etcd_connector(
+    timeout: Duration,
+    tls: Option<crate::tls::ClientTls>,
+    transport: ShardTransport,
+) -> Connector {
     Arc::new(move |spec: &ShardSpec| {
-        let client: Arc<dyn ShardClient> =
-            Arc::new(EtcdShard::connect(spec, timeout, tls.as_ref())?);
+        let client: Arc<dyn ShardClient> = match transport {
+            ShardTransport::H2 => Arc::new(EtcdShard::connect(spec, timeout, tls.as_ref())?),
+            ShardTransport::Tonic => Arc::new(TonicShard::connect(spec, timeout, tls.as_ref())?),
+        };
         Ok(client)
     })
 }
@@ -73,8 +93,8 @@ impl ShardClient for EtcdShard {
         Box::pin(async move { self.reads.call("/etcdserverpb.KV/Range", &req).await })
     }
 
-    fn txn(&self, req: TxnRequest) -> ShardAnswer<'_, TxnResponse> {
-        Box::pin(async move { self.writes.call("/etcdserverpb.KV/Txn", &req).await })
+    fn txn<'a>(&'a self, req: &'a TxnRequest) -> ShardAnswer<'a, TxnResponse> {
+        Box::pin(self.writes.call("/etcdserverpb.KV/Txn", req))
     }
 
     fn compact(&self, req: CompactionRequest) -> ShardAnswer<'_, CompactionResponse> {
@@ -86,6 +106,79 @@ impl ShardClient for EtcdShard {
             self.reads
                 .call("/etcdserverpb.Maintenance/Status", &StatusRequest {})
                 .await
+        })
+    }
+}
+
+/// A shard's etcd through tonic's `Channel` (buffer worker task, reconnect
+/// layer, hyper's dispatch and per-request body task): the transport before
+/// `EtcdShard`, kept for side-by-side measurements.
+pub struct TonicShard {
+    kv: KvClient<Channel>,
+    maintenance: MaintenanceClient<Channel>,
+}
+
+impl TonicShard {
+    pub fn connect(
+        spec: &ShardSpec,
+        timeout: Duration,
+        tls: Option<&crate::tls::ClientTls>,
+    ) -> StoreResult<Self> {
+        let endpoint = Endpoint::from_shared(spec.endpoint.clone())
+            .map_err(|e| StoreError::unavailable(spec.id.as_str(), e))?
+            .connect_timeout(timeout.min(Duration::from_secs(2)))
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(timeout);
+        let channel = match (spec.endpoint.starts_with("https://"), tls) {
+            (false, _) => endpoint.connect_lazy(),
+            (true, Some(tls)) => {
+                let tls = tls.clone();
+                endpoint.connect_with_connector_lazy(tower::service_fn(move |uri| {
+                    let tls = tls.clone();
+                    async move { tls.connect(&uri).await }
+                }))
+            }
+            (true, None) => {
+                return Err(StoreError::Internal(format!(
+                "shard {} is at an https:// URL but no shard CA is configured (--shard-ca-file)",
+                spec.id
+            )))
+            }
+        };
+        Ok(TonicShard {
+            kv: KvClient::new(channel.clone())
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+            maintenance: MaintenanceClient::new(channel),
+        })
+    }
+}
+
+impl ShardClient for TonicShard {
+    fn range(&self, req: RangeRequest) -> ShardAnswer<'_, RangeResponse> {
+        let mut kv = self.kv.clone();
+        Box::pin(async move { kv.range(req).await.map(tonic::Response::into_inner) })
+    }
+
+    fn txn<'a>(&'a self, req: &'a TxnRequest) -> ShardAnswer<'a, TxnResponse> {
+        let mut kv = self.kv.clone();
+        Box::pin(async move { kv.txn(req.clone()).await.map(tonic::Response::into_inner) })
+    }
+
+    fn compact(&self, req: CompactionRequest) -> ShardAnswer<'_, CompactionResponse> {
+        let mut kv = self.kv.clone();
+        Box::pin(async move { kv.compact(req).await.map(tonic::Response::into_inner) })
+    }
+
+    fn status(&self) -> ShardAnswer<'_, StatusResponse> {
+        let mut maintenance = self.maintenance.clone();
+        Box::pin(async move {
+            maintenance
+                .status(StatusRequest {})
+                .await
+                .map(tonic::Response::into_inner)
         })
     }
 }

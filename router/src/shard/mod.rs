@@ -11,7 +11,9 @@ pub mod queue;
 pub mod scan;
 pub mod transport;
 
-pub use client::{etcd_connector, Connector, EtcdShard, ShardAnswer, ShardClient};
+pub use client::{
+    etcd_connector, Connector, EtcdShard, ShardAnswer, ShardClient, ShardTransport, TonicShard,
+};
 pub use cuts::{CutLookup, Cuts};
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -296,7 +298,7 @@ impl Shard {
 
     async fn txn_fenced(&self, mut req: TxnRequest) -> StoreResult<TxnResponse> {
         let Some(fencing) = self.fencing.clone() else {
-            let result = self.client.txn(req).await;
+            let result = self.client.txn(&req).await;
             return self.answer(result);
         };
         req.compare.push(Compare {
@@ -310,7 +312,7 @@ impl Shard {
             if !self.fenced.load(Ordering::Acquire) {
                 self.raise_fence(&fencing).await?;
             }
-            let result = self.client.txn(req.clone()).await;
+            let result = self.client.txn(&req).await;
             let answer = self.answer(result)?;
             if answer.succeeded {
                 return Ok(answer);
@@ -410,7 +412,7 @@ impl Shard {
             if current < fencing.epoch {
                 let answer = self
                     .client
-                    .txn(TxnRequest {
+                    .txn(&TxnRequest {
                         compare: vec![Compare {
                             key: Bytes::from_static(FENCE_KEY),
                             target: CompareTarget::Mod as i32,

@@ -67,6 +67,8 @@ pub struct StoreConfig {
     pub replication_factor: u8,
     /// The leader epoch every shard Txn is fenced with (leader election on).
     pub fencing: Option<crate::shard::Fencing>,
+    /// How shards are spoken to (the router's own HTTP/2 connections, or tonic's `Channel`).
+    pub shard_transport: crate::shard::ShardTransport,
 }
 
 impl Default for StoreConfig {
@@ -81,6 +83,7 @@ impl Default for StoreConfig {
             shard_tls: None,
             replication_factor: 1,
             fencing: None,
+            shard_transport: crate::shard::ShardTransport::H2,
         }
     }
 }
