@@ -32,6 +32,19 @@ pub struct Args {
         default_value = "1,2,4"
     )]
     shard_counts: Vec<usize>,
+    /// Router arms per shard count: `tonic` (TCP to shards through tonic's
+    /// Channel, the transport before), `tcp` (the router's own HTTP/2
+    /// connections), `unix-shards` (those over the shards' Unix sockets),
+    /// `unix` (also the client on the router's Unix socket; adds a plain
+    /// etcd arm with the client on etcd's Unix socket).
+    #[arg(
+        long,
+        env = "STE_BENCH_TRANSPORTS",
+        value_delimiter = ',',
+        value_enum,
+        default_value = "tonic,tcp,unix-shards,unix"
+    )]
+    transports: Vec<Transport>,
     /// Keys loaded before the List measurement (kube-apiserver pages by 500).
     #[arg(long, env = "STE_BENCH_KEYS", default_value_t = 10_000)]
     keys: usize,
@@ -65,10 +78,69 @@ pub struct Args {
     output: PathBuf,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Tonic,
+    Tcp,
+    UnixShards,
+    Unix,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Tonic => "tonic",
+            Transport::Tcp => "tcp",
+            Transport::UnixShards => "unix-shards",
+            Transport::Unix => "unix",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Transport::Tonic => "shards over TCP through tonic's Channel",
+            Transport::Tcp => "shards over TCP on the router's own HTTP/2 connections",
+            Transport::UnixShards => "shards over Unix sockets",
+            Transport::Unix => "shards and client over Unix sockets",
+        }
+    }
+}
+
+/// What one arm measures: plain etcd (0 shards) or the router, and how it is reached.
+struct Arm {
+    shards: usize,
+    transport: &'static str,
+    /// The router's /metrics URL (where the time of a write is split).
+    admin: Option<String>,
+}
+
+impl Arm {
+    fn etcd(transport: &'static str) -> Arm {
+        Arm {
+            shards: 0,
+            transport,
+            admin: None,
+        }
+    }
+
+    fn name(&self) -> String {
+        match self.shards {
+            0 => format!("plain etcd ({})", self.transport),
+            n => format!("router, {n} shard(s), {}", self.transport),
+        }
+    }
+}
+
 #[derive(Serialize, Clone)]
 struct ArmResult {
     arm: String,
     shards: usize,
+    transport: String,
+    /// Sequential creates and updates, mean µs: inside the router (its Txn
+    /// handler, from the request decoded to the answer ready) and the
+    /// shard's Txn (the committer's call, sent to answered).
+    router_txn_mean_us: Option<f64>,
+    shard_txn_mean_us: Option<f64>,
     get_p50_us: f64,
     get_p99_us: f64,
     create_p50_us: f64,
@@ -103,6 +175,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.shard_counts.contains(&0) {
         bail!("--shard-counts must be positive");
     }
+    if args.transports.is_empty() {
+        bail!("--transports names no arm");
+    }
     let router_bin = match &args.router_bin {
         Some(path) => path.clone(),
         None => std::env::current_exe()?.with_file_name("ste-router"),
@@ -110,60 +185,36 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if !router_bin.is_file() {
         bail!("ste-router binary not found at {} (build it with `cargo build --release -p ste-router` or pass --router-bin)", router_bin.display());
     }
+    let unix_client = args.transports.contains(&Transport::Unix);
+    let arms = args.shard_counts.len() * args.transports.len() + 1 + usize::from(unix_client);
+    let mut step = 0;
     let mut results = Vec::new();
 
-    eprintln!(
-        "[1/{}] plain etcd (RAM disk, --unsafe-no-fsync)",
-        args.shard_counts.len() + 1
-    );
+    step += 1;
+    eprintln!("[{step}/{arms}] plain etcd (RAM disk, --unsafe-no-fsync)");
     {
         let etcd = start_etcd("plain", &args).await?;
         let pids = vec![etcd.pid().context("etcd pid")?];
-        results.push(measure("etcd", 0, &etcd.endpoint(), None, &pids, &args).await?);
+        let arm = Arm::etcd("tcp");
+        results.push(measure(&arm, &etcd.endpoint(), None, &pids, &args).await?);
     }
-    for (i, &count) in args.shard_counts.iter().enumerate() {
-        eprintln!(
-            "[{}/{}] ste-router over {count} shard(s)",
-            i + 2,
-            args.shard_counts.len() + 1
-        );
-        let mut shards = Vec::new();
-        for s in 0..count {
-            shards.push(start_etcd(&format!("shard-{s}"), &args).await?);
+    if unix_client {
+        step += 1;
+        eprintln!("[{step}/{arms}] plain etcd, client on its Unix socket");
+        let etcd = start_etcd("plain-unix", &args).await?;
+        let pids = vec![etcd.pid().context("etcd pid")?];
+        let arm = Arm::etcd("unix");
+        results.push(measure(&arm, &etcd.unix_endpoint(), None, &pids, &args).await?);
+    }
+    for &count in &args.shard_counts {
+        for &transport in &args.transports {
+            step += 1;
+            eprintln!(
+                "[{step}/{arms}] ste-router over {count} shard(s), {}",
+                transport.describe()
+            );
+            results.push(router_arm(&router_bin, count, transport, &args).await?);
         }
-        let listen = format!("127.0.0.1:{}", free_port());
-        let spec: Vec<String> = shards
-            .iter()
-            .map(|s| format!("{}={}", s.name, s.endpoint()))
-            .collect();
-        let child = Command::new(&router_bin)
-            .args([
-                "--listen",
-                &listen,
-                "--admin-listen",
-                &format!("127.0.0.1:{}", free_port()),
-            ])
-            .args(["--shards", &spec.join(",")])
-            .args(args.router_threads.map(|n| format!("--worker-threads={n}")))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", router_bin.display()))?;
-        let router = RouterProcess(child);
-        let endpoint = format!("http://{listen}");
-        wait_ready(&endpoint).await?;
-        let pids: Vec<u32> = shards.iter().filter_map(|s| s.pid()).collect();
-        results.push(
-            measure(
-                "ste-router",
-                count,
-                &endpoint,
-                Some(router.0.id()),
-                &pids,
-                &args,
-            )
-            .await?,
-        );
     }
 
     print_report(&results, &args);
@@ -180,6 +231,59 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         dir,
     )?;
     Ok(())
+}
+
+/// One router arm: `count` fresh shards, a router process, the phases.
+async fn router_arm(
+    router_bin: &std::path::Path,
+    count: usize,
+    transport: Transport,
+    args: &Args,
+) -> anyhow::Result<ArmResult> {
+    let mut shards = Vec::new();
+    for s in 0..count {
+        shards.push(start_etcd(&format!("shard-{s}"), args).await?);
+    }
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let spec: Vec<String> = shards
+        .iter()
+        .map(|s| match transport {
+            Transport::Tonic | Transport::Tcp => format!("{}={}", s.name, s.endpoint()),
+            Transport::UnixShards | Transport::Unix => {
+                format!("{}={}", s.name, s.unix_endpoint())
+            }
+        })
+        .collect();
+    let socket_dir = tempfile::tempdir()?;
+    let socket = socket_dir.path().join("router.sock");
+    let shard_transport = match transport {
+        Transport::Tonic => "tonic",
+        _ => "h2",
+    };
+    let child = Command::new(router_bin)
+        .args(["--listen", &listen, "--admin-listen", &admin])
+        .args(["--shards", &spec.join(",")])
+        .args(["--shard-transport", shard_transport])
+        .args((transport == Transport::Unix).then(|| format!("--listen-unix={}", socket.display())))
+        .args(args.router_threads.map(|n| format!("--worker-threads={n}")))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", router_bin.display()))?;
+    let router = RouterProcess(child);
+    wait_ready(&format!("http://{listen}")).await?;
+    let endpoint = match transport {
+        Transport::Unix => format!("unix://{}", socket.display()),
+        _ => format!("http://{listen}"),
+    };
+    let pids: Vec<u32> = shards.iter().filter_map(|s| s.pid()).collect();
+    let arm = Arm {
+        shards: count,
+        transport: transport.name(),
+        admin: Some(format!("http://{admin}/metrics")),
+    };
+    measure(&arm, &endpoint, Some(router.0.id()), &pids, args).await
 }
 
 async fn start_etcd(name: &str, args: &Args) -> anyhow::Result<Etcd> {
@@ -219,18 +323,68 @@ fn cpu(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|p| process_cpu_seconds(*p)).sum()
 }
 
+/// A gRPC channel to `http://…` or `unix:///…`.
+async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
+    let Some(path) = endpoint.strip_prefix("unix://") else {
+        return Ok(Channel::from_shared(endpoint.to_string())?
+            .tcp_nodelay(true)
+            .connect()
+            .await?);
+    };
+    let path = PathBuf::from(path);
+    Ok(Channel::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await?)
+}
+
+/// (sum, count) of a histogram in a Prometheus text page.
+fn histogram_sum_count(page: &str, name: &str, labels: &str) -> Option<(f64, f64)> {
+    let value = |suffix: &str| {
+        let prefix = format!("{name}_{suffix}{labels} ");
+        page.lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    Some((value("sum")?, value("count")?))
+}
+
+/// Mean µs of the router's Txn handler and of its shard Txns, from two scrapes.
+fn split_of_a_write(before: &str, after: &str) -> (Option<f64>, Option<f64>) {
+    let mean = |name: &str, labels: &str| {
+        let (s0, c0) = histogram_sum_count(before, name, labels).unwrap_or((0.0, 0.0));
+        let (s1, c1) = histogram_sum_count(after, name, labels)?;
+        (c1 > c0).then(|| (s1 - s0) / (c1 - c0) * 1e6)
+    };
+    (
+        mean("ste_router_rpc_duration_seconds", "{method=\"Txn\"}"),
+        mean("ste_router_shard_txn_duration_seconds", ""),
+    )
+}
+
 async fn measure(
-    arm: &str,
-    shards: usize,
+    arm: &Arm,
     endpoint: &str,
     router_pid: Option<u32>,
     etcd_pids: &[u32],
     args: &Args,
 ) -> anyhow::Result<ArmResult> {
-    let channel = Channel::from_shared(endpoint.to_string())?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+    let name = arm.name();
+    let shards = arm.shards;
+    let channel = connect(endpoint).await?;
+    let scrape = || {
+        arm.admin
+            .as_deref()
+            .and_then(ste_testkit::http_get)
+            .unwrap_or_default()
+    };
+    let metrics_before = scrape();
     let mut kv = KvClient::new(channel.clone()).max_decoding_message_size(usize::MAX);
     let value = Bytes::from(vec![b'x'; args.value_size]);
 
@@ -242,7 +396,7 @@ async fn measure(
         let r = kv.txn(shapes::create(&key(i), &value)).await?.into_inner();
         create.push(started.elapsed());
         if !r.succeeded {
-            bail!("{arm}: create of {:?} failed", key(i));
+            bail!("{name}: create of {:?} failed", key(i));
         }
         revisions.push(r.header.map(|h| h.revision).unwrap_or(0));
     }
@@ -253,8 +407,12 @@ async fn measure(
         let r = kv.txn(txn).await?.into_inner();
         update.push(started.elapsed());
         if !r.succeeded {
-            bail!("{arm}: update {i} lost its compare");
+            bail!("{name}: update {i} lost its compare");
         }
+    }
+    let (router_txn_mean_us, shard_txn_mean_us) = split_of_a_write(&metrics_before, &scrape());
+    if let (Some(router), Some(shard)) = (router_txn_mean_us, shard_txn_mean_us) {
+        eprintln!("  sequential Txns, mean: {router:.0} µs in the router, of which {shard:.0} µs the shard Txn");
     }
     // An RPC the server answers by itself (Maintenance.Alarm list): the bare gRPC hop.
     let mut maintenance = MaintenanceClient::new(channel.clone());
@@ -354,7 +512,7 @@ async fn measure(
         }
         if seen != args.keys {
             bail!(
-                "{arm}: paged list returned {seen} keys, expected {}",
+                "{name}: paged list returned {seen} keys, expected {}",
                 args.keys
             );
         }
@@ -379,7 +537,7 @@ async fn measure(
         .into_inner();
     let created = stream.message().await?.context("watch stream closed")?;
     if !created.created {
-        bail!("{arm}: watch not created");
+        bail!("{name}: watch not created");
     }
     let mut watch = Samples::default();
     for i in 0..args.watch_ops {
@@ -409,8 +567,11 @@ async fn measure(
     eprintln!("  watch delivery p99 {:.0} µs", watch.percentile(99.0));
 
     Ok(ArmResult {
-        arm: arm.to_string(),
+        arm: name,
         shards,
+        transport: arm.transport.to_string(),
+        router_txn_mean_us,
+        shard_txn_mean_us,
         get_p50_us: get.percentile(50.0),
         get_p99_us: get.percentile(99.0),
         create_p50_us: create.percentile(50.0),
@@ -434,30 +595,38 @@ fn print_report(results: &[ArmResult], args: &Args) {
         args.keys, args.value_size, args.latency_ops, args.concurrency, args.watch_ops
     );
     println!();
-    println!("| arm | get p50/p99 µs | create p50/p99 µs | update p50/p99 µs | List {} keys (limit 500) ms | watch p50/p99 µs | writes/s saturated | × etcd | router CPU µs/write | etcd CPU µs/write |", args.keys);
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| arm | get p50/p99 µs | create p50/p99 µs | update p50/p99 µs | List {} keys (limit 500) ms | watch p50/p99 µs | writes/s saturated | × etcd | router CPU µs/write | etcd CPU µs/write | Txn in router / shard Txn, mean µs |", args.keys);
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
-        let name = if r.shards == 0 {
-            "plain etcd".to_string()
-        } else {
-            format!("router, {} shard(s)", r.shards)
+        let split = match (r.router_txn_mean_us, r.shard_txn_mean_us) {
+            (Some(router), Some(shard)) => format!("{router:.0} / {shard:.0}"),
+            _ => "–".into(),
         };
         println!(
-            "| {name} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} | {:.0} / {:.0} | {:.0} | {:.2} | {} | {:.0} |",
-            r.get_p50_us, r.get_p99_us, r.create_p50_us, r.create_p99_us, r.update_p50_us, r.update_p99_us, r.list_all_ms,
+            "| {} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} | {:.0} / {:.0} | {:.0} | {:.2} | {} | {:.0} | {split} |",
+            r.arm, r.get_p50_us, r.get_p99_us, r.create_p50_us, r.create_p99_us, r.update_p50_us, r.update_p99_us, r.list_all_ms,
             r.watch_p50_us, r.watch_p99_us, r.saturated_writes_per_s,
             r.saturated_writes_per_s / base.saturated_writes_per_s,
             r.router_cpu_us_per_write.map(|c| format!("{c:.0}")).unwrap_or_else(|| "–".into()),
             r.etcd_cpu_us_per_write,
         );
     }
-    if let Some(one) = results.iter().find(|r| r.shards == 1) {
-        println!();
+    println!();
+    for r in results.iter().filter(|r| r.shards > 0) {
+        // A router arm against the plain etcd reached the same way (TCP or Unix).
+        let etcd = results
+            .iter()
+            .find(|e| e.shards == 0 && (e.transport == "unix") == (r.transport == "unix"))
+            .unwrap_or(base);
         println!(
-            "Router overhead at 1 shard, p50: get +{:.0} µs, create +{:.0} µs, update +{:.0} µs",
-            one.get_p50_us - base.get_p50_us,
-            one.create_p50_us - base.create_p50_us,
-            one.update_p50_us - base.update_p50_us
+            "{} vs {}, p50: get {:+.0} µs ({:.2}×), create {:+.0} µs, update {:+.0} µs, watch p99 {:.0} µs",
+            r.arm,
+            etcd.arm,
+            r.get_p50_us - etcd.get_p50_us,
+            r.get_p50_us / etcd.get_p50_us,
+            r.create_p50_us - etcd.create_p50_us,
+            r.update_p50_us - etcd.update_p50_us,
+            r.watch_p99_us,
         );
     }
 }

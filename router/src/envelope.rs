@@ -43,6 +43,15 @@ pub fn encode(meta: &Meta, value: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// The stored value, and the client's value as a slice of it: the event
+/// and the answer share the envelope's buffer instead of copying the value
+/// again (the request it came in may be much larger than the value).
+pub fn encode_shared(meta: &Meta, value: &[u8]) -> (Bytes, Bytes) {
+    let stored = encode(meta, value);
+    let value = stored.slice(HEADER_LEN..);
+    (stored, value)
+}
+
 /// Splits a stored value into its metadata and the client's value, without copying the value.
 pub fn decode(stored: &Bytes) -> Result<(Meta, Bytes), NotAnEnvelope> {
     if stored.len() < HEADER_LEN || &stored[..MAGIC.len()] != MAGIC {

@@ -65,6 +65,9 @@ pub struct RouterConfig {
     pub membership: membership::MembershipConfig,
     /// One writer at a time across routers (None: this router is the only one).
     pub leader: Option<leader::LeaderConfig>,
+    /// Also serve the etcd API on this Unix socket (a kube-apiserver on the
+    /// same host); bound while this router serves, removed when it stops.
+    pub listen_unix: Option<std::path::PathBuf>,
 }
 
 impl Default for RouterConfig {
@@ -77,6 +80,7 @@ impl Default for RouterConfig {
             server_tls: None,
             membership: membership::MembershipConfig::default(),
             leader: None,
+            listen_unix: None,
         }
     }
 }
@@ -110,6 +114,37 @@ fn incoming(
         });
         Some((accepted, listener))
     })
+}
+
+/// Serves `server` on a Unix socket at `path` (a stale socket file from an
+/// earlier run is replaced) until `stopped`, then removes the file. Plain
+/// gRPC: a local peer is trusted by the socket's file permissions.
+fn serve_unix(
+    server: tonic::transport::server::Router,
+    path: &std::path::Path,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>, RouterError> {
+    let bind_error = |e: std::io::Error| {
+        RouterError::Admin(std::io::Error::new(
+            e.kind(),
+            format!("binding the Unix socket {}: {e}", path.display()),
+        ))
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_error(e)),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(bind_error)?;
+    info!(path = %path.display(), "ste-router serving etcd v3 gRPC on a Unix socket");
+    let path = path.to_path_buf();
+    Ok(tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        if let Err(err) = server.serve_with_incoming_shutdown(incoming, stopped).await {
+            warn!(error = %err, "the Unix socket server stopped");
+        }
+        let _ = std::fs::remove_file(&path);
+    }))
 }
 
 /// `run_until`, stopped when `shutdown` completes.
@@ -357,6 +392,14 @@ async fn serve(
         }));
     // The server stops once the store is closed (its streams are ended by then).
     let stopped = store.closing().cancelled_owned();
+    let unix = match &config.listen_unix {
+        Some(path) => Some(serve_unix(
+            server.clone(),
+            path,
+            store.closing().cancelled_owned(),
+        )?),
+        None => None,
+    };
     let result = match &config.server_tls {
         Some(tls) => {
             server
@@ -369,6 +412,10 @@ async fn serve(
                 .await
         }
     };
+    if let Some(unix) = unix {
+        // Stopped with the store; its socket file goes with it.
+        let _ = unix.await;
+    }
     maintainer.abort();
     membership_task.abort();
     store.shutdown();

@@ -24,6 +24,23 @@ struct Args {
     #[arg(long, env = "STE_ROUTER_LISTEN", default_value = "127.0.0.1:2479")]
     listen: SocketAddr,
 
+    /// Also serve the etcd API on this Unix socket, for a kube-apiserver on
+    /// the same host (`--etcd-servers=unix:///path` or an override); the file
+    /// exists while this router serves (leader) and is removed when it stops.
+    #[arg(long, env = "STE_ROUTER_LISTEN_UNIX")]
+    listen_unix: Option<PathBuf>,
+
+    /// How to speak gRPC to shards: `h2` (the router's own HTTP/2 connections, one for
+    /// writes and one for reads per shard) or `tonic` (tonic's Channel, the transport before;
+    /// kept to compare the two in `ste-bench router`).
+    #[arg(
+        long,
+        env = "STE_ROUTER_SHARD_TRANSPORT",
+        value_enum,
+        default_value = "h2"
+    )]
+    shard_transport: ste_router::shard::ShardTransport,
+
     /// Address of the admin HTTP server (/livez, /readyz, /metrics).
     #[arg(
         long,
@@ -32,7 +49,9 @@ struct Args {
     )]
     admin_listen: SocketAddr,
 
-    /// Shards, comma separated: `name=http://host:port` or a bare URL (then the URL is its name).
+    /// Shards, comma separated: `name=URL` or a bare URL (then the URL is its name). URL:
+    /// `http://host:port`, `https://host:port`, or `unix:///path/to.sock` for an etcd on this
+    /// host (etcd: `--listen-client-urls unix:///path/to.sock`).
     /// Placement hashes the name, so keep names stable when addresses change.
     #[arg(
         long,
@@ -319,10 +338,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             history_max_events: args.history_max_events,
             value_cache_bytes: args.value_cache_bytes,
             load_timeout: args.load_timeout,
+            shard_transport: args.shard_transport,
             ..StoreConfig::default()
         },
         shards,
         progress_interval: args.progress_interval,
+        listen_unix: args.listen_unix.clone(),
         ..RouterConfig::default()
     };
     let listener = TcpListener::bind(args.listen)

@@ -30,6 +30,7 @@ pub struct Metrics {
     events: Counter,
     keys_lost: Counter,
     batch_writes: Histogram,
+    shard_txn_seconds: Histogram,
     pub watchers: Gauge,
     pub revision: Gauge,
     pub compact_revision: Gauge,
@@ -90,6 +91,12 @@ impl Default for Metrics {
             "batch_writes",
             "Writes committed together in one shard Txn (group commit)",
             batch_writes.clone(),
+        );
+        let shard_txn_seconds = Histogram::new(exponential_buckets(0.000_025, 2.0, 18));
+        registry.register(
+            "shard_txn_duration_seconds",
+            "Time of a group commit's shard Txn, from sending it to its answer (the shard hop of a write)",
+            shard_txn_seconds.clone(),
         );
         let watchers = Gauge::default();
         registry.register("watchers", "Open watches", watchers.clone());
@@ -212,6 +219,7 @@ impl Default for Metrics {
             events,
             keys_lost,
             batch_writes,
+            shard_txn_seconds,
             watchers,
             revision,
             compact_revision,
@@ -242,6 +250,10 @@ impl Metrics {
 
     pub fn batch(&self, writes: i64) {
         self.batch_writes.observe(writes as f64);
+    }
+
+    pub fn shard_txn(&self, seconds: f64) {
+        self.shard_txn_seconds.observe(seconds);
     }
 
     pub fn keys_moved(&self, n: usize) {

@@ -42,6 +42,12 @@ pub struct RunArgs {
     )]
     pub listen_client: String,
 
+    /// Also serve clients on this Unix socket (an absolute path), for a router
+    /// on the same host (`--shards name=unix:///path`): no TCP stack on the
+    /// shard hop. Optional; registrations keep advertising the TCP URL.
+    #[arg(long, env = "STE_SHARD_LISTEN_CLIENT_UNIX")]
+    pub listen_client_unix: Option<PathBuf>,
+
     /// Client URL the routers use to reach this shard (`spec.endpoint`,
     /// etcd's `--advertise-client-urls`) [default: --listen-client]
     #[arg(long, env = "STE_SHARD_ADVERTISE_CLIENT")]
@@ -184,6 +190,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub etcd_log: PathBuf,
     pub listen_client: reqwest::Url,
+    pub listen_client_unix: Option<PathBuf>,
     pub advertise_client: String,
     pub listen_peer: String,
     pub quota_bytes: u64,
@@ -254,6 +261,22 @@ impl RunArgs {
             }
             None => self.listen_client.trim_end_matches('/').to_string(),
         };
+        if let Some(path) = &self.listen_client_unix {
+            if !path.is_absolute() {
+                return Err(ConfigError::InvalidUrl {
+                    flag: "--listen-client-unix",
+                    value: path.display().to_string(),
+                    why: "must be an absolute path".into(),
+                });
+            }
+            if listen_client.scheme() == "https" {
+                return Err(ConfigError::InvalidUrl {
+                    flag: "--listen-client-unix",
+                    value: path.display().to_string(),
+                    why: "etcd would serve TLS on it too (unixs://); a plain socket goes with an http:// --listen-client".into(),
+                });
+            }
+        }
         let peer = parse_url("--listen-peer", &self.listen_peer)?;
         if peer.scheme() != "http" {
             return Err(ConfigError::InvalidUrl {
@@ -363,6 +386,7 @@ impl RunArgs {
             data_dir: self.data_dir,
             etcd_log,
             listen_client,
+            listen_client_unix: self.listen_client_unix,
             advertise_client,
             listen_peer: self.listen_peer.trim_end_matches('/').to_string(),
             quota_bytes: self.quota_bytes,

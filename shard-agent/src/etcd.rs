@@ -56,11 +56,15 @@ pub struct EtcdCommand {
 impl EtcdCommand {
     pub fn from_config(config: &Config) -> EtcdCommand {
         let name = &config.shard_name;
-        let listen = config
+        let mut listen = config
             .listen_client
             .as_str()
             .trim_end_matches('/')
             .to_string();
+        if let Some(path) = &config.listen_client_unix {
+            // etcd 3.6 creates the socket at an absolute unix:/// path.
+            listen.push_str(&format!(",unix://{}", path.display()));
+        }
         let mut args: Vec<String> = vec![
             format!("--name={name}"),
             format!("--data-dir={}", config.data_dir.display()),

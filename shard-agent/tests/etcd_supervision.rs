@@ -340,3 +340,40 @@ async fn a_full_shard_is_not_restarted() {
         "a full shard still serves reads"
     );
 }
+
+/// `--listen-client-unix`: etcd also serves on a Unix socket, and a router
+/// on the same host reaches the shard there (`unix:///…` shard endpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_on_the_same_host_reaches_the_shard_on_its_unix_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("etcd.sock");
+    let agent = Agent::start(
+        "shard-unix",
+        &[
+            "--no-register",
+            &format!("--listen-client-unix={}", socket.display()),
+        ],
+    );
+    agent.wait_ready(Duration::from_secs(30)).await;
+    assert!(socket.exists(), "etcd serves on {}", socket.display());
+    let spec = ste_router::ShardSpec::parse(&format!("shard-unix=unix://{}", socket.display()))
+        .expect("a unix:// shard endpoint");
+    let router = ste_testkit::Router::start(vec![spec])
+        .await
+        .expect("router over the socket");
+    let mut client = KvClient::new(router.channel().await.expect("router channel"));
+    client
+        .put(PutRequest {
+            key: "/registry/pods/default/a".as_bytes().to_vec().into(),
+            value: "over the socket".as_bytes().to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .expect("put through the router");
+    // The shard holds it (read over its TCP URL; the router's envelope wraps the value).
+    let stored = get(&agent.endpoint(), "/registry/pods/default/a")
+        .await
+        .expect("the shard has the key");
+    assert!(stored.ends_with(b"over the socket"));
+    router.stop().await.expect("router stops");
+}

@@ -236,6 +236,24 @@ impl Etcd {
         &self.log
     }
 
+    /// The Unix socket a plain (non-TLS) member also serves clients on, as
+    /// a co-located router reaches it: `unix:///…/client.sock`.
+    pub fn unix_endpoint(&self) -> String {
+        format!("unix://{}", self.unix_socket().display())
+    }
+
+    fn unix_socket(&self) -> PathBuf {
+        self.data_dir.with_file_name("client.sock")
+    }
+
+    /// `--listen-client-urls`: TCP, and for a plain member its Unix socket.
+    fn listen_client_urls(&self) -> String {
+        match self.tls {
+            Some(_) => self.endpoint(),
+            None => format!("{},{}", self.endpoint(), self.unix_endpoint()),
+        }
+    }
+
     async fn spawn(&mut self) -> Result<()> {
         let binary = etcd_binary()?;
         let log = std::fs::OpenOptions::new()
@@ -249,7 +267,7 @@ impl Etcd {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--listen-client-urls")
-            .arg(self.endpoint())
+            .arg(self.listen_client_urls())
             .arg("--advertise-client-urls")
             .arg(self.endpoint())
             .arg("--listen-peer-urls")

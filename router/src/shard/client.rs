@@ -16,6 +16,7 @@ use ste_etcd_proto::pb::{
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
+use super::transport::{Connection, Target};
 use super::ShardSpec;
 use crate::error::{StoreError, StoreResult};
 
@@ -25,7 +26,8 @@ pub type ShardAnswer<'a, T> = BoxFuture<'a, Result<T, Status>>;
 /// The four etcd calls the store makes on a shard.
 pub trait ShardClient: Send + Sync + 'static {
     fn range(&self, req: RangeRequest) -> ShardAnswer<'_, RangeResponse>;
-    fn txn(&self, req: TxnRequest) -> ShardAnswer<'_, TxnResponse>;
+    /// By reference: the shard sends it (and may send it again) without a copy.
+    fn txn<'a>(&'a self, req: &'a TxnRequest) -> ShardAnswer<'a, TxnResponse>;
     fn compact(&self, req: CompactionRequest) -> ShardAnswer<'_, CompactionResponse>;
     fn status(&self) -> ShardAnswer<'_, StatusResponse>;
 }
@@ -35,23 +37,88 @@ pub trait ShardClient: Send + Sync + 'static {
 pub type Connector =
     Arc<dyn Fn(&ShardSpec) -> StoreResult<Arc<dyn ShardClient>> + Send + Sync + 'static>;
 
-/// The connector of real shards: gRPC, with `timeout` per request and mTLS
-/// towards `https://` endpoints.
-pub fn etcd_connector(timeout: Duration, tls: Option<crate::tls::ClientTls>) -> Connector {
+/// How the router speaks gRPC to its shards.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ShardTransport {
+    /// Its own HTTP/2 connections (`transport`): the default.
+    #[default]
+    H2,
+    /// tonic's `Channel`, as before (kept to measure the difference side by
+    /// side: `ste-bench router`); TCP and TLS only.
+    Tonic,
+}
+
+/// The connector of real shards: gRPC with `timeout` per request and mTLS
+/// towards `https://` endpoints, on the router's own HTTP/2 connections
+/// (see `transport`) or tonic's `Channel`.
+pub fn etcd_connector(
+    timeout: Duration,
+    tls: Option<crate::tls::ClientTls>,
+    transport: ShardTransport,
+) -> Connector {
     Arc::new(move |spec: &ShardSpec| {
-        let client: Arc<dyn ShardClient> =
-            Arc::new(EtcdShard::connect(spec, timeout, tls.as_ref())?);
+        let client: Arc<dyn ShardClient> = match transport {
+            ShardTransport::H2 => Arc::new(EtcdShard::connect(spec, timeout, tls.as_ref())?),
+            ShardTransport::Tonic => Arc::new(TonicShard::connect(spec, timeout, tls.as_ref())?),
+        };
         Ok(client)
     })
 }
 
-/// A shard's etcd over gRPC (one lazily connected channel).
+/// A shard's etcd over gRPC: two lazily made HTTP/2 connections, one for
+/// the Txns (only the shard's committer and the write-lock holders send
+/// them, so a batch never queues behind a large read's frames) and one for
+/// everything else.
 pub struct EtcdShard {
+    writes: Connection,
+    reads: Connection,
+}
+
+impl EtcdShard {
+    pub fn connect(
+        spec: &ShardSpec,
+        timeout: Duration,
+        tls: Option<&crate::tls::ClientTls>,
+    ) -> StoreResult<Self> {
+        let target = Target::parse(&spec.endpoint, tls).map_err(StoreError::Internal)?;
+        Ok(EtcdShard {
+            writes: Connection::new(target.clone(), timeout),
+            reads: Connection::new(target, timeout),
+        })
+    }
+}
+
+impl ShardClient for EtcdShard {
+    fn range(&self, req: RangeRequest) -> ShardAnswer<'_, RangeResponse> {
+        Box::pin(async move { self.reads.call("/etcdserverpb.KV/Range", &req).await })
+    }
+
+    fn txn<'a>(&'a self, req: &'a TxnRequest) -> ShardAnswer<'a, TxnResponse> {
+        Box::pin(self.writes.call("/etcdserverpb.KV/Txn", req))
+    }
+
+    fn compact(&self, req: CompactionRequest) -> ShardAnswer<'_, CompactionResponse> {
+        Box::pin(async move { self.reads.call("/etcdserverpb.KV/Compact", &req).await })
+    }
+
+    fn status(&self) -> ShardAnswer<'_, StatusResponse> {
+        Box::pin(async move {
+            self.reads
+                .call("/etcdserverpb.Maintenance/Status", &StatusRequest {})
+                .await
+        })
+    }
+}
+
+/// A shard's etcd through tonic's `Channel` (buffer worker task, reconnect
+/// layer, hyper's dispatch and per-request body task): the transport before
+/// `EtcdShard`, kept for side-by-side measurements.
+pub struct TonicShard {
     kv: KvClient<Channel>,
     maintenance: MaintenanceClient<Channel>,
 }
 
-impl EtcdShard {
+impl TonicShard {
     pub fn connect(
         spec: &ShardSpec,
         timeout: Duration,
@@ -80,7 +147,7 @@ impl EtcdShard {
             )))
             }
         };
-        Ok(EtcdShard {
+        Ok(TonicShard {
             kv: KvClient::new(channel.clone())
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
@@ -89,15 +156,15 @@ impl EtcdShard {
     }
 }
 
-impl ShardClient for EtcdShard {
+impl ShardClient for TonicShard {
     fn range(&self, req: RangeRequest) -> ShardAnswer<'_, RangeResponse> {
         let mut kv = self.kv.clone();
         Box::pin(async move { kv.range(req).await.map(tonic::Response::into_inner) })
     }
 
-    fn txn(&self, req: TxnRequest) -> ShardAnswer<'_, TxnResponse> {
+    fn txn<'a>(&'a self, req: &'a TxnRequest) -> ShardAnswer<'a, TxnResponse> {
         let mut kv = self.kv.clone();
-        Box::pin(async move { kv.txn(req).await.map(tonic::Response::into_inner) })
+        Box::pin(async move { kv.txn(req.clone()).await.map(tonic::Response::into_inner) })
     }
 
     fn compact(&self, req: CompactionRequest) -> ShardAnswer<'_, CompactionResponse> {

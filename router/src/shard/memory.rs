@@ -514,7 +514,7 @@ impl ShardClient for MemoryShard {
         })
     }
 
-    fn txn(&self, req: TxnRequest) -> ShardAnswer<'_, TxnResponse> {
+    fn txn<'a>(&'a self, req: &'a TxnRequest) -> ShardAnswer<'a, TxnResponse> {
         self.inner.txns.fetch_add(1, Ordering::AcqRel);
         let gate = self.inner.gate.lock().expect("gate lock").clone();
         if let Some(gate) = gate {
@@ -525,10 +525,10 @@ impl ShardClient for MemoryShard {
                     permit.forget();
                 }
                 self.inner.held.fetch_sub(1, Ordering::AcqRel);
-                self.answer(Call::Txn, |mvcc| mvcc.txn(&req))
+                self.answer(Call::Txn, |mvcc| mvcc.txn(req))
             });
         }
-        let answer = self.answer(Call::Txn, |mvcc| mvcc.txn(&req));
+        let answer = self.answer(Call::Txn, |mvcc| mvcc.txn(req));
         Box::pin(async move {
             tokio::task::yield_now().await;
             answer

@@ -9,8 +9,11 @@ pub mod kv;
 pub mod memory;
 pub mod queue;
 pub mod scan;
+pub mod transport;
 
-pub use client::{etcd_connector, Connector, EtcdShard, ShardAnswer, ShardClient};
+pub use client::{
+    etcd_connector, Connector, EtcdShard, ShardAnswer, ShardClient, ShardTransport, TonicShard,
+};
 pub use cuts::{CutLookup, Cuts};
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -65,7 +68,8 @@ pub struct ShardSpec {
 }
 
 impl ShardSpec {
-    /// Parses `name=http://host:port` or a bare URL (then the URL is the name).
+    /// Parses `name=URL` or a bare URL (then the URL is the name); the URL
+    /// is `http://host:port`, `https://host:port` or `unix:///path/to.sock`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         let (name, endpoint) = match text.split_once('=') {
@@ -75,14 +79,14 @@ impl ShardSpec {
         if name.is_empty() {
             return Err(format!("shard {text:?} has an empty name"));
         }
-        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-            return Err(format!(
-                "shard endpoint {endpoint:?} must start with http:// or https://"
-            ));
+        if endpoint.starts_with("https://") {
+            // Whether a shard CA is configured is checked when connecting.
+            endpoint
+                .parse::<tonic::transport::Uri>()
+                .map_err(|e| format!("shard endpoint {endpoint:?} is not a valid URL: {e}"))?;
+        } else {
+            transport::Target::parse(endpoint, None)?;
         }
-        endpoint
-            .parse::<tonic::transport::Uri>()
-            .map_err(|e| format!("shard endpoint {endpoint:?} is not a valid URL: {e}"))?;
         Ok(ShardSpec {
             id: ShardId::new(name),
             endpoint: endpoint.to_string(),
@@ -325,7 +329,7 @@ impl Shard {
 
     async fn txn_fenced(&self, mut req: TxnRequest) -> StoreResult<TxnResponse> {
         let Some(fencing) = self.fencing.clone() else {
-            let result = self.client.txn(req).await;
+            let result = self.client.txn(&req).await;
             return self.answer(result);
         };
         req.compare.push(Compare {
@@ -339,7 +343,7 @@ impl Shard {
             if !self.fenced.load(Ordering::Acquire) {
                 self.raise_fence(&fencing).await?;
             }
-            let result = self.client.txn(req.clone()).await;
+            let result = self.client.txn(&req).await;
             let answer = self.answer(result)?;
             if answer.succeeded {
                 return Ok(answer);
@@ -439,7 +443,7 @@ impl Shard {
             if current < fencing.epoch {
                 let answer = self
                     .client
-                    .txn(TxnRequest {
+                    .txn(&TxnRequest {
                         compare: vec![Compare {
                             key: Bytes::from_static(FENCE_KEY),
                             target: CompareTarget::Mod as i32,
@@ -603,6 +607,9 @@ mod tests {
         assert!(ShardSpec::parse("127.0.0.1:2380")
             .unwrap_err()
             .contains("http://"));
+        let unix = ShardSpec::parse("local=unix:///run/etcd/client.sock").unwrap();
+        assert_eq!(unix.endpoint, "unix:///run/etcd/client.sock");
+        assert!(ShardSpec::parse("x=unix://rel.sock").is_err());
         assert!(ShardSpec::parse("=http://x:1")
             .unwrap_err()
             .contains("empty name"));

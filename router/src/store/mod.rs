@@ -72,6 +72,8 @@ pub struct StoreConfig {
     pub fencing: Option<crate::shard::Fencing>,
     /// Memory bound of the value cache (keys, values, overhead); 0 turns it off.
     pub value_cache_bytes: usize,
+    /// How shards are spoken to (the router's own HTTP/2 connections, or tonic's `Channel`).
+    pub shard_transport: crate::shard::ShardTransport,
 }
 
 /// The value cache's default bound: 256 MiB.
@@ -90,6 +92,7 @@ impl Default for StoreConfig {
             replication_factor: 1,
             fencing: None,
             value_cache_bytes: DEFAULT_VALUE_CACHE_BYTES,
+            shard_transport: crate::shard::ShardTransport::H2,
         }
     }
 }

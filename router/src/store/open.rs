@@ -33,7 +33,11 @@ impl Store {
         specs: &[ShardSpec],
         metrics: Arc<Metrics>,
     ) -> StoreResult<Arc<Store>> {
-        let connector = etcd_connector(config.shard_timeout, config.shard_tls.clone());
+        let connector = etcd_connector(
+            config.shard_timeout,
+            config.shard_tls.clone(),
+            config.shard_transport,
+        );
         Self::open_with(config, specs, metrics, connector).await
     }
 

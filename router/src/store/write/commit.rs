@@ -71,14 +71,16 @@ impl Store {
                     responses: Vec::new(),
                 })
             } else {
-                match shard
+                let sent = std::time::Instant::now();
+                let answer = shard
                     .txn(TxnRequest {
                         compare: fences,
                         success: shard_ops,
                         failure: Vec::new(),
                     })
-                    .await
-                {
+                    .await;
+                self.metrics.shard_txn(sent.elapsed().as_secs_f64());
+                match answer {
                     Ok(answer) if answer.succeeded => Ok(answer),
                     Ok(_) => {
                         state.needs_reconcile = true;
@@ -245,7 +247,8 @@ impl Store {
                     create_revision: meta.create_revision,
                     mod_revision: meta.mod_revision,
                     version: meta.version,
-                    value: Bytes::copy_from_slice(&value),
+                    // A slice of its own envelope (see `PreparedOp::finish`).
+                    value,
                     lease: meta.lease,
                 };
                 upsert(

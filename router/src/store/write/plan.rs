@@ -357,10 +357,13 @@ impl PreparedOp {
                     &key,
                     entry.as_ref().map(|e| e.shard_mod_revision).unwrap_or(0),
                 );
+                // The event's value is a slice of the envelope: one copy of
+                // the value (into the envelope), not two.
+                let (stored, value) = envelope::encode_shared(&meta, &value);
                 let op = RequestOp {
                     request: Some(Request::RequestPut(PutRequest {
                         key: key.clone(),
-                        value: envelope::encode(&meta, &value),
+                        value: stored,
                         // The previous value (for the event and the caller)
                         // exists only if the index has the key; for a create
                         // the fence already says the shard has none.
