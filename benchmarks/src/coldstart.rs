@@ -40,6 +40,8 @@ const CRDS: &str = include_str!("../../hack/knative/serving-crds.yaml");
 const CONFIG: &str = include_str!("../../hack/knative/serving-config.yaml");
 const STE_CONFIG: &str = include_str!("../../hack/knative/serving-ste.yaml");
 
+pub mod spread;
+
 pub const BRIDGE_ANNOTATION: &str = "ste.dev/activator-bridge";
 
 fn kubectl(record: &ClusterRecord, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
@@ -397,6 +399,12 @@ pub struct ColdstartArgs {
     /// autoscaler; src/knative) or patch (the scale patch sent by the bench).
     #[arg(long, value_enum, env = "STE_COLDSTART_WAKE", default_value = "stats")]
     pub wake: crate::knative::Wake,
+    /// Times every arm's rounds are repeated. Arms are interleaved: repeat
+    /// r runs every arm once, each on a fresh cluster, in the order of
+    /// `--arms` on even repeats and reversed on odd ones (one Knative
+    /// autoscaler at a time on this machine: it binds :8080).
+    #[arg(long, env = "STE_COLDSTART_REPEATS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeats: u64,
     /// Output directory (clusters, logs, coldstart.json, coldstart.md).
     #[arg(
         long,
@@ -409,6 +417,9 @@ pub struct ColdstartArgs {
 #[derive(Serialize, Debug, Clone)]
 pub struct RoundResult {
     pub arm: Arm,
+    /// Which repeat (0-based) of `--repeats` this round belongs to.
+    #[serde(default)]
+    pub repeat: u64,
     /// "none", or the bridge's mode.
     pub bridge: String,
     pub revisions: usize,
@@ -637,6 +648,7 @@ async fn round(
     }
     let mut result = RoundResult {
         arm,
+        repeat: 0,
         bridge: mode,
         revisions: k,
         bound_p50_ms: ms(bound.percentile(50.0)),
@@ -689,10 +701,22 @@ async fn round(
     Ok(result)
 }
 
+/// The arms of repeat `repeat`, in `--arms` order on even repeats and
+/// reversed on odd ones, so slow drift of a shared machine's load falls on
+/// every arm alike.
+pub fn arm_order(arms: &[Arm], repeat: u64) -> Vec<Arm> {
+    let mut order = arms.to_vec();
+    if repeat % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
 async fn run_arm(
     args: &ColdstartArgs,
     arm: Arm,
-    bridge_bin: &Path,
+    repeat: u64,
+    bridge_bin: Option<&Path>,
 ) -> anyhow::Result<Vec<RoundResult>> {
     let env = crate::arms::Environment {
         shards: args.shards,
@@ -701,9 +725,15 @@ async fn run_arm(
         fsync_delay: args.fsync_delay,
         topology: args.topology.clone(),
     };
-    let dir = std::path::absolute(args.output.join(crate::arms::dir_name(arm, &env)))?;
+    let mut name = crate::arms::dir_name(arm, &env);
+    if args.repeats > 1 {
+        name.push_str(&format!("-r{repeat}"));
+    }
+    let dir = std::path::absolute(args.output.join(name))?;
     eprintln!(
-        "== {arm:?} arm: cluster with {} nodes, {}",
+        "== {arm:?} arm, repeat {}/{}: cluster with {} nodes, {}",
+        repeat + 1,
+        args.repeats,
         args.nodes,
         env.qps_name()
     );
@@ -727,14 +757,15 @@ async fn run_arm(
         wait_at_zero(&client, &services, Duration::from_secs(300)).await?;
         let mut results = Vec::new();
         for &k in &args.revisions {
-            let variants = std::iter::once(None).chain(
+            let variants = std::iter::once(None).chain(bridge_bin.into_iter().flat_map(|bin| {
                 args.bridge_modes
                     .iter()
-                    .map(|m| Some((bridge_bin, m.as_str()))),
-            );
+                    .map(move |m| Some((bin, m.as_str())))
+            }));
             for variant in variants {
                 knative.check()?;
-                let r = round(args, &record, &dir, &services[..k], variant, arm).await?;
+                let mut r = round(args, &record, &dir, &services[..k], variant, arm).await?;
+                r.repeat = repeat;
                 eprintln!(
                     "    bound p50 {} ms p99 {} ms, Ready p50 {} ms p99 {} ms",
                     r.bound_p50_ms, r.bound_p99_ms, r.ready_p50_ms, r.ready_p99_ms
@@ -752,12 +783,13 @@ async fn run_arm(
 
 pub fn markdown(results: &[RoundResult]) -> String {
     let mut out = String::from(
-        "| arm | revisions | bridge | bound p50 / p95 / p99 (ms) | Ready p50 / p95 / p99 (ms) | pods seen | bridge pods | races won / lost | duplicates deleted / gated | rejections |\n|---|---:|---|---|---|---:|---:|---|---:|---:|\n",
+        "| arm | repeat | revisions | bridge | bound p50 / p95 / p99 (ms) | Ready p50 / p95 / p99 (ms) | pods seen | bridge pods | races won / lost | duplicates deleted / gated | rejections |\n|---|---:|---:|---|---|---|---:|---:|---|---:|---:|\n",
     );
     for r in results {
         out.push_str(&format!(
-            "| {:?} | {} | {} | {} / {} / {} | {} / {} / {} | {} | {} | {} | {} | {} |\n",
+            "| {:?} | {} | {} | {} | {} / {} / {} | {} / {} / {} | {} | {} | {} | {} | {} |\n",
             r.arm,
+            r.repeat,
             r.revisions,
             r.bridge,
             r.bound_p50_ms,
@@ -796,16 +828,32 @@ pub async fn run(args: ColdstartArgs) -> anyhow::Result<Vec<RoundResult>> {
     if args.revisions.is_empty() || args.revisions.contains(&0) {
         bail!("--revisions needs positive counts, e.g. 1,5,25,100");
     }
+    let mut args = args;
+    args.bridge_modes.retain(|m| !m.is_empty() && m != "none");
     if let Some(bad) = args.bridge_modes.iter().find(|m| bridge_flags(m).is_err()) {
         bail!("--bridge-modes: {}", bridge_flags(bad).unwrap_err());
     }
-    let bridge_bin = bridge_binary(&args)?;
+    let bridge_bin = match args.bridge_modes.is_empty() {
+        true => None,
+        false => Some(bridge_binary(&args)?),
+    };
     std::fs::create_dir_all(&args.output)?;
     let mut results = Vec::new();
-    for &arm in &args.arms {
-        results.extend(run_arm(&args, arm, &bridge_bin).await?);
+    for repeat in 0..args.repeats {
+        for arm in arm_order(&args.arms, repeat) {
+            results.extend(run_arm(&args, arm, repeat, bridge_bin.as_deref()).await?);
+            // Kept after every arm, so a long run that fails later keeps its rounds.
+            std::fs::write(
+                args.output.join("coldstart.json"),
+                serde_json::to_string_pretty(&results)?,
+            )?;
+        }
     }
-    let table = markdown(&results);
+    let mut table = markdown(&results);
+    if args.repeats > 1 {
+        table.push('\n');
+        table.push_str(&spread::markdown(&results));
+    }
     std::fs::write(
         args.output.join("coldstart.json"),
         serde_json::to_string_pretty(&results)?,

@@ -133,3 +133,59 @@ async fn the_autoscaler_wakes_revisions_from_activator_stats_and_takes_them_back
     leases.abort();
     eprintln!("test took {:?}", started.elapsed());
 }
+
+/// `ste-bench coldstart --arms stock --revisions 1 --repeats 2` with no
+/// bridge: two repeats, each on its own cluster, every round keeps its
+/// repeat and its wakes, and the spread table covers both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coldstart_repeats_keep_every_round_and_report_their_spread() {
+    let started = Instant::now();
+    let (dir, _guard) = ste_testkit::test_dir("coldstart-repeats-");
+    let args = coldstart::ColdstartArgs {
+        arms: vec![Arm::Stock],
+        revisions: vec![1],
+        nodes: 2,
+        shards: 2,
+        client_qps: None,
+        fsync_delay: None,
+        topology: Default::default(),
+        bridge_modes: Vec::new(),
+        bridge_bin: None,
+        settle: 1,
+        wake: knative::Wake::Stats,
+        repeats: 2,
+        output: dir.clone(),
+    };
+    let results = coldstart::run(args)
+        .await
+        .expect("two repeats of one round");
+    let repeats: Vec<u64> = results.iter().map(|r| r.repeat).collect();
+    assert_eq!(repeats, [0, 1]);
+    for r in &results {
+        let hops = r.hops.as_ref().expect("woken through the autoscaler");
+        assert_eq!(hops.wakes.len(), r.revisions, "{r:?}");
+        assert!(r.pods_seen >= r.revisions, "{r:?}");
+        assert!(r.ready_p50_ms >= r.bound_p50_ms, "{r:?}");
+    }
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("coldstart.json")).unwrap())
+            .unwrap();
+    let saved = saved.as_array().expect("a list of rounds");
+    assert_eq!(saved.len(), results.len());
+    assert!(saved.iter().any(|r| r["repeat"] == 1));
+    let table = std::fs::read_to_string(dir.join("coldstart.md")).unwrap();
+    assert!(
+        table.contains("| Stock | none | 1 | 2 |"),
+        "no spread row over both repeats:\n{table}"
+    );
+    // The plots read both repeats as such.
+    let plots = ste_bench::plots::input::coldstart(
+        "c",
+        &[("coldstart.json".into(), Value::Array(saved.clone()))],
+    )
+    .expect("the plots read the rounds");
+    let mut seen: Vec<usize> = plots.latencies.iter().map(|s| s.repeat).collect();
+    seen.sort();
+    assert_eq!(seen, [0, 1]);
+    eprintln!("{table}\ntest took {:?}", started.elapsed());
+}

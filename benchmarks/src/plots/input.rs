@@ -335,6 +335,9 @@ fn round_arm(arm: &str) -> String {
 /// The wakes of one results row: a [`Wake`] itself, a round with `wakes`,
 /// or a coldstart result whose `hops` holds the round (none when null).
 fn row_wakes(row: &Value, repeat: usize) -> Result<Vec<Wake>, serde_json::Error> {
+    // A coldstart round run with --repeats names its repeat itself.
+    let own = row.get("repeat").and_then(Value::as_u64).unwrap_or(0) as usize;
+    let repeat = repeat.max(own);
     if row.get("hops_ms").is_some() {
         let mut wake: Wake = serde_json::from_value(row.clone())?;
         wake.repeat = wake.repeat.max(repeat);
@@ -486,5 +489,19 @@ mod tests {
         let none = serde_json::json!([{"arm": "x", "hops": null}]);
         let err = coldstart("c", &[("n.json".into(), none)]);
         assert!(matches!(err, Err(InputError::Empty(_))));
+    }
+
+    #[test]
+    fn coldstart_rounds_keep_their_own_repeat() {
+        let round = |repeat: u64, ms: f64| {
+            serde_json::json!({"arm": "stock", "bridge": "none", "revisions": 1, "repeat": repeat,
+                "hops": {"arm": "Stock, bridge none", "revisions": 1,
+                    "wakes": [{"revision": "r", "ms": {"scaled": ms}}]}})
+        };
+        let results = serde_json::json!([round(0, 10.0), round(1, 20.0), round(2, 30.0)]);
+        let plots = coldstart("c", &[("r.json".into(), results)]).unwrap();
+        let mut repeats: Vec<usize> = plots.latencies.iter().map(|s| s.repeat).collect();
+        repeats.sort();
+        assert_eq!(repeats, [0, 1, 2]);
     }
 }
