@@ -4,6 +4,8 @@
 //! watches ([`hops`]).
 
 pub mod hops;
+pub mod real;
+pub mod real_run;
 pub mod stats;
 
 use std::collections::HashMap;
