@@ -46,6 +46,16 @@ impl RealArm {
             RealArm::SteWebhook => "ste+webhook",
         }
     }
+
+    /// The arm's cluster directory under --dir: short, because containerd's
+    /// socket path below it must stay under 104 bytes.
+    fn dir_name(self) -> &'static str {
+        match self {
+            RealArm::Stock => "stock",
+            RealArm::Ste => "ste",
+            RealArm::SteWebhook => "ste-wh",
+        }
+    }
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -173,7 +183,7 @@ async fn cold_starts(
 }
 
 async fn run_arm(args: &RealArgs, arm: RealArm) -> anyhow::Result<Vec<RealWake>> {
-    let dir = std::path::absolute(args.dir.join(arm.name()))?;
+    let dir = std::path::absolute(args.dir.join(arm.dir_name()))?;
     let _ = std::fs::remove_dir_all(&dir);
     let up = UpArgs {
         arm: arm.storage(),
