@@ -9,6 +9,11 @@
 #   gcr.io/etcd-development/etcd:v3.6.6          etcd + etcdctl 3.6.6 (the bootstrap shard's image)
 #   localhost/ste-pause:v0.1.0                   the pod sandbox of local real nodes (images/pause)
 #   localhost/ste-function:v0.1.0                a fixed-body HTTP server on $PORT (images/function)
+#   gcr.io/knative-releases/knative.dev/serving/cmd/queue:v1.15.2
+#                                                Knative's queue-proxy (hack/knative's pinned
+#                                                release, built by hack/build-upstream.sh
+#                                                knative-queue), the name Knative's
+#                                                config-deployment queue-sidecar-image gives
 #
 # The names are those manifests/ uses; no outside registry is needed (the etcd
 # image is the etcd that hack/build-upstream.sh builds from the pinned module).
@@ -22,7 +27,7 @@
 #
 # Usage: hack/build-images.sh [--load SOCKET]... [--no-build] [NAME...]
 #   NAME: pause function etcd ste-router ste-shard-agent ste-activator-bridge
-#         (default: all)
+#         queue-proxy (default: all)
 #   --load SOCKET  then imports the archives into the containerd listening on
 #                  SOCKET (namespace k8s.io, the CRI's); repeatable.
 #   --no-build     only --load what is already in the output directory.
@@ -40,7 +45,10 @@ UPSTREAM_BIN="${STE_UPSTREAM_BIN:-${ROOT}/target/upstream/bin}"
 MUSL_TARGET=x86_64-unknown-linux-musl
 VERSION=v0.1.0
 ETCD_VERSION=v3.6.6
-ALL=(pause function etcd ste-router ste-shard-agent ste-activator-bridge)
+# Knative Serving v0.42.2 is release v1.15.2 (hack/knative/go.mod); the
+# image name is hack/knative/serving-ste.yaml's queue-sidecar-image.
+QUEUE_IMAGE=gcr.io/knative-releases/knative.dev/serving/cmd/queue:v1.15.2
+ALL=(pause function etcd ste-router ste-shard-agent ste-activator-bridge queue-proxy)
 
 export BUILDAH_ISOLATION=chroot
 # Go and Rust where the machine keeps them (as hack/install-deps.sh does).
@@ -58,6 +66,7 @@ image_name() {
     pause) echo "localhost/ste-pause:${VERSION}" ;;
     function) echo "localhost/ste-function:${VERSION}" ;;
     etcd) echo "gcr.io/etcd-development/etcd:${ETCD_VERSION}" ;;
+    queue-proxy) echo "${QUEUE_IMAGE}" ;;
     ste-router | ste-shard-agent | ste-activator-bridge) echo "ghcr.io/ste-dev/$1:${VERSION}" ;;
     *) return 1 ;;
   esac
@@ -173,6 +182,12 @@ ensure_etcd() {
   fi
 }
 
+ensure_queue() {
+  if [[ ! -x "${UPSTREAM_BIN}/knative-queue" ]]; then
+    "${ROOT}/hack/build-upstream.sh" knative-queue
+  fi
+}
+
 # --- images -------------------------------------------------------------------
 
 # commit NAME CONTAINER -> commits, exports target/images/NAME.tar, prints size
@@ -224,6 +239,16 @@ build_image() {
       ctr="$(new_container "${name}" "${rootfs}")"
       "${BUILDAH[@]}" config --workingdir /var/lib/etcd --port 2379 --port 2380 \
         --cmd '["/usr/local/bin/etcd"]' "${ctr}"
+      ;;
+    queue-proxy)
+      # As Knative's release image (ko, distroless static): the binary at
+      # /ko-app/queue, user 65532 (the pod spec Knative writes asks
+      # runAsNonRoot and gives no command).
+      ensure_queue
+      install -D -m 0755 "${UPSTREAM_BIN}/knative-queue" "${rootfs}/ko-app/queue"
+      ctr="$(new_container "${name}" "${rootfs}")"
+      "${BUILDAH[@]}" config --user 65532:65532 --env KO_DATA_PATH=/var/run/ko \
+        --entrypoint '["/ko-app/queue"]' "${ctr}"
       ;;
     ste-router | ste-shard-agent | ste-activator-bridge)
       rust_build

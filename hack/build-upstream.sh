@@ -189,11 +189,14 @@ main() {
 }
 
 # --- Knative Serving (hack/knative/go.mod) -----------------------------------
-# knative-controller, knative-autoscaler: Knative Serving's
-# own components at the release pinned in hack/knative/go.mod, for the
-# activator-bridge tests and `ste-bench coldstart` (docs/activator-bridge.md).
-# Same stamp cache as above; they are part of the default set.
-KNATIVE=(knative-controller knative-autoscaler)
+# knative-controller, knative-autoscaler, knative-activator, knative-queue:
+# Knative Serving's own components at the release pinned in
+# hack/knative/go.mod, for the activator-bridge tests and `ste-bench
+# coldstart` (docs/activator-bridge.md). knative-queue is queue-proxy
+# (cmd/queue), the sidecar of every revision pod; hack/build-images.sh puts
+# it into an image for real nodes. Same stamp cache as above; they are part
+# of the default set.
+KNATIVE=(knative-controller knative-autoscaler knative-activator knative-queue)
 ALL+=("${KNATIVE[@]}")
 eval "_core_$(declare -f module_dir)"
 eval "_core_$(declare -f build_args)"

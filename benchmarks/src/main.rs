@@ -37,6 +37,10 @@ enum Command {
     /// with and without ste-activator-bridge, on the stock and STE arms;
     /// latency from the autoscaler's scale patch to the first pod bound and Ready.
     Coldstart(coldstart::ColdstartArgs),
+    /// Knative cold start on a real node: N requests through Knative's own
+    /// activator per arm (stock, STE, STE + the bridge's webhook), each
+    /// waking a revision from zero; per-hop times to the first response.
+    ColdstartReal(ste_bench::knative::real_run::RealArgs),
     /// The edge paper's experiment: durable-etcd write latency and throughput
     /// against its member count (1, 3, 5, each fsync delayed), and pod
     /// create→bound latency on stock and STE at each member count.
@@ -95,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Jobs(args) => jobs::run(args).await.map(|_| ()),
         Command::Startup(args) => startup::run(args).await.map(|_| ()),
         Command::Coldstart(args) => coldstart::run(args).await.map(|_| ()),
+        Command::ColdstartReal(args) => ste_bench::knative::real_run::run(args).await.map(|_| ()),
         Command::Ring(args) => ring::run(args).await.map(|_| ()),
         Command::Plot(args) => {
             for path in ste_bench::plots::command::run(&args)? {

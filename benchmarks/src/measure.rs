@@ -51,6 +51,32 @@ where
     Ok((task, rx))
 }
 
+/// [`watch_objects`], and a signal sent once kube-apiserver has answered the
+/// first watch request (see [`watch_pods_started`]).
+pub fn watch_objects_started<F>(
+    record: &ClusterRecord,
+    resource: &ApiResource,
+    resource_version: &str,
+    on_object: F,
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, oneshot::Receiver<()>)>
+where
+    F: FnMut(&Value, Instant) + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let task = watch(record, resource, resource_version, on_object, Some(tx))?;
+    Ok((task, rx))
+}
+
+/// Waits (at most `within`) until every watch in `opened` is open.
+pub async fn all_open(opened: Vec<oneshot::Receiver<()>>, within: Duration) -> anyhow::Result<()> {
+    let all = futures::future::join_all(opened);
+    match tokio::time::timeout(within, all).await {
+        Ok(results) if results.iter().all(|r| r.is_ok()) => Ok(()),
+        Ok(_) => anyhow::bail!("a watch ended before it opened"),
+        Err(_) => anyhow::bail!("the watches did not open within {within:?}"),
+    }
+}
+
 /// [`watch_pods`] for any namespaced resource. A raw watch (`Api::watch`),
 /// not `kube::runtime::watcher`: the suites need each event as it arrives,
 /// from a given resourceVersion, without the watcher's initial list.

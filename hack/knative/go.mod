@@ -5,8 +5,10 @@ module ste.dev/hack/knative
 go 1.26.0
 
 tool (
+	knative.dev/serving/cmd/activator
 	knative.dev/serving/cmd/autoscaler
 	knative.dev/serving/cmd/controller
+	knative.dev/serving/cmd/queue
 )
 
 require (

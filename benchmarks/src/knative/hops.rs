@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -22,7 +22,7 @@ use kube::api::ApiResource;
 use super::objects::REVISION_LABEL;
 use crate::api::{client_for, collection_version, dynamic, resource_of};
 use crate::cluster::ClusterRecord;
-use crate::measure::watch_objects;
+use crate::measure::{all_open, watch_objects_started};
 use crate::stats::Samples;
 
 /// A hop of a cold start, in the order a wake goes through them.
@@ -167,25 +167,26 @@ impl HopWatch {
         let state: State = Arc::default();
         let client = client_for(record)?;
         let mut tasks = Vec::new();
+        let mut opened = Vec::new();
         for (kind, resource) in collections() {
             let api = dynamic(&client, &record.namespace, &resource);
             let rv = collection_version(&api)
                 .await
                 .with_context(|| format!("listing {kind}"))?;
             let s = state.clone();
-            tasks.push(watch_objects(
-                record,
-                &resource,
-                &rv,
-                move |object, now| {
+            let (task, open) =
+                watch_objects_started(record, &resource, &rv, move |object, now| {
                     if let Some((rev, hops)) = hops_of(kind, object) {
                         for hop in hops {
                             mark(&s, &rev, hop, now);
                         }
                     }
-                },
-            )?);
+                })?;
+            tasks.push(task);
+            opened.push(open);
         }
+        // Open before any wake: what follows is timed as it happens.
+        all_open(opened, Duration::from_secs(10)).await?;
         Ok(HopWatch { state, tasks })
     }
 

@@ -5,6 +5,8 @@
 
 pub mod hops;
 pub mod objects;
+pub mod real;
+pub mod real_run;
 pub mod stats;
 
 use std::collections::HashMap;

@@ -1,0 +1,593 @@
+//! A Knative cold start on a real node, up to the first HTTP response
+//! through Knative's own activator (issue 14, real-node half).
+//!
+//! Knative's controller and autoscaler run as host processes
+//! ([`crate::coldstart::Knative`]); this module adds the activator
+//! (`knative-activator`, built by hack/build-upstream.sh at the pinned
+//! release). Revision pods run on a real node (kubelet + containerd, see
+//! [`crate::real_node`]): the function image as the user container, and
+//! Knative's queue-proxy (`hack/build-images.sh queue-proxy`, under the name
+//! config-deployment's `queue-sidecar-image` gives) as its sidecar. The
+//! activator reaches pod IPs from the host, as the real-node test shows the
+//! host can.
+//!
+//! The activator finds the autoscaler at a name it builds itself,
+//! `autoscaler.knative-serving.svc.cluster.local:8080`, and there is no
+//! cluster DNS here: it runs in a mount namespace of its own whose
+//! `/etc/hosts` (bind-mounted, nothing on the host changes) maps that name to
+//! 127.0.0.1, where the autoscaler listens.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use k8s_openapi::api::core::v1::{Endpoints, Pod};
+use kube::api::{ListParams, PostParams};
+
+use crate::api::{client_for, collection_version, dynamic, list_json, resource, resource_of};
+use crate::cluster::ClusterRecord;
+use crate::knative::hops::{Hop, HopWatch};
+use crate::knative::objects::{self, REVISION_LABEL};
+use crate::measure::{all_open, watch_objects_started};
+use crate::real_node::{FUNCTION_BODY, FUNCTION_IMAGE};
+
+/// The activator's HTTP/1 port (networking.BackendHTTPPort), on every address.
+pub const ACTIVATOR_PORT: u16 = 8012;
+/// The image config-deployment's `queue-sidecar-image` names
+/// (hack/knative/serving-ste.yaml); `hack/build-images.sh queue-proxy`.
+pub const QUEUE_IMAGE: &str = "gcr.io/knative-releases/knative.dev/serving/cmd/queue:v1.15.2";
+/// Where the activator looks for the autoscaler (pkgnet.GetServiceHostname).
+const AUTOSCALER_HOST: &str = "autoscaler.knative-serving.svc.cluster.local";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RealError {
+    #[error("{what}: {detail}")]
+    Io { what: String, detail: String },
+    #[error("knative-activator exited ({status}); see {log}")]
+    Exited { status: String, log: PathBuf },
+    #[error("knative-activator not ready within {within:?} (is port {ACTIVATOR_PORT} free? its stat connection to the autoscaler up?); see {log}")]
+    NotReady { within: Duration, log: PathBuf },
+    #[error("request to {revision} through the activator: {detail}")]
+    Request { revision: String, detail: String },
+    #[error("{0}")]
+    Cluster(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RealError {
+    let what = what.into();
+    move |e| RealError::Io {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+fn cluster_err(e: impl std::fmt::Display) -> RealError {
+    RealError::Cluster(e.to_string())
+}
+
+/// Knative's activator as a host process, killed (and reaped) on drop.
+pub struct ActivatorProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for ActivatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `/etc/hosts` as the host has it, plus the autoscaler's service name.
+fn hosts_file(dir: &Path) -> Result<PathBuf, RealError> {
+    let mut hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    hosts.push_str(&format!(
+        "\n127.0.0.1 {AUTOSCALER_HOST} autoscaler.knative-serving.svc\n"
+    ));
+    let path = dir.join("activator-hosts");
+    std::fs::write(&path, hosts).map_err(io(format!("writing {}", path.display())))?;
+    Ok(path)
+}
+
+impl ActivatorProcess {
+    /// Starts `knative-activator` (or `STE_KNATIVE_ACTIVATOR_BIN`) with the
+    /// environment its release Deployment sets, its log in `logs`, and waits
+    /// (`within`) until it answers a kubelet probe with 200: it does once its
+    /// stat connection to the autoscaler is up.
+    pub async fn start(
+        record: &ClusterRecord,
+        logs: &Path,
+        within: Duration,
+    ) -> Result<ActivatorProcess, RealError> {
+        let binary = ste_testkit::upstream_binary("knative-activator", "STE_KNATIVE_ACTIVATOR_BIN")
+            .map_err(cluster_err)?;
+        std::fs::create_dir_all(logs).map_err(io(format!("creating {}", logs.display())))?;
+        let hosts = hosts_file(logs)?;
+        let log = logs.join("knative-activator.log");
+        let out = std::fs::File::create(&log).map_err(io(format!("creating {}", log.display())))?;
+        let err = out.try_clone().map_err(io("log file"))?;
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+            .arg(&hosts)
+            .arg(&binary)
+            .arg(format!("--kubeconfig={}", record.kubeconfig.display()))
+            .env("SYSTEM_NAMESPACE", "knative-serving")
+            .env("POD_NAME", "activator-0")
+            // Not in activator-service's Endpoints (none here): the throttler
+            // then takes every pod of a revision (assignSlice, index -1).
+            .env("POD_IP", "10.0.0.4")
+            .env("CONFIG_LOGGING_NAME", "config-logging")
+            .env("CONFIG_OBSERVABILITY_NAME", "config-observability")
+            .env("METRICS_DOMAIN", "knative.dev/internal/serving")
+            .env("PROFILING_PORT", "0")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(io("starting unshare (util-linux) for knative-activator"))?;
+        let mut activator = ActivatorProcess { child, log };
+        activator.wait_ready(within).await?;
+        Ok(activator)
+    }
+
+    async fn wait_ready(&mut self, within: Duration) -> Result<(), RealError> {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + within;
+        loop {
+            self.check()?;
+            let probe = http
+                .get(format!("http://127.0.0.1:{ACTIVATOR_PORT}/"))
+                .header("User-Agent", "kube-probe/1.34")
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if probe.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(RealError::NotReady {
+                    within,
+                    log: self.log.clone(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Fails if the activator exited.
+    pub fn check(&mut self) -> Result<(), RealError> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Err(RealError::Exited {
+                status: status.to_string(),
+                log: self.log.clone(),
+            }),
+            Ok(None) => Ok(()),
+            Err(e) => Err(io("waiting on knative-activator")(e)),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// A Knative Service of the function image (as Knative's webhook would
+/// leave it, see [`objects::service`]): min-scale 0, one pod at creation
+/// (`initial-scale: 1`) that the autoscaler then takes to zero.
+pub fn function_service(name: &str) -> Value {
+    let mut service = objects::service(name, "100m");
+    let template = &mut service["spec"]["template"];
+    template["metadata"]["annotations"]["autoscaling.knative.dev/initial-scale"] = json!("1");
+    template["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] = json!("0");
+    template["spec"]["containers"][0]["image"] = json!(FUNCTION_IMAGE);
+    service
+}
+
+/// Creates [`function_service`] `name` in the record's namespace.
+pub async fn create_function_service(record: &ClusterRecord, name: &str) -> Result<(), RealError> {
+    let mut service = function_service(name);
+    service["metadata"]["namespace"] = json!(record.namespace);
+    let client = client_for(record).map_err(cluster_err)?;
+    let services = dynamic(
+        &client,
+        &record.namespace,
+        &resource("serving.knative.dev", "v1", "Service", "services"),
+    );
+    let object = serde_json::from_value(service).map_err(cluster_err)?;
+    services
+        .create(&PostParams::default(), &object)
+        .await
+        .map_err(|e| RealError::Cluster(format!("creating Knative Service {name}: {e}")))?;
+    Ok(())
+}
+
+/// One request through the activator, as Knative's ingress sends it: the
+/// revision in `Knative-Serving-Revision` / `Knative-Serving-Namespace`
+/// (the activator routes on these), the Service's host in `Host`.
+pub async fn request(
+    namespace: &str,
+    service: &str,
+    timeout: Duration,
+) -> Result<(u16, String), RealError> {
+    let revision = objects::revision_of(service);
+    let err = |detail: String| RealError::Request {
+        revision: revision.clone(),
+        detail,
+    };
+    let response = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{ACTIVATOR_PORT}/"))
+        .header("Host", format!("{service}.{namespace}.example.com"))
+        .header("Knative-Serving-Revision", &revision)
+        .header("Knative-Serving-Namespace", namespace)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let status = response.status().as_u16();
+    let body = response.text().await.map_err(|e| err(e.to_string()))?;
+    Ok((status, body))
+}
+
+/// The hops of a real cold start, in order, as named in the tables.
+/// The hops of a real cold start, as named in the tables: the path to the
+/// first response, then what Kubernetes shows after it. Knative's activator
+/// does not wait for the pod to be Ready: it probes the pod IPs of the
+/// private Endpoints' `notReadyAddresses` itself (queue-proxy answers once
+/// the user container does), so the first response can come before the
+/// pod's Ready condition and its ready address.
+pub const REAL_HOPS: [&str; 9] = [
+    "deployment scaled",
+    "pod created",
+    "pod bound",
+    "container started",
+    IP_LISTED,
+    FIRST_RESPONSE,
+    "pod Ready",
+    "private Endpoints",
+    "private EndpointSlice",
+];
+/// The pod's IP in the revision's private Endpoints, ready or not.
+pub const IP_LISTED: &str = "pod IP in private Endpoints (not ready)";
+pub const FIRST_RESPONSE: &str = "first response";
+/// Hops in order on the path to the first response (each seen, none before
+/// the one before it); the pod IP listed is not ordered against the
+/// container start (one kubelet status update can carry both).
+const PATH: [[&str; 2]; 6] = [
+    ["deployment scaled", "pod created"],
+    ["pod created", "pod bound"],
+    ["pod bound", "container started"],
+    ["pod bound", IP_LISTED],
+    ["container started", FIRST_RESPONSE],
+    [IP_LISTED, FIRST_RESPONSE],
+];
+
+/// One cold start: milliseconds from the request sent to each hop, and what
+/// came back.
+#[derive(Clone, Debug, Serialize)]
+pub struct RealWake {
+    pub revision: String,
+    pub ms: BTreeMap<String, f64>,
+    pub status: u16,
+    pub body: String,
+}
+
+impl RealWake {
+    /// Whether the function's own body came back with 200.
+    pub fn answered(&self) -> bool {
+        self.status == 200 && self.body == FUNCTION_BODY
+    }
+
+    /// Hops of the path to the first response (and the pod's Ready) not
+    /// seen, or seen before the hop they follow.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out: Vec<String> = REAL_HOPS[..7]
+            .iter()
+            .filter(|hop| !self.ms.contains_key(**hop))
+            .map(|hop| format!("{hop}: not seen"))
+            .collect();
+        for [before, after] in PATH {
+            if let (Some(a), Some(b)) = (self.ms.get(before), self.ms.get(after)) {
+                if b + 0.5 < *a {
+                    out.push(format!("{after}: {b} ms, before {before} ({a} ms)"));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether the revision's user container runs in `pod`.
+fn container_started(revision: &str, pod: &Value) -> bool {
+    pod["metadata"]["labels"][REVISION_LABEL] == revision
+        && pod["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["name"] == "user-container" && c["state"]["running"].is_object())
+}
+
+/// Whether `endpoints` is the revision's private Endpoints with an
+/// address, ready or not.
+fn ip_listed(revision: &str, endpoints: &Value) -> bool {
+    endpoints["metadata"]["name"] == format!("{revision}-private")
+        && endpoints["subsets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| {
+                ["addresses", "notReadyAddresses"]
+                    .iter()
+                    .any(|k| s[*k].as_array().is_some_and(|a| !a.is_empty()))
+            })
+}
+
+type FirstSeen = Arc<Mutex<Option<Instant>>>;
+
+/// Watches a collection of the record's namespace (`pods`, `endpoints`)
+/// from now and keeps when `matches` first held.
+async fn first_seen(
+    record: &ClusterRecord,
+    collection: kube::api::ApiResource,
+    matches: impl Fn(&Value) -> bool + Send + 'static,
+) -> Result<(FirstSeen, tokio::task::JoinHandle<()>), RealError> {
+    let client = client_for(record).map_err(cluster_err)?;
+    let rv = collection_version(&dynamic(&client, &record.namespace, &collection))
+        .await
+        .map_err(cluster_err)?;
+    let seen: FirstSeen = Arc::default();
+    let at = seen.clone();
+    let (task, opened) = watch_objects_started(record, &collection, &rv, move |object, now| {
+        if matches(object) {
+            at.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(now);
+        }
+    })
+    .map_err(cluster_err)?;
+    // Open before the request: what follows is timed as it happens.
+    all_open(vec![opened], Duration::from_secs(10))
+        .await
+        .map_err(cluster_err)?;
+    Ok((seen, task))
+}
+
+/// Sends one request through the activator to `service`'s revision (at
+/// zero) and follows every hop until the response, and then the
+/// pod's Ready and ready addresses (20 s at most). `timeout` bounds the request.
+pub async fn cold_start(
+    record: &ClusterRecord,
+    service: &str,
+    timeout: Duration,
+) -> Result<RealWake, RealError> {
+    let revision = objects::revision_of(service);
+    let watch = HopWatch::start(record).await.map_err(cluster_err)?;
+    let rev = revision.clone();
+    let (started, pods) = first_seen(record, resource_of::<Pod>(), move |p| {
+        container_started(&rev, p)
+    })
+    .await?;
+    let rev = revision.clone();
+    let (listed, endpoints) = first_seen(record, resource_of::<Endpoints>(), move |e| {
+        ip_listed(&rev, e)
+    })
+    .await?;
+    let sent = Instant::now();
+    watch.woke(&revision, sent);
+    let answer = request(&record.namespace, service, timeout).await;
+    let answered = Instant::now();
+    // After the response: the pod's Ready (kubelet's probe of queue-proxy)
+    // and its ready addresses, 20 s at most.
+    let after = Instant::now() + Duration::from_secs(20);
+    let later = [Hop::PodReady, Hop::Endpoints, Hop::EndpointSlice];
+    while !later.iter().all(|h| watch.reached(&revision, *h)) && Instant::now() < after {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut ms: BTreeMap<String, f64> = watch
+        .wakes()
+        .into_iter()
+        .filter(|w| w.revision == revision)
+        .flat_map(|w| w.ms.into_iter().map(|(h, ms)| (h.name().to_string(), ms)))
+        .collect();
+    watch.stop();
+    pods.abort();
+    endpoints.abort();
+    let at =
+        |t: Instant| (t.saturating_duration_since(sent).as_secs_f64() * 10_000.0).round() / 10.0;
+    for (hop, seen) in [("container started", started), (IP_LISTED, listed)] {
+        if let Some(t) = *seen.lock().unwrap_or_else(|p| p.into_inner()) {
+            ms.insert(hop.into(), at(t));
+        }
+    }
+    let (status, body) = answer?;
+    ms.insert(FIRST_RESPONSE.into(), at(answered));
+    Ok(RealWake {
+        revision,
+        ms,
+        status,
+        body,
+    })
+}
+
+/// Waits until the revision's first pod is Ready (it was created at
+/// `initial-scale: 1`), then until the autoscaler took it back to zero.
+pub async fn wait_up_then_zero(
+    record: &ClusterRecord,
+    service: &str,
+    within: Duration,
+) -> Result<(), RealError> {
+    let client = client_for(record).map_err(cluster_err)?;
+    let deadline = Instant::now() + within;
+    let revision = objects::revision_of(service);
+    let pods_api = dynamic(&client, &record.namespace, &resource_of::<Pod>());
+    let selector = ListParams::default().labels(&format!("{REVISION_LABEL}={revision}"));
+    loop {
+        let pods: Value = list_json(&pods_api, &selector).await.map_err(cluster_err)?;
+        let ready = pods["items"].as_array().into_iter().flatten().any(|p| {
+            p["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
+        if ready {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(RealError::Cluster(format!(
+                "{revision}: no Ready pod within {within:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    back_to_zero(
+        record,
+        service,
+        deadline.saturating_duration_since(Instant::now()),
+    )
+    .await
+}
+
+/// Waits until the autoscaler took `service`'s revision to zero (no pod left).
+pub async fn back_to_zero(
+    record: &ClusterRecord,
+    service: &str,
+    within: Duration,
+) -> Result<(), RealError> {
+    let client = client_for(record).map_err(cluster_err)?;
+    objects::wait_at_zero(&client, &[service.to_string()], within)
+        .await
+        .map_err(cluster_err)
+}
+
+/// A plain-text table: per hop, p50 / max (ms from the request) of each arm.
+pub fn markdown(arms: &[(String, Vec<RealWake>)]) -> String {
+    let mut out = String::from("| arm | cold starts |");
+    for hop in REAL_HOPS {
+        out.push_str(&format!(" {hop} p50 / max (ms) |"));
+    }
+    out.push_str("\n|---|---:|");
+    out.push_str(&"---:|".repeat(REAL_HOPS.len()));
+    out.push('\n');
+    for (arm, wakes) in arms {
+        out.push_str(&format!("| {arm} | {} |", wakes.len()));
+        for hop in REAL_HOPS {
+            let mut v: Vec<f64> = wakes
+                .iter()
+                .filter_map(|w| w.ms.get(hop).copied())
+                .collect();
+            v.sort_by(f64::total_cmp);
+            match (v.get(v.len() / 2), v.last()) {
+                (Some(p50), Some(max)) => out.push_str(&format!(" {p50:.0} / {max:.0} |")),
+                _ => out.push_str(" – |"),
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wake(hops: &[(&str, f64)]) -> RealWake {
+        RealWake {
+            revision: "r".into(),
+            ms: hops.iter().map(|(h, ms)| (h.to_string(), *ms)).collect(),
+            status: 200,
+            body: FUNCTION_BODY.into(),
+        }
+    }
+
+    #[test]
+    fn a_wake_with_every_hop_in_order_has_no_problem() {
+        let hops: Vec<(&str, f64)> = REAL_HOPS
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (*h, i as f64 * 10.0))
+            .collect();
+        assert!(wake(&hops).problems().is_empty());
+        assert!(wake(&hops).answered());
+    }
+
+    #[test]
+    fn the_response_may_come_before_ready_but_not_before_the_ip_is_listed() {
+        let mut hops: Vec<(&str, f64)> = REAL_HOPS
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (*h, i as f64 * 10.0))
+            .collect();
+        hops.retain(|(h, _)| *h != "pod Ready");
+        hops.push(("pod Ready", 1000.0));
+        assert!(wake(&hops).problems().is_empty());
+        hops.retain(|(h, _)| *h != IP_LISTED);
+        hops.push((IP_LISTED, 999.0));
+        assert_eq!(
+            wake(&hops).problems(),
+            [format!(
+                "{FIRST_RESPONSE}: 50 ms, before {IP_LISTED} (999 ms)"
+            )]
+        );
+    }
+
+    #[test]
+    fn an_ip_listed_ready_or_not_counts_only_for_the_private_endpoints() {
+        let not_ready = json!({"metadata": {"name": "r-private"},
+            "subsets": [{"notReadyAddresses": [{"ip": "10.210.0.2"}]}]});
+        assert!(ip_listed("r", &not_ready));
+        assert!(!ip_listed("other", &not_ready));
+        let empty = json!({"metadata": {"name": "r-private"}, "subsets": [{"addresses": []}]});
+        assert!(!ip_listed("r", &empty));
+        let public = json!({"metadata": {"name": "r"},
+            "subsets": [{"addresses": [{"ip": "10.210.0.2"}]}]});
+        assert!(!ip_listed("r", &public));
+    }
+
+    #[test]
+    fn a_missing_or_early_hop_is_named() {
+        let w = wake(&[
+            ("deployment scaled", 5.0),
+            ("pod created", 3.0),
+            ("pod bound", 9.0),
+        ]);
+        let problems = w.problems();
+        assert!(
+            problems.iter().any(|p| p.starts_with("pod created: 3")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p == "pod Ready: not seen"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn the_function_service_runs_the_function_image_from_zero_min_scale() {
+        let s = function_service("f");
+        let t = &s["spec"]["template"];
+        assert_eq!(t["spec"]["containers"][0]["image"], FUNCTION_IMAGE);
+        assert_eq!(
+            t["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"],
+            "0"
+        );
+        assert_eq!(
+            t["metadata"]["annotations"]["autoscaling.knative.dev/initial-scale"],
+            "1"
+        );
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_arm_and_a_column_per_hop() {
+        let table = markdown(&[("stock".into(), vec![wake(&[("pod created", 12.0)])])]);
+        let row = table.lines().nth(2).unwrap();
+        assert!(row.starts_with("| stock | 1 |"), "{table}");
+        assert_eq!(row.matches('|').count(), REAL_HOPS.len() + 3, "{table}");
+        assert!(row.contains(" 12 / 12 |"), "{table}");
+    }
+}

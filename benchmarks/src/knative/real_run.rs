@@ -1,0 +1,232 @@
+//! `ste-bench coldstart-real`: N Knative cold starts on a real node, each
+//! one request through Knative's activator ([`super::real`]), per arm, and
+//! the per-hop table.
+//!
+//! Arms run one after another in one run, each on a cluster of its own
+//! (one real node, no kwok node): Knative's autoscaler (:8080) and activator
+//! (:8012) listen on fixed ports, so two clusters cannot run Knative at once
+//! and the arms cannot be interleaved.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use super::real::{self, ActivatorProcess, RealWake};
+use crate::cluster::{self, AgentArgs, Arm, UpArgs};
+use crate::coldstart::{BridgeProcess, Knative};
+use crate::real_node::RealNodeArgs;
+
+/// One arm of the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RealArm {
+    /// One durable etcd for everything.
+    Stock,
+    /// Pods in STE's shards.
+    Ste,
+    /// STE, and ste-activator-bridge's admission webhook binding every
+    /// revision pod at creation (`--mode=webhook`).
+    SteWebhook,
+}
+
+impl RealArm {
+    fn storage(self) -> Arm {
+        match self {
+            RealArm::Stock => Arm::Stock,
+            RealArm::Ste | RealArm::SteWebhook => Arm::Ste,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            RealArm::Stock => "stock",
+            RealArm::Ste => "ste",
+            RealArm::SteWebhook => "ste+webhook",
+        }
+    }
+
+    /// The arm's cluster directory under --dir: short, because containerd's
+    /// socket path below it must stay under 104 bytes.
+    fn dir_name(self) -> &'static str {
+        match self {
+            RealArm::Stock => "stock",
+            RealArm::Ste => "ste",
+            RealArm::SteWebhook => "ste-wh",
+        }
+    }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RealArgs {
+    /// Arms, run one after another.
+    #[arg(
+        long,
+        env = "STE_COLDSTART_REAL_ARMS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "stock,ste,ste-webhook"
+    )]
+    pub arms: Vec<RealArm>,
+    /// Cold starts per arm (each: one request, then back to zero).
+    #[arg(long, env = "STE_COLDSTART_REAL_COLD_STARTS", default_value_t = 3)]
+    pub cold_starts: usize,
+    /// RAM etcd shards (STE arms).
+    #[arg(long, env = "STE_COLDSTART_REAL_SHARDS", default_value_t = 2)]
+    pub shards: usize,
+    /// Images imported into the real node (hack/build-images.sh: pause,
+    /// function, queue-proxy at least).
+    #[arg(
+        long,
+        env = "STE_COLDSTART_REAL_IMAGES_DIR",
+        default_value = "target/images"
+    )]
+    pub images_dir: PathBuf,
+    /// ste-activator-bridge binary (ste-webhook arm); default: next to ste-bench.
+    #[arg(long, env = "STE_ACTIVATOR_BRIDGE_BIN")]
+    pub bridge_bin: Option<PathBuf>,
+    /// Working directory: one cluster directory per arm, logs kept.
+    #[arg(
+        long,
+        env = "STE_COLDSTART_REAL_DIR",
+        default_value = "target/bench/coldstart-real"
+    )]
+    pub dir: PathBuf,
+}
+
+/// One arm's cold starts.
+#[derive(Clone, Debug, Serialize)]
+pub struct ArmResult {
+    pub arm: RealArm,
+    pub wakes: Vec<RealWake>,
+}
+
+fn bridge_binary(args: &RealArgs) -> anyhow::Result<PathBuf> {
+    if let Some(b) = &args.bridge_bin {
+        return Ok(b.clone());
+    }
+    let candidate = std::env::current_exe()?.with_file_name("ste-activator-bridge");
+    anyhow::ensure!(
+        candidate.exists(),
+        "ste-activator-bridge not found next to ste-bench: build it (cargo build -p ste-activator-bridge) or set STE_ACTIVATOR_BRIDGE_BIN"
+    );
+    Ok(candidate)
+}
+
+/// The bridge as an admission webhook only, on a free loopback port with a
+/// certificate it makes and registers itself.
+async fn start_webhook(
+    args: &RealArgs,
+    record: &cluster::ClusterRecord,
+    logs: &Path,
+) -> anyhow::Result<BridgeProcess> {
+    let listen = format!("--webhook-listen=127.0.0.1:{}", ste_testkit::free_port());
+    let flags = [
+        "--mode=webhook",
+        listen.as_str(),
+        "--webhook-self-signed",
+        "--webhook-unregister-on-exit",
+        "--webhook-timeout=1s",
+    ];
+    BridgeProcess::start(
+        &bridge_binary(args)?,
+        record,
+        &logs.join("ste-activator-bridge.log"),
+        &flags,
+    )
+    .await
+}
+
+/// Knative, the activator (and the webhook) on a started cluster; the
+/// Service made and taken to zero once; then the cold starts.
+async fn cold_starts(
+    args: &RealArgs,
+    arm: RealArm,
+    record: &cluster::ClusterRecord,
+    logs: &Path,
+) -> anyhow::Result<Vec<RealWake>> {
+    let mut knative = Knative::start(record, logs).await?;
+    super::configure_autoscaler(record).await?;
+    let mut activator = ActivatorProcess::start(record, logs, Duration::from_secs(90)).await?;
+    let bridge = match arm {
+        RealArm::SteWebhook => Some(start_webhook(args, record, logs).await?),
+        _ => None,
+    };
+    let service = "fn-real";
+    real::create_function_service(record, service).await?;
+    real::wait_up_then_zero(record, service, Duration::from_secs(180)).await?;
+    let mut wakes = Vec::new();
+    for i in 0..args.cold_starts {
+        let wake = real::cold_start(record, service, Duration::from_secs(120)).await?;
+        anyhow::ensure!(
+            wake.answered(),
+            "{}: cold start {i}: the activator answered {} {:?}",
+            arm.name(),
+            wake.status,
+            wake.body
+        );
+        eprintln!(
+            "  {} cold start {i}: first response {:?} ms",
+            arm.name(),
+            wake.ms.get("first response")
+        );
+        wakes.push(wake);
+        real::back_to_zero(record, service, Duration::from_secs(120)).await?;
+    }
+    activator.check()?;
+    knative.check()?;
+    if let Some(b) = bridge {
+        b.stop();
+    }
+    Ok(wakes)
+}
+
+async fn run_arm(args: &RealArgs, arm: RealArm) -> anyhow::Result<Vec<RealWake>> {
+    let dir = std::path::absolute(args.dir.join(arm.dir_name()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let up = UpArgs {
+        arm: arm.storage(),
+        shards: args.shards,
+        nodes: 0,
+        events_to_ste: false,
+        client_qps: None,
+        fsync_delay: None,
+        apiserver_env: Vec::new(),
+        apiserver_bin: None,
+        dir: dir.clone(),
+    };
+    let real = RealNodeArgs {
+        real_nodes: 1,
+        images_dir: args.images_dir.clone(),
+    };
+    let record = cluster::up_with_real(&up, &AgentArgs::default(), &real)
+        .await
+        .with_context(|| format!("{}: cluster up with one real node", arm.name()))?;
+    let result = cold_starts(args, arm, &record, &dir.join("logs")).await;
+    let down = cluster::down(&cluster::DownArgs { dir }).await;
+    let wakes = result?;
+    down?;
+    Ok(wakes)
+}
+
+/// Runs every arm, prints the table and writes `<dir>/results.json`.
+pub async fn run(args: RealArgs) -> anyhow::Result<Vec<ArmResult>> {
+    anyhow::ensure!(args.cold_starts > 0, "--cold-starts must be at least 1");
+    let mut results = Vec::new();
+    for arm in &args.arms {
+        eprintln!("arm {}", arm.name());
+        let wakes = run_arm(&args, *arm).await?;
+        results.push(ArmResult { arm: *arm, wakes });
+    }
+    let table: Vec<(String, Vec<RealWake>)> = results
+        .iter()
+        .map(|r| (r.arm.name().to_string(), r.wakes.clone()))
+        .collect();
+    println!("{}", real::markdown(&table));
+    std::fs::create_dir_all(&args.dir)?;
+    let out = args.dir.join("results.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&results)?)?;
+    println!("results: {}", out.display());
+    Ok(results)
+}
