@@ -206,7 +206,7 @@ async fn bridge_story(arm: Arm) {
     let mut knative = Knative::start(record, &logs)
         .await
         .expect("Knative controller and autoscaler");
-    let http = ste_bench::churn::client().unwrap();
+    let http = ste_bench::api::client_for(record).unwrap();
 
     let ones = ["one-0", "one-1", "one-2", "one-3", "one-4"];
     let services = [
@@ -215,12 +215,10 @@ async fn bridge_story(arm: Arm) {
     for s in services {
         // "huge" asks for more CPU than any kwok node has (32).
         let cpu = if s == "huge" { "64" } else { "100m" };
-        coldstart::create_service(&http, record, s, cpu)
-            .await
-            .unwrap();
+        coldstart::create_service(&http, s, cpu).await.unwrap();
     }
     let all: Vec<String> = services.iter().map(|s| s.to_string()).collect();
-    coldstart::wait_at_zero(&http, record, &all, Duration::from_secs(60))
+    coldstart::wait_at_zero(&http, &all, Duration::from_secs(60))
         .await
         .expect("revisions at zero");
 
@@ -257,7 +255,7 @@ async fn bridge_story(arm: Arm) {
         .iter()
         .map(|s| (*s, 1))
         .chain([("three", 3)])
-        .map(|(s, n)| coldstart::scale_revision(&http, record, s, n));
+        .map(|(s, n)| coldstart::scale_revision(&http, s, n));
     for r in futures::future::join_all(wakes).await {
         r.unwrap();
     }
@@ -383,9 +381,7 @@ async fn bridge_story(arm: Arm) {
         &leader.metrics().await.unwrap(),
         "ste_activator_bridge_decisions_total",
     );
-    coldstart::scale_revision(&http, record, "huge", 1)
-        .await
-        .unwrap();
+    coldstart::scale_revision(&http, "huge", 1).await.unwrap();
     let m: std::collections::BTreeMap<String, f64> = wait_metric(
         &leader,
         "ste_activator_bridge_decisions_total",
@@ -410,9 +406,7 @@ async fn bridge_story(arm: Arm) {
         !by_bridge(pod) && pod["spec"]["nodeName"].is_null(),
         "huge's pod is the ReplicaSet's, unbound: {pod}"
     );
-    coldstart::scale_revision(&http, record, "huge", 0)
-        .await
-        .unwrap();
+    coldstart::scale_revision(&http, "huge", 0).await.unwrap();
 
     // Failover: the leader stops, the standby takes the Lease.
     leader.stop();
@@ -425,9 +419,7 @@ async fn bridge_story(arm: Arm) {
     .await;
     assert!(standby.alive());
     // Aggressive mode: it acts on the Deployment's 0→2 and sets the ReplicaSet's scale too.
-    coldstart::scale_revision(&http, record, "agg", 2)
-        .await
-        .unwrap();
+    coldstart::scale_revision(&http, "agg", 2).await.unwrap();
     let agg = converged(
         record,
         "agg",
@@ -460,9 +452,7 @@ async fn bridge_story(arm: Arm) {
     standby.stop();
 
     // Without any bridge: the same wake converges the same way.
-    coldstart::scale_revision(&http, record, "plain", 3)
-        .await
-        .unwrap();
+    coldstart::scale_revision(&http, "plain", 3).await.unwrap();
     let plain = converged(
         record,
         "plain",

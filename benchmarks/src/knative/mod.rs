@@ -5,6 +5,7 @@
 
 pub mod hops;
 pub mod objects;
+pub mod processes;
 pub mod real;
 pub mod real_run;
 pub mod stats;

@@ -2,7 +2,7 @@
 //! through Knative's own activator (issue 14, real-node half).
 //!
 //! Knative's controller and autoscaler run as host processes
-//! ([`crate::coldstart::Knative`]); this module adds the activator
+//! ([`crate::knative::processes::Knative`]); this module adds the activator
 //! (`knative-activator`, built by hack/build-upstream.sh at the pinned
 //! release). Revision pods run on a real node (kubelet + containerd, see
 //! [`crate::real_node`]): the function image as the user container, and

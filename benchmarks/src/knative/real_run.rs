@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::real::{self, ActivatorProcess, RealWake};
 use crate::cluster::{self, AgentArgs, Arm, UpArgs};
-use crate::coldstart::{BridgeProcess, Knative};
+use crate::knative::processes::{BridgeProcess, Knative};
 use crate::real_node::RealNodeArgs;
 
 /// One arm of the run.

@@ -1,0 +1,318 @@
+//! The processes the Knative suites run next to a local cluster: Knative
+//! Serving's own controller and autoscaler (built by hack/build-upstream.sh
+//! from the release pinned in hack/knative/go.mod; its CRDs and config maps
+//! vendored in hack/knative/) and ste-activator-bridge. Shared by
+//! `ste-bench coldstart`, `coldstart-real` and the activator-bridge tests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use k8s_openapi::api::coordination::v1::Lease;
+
+use crate::api::client_for;
+use crate::cluster::ClusterRecord;
+
+const CRDS: &str = include_str!("../../../hack/knative/serving-crds.yaml");
+const CONFIG: &str = include_str!("../../../hack/knative/serving-config.yaml");
+const STE_CONFIG: &str = include_str!("../../../hack/knative/serving-ste.yaml");
+
+fn kubectl(record: &ClusterRecord, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    use std::io::Write;
+    let binary = ste_testkit::kubectl_binary()?;
+    let mut child = Command::new(&binary)
+        .arg(format!("--kubeconfig={}", record.kubeconfig.display()))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", binary.display()))?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(input.as_bytes())?;
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A child process killed (and reaped) on drop.
+struct Owned {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Knative Serving's controller and autoscaler, running against a local cluster.
+pub struct Knative {
+    processes: Vec<Owned>,
+    // Knative's autoscaler binds its stat server to :8080 (a constant in
+    // cmd/autoscaler): one at a time on this machine.
+    _port_lock: std::fs::File,
+}
+
+impl Knative {
+    /// Installs the CRDs and config (vendored release YAML plus
+    /// hack/knative/serving-ste.yaml), starts the controller and the
+    /// autoscaler with their logs in `logs`, and waits until both lead.
+    pub async fn start(record: &ClusterRecord, logs: &Path) -> anyhow::Result<Knative> {
+        let lock_path = std::env::temp_dir().join("ste-knative-autoscaler-8080.lock");
+        let lock = std::fs::File::create(&lock_path)
+            .with_context(|| format!("creating {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            eprintln!(
+                "  (another Knative autoscaler holds :8080 on this machine; waiting for {})",
+                lock_path.display()
+            );
+            let lock = lock.try_clone()?;
+            tokio::task::spawn_blocking(move || lock.lock()).await??;
+        }
+        kubectl(record, &["apply", "--server-side", "-f", "-"], Some(CRDS))
+            .context("installing Knative's CRDs")?;
+        kubectl(
+            record,
+            &[
+                "wait",
+                "--for=condition=Established",
+                "crd",
+                "--all",
+                "--timeout=60s",
+            ],
+            None,
+        )?;
+        kubectl(record, &["apply", "--server-side", "-f", "-"], Some(CONFIG))
+            .context("installing Knative's config maps")?;
+        kubectl(
+            record,
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=ste",
+                "-f",
+                "-",
+            ],
+            Some(STE_CONFIG),
+        )
+        .context("applying hack/knative/serving-ste.yaml")?;
+
+        std::fs::create_dir_all(logs)?;
+        let mut knative = Knative {
+            processes: Vec::new(),
+            _port_lock: lock,
+        };
+        let kubeconfig = format!("--kubeconfig={}", record.kubeconfig.display());
+        for (name, binary, env_name, domain) in [
+            (
+                "knative-controller",
+                "knative-controller",
+                "STE_KNATIVE_CONTROLLER_BIN",
+                "knative.dev/internal/serving",
+            ),
+            (
+                "knative-autoscaler",
+                "knative-autoscaler",
+                "STE_KNATIVE_AUTOSCALER_BIN",
+                "knative.dev/serving",
+            ),
+        ] {
+            let binary = ste_testkit::upstream_binary(binary, env_name)?;
+            let log = logs.join(format!("{name}.log"));
+            let out = std::fs::File::create(&log)?;
+            let child = Command::new(&binary)
+                .arg(&kubeconfig)
+                .env("SYSTEM_NAMESPACE", "knative-serving")
+                .env("POD_NAME", format!("{name}-0"))
+                // Published in the autoscaler's bucket Endpoints, which refuse loopback
+                // addresses; with one autoscaler nothing ever connects to it.
+                .env("POD_IP", "10.0.0.3")
+                .env("CONFIG_LOGGING_NAME", "config-logging")
+                .env("CONFIG_OBSERVABILITY_NAME", "config-observability")
+                .env("METRICS_DOMAIN", domain)
+                // Profiling is off (config-observability) but its server always listens: any free port.
+                .env("PROFILING_PORT", "0")
+                .stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out)
+                .spawn()
+                .with_context(|| format!("starting {}", binary.display()))?;
+            knative.processes.push(Owned {
+                name: name.into(),
+                child,
+                log,
+            });
+        }
+        let leases = kube::Api::<Lease>::namespaced(client_for(record)?, "knative-serving");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            knative.check()?;
+            let holders: Vec<String> = leases
+                .list(&kube::api::ListParams::default())
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|l| l.spec.as_ref().is_some_and(|s| s.holder_identity.is_some()))
+                .filter_map(|l| l.metadata.name)
+                .collect();
+            let controller = holders
+                .iter()
+                .any(|h| h.starts_with("controller.knative.dev.serving.pkg.reconciler.revision"));
+            let autoscaler = holders.iter().any(|h| h == "autoscaler-bucket-00-of-01");
+            if controller && autoscaler {
+                return Ok(knative);
+            }
+            if Instant::now() > deadline {
+                bail!("Knative did not take its leases within 90s (controller: {controller}, autoscaler: {autoscaler}); see {}", logs.display());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Fails if a component exited.
+    pub fn check(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.processes {
+            if let Some(status) = p.child.try_wait()? {
+                bail!("{} exited ({status}); see {}", p.name, p.log.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// ste-activator-bridge as a child process with its admin port.
+pub struct BridgeProcess {
+    process: Owned,
+    pub admin: String,
+}
+
+impl BridgeProcess {
+    /// Starts the bridge (extra flags appended) and waits for /readyz.
+    pub async fn start(
+        binary: &Path,
+        record: &ClusterRecord,
+        log: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<BridgeProcess> {
+        let admin = format!("127.0.0.1:{}", ste_testkit::free_port());
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(binary)
+            .arg(format!("--kubeconfig={}", record.kubeconfig.display()))
+            .arg(format!("--admin-listen={admin}"))
+            .args(extra)
+            .env("RUST_LOG", "info,ste_activator_bridge=debug")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut bridge = BridgeProcess {
+            process: Owned {
+                name: "ste-activator-bridge".into(),
+                child,
+                log: log.to_path_buf(),
+            },
+            admin,
+        };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = bridge.process.child.try_wait()? {
+                bail!(
+                    "ste-activator-bridge exited ({status}); see {}",
+                    log.display()
+                );
+            }
+            if let Ok(r) = http
+                .get(format!("http://{}/readyz", bridge.admin))
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    return Ok(bridge);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "ste-activator-bridge not ready within 30s; see {}",
+                    log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.process.child.try_wait(), Ok(None))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
+    /// Its /metrics as (series with labels → value), e.g.
+    /// `ste_activator_bridge_races_total{result="won"}`.
+    pub async fn metrics(&self) -> anyhow::Result<BTreeMap<String, f64>> {
+        let body = reqwest::Client::new()
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                l.rsplit_once(' ')
+                    .and_then(|(k, v)| v.parse().ok().map(|v| (k.to_string(), v)))
+            })
+            .collect())
+    }
+
+    /// Stops it (SIGTERM, so it releases its Lease) and waits up to 5 s, then kills.
+    pub fn stop(mut self) {
+        let pid = self.process.child.id() as i32;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.process.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Sum of a metric family's series (all label values).
+pub fn metric_sum(metrics: &BTreeMap<String, f64>, prefix: &str) -> f64 {
+    metrics
+        .iter()
+        .filter(|(k, _)| *k == prefix || k.starts_with(&format!("{prefix}{{")))
+        .map(|(_, v)| v)
+        // Not `.sum()`: an empty float sum is -0.0, printed "-0".
+        .fold(0.0, |total, v| total + v)
+}
