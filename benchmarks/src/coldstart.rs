@@ -431,7 +431,7 @@ async fn run_arm(
         repeat + 1,
         args.repeats,
         args.nodes,
-        env.qps_name()
+        crate::arms::qps_name(crate::arms::client_qps(arm, env.client_qps))
     );
     let record = crate::cluster::up_arm(arm, &env, dir.clone()).await?;
     let leases = keep_node_leases(&record)?;

@@ -241,7 +241,7 @@ async fn measure(
     let mut progress = Progress::new(
         format!(
             "{arm:?} ({}), {prefix}, {:.1}/s: sent",
-            qps_name(client_qps),
+            qps_name(crate::arms::client_qps(arm, client_qps)),
             1.0 / interarrival.as_secs_f64()
         ),
         total as u64,
