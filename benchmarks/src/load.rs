@@ -23,7 +23,7 @@ use crate::api::{
 };
 use crate::arms::{parse_qps, qps_name};
 use crate::cluster::{self, Arm, ClusterRecord};
-use crate::measure::{cpu_by_component, watch_pods};
+use crate::measure::{cpu_by_component, cpu_used, watch_pods};
 use crate::progress::Progress;
 use crate::stats::Samples;
 
@@ -321,17 +321,7 @@ async fn measure(
             running.push(at.saturating_duration_since(*due));
         }
     }
-    let cpu_seconds = cpu_after
-        .iter()
-        .map(|(name, after)| {
-            let before = cpu_before
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, b)| *b)
-                .unwrap_or(0.0);
-            (name.clone(), after - before)
-        })
-        .collect();
+    let cpu_seconds = cpu_used(&cpu_before, &cpu_after);
     bound_samples.sort_by(|a, b| a.0.total_cmp(&b.0));
     Ok(ArmResult {
         arm,

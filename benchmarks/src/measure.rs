@@ -169,6 +169,21 @@ where
     false
 }
 
+/// CPU seconds each component used between two [`cpu_by_component`] readings.
+pub fn cpu_used(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, f64)> {
+    after
+        .iter()
+        .map(|(name, spent)| {
+            let earlier = before
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, b)| *b)
+                .unwrap_or(0.0);
+            (name.clone(), spent - earlier)
+        })
+        .collect()
+}
+
 /// CPU seconds used so far by each component (its whole process group).
 pub fn cpu_by_component(record: &ClusterRecord) -> Vec<(String, f64)> {
     let mut by_kind: Vec<(String, f64)> = Vec::new();

@@ -25,7 +25,7 @@ use crate::api::{
 };
 use crate::arms::parse_qps;
 use crate::cluster::{self, Arm, ClusterRecord};
-use crate::measure::{cpu_by_component, watch_objects, watch_pods};
+use crate::measure::{cpu_by_component, cpu_used, watch_objects, watch_pods};
 use crate::progress::Progress;
 use crate::stats::Samples;
 
@@ -266,17 +266,7 @@ async fn measure_level(
         .map(|t| t.saturating_duration_since(start).as_secs_f64() * 1e3)
         .collect();
     running_ms.sort_by(|a, b| a.total_cmp(b));
-    let cpu_seconds = cpu_after
-        .iter()
-        .map(|(name, after)| {
-            let before = cpu_before
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, b)| *b)
-                .unwrap_or(0.0);
-            (name.clone(), after - before)
-        })
-        .collect();
+    let cpu_seconds = cpu_used(&cpu_before, &cpu_after);
     Ok(LevelResult {
         arm,
         parallelism,

@@ -61,6 +61,19 @@ impl Fixture {
         specs: &[ShardSpec],
         replication_factor: u8,
     ) -> Arc<Store> {
+        let config = StoreConfig {
+            replication_factor,
+            ..Default::default()
+        };
+        Self::open_on_with(shards, specs, config).await
+    }
+
+    /// A store over `shards` with `config`, its shard timeouts shortened.
+    async fn open_on_with(
+        shards: &BTreeMap<String, MemoryShard>,
+        specs: &[ShardSpec],
+        config: StoreConfig,
+    ) -> Arc<Store> {
         let by_name = shards.clone();
         let connector: Connector = Arc::new(move |spec: &ShardSpec| {
             let shard = by_name
@@ -73,8 +86,7 @@ impl Fixture {
         let config = StoreConfig {
             shard_timeout: Duration::from_millis(500),
             load_timeout: Duration::from_millis(200),
-            replication_factor,
-            ..Default::default()
+            ..config
         };
         Store::open_with(config, specs, Arc::new(Metrics::default()), connector)
             .await

@@ -21,23 +21,7 @@ async fn open_with(members: usize, config: StoreConfig) -> Fixture {
         .map(|i| (format!("s{i}"), MemoryShard::new()))
         .collect();
     let specs: Vec<ShardSpec> = (0..members).map(|i| spec(&format!("s{i}"))).collect();
-    let by_name = shards.clone();
-    let connector: Connector = Arc::new(move |spec: &ShardSpec| {
-        let shard = by_name
-            .get(spec.id.as_str())
-            .cloned()
-            .ok_or_else(|| StoreError::Internal(format!("no memory shard {}", spec.id)))?;
-        let client: Arc<dyn ShardClient> = Arc::new(shard);
-        Ok(client)
-    });
-    let config = StoreConfig {
-        shard_timeout: Duration::from_millis(500),
-        load_timeout: Duration::from_millis(200),
-        ..config
-    };
-    let store = Store::open_with(config, &specs, Arc::new(Metrics::default()), connector)
-        .await
-        .expect("store opens on memory shards");
+    let store = Fixture::open_on_with(&shards, &specs, config).await;
     Fixture { store, shards }
 }
 
