@@ -228,5 +228,111 @@ pub async fn run(args: RealArgs) -> anyhow::Result<Vec<ArmResult>> {
     let out = args.dir.join("results.json");
     std::fs::write(&out, serde_json::to_string_pretty(&results)?)?;
     println!("results: {}", out.display());
+    let figures = crate::plots::write_suite(
+        crate::plots::Suite::Coldstart,
+        "coldstart-real",
+        plotted_wakes(&results),
+        &args.dir,
+    )?;
+    for figure in figures {
+        println!("plot: {}", figure.display());
+    }
     Ok(results)
+}
+
+/// The path to the first response, in the cold-start figures' hop names
+/// (`ste-bench plot --suite coldstart` reads this list): the hops after it
+/// (the pod's Ready, its ready addresses) are left out, so every bar stacks
+/// up to the first response.
+fn plotted_wakes(results: &[ArmResult]) -> serde_json::Value {
+    const NAMES: [(&str, &str); 6] = [
+        ("deployment scaled", "scaled"),
+        ("pod created", "created"),
+        ("pod bound", "bound"),
+        ("container started", "container started"),
+        (real::IP_LISTED, "IP listed"),
+        (real::FIRST_RESPONSE, "first response"),
+    ];
+    let wakes: Vec<serde_json::Value> = results
+        .iter()
+        .flat_map(|r| {
+            r.wakes.iter().enumerate().map(|(i, w)| {
+                let hops: Vec<(&str, f64)> = std::iter::once(("wake", 0.0))
+                    .chain(
+                        NAMES
+                            .iter()
+                            .filter_map(|(key, name)| w.ms.get(*key).map(|ms| (*name, *ms))),
+                    )
+                    .collect();
+                serde_json::json!({
+                    "arm": r.arm.name(),
+                    "revisions": 1,
+                    "repeat": i,
+                    "hops_ms": hops,
+                })
+            })
+        })
+        .collect();
+    serde_json::Value::Array(wakes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wake(ms: &[(&str, f64)]) -> RealWake {
+        RealWake {
+            revision: "fn-00001".into(),
+            ms: ms.iter().map(|(h, t)| (h.to_string(), *t)).collect(),
+            status: 200,
+            body: crate::real_node::FUNCTION_BODY.into(),
+        }
+    }
+
+    #[test]
+    fn figures_stack_the_hops_up_to_the_first_response_in_order() {
+        let results = vec![ArmResult {
+            arm: RealArm::Ste,
+            wakes: vec![
+                wake(&[
+                    ("deployment scaled", 20.0),
+                    ("pod created", 116.0),
+                    ("pod bound", 143.0),
+                    ("container started", 1599.0),
+                    (real::IP_LISTED, 1615.0),
+                    (real::FIRST_RESPONSE, 1624.0),
+                    ("pod Ready", 1643.0),
+                ]),
+                wake(&[("pod bound", 90.0), (real::FIRST_RESPONSE, 1500.0)]),
+            ],
+        }];
+        let plots = crate::plots::Suite::Coldstart
+            .read("coldstart-real", &[("run".into(), plotted_wakes(&results))])
+            .expect("the cold-start reader takes the list");
+        assert_eq!(plots.wakes.len(), 2);
+        let hops: Vec<&str> = plots.wakes[0]
+            .hops_ms
+            .iter()
+            .map(|(h, _)| h.as_str())
+            .collect();
+        // Pod Ready comes after the response on a real node: left out.
+        assert_eq!(
+            hops,
+            [
+                "wake",
+                "scaled",
+                "created",
+                "bound",
+                "container started",
+                "IP listed",
+                "first response"
+            ]
+        );
+        assert_eq!(plots.wakes[1].hops_ms.last().unwrap().1, 1500.0);
+        assert_eq!(
+            (plots.wakes[0].repeat, plots.wakes[1].repeat),
+            (0, 1),
+            "each cold start is one repeat (the spread)"
+        );
+    }
 }

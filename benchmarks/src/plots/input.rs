@@ -59,11 +59,16 @@ pub struct Wake {
 }
 
 /// The hops of a Knative cold start, in order; a wake lists those it reached.
-pub const COLDSTART_HOPS: [&str; 7] = [
+/// `container started` and `IP listed` are the real node's (`coldstart-real`:
+/// Knative's activator sends the request to a pod IP listed not ready,
+/// before the pod is Ready).
+pub const COLDSTART_HOPS: [&str; 9] = [
     "wake",
     "scaled",
     "created",
     "bound",
+    "container started",
+    "IP listed",
     "ready",
     "endpoints",
     "first response",
