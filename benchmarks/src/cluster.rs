@@ -102,6 +102,25 @@ pub struct UpCommand {
     pub topology: crate::arms::Topology,
 }
 
+impl UpArgs {
+    /// `arm` with `shards` and `nodes` kwok nodes in `dir`, everything else
+    /// as Kubernetes ships it: no fsync delay, default client limits, events
+    /// in the durable etcd, the built kube-apiserver.
+    pub fn plain(arm: Arm, shards: usize, nodes: usize, dir: PathBuf) -> UpArgs {
+        UpArgs {
+            arm,
+            shards,
+            nodes,
+            events_to_ste: false,
+            client_qps: None,
+            fsync_delay: None,
+            apiserver_env: Vec::new(),
+            apiserver_bin: None,
+            dir,
+        }
+    }
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct DownArgs {
     /// The directory given to `cluster up`.

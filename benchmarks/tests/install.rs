@@ -523,17 +523,7 @@ async fn install_md_on_a_real_node_then_uninstall_back_to_stock() {
         .prefix("ste-install-")
         .tempdir()
         .unwrap();
-    let up = UpArgs {
-        arm: Arm::Stock,
-        shards: 1,
-        nodes: 0,
-        events_to_ste: false,
-        client_qps: None,
-        fsync_delay: None,
-        apiserver_env: Vec::new(),
-        apiserver_bin: None,
-        dir: dir.path().join("cluster"),
-    };
+    let up = UpArgs::plain(Arm::Stock, 1, 0, dir.path().join("cluster"));
     let real = RealNodeArgs {
         real_nodes: 1,
         images_dir: images,

@@ -50,17 +50,7 @@ async fn one_request_through_the_activator_wakes_a_revision_on_a_real_node_and_g
     let started = Instant::now();
     // STE_KEEP_TEST_DIR=1 keeps the cluster's and the components' logs.
     let (dir, _guard) = ste_testkit::test_dir("knative-real-");
-    let up = UpArgs {
-        arm: Arm::Stock,
-        shards: 1,
-        nodes: 0,
-        events_to_ste: false,
-        client_qps: None,
-        fsync_delay: None,
-        apiserver_env: Vec::new(),
-        apiserver_bin: None,
-        dir: dir.clone(),
-    };
+    let up = UpArgs::plain(Arm::Stock, 1, 0, dir.clone());
     let real = RealNodeArgs {
         real_nodes: 1,
         images_dir: repo_root().join("target/images"),

@@ -42,17 +42,7 @@ async fn the_autoscaler_wakes_revisions_from_activator_stats_and_takes_them_back
     let started = Instant::now();
     // STE_KEEP_TEST_DIR=1 keeps the cluster's and the components' logs.
     let (dir, _guard) = ste_testkit::test_dir("knative-wake-");
-    let up = UpArgs {
-        arm: Arm::Stock,
-        shards: 2,
-        nodes: 4,
-        events_to_ste: false,
-        client_qps: None,
-        fsync_delay: None,
-        apiserver_env: Vec::new(),
-        apiserver_bin: None,
-        dir: dir.clone(),
-    };
+    let up = UpArgs::plain(Arm::Stock, 2, 4, dir.clone());
     let record = cluster::up(&up).await.expect("cluster up");
     let running = RunningCluster::new(record.clone());
     let record = running.record();

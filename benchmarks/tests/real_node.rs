@@ -49,17 +49,7 @@ async fn real_nodes_run_the_function_image_by_pod_ip_and_down_removes_them_even_
         .prefix("ste-real-node-")
         .tempdir()
         .unwrap();
-    let up = UpArgs {
-        arm: Arm::Stock,
-        shards: 1,
-        nodes: 2,
-        events_to_ste: false,
-        client_qps: None,
-        fsync_delay: None,
-        apiserver_env: Vec::new(),
-        apiserver_bin: None,
-        dir: dir.path().to_path_buf(),
-    };
+    let up = UpArgs::plain(Arm::Stock, 1, 2, dir.path().to_path_buf());
     let real = RealNodeArgs {
         real_nodes: 2,
         images_dir: images,

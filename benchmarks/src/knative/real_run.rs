@@ -185,17 +185,7 @@ async fn cold_starts(
 async fn run_arm(args: &RealArgs, arm: RealArm) -> anyhow::Result<Vec<RealWake>> {
     let dir = std::path::absolute(args.dir.join(arm.dir_name()))?;
     let _ = std::fs::remove_dir_all(&dir);
-    let up = UpArgs {
-        arm: arm.storage(),
-        shards: args.shards,
-        nodes: 0,
-        events_to_ste: false,
-        client_qps: None,
-        fsync_delay: None,
-        apiserver_env: Vec::new(),
-        apiserver_bin: None,
-        dir: dir.clone(),
-    };
+    let up = UpArgs::plain(arm.storage(), args.shards, 0, dir.clone());
     let real = RealNodeArgs {
         real_nodes: 1,
         images_dir: args.images_dir.clone(),
