@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod knative;
 pub mod load;
 pub mod measure;
+pub mod model;
 pub mod members;
 pub mod plots;
 pub mod progress;

@@ -50,6 +50,10 @@ enum Command {
     /// pods lost and recreated, time until every ReplicaSet is whole again,
     /// errors and relists of a client watch.
     Failure(failure::FailureArgs),
+    /// The capacity model on paper (docs/capacity.md): from a churn results
+    /// file's CPU per component, each resource's ceiling in Deployments/s per
+    /// arm and core count, the predicted sustained churn and its bottleneck.
+    Model(ste_bench::model::ModelArgs),
     /// The README's demo: the stock, tuned, override and STE arms side by side on a short
     /// churn burst, with an 8 ms fsync on the durable etcd, then the table and plots.
     Demo {
@@ -109,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Members(args) => members::run(args).await.map(|_| ()),
         Command::Failure(args) => failure::run(args).await.map(|_| ()),
+        Command::Model(args) => ste_bench::model::run(args),
         Command::Demo { seconds } => {
             let args = churn::ChurnArgs {
                 arms: vec![
