@@ -6,6 +6,7 @@
 //! dark in hop order; the bar's outline is the arm's colour.
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::figure::{self, Axis, Description, DrawError, Figure, Series};
 use super::header::{self, entry, quantile};
@@ -73,8 +74,14 @@ pub fn render(file: &str, wakes: &[Wake], q: f64) -> Result<Figure, DrawError> {
     let mut svg = String::new();
     let mut series = Vec::new();
     {
-        let root =
-            SVGBackend::with_string(&mut svg, figure::size(scales.len())).into_drawing_area();
+        let layout = Labels::for_arms(&arms);
+        let (_, h) = figure::size(scales.len());
+        let (rows, cols) = figure::grid(scales.len());
+        let size = (
+            cols as u32 * panel_width(arms.len()),
+            h + rows as u32 * layout.extra_height(),
+        );
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
         let err = |e: &dyn std::fmt::Display| DrawError::new(file, e);
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let (top, body) = root.split_vertically(figure::HEADER);
@@ -97,7 +104,6 @@ pub fn render(file: &str, wakes: &[Wake], q: f64) -> Result<Figure, DrawError> {
                 .iter()
                 .filter_map(|s| s.last().map(|l| l.1))
                 .fold(0.0, f64::max);
-            let names = arms.clone();
             let mut chart = ChartBuilder::on(area)
                 .caption(
                     match scale {
@@ -108,13 +114,13 @@ pub fn render(file: &str, wakes: &[Wake], q: f64) -> Result<Figure, DrawError> {
                 )
                 .margin(8)
                 .margin_right(24)
-                .x_label_area_size(36)
+                .x_label_area_size(layout.area())
                 .y_label_area_size(56)
                 .build_cartesian_2d(Slots(arms.len()), 0.0..(top_ms.max(1.0) * 1.1) / 1000.0)
                 .map_err(|e| err(&e))?;
             chart
                 .configure_mesh()
-                .x_label_formatter(&|v| names.get(v.round() as usize).cloned().unwrap_or_default())
+                .x_label_formatter(&|_| String::new())
                 .y_desc(format!("seconds from the wake ({pct})"))
                 .light_line_style(WHITE)
                 .draw()
@@ -145,6 +151,7 @@ pub fn render(file: &str, wakes: &[Wake], q: f64) -> Result<Figure, DrawError> {
                     )])
                     .map_err(|e| err(&e))?;
             }
+            draw_labels(&root, &chart, &layout, arms.len()).map_err(|e| err(&e))?;
         }
         root.present().map_err(|e| err(&e))?;
     }
@@ -163,4 +170,136 @@ pub fn render(file: &str, wakes: &[Wake], q: f64) -> Result<Figure, DrawError> {
             legend,
         },
     })
+}
+
+/// How the arms' names fit under their bars: on one line when they fit side
+/// by side in a panel, else each name wrapped at its spaces and `+` into
+/// lines as wide as its bar (the panel grows by the extra lines), so nine
+/// arms' names never overprint each other.
+pub struct Labels {
+    lines: Vec<Vec<String>>,
+}
+
+/// Pixels per character of an axis label (11 px sans-serif, with margin).
+const LABEL_CHAR: u32 = 6;
+/// Pixels per label line.
+const LABEL_LINE: u32 = 13;
+/// Room left and right of a panel's bars (the y axis and margins).
+const PANEL_MARGINS: u32 = 90;
+/// The narrowest a bar's slot gets: a panel of many arms grows wider.
+const MIN_SLOT: u32 = 72;
+
+/// A panel's width for `bars` bars.
+pub fn panel_width(bars: usize) -> u32 {
+    figure::PANEL.0.max(PANEL_MARGINS + MIN_SLOT * bars as u32)
+}
+
+impl Labels {
+    pub fn for_arms(arms: &[String]) -> Labels {
+        let per_bar = (panel_width(arms.len()) - PANEL_MARGINS) / (arms.len().max(1) as u32);
+        let width = (per_bar / LABEL_CHAR).max(4) as usize;
+        Labels {
+            lines: arms.iter().map(|a| wrap(a, width)).collect(),
+        }
+    }
+
+    /// The lines under bar `i`.
+    pub fn lines(&self, i: usize) -> &[String] {
+        self.lines.get(i).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    fn most_lines(&self) -> u32 {
+        self.lines.iter().map(Vec::len).max().unwrap_or(1).max(1) as u32
+    }
+
+    /// Height of the label area under the bars.
+    fn area(&self) -> u32 {
+        36 + (self.most_lines() - 1) * LABEL_LINE
+    }
+
+    /// What the figure grows by per row of panels.
+    fn extra_height(&self) -> u32 {
+        self.area() - 36
+    }
+}
+
+/// `name` in lines of at most `width` characters, broken after a space or a
+/// `+` (kept at the line's end); a longer piece gets a line of its own.
+fn wrap(name: &str, width: usize) -> Vec<String> {
+    let mut pieces: Vec<String> = Vec::new();
+    let mut piece = String::new();
+    for c in name.chars() {
+        piece.push(c);
+        if c == ' ' || c == '+' {
+            pieces.push(std::mem::take(&mut piece));
+        }
+    }
+    if !piece.is_empty() {
+        pieces.push(piece);
+    }
+    let mut lines: Vec<String> = Vec::new();
+    let mut line = String::new();
+    for piece in pieces {
+        if !line.is_empty() && line.chars().count() + piece.trim_end().chars().count() > width {
+            lines.push(line.trim_end().to_string());
+            line.clear();
+        }
+        line.push_str(&piece);
+    }
+    if !line.trim().is_empty() {
+        lines.push(line.trim_end().to_string());
+    }
+    lines
+}
+
+/// Draws `labels` under the bars of `chart` on `root` (absolute pixels).
+fn draw_labels<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    chart: &ChartContext<'_, DB, Cartesian2d<Slots, plotters::coord::types::RangedCoordf64>>,
+    labels: &Labels,
+    bars: usize,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let style = ("sans-serif", 11)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Center, VPos::Top));
+    for i in 0..bars {
+        let (x, y) = chart.backend_coord(&(i as f64, 0.0));
+        for (n, line) in labels.lines(i).iter().enumerate() {
+            let at = (x, y + 6 + n as i32 * LABEL_LINE as i32);
+            root.draw(&Text::new(line.clone(), at, style.clone()))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_short_arm_names_keep_one_line() {
+        let arms: Vec<String> = ["stock", "stock-qps", "ste"].map(String::from).to_vec();
+        let labels = Labels::for_arms(&arms);
+        assert_eq!(labels.lines(1), ["stock-qps"]);
+        assert_eq!(labels.extra_height(), 0);
+    }
+
+    #[test]
+    fn long_names_wrap_at_spaces_and_plus_and_keep_every_character() {
+        let name = "stock-qps+bridge aggressive+webhook";
+        let lines = wrap(name, 8);
+        assert_eq!(lines, ["stock-qps+", "bridge", "aggressive+", "webhook"]);
+        let arms = vec![name.to_string(); 9];
+        assert_eq!(panel_width(9), 90 + 9 * 72);
+        let labels = Labels::for_arms(&arms);
+        assert_eq!(
+            labels.lines(0).concat().replace(' ', ""),
+            name.replace(' ', "")
+        );
+        assert_eq!(
+            labels.extra_height(),
+            (labels.lines(0).len() as u32 - 1) * LABEL_LINE
+        );
+    }
 }
