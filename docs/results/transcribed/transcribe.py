@@ -11,7 +11,7 @@ import json
 import re
 
 TABLES = {
-    # file: (first and last line of the table's rows in docs/benchmarks.md, heading it follows)
+    # file: the line the table follows in docs/benchmarks.md (its rows are the first after it)
     "churn-qps200-2026-12-02.json": "**Rerun at 10, 20 and 30/s**",
     "churn-qps200-2026-11-22.json": "`ste-bench churn --arms stock,tuned,ste --sweep 10,20,30,40",
     "churn-default-qps-2026-11-22.json": "With Kubernetes' **default client limits**",
