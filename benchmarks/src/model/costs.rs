@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::ModelError;
+use super::error::ModelError;
 use crate::arms::Arm;
 
 /// One step of `ste-bench churn`'s results.json (the fields the model reads).

@@ -6,6 +6,7 @@
 
 pub mod ceilings;
 pub mod costs;
+pub mod error;
 pub mod facts;
 pub mod report;
 pub mod stores;
@@ -13,29 +14,8 @@ pub mod stores;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use error::ModelError;
 use facts::{ClientLimit, Layout};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} is not the results file expected: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("{path}: a {arm} step sent nothing or has no positive offered rate")]
-    BadStep { path: PathBuf, arm: String },
-    #[error("{path} has no churn step of an arm the tool started")]
-    NoArms { path: PathBuf },
-    #[error("{path} has no saturated write row for {what}")]
-    NoSaturatedRow { path: PathBuf, what: String },
-    #[error("--cores must be positive numbers, got {0}")]
-    BadCores(f64),
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

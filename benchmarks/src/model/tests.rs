@@ -260,3 +260,56 @@ fn steps_group_by_arm_and_members() {
     assert!(close(arms[0].steps[0].window_s(), 12.0));
     assert!(close(arms[0].costs[0].per_deployment_s, 0.02));
 }
+
+#[test]
+fn the_check_refits_without_the_highest_step_and_uses_the_cores_it_got() {
+    // 0.5 cores idle and 40 ms per Deployment; the 30/s step only got 1.5
+    // cores, so it achieved (1.5 − 0.5) / 0.04 = 25/s.
+    let step = |rate: f64, achieved: f64, window: f64| {
+        let sent = rate * 20.0;
+        Step {
+            arm: Arm::Tuned,
+            client_qps: Some(100_000), // far above the CPU ceilings
+            etcd_members: 1,
+            offered_per_s: rate,
+            sent: sent as usize,
+            achieved_per_s: achieved,
+            sustained: achieved >= 0.95 * rate,
+            cpu_seconds: vec![("kube-apiserver".into(), 0.5 * window + 0.04 * sent)],
+            bound_p999_ms: (window - 20.0) * 1e3,
+            bound_samples: Vec::new(),
+        }
+    };
+    let steps = [
+        step(5.0, 5.0, 20.0),
+        step(10.0, 10.0, 20.0),
+        step(30.0, 25.0, 24.0),
+    ];
+    let arms = by_arm(&steps);
+    let p = Plane {
+        limit: ClientLimit::Unlimited,
+        ..plane(2.0, ClientLimit::Unlimited)
+    };
+    let table = super::report::check_table(&arms, &p, 2.0);
+    let row = &table.rows[0];
+    // Every process on 2 cores: (2 − 0.5) / 0.04 = 37.5/s.
+    assert!(row[4].starts_with("37.5/s: control-plane CPU"), "{row:?}");
+    // Cores used in the 30/s step: (0.5·24 + 0.04·600) / 24 = 1.5.
+    assert_eq!(row[6], "1.50");
+    // Fitted on the 5 and 10/s steps alone, at 1.5 cores: 25/s, ×1.00.
+    assert!(row[7].starts_with("25.0/s"), "{row:?}");
+    assert_eq!(row[8], "×1.00");
+}
+
+#[test]
+fn tables_render_as_markdown_and_as_padded_text() {
+    let table = super::report::Table {
+        header: vec!["arm".into(), "32 cores".into()],
+        rows: vec![vec!["Ste".into(), "116.3/s".into()]],
+    };
+    assert_eq!(
+        table.markdown(),
+        "| arm | 32 cores |\n| --- | --- |\n| Ste | 116.3/s |\n"
+    );
+    assert_eq!(table.text(), "arm  32 cores\nSte  116.3/s\n");
+}
