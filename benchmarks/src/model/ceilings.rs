@@ -23,6 +23,9 @@ pub struct Plane {
     /// Latency of a write that does not wait for an fsync (RAM store, or a
     /// read answered 409).
     pub ram_write_s: f64,
+    /// Sync workers of the deployment and of the replicaset controller each
+    /// (`--concurrent-deployment-syncs`, `--concurrent-replicaset-syncs`).
+    pub sync_workers: f64,
 }
 
 /// One resource's ceiling.
@@ -62,7 +65,7 @@ fn cpu_ceilings(arm: &ArmCosts, plane: &Plane) -> Vec<Ceiling> {
         per_s: rate(plane.cores - idle, per),
     }];
     for cost in on_plane {
-        let Some(threads) = parallelism(&cost.component) else {
+        let Some(threads) = parallelism(&cost.component, plane.sync_workers) else {
             continue;
         };
         if threads >= plane.cores {
@@ -143,7 +146,10 @@ pub fn worker_ceilings(arm: Arm, plane: &Plane) -> Vec<Ceiling> {
     [Client::DeploymentController, Client::ReplicaSetController]
         .into_iter()
         .filter_map(|client| {
-            let workers = client.workers()?;
+            if !client.has_sync_workers() {
+                return None;
+            }
+            let workers = plane.sync_workers;
             let waited: f64 = REQUESTS
                 .iter()
                 .filter(|r| r.client == client && r.in_worker)

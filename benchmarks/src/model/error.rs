@@ -22,4 +22,6 @@ pub enum ModelError {
     NoSaturatedRow { path: PathBuf, what: String },
     #[error("--cores must be positive numbers, got {0}")]
     BadCores(f64),
+    #[error("{flag} must be positive, got {value}")]
+    NotPositive { flag: &'static str, value: f64 },
 }

@@ -44,16 +44,15 @@ impl Client {
         }
     }
 
-    /// Sync workers that wait on their own requests one at a time:
-    /// `ConcurrentDeploymentSyncs = 5`, `ConcurrentRSSyncs = 5`
-    /// (pkg/controller/{deployment,replicaset}/config/v1alpha1/defaults.go).
-    /// None: the client does not wait in a bounded worker pool on the model's
-    /// path (the scheduler binds in a goroutine per pod; kwok runs on workers).
-    pub fn workers(self) -> Option<f64> {
-        match self {
-            Client::DeploymentController | Client::ReplicaSetController => Some(5.0),
-            _ => None,
-        }
+    /// Whether the client's requests are made by a pool of sync workers,
+    /// each waiting for its requests one at a time (the deployment and
+    /// replicaset controllers; the scheduler binds in a goroutine per pod,
+    /// kwok runs on the workers).
+    pub fn has_sync_workers(self) -> bool {
+        matches!(
+            self,
+            Client::DeploymentController | Client::ReplicaSetController
+        )
     }
 }
 
@@ -261,17 +260,23 @@ pub fn parse_limit(text: &str) -> Result<ClientLimit, String> {
     }
 }
 
+/// Kubernetes' default sync workers per controller:
+/// `ConcurrentDeploymentSyncs = 5`, `ConcurrentRSSyncs = 5`
+/// (pkg/controller/{deployment,replicaset}/config/v1alpha1/defaults.go).
+pub const DEFAULT_SYNC_WORKERS: f64 = 5.0;
+
 /// Cores a component can keep busy at most (None: all of them).
 /// kube-scheduler: one pod per scheduling cycle (`ScheduleOne`), taken as
 /// one core for all its CPU, binding included (conservative).
-/// kube-controller-manager: the deployment and replicaset controllers' 5 + 5
-/// workers. kwok: 4 pod stage workers (`podPlayStageParallelism`).
-/// kube-apiserver, the etcds (CPU; their serial write path is the write
-/// ceiling) and ste-router (tokio, one committer per shard) use every core.
-pub fn parallelism(component: &str) -> Option<f64> {
+/// kube-controller-manager: the deployment and replicaset controllers'
+/// sync workers (`sync_workers` each). kwok: 4 pod stage workers
+/// (`podPlayStageParallelism`). kube-apiserver, the etcds (CPU; their
+/// serial write path is the write ceiling) and ste-router (tokio, one
+/// committer per shard) use every core.
+pub fn parallelism(component: &str, sync_workers: f64) -> Option<f64> {
     match component {
         "kube-scheduler" => Some(1.0),
-        "kube-controller-manager" => Some(10.0),
+        "kube-controller-manager" => Some(2.0 * sync_workers),
         "kwok" => Some(4.0),
         _ => None,
     }

@@ -70,6 +70,15 @@ pub struct ModelArgs {
     /// for its own.
     #[arg(long, env = "STE_MODEL_BASE_WRITE", default_value = "1ms", value_parser = humantime::parse_duration)]
     pub base_write: Duration,
+    /// Sync workers of the deployment and of the replicaset controller each
+    /// (kube-controller-manager's `--concurrent-deployment-syncs` and
+    /// `--concurrent-replicaset-syncs`, 5 by default).
+    #[arg(long, env = "STE_MODEL_SYNC_WORKERS", default_value_t = facts::DEFAULT_SYNC_WORKERS)]
+    pub sync_workers: f64,
+    /// The durable etcd's saturated writes/s, instead of --members-from's
+    /// (to ask what a faster durable etcd would change).
+    #[arg(long, env = "STE_MODEL_DURABLE_WRITES_PER_S")]
+    pub durable_writes_per_s: Option<f64>,
     /// `workers`: kwok (the kubelets) and STE's shards off the control
     /// plane; `one-machine`: every process on the cores, as measured here.
     #[arg(long, env = "STE_MODEL_LAYOUT", value_enum, default_value = "workers")]
@@ -89,6 +98,14 @@ pub fn load(args: &ModelArgs) -> Result<Model, ModelError> {
     if let Some(bad) = args.cores.iter().find(|c| c.is_nan() || **c <= 0.0) {
         return Err(ModelError::BadCores(*bad));
     }
+    for (flag, value) in [
+        ("--sync-workers", Some(args.sync_workers)),
+        ("--durable-writes-per-s", args.durable_writes_per_s),
+    ] {
+        if let Some(v) = value.filter(|v| v.is_nan() || *v <= 0.0) {
+            return Err(ModelError::NotPositive { flag, value: v });
+        }
+    }
     let steps = costs::load(&args.from)?;
     let arms = costs::by_arm(&steps);
     let Some(first) = arms.first() else {
@@ -101,10 +118,14 @@ pub fn load(args: &ModelArgs) -> Result<Model, ModelError> {
         cores: args.cores[0],
         layout: args.layout,
         limit: ClientLimit::Default,
-        durable_writes_per_s: stores::durable_writes_per_s(&args.members_from, members)?,
+        durable_writes_per_s: match args.durable_writes_per_s {
+            Some(rate) => rate,
+            None => stores::durable_writes_per_s(&args.members_from, members)?,
+        },
         ram_writes_per_s: stores::ram_writes_per_s(&args.router_from)?,
         durable_write_s: (args.fsync_delay.mul_f64(1.5) + args.base_write).as_secs_f64(),
         ram_write_s: args.base_write.as_secs_f64(),
+        sync_workers: args.sync_workers,
     };
     Ok(Model { arms, plane })
 }

@@ -18,6 +18,7 @@ fn plane(cores: f64, limit: ClientLimit) -> Plane {
         ram_writes_per_s: 5000.0,
         durable_write_s: 0.009,
         ram_write_s: 0.001,
+        sync_workers: 5.0,
     }
 }
 
@@ -185,6 +186,8 @@ fn the_recorded_churn_run_loads_and_every_arm_gets_a_bounded_prediction() {
         etcd_members: None,
         router_from: repo("docs/results/router.json"),
         fsync_delay: std::time::Duration::from_millis(8),
+        sync_workers: 5.0,
+        durable_writes_per_s: None,
         base_write: std::time::Duration::from_millis(1),
         layout: Layout::Workers,
         format: super::Format::Markdown,
@@ -312,4 +315,28 @@ fn tables_render_as_markdown_and_as_padded_text() {
         "| arm | 32 cores |\n| --- | --- |\n| Ste | 116.3/s |\n"
     );
     assert_eq!(table.text(), "arm  32 cores\nSte  116.3/s\n");
+}
+
+#[test]
+fn more_sync_workers_raise_the_worker_ceilings_in_proportion() {
+    let p = plane(32.0, ClientLimit::Unlimited);
+    let more = Plane {
+        sync_workers: 20.0,
+        ..p
+    };
+    let (five, twenty) = (
+        worker_ceilings(Arm::Ste, &p),
+        worker_ceilings(Arm::Ste, &more),
+    );
+    assert!(close(twenty[0].per_s, 4.0 * five[0].per_s));
+    // ... and kube-controller-manager's core limit (2 × workers) with them.
+    let a = arm(Arm::Ste, vec![cost("kube-controller-manager", 100.0, 0.0)]);
+    let limited = |plane: &Plane| {
+        ceilings(&a, plane)
+            .into_iter()
+            .find(|c| c.resource.starts_with("kube-controller-manager CPU"))
+            .map(|c| c.per_s)
+    };
+    assert_eq!(limited(&p), Some(100.0));
+    assert_eq!(limited(&more), None); // 40 cores of workers > 32: the shared cores bind
 }
