@@ -190,12 +190,12 @@ async fn shard_txn_shapes_against_one_plain_etcd() {
     shard.txn(&fence).await.unwrap();
 
     // Creates first (each key once), then updates of the keys they made.
-    let mut creates = vec![
+    let mut creates = [
         shape("kube-apiserver create", "kc", k8s_create),
         shape("router create", "rc", router_create),
         shape("router create, leader fence", "rf", router_create_fenced),
     ];
-    let mut updates = vec![
+    let mut updates = [
         shape("kube-apiserver update", "kc", k8s_update),
         shape("router update (prev_kv)", "rc", router_update),
         shape(
@@ -218,19 +218,20 @@ async fn shard_txn_shapes_against_one_plain_etcd() {
         }
     }
     // The two router update shapes take turns on the router's keys.
-    let mut rv: Vec<Vec<i64>> = creates.iter().map(|s| s.revisions.clone()).collect();
-    for i in 0..ROUNDS {
+    let mut k8s_rv = creates[0].revisions.clone();
+    let mut router_rv = creates[1].revisions.clone();
+    for (i, (k8s, router)) in k8s_rv.iter_mut().zip(router_rv.iter_mut()).enumerate() {
         for (n, s) in updates.iter_mut().enumerate() {
-            let keys = if n == 0 { 0 } else { 1 };
+            let rv = if n == 0 { &mut *k8s } else { &mut *router };
             let k = key(s.prefix, i);
-            let req = (s.build)(&k, rv[keys][i], &value);
+            let req = (s.build)(&k, *rv, &value);
             s.request_bytes = prost::Message::encoded_len(&req);
             let started = Instant::now();
             let answer = shard.txn(&req).await.unwrap();
             s.samples.push(started.elapsed());
             assert!(answer.succeeded, "{}: {i}", s.name);
             s.answer_bytes = prost::Message::encoded_len(&answer);
-            rv[keys][i] = answer.header.unwrap().revision;
+            *rv = answer.header.unwrap().revision;
         }
     }
     println!("\n{ROUNDS} Txns per shape, {VALUE}-byte values, one etcd on /dev/shm (--unsafe-no-fsync), interleaved:");
