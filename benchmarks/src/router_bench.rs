@@ -66,6 +66,10 @@ pub struct Args {
     /// The ste-router binary (default: next to this one).
     #[arg(long, env = "STE_ROUTER_BIN")]
     router_bin: Option<PathBuf>,
+    /// A second ste-router binary (e.g. built from an older commit): each
+    /// router arm then also runs with it, just before, named `… (baseline)`.
+    #[arg(long, env = "STE_BENCH_BASELINE_ROUTER_BIN")]
+    baseline_router_bin: Option<PathBuf>,
     /// Worker threads of the router (its --worker-threads; default: one per CPU).
     #[arg(long, env = "STE_BENCH_ROUTER_THREADS")]
     router_threads: Option<usize>,
@@ -109,16 +113,16 @@ impl Transport {
 /// What one arm measures: plain etcd (0 shards) or the router, and how it is reached.
 struct Arm {
     shards: usize,
-    transport: &'static str,
+    transport: String,
     /// The router's /metrics URL (where the time of a write is split).
     admin: Option<String>,
 }
 
 impl Arm {
-    fn etcd(transport: &'static str) -> Arm {
+    fn etcd(transport: &str) -> Arm {
         Arm {
             shards: 0,
-            transport,
+            transport: transport.to_string(),
             admin: None,
         }
     }
@@ -185,8 +189,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if !router_bin.is_file() {
         bail!("ste-router binary not found at {} (build it with `cargo build --release -p ste-router` or pass --router-bin)", router_bin.display());
     }
+    if let Some(baseline) = &args.baseline_router_bin {
+        if !baseline.is_file() {
+            bail!("--baseline-router-bin {} is not a file", baseline.display());
+        }
+    }
+    let binaries: Vec<(&std::path::Path, &str)> = args
+        .baseline_router_bin
+        .iter()
+        .map(|b| (b.as_path(), " (baseline)"))
+        .chain([(router_bin.as_path(), "")])
+        .collect();
     let unix_client = args.transports.contains(&Transport::Unix);
-    let arms = args.shard_counts.len() * args.transports.len() + 1 + usize::from(unix_client);
+    let arms = args.shard_counts.len() * args.transports.len() * binaries.len()
+        + 1
+        + usize::from(unix_client);
     let mut step = 0;
     let mut results = Vec::new();
 
@@ -208,12 +225,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     for &count in &args.shard_counts {
         for &transport in &args.transports {
-            step += 1;
-            eprintln!(
-                "[{step}/{arms}] ste-router over {count} shard(s), {}",
-                transport.describe()
-            );
-            results.push(router_arm(&router_bin, count, transport, &args).await?);
+            for &(binary, suffix) in &binaries {
+                step += 1;
+                eprintln!(
+                    "[{step}/{arms}] ste-router{suffix} over {count} shard(s), {}",
+                    transport.describe()
+                );
+                results.push(router_arm(binary, suffix, count, transport, &args).await?);
+            }
         }
     }
 
@@ -236,6 +255,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// One router arm: `count` fresh shards, a router process, the phases.
 async fn router_arm(
     router_bin: &std::path::Path,
+    suffix: &str,
     count: usize,
     transport: Transport,
     args: &Args,
@@ -280,7 +300,7 @@ async fn router_arm(
     let pids: Vec<u32> = shards.iter().filter_map(|s| s.pid()).collect();
     let arm = Arm {
         shards: count,
-        transport: transport.name(),
+        transport: format!("{}{suffix}", transport.name()),
         admin: Some(format!("http://{admin}/metrics")),
     };
     measure(&arm, &endpoint, Some(router.0.id()), &pids, args).await
@@ -614,9 +634,10 @@ fn print_report(results: &[ArmResult], args: &Args) {
     println!();
     for r in results.iter().filter(|r| r.shards > 0) {
         // A router arm against the plain etcd reached the same way (TCP or Unix).
+        let client_on_unix = r.transport.split(' ').next() == Some("unix");
         let etcd = results
             .iter()
-            .find(|e| e.shards == 0 && (e.transport == "unix") == (r.transport == "unix"))
+            .find(|e| e.shards == 0 && (e.transport == "unix") == client_on_unix)
             .unwrap_or(base);
         println!(
             "{} vs {}, p50: get {:+.0} µs ({:.2}×), create {:+.0} µs, update {:+.0} µs, watch p99 {:.0} µs",

@@ -16,7 +16,7 @@ use ste_etcd_proto::pb::{
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
-use super::transport::{Connection, Target};
+use super::transport::{Connection, OwnedConnection, Target};
 use super::ShardSpec;
 use crate::error::{StoreError, StoreResult};
 
@@ -65,12 +65,15 @@ pub fn etcd_connector(
     })
 }
 
-/// A shard's etcd over gRPC: two lazily made HTTP/2 connections, one for
-/// the Txns (only the shard's committer and the write-lock holders send
-/// them, so a batch never queues behind a large read's frames) and one for
-/// everything else.
+/// A shard's etcd over gRPC: two lazily made HTTP/2 connections. One for
+/// the Txns, polled by the task that sends them (see `OwnedConnection`):
+/// the shard's committer, so a group commit needs no other task, and a
+/// batch never queues behind a large read's frames. A Txn sent while
+/// another is on it (a replica copy from another shard's committer, a
+/// reconciliation racing a commit) goes on the other connection, which
+/// carries everything else and is polled by a task of its own.
 pub struct EtcdShard {
-    writes: Connection,
+    writes: OwnedConnection,
     reads: Connection,
 }
 
@@ -82,7 +85,7 @@ impl EtcdShard {
     ) -> StoreResult<Self> {
         let target = Target::parse(&spec.endpoint, tls).map_err(StoreError::Internal)?;
         Ok(EtcdShard {
-            writes: Connection::new(target.clone(), timeout),
+            writes: OwnedConnection::new(target.clone(), timeout),
             reads: Connection::new(target, timeout),
         })
     }
@@ -94,7 +97,11 @@ impl ShardClient for EtcdShard {
     }
 
     fn txn<'a>(&'a self, req: &'a TxnRequest) -> ShardAnswer<'a, TxnResponse> {
-        Box::pin(self.writes.call("/etcdserverpb.KV/Txn", req))
+        const TXN: &str = "/etcdserverpb.KV/Txn";
+        match self.writes.try_call(TXN, req) {
+            Some(call) => Box::pin(call),
+            None => Box::pin(self.reads.call(TXN, req)),
+        }
     }
 
     fn compact(&self, req: CompactionRequest) -> ShardAnswer<'_, CompactionResponse> {

@@ -1,21 +1,33 @@
-//! The router's own HTTP/2 connection to a shard's etcd: unary gRPC calls
+//! The router's own HTTP/2 connections to a shard's etcd: unary gRPC calls
 //! made directly on an `h2` connection, over TCP, TLS or a Unix socket.
 //!
 //! Why not tonic's `Channel`: a call through it crosses tower's `Buffer`
 //! (a worker task every request is handed to), the reconnect layer, hyper's
 //! dispatch channel to its connection task and, for a request body, a task
-//! hyper spawns per request to stream it. Here the caller (for writes: the
-//! shard's committer) opens the stream, writes the encoded request as one
-//! DATA frame and reads the answer itself; the only other task is the
-//! connection's I/O driver, which every HTTP/2 client needs.
+//! hyper spawns per request to stream it. Here the caller opens the stream,
+//! writes the encoded request as one DATA frame and reads the answer itself.
 //!
-//! One `Connection` is one HTTP/2 connection, made on first use and made
-//! again after it broke or a call on it timed out (a peer that stopped
-//! answering would otherwise keep it).
+//! Who polls the connection's I/O (reads its socket, writes its frames):
+//! - [`Connection`]: a task of its own, spawned with the connection; any
+//!   number of calls at once (the shard's reads, compactions, health checks).
+//! - [`OwnedConnection`]: the caller, while it waits for its answer; one call
+//!   at a time and no other task. The shard's Txns go there, so a group
+//!   commit's request and answer are handled in the committer's own task:
+//!   no wake-up of a driver task to send the frames, none to read the answer
+//!   and wake the committer. Between calls nobody polls it; a call first
+//!   polls it once, so a connection the shard closed meanwhile is seen (and
+//!   made again) before anything is sent on it.
+//!
+//! A connection is made on first use and made again after it broke or a
+//! call on it timed out (a peer that stopped answering would otherwise keep
+//! it).
 
+use std::future::{poll_fn, Future};
 use std::path::PathBuf;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -91,12 +103,82 @@ impl Target {
     }
 }
 
-/// One HTTP/2 connection to a shard, made when first needed.
-pub struct Connection {
+/// The socket under an HTTP/2 connection: TCP, TLS or Unix.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A connection's I/O half: polled by its own task (`Connection`) or by the
+/// caller (`OwnedConnection`).
+type Driver = h2::client::Connection<Box<dyn Io>, Bytes>;
+
+/// Where and how to call: what both kinds of connection share.
+struct Peer {
     target: Target,
     /// `http://authority`, the prefix of every request URI.
     base: String,
     timeout: Duration,
+}
+
+impl Peer {
+    fn new(target: Target, timeout: Duration) -> Self {
+        let base = format!("http://{}", target.authority());
+        Peer {
+            target,
+            base,
+            timeout,
+        }
+    }
+
+    async fn connect(&self) -> Result<(SendRequest<Bytes>, Driver), CallError> {
+        let connect_timeout = self.timeout.min(Duration::from_secs(2));
+        let connecting = async {
+            let io: Box<dyn Io> = match &self.target {
+                Target::Tcp { host, port } => {
+                    let tcp = TcpStream::connect((host.as_str(), *port))
+                        .await
+                        .map_err(transport)?;
+                    tcp.set_nodelay(true).map_err(transport)?;
+                    Box::new(tcp)
+                }
+                Target::Tls { uri, tls } => {
+                    Box::new(tls.connect(uri).await.map_err(transport)?.into_inner())
+                }
+                Target::Unix(path) => Box::new(UnixStream::connect(path).await.map_err(|e| {
+                    CallError::Transport(format!("connecting to {}: {e}", path.display()))
+                })?),
+            };
+            handshake(io).await
+        };
+        tokio::time::timeout(connect_timeout, connecting)
+            .await
+            .map_err(|_| {
+                CallError::Transport(format!("no connection within {connect_timeout:?}"))
+            })?
+    }
+
+    /// What a call's outcome means for its connection: `Ok(answer)`, or the
+    /// status to return and whether the connection must be dropped.
+    fn outcome<Resp>(
+        &self,
+        answer: Result<Result<Resp, CallError>, tokio::time::error::Elapsed>,
+    ) -> Result<Resp, (Status, bool)> {
+        match answer {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(CallError::Grpc(status))) => Err((status, false)),
+            Ok(Err(CallError::Transport(message))) => Err((Status::unavailable(message), true)),
+            // Maybe a peer that stopped answering: the next call connects afresh.
+            Err(_) => Err((
+                Status::deadline_exceeded(format!("no answer within {:?}", self.timeout)),
+                true,
+            )),
+        }
+    }
+}
+
+/// One HTTP/2 connection to a shard, made when first needed, its I/O polled
+/// by a task of its own: for any number of calls at once.
+pub struct Connection {
+    peer: Peer,
     current: Mutex<Option<(u64, SendRequest<Bytes>)>>,
     /// Serializes connecting, so concurrent first calls make one connection.
     connecting: tokio::sync::Mutex<()>,
@@ -105,11 +187,8 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(target: Target, timeout: Duration) -> Self {
-        let base = format!("http://{}", target.authority());
         Connection {
-            target,
-            base,
-            timeout,
+            peer: Peer::new(target, timeout),
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
@@ -124,29 +203,19 @@ impl Connection {
     ) -> Result<Resp, Status> {
         let frame = encode_frame(req);
         let mut generation = 0;
-        let answer = tokio::time::timeout(self.timeout, async {
-            let (g, sender) = self.ready_sender().await?;
+        let answer = tokio::time::timeout(self.peer.timeout, async {
+            let (g, mut sender) = self.ready_sender().await?;
             generation = g;
-            let body = self.exchange(sender, path, frame).await?;
+            let body = exchange(&self.peer.base, &mut sender, path, frame).await?;
             decode_frame(body)
         })
         .await;
-        match answer {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(CallError::Grpc(status))) => Err(status),
-            Ok(Err(CallError::Transport(message))) => {
+        self.peer.outcome(answer).map_err(|(status, broken)| {
+            if broken {
                 self.forget(generation);
-                Err(Status::unavailable(message))
             }
-            Err(_) => {
-                // Maybe a peer that stopped answering: the next call connects afresh.
-                self.forget(generation);
-                Err(Status::deadline_exceeded(format!(
-                    "no answer within {:?}",
-                    self.timeout
-                )))
-            }
-        }
+            status
+        })
     }
 
     /// The connection's sender once it can open a stream (connecting first
@@ -167,7 +236,12 @@ impl Connection {
         if let Some((generation, sender)) = self.current.lock().expect("connection lock").clone() {
             return Ok((generation, sender));
         }
-        let sender = self.connect().await?;
+        let (sender, driver) = self.peer.connect().await?;
+        tokio::spawn(async move {
+            if let Err(err) = driver.await {
+                debug!(error = %err, "shard connection ended");
+            }
+        });
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         *self.current.lock().expect("connection lock") = Some((generation, sender.clone()));
         let sender = sender.ready().await.map_err(transport)?;
@@ -181,98 +255,148 @@ impl Connection {
             *current = None;
         }
     }
+}
 
-    async fn connect(&self) -> Result<SendRequest<Bytes>, CallError> {
-        let connect_timeout = self.timeout.min(Duration::from_secs(2));
-        let connecting = async {
-            match &self.target {
-                Target::Tcp { host, port } => {
-                    let tcp = TcpStream::connect((host.as_str(), *port))
-                        .await
-                        .map_err(transport)?;
-                    tcp.set_nodelay(true).map_err(transport)?;
-                    handshake(tcp).await
-                }
-                Target::Tls { uri, tls } => {
-                    handshake(tls.connect(uri).await.map_err(transport)?.into_inner()).await
-                }
-                Target::Unix(path) => {
-                    let unix = UnixStream::connect(path).await.map_err(|e| {
-                        CallError::Transport(format!("connecting to {}: {e}", path.display()))
-                    })?;
-                    handshake(unix).await
-                }
-            }
-        };
-        tokio::time::timeout(connect_timeout, connecting)
-            .await
-            .map_err(|_| {
-                CallError::Transport(format!("no connection within {connect_timeout:?}"))
-            })?
+/// One HTTP/2 connection to a shard whose I/O is polled by the caller while
+/// it waits for its answer: one call at a time, and no task of its own.
+pub struct OwnedConnection {
+    peer: Peer,
+    /// The live connection between calls (`None` before the first call and
+    /// after one that broke it); a call holds the lock throughout.
+    live: tokio::sync::Mutex<Option<(SendRequest<Bytes>, Driver)>>,
+}
+
+impl OwnedConnection {
+    pub fn new(target: Target, timeout: Duration) -> Self {
+        OwnedConnection {
+            peer: Peer::new(target, timeout),
+            live: tokio::sync::Mutex::new(None),
+        }
     }
 
-    /// Sends one request frame and reads the answer's body (its one message).
-    async fn exchange(
-        &self,
-        mut sender: SendRequest<Bytes>,
+    /// A unary gRPC call, or `None` without waiting when another call is on
+    /// the connection (the caller then uses another connection).
+    pub fn try_call<'a, Req: Message, Resp: Message + Default + 'a>(
+        &'a self,
         path: &'static str,
-        frame: Bytes,
-    ) -> Result<Bytes, CallError> {
-        let request = http::Request::post(format!("{}{}", self.base, path))
-            .header(http::header::CONTENT_TYPE, "application/grpc")
-            .header(http::header::TE, "trailers")
-            .body(())
-            .map_err(|e| CallError::Grpc(Status::internal(e.to_string())))?;
-        let (response, mut stream) = sender.send_request(request, false).map_err(transport)?;
-        stream.send_data(frame, true).map_err(transport)?;
-        let (parts, mut body) = response.await.map_err(transport)?.into_parts();
-        if parts.status != http::StatusCode::OK {
-            return Err(CallError::Grpc(Status::unavailable(format!(
-                "the shard answered HTTP {}",
-                parts.status
-            ))));
-        }
-        // A failure without a message comes as headers only ("trailers-only").
-        if let Some(status) = Status::from_header_map(&parts.headers) {
-            if status.code() != Code::Ok {
-                return Err(CallError::Grpc(status));
+        req: &Req,
+    ) -> Option<impl Future<Output = Result<Resp, Status>> + Send + 'a> {
+        let mut live = self.live.try_lock().ok()?;
+        let frame = encode_frame(req);
+        Some(async move {
+            let answer = tokio::time::timeout(self.peer.timeout, async {
+                let (sender, driver) = self.ready(&mut live).await?;
+                let body = drive(driver, exchange(&self.peer.base, sender, path, frame)).await??;
+                decode_frame(body)
+            })
+            .await;
+            self.peer.outcome(answer).map_err(|(status, broken)| {
+                if broken {
+                    *live = None;
+                }
+                status
+            })
+        })
+    }
+
+    /// The live connection, made again when there is none or the shard
+    /// closed it since the last call (nothing was sent on it then: safe).
+    async fn ready<'l>(
+        &self,
+        live: &'l mut Option<(SendRequest<Bytes>, Driver)>,
+    ) -> Result<&'l mut (SendRequest<Bytes>, Driver), CallError> {
+        if let Some((_, driver)) = live.as_mut() {
+            // What came in while nobody polled: a GOAWAY, the end of the stream.
+            let ended = poll_fn(|cx| Poll::Ready(Pin::new(&mut *driver).poll(cx).is_ready())).await;
+            if ended {
+                debug!("shard connection closed; reconnecting");
+                *live = None;
             }
         }
-        let mut message = Body::default();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.map_err(transport)?;
-            let _ = body.flow_control().release_capacity(chunk.len());
-            message.push(chunk);
+        if live.is_none() {
+            *live = Some(self.peer.connect().await?);
         }
-        let trailers = body.trailers().await.map_err(transport)?;
-        match trailers.as_ref().and_then(Status::from_header_map) {
-            Some(status) if status.code() == Code::Ok => Ok(message.finish()),
-            Some(status) => Err(CallError::Grpc(status)),
-            None => Err(CallError::Grpc(Status::unknown(
-                "the shard's answer ended without a grpc-status",
-            ))),
-        }
+        let (sender, driver) = live.as_mut().expect("just made");
+        drive(driver, poll_fn(|cx| sender.poll_ready(cx)))
+            .await?
+            .map_err(transport)?;
+        Ok(live.as_mut().expect("just made"))
     }
 }
 
-async fn handshake<T>(io: T) -> Result<SendRequest<Bytes>, CallError>
-where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = h2::client::Builder::new()
+/// Runs `call` while polling the connection's I/O in the same task; a
+/// connection that ends first fails the call.
+async fn drive<F: Future>(driver: &mut Driver, call: F) -> Result<F::Output, CallError> {
+    let mut call = pin!(call);
+    poll_fn(|cx| {
+        // I/O first: it sends what the call queued and reads its answer.
+        let io = Pin::new(&mut *driver).poll(cx);
+        if let Poll::Ready(output) = call.as_mut().poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        match io {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(Err(CallError::Transport(
+                "the shard closed the connection".into(),
+            ))),
+            Poll::Ready(Err(err)) => Poll::Ready(Err(transport(err))),
+        }
+    })
+    .await
+}
+
+/// Sends one request frame and reads the answer's body (its one message).
+async fn exchange(
+    base: &str,
+    sender: &mut SendRequest<Bytes>,
+    path: &'static str,
+    frame: Bytes,
+) -> Result<Bytes, CallError> {
+    let request = http::Request::post(format!("{base}{path}"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(())
+        .map_err(|e| CallError::Grpc(Status::internal(e.to_string())))?;
+    let (response, mut stream) = sender.send_request(request, false).map_err(transport)?;
+    stream.send_data(frame, true).map_err(transport)?;
+    let (parts, mut body) = response.await.map_err(transport)?.into_parts();
+    if parts.status != http::StatusCode::OK {
+        return Err(CallError::Grpc(Status::unavailable(format!(
+            "the shard answered HTTP {}",
+            parts.status
+        ))));
+    }
+    // A failure without a message comes as headers only ("trailers-only").
+    if let Some(status) = Status::from_header_map(&parts.headers) {
+        if status.code() != Code::Ok {
+            return Err(CallError::Grpc(status));
+        }
+    }
+    let mut message = Body::default();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(transport)?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        message.push(chunk);
+    }
+    let trailers = body.trailers().await.map_err(transport)?;
+    match trailers.as_ref().and_then(Status::from_header_map) {
+        Some(status) if status.code() == Code::Ok => Ok(message.finish()),
+        Some(status) => Err(CallError::Grpc(status)),
+        None => Err(CallError::Grpc(Status::unknown(
+            "the shard's answer ended without a grpc-status",
+        ))),
+    }
+}
+
+async fn handshake(io: Box<dyn Io>) -> Result<(SendRequest<Bytes>, Driver), CallError> {
+    h2::client::Builder::new()
         // hyper's client defaults: a range of many keys is not slowed by window updates.
         .initial_window_size(2 * 1024 * 1024)
         .initial_connection_window_size(5 * 1024 * 1024)
         .max_frame_size(64 * 1024)
         .handshake(io)
         .await
-        .map_err(transport)?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            debug!(error = %err, "shard connection ended");
-        }
-    });
-    Ok(sender)
+        .map_err(transport)
 }
 
 /// How a call failed: a gRPC status from etcd, or the connection.
