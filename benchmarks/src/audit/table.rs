@@ -83,11 +83,24 @@ impl WritesPerWake {
         total
     }
 
-    /// Per component: its writes, their sum of conflicts and 429s, and its
-    /// rows, most writes first.
+    /// Lease writes of every component in the round: leader election and
+    /// node heartbeats, which go on whether anything wakes or not.
+    pub fn background(&self) -> WriteCount {
+        let mut total = WriteCount::default();
+        for row in self.rows.iter().filter(|r| r.is_background()) {
+            total.writes += row.count.writes;
+            total.conflicts += row.count.conflicts;
+            total.throttled += row.count.throttled;
+            total.failed += row.count.failed;
+        }
+        total
+    }
+
+    /// Per component, leases left out ([`Self::background`]): its writes,
+    /// their sum of conflicts and 429s, and its rows, most writes first.
     pub fn by_component(&self) -> Vec<ComponentWrites<'_>> {
         let mut by: BTreeMap<&str, ComponentWrites> = BTreeMap::new();
-        for row in &self.rows {
+        for row in self.rows.iter().filter(|r| !r.is_background()) {
             let c = by.entry(&row.component).or_insert_with(|| ComponentWrites {
                 component: &row.component,
                 total: WriteCount::default(),
@@ -109,6 +122,11 @@ impl WritesPerWake {
 }
 
 impl WriteRow {
+    /// Leases: see [`WritesPerWake::background`].
+    pub fn is_background(&self) -> bool {
+        self.resource == "leases"
+    }
+
     fn key(&self) -> WriteKey {
         WriteKey {
             component: self.component.clone(),
@@ -161,6 +179,14 @@ pub fn markdown(rounds: &[(String, &WritesPerWake)]) -> String {
                 what.join(", ")
             ));
         }
+        let leases = round.background();
+        out.push_str(&format!(
+            "| {label} | (leases, every component: background) | {} | {} | {} | {} | |\n",
+            per(leases.writes, round.wakes),
+            leases.writes,
+            leases.conflicts,
+            leases.throttled
+        ));
     }
     out.push('\n');
     out.push_str(PACING);
@@ -203,6 +229,7 @@ mod tests {
                 2,
             ),
             ("kube-scheduler/scheduler", "pods/binding", "create", 5, 0),
+            ("ste-bench", "leases", "create", 10, 10),
         ]);
         let round = WritesPerWake::new(&counts, 5, std::time::Duration::from_millis(1500));
         assert_eq!(round.window_ms, 1500);
@@ -211,12 +238,19 @@ mod tests {
         assert_eq!((by[0].total.writes, by[0].total.conflicts), (17, 2));
         assert_eq!(by[0].rows[0].resource, "podautoscalers/status");
         assert_eq!(by[0].rows[0].per_wake, 2.4);
+        assert_eq!(
+            by.len(),
+            2,
+            "leases are background, not a component's share"
+        );
+        assert_eq!(round.background().conflicts, 10);
         assert_eq!(round.writes("knative-", "deployments", "patch").writes, 5);
         let table = markdown(&[("r".into(), &round)]);
         assert!(
             table.contains("| r | knative-autoscaler | 3.4 | 17 | 2 | 0 |"),
             "{table}"
         );
+        assert!(table.contains("| r | (leases, every component: background) | 2 | 10 | 10 | 0 | |"));
         assert!(table.contains("cmd/autoscaler/main.go"));
     }
 
