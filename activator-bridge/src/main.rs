@@ -214,7 +214,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 async fn kube_client(args: &Args) -> anyhow::Result<kube::Client> {
-    let config = match &args.kubeconfig {
+    let mut config = match &args.kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -226,6 +226,14 @@ async fn kube_client(args: &Args) -> anyhow::Result<kube::Client> {
             .await
             .context("no kubeconfig given and no in-cluster config")?,
     };
+    // kube-rs sends no user agent: this one names the bridge in audit logs.
+    config.headers.push((
+        axum::http::header::USER_AGENT,
+        axum::http::HeaderValue::from_static(concat!(
+            "ste-activator-bridge/",
+            env!("CARGO_PKG_VERSION")
+        )),
+    ));
     let builder =
         kube::client::ClientBuilder::try_from(config).context("building the kube client")?;
     Ok(builder

@@ -185,6 +185,7 @@ fn up_args(arm: Arm, dir: &Path) -> UpArgs {
         fsync_delay: None,
         apiserver_env: Vec::new(),
         apiserver_bin: None,
+        audit: false,
         dir: dir.to_path_buf(),
     }
 }

@@ -445,6 +445,7 @@ async fn setup(prefix: &str, nodes: usize) -> (tempfile::TempDir, RunningCluster
         fsync_delay: None,
         apiserver_env: Vec::new(),
         apiserver_bin: None,
+        audit: false,
         dir: dir.clone(),
     })
     .await

@@ -40,6 +40,11 @@ pub fn config_for(record: &ClusterRecord) -> anyhow::Result<kube::Config> {
     };
     // Measured requests are not retried behind the bench's back.
     config.default_retry = false;
+    // kube-rs sends no user agent: this one names the bench in the audit log.
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("ste-bench/", env!("CARGO_PKG_VERSION"))),
+    ));
     config.default_namespace = record.namespace.clone();
     Ok(config)
 }

@@ -65,6 +65,11 @@ pub struct UpArgs {
     /// `crash_and_restart` restarts the binary that was started.
     #[arg(long, env = "STE_CLUSTER_APISERVER_BIN")]
     pub apiserver_bin: Option<PathBuf>,
+    /// kube-apiserver's audit log of every write (create, update, patch,
+    /// delete, deletecollection; metadata only) in D/audit.log, JSON lines,
+    /// written in batches ([`crate::audit`]); reads are not logged.
+    #[arg(long, env = "STE_CLUSTER_AUDIT")]
+    pub audit: bool,
     /// Directory for data, logs, PID records and the kubeconfig.
     #[arg(long, env = "STE_CLUSTER_DIR", default_value = "target/cluster")]
     pub dir: PathBuf,
@@ -116,6 +121,7 @@ impl UpArgs {
             fsync_delay: None,
             apiserver_env: Vec::new(),
             apiserver_bin: None,
+            audit: false,
             dir,
         }
     }
@@ -759,6 +765,9 @@ async fn start_all(
     if real.real_nodes > 0 {
         crate::real_node::apiserver_args(&dir, &mut api_args)?;
     }
+    if args.audit {
+        api_args.extend(crate::audit::apiserver_args(&dir)?);
+    }
     let apiserver = match &args.apiserver_bin {
         Some(path) if path.is_file() => std::path::absolute(path)?,
         Some(path) => bail!("--apiserver-bin {}: no such file", path.display()),
@@ -1125,6 +1134,7 @@ pub fn arm_up_args(arm: Arm, env: &Environment, dir: PathBuf) -> UpArgs {
         fsync_delay: env.fsync_delay,
         apiserver_env: Vec::new(),
         apiserver_bin: None,
+        audit: false,
         dir,
     }
 }

@@ -142,6 +142,9 @@ pub struct RoundResult {
     pub gates_removed: f64,
     /// Per-hop times of a wake through the autoscaler (`--wake stats`).
     pub hops: Option<crate::knative::hops::WakeRound>,
+    /// kube-apiserver's writes from the first wake to the end of the round
+    /// (before the way back to zero), per component, ÷ the wakes.
+    pub api_writes: Option<crate::audit::WritesPerWake>,
 }
 
 /// The bridge's own flags for one `--bridge-modes` entry. The webhook is
@@ -362,9 +365,14 @@ async fn round(
         duplicates_gated: 0.0,
         gates_removed: 0.0,
         hops: woken.as_ref().map(|w| w.round.clone()),
+        api_writes: None,
     };
     // Let duplicates be removed and the bridge close its race accounting.
     tokio::time::sleep(Duration::from_secs(args.settle.max(1) + 1)).await;
+    let window = triggers
+        .values()
+        .min()
+        .map(|first| crate::audit::Window::since(*first));
     if let Some(bridge) = bridge {
         let m = bridge.metrics().await?;
         result.bridge_pods_created = metric_sum(&m, "ste_activator_bridge_pods_created_total");
@@ -387,6 +395,7 @@ async fn round(
     if let Some(woken) = woken {
         // Back to zero by the autoscaler itself, once the requests are answered.
         woken.back_to_zero(record, services).await?;
+        result.api_writes = api_writes(dir, window, k).await?;
         return Ok(result);
     }
     // Back to zero, as the autoscaler would after its grace period.
@@ -394,7 +403,26 @@ async fn round(
         scale_revision(&client, s, 0).await?;
     }
     wait_at_zero(&client, services, Duration::from_secs(120)).await?;
+    result.api_writes = api_writes(dir, window, k).await?;
     Ok(result)
+}
+
+/// The writes of the cluster in `dir` (audited) in `window`, ÷ `wakes`.
+async fn api_writes(
+    dir: &Path,
+    window: Option<crate::audit::Window>,
+    wakes: usize,
+) -> anyhow::Result<Option<crate::audit::WritesPerWake>> {
+    let Some(window) = window else {
+        return Ok(None);
+    };
+    let log = crate::audit::log_path(dir);
+    let writes = crate::audit::count_writes_flushed(&log, &window, Duration::from_secs(15)).await?;
+    Ok(Some(crate::audit::WritesPerWake::new(
+        &writes,
+        wakes,
+        window.length(),
+    )))
 }
 
 /// The arms of repeat `repeat`, in `--arms` order on even repeats and
@@ -433,7 +461,16 @@ async fn run_arm(
         args.nodes,
         crate::arms::qps_name(crate::arms::client_qps(arm, env.client_qps))
     );
-    let record = crate::cluster::up_arm(arm, &env, dir.clone()).await?;
+    // Every arm audits its writes: the audit log's cost is the same everywhere.
+    let mut up = cluster::arm_up_args(arm, &env, dir.clone());
+    up.audit = true;
+    let record = cluster::up_full(
+        &up,
+        &cluster::AgentArgs::default(),
+        &crate::real_node::RealNodeArgs::default(),
+        &env.topology,
+    )
+    .await?;
     let leases = keep_node_leases(&record)?;
     let result = async {
         let mut knative = Knative::start(&record, &dir.join("logs")).await?;
@@ -520,6 +557,21 @@ pub fn markdown(results: &[RoundResult]) -> String {
     out
 }
 
+/// The rounds' API writes per wake, one table (see [`crate::audit::table`]).
+pub fn writes_markdown(results: &[RoundResult]) -> String {
+    let rounds: Vec<(String, &crate::audit::WritesPerWake)> = results
+        .iter()
+        .filter_map(|r| {
+            let label = format!(
+                "{:?} r{} ×{} bridge {}",
+                r.arm, r.repeat, r.revisions, r.bridge
+            );
+            r.api_writes.as_ref().map(|w| (label, w))
+        })
+        .collect();
+    crate::audit::table::markdown(&rounds)
+}
+
 pub async fn run(args: ColdstartArgs) -> anyhow::Result<Vec<RoundResult>> {
     if args.revisions.is_empty() || args.revisions.contains(&0) {
         bail!("--revisions needs positive counts, e.g. 1,5,25,100");
@@ -550,6 +602,10 @@ pub async fn run(args: ColdstartArgs) -> anyhow::Result<Vec<RoundResult>> {
         table.push('\n');
         table.push_str(&spread::markdown(&results));
     }
+    table.push_str(
+        "\nAPI writes per wake (kube-apiserver's audit log, first wake → end of the round):\n\n",
+    );
+    table.push_str(&writes_markdown(&results));
     std::fs::write(
         args.output.join("coldstart.json"),
         serde_json::to_string_pretty(&results)?,

@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod arms;
+pub mod audit;
 pub mod churn;
 pub mod cluster;
 pub mod coldstart;

@@ -19,6 +19,7 @@ fn up_args(arm: Arm, dir: &std::path::Path) -> UpArgs {
         fsync_delay: None,
         apiserver_env: Vec::new(),
         apiserver_bin: None,
+        audit: false,
         dir: dir.to_path_buf(),
     }
 }
@@ -792,6 +793,7 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(
     let args = UpArgs {
         apiserver_env: apiserver_env.clone(),
         apiserver_bin: apiserver_bin.clone(),
+        audit: false,
         ..up_args(Arm::Ste, dir.path())
     };
     let mut running = RunningCluster::new(cluster::up(&args).await.unwrap());

@@ -21,6 +21,7 @@ async fn churn_runs_against_a_cluster_given_by_kubeconfig() {
         fsync_delay: None,
         apiserver_env: Vec::new(),
         apiserver_bin: None,
+        audit: false,
         dir: dir.path().join("cluster"),
     };
     let cluster = RunningCluster::new(cluster::up(&args).await.expect("cluster up"));

@@ -43,6 +43,37 @@ fn check_prerequisites() {
     }
 }
 
+/// The cold start's writes in the audit log: the autoscaler's Deployment
+/// patch, the ReplicaSet controller's pod, the scheduler's binding of that
+/// pod, and the kubelet's pod status.
+async fn cold_start_writes_match(dir: &std::path::Path, window: ste_bench::audit::Window) {
+    let log = ste_bench::audit::log_path(dir);
+    let writes = ste_bench::audit::count_writes_flushed(&log, &window, Duration::from_secs(30))
+        .await
+        .expect("the audit log covers the cold start");
+    let writes = ste_bench::audit::WritesPerWake::new(&writes, 1, window.length());
+    eprintln!(
+        "{}",
+        ste_bench::audit::table::markdown(&[("stock, real node".into(), &writes)])
+    );
+    let ok = |c: ste_bench::audit::log::WriteCount| c.writes - c.conflicts - c.throttled - c.failed;
+    let patches = ok(writes.writes("knative-autoscaler", "deployments", "patch"));
+    assert!(
+        patches >= 1,
+        "no Deployment patch by the autoscaler: {writes:?}"
+    );
+    let pods = ok(writes.writes(
+        "kube-controller-manager/replicaset-controller",
+        "pods",
+        "create",
+    ));
+    assert!(pods >= 1, "no pod created: {writes:?}");
+    let bound = ok(writes.writes("kube-scheduler", "pods/binding", "create"));
+    assert_eq!(bound, pods, "every pod created bound by the scheduler");
+    let status = ok(writes.writes("kubelet", "pods/status", "patch"));
+    assert!(status >= 1, "no pod status from the kubelet: {writes:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_through_the_activator_wakes_a_revision_on_a_real_node_and_gets_the_function_body(
 ) {
@@ -50,7 +81,8 @@ async fn one_request_through_the_activator_wakes_a_revision_on_a_real_node_and_g
     let started = Instant::now();
     // STE_KEEP_TEST_DIR=1 keeps the cluster's and the components' logs.
     let (dir, _guard) = ste_testkit::test_dir("knative-real-");
-    let up = UpArgs::plain(Arm::Stock, 1, 0, dir.clone());
+    let mut up = UpArgs::plain(Arm::Stock, 1, 0, dir.clone());
+    up.audit = true;
     let real = RealNodeArgs {
         real_nodes: 1,
         images_dir: repo_root().join("target/images"),
@@ -77,9 +109,11 @@ async fn one_request_through_the_activator_wakes_a_revision_on_a_real_node_and_g
             .expect("the first pod Ready on the real node, then the revision back at zero");
         eprintln!("revision at zero: {:.1}s", started.elapsed().as_secs_f64());
 
+        let from = Instant::now();
         let wake = real::cold_start(&record, "fn-real", Duration::from_secs(120))
             .await
             .expect("one request through the activator");
+        cold_start_writes_match(&dir, ste_bench::audit::Window::since(from)).await;
         eprintln!(
             "{}",
             real::markdown(&[("stock".into(), vec![wake.clone()])])

@@ -37,12 +37,60 @@ fn replicas_managers(record: &ClusterRecord, service: &str) -> Vec<String> {
         .collect()
 }
 
+/// Requests answered 2xx.
+fn succeeded(c: ste_bench::audit::log::WriteCount) -> u64 {
+    c.writes - c.conflicts - c.throttled - c.failed
+}
+
+/// The audit log's writes from the first wake on tell the same story as the
+/// watches: every wake cost at least one Deployment patch by the
+/// autoscaler, one ReplicaSet scale by the Deployment controller, one pod
+/// by the ReplicaSet controller, and every pod created was bound by the
+/// scheduler (no bridge, no webhook here).
+async fn api_writes_match_the_wakes(dir: &std::path::Path, round: &knative::hops::WakeRound) {
+    let first = *round.sent.values().min().expect("wakes sent");
+    let window = ste_bench::audit::Window::since(first);
+    let log = ste_bench::audit::log_path(dir);
+    let writes = ste_bench::audit::count_writes_flushed(&log, &window, Duration::from_secs(15))
+        .await
+        .expect("the audit log covers the round");
+    let writes = ste_bench::audit::WritesPerWake::new(&writes, round.wakes.len(), window.length());
+    eprintln!(
+        "{}",
+        ste_bench::audit::table::markdown(&[("stock, 3 wakes".into(), &writes)])
+    );
+    let wakes = round.wakes.len() as u64;
+    let patches = succeeded(writes.writes("knative-autoscaler", "deployments", "patch"));
+    assert!(
+        patches >= wakes,
+        "autoscaler Deployment patches: {patches} for {wakes} wakes"
+    );
+    let scales = succeeded(writes.writes(
+        "kube-controller-manager/deployment-controller",
+        "replicasets",
+        "update",
+    ));
+    assert!(
+        scales >= wakes,
+        "ReplicaSet scales: {scales} for {wakes} wakes"
+    );
+    let pods = succeeded(writes.writes(
+        "kube-controller-manager/replicaset-controller",
+        "pods",
+        "create",
+    ));
+    assert!(pods >= wakes, "pods created: {pods} for {wakes} wakes");
+    let bound = succeeded(writes.writes("kube-scheduler", "pods/binding", "create"));
+    assert_eq!(bound, pods, "every pod created was bound by the scheduler");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_autoscaler_wakes_revisions_from_activator_stats_and_takes_them_back_to_zero() {
     let started = Instant::now();
     // STE_KEEP_TEST_DIR=1 keeps the cluster's and the components' logs.
     let (dir, _guard) = ste_testkit::test_dir("knative-wake-");
-    let up = UpArgs::plain(Arm::Stock, 2, 4, dir.clone());
+    let mut up = UpArgs::plain(Arm::Stock, 2, 4, dir.clone());
+    up.audit = true;
     let record = cluster::up(&up).await.expect("cluster up");
     let running = RunningCluster::new(record.clone());
     let record = running.record();
@@ -101,6 +149,7 @@ async fn the_autoscaler_wakes_revisions_from_activator_stats_and_takes_them_back
         );
     }
     assert!(round.stat_messages >= services.len() as u64);
+    api_writes_match_the_wakes(&dir, &round).await;
     // The autoscaler patched spec.replicas (its field manager is its binary's
     // name), nobody else but the Knative controller that made the Deployment.
     for s in &services {
@@ -156,6 +205,20 @@ async fn coldstart_repeats_keep_every_round_and_report_their_spread() {
         assert_eq!(hops.wakes.len(), r.revisions, "{r:?}");
         assert!(r.pods_seen >= r.revisions, "{r:?}");
         assert!(r.ready_p50_ms >= r.bound_p50_ms, "{r:?}");
+        // Every arm is audited: the round's writes, counted per wake.
+        let writes = r.api_writes.as_ref().expect("the round's API writes");
+        assert_eq!(writes.wakes, r.revisions);
+        let patches = succeeded(writes.writes("knative-autoscaler", "deployments", "patch"));
+        assert!(patches >= r.revisions as u64, "{writes:?}");
+        let created = succeeded(writes.writes(
+            "kube-controller-manager/replicaset-controller",
+            "pods",
+            "create",
+        ));
+        assert!(
+            created as usize >= r.revisions && created as usize <= r.pods_seen,
+            "{writes:?}"
+        );
     }
     let saved: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("coldstart.json")).unwrap())
@@ -168,6 +231,11 @@ async fn coldstart_repeats_keep_every_round_and_report_their_spread() {
         table.contains("| Stock | none | 1 | 2 |"),
         "no spread row over both repeats:\n{table}"
     );
+    assert!(
+        table.contains("| Stock r1 ×1 bridge none | knative-autoscaler |"),
+        "no writes-per-wake rows:\n{table}"
+    );
+    assert!(saved[0]["api_writes"]["rows"].is_array(), "{}", saved[0]);
     // The plots read both repeats as such.
     let plots = ste_bench::plots::input::coldstart(
         "c",

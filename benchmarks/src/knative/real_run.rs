@@ -14,6 +14,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::real::{self, ActivatorProcess, RealWake};
+use crate::audit::{Window, WritesPerWake};
 use crate::cluster::{self, AgentArgs, Arm, UpArgs};
 use crate::knative::processes::{BridgeProcess, Knative};
 use crate::real_node::RealNodeArgs;
@@ -100,6 +101,10 @@ pub struct RealArgs {
 pub struct ArmResult {
     pub arm: RealArm,
     pub wakes: Vec<RealWake>,
+    /// kube-apiserver's writes during the cold starts (each from just
+    /// before its request to its last hop seen), per component, ÷ the cold
+    /// starts.
+    pub api_writes: Option<WritesPerWake>,
 }
 
 fn bridge_binary(args: &RealArgs) -> anyhow::Result<PathBuf> {
@@ -139,13 +144,15 @@ async fn start_webhook(
 }
 
 /// Knative, the activator (and the webhook) on a started cluster; the
-/// Service made and taken to zero once; then the cold starts.
+/// Service made and taken to zero once; then the cold starts, and the
+/// writes they cost (the cluster in `dir` is audited).
 async fn cold_starts(
     args: &RealArgs,
     arm: RealArm,
     record: &cluster::ClusterRecord,
-    logs: &Path,
-) -> anyhow::Result<Vec<RealWake>> {
+    dir: &Path,
+) -> anyhow::Result<(Vec<RealWake>, Option<WritesPerWake>)> {
+    let logs = &dir.join("logs");
     let mut knative = Knative::start(record, logs).await?;
     super::configure_autoscaler(record).await?;
     let mut activator = ActivatorProcess::start(record, logs, Duration::from_secs(90)).await?;
@@ -157,7 +164,10 @@ async fn cold_starts(
     real::create_function_service(record, service).await?;
     real::wait_up_then_zero(record, service, Duration::from_secs(180)).await?;
     let mut wakes = Vec::new();
+    let mut writes: Option<WritesPerWake> = None;
+    let audit_log = crate::audit::log_path(dir);
     for i in 0..args.cold_starts {
+        let from = std::time::Instant::now();
         let wake = real::cold_start(record, service, Duration::from_secs(120)).await?;
         anyhow::ensure!(
             wake.answered(),
@@ -172,20 +182,34 @@ async fn cold_starts(
             wake.ms.get("first response")
         );
         wakes.push(wake);
+        let window = Window::since(from);
         real::back_to_zero(record, service, Duration::from_secs(120)).await?;
+        let counted =
+            crate::audit::count_writes_flushed(&audit_log, &window, Duration::from_secs(15))
+                .await?;
+        let one = WritesPerWake::new(&counted, 1, window.length());
+        match &mut writes {
+            Some(all) => all.merge(&one),
+            None => writes = Some(one),
+        }
     }
     activator.check()?;
     knative.check()?;
     if let Some(b) = bridge {
         b.stop();
     }
-    Ok(wakes)
+    Ok((wakes, writes))
 }
 
-async fn run_arm(args: &RealArgs, arm: RealArm) -> anyhow::Result<Vec<RealWake>> {
+async fn run_arm(
+    args: &RealArgs,
+    arm: RealArm,
+) -> anyhow::Result<(Vec<RealWake>, Option<WritesPerWake>)> {
     let dir = std::path::absolute(args.dir.join(arm.dir_name()))?;
     let _ = std::fs::remove_dir_all(&dir);
-    let up = UpArgs::plain(arm.storage(), args.shards, 0, dir.clone());
+    let mut up = UpArgs::plain(arm.storage(), args.shards, 0, dir.clone());
+    // Every arm audits its writes: the audit log's cost is the same everywhere.
+    up.audit = true;
     let real = RealNodeArgs {
         real_nodes: 1,
         images_dir: args.images_dir.clone(),
@@ -193,7 +217,7 @@ async fn run_arm(args: &RealArgs, arm: RealArm) -> anyhow::Result<Vec<RealWake>>
     let record = cluster::up_with_real(&up, &AgentArgs::default(), &real)
         .await
         .with_context(|| format!("{}: cluster up with one real node", arm.name()))?;
-    let result = cold_starts(args, arm, &record, &dir.join("logs")).await;
+    let result = cold_starts(args, arm, &record, &dir).await;
     let down = cluster::down(&cluster::DownArgs { dir }).await;
     let wakes = result?;
     down?;
@@ -206,15 +230,29 @@ pub async fn run(args: RealArgs) -> anyhow::Result<Vec<ArmResult>> {
     let mut results = Vec::new();
     for arm in &args.arms {
         eprintln!("arm {}", arm.name());
-        let wakes = run_arm(&args, *arm).await?;
-        results.push(ArmResult { arm: *arm, wakes });
+        let (wakes, api_writes) = run_arm(&args, *arm).await?;
+        results.push(ArmResult {
+            arm: *arm,
+            wakes,
+            api_writes,
+        });
     }
     let table: Vec<(String, Vec<RealWake>)> = results
         .iter()
         .map(|r| (r.arm.name().to_string(), r.wakes.clone()))
         .collect();
-    println!("{}", real::markdown(&table));
+    let writes: Vec<(String, &WritesPerWake)> = results
+        .iter()
+        .filter_map(|r| r.api_writes.as_ref().map(|w| (r.arm.name().to_string(), w)))
+        .collect();
+    let table = format!(
+        "{}\nAPI writes per cold start (kube-apiserver's audit log, request → last hop seen):\n\n{}",
+        real::markdown(&table),
+        crate::audit::table::markdown(&writes)
+    );
+    println!("{table}");
     std::fs::create_dir_all(&args.dir)?;
+    std::fs::write(args.dir.join("coldstart-real.md"), &table)?;
     let out = args.dir.join("results.json");
     std::fs::write(&out, serde_json::to_string_pretty(&results)?)?;
     println!("results: {}", out.display());
@@ -295,6 +333,7 @@ mod tests {
                 ]),
                 wake(&[("pod bound", 90.0), (real::FIRST_RESPONSE, 1500.0)]),
             ],
+            api_writes: None,
         }];
         let plots = crate::plots::Suite::Coldstart
             .read("coldstart-real", &[("run".into(), plotted_wakes(&results))])
