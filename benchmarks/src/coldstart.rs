@@ -35,6 +35,7 @@ const WATCH_OPEN_WITHIN: Duration = Duration::from_secs(10);
 use crate::stats::Samples;
 
 pub mod spread;
+pub mod sweep;
 
 pub const BRIDGE_ANNOTATION: &str = "ste.dev/activator-bridge";
 
@@ -101,6 +102,10 @@ pub struct ColdstartArgs {
     /// autoscaler at a time on this machine: it binds :8080).
     #[arg(long, env = "STE_COLDSTART_REPEATS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub repeats: u64,
+    /// The open-loop cold-starts-per-second sweep (`--sweep 1,2,5,10`), run
+    /// instead of the rounds when given.
+    #[command(flatten)]
+    pub sweep: sweep::SweepArgs,
     /// Output directory (clusters, logs, coldstart.json, coldstart.md).
     #[arg(
         long,
@@ -572,7 +577,13 @@ pub fn writes_markdown(results: &[RoundResult]) -> String {
     crate::audit::table::markdown(&rounds)
 }
 
+/// The rounds of `args`; with `--sweep`, the open-loop sweep instead
+/// ([`sweep::run`]), which writes its own results and returns no round.
 pub async fn run(args: ColdstartArgs) -> anyhow::Result<Vec<RoundResult>> {
+    if args.sweep.requested() {
+        sweep::run(&args).await?;
+        return Ok(Vec::new());
+    }
     if args.revisions.is_empty() || args.revisions.contains(&0) {
         bail!("--revisions needs positive counts, e.g. 1,5,25,100");
     }

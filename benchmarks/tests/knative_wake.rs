@@ -193,6 +193,7 @@ async fn coldstart_repeats_keep_every_round_and_report_their_spread() {
         settle: 1,
         wake: knative::Wake::Stats,
         repeats: 2,
+        sweep: Default::default(),
         output: dir.clone(),
     };
     let results = coldstart::run(args)
@@ -245,5 +246,102 @@ async fn coldstart_repeats_keep_every_round_and_report_their_spread() {
     let mut seen: Vec<usize> = plots.latencies.iter().map(|s| s.repeat).collect();
     seen.sort();
     assert_eq!(seen, [0, 1]);
+    eprintln!("{table}\ntest took {:?}", started.elapsed());
+}
+
+/// `ste-bench coldstart --arms stock --sweep 1 --sweep-duration 5s
+/// --sweep-pool 4`: one open-loop step through the autoscaler. Its counts
+/// add up (scheduled = sent + pool misses + not sent, sent = answered +
+/// timed out), the pool is never used past its size, every answered wake
+/// went through its hops in order, the verdict follows the counts, and
+/// coldstart.json / coldstart.md / the figure hold the sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_loop_sweep_step_counts_every_wake_it_schedules() {
+    let started = Instant::now();
+    let (dir, _guard) = ste_testkit::test_dir("coldstart-sweep-");
+    let pool = 4;
+    let args = coldstart::ColdstartArgs {
+        arms: vec![Arm::Stock],
+        revisions: vec![1],
+        nodes: 2,
+        shards: 2,
+        client_qps: None,
+        fsync_delay: None,
+        topology: Default::default(),
+        bridge_modes: Vec::new(),
+        bridge_bin: None,
+        settle: 1,
+        wake: knative::Wake::Stats,
+        repeats: 1,
+        sweep: coldstart::sweep::SweepArgs {
+            rates: vec![1.0],
+            sweep_duration: Duration::from_secs(5),
+            sweep_pool: Some(pool),
+            sweep_deadline: Duration::from_secs(90),
+            sweep_bridge_modes: vec!["none".into()],
+        },
+        output: dir.clone(),
+    };
+    let report = coldstart::sweep::run(&args)
+        .await
+        .expect("a one-step sweep");
+    assert_eq!(report.steps.len(), 1);
+    let step = &report.steps[0];
+    let c = step.counts;
+    eprintln!("{}", coldstart::sweep::report::one_line(step));
+    assert!(c.consistent(), "{c:?}");
+    assert_eq!(c.scheduled, 5, "1/s for 5 s, the first at 0");
+    assert_eq!(step.wakes.len() as u64, c.sent);
+    // A revision is back in the pool only ≥ 6 s after its answer (the
+    // autoscaler's grace): within 5 s none can be woken twice.
+    assert!(c.sent <= pool as u64, "{c:?}");
+    assert_eq!(c.timed_out, 0, "every wake answered within 90 s: {c:?}");
+    assert_eq!(step.verdict.pool_limited, c.pool_misses > 0);
+    assert_eq!(step.verdict.sustained, step.verdict.reasons.is_empty());
+    if c.pool_misses > 0 {
+        assert!(!step.verdict.sustained);
+    }
+    for w in step.wakes.iter().filter(|w| w.answered) {
+        for hop in [Hop::Scaled, Hop::PodCreated, Hop::PodBound, Hop::Endpoints] {
+            assert!(
+                w.ms.contains_key(&hop),
+                "{}: no {}: {:?}",
+                w.revision,
+                hop.name(),
+                w.ms
+            );
+        }
+        let hops = ste_bench::knative::hops::WakeHops {
+            revision: w.revision.clone(),
+            ms: w.ms.clone(),
+        };
+        assert!(hops.out_of_order().is_empty(), "{:?}", w.ms);
+    }
+    let p = step.endpoints_ms;
+    assert_eq!(p.p50.is_some(), c.answered > 0);
+    if let (Some(p50), Some(p99)) = (p.p50, p.p99) {
+        assert!(p50 <= p99);
+    }
+    assert_eq!(report.highest.len(), 1);
+    assert_eq!(
+        report.highest[0].highest_per_s.is_some(),
+        step.verdict.sustained
+    );
+    // What the run wrote.
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("coldstart.json")).unwrap())
+            .unwrap();
+    let s = &saved["sweep"]["steps"][0];
+    assert_eq!(s["scheduled"], c.scheduled);
+    assert_eq!(s["pool_misses"], c.pool_misses);
+    let table = std::fs::read_to_string(dir.join("coldstart.md")).unwrap();
+    assert!(table.contains("| Stock | none | 1 | 5 |"), "{table}");
+    assert!(table.contains("SUSTAINED"), "{table}");
+    if c.answered > 0 {
+        assert!(
+            dir.join("coldstart-lines.svg").exists(),
+            "the sweep's figure"
+        );
+    }
     eprintln!("{table}\ntest took {:?}", started.elapsed());
 }

@@ -688,3 +688,80 @@ fn new_arms_keep_their_colours_across_suites() {
     assert_eq!(colour_of["override"], "#9467BD");
     assert_eq!(colour_of["ste"], "#1F77B4");
 }
+
+/// `ste-bench coldstart --sweep`'s coldstart.json: `arms` × rates 1, 2, 5,
+/// wake → Endpoints growing with the rate; stock's 5/s step answered nothing.
+fn sweep_results() -> Value {
+    let mut steps = Vec::new();
+    for (arm, bridge, scale) in [
+        ("Stock", "none", 3.0),
+        ("Stock-qps", "none", 2.0),
+        ("Ste", "aggressive+webhook", 1.0),
+    ] {
+        for rate in [1.0, 2.0, 5.0] {
+            let none = arm == "Stock" && rate == 5.0;
+            let p = |base: f64| {
+                if none {
+                    Value::Null
+                } else {
+                    json!(base * scale * rate)
+                }
+            };
+            steps.push(json!({
+                "arm": arm, "bridge": bridge, "rate_per_s": rate, "scheduled": 10,
+                "endpoints_ms": {"p50": p(400.0), "p95": p(900.0), "p99": p(1000.0)},
+                "verdict": {"sustained": !none, "pool_limited": false, "reasons": []},
+                "wakes": []
+            }));
+        }
+    }
+    json!({"sweep": {"definition": "d", "steps": steps, "highest": [], "ratios": []}})
+}
+
+#[test]
+fn the_sweep_figure_has_p50_and_p95_panels_with_a_line_per_series_on_log_axes() {
+    let figures = figures(Suite::Coldstart, "coldstart", vec![sweep_results()]);
+    assert_eq!(figures.len(), 1, "only the sweep's figure: no rounds");
+    let f = by_file(&figures, "coldstart-lines.svg");
+    check(&f.description, &f.svg).unwrap();
+    let d = &f.description;
+    assert_eq!((d.x_axis, d.y_axis, d.panels), (Axis::Log, Axis::Log, 2));
+    for panel in 0..2 {
+        let mut keys = keys_in(d, panel);
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["ste+bridge aggressive+webhook", "stock", "stock-qps"]
+        );
+    }
+    // A step without an answered wake draws no point.
+    let stock = d.series.iter().find(|s| s.key == "stock").unwrap();
+    assert_eq!(stock.points, 2);
+    let ste = d.series.iter().find(|s| s.key.starts_with("ste")).unwrap();
+    assert_eq!(ste.points, 3);
+    assert!(has_text(&f.svg, "p95 wake → private Endpoints"));
+    // Stock keeps the colour it has in every other figure.
+    let churn = figures_of_churn_stock_colour();
+    assert_eq!(stock.colour, churn);
+    // A sweep without steps is an error, not an empty figure.
+    let empty = json!({"sweep": {"steps": []}});
+    assert!(Suite::Coldstart
+        .read("c", &[("e.json".into(), empty)])
+        .is_err());
+}
+
+fn figures_of_churn_stock_colour() -> String {
+    let figures = figures(
+        Suite::Churn,
+        "churn",
+        vec![churn_results(&["stock"], &[10.0], 1.0)],
+    );
+    let cdf = by_file(&figures, "latency-cdf.svg");
+    cdf.description
+        .series
+        .iter()
+        .find(|s| s.key == "stock")
+        .expect("stock in churn's CDF")
+        .colour
+        .clone()
+}

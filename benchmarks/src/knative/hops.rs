@@ -233,6 +233,19 @@ impl HopWatch {
         out
     }
 
+    /// Milliseconds from `revision`'s current wake to each hop it reached so
+    /// far (a revision woken again starts over at [`HopWatch::woke`]).
+    pub fn wake_of(&self, revision: &str) -> Option<WakeHops> {
+        lock(&self.state).get(revision).map(|w| WakeHops {
+            revision: revision.to_string(),
+            ms: w
+                .seen
+                .iter()
+                .map(|(hop, at)| (*hop, millis(at.saturating_duration_since(w.sent))))
+                .collect(),
+        })
+    }
+
     /// When each followed revision's wake was sent.
     pub fn sent(&self) -> HashMap<String, Instant> {
         lock(&self.state)

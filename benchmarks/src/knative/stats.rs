@@ -251,6 +251,12 @@ impl ConcurrencyReporter {
     pub fn tracked(&self) -> usize {
         self.stats.len()
     }
+
+    /// Whether stats are kept for `key` (a request held, or activity in the
+    /// last period): a new request for it would not poke the autoscaler.
+    pub fn reports_on(&self, key: &RevisionKey) -> bool {
+        self.stats.contains_key(key)
+    }
 }
 
 fn wire(stats: Vec<(RevisionKey, Stat)>) -> WireStatMessages {
@@ -457,6 +463,12 @@ impl Activator {
         self.lock().tracked()
     }
 
+    /// Whether the activator still reports on `key` (see
+    /// [`ConcurrencyReporter::reports_on`]).
+    pub fn reports_on(&self, key: &RevisionKey) -> bool {
+        self.lock().reports_on(key)
+    }
+
     /// Websocket messages sent so far.
     pub fn messages_sent(&self) -> u64 {
         self.messages_sent
@@ -502,6 +514,7 @@ mod tests {
         let mut r = ConcurrencyReporter::new("a");
         let t0 = Instant::now();
         r.request_in(&key(), t0);
+        assert!(r.reports_on(&key()));
         let stat = |m: WireStatMessages| m.messages[0].stat.clone().unwrap();
         // First period: one request held the whole second, minus the poke.
         let s = stat(r.report(t0 + Duration::from_secs(1)).unwrap());
@@ -517,6 +530,7 @@ mod tests {
         let s = stat(r.report(t0 + Duration::from_secs(4)).unwrap());
         assert_eq!(s.average_concurrent_requests, 0.0);
         assert_eq!(r.tracked(), 0);
+        assert!(!r.reports_on(&key()));
         assert!(r.report(t0 + Duration::from_secs(5)).is_none());
     }
 

@@ -40,6 +40,9 @@ pub struct LineChart {
     /// Log x axis with round ticks (for parallelism 1, 10, 100…).
     #[serde(default)]
     pub log_x: bool,
+    /// Log y axis with round ticks (latencies over orders of magnitude).
+    #[serde(default)]
+    pub log_y: bool,
     /// A marker on every point (for a few measured points).
     #[serde(default)]
     pub markers: bool,
@@ -196,6 +199,7 @@ pub fn churn(name: &str, runs: &[(String, Value)]) -> Result<SuitePlots, InputEr
         x_label: "seconds from the first Deployment".into(),
         y_label: "pods bound per second".into(),
         log_x: false,
+        log_y: false,
         markers: false,
         panels,
     });
@@ -296,6 +300,7 @@ pub fn startup(name: &str, runs: &[(String, Value)]) -> Result<SuitePlots, Input
         x_label: "Deployments created at once".into(),
         y_label: "Deployments/s".into(),
         log_x: true,
+        log_y: false,
         markers: true,
         panels: vec![(String::new(), throughput)],
     });
@@ -374,10 +379,17 @@ fn row_wakes(row: &Value, repeat: usize) -> Result<Vec<Wake>, serde_json::Error>
 
 /// Cold start's figures from results files (one per repeat), each a JSON
 /// list of [`Wake`]s, of rounds (`{arm, revisions, wakes: [{ms: {hop: ms}}]}`)
-/// or of `ste-bench coldstart` results holding a round in `hops`.
+/// or of `ste-bench coldstart` results holding a round in `hops`; or the
+/// open-loop sweep's `{"sweep": …}` (its figure: [`super::sweep::chart`]).
 pub fn coldstart(name: &str, runs: &[(String, Value)]) -> Result<SuitePlots, InputError> {
     let mut wakes: Vec<Wake> = Vec::new();
+    let mut sweeps = Vec::new();
     for (repeat, (what, value)) in runs.iter().enumerate() {
+        // `coldstart --sweep` writes {"sweep": …}.
+        if let Some(sweep) = value.get("sweep") {
+            sweeps.push(super::sweep::chart(what, sweep)?);
+            continue;
+        }
         let list: Vec<Value> = rows(what, value, "a JSON list")?;
         for row in &list {
             wakes.extend(row_wakes(row, repeat).map_err(|source| InputError::Shape {
@@ -388,7 +400,7 @@ pub fn coldstart(name: &str, runs: &[(String, Value)]) -> Result<SuitePlots, Inp
             })?);
         }
     }
-    if wakes.is_empty() {
+    if wakes.is_empty() && sweeps.is_empty() {
         let what = runs
             .iter()
             .map(|r| r.0.as_str())
@@ -396,7 +408,9 @@ pub fn coldstart(name: &str, runs: &[(String, Value)]) -> Result<SuitePlots, Inp
             .join(", ");
         return Err(InputError::Empty(format!("{what}: no wake with hops")));
     }
-    Ok(coldstart_from_wakes(name, wakes))
+    let mut plots = coldstart_from_wakes(name, wakes);
+    plots.lines.extend(sweeps);
+    Ok(plots)
 }
 
 /// Cold start's figures from wakes: the CDF is of each wake's last hop.

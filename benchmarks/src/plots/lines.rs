@@ -3,7 +3,6 @@
 //! second against parallelism.
 
 use plotters::coord::ranged1d::Ranged;
-use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::figure::{self, Axis, Description, DrawError, Figure, Series};
@@ -39,6 +38,12 @@ pub fn render(file: &str, chart: &LineChart) -> Result<Figure, DrawError> {
     let x_max = points().map(|p| p.0).fold(0.0, f64::max);
     let x_min = points().map(|p| p.0).fold(f64::MAX, f64::min);
     let y_max = points().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.1;
+    // A log y axis starts at the lowest positive value (points at 0 are not drawn).
+    let y_min = points()
+        .map(|p| p.1)
+        .filter(|y| *y > 0.0)
+        .fold(f64::MAX, f64::min)
+        .min(y_max);
     let n = chart.panels.len();
     let mark = if chart.markers { "circle" } else { "line" };
     let legend: Vec<_> = arms
@@ -80,36 +85,46 @@ pub fn render(file: &str, chart: &LineChart) -> Result<Figure, DrawError> {
                 .margin_right(24)
                 .x_label_area_size(36)
                 .y_label_area_size(48);
-            if chart.log_x {
-                let (lo, hi) = log_range(x_min.max(1e-3), x_max);
-                let mut c = builder
-                    .build_cartesian_2d(
-                        (lo..hi).log_scale().with_key_points(log_ticks(lo, hi)),
-                        0.0..y_max,
-                    )
-                    .map_err(|e| err(&e))?;
-                c.configure_mesh()
-                    .x_label_formatter(&|v| trim(*v))
-                    .y_label_formatter(&|v| trim(*v))
-                    .x_desc(format!("{} (log scale)", chart.x_label))
-                    .y_desc(&chart.y_label)
-                    .light_line_style(WHITE)
-                    .draw()
-                    .map_err(|e| err(&e))?;
-                draw_lines(&mut c, lines, &style, chart.markers).map_err(|e| err(&e))?;
+            let (x_lo, x_hi) = log_range(x_min.max(1e-3), x_max);
+            let x_log = || {
+                (x_lo..x_hi)
+                    .log_scale()
+                    .with_key_points(log_ticks(x_lo, x_hi))
+            };
+            let x_linear = || 0.0..x_max.max(1e-9);
+            let x_desc = if chart.log_x {
+                format!("{} (log scale)", chart.x_label)
             } else {
-                let mut c = builder
-                    .build_cartesian_2d(0.0..x_max.max(1e-9), 0.0..y_max)
-                    .map_err(|e| err(&e))?;
-                c.configure_mesh()
-                    .x_label_formatter(&|v| trim(*v))
-                    .y_label_formatter(&|v| trim(*v))
-                    .x_desc(&chart.x_label)
-                    .y_desc(&chart.y_label)
-                    .light_line_style(WHITE)
-                    .draw()
-                    .map_err(|e| err(&e))?;
-                draw_lines(&mut c, lines, &style, chart.markers).map_err(|e| err(&e))?;
+                chart.x_label.clone()
+            };
+            let (y_lo, y_hi) = log_range(y_min.max(1e-3), y_max);
+            let y_log = || {
+                (y_lo..y_hi)
+                    .log_scale()
+                    .with_key_points(log_ticks(y_lo, y_hi))
+            };
+            let y_linear = || 0.0..y_max;
+            // One body for the four axis kinds (their coordinate types differ).
+            macro_rules! panel {
+                ($x:expr, $y:expr, $y_desc:expr) => {{
+                    let mut c = builder.build_cartesian_2d($x, $y).map_err(|e| err(&e))?;
+                    c.configure_mesh()
+                        .x_label_formatter(&|v| trim(*v))
+                        .y_label_formatter(&|v| trim(*v))
+                        .x_desc(&x_desc)
+                        .y_desc($y_desc)
+                        .light_line_style(WHITE)
+                        .draw()
+                        .map_err(|e| err(&e))?;
+                    draw_lines(&mut c, lines, &style, chart.markers).map_err(|e| err(&e))?;
+                }};
+            }
+            let y_desc_log = format!("{} (log scale)", chart.y_label);
+            match (chart.log_x, chart.log_y) {
+                (true, true) => panel!(x_log(), y_log(), &y_desc_log),
+                (true, false) => panel!(x_log(), y_linear(), &chart.y_label),
+                (false, true) => panel!(x_linear(), y_log(), &y_desc_log),
+                (false, false) => panel!(x_linear(), y_linear(), &chart.y_label),
             }
         }
         root.present().map_err(|e| err(&e))?;
@@ -120,7 +135,7 @@ pub fn render(file: &str, chart: &LineChart) -> Result<Figure, DrawError> {
             file: file.into(),
             panels: n,
             x_axis: if chart.log_x { Axis::Log } else { Axis::Linear },
-            y_axis: Axis::Linear,
+            y_axis: if chart.log_y { Axis::Log } else { Axis::Linear },
             series,
             legend,
         },
@@ -128,8 +143,8 @@ pub fn render(file: &str, chart: &LineChart) -> Result<Figure, DrawError> {
 }
 
 /// Each line in its arm's colour and width, with a dot on every point if `markers`.
-fn draw_lines<DB: DrawingBackend, X: Ranged<ValueType = f64>>(
-    chart: &mut ChartContext<'_, DB, Cartesian2d<X, RangedCoordf64>>,
+fn draw_lines<DB: DrawingBackend, X: Ranged<ValueType = f64>, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<X, Y>>,
     lines: &[Line],
     style: &dyn Fn(&str) -> (RGBColor, u32),
     markers: bool,

@@ -22,6 +22,7 @@ pub mod palette;
 pub mod scenarios;
 pub mod slots;
 pub mod summary;
+pub mod sweep;
 pub mod ticks;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,215 @@
+//! What an open-loop step sends and with which revisions: the wake times
+//! of a step (fixed rate, from the step's start, whatever the cluster does),
+//! the pool's default size, and the pool itself (which revision is free,
+//! held by a wake, or waiting to be back at zero).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// A revision's turnaround the default pool is sized for: wake → pod IP in
+/// the private Endpoints (a few seconds at low load), then the autoscaler's
+/// way back to zero with the bench's settings (stable window 6 s +
+/// scale-to-zero grace 6 s, ~15 s after the answer), the pod's deletion and
+/// [`ZERO_GRACE`].
+pub const TURNAROUND: Duration = Duration::from_secs(20);
+
+/// The largest pool `--sweep-pool` picks by itself on this 2-core machine
+/// (every revision is a Knative Service with a dozen objects and, while
+/// woken, a kwok pod).
+pub const DEFAULT_POOL_MAX: usize = 150;
+
+/// The largest pool `--sweep-pool` accepts.
+pub const POOL_MAX: usize = 1000;
+
+/// How long a revision must have been seen at zero before it is woken
+/// again, so the watch events of its last pod (deleted) cannot be taken
+/// for the next wake's.
+pub const ZERO_GRACE: Duration = Duration::from_secs(1);
+
+/// Offsets from the step's start at which wakes are due: `rate` per second
+/// for `duration`, the first at 0 (⌊rate × duration⌋ wakes).
+pub fn schedule(rate: f64, duration: Duration) -> Vec<Duration> {
+    if !(rate.is_finite() && rate > 0.0) {
+        return Vec::new();
+    }
+    let count = (rate * duration.as_secs_f64() + 1e-9).floor() as u64;
+    (0..count)
+        .map(|i| Duration::from_secs_f64(i as f64 / rate))
+        .collect()
+}
+
+/// The pool a sweep makes when `--sweep-pool` is not given: enough
+/// revisions for the highest rate over [`TURNAROUND`], at least 2, at most
+/// [`DEFAULT_POOL_MAX`].
+pub fn default_pool(rates: &[f64]) -> usize {
+    let highest = rates.iter().copied().fold(0.0, f64::max);
+    let wanted = (highest * TURNAROUND.as_secs_f64()).ceil() as usize;
+    wanted.clamp(2, DEFAULT_POOL_MAX)
+}
+
+/// Where a revision taken from the pool is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Busy {
+    /// Its wake's request is held (not yet answered, not timed out).
+    Held,
+    /// The request is gone; back in the pool once at zero for [`ZERO_GRACE`].
+    Draining { zero_since: Option<Instant> },
+}
+
+/// The revisions of a sweep: free ones are at zero; a wake takes the one
+/// free the longest; a revision comes back when its request is gone and it
+/// has been at zero for [`ZERO_GRACE`]. A wake due with none free is a miss.
+#[derive(Debug, Default)]
+pub struct Pool {
+    free: VecDeque<String>,
+    busy: HashMap<String, Busy>,
+    misses: u64,
+}
+
+impl Pool {
+    pub fn new(revisions: impl IntoIterator<Item = String>) -> Pool {
+        Pool {
+            free: revisions.into_iter().collect(),
+            ..Pool::default()
+        }
+    }
+
+    /// A free revision for a wake due now, or None (counted as a miss).
+    pub fn take(&mut self) -> Option<String> {
+        match self.free.pop_front() {
+            Some(rev) => {
+                self.busy.insert(rev.clone(), Busy::Held);
+                Some(rev)
+            }
+            None => {
+                self.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// The wake's request is gone (answered, timed out or failed to send).
+    pub fn release(&mut self, revision: &str) {
+        if let Some(b) = self.busy.get_mut(revision) {
+            if *b == Busy::Held {
+                *b = Busy::Draining { zero_since: None };
+            }
+        }
+    }
+
+    /// What the cluster showed at `now`: `at_zero` are the revisions with
+    /// no pod and their Deployment at 0; `reported(rev)` is whether the
+    /// bench's activator still reports on one. Returns the revisions back
+    /// in the pool.
+    pub fn observe(
+        &mut self,
+        at_zero: &HashSet<String>,
+        reported: impl Fn(&str) -> bool,
+        now: Instant,
+    ) -> Vec<String> {
+        let mut back = Vec::new();
+        for (rev, busy) in &mut self.busy {
+            let Busy::Draining { zero_since } = busy else {
+                continue;
+            };
+            if !at_zero.contains(rev) || reported(rev) {
+                *zero_since = None;
+                continue;
+            }
+            let since = *zero_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= ZERO_GRACE {
+                back.push(rev.clone());
+            }
+        }
+        back.sort();
+        for rev in &back {
+            self.busy.remove(rev);
+            self.free.push_back(rev.clone());
+        }
+        back
+    }
+
+    pub fn free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Revisions taken and not back yet (held or draining).
+    pub fn busy(&self) -> usize {
+        self.busy.len()
+    }
+
+    /// Wakes due when no revision was free.
+    pub fn misses(&self) -> u64 {
+        self.misses
+    }
+
+    /// Starts a new step's count of misses (the revisions stay where they are).
+    pub fn reset_misses(&mut self) {
+        self.misses = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_is_fixed_rate_from_zero() {
+        let s = schedule(2.0, Duration::from_secs(3));
+        assert_eq!(s.len(), 6);
+        assert_eq!(s[0], Duration::ZERO);
+        assert_eq!(s[1], Duration::from_millis(500));
+        assert_eq!(s[5], Duration::from_millis(2500));
+        // Fractional rates and durations round down to whole wakes.
+        assert_eq!(schedule(0.5, Duration::from_secs(5)).len(), 2);
+        assert_eq!(schedule(10.0, Duration::from_millis(30_050)).len(), 300);
+        assert_eq!(schedule(3.0, Duration::from_secs(1)).len(), 3);
+        assert!(schedule(0.0, Duration::from_secs(5)).is_empty());
+        assert!(schedule(f64::NAN, Duration::from_secs(5)).is_empty());
+    }
+
+    #[test]
+    fn the_default_pool_covers_the_highest_rate_within_bounds() {
+        assert_eq!(default_pool(&[1.0, 2.0]), 40);
+        assert_eq!(default_pool(&[0.05]), 2);
+        assert_eq!(default_pool(&[1.0, 100.0]), DEFAULT_POOL_MAX);
+        assert_eq!(default_pool(&[]), 2);
+    }
+
+    #[test]
+    fn a_revision_comes_back_only_after_its_request_and_a_grace_at_zero() {
+        let t0 = Instant::now();
+        let mut pool = Pool::new(["a".to_string(), "b".to_string()]);
+        assert_eq!(pool.take().as_deref(), Some("a"));
+        assert_eq!(pool.take().as_deref(), Some("b"));
+        assert_eq!(pool.take(), None);
+        assert_eq!((pool.free(), pool.busy(), pool.misses()), (0, 2, 1));
+        let zero: HashSet<String> = ["a".to_string(), "b".to_string()].into();
+        // Held: never back, even at zero.
+        assert!(pool.observe(&zero, |_| false, t0).is_empty());
+        pool.release("a");
+        pool.release("b");
+        // At zero, but the activator still reports on b.
+        assert!(pool.observe(&zero, |r| r == "b", t0).is_empty());
+        assert!(pool
+            .observe(&zero, |r| r == "b", t0 + ZERO_GRACE / 2)
+            .is_empty());
+        assert_eq!(pool.observe(&zero, |_| false, t0 + ZERO_GRACE), ["a"]);
+        // b left zero in between: its grace starts again.
+        let none = HashSet::new();
+        assert!(pool
+            .observe(&none, |_| false, t0 + ZERO_GRACE * 2)
+            .is_empty());
+        assert!(pool
+            .observe(&zero, |_| false, t0 + ZERO_GRACE * 3)
+            .is_empty());
+        assert_eq!(pool.observe(&zero, |_| false, t0 + ZERO_GRACE * 4), ["b"]);
+        assert_eq!((pool.free(), pool.busy(), pool.misses()), (2, 0, 1));
+        pool.reset_misses();
+        assert_eq!(pool.misses(), 0);
+        // Releasing an unknown or free revision changes nothing.
+        pool.release("zzz");
+        pool.release("a");
+        assert_eq!((pool.free(), pool.busy()), (2, 0));
+    }
+}
