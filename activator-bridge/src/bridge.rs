@@ -353,6 +353,7 @@ impl Bridge {
                         }
                         Ok(Event::Delete(d)) => {
                             last.remove(&d.uid().unwrap_or_default());
+                            b.tap_forget(&d.namespace().unwrap_or_default(), &d.name_any());
                         }
                         Ok(Event::Init) => {}
                         Err(err) => warn!(error = %err, "watching deployments"),

@@ -209,6 +209,14 @@ impl Bridge {
         Ok(Written::AlreadyScaled)
     }
 
+    /// The Deployment is gone: nothing of the tap's to remember about it.
+    pub(crate) fn tap_forget(&self, ns: &str, name: &str) {
+        self.tapped
+            .lock()
+            .unwrap()
+            .remove(&deployment_key(ns, name));
+    }
+
     /// The Deployment watch saw `ns/name` go from `before` to `now` replicas:
     /// back at 0 ends the tap's wake; within `window` of the tap's wake that
     /// is a revert (the autoscaler scaled it down before taking the stat).
