@@ -47,6 +47,10 @@ pub struct Settings {
     /// `burst_window` (0 or 1: always).
     pub burst_threshold: usize,
     pub burst_window: Duration,
+    /// The stat tap runs: the Deployments are cached for its wakes.
+    pub tap: bool,
+    /// A Deployment back at 0 within this long of the tap's 0→1 counts as a revert.
+    pub tap_revert_window: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +155,11 @@ pub struct Bridge {
     pub(crate) nodes: Store<Node>,
     pub(crate) pods: Store<Pod>,
     pub(crate) replicasets: Store<ReplicaSet>,
+    /// Revision Deployments (aggressive mode or the stat tap; empty otherwise).
+    pub(crate) deployments: Store<Deployment>,
+    /// Deployments the tap scaled 0→1 (key ns/name) and when it read the
+    /// stat, until the watch sees them back at 0.
+    pub(crate) tapped: Mutex<HashMap<String, Instant>>,
     /// Held only while deciding, never across API calls.
     pub(crate) reservations: Mutex<Vec<Reservation>>,
     pub(crate) next_reservation: std::sync::atomic::AtomicU64,
@@ -193,6 +202,7 @@ impl Bridge {
         let (node_store, node_writer) = reflector::store::<Node>();
         let (pod_store, pod_writer) = reflector::store::<Pod>();
         let (rs_store, rs_writer) = reflector::store::<ReplicaSet>();
+        let (deployment_store, deployment_writer) = reflector::store::<Deployment>();
         let (tx, rx) = mpsc::unbounded_channel();
         let bridge = Arc::new(Bridge {
             client: client.clone(),
@@ -202,6 +212,8 @@ impl Bridge {
             nodes: node_store,
             pods: pod_store,
             replicasets: rs_store,
+            deployments: deployment_store,
+            tapped: Mutex::new(HashMap::new()),
             reservations: Mutex::new(Vec::new()),
             next_reservation: Default::default(),
             tracking: Mutex::new(HashMap::new()),
@@ -295,10 +307,13 @@ impl Bridge {
             }
         });
 
-        if settings.mode == Mode::Aggressive {
+        if settings.mode == Mode::Aggressive || settings.tap {
             let b = bridge.clone();
-            let deployments = watcher::watcher(Api::<Deployment>::all(client.clone()), revisions)
-                .default_backoff();
+            let deployments = reflector::reflector(
+                deployment_writer,
+                watcher::watcher(Api::<Deployment>::all(client.clone()), revisions)
+                    .default_backoff(),
+            );
             tokio::spawn(async move {
                 let mut last: HashMap<String, i32> = HashMap::new();
                 let mut deployments = std::pin::pin!(deployments);
@@ -314,7 +329,15 @@ impl Bridge {
                         Ok(Event::Apply(d)) => {
                             let now = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
                             let before = last.insert(d.uid().unwrap_or_default(), now);
-                            if before == Some(0) && now > 0 {
+                            let ns = d.namespace().unwrap_or_default();
+                            b.tap_observe(
+                                &ns,
+                                &d.name_any(),
+                                before,
+                                now,
+                                b.settings.tap_revert_window,
+                            );
+                            if b.settings.mode == Mode::Aggressive && before == Some(0) && now > 0 {
                                 b.note_wake();
                                 b.enqueue(Trigger {
                                     ns: d.namespace().unwrap_or_default(),
@@ -330,6 +353,7 @@ impl Bridge {
                         }
                         Ok(Event::Delete(d)) => {
                             last.remove(&d.uid().unwrap_or_default());
+                            b.tap_forget(&d.namespace().unwrap_or_default(), &d.name_any());
                         }
                         Ok(Event::Init) => {}
                         Err(err) => warn!(error = %err, "watching deployments"),
@@ -432,8 +456,9 @@ impl Bridge {
     }
 
     async fn handle(&self, trigger: &Trigger) -> Result<(), BridgeError> {
-        if self.settings.mode == Mode::Webhook {
-            // Binding at admission only: the ReplicaSet controller creates every pod.
+        if matches!(self.settings.mode, Mode::Webhook | Mode::Tap) {
+            // Binding at admission, or the tap's 0→1, only: the ReplicaSet
+            // controller creates every pod.
             return Ok(());
         }
         if !self.leading.load(Ordering::SeqCst) {

@@ -8,6 +8,7 @@ mod metrics;
 mod placement;
 mod ratelimit;
 mod sweep;
+mod tap;
 mod tls;
 mod webhook;
 
@@ -43,6 +44,9 @@ pub enum Mode {
     /// Create no pods: only bind the ReplicaSet controller's pods at
     /// admission (needs --webhook-listen). No race, no duplicate.
     Webhook,
+    /// Create no pods: only the stat tap's Deployment 0→1 (needs
+    /// --stat-tap-listen; the tap Deployment next to Knative's autoscaler).
+    Tap,
 }
 
 #[derive(Parser, Debug)]
@@ -171,6 +175,25 @@ struct Args {
     /// How long a surplus gated pod is left to the ReplicaSet controller before the sweep deletes it.
     #[arg(long, env = "STE_BRIDGE_GATED_GRACE", value_parser = humantime::parse_duration, default_value = "5s")]
     gated_grace: Duration,
+    /// Serve the stat tap here: a websocket proxy the activator's stats to the
+    /// autoscaler pass through; a stat for a revision at 0 replicas scales its
+    /// Deployment 0→1 at once (opt-in; needs --stat-tap-upstream).
+    #[arg(
+        long,
+        env = "STE_BRIDGE_STAT_TAP_LISTEN",
+        requires = "stat_tap_upstream"
+    )]
+    stat_tap_listen: Option<SocketAddr>,
+    /// The autoscaler's stat server the tap forwards to, ws://HOST:PORT[/PATH].
+    #[arg(
+        long,
+        env = "STE_BRIDGE_STAT_TAP_UPSTREAM",
+        requires = "stat_tap_listen"
+    )]
+    stat_tap_upstream: Option<String>,
+    /// A Deployment back at 0 within this long of the tap's 0→1 is counted as a revert.
+    #[arg(long, env = "STE_BRIDGE_STAT_TAP_REVERT_WINDOW", value_parser = humantime::parse_duration, default_value = "5s")]
+    stat_tap_revert_window: Duration,
 }
 
 struct AppState {
@@ -268,6 +291,9 @@ async fn main() -> anyhow::Result<()> {
     if args.mode == Mode::Webhook && args.webhook_listen.is_none() {
         anyhow::bail!("--mode=webhook needs --webhook-listen");
     }
+    if args.mode == Mode::Tap && args.stat_tap_listen.is_none() {
+        anyhow::bail!("--mode=tap needs --stat-tap-listen and --stat-tap-upstream");
+    }
     let client = kube_client(&args).await?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -287,6 +313,8 @@ async fn main() -> anyhow::Result<()> {
         gated_grace: args.gated_grace,
         burst_threshold: args.burst_threshold,
         burst_window: args.burst_window,
+        tap: args.stat_tap_listen.is_some(),
+        tap_revert_window: args.stat_tap_revert_window,
     };
     let lease = leader::Config {
         namespace: args.lease_namespace.clone(),
@@ -299,7 +327,23 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("binding the admin address {}", args.admin_listen))?;
+    let tap = match (&args.stat_tap_listen, &args.stat_tap_upstream) {
+        (Some(listen), Some(upstream)) => {
+            let upstream = tap::upstream_addr(upstream)?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding the stat tap address {listen}"))?;
+            Some((listener, upstream))
+        }
+        _ => None,
+    };
     let bridge = bridge::Bridge::start(client.clone(), settings, metrics, leading.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    if let Some((listener, upstream)) = tap {
+        info!(tap = %listener.local_addr()?, upstream = %upstream, "stat tap listening");
+        let sink = Arc::new(tap::wake::TapSink(bridge.clone()));
+        tokio::spawn(tap::serve(listener, upstream, sink, stop.clone()));
+    }
     tokio::spawn(leader::run(client.clone(), lease.clone(), leading.clone()));
     let registered = match args.webhook_listen {
         Some(addr) => start_webhook(&args, addr, client.clone(), bridge.clone()).await?,
@@ -319,6 +363,7 @@ async fn main() -> anyhow::Result<()> {
         result = server => result.context("admin server")?,
         _ = shutdown_signal() => {
             info!("shutting down; releasing the lease");
+            stop.cancel();
             leading.store(false, Ordering::SeqCst);
             if let (Some(name), true) = (registered, args.webhook_unregister_on_exit) {
                 webhook::unregister(client.clone(), &name).await;

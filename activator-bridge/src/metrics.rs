@@ -34,7 +34,64 @@ pub struct VerdictLabels {
     pub verdict: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TapLabels {
+    /// scaled (the tap wrote 0→1), skipped (already woken or scaled by
+    /// someone else first), failed (API error), dry_run.
+    pub result: String,
+}
+
+/// The stat tap's metrics (registered in [`Metrics::new`]).
+pub struct TapMetrics {
+    pub tap_messages: Counter,
+    pub tap_wakes_seen: Counter,
+    pub tap_wakes: Family<TapLabels, Counter>,
+    pub tap_stat_to_scaled: Histogram,
+    pub tap_reverts: Counter,
+}
+
+impl TapMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = TapMetrics {
+            tap_messages: Counter::default(),
+            tap_wakes_seen: Counter::default(),
+            tap_wakes: Family::default(),
+            tap_stat_to_scaled: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            tap_reverts: Counter::default(),
+        };
+        registry.register(
+            "tap_messages",
+            "Stat messages (WireStatMessages) the tap read, after forwarding them",
+            m.tap_messages.clone(),
+        );
+        registry.register(
+            "tap_wakes_seen",
+            "Stats with load for a revision whose Deployment the cache showed at 0 replicas",
+            m.tap_wakes_seen.clone(),
+        );
+        registry.register(
+            "tap_wakes",
+            "Wakes seen by the tap, by what it did",
+            m.tap_wakes.clone(),
+        );
+        registry.register(
+            "tap_stat_to_scaled_seconds",
+            "From the stat read by the tap to its 0→1 scale written",
+            m.tap_stat_to_scaled.clone(),
+        );
+        registry.register(
+            "tap_reverts",
+            "Deployments seen back at 0 within the revert window of the tap's 0→1",
+            m.tap_reverts.clone(),
+        );
+        m
+    }
+}
+
 pub struct Metrics {
+    pub tap: TapMetrics,
     pub registry: Registry,
     pub decisions: Family<DecisionLabels, Counter>,
     pub races: Family<RaceLabels, Counter>,
@@ -143,7 +200,9 @@ impl Metrics {
             "1 while this replica holds the lease",
             leader.clone(),
         );
+        let tap = TapMetrics::register(&mut registry);
         Self {
+            tap,
             registry,
             decisions,
             races,

@@ -145,6 +145,12 @@ pub struct RoundResult {
     /// Gated pods the sweep found still wanted and released to the scheduler.
     #[serde(default)]
     pub gates_removed: f64,
+    /// Deployments the bridge's stat tap scaled 0→1 (`tap+` modes).
+    #[serde(default)]
+    pub tap_scaled: f64,
+    /// Of those, seen back at 0 within its revert window.
+    #[serde(default)]
+    pub tap_reverts: f64,
     /// Per-hop times of a wake through the autoscaler (`--wake stats`).
     pub hops: Option<crate::knative::hops::WakeRound>,
     /// kube-apiserver's writes from the first wake to the end of the round
@@ -155,7 +161,23 @@ pub struct RoundResult {
 /// The bridge's own flags for one `--bridge-modes` entry. The webhook is
 /// served on a free loopback port with a certificate the bridge makes at
 /// start and registers itself (removed again when the bridge stops).
+///
+/// `tap+MODE`: MODE with the bridge's stat tap on a free loopback port,
+/// forwarding to the autoscaler's stat server; the bench's activator then
+/// sends its stats to the tap ([`tap_address`]).
 fn bridge_flags(mode: &str) -> Result<Vec<String>, String> {
+    if let Some(rest) = mode.strip_prefix("tap+") {
+        let mut flags = bridge_flags(rest)?;
+        flags.push(format!(
+            "--stat-tap-listen=127.0.0.1:{}",
+            ste_testkit::free_port()
+        ));
+        flags.push(format!(
+            "--stat-tap-upstream=ws://{}/",
+            crate::knative::stats::AUTOSCALER_STATS_ADDR
+        ));
+        return Ok(flags);
+    }
     let webhook = [
         format!("--webhook-listen=127.0.0.1:{}", ste_testkit::free_port()),
         "--webhook-self-signed".to_string(),
@@ -173,16 +195,36 @@ fn bridge_flags(mode: &str) -> Result<Vec<String>, String> {
         }
         other => {
             return Err(format!(
-                "{other:?} is not a bridge mode (default, aggressive, webhook, aggressive+webhook, aggressive+webhook+burst)"
+                "{other:?} is not a bridge mode (default, aggressive, webhook, aggressive+webhook, aggressive+webhook+burst, each also as tap+MODE)"
             ))
         }
     };
     Ok([vec![format!("--mode={base}")], extra.to_vec()].concat())
 }
 
+/// Where the bridge's stat tap listens, if its flags start one.
+fn tap_address(flags: &[String]) -> Option<String> {
+    flags
+        .iter()
+        .find_map(|f| f.strip_prefix("--stat-tap-listen="))
+        .map(str::to_string)
+}
+
 #[cfg(test)]
 mod bridge_modes {
-    use super::bridge_flags;
+    use super::{bridge_flags, tap_address};
+
+    #[test]
+    fn tap_modes_add_the_tap_in_front_of_the_autoscaler() {
+        let flags = bridge_flags("tap+aggressive+webhook").unwrap();
+        assert_eq!(flags[0], "--mode=aggressive");
+        assert!(flags
+            .iter()
+            .any(|f| f == "--stat-tap-upstream=ws://127.0.0.1:8080/"));
+        assert!(tap_address(&flags).unwrap().starts_with("127.0.0.1:"));
+        assert_eq!(tap_address(&bridge_flags("webhook").unwrap()), None);
+        assert!(bridge_flags("tap+fast").is_err());
+    }
 
     #[test]
     fn every_mode_maps_to_the_bridge_flags_it_needs() {
@@ -242,6 +284,13 @@ async fn round(
     };
     eprintln!("  {arm:?}: waking {k} revision(s) {label}…");
     let mode = bridge.map_or("none", |(_, m)| m).to_string();
+    let flags = match bridge {
+        Some((_, mode)) => bridge_flags(mode).map_err(anyhow::Error::msg)?,
+        None => Vec::new(),
+    };
+    // With the tap, the bench's activator sends its stats through the bridge.
+    let stats_addr = tap_address(&flags)
+        .unwrap_or_else(|| crate::knative::stats::AUTOSCALER_STATS_ADDR.to_string());
     let bridge = match bridge {
         Some((bin, mode)) => Some(
             BridgeProcess::start(
@@ -253,7 +302,7 @@ async fn round(
                         "--lease-namespace=default".to_string(),
                         format!("--settle={}s", args.settle.max(1)),
                     ],
-                    bridge_flags(mode).map_err(anyhow::Error::msg)?,
+                    flags.clone(),
                 ]
                 .concat()
                 .iter()
@@ -299,6 +348,7 @@ async fn round(
                 record,
                 services,
                 &format!("{arm:?}, bridge {mode}"),
+                &stats_addr,
             )
             .await?,
         ),
@@ -369,6 +419,8 @@ async fn round(
         rejections: 0.0,
         duplicates_gated: 0.0,
         gates_removed: 0.0,
+        tap_scaled: 0.0,
+        tap_reverts: 0.0,
         hops: woken.as_ref().map(|w| w.round.clone()),
         api_writes: None,
     };
@@ -378,7 +430,7 @@ async fn round(
         .values()
         .min()
         .map(|first| crate::audit::Window::since(*first));
-    if let Some(bridge) = bridge {
+    if let Some(bridge) = &bridge {
         let m = bridge.metrics().await?;
         result.bridge_pods_created = metric_sum(&m, "ste_activator_bridge_pods_created_total");
         result.races_won = m
@@ -393,15 +445,28 @@ async fn round(
         result.rejections = metric_sum(&m, "ste_activator_bridge_rejections_total");
         result.duplicates_gated = metric_sum(&m, "ste_activator_bridge_duplicates_gated_total");
         result.gates_removed = metric_sum(&m, "ste_activator_bridge_gates_removed_total");
-        bridge.stop();
+        result.tap_scaled = m
+            .get("ste_activator_bridge_tap_wakes_total{result=\"scaled\"}")
+            .copied()
+            .unwrap_or(0.0);
+        result.tap_reverts = metric_sum(&m, "ste_activator_bridge_tap_reverts_total");
     }
     result.pods_seen = times.lock().expect("times").pods.len();
     watcher.abort();
     if let Some(woken) = woken {
-        // Back to zero by the autoscaler itself, once the requests are answered.
-        woken.back_to_zero(record, services).await?;
+        // Back to zero by the autoscaler itself, once the requests are
+        // answered; the bridge still runs (with the tap, the activator's
+        // stats go through it).
+        let back = woken.back_to_zero(record, services).await;
+        if let Some(bridge) = bridge {
+            bridge.stop();
+        }
+        back?;
         result.api_writes = api_writes(dir, window, k).await?;
         return Ok(result);
+    }
+    if let Some(bridge) = bridge {
+        bridge.stop();
     }
     // Back to zero, as the autoscaler would after its grace period.
     for s in services {

@@ -74,9 +74,15 @@ pub async fn configure_autoscaler(record: &ClusterRecord) -> anyhow::Result<()> 
 /// Connects the bench's activator to the autoscaler's stat server, retrying
 /// for `within` (it listens a little after taking its lease).
 pub async fn connect_activator(within: Duration) -> anyhow::Result<Activator> {
+    connect_activator_at(AUTOSCALER_STATS_ADDR, within).await
+}
+
+/// [`connect_activator`] to `addr` (the autoscaler's stat server, or the
+/// bridge's stat tap in front of it).
+pub async fn connect_activator_at(addr: &str, within: Duration) -> anyhow::Result<Activator> {
     let deadline = Instant::now() + within;
     loop {
-        match Activator::connect(AUTOSCALER_STATS_ADDR, "activator-ste-bench").await {
+        match Activator::connect(addr, "activator-ste-bench").await {
             Ok(a) => return Ok(a),
             Err(e) if Instant::now() > deadline => bail!("{e} (for {within:?})"),
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -209,7 +215,9 @@ pub struct AutoscalerWake {
 
 /// For `ste-bench coldstart --wake stats`: waits until the autoscaler is
 /// quiet ([`wait_autoscaler_quiet`]), connects an activator and wakes
-/// `services` through it ([`wake_round`], 180 s at most).
+/// `services` through it ([`wake_round`], 180 s at most). `stats_addr`:
+/// the autoscaler's stat server ([`AUTOSCALER_STATS_ADDR`]) or the bridge's
+/// stat tap in front of it.
 /// [`configure_autoscaler`] must have run before the Services were made:
 /// a config change makes the KPA resync every PodAutoscaler, ~10 s for 100
 /// revisions at its 10 QPS, and the wakes would queue behind it.
@@ -217,9 +225,10 @@ pub async fn wake_through_autoscaler(
     record: &ClusterRecord,
     services: &[String],
     arm: &str,
+    stats_addr: &str,
 ) -> anyhow::Result<AutoscalerWake> {
     wait_autoscaler_quiet(record, Duration::from_secs(2), Duration::from_secs(120)).await?;
-    let activator = connect_activator(Duration::from_secs(30)).await?;
+    let activator = connect_activator_at(stats_addr, Duration::from_secs(30)).await?;
     let round = wake_round(record, &activator, services, arm, Duration::from_secs(180)).await;
     if round.is_err() {
         activator.stop();

@@ -50,42 +50,8 @@ pub enum StatsError {
     Send(io::Error),
 }
 
-/// `metrics.Stat` (stat.proto).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Stat {
-    #[prost(string, tag = "1")]
-    pub pod_name: String,
-    #[prost(double, tag = "2")]
-    pub average_concurrent_requests: f64,
-    #[prost(double, tag = "3")]
-    pub average_proxied_concurrent_requests: f64,
-    #[prost(double, tag = "4")]
-    pub request_count: f64,
-    #[prost(double, tag = "5")]
-    pub proxied_request_count: f64,
-    #[prost(double, tag = "6")]
-    pub process_uptime: f64,
-    #[prost(int64, tag = "7")]
-    pub timestamp: i64,
-}
-
-/// `metrics.WireStatMessage` (stat.proto).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct WireStatMessage {
-    #[prost(string, tag = "1")]
-    pub namespace: String,
-    #[prost(string, tag = "2")]
-    pub name: String,
-    #[prost(message, optional, tag = "3")]
-    pub stat: Option<Stat>,
-}
-
-/// `metrics.WireStatMessages` (stat.proto): one websocket message.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct WireStatMessages {
-    #[prost(message, repeated, tag = "1")]
-    pub messages: Vec<WireStatMessage>,
-}
+// The protobuf messages, shared with ste-activator-bridge's stat tap.
+pub use ste_knative_stat::{Stat, WireStatMessage, WireStatMessages};
 
 /// A revision, as the autoscaler keys its scalers.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

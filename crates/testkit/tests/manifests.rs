@@ -181,9 +181,11 @@ async fn every_manifest_applies_to_a_real_kube_apiserver() {
     let static_pods = files(&root.join("static-pods"), "yaml");
     let monitoring = files(&root.join("monitoring"), "yaml");
     let dashboards = files(&root.join("monitoring"), "json");
+    let optional = files(&root.join("optional"), "yaml");
     let covered: BTreeSet<PathBuf> = top
         .iter()
         .chain(&static_pods)
+        .chain(&optional)
         .chain(&monitoring)
         .chain(&dashboards)
         .cloned()
@@ -247,6 +249,12 @@ async fn every_manifest_applies_to_a_real_kube_apiserver() {
         ]);
     }
     for file in &monitoring {
+        kubectl.dry_run(file);
+    }
+    // Opt-in files (optional/, not applied with the directory) go into
+    // Knative's namespace.
+    kubectl.ok(&["create", "namespace", "knative-serving"]);
+    for file in &optional {
         kubectl.dry_run(file);
     }
 
@@ -998,6 +1006,12 @@ fn every_flag_the_manifests_pass_is_one_the_binaries_accept() {
         ),
         (
             "04-activator-bridge.yaml",
+            "Deployment",
+            built_binary("ste-activator-bridge"),
+            None,
+        ),
+        (
+            "optional/stat-tap.yaml",
             "Deployment",
             built_binary("ste-activator-bridge"),
             None,
