@@ -792,7 +792,8 @@ podLogsDir: {pod_logs}
 # No kube-proxy here: KUBE-FIREWALL guards against its route_localnet; without
 # it the kubelet adds no iptables rule.
 makeIPTablesUtilChains: false
-# Images cannot be pulled again here: never collect them.
+# What a node holds is the benchmarks' choice (imported, or pulled from a
+# loopback registry and removed again): never collect images.
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {{memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}}
