@@ -11,6 +11,8 @@
 #   kwok (fake kubelet)                                      hack/k8s/kwok/go.mod
 #   crictl (CRI client, for real nodes' teardown)            hack/k8s/crictl/go.mod
 #   etcd, etcdctl                                            hack/etcd/go.mod
+#   registry, crane (a loopback OCI registry and its client,
+#     go-containerregistry; real nodes pull from it)         hack/registry/go.mod
 #
 # Output: ${STE_UPSTREAM_BIN:-<repo>/target/upstream/bin}
 #
@@ -27,7 +29,7 @@ BIN="${STE_UPSTREAM_BIN:-${ROOT}/target/upstream/bin}"
 STAMPS="${BIN}/.stamps"
 GO="${GO:-go}"
 
-ALL=(etcd etcdctl kube-apiserver kube-apiserver-checked kube-controller-manager kube-scheduler kubectl kubelet kwok crictl)
+ALL=(etcd etcdctl kube-apiserver kube-apiserver-checked kube-controller-manager kube-scheduler kubectl kubelet kwok crictl registry crane)
 
 # Modules are resolved from go.mod + go.sum as committed; -buildvcs=false keeps
 # the repository's git state out of the binaries (and out of the stamps).
@@ -48,6 +50,7 @@ module_dir() {
     kube-apiserver | kube-apiserver-checked | kube-controller-manager | kube-scheduler | kubectl | kubelet) echo "${ROOT}/hack/k8s" ;;
     kwok) echo "${ROOT}/hack/k8s/kwok" ;;
     crictl) echo "${ROOT}/hack/k8s/crictl" ;;
+    registry | crane) echo "${ROOT}/hack/registry" ;;
     *) return 1 ;;
   esac
 }
@@ -116,6 +119,9 @@ build_args() {
     crictl)
       printf '%s\n' -trimpath -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=v1.34.0" \
         sigs.k8s.io/cri-tools/cmd/crictl
+      ;;
+    registry | crane)
+      printf '%s\n' -trimpath -ldflags "-s -w" "github.com/google/go-containerregistry/cmd/$1"
       ;;
   esac
 }

@@ -18,6 +18,7 @@ pub mod plots;
 pub mod progress;
 pub mod real_node;
 pub mod record;
+pub mod registry;
 pub mod ring;
 pub mod router_bench;
 pub mod startup;

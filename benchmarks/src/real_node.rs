@@ -6,7 +6,9 @@
 //! pinned `k8s.io/kubernetes` module, with its own node name, client
 //! certificate (signed by the cluster's CA, made here), static pod directory,
 //! ports and cgroup root. Images come from `hack/build-images.sh`
-//! (`target/images/*.tar`), imported into each containerd: nothing is pulled.
+//! (`target/images/*.tar`), imported into each containerd; a node pulls
+//! only from a loopback registry it was told about ([`trust_registry`],
+//! [`crate::registry`]).
 //!
 //! Everything made is recorded in D/real-nodes.json as it is made, and
 //! [`down`] removes exactly that: the kubelet, then the pods through crictl on
@@ -646,6 +648,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     restrict_oom_score_adj = true
     enable_selinux = false
     disable_apparmor = true
+    # Registries per host (certs.d/<host>/hosts.toml): a loopback
+    # registry is trusted over plain HTTP by `trust_registry`.
+    [plugins."io.containerd.grpc.v1.cri".registry]
+      config_path = "{certs_d}"
     [plugins."io.containerd.grpc.v1.cri".cni]
       bin_dir = "{CNI_BIN}"
       conf_dir = "{cni_conf}"
@@ -665,6 +671,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         opt = cd.join("opt").display(),
         cni_conf = node_dir.join("cni/net.d").display(),
         runc = cd.join("runc").display(),
+        certs_d = certs_d(&node_dir).display(),
     );
     std::fs::write(cd.join("config.toml"), config)?;
     // No masquerade, no forwarding: the host reaches pods on the bridge, the
@@ -785,7 +792,8 @@ podLogsDir: {pod_logs}
 # No kube-proxy here: KUBE-FIREWALL guards against its route_localnet; without
 # it the kubelet adds no iptables rule.
 makeIPTablesUtilChains: false
-# Images cannot be pulled again here: never collect them.
+# What a node holds is the benchmarks' choice (imported, or pulled from a
+# loopback registry and removed again): never collect images.
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {{memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}}
@@ -818,6 +826,147 @@ resolvConf: /etc/resolv.conf
     node_mut(record, name).kubelet = Some(process);
     save(dir, record)?;
     Ok(())
+}
+
+/// The directory of a node's containerd registry hosts (CRI `config_path`).
+fn certs_d(node_dir: &Path) -> PathBuf {
+    node_dir.join("containerd").join("certs.d")
+}
+
+/// Lets every recorded real node's containerd pull images named `host/…`
+/// from the plain-HTTP registry at `host` (a `hosts.toml` under its
+/// `config_path`, read at each pull: no restart).
+pub fn trust_registry(dir: &Path, host: &str) -> anyhow::Result<()> {
+    let record = read_record(dir)?.context("no real nodes recorded")?;
+    for node in &record.nodes {
+        let hosts = certs_d(&node.dir).join(host);
+        std::fs::create_dir_all(&hosts)?;
+        std::fs::write(hosts.join("hosts.toml"), crate::registry::hosts_toml(host))?;
+    }
+    Ok(())
+}
+
+/// The recorded real node `name`.
+pub fn node(dir: &Path, name: &str) -> anyhow::Result<RealNode> {
+    read_record(dir)?
+        .context("no real nodes recorded")?
+        .nodes
+        .into_iter()
+        .find(|n| n.name == name)
+        .with_context(|| format!("no real node {name} recorded"))
+}
+
+/// The names of the images in a real node's containerd (CRI namespace).
+pub fn images(node: &RealNode) -> anyhow::Result<Vec<String>> {
+    let socket = node.socket.display().to_string();
+    Ok(run(
+        "ctr",
+        &["-a", &socket, "-n", "k8s.io", "images", "ls", "-q"],
+    )?
+    .lines()
+    .map(str::trim)
+    .filter(|l| !l.is_empty())
+    .map(String::from)
+    .collect())
+}
+
+/// Removes from a real node's containerd every image whose name contains
+/// `needle` (tags and digests) and every other name of the same images (the
+/// CRI names each image by its ID too, `sha256:<config>`), waiting for its
+/// garbage collection (`--sync`): the layers go too unless a container
+/// still uses them. Returns the names removed.
+pub fn remove_images(node: &RealNode, needle: &str) -> anyhow::Result<Vec<String>> {
+    let socket = node.socket.display().to_string();
+    let listing = run("ctr", &["-a", &socket, "-n", "k8s.io", "images", "ls"])?;
+    let names = names_of_same_images(&listing, needle);
+    if !names.is_empty() {
+        let mut args = vec!["-a", &socket, "-n", "k8s.io", "images", "rm", "--sync"];
+        args.extend(names.iter().map(String::as_str));
+        run("ctr", &args).with_context(|| format!("removing images from {}", node.name))?;
+    }
+    Ok(names)
+}
+
+/// From `ctr images ls` (REF TYPE DIGEST …): the names containing `needle`
+/// and every name whose manifest digest is one of theirs.
+pub fn names_of_same_images(listing: &str, needle: &str) -> Vec<String> {
+    let rows: Vec<(&str, &str)> = listing
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let name = f.next()?;
+            Some((name, f.nth(1)?))
+        })
+        .collect();
+    let digests: std::collections::HashSet<&str> = rows
+        .iter()
+        .filter(|(name, _)| name.contains(needle))
+        .map(|(_, digest)| *digest)
+        .collect();
+    rows.iter()
+        .filter(|(name, digest)| name.contains(needle) || digests.contains(digest))
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
+/// Pulls `image` into a real node's containerd through the CRI (as the
+/// kubelet would: the registry hosts of [`trust_registry`] apply).
+pub fn pull_image(node: &RealNode, image: &str) -> anyhow::Result<()> {
+    let crictl = upstream_binary("crictl", "STE_CRICTL_BIN")?;
+    let endpoint = format!("unix://{}", node.socket.display());
+    run(
+        &crictl.display().to_string(),
+        &[
+            "--image-endpoint",
+            &endpoint,
+            "--timeout",
+            "60s",
+            "pull",
+            image,
+        ],
+    )
+    .with_context(|| format!("pulling {image} into {}", node.name))?;
+    Ok(())
+}
+
+/// Waits until no container (running or exited) named `container` is left
+/// on a real node, so an image removed after it takes its layers along.
+pub async fn wait_no_container(
+    node: &RealNode,
+    container: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let crictl = upstream_binary("crictl", "STE_CRICTL_BIN")?
+        .display()
+        .to_string();
+    let endpoint = format!("unix://{}", node.socket.display());
+    let deadline = Instant::now() + within;
+    loop {
+        let left = run(
+            &crictl,
+            &[
+                "--runtime-endpoint",
+                &endpoint,
+                "ps",
+                "-a",
+                "-q",
+                "--name",
+                container,
+            ],
+        )?;
+        if left.trim().is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "containers {container} still on {} after {within:?}: {}",
+                node.name,
+                left.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Waits until `node` is Ready, failing early when its kubelet or containerd exits.
@@ -1195,5 +1344,32 @@ fn remove_cgroup(path: &Path) -> anyhow::Result<()> {
             }
             Err(e) => return Err(e).with_context(|| format!("rmdir {}", path.display())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_goes_with_every_name_of_it_including_the_cris_id() {
+        let listing = "\
+REF                          TYPE                                                 DIGEST      SIZE    PLATFORMS   LABELS
+127.0.0.1:5/ste-function@sha256:bb application/vnd.docker.distribution.manifest.v2+json sha256:bb 2.7 MiB linux/amd64 io.cri-containerd.image=managed
+localhost/ste-function:v0.1.0 application/vnd.docker.distribution.manifest.v2+json sha256:aa 5.7 MiB linux/amd64 io.cri-containerd.image=managed
+localhost/ste-pause:v0.1.0   application/vnd.docker.distribution.manifest.v2+json sha256:cc 240 KiB linux/amd64 io.cri-containerd.image=managed
+sha256:875a                  application/vnd.docker.distribution.manifest.v2+json sha256:aa 5.7 MiB linux/amd64 io.cri-containerd.image=managed
+sha256:9e61                  application/vnd.docker.distribution.manifest.v2+json sha256:cc 240 KiB linux/amd64 io.cri-containerd.image=managed
+";
+        assert_eq!(
+            names_of_same_images(listing, "ste-function"),
+            [
+                "127.0.0.1:5/ste-function@sha256:bb",
+                "localhost/ste-function:v0.1.0",
+                "sha256:875a"
+            ]
+        );
+        assert!(names_of_same_images(listing, "nothing").is_empty());
+        assert!(names_of_same_images("", "ste-function").is_empty());
     }
 }

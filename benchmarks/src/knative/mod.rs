@@ -7,6 +7,7 @@ pub mod hops;
 pub mod objects;
 pub mod processes;
 pub mod real;
+pub mod real_image;
 pub mod real_run;
 pub mod stats;
 

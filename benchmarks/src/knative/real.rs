@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use k8s_openapi::api::core::v1::{Endpoints, Pod};
+use k8s_openapi::api::core::v1::{Endpoints, Event, Pod};
 use kube::api::{ListParams, PostParams};
 
 use crate::api::{client_for, collection_version, dynamic, list_json, resource, resource_of};
@@ -191,7 +191,18 @@ pub fn function_service(name: &str) -> Value {
 
 /// Creates [`function_service`] `name` in the record's namespace.
 pub async fn create_function_service(record: &ClusterRecord, name: &str) -> Result<(), RealError> {
+    create_function_service_of(record, name, FUNCTION_IMAGE).await
+}
+
+/// [`create_function_service`] of another image of the function (its
+/// digest in a loopback registry, [`crate::registry`]).
+pub async fn create_function_service_of(
+    record: &ClusterRecord,
+    name: &str,
+    image: &str,
+) -> Result<(), RealError> {
     let mut service = function_service(name);
+    service["spec"]["template"]["spec"]["containers"][0]["image"] = json!(image);
     service["metadata"]["namespace"] = json!(record.namespace);
     let client = client_for(record).map_err(cluster_err)?;
     let services = dynamic(
@@ -327,10 +338,10 @@ fn ip_listed(revision: &str, endpoints: &Value) -> bool {
             })
 }
 
-type FirstSeen = Arc<Mutex<Option<Instant>>>;
+type FirstSeen = Arc<Mutex<Option<(Instant, Value)>>>;
 
-/// Watches a collection of the record's namespace (`pods`, `endpoints`)
-/// from now and keeps when `matches` first held.
+/// Watches a collection of the record's namespace (`pods`, `endpoints`,
+/// `events`) from now and keeps when `matches` first held, and the object.
 async fn first_seen(
     record: &ClusterRecord,
     collection: kube::api::ApiResource,
@@ -346,7 +357,7 @@ async fn first_seen(
         if matches(object) {
             at.lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert(now);
+                .get_or_insert_with(|| (now, object.clone()));
         }
     })
     .map_err(cluster_err)?;
@@ -365,6 +376,27 @@ pub async fn cold_start(
     service: &str,
     timeout: Duration,
 ) -> Result<RealWake, RealError> {
+    Ok(cold_start_detailed(record, service, timeout).await?.0)
+}
+
+/// The user container's image events of a revision's pod (kubelet's
+/// `Pulling` / `Pulled`, `reason`).
+fn image_event(revision: &str, reason: &'static str, event: &Value) -> bool {
+    event["reason"] == reason
+        && event["involvedObject"]["kind"] == "Pod"
+        && event["involvedObject"]["fieldPath"] == "spec.containers{user-container}"
+        && event["involvedObject"]["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with(&format!("{revision}-")))
+}
+
+/// [`cold_start`], and where the pod ran and what the kubelet said about
+/// its image (pulled or already there).
+pub async fn cold_start_detailed(
+    record: &ClusterRecord,
+    service: &str,
+    timeout: Duration,
+) -> Result<(RealWake, WakeDetail), RealError> {
     let revision = objects::revision_of(service);
     let watch = HopWatch::start(record).await.map_err(cluster_err)?;
     let rev = revision.clone();
@@ -375,6 +407,16 @@ pub async fn cold_start(
     let rev = revision.clone();
     let (listed, endpoints) = first_seen(record, resource_of::<Endpoints>(), move |e| {
         ip_listed(&rev, e)
+    })
+    .await?;
+    let rev = revision.clone();
+    let (pulling, pulling_task) = first_seen(record, resource_of::<Event>(), move |e| {
+        image_event(&rev, "Pulling", e)
+    })
+    .await?;
+    let rev = revision.clone();
+    let (pulled, pulled_task) = first_seen(record, resource_of::<Event>(), move |e| {
+        image_event(&rev, "Pulled", e)
     })
     .await?;
     let sent = Instant::now();
@@ -395,23 +437,121 @@ pub async fn cold_start(
         .flat_map(|w| w.ms.into_iter().map(|(h, ms)| (h.name().to_string(), ms)))
         .collect();
     watch.stop();
-    pods.abort();
-    endpoints.abort();
+    for task in [pods, endpoints, pulling_task, pulled_task] {
+        task.abort();
+    }
     let at =
         |t: Instant| (t.saturating_duration_since(sent).as_secs_f64() * 10_000.0).round() / 10.0;
-    for (hop, seen) in [("container started", started), (IP_LISTED, listed)] {
-        if let Some(t) = *seen.lock().unwrap_or_else(|p| p.into_inner()) {
-            ms.insert(hop.into(), at(t));
+    let seen = |s: &FirstSeen| s.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let image = seen(&pulled).and_then(|(_, e)| parse_pulled(e["message"].as_str()?));
+    let detail = WakeDetail {
+        node: seen(&started).and_then(|(_, p)| Some(p["spec"]["nodeName"].as_str()?.to_string())),
+        image: image.clone(),
+    };
+    let pull_hops = [(IMAGE_PULLING, &pulling), (IMAGE_PULLED, &pulled)];
+    let pull_hops = pull_hops
+        .iter()
+        .filter(|_| image.as_ref().is_some_and(|i| i.pulled));
+    for (hop, s) in [("container started", &started), (IP_LISTED, &listed)]
+        .iter()
+        .chain(pull_hops)
+    {
+        if let Some((t, _)) = seen(s) {
+            ms.insert(hop.to_string(), at(t));
         }
     }
     let (status, body) = answer?;
     ms.insert(FIRST_RESPONSE.into(), at(answered));
-    Ok(RealWake {
+    let wake = RealWake {
         revision,
         ms,
         status,
         body,
+    };
+    Ok((wake, detail))
+}
+
+/// The kubelet's `Pulling` event of the user container's image, seen (ms
+/// from the request; only when the image was pulled).
+pub const IMAGE_PULLING: &str = "image pulling";
+/// Its `Pulled` event after a pull, seen.
+pub const IMAGE_PULLED: &str = "image pulled";
+
+/// Where a cold start's pod ran and what the kubelet said of its image.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct WakeDetail {
+    /// The node the pod ran on.
+    pub node: Option<String>,
+    /// From the kubelet's `Pulled` event of the user container.
+    pub image: Option<ImagePull>,
+}
+
+/// What the kubelet's `Pulled` event says.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ImagePull {
+    /// Pulled from a registry; false: "already present on machine".
+    pub pulled: bool,
+    /// The pull's duration as the kubelet measured it.
+    pub kubelet_ms: Option<f64>,
+    pub size_bytes: Option<u64>,
+}
+
+/// Parses a kubelet `Pulled` message: `Successfully pulled image "X" in
+/// 1.2s (1.3s including waiting). Image size: 123 bytes.` or `Container
+/// image "X" already present on machine…`.
+pub fn parse_pulled(message: &str) -> Option<ImagePull> {
+    if message.contains("already present on machine") {
+        return Some(ImagePull {
+            pulled: false,
+            kubelet_ms: None,
+            size_bytes: None,
+        });
+    }
+    let rest = message.strip_prefix("Successfully pulled image ")?;
+    let after_name = rest.rsplit_once("\" in ")?.1;
+    let kubelet_ms = after_name
+        .split_whitespace()
+        .next()
+        .and_then(parse_go_duration);
+    let size_bytes = message
+        .split_once("Image size: ")
+        .and_then(|(_, s)| s.split_whitespace().next()?.parse().ok());
+    Some(ImagePull {
+        pulled: true,
+        kubelet_ms,
+        size_bytes,
     })
+}
+
+/// A Go `time.Duration` string (`1m2.5s`, `812.3ms`, `45µs`) in milliseconds.
+pub fn parse_go_duration(text: &str) -> Option<f64> {
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = 0.0;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let value: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit_ms, len) = [
+            ("ns", 1e-6),
+            ("us", 1e-3),
+            ("µs", 1e-3),
+            ("ms", 1.0),
+            ("s", 1e3),
+            ("m", 60e3),
+            ("h", 3600e3),
+        ]
+        .iter()
+        .find(|(u, _)| rest.starts_with(u))
+        .map(|(u, ms)| (*ms, u.len()))?;
+        total += value * unit_ms;
+        rest = &rest[len..];
+    }
+    Some(total)
 }
 
 /// Waits until the revision's first pod is Ready (it was created at
@@ -547,6 +687,71 @@ mod tests {
         let public = json!({"metadata": {"name": "r"},
             "subsets": [{"addresses": [{"ip": "10.210.0.2"}]}]});
         assert!(!ip_listed("r", &public));
+    }
+
+    #[test]
+    fn go_durations_parse_to_milliseconds() {
+        assert_eq!(parse_go_duration("1.5s"), Some(1500.0));
+        assert_eq!(parse_go_duration("812.5ms"), Some(812.5));
+        assert_eq!(parse_go_duration("1m2s"), Some(62_000.0));
+        assert_eq!(parse_go_duration("250µs"), Some(0.25));
+        assert_eq!(parse_go_duration("2h"), Some(7_200_000.0));
+        assert_eq!(parse_go_duration(""), None);
+        assert_eq!(parse_go_duration("1.5"), None);
+        assert_eq!(parse_go_duration("3 s"), None);
+    }
+
+    #[test]
+    fn the_kubelets_pulled_message_says_pulled_or_present() {
+        let pulled = parse_pulled(
+            "Successfully pulled image \"127.0.0.1:1/ste-function@sha256:ab\" in 353ms \
+             (1.2s including waiting). Image size: 2862665 bytes.",
+        )
+        .unwrap();
+        assert_eq!(
+            pulled,
+            ImagePull {
+                pulled: true,
+                kubelet_ms: Some(353.0),
+                size_bytes: Some(2_862_665),
+            }
+        );
+        let present = parse_pulled(
+            "Container image \"localhost/ste-function:v0.1.0\" already present on machine",
+        )
+        .unwrap();
+        assert!(!present.pulled);
+        assert_eq!(parse_pulled("Pulling image \"x\""), None);
+    }
+
+    #[test]
+    fn only_the_user_containers_image_events_of_the_revision_count() {
+        let event = |reason: &str, name: &str, path: &str| json!({"reason": reason, "involvedObject": {"kind": "Pod", "name": name, "fieldPath": path}});
+        let user = "spec.containers{user-container}";
+        assert!(image_event(
+            "fn-00001",
+            "Pulling",
+            &event("Pulling", "fn-00001-deployment-x-y", user)
+        ));
+        assert!(!image_event(
+            "fn-00001",
+            "Pulled",
+            &event("Pulling", "fn-00001-deployment-x-y", user)
+        ));
+        assert!(!image_event(
+            "fn-00001",
+            "Pulling",
+            &event("Pulling", "other-deployment-x-y", user)
+        ));
+        assert!(!image_event(
+            "fn-00001",
+            "Pulling",
+            &event(
+                "Pulling",
+                "fn-00001-deployment-x-y",
+                "spec.containers{queue-proxy}"
+            )
+        ));
     }
 
     #[test]

@@ -14,10 +14,11 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::real::{self, ActivatorProcess, RealWake};
+use super::real_image::{self, ImageState, ImageWake};
 use crate::audit::{Window, WritesPerWake};
 use crate::cluster::{self, AgentArgs, Arm, UpArgs};
 use crate::knative::processes::{BridgeProcess, Knative};
-use crate::real_node::RealNodeArgs;
+use crate::real_node::{RealNodeArgs, FUNCTION_IMAGE};
 
 /// One arm of the run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -87,6 +88,20 @@ pub struct RealArgs {
     /// ste-activator-bridge binary (ste-webhook arm); default: next to ste-bench.
     #[arg(long, env = "STE_ACTIVATOR_BRIDGE_BIN")]
     pub bridge_bin: Option<PathBuf>,
+    /// Image scenarios (comma-separated; none: the function image imported
+    /// into the node, as always): `present`, `absent` (the kubelet pulls it
+    /// from a loopback registry), `one-node` (only real-node-0 holds it;
+    /// needs --real-nodes 2). Each cold start runs once per scenario, interleaved.
+    #[arg(
+        long,
+        env = "STE_COLDSTART_REAL_IMAGES",
+        value_enum,
+        value_delimiter = ','
+    )]
+    pub images: Vec<ImageState>,
+    /// Real nodes per arm's cluster.
+    #[arg(long, env = "STE_COLDSTART_REAL_NODES", default_value_t = 1)]
+    pub real_nodes: usize,
     /// Working directory: one cluster directory per arm, logs kept.
     #[arg(
         long,
@@ -151,7 +166,7 @@ async fn cold_starts(
     arm: RealArm,
     record: &cluster::ClusterRecord,
     dir: &Path,
-) -> anyhow::Result<(Vec<RealWake>, Option<WritesPerWake>)> {
+) -> anyhow::Result<ArmWakes> {
     let logs = &dir.join("logs");
     let mut knative = Knative::start(record, logs).await?;
     super::configure_autoscaler(record).await?;
@@ -161,11 +176,40 @@ async fn cold_starts(
         _ => None,
     };
     let service = "fn-real";
-    real::create_function_service(record, service).await?;
+    // The image scenarios: the function image from a loopback registry.
+    let pushed = match args.images.is_empty() {
+        true => None,
+        false => {
+            let pushed = real_image::push_function(&args.images_dir, logs)?;
+            crate::real_node::trust_registry(dir, &pushed.registry.host)?;
+            Some(pushed)
+        }
+    };
+    let image = pushed.as_ref().map(|p| p.image.as_str());
+    real::create_function_service_of(record, service, image.unwrap_or(FUNCTION_IMAGE)).await?;
     real::wait_up_then_zero(record, service, Duration::from_secs(180)).await?;
     let mut wakes = Vec::new();
     let mut writes: Option<WritesPerWake> = None;
     let audit_log = crate::audit::log_path(dir);
+    if let Some(image) = image {
+        // The image scenarios' own loop (they set the nodes up between
+        // wakes); their writes are not counted per wake.
+        let image_wakes =
+            real_image::cold_starts(dir, record, service, image, &args.images, args.cold_starts)
+                .await
+                .with_context(|| format!("{}: image scenarios", arm.name()))?;
+        wakes.extend(image_wakes.iter().map(|w| w.wake.clone()));
+        activator.check()?;
+        knative.check()?;
+        if let Some(b) = bridge {
+            b.stop();
+        }
+        return Ok(ArmWakes {
+            wakes,
+            writes: None,
+            images: image_wakes,
+        });
+    }
     for i in 0..args.cold_starts {
         let from = std::time::Instant::now();
         let wake = real::cold_start(record, service, Duration::from_secs(120)).await?;
@@ -198,20 +242,29 @@ async fn cold_starts(
     if let Some(b) = bridge {
         b.stop();
     }
-    Ok((wakes, writes))
+    Ok(ArmWakes {
+        wakes,
+        writes,
+        images: Vec::new(),
+    })
 }
 
-async fn run_arm(
-    args: &RealArgs,
-    arm: RealArm,
-) -> anyhow::Result<(Vec<RealWake>, Option<WritesPerWake>)> {
+/// One arm's cold starts, the writes they cost, and the image scenarios'
+/// wakes (with `--images`).
+struct ArmWakes {
+    wakes: Vec<RealWake>,
+    writes: Option<WritesPerWake>,
+    images: Vec<ImageWake>,
+}
+
+async fn run_arm(args: &RealArgs, arm: RealArm) -> anyhow::Result<ArmWakes> {
     let dir = std::path::absolute(args.dir.join(arm.dir_name()))?;
     let _ = std::fs::remove_dir_all(&dir);
     let mut up = UpArgs::plain(arm.storage(), args.shards, 0, dir.clone());
     // Every arm audits its writes: the audit log's cost is the same everywhere.
     up.audit = true;
     let real = RealNodeArgs {
-        real_nodes: 1,
+        real_nodes: args.real_nodes,
         images_dir: args.images_dir.clone(),
     };
     let record = cluster::up_with_real(&up, &AgentArgs::default(), &real)
@@ -227,15 +280,28 @@ async fn run_arm(
 /// Runs every arm, prints the table and writes `<dir>/results.json`.
 pub async fn run(args: RealArgs) -> anyhow::Result<Vec<ArmResult>> {
     anyhow::ensure!(args.cold_starts > 0, "--cold-starts must be at least 1");
+    anyhow::ensure!(args.real_nodes > 0, "--real-nodes must be at least 1");
+    anyhow::ensure!(
+        !args.images.contains(&ImageState::OneNode) || args.real_nodes >= 2,
+        "--images one-node needs --real-nodes 2 or more"
+    );
     let mut results = Vec::new();
+    let mut image_results = Vec::new();
     for arm in &args.arms {
         eprintln!("arm {}", arm.name());
-        let (wakes, api_writes) = run_arm(&args, *arm).await?;
+        let ArmWakes {
+            wakes,
+            writes,
+            images,
+        } = run_arm(&args, *arm).await?;
         results.push(ArmResult {
             arm: *arm,
             wakes,
-            api_writes,
+            api_writes: writes,
         });
+        if !images.is_empty() {
+            image_results.push((arm.name().to_string(), images));
+        }
     }
     let table: Vec<(String, Vec<RealWake>)> = results
         .iter()
@@ -256,6 +322,12 @@ pub async fn run(args: RealArgs) -> anyhow::Result<Vec<ArmResult>> {
     let out = args.dir.join("results.json");
     std::fs::write(&out, serde_json::to_string_pretty(&results)?)?;
     println!("results: {}", out.display());
+    if !image_results.is_empty() {
+        println!("{}", real_image::markdown(&image_results));
+        let out = args.dir.join("images.json");
+        std::fs::write(&out, serde_json::to_string_pretty(&image_results)?)?;
+        println!("image scenarios: {}", out.display());
+    }
     let figures = crate::plots::write_suite(
         crate::plots::Suite::Coldstart,
         "coldstart-real",
