@@ -134,6 +134,10 @@ pub struct RoundResult {
     /// Pods of the woken revisions that existed at some point in the round
     /// (more than `revisions` means duplicates were created and deleted).
     pub pods_seen: usize,
+    /// Of those, the pods that ever had a node (`spec.nodeName`): the ones
+    /// that reached a kubelet. More than `revisions` means a duplicate got
+    /// to a node; a gated duplicate never does.
+    pub pods_bound: usize,
     pub bridge_pods_created: f64,
     pub races_won: f64,
     pub races_lost: f64,
@@ -262,6 +266,8 @@ struct Times {
     bound: HashMap<String, Instant>,
     ready: HashMap<String, Instant>,
     pods: std::collections::HashSet<String>,
+    /// Pods seen with a node.
+    bound_pods: std::collections::HashSet<String>,
 }
 
 fn ms(us: f64) -> f64 {
@@ -321,10 +327,10 @@ async fn round(
             return;
         };
         let mut t = t.lock().expect("times");
-        if let Some(name) = pod["metadata"]["name"].as_str() {
-            t.pods.insert(name.to_string());
-        }
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+        t.pods.insert(name.to_string());
         if pod["spec"]["nodeName"].is_string() {
+            t.bound_pods.insert(name.to_string());
             t.bound.entry(rev.to_string()).or_insert(now);
         }
         let ready = pod["status"]["conditions"]
@@ -412,6 +418,7 @@ async fn round(
         ready_p95_ms: ms(ready.percentile(95.0)),
         ready_p99_ms: ms(ready.percentile(99.0)),
         pods_seen: 0,
+        pods_bound: 0,
         bridge_pods_created: 0.0,
         races_won: 0.0,
         races_lost: 0.0,
@@ -451,7 +458,11 @@ async fn round(
             .unwrap_or(0.0);
         result.tap_reverts = metric_sum(&m, "ste_activator_bridge_tap_reverts_total");
     }
-    result.pods_seen = times.lock().expect("times").pods.len();
+    {
+        let t = times.lock().expect("times");
+        result.pods_seen = t.pods.len();
+        result.pods_bound = t.bound_pods.len();
+    }
     watcher.abort();
     if let Some(woken) = woken {
         // Back to zero by the autoscaler itself, once the requests are
@@ -586,11 +597,11 @@ async fn run_arm(
 
 pub fn markdown(results: &[RoundResult]) -> String {
     let mut out = String::from(
-        "| arm | repeat | revisions | bridge | bound p50 / p95 / p99 (ms) | Ready p50 / p95 / p99 (ms) | pods seen | bridge pods | races won / lost | duplicates deleted / gated | rejections |\n|---|---:|---:|---|---|---|---:|---:|---|---:|---:|\n",
+        "| arm | repeat | revisions | bridge | bound p50 / p95 / p99 (ms) | Ready p50 / p95 / p99 (ms) | pods seen / bound | bridge pods | races won / lost | duplicates deleted / gated | rejections |\n|---|---:|---:|---|---|---|---|---:|---|---:|---:|\n",
     );
     for r in results {
         out.push_str(&format!(
-            "| {:?} | {} | {} | {} | {} / {} / {} | {} / {} / {} | {} | {} | {} | {} | {} |\n",
+            "| {:?} | {} | {} | {} | {} / {} / {} | {} / {} / {} | {} / {} | {} | {} | {} | {} |\n",
             r.arm,
             r.repeat,
             r.revisions,
@@ -602,6 +613,7 @@ pub fn markdown(results: &[RoundResult]) -> String {
             r.ready_p95_ms,
             r.ready_p99_ms,
             r.pods_seen,
+            r.pods_bound,
             if r.bridge != "none" {
                 format!("{}", r.bridge_pods_created)
             } else {

@@ -205,6 +205,8 @@ async fn coldstart_repeats_keep_every_round_and_report_their_spread() {
         let hops = r.hops.as_ref().expect("woken through the autoscaler");
         assert_eq!(hops.wakes.len(), r.revisions, "{r:?}");
         assert!(r.pods_seen >= r.revisions, "{r:?}");
+        // Without the bridge each revision's one pod is bound, and no other.
+        assert_eq!(r.pods_bound, r.revisions, "{r:?}");
         assert!(r.ready_p50_ms >= r.bound_p50_ms, "{r:?}");
         // Every arm is audited: the round's writes, counted per wake.
         let writes = r.api_writes.as_ref().expect("the round's API writes");

@@ -58,10 +58,11 @@ pub fn groups(results: &[RoundResult]) -> Vec<Vec<&RoundResult>> {
 
 /// A table: per arm, bridge and scale, the median (lowest–highest) over
 /// repeats of each round's bound and Ready p50 / p95, and the pods seen
-/// beyond one per woken revision (duplicates) summed over repeats.
+/// beyond one per woken revision (duplicates) summed over repeats, and of
+/// those the ones that got a node (reached a kubelet).
 pub fn markdown(results: &[RoundResult]) -> String {
     let mut out = String::from(
-        "| arm | bridge | revisions | repeats | bound p50 (ms) | bound p95 (ms) | Ready p50 (ms) | Ready p95 (ms) | extra pods (all repeats) |\n|---|---|---:|---:|---|---|---|---|---:|\n",
+        "| arm | bridge | revisions | repeats | bound p50 (ms) | bound p95 (ms) | Ready p50 (ms) | Ready p95 (ms) | extra pods (all repeats) | extra pods bound |\n|---|---|---:|---:|---|---|---|---|---:|---:|\n",
     );
     for g in groups(results) {
         let values = |f: fn(&RoundResult) -> f64| -> Vec<f64> { g.iter().map(|r| f(r)).collect() };
@@ -69,8 +70,12 @@ pub fn markdown(results: &[RoundResult]) -> String {
             .iter()
             .map(|r| r.pods_seen.saturating_sub(r.revisions))
             .sum();
+        let extra_bound: usize = g
+            .iter()
+            .map(|r| r.pods_bound.saturating_sub(r.revisions))
+            .sum();
         out.push_str(&format!(
-            "| {:?} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {:?} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             g[0].arm,
             g[0].bridge,
             g[0].revisions,
@@ -80,6 +85,7 @@ pub fn markdown(results: &[RoundResult]) -> String {
             Spread::cell(Spread::of(&values(|r| r.ready_p50_ms))),
             Spread::cell(Spread::of(&values(|r| r.ready_p95_ms))),
             extra,
+            extra_bound,
         ));
     }
     out
