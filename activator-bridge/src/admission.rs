@@ -134,39 +134,63 @@ impl Bridge {
         Verdict::Bind(node)
     }
 
-    /// A pod of `owner` is a duplicate when the bridge created pods for this
-    /// scale-up and the ReplicaSet already has the pods it wants: live,
-    /// ungated pods in the cache plus pods created or bound but not cached yet.
+    /// A pod of `owner` is a duplicate when the bridge created pods for it
+    /// and the ReplicaSet already has the pods it wants ([`is_duplicate_of`]).
     fn is_duplicate(&self, owner: &str, pods: &[Arc<Pod>], reservations: &[Reservation]) -> bool {
-        let tracked_want = {
-            let tracking = self.tracking.lock().unwrap();
-            match tracking.get(owner) {
-                Some(t) if t.started.elapsed() < self.settings.settle => t.want,
-                _ => return false,
-            }
-        };
-        let bridge_pods = pods.iter().any(|p| {
-            controller_uid(&p.metadata) == Some(owner)
-                && p.annotations().contains_key(CREATED_BY_ANNOTATION)
-        }) || reservations
-            .iter()
-            .any(|r| r.owner == owner && r.baseline.is_none());
-        if !bridge_pods {
-            return false;
-        }
+        let tracked_want = self
+            .tracking
+            .lock()
+            .unwrap()
+            .get(owner)
+            .filter(|t| t.started.elapsed() < self.settings.settle)
+            .map(|t| t.want);
         let cached_want = self
             .replicasets
             .find(|rs| rs.metadata.uid.as_deref() == Some(owner))
             .and_then(|rs| rs.spec.as_ref().and_then(|s| s.replicas))
             .unwrap_or(0);
-        let want = tracked_want.max(cached_want).max(0) as usize;
-        let have = pods
-            .iter()
-            .filter(|p| controller_uid(&p.metadata) == Some(owner) && is_live(p) && !is_gated(p))
-            .count()
-            + reservations.iter().filter(|r| r.owner == owner).count();
-        have >= want
+        is_duplicate_of(owner, tracked_want, cached_want, pods, reservations)
     }
+}
+
+/// The duplicate rule. A pod of ReplicaSet `owner` is a duplicate when the
+/// bridge has a pod of `owner` (live in the cache, or being created) and
+/// the ReplicaSet already has the pods it wants — the most of the replicas
+/// the bridge filled in its current scale-up (`tracked_want`, within its
+/// settle window) and the cached ReplicaSet's — counting live, ungated pods
+/// in the cache plus pods created or bound but not cached yet.
+///
+/// The bridge's pod counts for as long as it lives, not only within the
+/// settle window: with the controllers behind (a 100-revision burst), the
+/// ReplicaSet controller's late pod can come many seconds after the
+/// bridge's, and it must still be gated. A pod gated while it was in fact
+/// wanted (a scale-up the ReplicaSet cache has not shown yet) is released
+/// by the sweep after `--gated-grace`: a delay, never a lost pod.
+pub(crate) fn is_duplicate_of(
+    owner: &str,
+    tracked_want: Option<i32>,
+    cached_want: i32,
+    pods: &[Arc<Pod>],
+    reservations: &[Reservation],
+) -> bool {
+    let of_owner = |p: &&Arc<Pod>| controller_uid(&p.metadata) == Some(owner);
+    let bridge_pods =
+        pods.iter().filter(of_owner).any(|p| {
+            is_live(p) && !is_gated(p) && p.annotations().contains_key(CREATED_BY_ANNOTATION)
+        }) || reservations
+            .iter()
+            .any(|r| r.owner == owner && r.baseline.is_none());
+    if !bridge_pods {
+        return false;
+    }
+    let want = tracked_want.unwrap_or(0).max(cached_want).max(0) as usize;
+    let have = pods
+        .iter()
+        .filter(of_owner)
+        .filter(|p| is_live(p) && !is_gated(p))
+        .count()
+        + reservations.iter().filter(|r| r.owner == owner).count();
+    have >= want
 }
 
 /// The JSON patch for a verdict (`None`: no change).
@@ -246,6 +270,106 @@ mod tests {
         let ops = patch(&p, &Verdict::Gate).unwrap();
         assert_eq!(ops[0]["path"], "/spec/schedulingGates/-");
         assert!(patch(&p, &Verdict::Pass("x")).is_none());
+    }
+
+    fn owned(name: &str, owner: &str, extra: Value) -> Arc<Pod> {
+        let mut p = pod(extra);
+        p.metadata.name = Some(name.into());
+        p.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                kind: "ReplicaSet".into(),
+                uid: owner.into(),
+                controller: Some(true),
+                ..Default::default()
+            },
+        ]);
+        Arc::new(p)
+    }
+
+    fn bridges() -> Value {
+        json!({"metadata": {"annotations": {CREATED_BY_ANNOTATION: "x"}}, "spec": {"nodeName": "n1"}})
+    }
+
+    fn reservation(owner: &str, baseline: Option<usize>) -> Reservation {
+        Reservation {
+            id: 0,
+            pod: None,
+            baseline,
+            ns: "default".into(),
+            owner: owner.into(),
+            node: "n1".into(),
+            requests: Default::default(),
+            revision: None,
+            images: Vec::new(),
+            at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_late_controller_pod_is_a_duplicate_after_the_settle_window() {
+        // The bridge's bound pod fills the ReplicaSet (1 wanted); the
+        // tracking of its scale-up has ended (no tracked want).
+        let pods = [owned("ours", "rs", bridges())];
+        assert!(is_duplicate_of("rs", None, 1, &pods, &[]));
+        // Within the window too.
+        assert!(is_duplicate_of("rs", Some(1), 1, &pods, &[]));
+        // The ReplicaSet now wants 2: the controller's pod is wanted.
+        assert!(!is_duplicate_of("rs", None, 2, &pods, &[]));
+        // The bridge's create still in flight counts as its pod.
+        assert!(is_duplicate_of(
+            "rs",
+            Some(1),
+            0,
+            &[],
+            &[reservation("rs", None)]
+        ));
+    }
+
+    #[test]
+    fn without_a_live_bridge_pod_nothing_is_a_duplicate() {
+        // Only the controller's own pods (or a webhook-bound one in flight).
+        let theirs = [owned("theirs", "rs", json!({"spec": {"nodeName": "n1"}}))];
+        assert!(!is_duplicate_of("rs", None, 1, &theirs, &[]));
+        assert!(!is_duplicate_of(
+            "rs",
+            None,
+            1,
+            &[],
+            &[reservation("rs", Some(0))]
+        ));
+        // The bridge's pod is gone (failed) or belongs to another ReplicaSet.
+        let mut failed = bridges();
+        failed["status"] = json!({"phase": "Failed"});
+        assert!(!is_duplicate_of(
+            "rs",
+            None,
+            1,
+            &[owned("ours", "rs", failed)],
+            &[]
+        ));
+        assert!(!is_duplicate_of(
+            "rs",
+            None,
+            1,
+            &[owned("ours", "other", bridges())],
+            &[]
+        ));
+    }
+
+    #[test]
+    fn gated_pods_do_not_fill_the_replicaset() {
+        // The bridge's pod and a gated duplicate: a second controller pod
+        // while 2 are wanted is not a duplicate (the gated one does not count).
+        let pods = [
+            owned("ours", "rs", bridges()),
+            owned(
+                "gated",
+                "rs",
+                json!({"spec": {"schedulingGates": [{"name": GATE}]}}),
+            ),
+        ];
+        assert!(!is_duplicate_of("rs", None, 2, &pods, &[]));
+        assert!(is_duplicate_of("rs", None, 1, &pods, &[]));
     }
 
     #[test]
