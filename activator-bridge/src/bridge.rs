@@ -66,7 +66,7 @@ pub enum BridgeError {
 }
 
 #[derive(Debug, Clone)]
-enum Target {
+pub(crate) enum Target {
     ReplicaSet,
     /// Aggressive mode: the Deployment went 0→N; scale its ReplicaSet too.
     Deployment {
@@ -76,12 +76,12 @@ enum Target {
 }
 
 #[derive(Debug, Clone)]
-struct Trigger {
-    ns: String,
-    name: String,
-    target: Target,
-    at: Instant,
-    attempt: u32,
+pub(crate) struct Trigger {
+    pub(crate) ns: String,
+    pub(crate) name: String,
+    pub(crate) target: Target,
+    pub(crate) at: Instant,
+    pub(crate) attempt: u32,
 }
 
 /// A pod the bridge created, or bound at admission, that the pod cache may
@@ -160,6 +160,10 @@ pub struct Bridge {
     /// Deployments the tap scaled 0→1 (key ns/name) and when it read the
     /// stat, until the watch sees them back at 0.
     pub(crate) tapped: Mutex<HashMap<String, Instant>>,
+    /// Deployments whose 0→1 the tap wrote and handed to the workers itself
+    /// (aggressive mode), so the Deployment watch's later 0→1 is not acted
+    /// on twice.
+    pub(crate) tap_triggered: Mutex<HashSet<String>>,
     /// Held only while deciding, never across API calls.
     pub(crate) reservations: Mutex<Vec<Reservation>>,
     pub(crate) next_reservation: std::sync::atomic::AtomicU64,
@@ -214,6 +218,7 @@ impl Bridge {
             replicasets: rs_store,
             deployments: deployment_store,
             tapped: Mutex::new(HashMap::new()),
+            tap_triggered: Mutex::new(HashSet::new()),
             reservations: Mutex::new(Vec::new()),
             next_reservation: Default::default(),
             tracking: Mutex::new(HashMap::new()),
@@ -337,7 +342,11 @@ impl Bridge {
                                 now,
                                 b.settings.tap_revert_window,
                             );
-                            if b.settings.mode == Mode::Aggressive && before == Some(0) && now > 0 {
+                            if b.settings.mode == Mode::Aggressive
+                                && before == Some(0)
+                                && now > 0
+                                && !b.tap_took(&ns, &d.name_any())
+                            {
                                 b.note_wake();
                                 b.enqueue(Trigger {
                                     ns: d.namespace().unwrap_or_default(),
@@ -387,7 +396,7 @@ impl Bridge {
 
     /// Records a revision woken (once per wake: the Deployment's 0→N in
     /// aggressive mode, the ReplicaSet's otherwise).
-    fn note_wake(&self) {
+    pub(crate) fn note_wake(&self) {
         let mut wakes = self.wakes.lock().unwrap();
         wakes.push_back(Instant::now());
         while wakes
@@ -413,7 +422,7 @@ impl Bridge {
         recent < self.settings.burst_threshold
     }
 
-    fn enqueue(&self, trigger: Trigger) {
+    pub(crate) fn enqueue(&self, trigger: Trigger) {
         let _ = self.queue.send(trigger);
     }
 

@@ -180,6 +180,22 @@ async fn a_wake_through_the_tap_scales_before_the_autoscaler_which_still_gets_ev
             "{s}: {bound:?}"
         );
     }
+    // The bridge acted once per wake (from the tap's own 0→1, the watch's
+    // later 0→1 skipped): at most one pod created per revision (none where
+    // the ReplicaSet controller was first).
+    let created: f64 = bridge
+        .metrics()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("ste_activator_bridge_pods_created_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(
+        created >= 1.0 && created <= services.len() as f64,
+        "{created} pods created for {} revisions",
+        services.len()
+    );
     // Every message the activator sent went through the tap.
     all_read(&bridge, &activator).await;
 
