@@ -517,19 +517,26 @@ pub fn arm_order(arms: &[Arm], repeat: u64) -> Vec<Arm> {
     order
 }
 
+impl ColdstartArgs {
+    /// The cluster every arm of the run gets (rounds and sweep alike).
+    pub(crate) fn environment(&self) -> crate::arms::Environment {
+        crate::arms::Environment {
+            shards: self.shards,
+            nodes: self.nodes,
+            client_qps: self.client_qps,
+            fsync_delay: self.fsync_delay,
+            topology: self.topology.clone(),
+        }
+    }
+}
+
 async fn run_arm(
     args: &ColdstartArgs,
     arm: Arm,
     repeat: u64,
     bridge_bin: Option<&Path>,
 ) -> anyhow::Result<Vec<RoundResult>> {
-    let env = crate::arms::Environment {
-        shards: args.shards,
-        nodes: args.nodes,
-        client_qps: args.client_qps,
-        fsync_delay: args.fsync_delay,
-        topology: args.topology.clone(),
-    };
+    let env = args.environment();
     let mut name = crate::arms::dir_name(arm, &env);
     if args.repeats > 1 {
         name.push_str(&format!("-r{repeat}"));

@@ -179,13 +179,7 @@ async fn run_arm(
     pool_size: usize,
     bridge_bin: Option<&Path>,
 ) -> anyhow::Result<Vec<StepResult>> {
-    let env = crate::arms::Environment {
-        shards: args.shards,
-        nodes: args.nodes,
-        client_qps: args.client_qps,
-        fsync_delay: args.fsync_delay,
-        topology: args.topology.clone(),
-    };
+    let env = args.environment();
     let dir = std::path::absolute(
         args.output
             .join(format!("sweep-{}", crate::arms::dir_name(arm, &env))),
