@@ -9,7 +9,9 @@
 //! scenario: the image pulled through the CRI where it should be present,
 //! every `ste-function` image removed (`ctr images rm --sync`, its layers
 //! collected) where it should be absent, so there the kubelet pulls it.
-//! With `one-node` (two real nodes or more) only `real-node-0` holds it, and
+//! With `one-node` (two real nodes or more) only `real-node-1` holds it —
+//! not real-node-0, which a placement without an image preference picks
+//! first on a tie (the bridge's does, by name) — and
 //! the wake waits until both nodes' status says so: that is what the
 //! scheduler's ImageLocality and the bridge's placement read.
 
@@ -34,8 +36,8 @@ pub enum ImageState {
     Present,
     /// In none: the kubelet pulls it from the loopback registry.
     Absent,
-    /// Only in real-node-0's (needs two real nodes or more): which node
-    /// does the pod go to?
+    /// Only in real-node-1's (needs two real nodes or more): which node
+    /// does the pod go to? Not real-node-0, the one a tie goes to.
     OneNode,
 }
 
@@ -53,7 +55,7 @@ impl ImageState {
         match self {
             ImageState::Present => true,
             ImageState::Absent => false,
-            ImageState::OneNode => index == 0,
+            ImageState::OneNode => index == 1,
         }
     }
 }
@@ -309,9 +311,9 @@ mod tests {
     }
 
     #[test]
-    fn only_real_node_0_holds_the_image_in_one_node() {
-        assert!(ImageState::OneNode.on_node(0));
-        assert!(!ImageState::OneNode.on_node(1));
+    fn only_real_node_1_holds_the_image_in_one_node() {
+        assert!(ImageState::OneNode.on_node(1));
+        assert!(!ImageState::OneNode.on_node(0));
         assert!(ImageState::Present.on_node(3));
         assert!(!ImageState::Absent.on_node(0));
     }
@@ -319,9 +321,9 @@ mod tests {
     #[test]
     fn the_table_counts_pulls_and_pods_on_the_image_node() {
         let wakes = vec![
-            wake(ImageState::OneNode, "real-node-0", None, 1500.0),
-            wake(ImageState::OneNode, "real-node-1", Some(400.0), 2000.0),
-            wake(ImageState::OneNode, "real-node-0", None, 1600.0),
+            wake(ImageState::OneNode, "real-node-1", None, 1500.0),
+            wake(ImageState::OneNode, "real-node-0", Some(400.0), 2000.0),
+            wake(ImageState::OneNode, "real-node-1", None, 1600.0),
             wake(ImageState::Absent, "real-node-0", Some(300.0), 1900.0),
         ];
         let table = markdown(&[("stock".into(), wakes)]);

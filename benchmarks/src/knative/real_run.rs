@@ -90,7 +90,7 @@ pub struct RealArgs {
     pub bridge_bin: Option<PathBuf>,
     /// Image scenarios (comma-separated; none: the function image imported
     /// into the node, as always): `present`, `absent` (the kubelet pulls it
-    /// from a loopback registry), `one-node` (only real-node-0 holds it;
+    /// from a loopback registry), `one-node` (only real-node-1 holds it;
     /// needs --real-nodes 2). Each cold start runs once per scenario, interleaved.
     #[arg(
         long,
