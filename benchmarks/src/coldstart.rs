@@ -102,6 +102,14 @@ pub struct ColdstartArgs {
     /// autoscaler at a time on this machine: it binds :8080).
     #[arg(long, env = "STE_COLDSTART_REPEATS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub repeats: u64,
+    /// Wake every revision once, unrecorded, on each fresh cluster before
+    /// the measured rounds. A revision's first wake after it was created
+    /// is slower at the autoscaler (≈ 110 ms more from the stat to the
+    /// Deployment's patch in a 10-repeat run, on every arm), and without a
+    /// warm-up that penalty fell on whichever round came first — always
+    /// the round without the bridge.
+    #[arg(long, env = "STE_COLDSTART_WARMUP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub warmup: bool,
     /// The open-loop cold-starts-per-second sweep (`--sweep 1,2,5,10`), run
     /// instead of the rounds when given.
     #[command(flatten)]
@@ -576,6 +584,10 @@ async fn run_arm(
         }
         progress.finish(max as u64, "waiting for their revisions at zero");
         wait_at_zero(&client, &services, Duration::from_secs(300)).await?;
+        if args.warmup && args.wake == crate::knative::Wake::Stats {
+            eprintln!("  {arm:?}: warm-up, every revision woken once (not recorded)");
+            round(args, &record, &dir, &services, None, arm).await?;
+        }
         let mut results = Vec::new();
         for &k in &args.revisions {
             let variants = std::iter::once(None).chain(bridge_bin.into_iter().flat_map(|bin| {

@@ -193,6 +193,7 @@ async fn coldstart_repeats_keep_every_round_and_report_their_spread() {
         settle: 1,
         wake: knative::Wake::Stats,
         repeats: 2,
+        warmup: true,
         sweep: Default::default(),
         output: dir.clone(),
     };
@@ -275,6 +276,7 @@ async fn an_open_loop_sweep_step_counts_every_wake_it_schedules() {
         settle: 1,
         wake: knative::Wake::Stats,
         repeats: 1,
+        warmup: false,
         sweep: coldstart::sweep::SweepArgs {
             rates: vec![1.0],
             sweep_duration: Duration::from_secs(5),
