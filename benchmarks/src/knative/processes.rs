@@ -66,6 +66,74 @@ impl Drop for Owned {
 /// How long Knative's controller and autoscaler get to take their leases.
 const LEAD_WITHIN: Duration = Duration::from_secs(180);
 
+/// Knative's components: name, binary, its environment override, metrics domain.
+type Component = (&'static str, &'static str, &'static str, &'static str);
+const COMPONENTS: [Component; 2] = [
+    (
+        "knative-controller",
+        "knative-controller",
+        "STE_KNATIVE_CONTROLLER_BIN",
+        "knative.dev/internal/serving",
+    ),
+    (
+        "knative-autoscaler",
+        "knative-autoscaler",
+        "STE_KNATIVE_AUTOSCALER_BIN",
+        "knative.dev/serving",
+    ),
+];
+
+/// Starts one of [`COMPONENTS`] with its log in `logs/<name>.log`
+/// (appended to with `append`), in a process group of its own.
+fn spawn_component(
+    record: &ClusterRecord,
+    logs: &Path,
+    (name, binary, env_name, domain): Component,
+    append: bool,
+) -> anyhow::Result<Owned> {
+    use std::os::unix::process::CommandExt;
+    let binary = ste_testkit::upstream_binary(binary, env_name)?;
+    let log = logs.join(format!("{name}.log"));
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(append)
+        .write(true)
+        .truncate(!append)
+        .open(&log)?;
+    let child = Command::new(&binary)
+        .arg(format!("--kubeconfig={}", record.kubeconfig.display()))
+        .env("SYSTEM_NAMESPACE", "knative-serving")
+        .env("POD_NAME", format!("{name}-0"))
+        // Published in the autoscaler's bucket Endpoints, which refuse loopback
+        // addresses; with one autoscaler nothing ever connects to it.
+        .env("POD_IP", "10.0.0.3")
+        .env("CONFIG_LOGGING_NAME", "config-logging")
+        .env("CONFIG_OBSERVABILITY_NAME", "config-observability")
+        .env("METRICS_DOMAIN", domain)
+        // Profiling is off (config-observability) but its server always listens: any free port.
+        .env("PROFILING_PORT", "0")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    Ok(Owned {
+        name: name.into(),
+        child,
+        log,
+    })
+}
+
+/// Whether the autoscaler's log, from byte `from` on (its current start),
+/// says it gave up leading.
+fn gave_up(log: &Path, from: usize) -> bool {
+    std::fs::read(log).is_ok_and(|bytes| {
+        bytes.len() > from
+            && String::from_utf8_lossy(&bytes[from..]).contains("has stopped leading")
+    })
+}
+
 /// The last `n` lines of a log file (or why it could not be read).
 fn log_tail(path: &Path, n: usize) -> String {
     match std::fs::read_to_string(path) {
@@ -135,51 +203,16 @@ impl Knative {
             processes: Vec::new(),
             _port_lock: lock,
         };
-        let kubeconfig = format!("--kubeconfig={}", record.kubeconfig.display());
-        for (name, binary, env_name, domain) in [
-            (
-                "knative-controller",
-                "knative-controller",
-                "STE_KNATIVE_CONTROLLER_BIN",
-                "knative.dev/internal/serving",
-            ),
-            (
-                "knative-autoscaler",
-                "knative-autoscaler",
-                "STE_KNATIVE_AUTOSCALER_BIN",
-                "knative.dev/serving",
-            ),
-        ] {
-            let binary = ste_testkit::upstream_binary(binary, env_name)?;
-            let log = logs.join(format!("{name}.log"));
-            let out = std::fs::File::create(&log)?;
-            let child = Command::new(&binary)
-                .arg(&kubeconfig)
-                .env("SYSTEM_NAMESPACE", "knative-serving")
-                .env("POD_NAME", format!("{name}-0"))
-                // Published in the autoscaler's bucket Endpoints, which refuse loopback
-                // addresses; with one autoscaler nothing ever connects to it.
-                .env("POD_IP", "10.0.0.3")
-                .env("CONFIG_LOGGING_NAME", "config-logging")
-                .env("CONFIG_OBSERVABILITY_NAME", "config-observability")
-                .env("METRICS_DOMAIN", domain)
-                // Profiling is off (config-observability) but its server always listens: any free port.
-                .env("PROFILING_PORT", "0")
-                .stdin(Stdio::null())
-                .stdout(out.try_clone()?)
-                .stderr(out)
-                .spawn()
-                .with_context(|| format!("starting {}", binary.display()))?;
-            knative.processes.push(Owned {
-                name: name.into(),
-                child,
-                log,
-            });
+        for component in COMPONENTS {
+            let process = spawn_component(record, logs, component, false)?;
+            knative.processes.push(process);
         }
         let leases = kube::Api::<Lease>::namespaced(client_for(record)?, "knative-serving");
         // 90 s is plenty on a quiet machine (both lead within 1 s of start);
         // a CI machine under a parallel build has been seen to need more.
         let deadline = Instant::now() + LEAD_WITHIN;
+        let mut restarts = 0;
+        let mut log_from = 0;
         loop {
             knative.check()?;
             let holders: Vec<String> = leases
@@ -197,6 +230,19 @@ impl Knative {
             let autoscaler = holders.iter().any(|h| h == "autoscaler-bucket-00-of-01");
             if controller && autoscaler {
                 return Ok(knative);
+            }
+            let autoscaler_log = logs.join("knative-autoscaler.log");
+            if !autoscaler && restarts < 2 && gave_up(&autoscaler_log, log_from) {
+                // Seen a few times in hundreds of starts: the autoscaler
+                // stops its controllers at once after starting (its root
+                // context cancelled; cause not found yet) and never leads.
+                // It leads when started again.
+                restarts += 1;
+                log_from = std::fs::metadata(&autoscaler_log).map_or(0, |m| m.len() as usize);
+                eprintln!("  (Knative's autoscaler stopped leading at start; restarting it, {restarts} of 2)");
+                knative.processes.retain(|p| p.name != COMPONENTS[1].0);
+                let process = spawn_component(record, logs, COMPONENTS[1], true)?;
+                knative.processes.push(process);
             }
             if Instant::now() > deadline {
                 // The logs may live in a test's temporary directory: say
@@ -339,6 +385,17 @@ pub fn metric_sum(metrics: &BTreeMap<String, f64>, prefix: &str) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::log_tail;
+
+    #[test]
+    fn gave_up_reads_only_the_current_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        std::fs::write(&path, "start\n\"x\" has stopped leading \"bucket\"\n").unwrap();
+        assert!(super::gave_up(&path, 0));
+        let len = std::fs::metadata(&path).unwrap().len() as usize;
+        assert!(!super::gave_up(&path, len));
+        assert!(!super::gave_up(&dir.path().join("none.log"), 0));
+    }
 
     #[test]
     fn log_tail_keeps_the_last_lines_and_names_an_unreadable_file() {
