@@ -18,28 +18,11 @@ use ste_bench::cluster::{self, AgentArgs, Arm, UpArgs};
 use ste_bench::coldstart::Knative;
 use ste_bench::knative::{self, real};
 use ste_bench::real_node::RealNodeArgs;
-use ste_testkit::{repo_root, upstream_binary};
+use ste_testkit::repo_root;
 
 fn check_prerequisites() {
-    let images = repo_root().join("target/images");
-    for archive in ["pause.tar", "function.tar", "queue-proxy.tar"] {
-        assert!(
-            images.join(archive).is_file(),
-            "{} missing: run hack/build-images.sh pause function queue-proxy",
-            images.join(archive).display()
-        );
-    }
-    for binary in [
-        "kubelet",
-        "crictl",
-        "knative-controller",
-        "knative-autoscaler",
-        "knative-activator",
-    ] {
-        assert!(
-            upstream_binary(binary, "STE_UNUSED").is_ok(),
-            "{binary} missing from target/upstream/bin: run hack/build-upstream.sh {binary}"
-        );
+    if let Some(missing) = real::missing_prerequisite(&[]) {
+        panic!("{missing}");
     }
 }
 

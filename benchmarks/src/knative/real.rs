@@ -632,6 +632,35 @@ pub fn markdown(arms: &[(String, Vec<RealWake>)]) -> String {
     out
 }
 
+/// What a real-node cold start needs built: the images (pause, function,
+/// queue-proxy) and the upstream binaries (kubelet, crictl, Knative's
+/// controller, autoscaler and activator) plus `extra`. The first thing
+/// missing, with the command that builds it.
+pub fn missing_prerequisite(extra: &[&'static str]) -> Option<String> {
+    let images = ste_testkit::repo_root().join("target/images");
+    for archive in ["pause.tar", "function.tar", "queue-proxy.tar"] {
+        if !images.join(archive).is_file() {
+            return Some(format!(
+                "{} missing: run hack/build-images.sh pause function queue-proxy",
+                images.join(archive).display()
+            ));
+        }
+    }
+    let binaries: [&str; 5] = [
+        "kubelet",
+        "crictl",
+        "knative-controller",
+        "knative-autoscaler",
+        "knative-activator",
+    ];
+    binaries
+        .iter()
+        .chain(extra)
+        .copied()
+        .find(|b| ste_testkit::upstream_binary(b, "STE_UNUSED").is_err())
+        .map(|b| format!("{b} missing from target/upstream/bin: run hack/build-upstream.sh {b}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
