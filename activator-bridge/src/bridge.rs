@@ -103,6 +103,15 @@ pub(crate) struct Reservation {
     pub(crate) at: Instant,
 }
 
+/// A revision the stat tap woke, until the Deployment watch sees it back at 0.
+pub(crate) struct TapWake {
+    /// When the tap read the stat.
+    pub(crate) at: Instant,
+    /// The tap wrote the 0→1 and handed it to the workers itself (aggressive
+    /// mode): the Deployment watch's own 0→1 for it is not acted on again.
+    pub(crate) handed_over: bool,
+}
+
 /// A scale-up the bridge acted on, watched for `settle` to count races.
 pub(crate) struct Tracking {
     pub(crate) started: Instant,
@@ -159,11 +168,7 @@ pub struct Bridge {
     pub(crate) deployments: Store<Deployment>,
     /// Deployments the tap scaled 0→1 (key ns/name) and when it read the
     /// stat, until the watch sees them back at 0.
-    pub(crate) tapped: Mutex<HashMap<String, Instant>>,
-    /// Deployments whose 0→1 the tap wrote and handed to the workers itself
-    /// (aggressive mode), so the Deployment watch's later 0→1 is not acted
-    /// on twice.
-    pub(crate) tap_triggered: Mutex<HashSet<String>>,
+    pub(crate) tapped: Mutex<HashMap<String, TapWake>>,
     /// Held only while deciding, never across API calls.
     pub(crate) reservations: Mutex<Vec<Reservation>>,
     pub(crate) next_reservation: std::sync::atomic::AtomicU64,
@@ -218,7 +223,6 @@ impl Bridge {
             replicasets: rs_store,
             deployments: deployment_store,
             tapped: Mutex::new(HashMap::new()),
-            tap_triggered: Mutex::new(HashSet::new()),
             reservations: Mutex::new(Vec::new()),
             next_reservation: Default::default(),
             tracking: Mutex::new(HashMap::new()),

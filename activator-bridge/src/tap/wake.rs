@@ -18,7 +18,7 @@ use ste_knative_stat::{Stat, WireStatMessages};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::bridge::{Bridge, Target, Trigger};
+use crate::bridge::{Bridge, TapWake, Target, Trigger};
 use crate::metrics::TapLabels;
 use crate::Mode;
 
@@ -124,7 +124,13 @@ impl Bridge {
                 let mut woken = self.tapped.lock().unwrap();
                 let v = decide(m.stat.as_ref(), replicas, woken.contains_key(&key));
                 if v == Verdict::Wake {
-                    woken.insert(key.clone(), received);
+                    woken.insert(
+                        key.clone(),
+                        TapWake {
+                            at: received,
+                            handed_over: false,
+                        },
+                    );
                 }
                 v
             };
@@ -232,10 +238,14 @@ impl Bridge {
         if self.settings.mode != Mode::Aggressive {
             return;
         }
-        self.tap_triggered
+        if let Some(wake) = self
+            .tapped
             .lock()
             .unwrap()
-            .insert(deployment_key(ns, name));
+            .get_mut(&deployment_key(ns, name))
+        {
+            wake.handed_over = true;
+        }
         self.note_wake();
         self.enqueue(Trigger {
             ns: ns.to_string(),
@@ -248,10 +258,11 @@ impl Bridge {
 
     /// True (once) when the tap already acted on this Deployment's 0→1.
     pub(crate) fn tap_took(&self, ns: &str, name: &str) -> bool {
-        self.tap_triggered
+        self.tapped
             .lock()
             .unwrap()
-            .remove(&deployment_key(ns, name))
+            .get_mut(&deployment_key(ns, name))
+            .is_some_and(|wake| std::mem::take(&mut wake.handed_over))
     }
 
     /// The Deployment is gone: nothing of the tap's to remember about it.
@@ -260,7 +271,6 @@ impl Bridge {
             .lock()
             .unwrap()
             .remove(&deployment_key(ns, name));
-        self.tap_took(ns, name);
     }
 
     /// The Deployment watch saw `ns/name` go from `before` to `now` replicas:
@@ -278,7 +288,7 @@ impl Bridge {
             return;
         }
         let key = deployment_key(ns, name);
-        if let Some(at) = self.tapped.lock().unwrap().remove(&key) {
+        if let Some(TapWake { at, .. }) = self.tapped.lock().unwrap().remove(&key) {
             if at.elapsed() <= window {
                 self.metrics.tap.tap_reverts.inc();
                 warn!(deployment = %key, after = ?at.elapsed(), "stat tap: Deployment back at 0 right after the tap's wake (a revert)");
