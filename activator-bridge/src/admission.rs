@@ -12,7 +12,8 @@ use kube::ResourceExt;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::bridge::{controller_uid, pods_on, prune_reservations, Bridge, Reservation};
+use crate::bridge::{pods_on, prune_reservations, Bridge, Reservation};
+use crate::handover::replicaset_of;
 use crate::placement;
 use crate::{CREATED_BY_ANNOTATION, REVISION_UID_LABEL};
 
@@ -173,7 +174,7 @@ pub(crate) fn is_duplicate_of(
     pods: &[Arc<Pod>],
     reservations: &[Reservation],
 ) -> bool {
-    let of_owner = |p: &&Arc<Pod>| controller_uid(&p.metadata) == Some(owner);
+    let of_owner = |p: &&Arc<Pod>| replicaset_of(&p.metadata) == Some(owner);
     let bridge_pods =
         pods.iter().filter(of_owner).any(|p| {
             is_live(p) && !is_gated(p) && p.annotations().contains_key(CREATED_BY_ANNOTATION)

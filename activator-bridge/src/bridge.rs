@@ -1,13 +1,14 @@
 //! The bridge: watches Knative revision ReplicaSets (and, in aggressive
 //! mode, Deployments), and on a scale-up from zero creates the missing pods
-//! itself, already bound to a node, owned by the ReplicaSet.
+//! itself, already bound to a node.
 //!
-//! It never writes Endpoints, ServerlessServices, PodAutoscalers or a
-//! Deployment's replicas. The ReplicaSet controller stays the arbiter: it
-//! counts the bridge's pods as its own (same labels, controller owner
-//! reference), and if it created pods for the same scale-up too, it deletes
-//! the excess — unbound pods first, then by `pod-deletion-cost`, which keeps
-//! the bridge's bound ones. Those deletions are counted, not prevented.
+//! It never writes Endpoints, ServerlessServices, PodAutoscalers or any
+//! replicas. Its pods carry the ReplicaSet's labels, so they serve at once,
+//! but the Deployment is their controller until the ReplicaSet controller
+//! has seen the scale-up; then they are handed to the ReplicaSet
+//! (`handover`), which stays the arbiter: it deletes the excess, unbound
+//! (gated) pods first, then by `pod-deletion-cost`, which keeps the bridge's
+//! bound ones. Those deletions are counted, not prevented.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,8 +18,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -27,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::handover::{deployment_of, deployment_owner, replicaset_of, FOR_REPLICASET_ANNOTATION};
 use crate::metrics::{CreatorLabels, Metrics, RaceLabels};
 use crate::placement::{self, NodeUsage, Resources};
 use crate::{Mode, CREATED_BY_ANNOTATION, DELETION_COST_ANNOTATION, REVISION_UID_LABEL};
@@ -130,7 +132,7 @@ const RESERVATION_TTL: Duration = Duration::from_secs(30);
 pub(crate) fn pods_on(pods: &[Arc<Pod>], owner: &str, node: &str) -> usize {
     pods.iter()
         .filter(|p| {
-            controller_uid(&p.metadata) == Some(owner)
+            replicaset_of(&p.metadata) == Some(owner)
                 && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
         })
         .count()
@@ -385,6 +387,7 @@ impl Bridge {
             loop {
                 tick.tick().await;
                 b.settle().await;
+                b.hand_over(false).await;
                 if b.settings.webhook {
                     b.sweep().await;
                 }
@@ -496,20 +499,13 @@ impl Bridge {
                 let want = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
                 (rs, want)
             }
-            Target::Deployment { replicas, ref uid } => {
-                let rs = self.current_replicaset(&trigger.ns, &trigger.name, uid)?;
-                let current = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-                if current == 0 && !self.settings.dry_run {
-                    Api::<ReplicaSet>::namespaced(self.client.clone(), &trigger.ns)
-                        .patch_scale(
-                            &rs.name_any(),
-                            &PatchParams::default(),
-                            &Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}})),
-                        )
-                        .await?;
-                }
-                (rs, replicas)
-            }
+            // The ReplicaSet's replicas are left to the Deployment controller:
+            // writing them here raced its sync from a stale Deployment cache,
+            // which scaled them straight back to 0 (see `handover`).
+            Target::Deployment { replicas, ref uid } => (
+                self.current_replicaset(&trigger.ns, &trigger.name, uid)?,
+                replicas,
+            ),
         };
         self.create_missing(trigger, &rs, want).await
     }
@@ -583,6 +579,11 @@ impl Bridge {
                 return Ok(());
             }
         }
+        let Some(deployment) = deployment_of(rs) else {
+            self.metrics.decision("no_deployment");
+            info!(object = %object, "no Deployment controls this ReplicaSet; standing aside");
+            return Ok(());
+        };
         let Some(template) = rs.spec.as_ref().and_then(|s| s.template.clone()) else {
             self.metrics.decision("unsafe_template");
             info!(object = %object, "no pod template; standing aside");
@@ -639,7 +640,7 @@ impl Bridge {
             let active: Vec<&Arc<Pod>> = all_pods
                 .iter()
                 .filter(|p| {
-                    controller_uid(&p.metadata) == Some(rs_uid.as_str())
+                    replicaset_of(&p.metadata) == Some(rs_uid.as_str())
                         && p.metadata.deletion_timestamp.is_none()
                         && !matches!(
                             p.status.as_ref().and_then(|s| s.phase.as_deref()),
@@ -743,14 +744,9 @@ impl Bridge {
             self.settings.deletion_cost.to_string(),
         );
         annotations.insert(CREATED_BY_ANNOTATION.into(), "true".into());
-        let owner = OwnerReference {
-            api_version: "apps/v1".into(),
-            kind: "ReplicaSet".into(),
-            name: rs_name.clone(),
-            uid: rs_uid.clone(),
-            controller: Some(true),
-            block_owner_deletion: Some(true),
-        };
+        annotations.insert(FOR_REPLICASET_ANNOTATION.into(), rs_uid.clone());
+        // Held by the Deployment until the hand-over (`handover`).
+        let owner = deployment_owner(&deployment.0, &deployment.1);
         let creations = chosen.iter().map(|node| {
             let mut pod_spec = spec.clone();
             pod_spec.node_name = Some(node.clone());
@@ -842,7 +838,7 @@ impl Bridge {
                 warn!(pod = %key(&pod.namespace().unwrap_or_default(), &pod.name_any()), node = ?pod.spec.as_ref().and_then(|s| s.node_name.clone()), reason = %reason, "the kubelet rejected a pod the bridge created");
             }
         }
-        let Some(owner) = controller_uid(&pod.metadata) else {
+        let Some(owner) = replicaset_of(&pod.metadata) else {
             return;
         };
         let mut tracking = self.tracking.lock().unwrap();

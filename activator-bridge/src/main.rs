@@ -3,6 +3,7 @@
 
 mod admission;
 mod bridge;
+mod handover;
 mod leader;
 mod metrics;
 mod placement;
@@ -354,7 +355,7 @@ async fn main() -> anyhow::Result<()> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .with_state(Arc::new(AppState {
-            bridge,
+            bridge: bridge.clone(),
             leading: leading.clone(),
         }));
     info!(admin = %listener.local_addr()?, mode = ?args.mode, dry_run = args.dry_run, identity = %identity, "ste-activator-bridge started");
@@ -362,8 +363,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         result = server => result.context("admin server")?,
         _ = shutdown_signal() => {
-            info!("shutting down; releasing the lease");
+            info!("shutting down; handing the held pods to their ReplicaSets, releasing the lease");
             stop.cancel();
+            bridge.hand_over(true).await;
             leading.store(false, Ordering::SeqCst);
             if let (Some(name), true) = (registered, args.webhook_unregister_on_exit) {
                 webhook::unregister(client.clone(), &name).await;

@@ -106,6 +106,8 @@ pub struct Metrics {
     pub duplicates_gated: Counter,
     pub gates_removed: Counter,
     pub gated_deleted: Counter,
+    pub handed_over: Counter,
+    pub held_deleted: Counter,
     pub admission_seconds: Histogram,
 }
 
@@ -127,6 +129,8 @@ impl Metrics {
         let duplicates_gated = Counter::default();
         let gates_removed = Counter::default();
         let gated_deleted = Counter::default();
+        let handed_over = Counter::default();
+        let held_deleted = Counter::default();
         let admission_seconds = Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
         ]);
@@ -149,6 +153,16 @@ impl Metrics {
             "gated_deleted",
             "Surplus gated pods the sweep deleted after the grace period",
             gated_deleted.clone(),
+        );
+        registry.register(
+            "handed_over",
+            "Bridge pods handed from the Deployment to their ReplicaSet once the ReplicaSet controller had seen the scale-up",
+            handed_over.clone(),
+        );
+        registry.register(
+            "held_deleted",
+            "Bridge pods deleted because their revision went back to 0 before the hand-over",
+            held_deleted.clone(),
         );
         registry.register(
             "webhook_admission_seconds",
@@ -217,6 +231,8 @@ impl Metrics {
             duplicates_gated,
             gates_removed,
             gated_deleted,
+            handed_over,
+            held_deleted,
             admission_seconds,
         }
     }

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::admission::{is_gated, is_live, GATE};
 use crate::bridge::{controller_uid, prune_reservations, Bridge};
+use crate::handover::replicaset_of;
 
 /// What the sweep does with the gated pods of one ReplicaSet.
 #[derive(Debug, PartialEq, Eq)]
@@ -74,7 +75,8 @@ impl Bridge {
                     let have = pods
                         .iter()
                         .filter(|p| {
-                            controller_uid(&p.metadata) == Some(owner.as_str())
+                            // The bridge's pods the Deployment still holds count too.
+                            replicaset_of(&p.metadata) == Some(owner.as_str())
                                 && is_live(p)
                                 && !is_gated(p)
                         })

@@ -797,6 +797,182 @@ async fn webhook_binds_at_creation_gates_duplicates_and_fails_open() {
     leases.abort();
 }
 
+/// Sends a signal to a process group; SIGCONT again when dropped, so a
+/// failing test never leaves kube-controller-manager frozen.
+struct Frozen(u32);
+
+impl Frozen {
+    fn new(pid: u32) -> Self {
+        signal(pid, "STOP");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{sig}"), "--".into(), format!("-{pid}")])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig} -{pid}");
+}
+
+/// The controller of a pod: (kind, uid).
+fn controller_of(p: &Pod) -> Option<(String, String)> {
+    p.owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| (o.kind.clone(), o.uid.clone()))
+}
+
+/// Aggressive mode with kube-controller-manager frozen (SIGSTOP): neither the
+/// Deployment controller nor the ReplicaSet controller acts. The bridge's pod
+/// serves at once, held by the Deployment (nothing may delete it: the
+/// ReplicaSet controller ignores pods another controller owns). A wake undone
+/// while frozen: the bridge deletes its own pod. When the controllers resume,
+/// the ReplicaSet controller's late pod is gated, the bridge hands its pod to
+/// the ReplicaSet and the gated one goes: one pod ever bound, Ready never
+/// goes down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn held_pods_serve_while_the_controllers_are_frozen_then_are_handed_over() {
+    let (tmp, _running, h) = setup("bridge-held-", 2).await;
+    let _keep = keep_dir(tmp);
+    let leases = coldstart::keep_node_leases(&h.record).unwrap();
+    let watchers = watch(h.client.clone(), h.history.clone());
+    let held = vec!["held".to_string()];
+    let undone = vec!["undone".to_string()];
+    let both: Vec<String> = held.iter().chain(&undone).cloned().collect();
+    create_revisions(&h, &both, false).await;
+    let rses: Api<k8s_openapi::api::apps::v1::ReplicaSet> =
+        Api::namespaced(h.client.clone(), "default");
+    ste_testkit::wait_until(
+        "the revisions' ReplicaSets",
+        Duration::from_secs(60),
+        || async {
+            let list = rses
+                .list(&kube::api::ListParams::default().labels(REVISION))
+                .await
+                .unwrap();
+            both.iter()
+                .all(|n| list.items.iter().any(|rs| rs.labels()[REVISION] == *n))
+        },
+    )
+    .await;
+    let bridge = h.bridge("bridge-held", "aggressive", true, &[]).await;
+    let kcm = h
+        .record
+        .pid_of("kube-controller-manager")
+        .expect("kube-controller-manager in the record");
+
+    let frozen = Frozen::new(kcm);
+    h.scale(&both, 1).await;
+    let held_by_deployment = |p: &Pod| {
+        controller_of(p).is_some_and(|(kind, _)| kind == "Deployment") && ready_and_bound(p)
+    };
+    ste_testkit::wait_until(
+        "each revision's pod Ready, held by its Deployment, controllers frozen",
+        Duration::from_secs(30),
+        || async {
+            let pods = h
+                .pods()
+                .list(&kube::api::ListParams::default().labels(REVISION))
+                .await
+                .unwrap();
+            both.iter().all(|n| {
+                let of: Vec<&Pod> = pods
+                    .items
+                    .iter()
+                    .filter(|p| p.labels()[REVISION] == *n)
+                    .collect();
+                of.len() == 1 && held_by_deployment(of[0])
+            })
+        },
+    )
+    .await;
+    let served = h
+        .pods()
+        .list(&kube::api::ListParams::default().labels(&format!("{REVISION}=held")))
+        .await
+        .unwrap()
+        .items[0]
+        .uid()
+        .unwrap();
+
+    // Undone before the controllers ever saw it: the bridge removes its pod.
+    h.scale(&undone, 0).await;
+    ste_testkit::wait_until(
+        "the undone revision's pod deleted by the bridge",
+        Duration::from_secs(30),
+        || async {
+            h.pods()
+                .list(&kube::api::ListParams::default().labels(&format!("{REVISION}=undone")))
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .all(|p| p.metadata.deletion_timestamp.is_some())
+        },
+    )
+    .await;
+
+    drop(frozen);
+    h.converged(&held, 1, Duration::from_secs(60)).await;
+    let rs_uid = rses
+        .list(&kube::api::ListParams::default().labels(&format!("{REVISION}=held")))
+        .await
+        .unwrap()
+        .items[0]
+        .uid()
+        .unwrap();
+    ste_testkit::wait_until(
+        "the served pod handed to the ReplicaSet, nothing gated left",
+        Duration::from_secs(30),
+        || async {
+            let pods = h
+                .pods()
+                .list(&kube::api::ListParams::default().labels(&format!("{REVISION}=held")))
+                .await
+                .unwrap();
+            pods.items.len() == 1
+                && pods.items[0].uid().as_deref() == Some(served.as_str())
+                && controller_of(&pods.items[0]) == Some(("ReplicaSet".to_string(), rs_uid.clone()))
+        },
+    )
+    .await;
+    let gated = assert_no_duplicate_reached_a_node(&h, &held, Some(1), 1);
+    {
+        let history = h.history.lock().unwrap();
+        let bound: Vec<&PodSeen> = history
+            .pods
+            .values()
+            .filter(|p| both.contains(&p.revision) && p.bound_at.is_some())
+            .collect();
+        assert_eq!(bound.len(), 2, "one pod ever bound per revision: {bound:?}");
+        assert!(bound.iter().all(|p| p.by_bridge), "{bound:?}");
+    }
+    let m = bridge.metrics().await.unwrap();
+    eprintln!("frozen controllers: {gated} pods gated at creation; bridge: {m:?}");
+    assert_eq!(gated, 1, "the ReplicaSet controller's late pod was gated");
+    assert!(
+        metric_sum(&m, "ste_activator_bridge_handed_over_total") >= 1.0,
+        "{m:?}"
+    );
+    assert!(
+        metric_sum(&m, "ste_activator_bridge_held_deleted_total") >= 1.0,
+        "{m:?}"
+    );
+    bridge.stop();
+    for w in watchers {
+        w.abort();
+    }
+    leases.abort();
+}
+
 /// No gated pod of these revisions left.
 async fn wait_no_gated(h: &Harness, revisions: &[String]) {
     ste_testkit::wait_until("no gated pod left", Duration::from_secs(30), || async {

@@ -265,6 +265,15 @@ impl Bridge {
             .is_some_and(|wake| std::mem::take(&mut wake.handed_over))
     }
 
+    /// True while the tap's 0→1 of this Deployment is its current wake (from
+    /// the tap's write until the watch shows it back at 0).
+    pub(crate) fn tap_pending(&self, ns: &str, name: &str) -> bool {
+        self.tapped
+            .lock()
+            .unwrap()
+            .contains_key(&deployment_key(ns, name))
+    }
+
     /// The Deployment is gone: nothing of the tap's to remember about it.
     pub(crate) fn tap_forget(&self, ns: &str, name: &str) {
         self.tapped

@@ -1,0 +1,272 @@
+//! The bridge's pods belong to the revision's Deployment until the
+//! ReplicaSet controller has seen the scale-up; then they are handed to the
+//! ReplicaSet.
+//!
+//! Why not owned by the ReplicaSet from the start: a pod the ReplicaSet
+//! controller sees while its cached `replicas` is 0 is deleted, and the
+//! bridge cannot know what that cache holds. Patching the ReplicaSet's
+//! replicas first (what aggressive mode did) races the Deployment
+//! controller instead: a sync it runs from a Deployment cache that has not
+//! seen the autoscaler's 0→1 yet scales the ReplicaSet straight back to 0,
+//! and the ReplicaSet controller deletes the bridge's Ready pod (seen in an
+//! audit log: Deployment patched, ReplicaSet patched 19 ms later, the
+//! Deployment controller's update 214 ms later, the bridge's pod deleted
+//! and a second pod bound 3 s after it). A pod whose controller is the
+//! Deployment is ignored by the ReplicaSet controller (it never adopts a pod
+//! another controller owns, `controller_ref_manager.go`), and the
+//! Deployment controller never touches pods, so nobody deletes it early.
+//!
+//! When to hand over: once the ReplicaSet controller has created a pod of
+//! its own for that ReplicaSet (the webhook gates it as a duplicate), its
+//! cache holds the scale-up, and every later sync reads at least that. The
+//! bridge then makes its pod the ReplicaSet's; the controller sees one pod
+//! too many and deletes the surplus, unassigned (gated) pods first. When the
+//! revision goes back to 0 before that, the bridge deletes its own pod.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::ResourceExt;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::admission::is_live;
+use crate::bridge::{controller_uid, Bridge};
+
+/// On the bridge's pods: the UID of the ReplicaSet the pod is for.
+pub const FOR_REPLICASET_ANNOTATION: &str = "ste.dev/activator-bridge-replicaset";
+
+/// The ReplicaSet a pod counts for: the one named by the bridge's
+/// annotation (pods the Deployment still holds), else its controller.
+pub(crate) fn replicaset_of(meta: &ObjectMeta) -> Option<&str> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(FOR_REPLICASET_ANNOTATION))
+        .map(String::as_str)
+        .or_else(|| controller_uid(meta))
+}
+
+/// A bridge pod not yet handed to its ReplicaSet.
+pub(crate) fn awaiting_handover(pod: &Pod) -> bool {
+    let meta = &pod.metadata;
+    let target = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(FOR_REPLICASET_ANNOTATION));
+    target.is_some_and(|uid| controller_uid(meta) != Some(uid.as_str()))
+}
+
+/// What becomes of one bridge pod the Deployment still holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Not yet: the ReplicaSet controller has not acted on the scale-up.
+    Keep,
+    /// Make it the ReplicaSet's.
+    HandOver,
+    /// The revision went back to 0 (or its ReplicaSet is gone).
+    Delete,
+}
+
+/// `desired`: the revision's replicas now (`None`: its ReplicaSet is gone);
+/// `controller_pods`: live pods the ReplicaSet itself owns (gated or not);
+/// `exiting`: the bridge is stopping and hands over what it can.
+pub fn step(desired: Option<i32>, controller_pods: usize, exiting: bool) -> Step {
+    match desired {
+        None | Some(0) => Step::Delete,
+        Some(_) if controller_pods > 0 || exiting => Step::HandOver,
+        Some(_) => Step::Keep,
+    }
+}
+
+/// The owner reference the bridge's new pods carry: the Deployment's.
+pub(crate) fn deployment_owner(name: &str, uid: &str) -> OwnerReference {
+    OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "Deployment".into(),
+        name: name.into(),
+        uid: uid.into(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }
+}
+
+/// The Deployment controlling a ReplicaSet: (name, uid).
+pub(crate) fn deployment_of(rs: &ReplicaSet) -> Option<(String, String)> {
+    rs.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true) && o.kind == "Deployment")
+        .map(|o| (o.name.clone(), o.uid.clone()))
+}
+
+impl Bridge {
+    /// The revision's replicas as the bridge sees them: the Deployment's
+    /// when it is cached (a 0→1 the tap wrote counts before the watch shows
+    /// it), else the ReplicaSet's.
+    fn desired(&self, rs: &ReplicaSet) -> i32 {
+        let ns = rs.namespace().unwrap_or_default();
+        let deployment = deployment_of(rs).and_then(|(_, uid)| {
+            self.deployments
+                .find(|d| d.metadata.uid.as_deref() == Some(uid.as_str()))
+        });
+        match deployment {
+            Some(d) => {
+                let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                if replicas == 0 && self.tap_pending(&ns, &d.name_any()) {
+                    1
+                } else {
+                    replicas
+                }
+            }
+            None => rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+        }
+    }
+
+    /// Hands over or deletes the bridge's pods the Deployment still holds
+    /// (leader only; every sweep tick, and once more on exit).
+    pub(crate) async fn hand_over(&self, exiting: bool) {
+        if !self.leading.load(Ordering::SeqCst) || !self.synced() {
+            return;
+        }
+        let pods = self.pods.state();
+        for pod in pods.iter().filter(|p| awaiting_handover(p) && is_live(p)) {
+            let Some(rs_uid) = replicaset_of(&pod.metadata) else {
+                continue;
+            };
+            let rs = self
+                .replicasets
+                .find(|rs| rs.metadata.uid.as_deref() == Some(rs_uid));
+            let controller_pods = pods
+                .iter()
+                .filter(|p| controller_uid(&p.metadata) == Some(rs_uid) && is_live(p))
+                .count();
+            let desired = rs.as_ref().map(|rs| self.desired(rs));
+            match (step(desired, controller_pods, exiting), rs) {
+                (Step::HandOver, Some(rs)) => self.give(pod, &rs).await,
+                (Step::Delete, _) => self.delete_held(pod).await,
+                _ => {}
+            }
+        }
+    }
+
+    async fn give(&self, pod: &Arc<Pod>, rs: &ReplicaSet) {
+        let ns = pod.namespace().unwrap_or_default();
+        let owner = OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "ReplicaSet".into(),
+            name: rs.name_any(),
+            uid: rs.uid().unwrap_or_default(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        // A merge patch replaces the whole list; the resourceVersion makes
+        // it fail rather than overwrite a change the cache has not shown.
+        let patch = json!({
+            "metadata": {"resourceVersion": pod.resource_version(), "ownerReferences": [owner]},
+        });
+        match Api::<Pod>::namespaced(self.client.clone(), &ns)
+            .patch(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.metrics.handed_over.inc();
+                info!(pod = %format!("{ns}/{}", pod.name_any()), replicaset = %rs.name_any(), "pod handed to its ReplicaSet");
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(err) => {
+                self.metrics.api_errors.inc();
+                warn!(pod = %format!("{ns}/{}", pod.name_any()), error = %err, "handing the pod to its ReplicaSet failed; next sweep retries");
+            }
+        }
+    }
+
+    async fn delete_held(&self, pod: &Arc<Pod>) {
+        let ns = pod.namespace().unwrap_or_default();
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: pod.uid(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match Api::<Pod>::namespaced(self.client.clone(), &ns)
+            .delete(&pod.name_any(), &params)
+            .await
+        {
+            Ok(_) => {
+                self.metrics.held_deleted.inc();
+                info!(pod = %format!("{ns}/{}", pod.name_any()), "revision back at zero before the hand-over: the bridge's pod deleted");
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(err) => {
+                self.metrics.api_errors.inc();
+                warn!(pod = %format!("{ns}/{}", pod.name_any()), error = %err, "deleting the bridge's pod failed; next sweep retries");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn steps() {
+        // Scale-up seen by the ReplicaSet controller (it made its own pod).
+        assert_eq!(step(Some(1), 1, false), Step::HandOver);
+        // Not yet: keep serving from the Deployment's pod.
+        assert_eq!(step(Some(1), 0, false), Step::Keep);
+        // On exit, hand over whatever is still wanted.
+        assert_eq!(step(Some(1), 0, true), Step::HandOver);
+        // Back at zero, or the ReplicaSet gone: delete.
+        assert_eq!(step(Some(0), 1, false), Step::Delete);
+        assert_eq!(step(None, 0, true), Step::Delete);
+    }
+
+    fn meta(annotation: Option<&str>, controller: Option<&str>) -> ObjectMeta {
+        ObjectMeta {
+            annotations: annotation
+                .map(|a| BTreeMap::from([(FOR_REPLICASET_ANNOTATION.to_string(), a.to_string())])),
+            owner_references: controller.map(|uid| {
+                vec![OwnerReference {
+                    uid: uid.into(),
+                    controller: Some(true),
+                    ..Default::default()
+                }]
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_held_pod_counts_for_its_replicaset() {
+        let held = Pod {
+            metadata: meta(Some("rs"), Some("deployment")),
+            ..Default::default()
+        };
+        assert_eq!(replicaset_of(&held.metadata), Some("rs"));
+        assert!(awaiting_handover(&held));
+        let given = Pod {
+            metadata: meta(Some("rs"), Some("rs")),
+            ..Default::default()
+        };
+        assert_eq!(replicaset_of(&given.metadata), Some("rs"));
+        assert!(!awaiting_handover(&given));
+        let theirs = Pod {
+            metadata: meta(None, Some("rs")),
+            ..Default::default()
+        };
+        assert_eq!(replicaset_of(&theirs.metadata), Some("rs"));
+        assert!(!awaiting_handover(&theirs));
+    }
+}
