@@ -26,16 +26,20 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::ResourceExt;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::admission::is_live;
 use crate::bridge::{controller_uid, Bridge};
+use crate::podwrite::{pod_key, Written};
+
+/// Hand-over writes in flight at once.
+const HANDOVER_CONCURRENCY: usize = 16;
 
 /// On the bridge's pods: the UID of the ReplicaSet the pod is for.
 pub const FOR_REPLICASET_ANNOTATION: &str = "ste.dev/activator-bridge-replicaset";
@@ -134,28 +138,39 @@ impl Bridge {
             return;
         }
         let pods = self.pods.state();
-        for pod in pods.iter().filter(|p| awaiting_handover(p) && is_live(p)) {
-            let Some(rs_uid) = replicaset_of(&pod.metadata) else {
-                continue;
-            };
-            let rs = self
-                .replicasets
-                .find(|rs| rs.metadata.uid.as_deref() == Some(rs_uid));
-            let controller_pods = pods
-                .iter()
-                .filter(|p| controller_uid(&p.metadata) == Some(rs_uid) && is_live(p))
-                .count();
-            let desired = rs.as_ref().map(|rs| self.desired(rs));
-            match (step(desired, controller_pods, exiting), rs) {
-                (Step::HandOver, Some(rs)) => self.give(pod, &rs).await,
-                (Step::Delete, _) => self.delete_held(pod).await,
-                _ => {}
-            }
+        let work: Vec<_> = pods
+            .iter()
+            .filter(|p| awaiting_handover(p) && is_live(p))
+            .filter_map(|pod| {
+                let rs_uid = replicaset_of(&pod.metadata)?;
+                let rs = self
+                    .replicasets
+                    .find(|rs| rs.metadata.uid.as_deref() == Some(rs_uid));
+                let controller_pods = pods
+                    .iter()
+                    .filter(|p| controller_uid(&p.metadata) == Some(rs_uid) && is_live(p))
+                    .count();
+                let desired = rs.as_ref().map(|rs| self.desired(rs));
+                Some((pod.clone(), step(desired, controller_pods, exiting), rs))
+            })
+            .collect();
+        // After a burst there can be a hundred; a few at a time, not one by one.
+        futures::stream::iter(work)
+            .map(|(pod, step, rs)| self.take_step(pod, step, rs))
+            .buffer_unordered(HANDOVER_CONCURRENCY)
+            .collect::<Vec<()>>()
+            .await;
+    }
+
+    async fn take_step(&self, pod: Arc<Pod>, step: Step, rs: Option<Arc<ReplicaSet>>) {
+        match (step, rs) {
+            (Step::HandOver, Some(rs)) => self.give(&pod, &rs).await,
+            (Step::Delete, _) => self.delete_held(&pod).await,
+            _ => {}
         }
     }
 
-    async fn give(&self, pod: &Arc<Pod>, rs: &ReplicaSet) {
-        let ns = pod.namespace().unwrap_or_default();
+    async fn give(&self, pod: &Pod, rs: &ReplicaSet) {
         let owner = OwnerReference {
             api_version: "apps/v1".into(),
             kind: "ReplicaSet".into(),
@@ -164,53 +179,26 @@ impl Bridge {
             controller: Some(true),
             block_owner_deletion: Some(true),
         };
-        // A merge patch replaces the whole list; the resourceVersion makes
-        // it fail rather than overwrite a change the cache has not shown.
-        let patch = json!({
-            "metadata": {"resourceVersion": pod.resource_version(), "ownerReferences": [owner]},
-        });
-        match Api::<Pod>::namespaced(self.client.clone(), &ns)
-            .patch(
-                &pod.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
+        // A merge patch replaces the whole list.
+        let patch = json!({"metadata": {"ownerReferences": [owner]}});
+        if self
+            .patch_seen(pod, patch, "handing the pod to its ReplicaSet")
             .await
+            == Written::Done
         {
-            Ok(_) => {
-                self.metrics.handed_over.inc();
-                info!(pod = %format!("{ns}/{}", pod.name_any()), replicaset = %rs.name_any(), "pod handed to its ReplicaSet");
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-            Err(err) => {
-                self.metrics.api_errors.inc();
-                warn!(pod = %format!("{ns}/{}", pod.name_any()), error = %err, "handing the pod to its ReplicaSet failed; next sweep retries");
-            }
+            self.metrics.handed_over.inc();
+            info!(pod = %pod_key(pod), replicaset = %rs.name_any(), "pod handed to its ReplicaSet");
         }
     }
 
-    async fn delete_held(&self, pod: &Arc<Pod>) {
-        let ns = pod.namespace().unwrap_or_default();
-        let params = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: pod.uid(),
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
-        match Api::<Pod>::namespaced(self.client.clone(), &ns)
-            .delete(&pod.name_any(), &params)
+    async fn delete_held(&self, pod: &Pod) {
+        if self
+            .delete_seen(pod, "deleting the bridge's held pod")
             .await
+            == Written::Done
         {
-            Ok(_) => {
-                self.metrics.held_deleted.inc();
-                info!(pod = %format!("{ns}/{}", pod.name_any()), "revision back at zero before the hand-over: the bridge's pod deleted");
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-            Err(err) => {
-                self.metrics.api_errors.inc();
-                warn!(pod = %format!("{ns}/{}", pod.name_any()), error = %err, "deleting the bridge's pod failed; next sweep retries");
-            }
+            self.metrics.held_deleted.inc();
+            info!(pod = %pod_key(pod), "revision back at zero before the hand-over: the bridge's pod deleted");
         }
     }
 }

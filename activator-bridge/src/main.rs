@@ -7,6 +7,7 @@ mod handover;
 mod leader;
 mod metrics;
 mod placement;
+mod podwrite;
 mod ratelimit;
 mod sweep;
 mod tap;

@@ -9,15 +9,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::ResourceExt;
 use serde_json::json;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::admission::{is_gated, is_live, GATE};
 use crate::bridge::{controller_uid, prune_reservations, Bridge};
 use crate::handover::replicaset_of;
+use crate::podwrite::{pod_key, Written};
 
 /// What the sweep does with the gated pods of one ReplicaSet.
 #[derive(Debug, PartialEq, Eq)]
@@ -116,7 +116,6 @@ impl Bridge {
     }
 
     async fn ungate(&self, pod: &Pod) {
-        let ns = pod.namespace().unwrap_or_default();
         let remaining: Vec<_> = pod
             .spec
             .as_ref()
@@ -125,53 +124,21 @@ impl Bridge {
             .into_iter()
             .filter(|g| g.name != GATE)
             .collect();
-        // A merge patch with the resourceVersion: it fails rather than
-        // overwrite a change made since the cache saw the pod.
-        let patch = json!({
-            "metadata": {"resourceVersion": pod.resource_version()},
-            "spec": {"schedulingGates": remaining},
-        });
-        match Api::<Pod>::namespaced(self.client.clone(), &ns)
-            .patch(
-                &pod.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
+        let patch = json!({"spec": {"schedulingGates": remaining}});
+        if self
+            .patch_seen(pod, patch, "removing the scheduling gate")
             .await
+            == Written::Done
         {
-            Ok(_) => {
-                self.metrics.gates_removed.inc();
-                info!(pod = %format!("{ns}/{}", pod.name_any()), "gated pod still wanted: gate removed, the scheduler places it");
-            }
-            Err(err) => {
-                self.metrics.api_errors.inc();
-                warn!(pod = %format!("{ns}/{}", pod.name_any()), error = %err, "removing the scheduling gate failed; next sweep retries");
-            }
+            self.metrics.gates_removed.inc();
+            info!(pod = %pod_key(pod), "gated pod still wanted: gate removed, the scheduler places it");
         }
     }
 
     async fn delete_gated(&self, pod: &Pod) {
-        let ns = pod.namespace().unwrap_or_default();
-        let params = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: pod.uid(),
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
-        match Api::<Pod>::namespaced(self.client.clone(), &ns)
-            .delete(&pod.name_any(), &params)
-            .await
-        {
-            Ok(_) => {
-                self.metrics.gated_deleted.inc();
-                info!(pod = %format!("{ns}/{}", pod.name_any()), "surplus gated pod deleted");
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-            Err(err) => {
-                self.metrics.api_errors.inc();
-                warn!(pod = %format!("{ns}/{}", pod.name_any()), error = %err, "deleting a surplus gated pod failed; next sweep retries");
-            }
+        if self.delete_seen(pod, "deleting a surplus gated pod").await == Written::Done {
+            self.metrics.gated_deleted.inc();
+            info!(pod = %pod_key(pod), "surplus gated pod deleted");
         }
     }
 }

@@ -222,6 +222,24 @@ impl Harness {
         Api::namespaced(self.client.clone(), "default")
     }
 
+    /// The pods of one revision, now.
+    async fn pods_of(&self, revision: &str) -> Vec<Pod> {
+        let labels = format!("{REVISION}={revision}");
+        let params = kube::api::ListParams::default().labels(&labels);
+        self.pods().list(&params).await.unwrap().items
+    }
+
+    /// Waits until every pod of `revision` is being deleted (or none is left).
+    async fn all_gone(&self, revision: &str, what: &str) {
+        ste_testkit::wait_until(what, Duration::from_secs(30), || async {
+            self.pods_of(revision)
+                .await
+                .iter()
+                .all(|p| p.metadata.deletion_timestamp.is_some())
+        })
+        .await;
+    }
+
     /// Starts a bridge; with `webhook`, waits until kube-apiserver calls it.
     async fn bridge(&self, log: &str, mode: &str, webhook: bool, extra: &[&str]) -> BridgeProcess {
         let mut flags = vec![
@@ -894,51 +912,20 @@ async fn held_pods_serve_while_the_controllers_are_frozen_then_are_handed_over()
         },
     )
     .await;
-    let served = h
-        .pods()
-        .list(&kube::api::ListParams::default().labels(&format!("{REVISION}=held")))
-        .await
-        .unwrap()
-        .items[0]
-        .uid()
-        .unwrap();
+    let served = h.pods_of("held").await[0].uid().unwrap();
 
     // Undone before the controllers ever saw it: the bridge removes its pod.
     h.scale(&undone, 0).await;
-    ste_testkit::wait_until(
-        "the undone revision's pod deleted by the bridge",
-        Duration::from_secs(30),
-        || async {
-            h.pods()
-                .list(&kube::api::ListParams::default().labels(&format!("{REVISION}=undone")))
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .all(|p| p.metadata.deletion_timestamp.is_some())
-        },
-    )
-    .await;
+    h.all_gone("undone", "the undone revision's pod deleted by the bridge")
+        .await;
 
     drop(frozen);
     h.converged(&held, 1, Duration::from_secs(60)).await;
     // "undone" went 0→1→0 while frozen: the resumed Deployment controller
     // may still act on the 1 it reads first, as it would without the
     // bridge; nothing of it may stay.
-    ste_testkit::wait_until(
-        "nothing of the undone revision left",
-        Duration::from_secs(30),
-        || async {
-            h.pods()
-                .list(&kube::api::ListParams::default().labels(&format!("{REVISION}=undone")))
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .all(|p| p.metadata.deletion_timestamp.is_some())
-        },
-    )
-    .await;
+    h.all_gone("undone", "nothing of the undone revision left")
+        .await;
     let rs_uid = rses
         .list(&kube::api::ListParams::default().labels(&format!("{REVISION}=held")))
         .await
@@ -950,14 +937,10 @@ async fn held_pods_serve_while_the_controllers_are_frozen_then_are_handed_over()
         "the served pod handed to the ReplicaSet, nothing gated left",
         Duration::from_secs(30),
         || async {
-            let pods = h
-                .pods()
-                .list(&kube::api::ListParams::default().labels(&format!("{REVISION}=held")))
-                .await
-                .unwrap();
-            pods.items.len() == 1
-                && pods.items[0].uid().as_deref() == Some(served.as_str())
-                && controller_of(&pods.items[0]) == Some(("ReplicaSet".to_string(), rs_uid.clone()))
+            let pods = h.pods_of("held").await;
+            pods.len() == 1
+                && pods[0].uid().as_deref() == Some(served.as_str())
+                && controller_of(&pods[0]) == Some(("ReplicaSet".to_string(), rs_uid.clone()))
         },
     )
     .await;
