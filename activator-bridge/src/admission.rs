@@ -13,12 +13,10 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::bridge::{pods_on, prune_reservations, Bridge, Reservation};
-use crate::handover::replicaset_of;
 use crate::placement;
+use crate::podmeta::{is_gated, is_live, replicaset_of, GATE};
 use crate::{CREATED_BY_ANNOTATION, REVISION_UID_LABEL};
 
-/// The scheduling gate put on duplicates; only the bridge removes it.
-pub const GATE: &str = "ste.dev/activator-bridge";
 /// Annotation the webhook sets on the pods it binds (`bound`) or gates (`gated`).
 pub const WEBHOOK_ANNOTATION: &str = "ste.dev/activator-bridge-webhook";
 
@@ -40,23 +38,6 @@ impl Verdict {
             Verdict::Pass(why) => why,
         }
     }
-}
-
-/// True when the pod carries the bridge's scheduling gate.
-pub fn is_gated(pod: &Pod) -> bool {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.scheduling_gates.as_ref())
-        .is_some_and(|g| g.iter().any(|g| g.name == GATE))
-}
-
-/// Running or about to: not terminal, not being deleted.
-pub(crate) fn is_live(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && !matches!(
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded") | Some("Failed")
-        )
 }
 
 impl Bridge {

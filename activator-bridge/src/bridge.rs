@@ -28,9 +28,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::handover::{deployment_of, deployment_owner, replicaset_of, FOR_REPLICASET_ANNOTATION};
 use crate::metrics::{CreatorLabels, Metrics, RaceLabels};
 use crate::placement::{self, NodeUsage, Resources};
+use crate::podmeta::{
+    controller_uid, deployment_of, deployment_owner, replicaset_of, FOR_REPLICASET_ANNOTATION,
+};
 use crate::{Mode, CREATED_BY_ANNOTATION, DELETION_COST_ANNOTATION, REVISION_UID_LABEL};
 
 #[derive(Debug, Clone)]
@@ -182,14 +184,6 @@ pub struct Bridge {
     synced: [AtomicBool; 4],
     /// When recent revisions woke (for `burst_threshold`).
     wakes: Mutex<std::collections::VecDeque<Instant>>,
-}
-
-pub(crate) fn controller_uid(meta: &ObjectMeta) -> Option<&str> {
-    meta.owner_references
-        .iter()
-        .flatten()
-        .find(|o| o.controller == Some(true))
-        .map(|o| o.uid.as_str())
 }
 
 fn key(ns: &str, name: &str) -> String {

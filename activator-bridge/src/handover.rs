@@ -29,40 +29,17 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::ResourceExt;
 use serde_json::json;
 use tracing::info;
 
-use crate::admission::is_live;
-use crate::bridge::{controller_uid, Bridge};
+use crate::bridge::Bridge;
+use crate::podmeta::{awaiting_handover, controller_uid, deployment_of, is_live, replicaset_of};
 use crate::podwrite::{pod_key, Written};
 
 /// Hand-over writes in flight at once.
 const HANDOVER_CONCURRENCY: usize = 16;
-
-/// On the bridge's pods: the UID of the ReplicaSet the pod is for.
-pub const FOR_REPLICASET_ANNOTATION: &str = "ste.dev/activator-bridge-replicaset";
-
-/// The ReplicaSet a pod counts for: the one named by the bridge's
-/// annotation (pods the Deployment still holds), else its controller.
-pub(crate) fn replicaset_of(meta: &ObjectMeta) -> Option<&str> {
-    meta.annotations
-        .as_ref()
-        .and_then(|a| a.get(FOR_REPLICASET_ANNOTATION))
-        .map(String::as_str)
-        .or_else(|| controller_uid(meta))
-}
-
-/// A bridge pod not yet handed to its ReplicaSet.
-pub(crate) fn awaiting_handover(pod: &Pod) -> bool {
-    let meta = &pod.metadata;
-    let target = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(FOR_REPLICASET_ANNOTATION));
-    target.is_some_and(|uid| controller_uid(meta) != Some(uid.as_str()))
-}
 
 /// What becomes of one bridge pod the Deployment still holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,28 +61,6 @@ pub fn step(desired: Option<i32>, controller_pods: usize, exiting: bool) -> Step
         Some(_) if controller_pods > 0 || exiting => Step::HandOver,
         Some(_) => Step::Keep,
     }
-}
-
-/// The owner reference the bridge's new pods carry: the Deployment's.
-pub(crate) fn deployment_owner(name: &str, uid: &str) -> OwnerReference {
-    OwnerReference {
-        api_version: "apps/v1".into(),
-        kind: "Deployment".into(),
-        name: name.into(),
-        uid: uid.into(),
-        controller: Some(true),
-        block_owner_deletion: None,
-    }
-}
-
-/// The Deployment controlling a ReplicaSet: (name, uid).
-pub(crate) fn deployment_of(rs: &ReplicaSet) -> Option<(String, String)> {
-    rs.metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|o| o.controller == Some(true) && o.kind == "Deployment")
-        .map(|o| (o.name.clone(), o.uid.clone()))
 }
 
 impl Bridge {
@@ -206,7 +161,6 @@ impl Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     #[test]
     fn steps() {
@@ -219,42 +173,5 @@ mod tests {
         // Back at zero, or the ReplicaSet gone: delete.
         assert_eq!(step(Some(0), 1, false), Step::Delete);
         assert_eq!(step(None, 0, true), Step::Delete);
-    }
-
-    fn meta(annotation: Option<&str>, controller: Option<&str>) -> ObjectMeta {
-        ObjectMeta {
-            annotations: annotation
-                .map(|a| BTreeMap::from([(FOR_REPLICASET_ANNOTATION.to_string(), a.to_string())])),
-            owner_references: controller.map(|uid| {
-                vec![OwnerReference {
-                    uid: uid.into(),
-                    controller: Some(true),
-                    ..Default::default()
-                }]
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_held_pod_counts_for_its_replicaset() {
-        let held = Pod {
-            metadata: meta(Some("rs"), Some("deployment")),
-            ..Default::default()
-        };
-        assert_eq!(replicaset_of(&held.metadata), Some("rs"));
-        assert!(awaiting_handover(&held));
-        let given = Pod {
-            metadata: meta(Some("rs"), Some("rs")),
-            ..Default::default()
-        };
-        assert_eq!(replicaset_of(&given.metadata), Some("rs"));
-        assert!(!awaiting_handover(&given));
-        let theirs = Pod {
-            metadata: meta(None, Some("rs")),
-            ..Default::default()
-        };
-        assert_eq!(replicaset_of(&theirs.metadata), Some("rs"));
-        assert!(!awaiting_handover(&theirs));
     }
 }

@@ -7,6 +7,7 @@ mod handover;
 mod leader;
 mod metrics;
 mod placement;
+mod podmeta;
 mod podwrite;
 mod ratelimit;
 mod sweep;

@@ -14,9 +14,8 @@ use serde_json::json;
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::admission::{is_gated, is_live, GATE};
-use crate::bridge::{controller_uid, prune_reservations, Bridge};
-use crate::handover::replicaset_of;
+use crate::bridge::{prune_reservations, Bridge};
+use crate::podmeta::{controller_uid, is_gated, is_live, replicaset_of, GATE};
 use crate::podwrite::{pod_key, Written};
 
 /// What the sweep does with the gated pods of one ReplicaSet.

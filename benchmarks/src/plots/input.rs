@@ -6,6 +6,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use super::lines::{Line, LineChart};
+
 /// One load step: the value it sorts by and how a reader names it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Load {
@@ -22,31 +24,6 @@ pub struct LatencySet {
     #[serde(default)]
     pub repeat: usize,
     pub latencies_ms: Vec<f64>,
-}
-
-/// One line of a chart with linear axes (x, y), drawn in its arm's colour.
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct Line {
-    pub arm: String,
-    pub points: Vec<(f64, f64)>,
-}
-
-/// A chart of lines, one panel per load step (one panel if `panels` has one).
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct LineChart {
-    pub title: String,
-    pub x_label: String,
-    pub y_label: String,
-    /// Log x axis with round ticks (for parallelism 1, 10, 100…).
-    #[serde(default)]
-    pub log_x: bool,
-    /// Log y axis with round ticks (latencies over orders of magnitude).
-    #[serde(default)]
-    pub log_y: bool,
-    /// A marker on every point (for a few measured points).
-    #[serde(default)]
-    pub markers: bool,
-    pub panels: Vec<(String, Vec<Line>)>,
 }
 
 /// One cold start (one revision woken once): milliseconds from the wake to
@@ -387,7 +364,14 @@ pub fn coldstart(name: &str, runs: &[(String, Value)]) -> Result<SuitePlots, Inp
     for (repeat, (what, value)) in runs.iter().enumerate() {
         // `coldstart --sweep` writes {"sweep": …}.
         if let Some(sweep) = value.get("sweep") {
-            sweeps.push(super::sweep::chart(what, sweep)?);
+            let chart = super::sweep::chart(sweep).map_err(|source| InputError::Shape {
+                what: what.clone(),
+                expected: "coldstart --sweep's {\"sweep\": {steps: [{arm, bridge, rate_per_s, endpoints_ms}]}}",
+                source,
+            })?;
+            sweeps.push(
+                chart.ok_or_else(|| InputError::Empty(format!("{what}: a sweep without steps")))?,
+            );
             continue;
         }
         let list: Vec<Value> = rows(what, value, "a JSON list")?;

@@ -4,12 +4,37 @@
 
 use plotters::coord::ranged1d::Ranged;
 use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use super::figure::{self, Axis, Description, DrawError, Figure, Series};
 use super::header::{self, entry};
-use super::input::{Line, LineChart};
 use super::palette::{hex, width, Palette};
 use super::ticks::{log_range, log_ticks, trim};
+
+/// One line of a chart with linear axes (x, y), drawn in its arm's colour.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Line {
+    pub arm: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A chart of lines, one panel per load step (one panel if `panels` has one).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct LineChart {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    /// Log x axis with round ticks (for parallelism 1, 10, 100…).
+    #[serde(default)]
+    pub log_x: bool,
+    /// Log y axis with round ticks (latencies over orders of magnitude).
+    #[serde(default)]
+    pub log_y: bool,
+    /// A marker on every point (for a few measured points).
+    #[serde(default)]
+    pub markers: bool,
+    pub panels: Vec<(String, Vec<Line>)>,
+}
 
 /// The arms of `chart` in first-seen order and their colours.
 fn arms(chart: &LineChart) -> (Vec<String>, Vec<RGBColor>) {

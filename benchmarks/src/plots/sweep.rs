@@ -6,7 +6,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::input::{InputError, Line, LineChart};
+use super::lines::{Line, LineChart};
 
 /// The fields of a sweep step the figure uses.
 #[derive(Deserialize)]
@@ -37,15 +37,12 @@ pub fn series(arm: &str, bridge: &str) -> String {
     }
 }
 
-/// The figure of the `sweep` section of coldstart.json (`what` names the file).
-pub fn chart(what: &str, sweep: &Value) -> Result<LineChart, InputError> {
-    let sweep: Sweep = serde_json::from_value(sweep.clone()).map_err(|source| InputError::Shape {
-        what: what.into(),
-        expected: "coldstart --sweep's {\"sweep\": {steps: [{arm, bridge, rate_per_s, endpoints_ms}]}}",
-        source,
-    })?;
+/// The figure of the `sweep` section of coldstart.json; `None` when it has
+/// no step.
+pub fn chart(sweep: &Value) -> Result<Option<LineChart>, serde_json::Error> {
+    let sweep: Sweep = serde_json::from_value(sweep.clone())?;
     if sweep.steps.is_empty() {
-        return Err(InputError::Empty(format!("{what}: a sweep without steps")));
+        return Ok(None);
     }
     let mut panels = Vec::new();
     for (title, pick) in [
@@ -75,7 +72,7 @@ pub fn chart(what: &str, sweep: &Value) -> Result<LineChart, InputError> {
         }
         panels.push((format!("{title} wake → private Endpoints"), lines));
     }
-    Ok(LineChart {
+    Ok(Some(LineChart {
         title:
             "open-loop cold starts: wake → pod IP in the private Endpoints against the offered rate"
                 .into(),
@@ -85,5 +82,5 @@ pub fn chart(what: &str, sweep: &Value) -> Result<LineChart, InputError> {
         log_y: true,
         markers: true,
         panels,
-    })
+    }))
 }
