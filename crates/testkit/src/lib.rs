@@ -83,8 +83,32 @@ pub fn etcdctl_binary() -> Result<PathBuf> {
     upstream_binary("etcdctl", "STE_ETCDCTL_BIN")
 }
 
-/// A port nobody listens on right now (the kernel's choice).
+/// A port nobody listens on right now, for a process started next to
+/// listen on.
+///
+/// Chosen at random **below the kernel's ephemeral range**
+/// (`net.ipv4.ip_local_port_range`, 32768–60999 by default), not with
+/// `bind(:0)`: a port the kernel hands out for `:0` comes from that range,
+/// and between this call and the process's own bind an outgoing connection
+/// of any process (kube-apiserver's to etcd, a test's client) can be given
+/// the same port, so the process fails with "address already in use" — a
+/// kube-apiserver exiting at start-up in parallel tests. Below the range
+/// only another caller of this function can pick it, at random among
+/// thousands, and it is checked free first. Falls back to `:0` when the
+/// range leaves no room below it.
 pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 12000 {
+        for _ in 0..200 {
+            let port = rand::random_range(10000..low);
+            if StdTcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     StdTcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
