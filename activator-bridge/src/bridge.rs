@@ -72,7 +72,7 @@ pub enum BridgeError {
 #[derive(Debug, Clone)]
 pub(crate) enum Target {
     ReplicaSet,
-    /// Aggressive mode: the Deployment went 0→N; scale its ReplicaSet too.
+    /// Aggressive mode: the Deployment went 0→N (its ReplicaSet may still be at 0).
     Deployment {
         replicas: i32,
         uid: String,

@@ -23,6 +23,7 @@
 //! too many and deletes the surplus, unassigned (gated) pods first. When the
 //! revision goes back to 0 before that, the bridge deletes its own pod.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -93,6 +94,13 @@ impl Bridge {
             return;
         }
         let pods = self.pods.state();
+        // Live pods each ReplicaSet itself controls, counted once.
+        let mut controlled: HashMap<&str, usize> = HashMap::new();
+        for p in pods.iter().filter(|p| is_live(p)) {
+            if let Some(uid) = controller_uid(&p.metadata) {
+                *controlled.entry(uid).or_default() += 1;
+            }
+        }
         let work: Vec<_> = pods
             .iter()
             .filter(|p| awaiting_handover(p) && is_live(p))
@@ -101,12 +109,12 @@ impl Bridge {
                 let rs = self
                     .replicasets
                     .find(|rs| rs.metadata.uid.as_deref() == Some(rs_uid));
-                let controller_pods = pods
-                    .iter()
-                    .filter(|p| controller_uid(&p.metadata) == Some(rs_uid) && is_live(p))
-                    .count();
                 let desired = rs.as_ref().map(|rs| self.desired(rs));
-                Some((pod.clone(), step(desired, controller_pods, exiting), rs))
+                let owned = controlled.get(rs_uid).copied().unwrap_or(0);
+                match step(desired, owned, exiting) {
+                    Step::Keep => None,
+                    step => Some((pod.clone(), step, rs)),
+                }
             })
             .collect();
         // After a burst there can be a hundred; a few at a time, not one by one.

@@ -40,9 +40,10 @@ pub enum Mode {
     /// Act when a revision's ReplicaSet goes from 0 to N replicas (after the
     /// Deployment controller has propagated the autoscaler's scale).
     Default,
-    /// Act already when the revision's Deployment goes from 0 to N: also set
-    /// the current ReplicaSet's scale to N (the value the Deployment
-    /// controller is about to write), then create the pods.
+    /// Act already when the revision's Deployment goes from 0 to N: create
+    /// the pods (held by the Deployment, handed to the ReplicaSet once the
+    /// ReplicaSet controller has seen the scale-up) without waiting for the
+    /// Deployment and ReplicaSet controllers.
     Aggressive,
     /// Create no pods: only bind the ReplicaSet controller's pods at
     /// admission (needs --webhook-listen). No race, no duplicate.
@@ -58,9 +59,9 @@ pub enum Mode {
     about = "Pre-stages pods on Knative's scale-from-zero path",
     long_about = "Watches Knative revision ReplicaSets (label serving.knative.dev/revisionUID), Nodes and Pods. \
 When a revision scales up from zero it creates the missing pods itself from the ReplicaSet's template, \
-already bound to a node that clearly fits, owned by the ReplicaSet, so the ReplicaSet controller adopts them \
-and the scheduler has nothing to do. It never writes Endpoints, ServerlessServices, PodAutoscalers or \
-Deployment replicas; when in doubt it does nothing and the normal path runs. \
+already bound to a node that clearly fits, held by the Deployment and handed to the ReplicaSet once the \
+ReplicaSet controller has seen the scale-up, so the scheduler has nothing to do. It never writes Endpoints, \
+ServerlessServices, PodAutoscalers or any replicas; when in doubt it does nothing and the normal path runs. \
 One replica acts at a time (coordination.k8s.io Lease). Admin: /livez /readyz /metrics."
 )]
 struct Args {
