@@ -14,8 +14,8 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use base64::Engine;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
-    WebhookClientConfig,
+    MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations,
+    ServiceReference, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
@@ -149,8 +149,13 @@ impl Endpoint {
     }
 }
 
-/// The MutatingWebhookConfiguration: pods of Knative revisions, at
-/// creation, `failurePolicy: Ignore`, `timeoutSeconds` short.
+/// kube-apiserver calls the webhook only for pods created without a node
+/// (CEL, `matchConditions`, GA since Kubernetes 1.30).
+pub const NOT_YET_PLACED: &str =
+    "!has(object.spec.nodeName) || object.spec.nodeName == ''";
+
+/// The MutatingWebhookConfiguration: pods of Knative revisions not yet
+/// placed, at creation, `failurePolicy: Ignore`, `timeoutSeconds` short.
 pub fn configuration(
     name: &str,
     endpoint: &Endpoint,
@@ -211,7 +216,12 @@ pub fn configuration(
             }]),
             side_effects: "None".into(),
             timeout_seconds: Some(timeout.as_secs().clamp(1, 30) as i32),
-            match_conditions: None,
+            // Pods created already placed (the bridge's own, among others)
+            // pass unchanged anyway: kube-apiserver skips the call for them.
+            match_conditions: Some(vec![MatchCondition {
+                name: "not-yet-placed".into(),
+                expression: NOT_YET_PLACED.into(),
+            }]),
         }]),
     }
 }
@@ -293,5 +303,9 @@ mod tests {
             REVISION_LABEL
         );
         assert_eq!(w.client_config.ca_bundle.as_ref().unwrap().0, b"CA");
+        assert_eq!(
+            w.match_conditions.as_ref().unwrap()[0].expression,
+            NOT_YET_PLACED
+        );
     }
 }

@@ -716,6 +716,15 @@ async fn webhook_binds_at_creation_gates_duplicates_and_fails_open() {
         metric_sum(&m, "ste_activator_bridge_pods_created_total") >= 1.0,
         "{m:?}"
     );
+    // The bridge's own pods are created with a node: kube-apiserver's
+    // matchConditions skip the webhook call for them.
+    assert_eq!(
+        m.get("ste_activator_bridge_webhook_admissions_total{verdict=\"already_bound\"}")
+            .copied()
+            .unwrap_or(0.0),
+        0.0,
+        "{m:?}"
+    );
     assert_eq!(
         metric_sum(&m, "ste_activator_bridge_api_errors_total"),
         0.0,

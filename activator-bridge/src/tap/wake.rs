@@ -167,6 +167,13 @@ impl Bridge {
             self.tap_count("dry_run");
             return;
         }
+        // The pod is created alongside the write, not after it: it is held
+        // by the Deployment until the ReplicaSet controller catches up, and
+        // if this write fails (the wake is forgotten below) the hand-over
+        // pass deletes it, as for any wake undone before the hand-over.
+        if let Some(uid) = uid {
+            self.act_on_own_wake(ns, name, uid);
+        }
         match self.write_scale(ns, name, rv).await {
             Ok(Written::Scaled) => {
                 let took = received.elapsed();
@@ -176,9 +183,6 @@ impl Bridge {
                     .observe(took.as_secs_f64());
                 self.tap_count("scaled");
                 debug!(deployment = %deployment_key(ns, name), latency = ?took, "stat tap: scaled 0→1");
-                if let Some(uid) = uid {
-                    self.act_on_own_wake(ns, name, uid);
-                }
             }
             Ok(Written::AlreadyScaled) => self.tap_count("skipped"),
             Err(err) => {
@@ -229,8 +233,9 @@ impl Bridge {
         Ok(Written::AlreadyScaled)
     }
 
-    /// In aggressive mode, acts on the 0→1 the tap just wrote as on one the
-    /// Deployment watch sees, without waiting for the watch: under a burst
+    /// In aggressive mode, acts on the 0→1 the tap is writing as on one the
+    /// Deployment watch sees, without waiting for the write's answer (a
+    /// kube-apiserver round trip, ~10 ms at 1 revision) or the watch: under a burst
     /// kube-apiserver delivered those events 1.2 s (p50) to 2.6 s (p95)
     /// after the write (100 wakes, docs/benchmarks.md). The watch's own 0→1
     /// for it is then skipped ([`Bridge::tap_took`]).
