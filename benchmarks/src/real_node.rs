@@ -266,7 +266,7 @@ fn client_cert(dir: &Path, name: &str, cn: &str, org: &str) -> anyhow::Result<(P
 const CLIENT_EXT: &str = "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n";
 
 /// The `kubernetes` Service's address (first of testkit's
-/// `--service-cluster-ip-range=10.0.0.0/24`) and port: what in-cluster
+/// `--service-cluster-ip-range=10.0.0.0/16`) and port: what in-cluster
 /// clients dial (KUBERNETES_SERVICE_HOST/PORT).
 pub const KUBERNETES_SERVICE_IP: &str = "10.0.0.1";
 pub const KUBERNETES_SERVICE_PORT: u16 = 443;

@@ -31,8 +31,9 @@ macro_rules! sustained_definition {
         "A rate is SUSTAINED when no wake met an empty pool, every wake sent was answered (pod IP \
          in the revision's private Endpoints) within --sweep-deadline, at least 95 % of the \
          scheduled wakes were answered, and the p95 wake → Endpoints of the wakes scheduled in \
-         the last third of the step is at most 2× that of the first third (no growing backlog). \
-         An arm's highest sustained rate is the highest rate at which it and every lower rate \
+         the last third of the step is at most 2× that of the middle third (no growing \
+         backlog; the first third is a warm-up, before any woken revision is scaled back to \
+         zero). An arm's highest sustained rate is the highest rate at which it and every lower rate \
          were sustained."
     };
 }
@@ -63,7 +64,7 @@ pub struct SweepArgs {
     /// How long each step sends wakes.
     #[arg(long, env = "STE_COLDSTART_SWEEP_DURATION", default_value = "30s", value_parser = parse_positive_duration)]
     pub sweep_duration: Duration,
-    /// Knative Services woken in turn (default: the highest rate × 20 s, the
+    /// Knative Services woken in turn (default: the highest rate × 35 s, the
     /// time a revision takes to answer and be back at zero, 2 to 150).
     #[arg(long, env = "STE_COLDSTART_SWEEP_POOL", value_parser = parse_pool)]
     pub sweep_pool: Option<usize>,

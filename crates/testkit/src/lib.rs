@@ -854,7 +854,7 @@ pub fn kube_apiserver_args(flags: &KubeApiserverFlags) -> Vec<String> {
             flags.service_account_key.display()
         ),
         "--service-account-issuer=https://kubernetes.default.svc".into(),
-        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        "--service-cluster-ip-range=10.0.0.0/16".into(),
         // No kubelet mounts tokens here (kwok is the kubelet).
         "--disable-admission-plugins=ServiceAccount".into(),
     ];
