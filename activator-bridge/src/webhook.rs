@@ -151,8 +151,7 @@ impl Endpoint {
 
 /// kube-apiserver calls the webhook only for pods created without a node
 /// (CEL, `matchConditions`, GA since Kubernetes 1.30).
-pub const NOT_YET_PLACED: &str =
-    "!has(object.spec.nodeName) || object.spec.nodeName == ''";
+pub const NOT_YET_PLACED: &str = "!has(object.spec.nodeName) || object.spec.nodeName == ''";
 
 /// The MutatingWebhookConfiguration: pods of Knative revisions not yet
 /// placed, at creation, `failurePolicy: Ignore`, `timeoutSeconds` short.

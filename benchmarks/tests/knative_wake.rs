@@ -282,6 +282,7 @@ async fn an_open_loop_sweep_step_counts_every_wake_it_schedules() {
             sweep_duration: Duration::from_secs(5),
             sweep_pool: Some(pool),
             sweep_deadline: Duration::from_secs(90),
+            sweep_p95_max: Duration::from_secs(90),
             sweep_bridge_modes: vec!["none".into()],
         },
         output: dir.clone(),

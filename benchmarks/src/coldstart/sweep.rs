@@ -33,7 +33,7 @@ macro_rules! sustained_definition {
          scheduled wakes were answered, and the p95 wake → Endpoints of the wakes scheduled in \
          the last third of the step is at most 2× that of the middle third (no growing \
          backlog; the first third is a warm-up, before any woken revision is scaled back to \
-         zero). An arm's highest sustained rate is the highest rate at which it and every lower rate \
+         zero), and the step's p95 wake → Endpoints is at most --sweep-p95-max. An arm's highest sustained rate is the highest rate at which it and every lower rate \
          were sustained."
     };
 }
@@ -72,6 +72,11 @@ pub struct SweepArgs {
     /// its scheduled time is given up (timed out).
     #[arg(long, env = "STE_COLDSTART_SWEEP_DEADLINE", default_value = "30s", value_parser = parse_positive_duration)]
     pub sweep_deadline: Duration,
+    /// A step is sustained only if its p95 wake → private Endpoints is at
+    /// most this: a queue that no longer grows but holds every cold start
+    /// for seconds is not a rate a user would call sustained.
+    #[arg(long, env = "STE_COLDSTART_SWEEP_P95_MAX", default_value = "1s", value_parser = parse_positive_duration)]
+    pub sweep_p95_max: Duration,
     /// Bridge modes the sweep runs, each a series of every rate: `none` (no
     /// bridge) and any of --bridge-modes' modes.
     #[arg(
@@ -264,10 +269,35 @@ struct Series<'a> {
 }
 
 /// The bridge's counters the sweep reports per step.
-const BRIDGE_COUNTERS: [&str; 3] = [
-    "ste_activator_bridge_pods_created_total",
-    "ste_activator_bridge_duplicates_deleted_total",
-    "ste_activator_bridge_duplicates_gated_total",
+/// The bridge's counters a step records (the change over the step), by
+/// the short name the report uses. The tap's show whether it wrote a wake's
+/// 0→1 or stood aside: a wake whose Deployment the bridge's cache did not
+/// show at 0 is not in `tap_wakes_seen`.
+const BRIDGE_COUNTERS: [(&str, &str); 9] = [
+    ("pods_created", "ste_activator_bridge_pods_created_total"),
+    (
+        "duplicates_deleted",
+        "ste_activator_bridge_duplicates_deleted_total",
+    ),
+    (
+        "duplicates_gated",
+        "ste_activator_bridge_duplicates_gated_total",
+    ),
+    ("handed_over", "ste_activator_bridge_handed_over_total"),
+    ("held_deleted", "ste_activator_bridge_held_deleted_total"),
+    (
+        "tap_wakes_seen",
+        "ste_activator_bridge_tap_wakes_seen_total",
+    ),
+    (
+        "tap_scaled",
+        "ste_activator_bridge_tap_wakes_total{result=\"scaled\"}",
+    ),
+    (
+        "tap_skipped",
+        "ste_activator_bridge_tap_wakes_total{result=\"skipped\"}",
+    ),
+    ("tap_reverts", "ste_activator_bridge_tap_reverts_total"),
 ];
 
 async fn bridge_counters(
@@ -276,12 +306,7 @@ async fn bridge_counters(
     let m = bridge.metrics().await?;
     Ok(BRIDGE_COUNTERS
         .iter()
-        .map(|c| {
-            let short = c
-                .trim_start_matches("ste_activator_bridge_")
-                .trim_end_matches("_total");
-            (short.to_string(), super::metric_sum(&m, c))
-        })
+        .map(|(short, series)| (short.to_string(), super::metric_sum(&m, series)))
         .collect())
 }
 
@@ -326,6 +351,7 @@ impl Series<'_> {
                 rate,
                 duration: self.args.sweep.sweep_duration,
                 deadline: self.args.sweep.sweep_deadline,
+                p95_max: self.args.sweep.sweep_p95_max,
             };
             let mut result = step::run(record, activator, pool, &plan).await?;
             if let (Some(b), Some(before)) = (&bridge, before) {

@@ -184,6 +184,8 @@ pub struct StepPlan<'a> {
     pub rate: f64,
     pub duration: Duration,
     pub deadline: Duration,
+    /// The highest p95 wake → Endpoints a sustained step may have.
+    pub p95_max: Duration,
 }
 
 /// The state of a running step.
@@ -397,7 +399,12 @@ fn result(
         ready_ms: Percentiles::of(&hop(Hop::PodReady)),
         endpoints_ms: Percentiles::of(&hop(Hop::Endpoints)),
         max_send_lag_ms: (max_lag.as_secs_f64() * 10_000.0).round() / 10.0,
-        verdict: verdict(&counts, &endpoints, duration_s),
+        verdict: verdict(
+            &counts,
+            &endpoints,
+            duration_s,
+            plan.p95_max.as_secs_f64() * 1000.0,
+        ),
         stuck_after: stuck,
         bridge_counters: None,
         wakes,

@@ -9,7 +9,7 @@ pub const DEFINITION: &str = "a rate is SUSTAINED when no wake met an empty pool
 was answered (pod IP in the revision's private Endpoints) within --sweep-deadline, at least 95 % \
 of the scheduled wakes were answered, and the p95 wake → Endpoints of the wakes scheduled in the \
 last third of the step is at most 2× that of the middle third (no growing backlog; the first \
-third is a warm-up: its revisions are not yet being scaled back to zero). The highest \
+third is a warm-up: its revisions are not yet being scaled back to zero), and the step's p95 wake → Endpoints is at most --sweep-p95-max (default 1 s). The highest \
 sustained rate of an arm is the highest rate at which it and every lower rate were sustained.";
 
 /// Fraction of the scheduled wakes that must be answered.
@@ -69,8 +69,14 @@ pub fn quantile(values: &[f64], q: f64) -> Option<f64> {
 
 /// The verdict of a step of `duration_s` seconds from its counts and, per
 /// answered wake, (seconds from the step's start it was scheduled at,
-/// milliseconds wake → Endpoints).
-pub fn verdict(counts: &Counts, answered: &[(f64, f64)], duration_s: f64) -> Verdict {
+/// milliseconds wake → Endpoints); `p95_max_ms` is the highest p95 a
+/// sustained step may have.
+pub fn verdict(
+    counts: &Counts,
+    answered: &[(f64, f64)],
+    duration_s: f64,
+    p95_max_ms: f64,
+) -> Verdict {
     let mut reasons = Vec::new();
     if counts.pool_misses > 0 {
         reasons.push(format!(
@@ -99,6 +105,12 @@ pub fn verdict(counts: &Counts, answered: &[(f64, f64)], duration_s: f64) -> Ver
             .map(|(_, ms)| *ms)
             .collect()
     };
+    let all: Vec<f64> = answered.iter().map(|(_, ms)| *ms).collect();
+    if let Some(p95) = quantile(&all, 0.95).filter(|p| *p > p95_max_ms) {
+        reasons.push(format!(
+            "p95 wake → Endpoints {p95:.0} ms > {p95_max_ms:.0} ms"
+        ));
+    }
     let middle = quantile(&third(duration_s / 3.0, duration_s * 2.0 / 3.0), 0.95);
     let last = quantile(&third(duration_s * 2.0 / 3.0, f64::INFINITY), 0.95);
     match (middle, last) {
@@ -177,33 +189,57 @@ mod tests {
     fn a_step_with_every_wake_answered_and_no_backlog_is_sustained() {
         let c = counts(9, 9, 0, 0);
         assert!(c.consistent());
-        let v = verdict(&c, &wakes(9, 800.0, 1000.0, 1500.0), 9.0);
+        let v = verdict(&c, &wakes(9, 800.0, 1000.0, 1500.0), 9.0, 2000.0);
         assert!(v.sustained && !v.pool_limited, "{v:?}");
         assert!(v.reasons.is_empty());
         // The first third (no scale-downs yet) is a warm-up: fast there and
         // steady after is sustained.
-        let v = verdict(&c, &wakes(9, 200.0, 1000.0, 1500.0), 9.0);
+        let v = verdict(&c, &wakes(9, 200.0, 1000.0, 1500.0), 9.0, 2000.0);
         assert!(v.sustained, "{v:?}");
     }
 
     #[test]
     fn timeouts_misses_shortfall_and_backlog_each_fail_the_step() {
-        let timed_out = verdict(&counts(9, 8, 1, 0), &wakes(8, 800.0, 800.0, 800.0), 9.0);
+        let timed_out = verdict(
+            &counts(9, 8, 1, 0),
+            &wakes(8, 800.0, 800.0, 800.0),
+            9.0,
+            2000.0,
+        );
         assert!(!timed_out.sustained && !timed_out.pool_limited);
         assert!(
             timed_out.reasons[0].contains("not answered"),
             "{timed_out:?}"
         );
-        let missed = verdict(&counts(10, 9, 0, 1), &wakes(9, 800.0, 800.0, 800.0), 9.0);
+        let missed = verdict(
+            &counts(10, 9, 0, 1),
+            &wakes(9, 800.0, 800.0, 800.0),
+            9.0,
+            2000.0,
+        );
         assert!(!missed.sustained && missed.pool_limited);
         assert!(missed.reasons.iter().any(|r| r.contains("pool exhausted")));
         // 90 % answered, nothing timed out (the rest found no revision).
         assert!(missed.reasons.iter().any(|r| r.contains("9 of 10")));
-        let backlog = verdict(&counts(9, 9, 0, 0), &wakes(9, 800.0, 800.0, 1700.0), 9.0);
+        let backlog = verdict(
+            &counts(9, 9, 0, 0),
+            &wakes(9, 800.0, 800.0, 1700.0),
+            9.0,
+            2000.0,
+        );
         assert!(!backlog.sustained);
         assert!(backlog.reasons[0].starts_with("backlog"), "{backlog:?}");
-        let empty = verdict(&counts(0, 0, 0, 0), &[], 9.0);
+        let empty = verdict(&counts(0, 0, 0, 0), &[], 9.0, 2000.0);
         assert!(!empty.sustained);
+        // Steady, but every cold start held for seconds: not sustained.
+        let slow = verdict(
+            &counts(9, 9, 0, 0),
+            &wakes(9, 3000.0, 3000.0, 3000.0),
+            9.0,
+            2000.0,
+        );
+        assert!(!slow.sustained, "{slow:?}");
+        assert!(slow.reasons[0].starts_with("p95 wake"), "{slow:?}");
     }
 
     #[test]
