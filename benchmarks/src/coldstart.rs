@@ -215,7 +215,7 @@ fn bridge_flags(mode: &str) -> Result<Vec<String>, String> {
 }
 
 /// Where the bridge's stat tap listens, if its flags start one.
-fn tap_address(flags: &[String]) -> Option<String> {
+pub(crate) fn tap_address(flags: &[String]) -> Option<String> {
     flags
         .iter()
         .find_map(|f| f.strip_prefix("--stat-tap-listen="))

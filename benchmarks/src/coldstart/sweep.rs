@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use anyhow::bail;
 
-use super::{bridge_binary, bridge_flags, create_service, keep_node_leases, wait_at_zero};
+use super::{
+    bridge_binary, bridge_flags, create_service, keep_node_leases, tap_address, wait_at_zero,
+};
 use super::{BridgeProcess, ColdstartArgs, Knative};
 use crate::api::client_for;
 use crate::cluster::{self, Arm, ClusterRecord};
@@ -319,25 +321,36 @@ impl Series<'_> {
         rates: &[f64],
         knative: &mut Knative,
     ) -> anyhow::Result<Vec<StepResult>> {
-        let bridge = match (self.mode, self.bridge_bin) {
-            ("none", _) | (_, None) => None,
+        let (bridge, tap) = match (self.mode, self.bridge_bin) {
+            ("none", _) | (_, None) => (None, None),
             (mode, Some(bin)) => {
                 let log = self
                     .dir
                     .join("logs")
                     .join(format!("bridge-sweep-{mode}.log"));
+                let mode_flags = bridge_flags(mode).map_err(anyhow::Error::msg)?;
                 let flags = [
                     vec![
                         "--lease-namespace=default".to_string(),
                         format!("--settle={}s", self.args.settle.max(1)),
                     ],
-                    bridge_flags(mode).map_err(anyhow::Error::msg)?,
+                    mode_flags.clone(),
                 ]
                 .concat();
                 let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-                Some(BridgeProcess::start(bin, record, &log, &flags).await?)
+                let bridge = BridgeProcess::start(bin, record, &log, &flags).await?;
+                (Some(bridge), tap_address(&mode_flags))
             }
         };
+        // With the tap, this series' stats go through the bridge, as the
+        // rounds' do: an activator of its own, connected to the tap.
+        let through_tap = match &tap {
+            Some(addr) => {
+                Some(crate::knative::connect_activator_at(addr, Duration::from_secs(30)).await?)
+            }
+            None => None,
+        };
+        let activator = through_tap.as_ref().unwrap_or(activator);
         let mut steps = Vec::new();
         for &rate in rates {
             knative.check()?;
@@ -365,6 +378,9 @@ impl Series<'_> {
             }
             eprintln!("    {}", report::one_line(&result));
             steps.push(result);
+        }
+        if let Some(a) = through_tap {
+            a.stop();
         }
         if let Some(b) = bridge {
             b.stop();
