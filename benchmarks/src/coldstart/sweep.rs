@@ -66,7 +66,7 @@ pub struct SweepArgs {
     /// How long each step sends wakes.
     #[arg(long, env = "STE_COLDSTART_SWEEP_DURATION", default_value = "30s", value_parser = parse_positive_duration)]
     pub sweep_duration: Duration,
-    /// Knative Services woken in turn (default: the highest rate × 35 s, the
+    /// Knative Services woken in turn (default: the highest rate × 45 s, the
     /// time a revision takes to answer and be back at zero, 2 to 150).
     #[arg(long, env = "STE_COLDSTART_SWEEP_POOL", value_parser = parse_pool)]
     pub sweep_pool: Option<usize>,

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 /// way back to zero with the bench's settings (stable window 6 s +
 /// scale-to-zero grace 6 s, ~15 s after the answer), the pod's deletion and
 /// [`ZERO_GRACE`]. 20 s was too short: at 3/s a pool of 80 ran dry after
-/// ~40 s in every arm (2026-12-02), so a revision takes nearer 30 s.
-pub const TURNAROUND: Duration = Duration::from_secs(35);
+/// ~40 s in every arm, and at 4/s with the tap a pool of 140 ran dry too
+/// (2026-12-02), so a revision takes nearer 35–40 s.
+pub const TURNAROUND: Duration = Duration::from_secs(45);
 
 /// The largest pool `--sweep-pool` picks by itself on this 2-core machine
 /// (every revision is a Knative Service with a dozen objects and, while
@@ -174,8 +175,8 @@ mod tests {
 
     #[test]
     fn the_default_pool_covers_the_highest_rate_within_bounds() {
-        assert_eq!(default_pool(&[1.0, 2.0]), 70);
-        assert_eq!(default_pool(&[0.05]), 2);
+        assert_eq!(default_pool(&[1.0, 2.0]), 90);
+        assert_eq!(default_pool(&[0.01]), 2);
         assert_eq!(default_pool(&[1.0, 100.0]), DEFAULT_POOL_MAX);
         assert_eq!(default_pool(&[]), 2);
     }
