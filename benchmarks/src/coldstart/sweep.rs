@@ -35,8 +35,9 @@ macro_rules! sustained_definition {
          scheduled wakes were answered, and the p95 wake → Endpoints of the wakes scheduled in \
          the last third of the step is at most 2× that of the middle third (no growing \
          backlog; the first third is a warm-up, before any woken revision is scaled back to \
-         zero), and the step's p95 wake → Endpoints is at most --sweep-p95-max. An arm's highest sustained rate is the highest rate at which it and every lower rate \
-         were sustained."
+         zero), and the step's p95 wake → Endpoints is at most --sweep-p95-max. An arm's \
+         highest sustained rate is the highest rate at which it and every lower rate were \
+         sustained."
     };
 }
 
@@ -270,7 +271,6 @@ struct Series<'a> {
     bridge_bin: Option<&'a Path>,
 }
 
-/// The bridge's counters the sweep reports per step.
 /// The bridge's counters a step records (the change over the step), by
 /// the short name the report uses. The tap's show whether it wrote a wake's
 /// 0→1 or stood aside: a wake whose Deployment the bridge's cache did not
