@@ -214,8 +214,33 @@ fn bridge_flags(mode: &str) -> Result<Vec<String>, String> {
     Ok([vec![format!("--mode={base}")], extra.to_vec()].concat())
 }
 
+/// Starts the bridge in one `--bridge-modes` mode, with the flags every
+/// run gives it (lease namespace, `--settle`), and returns it with the
+/// address of its stat tap when the mode has one: the rounds and the sweep
+/// both start it here, so they cannot drift apart.
+pub(crate) async fn start_bridge(
+    bin: &Path,
+    record: &ClusterRecord,
+    log: &Path,
+    mode: &str,
+    settle: u64,
+) -> anyhow::Result<(BridgeProcess, Option<String>)> {
+    let mode_flags = bridge_flags(mode).map_err(anyhow::Error::msg)?;
+    let flags = [
+        vec![
+            "--lease-namespace=default".to_string(),
+            format!("--settle={}s", settle.max(1)),
+        ],
+        mode_flags.clone(),
+    ]
+    .concat();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let bridge = BridgeProcess::start(bin, record, log, &flags).await?;
+    Ok((bridge, tap_address(&mode_flags)))
+}
+
 /// Where the bridge's stat tap listens, if its flags start one.
-pub(crate) fn tap_address(flags: &[String]) -> Option<String> {
+fn tap_address(flags: &[String]) -> Option<String> {
     flags
         .iter()
         .find_map(|f| f.strip_prefix("--stat-tap-listen="))
@@ -298,35 +323,16 @@ async fn round(
     };
     eprintln!("  {arm:?}: waking {k} revision(s) {label}…");
     let mode = bridge.map_or("none", |(_, m)| m).to_string();
-    let flags = match bridge {
-        Some((_, mode)) => bridge_flags(mode).map_err(anyhow::Error::msg)?,
-        None => Vec::new(),
+    let (bridge, tap) = match bridge {
+        Some((bin, mode)) => {
+            let log = dir.join("logs").join(format!("bridge-{k}-{mode}.log"));
+            let (b, tap) = start_bridge(bin, record, &log, mode, args.settle).await?;
+            (Some(b), tap)
+        }
+        None => (None, None),
     };
     // With the tap, the bench's activator sends its stats through the bridge.
-    let stats_addr = tap_address(&flags)
-        .unwrap_or_else(|| crate::knative::stats::AUTOSCALER_STATS_ADDR.to_string());
-    let bridge = match bridge {
-        Some((bin, mode)) => Some(
-            BridgeProcess::start(
-                bin,
-                record,
-                &dir.join("logs").join(format!("bridge-{k}-{mode}.log")),
-                &[
-                    vec![
-                        "--lease-namespace=default".to_string(),
-                        format!("--settle={}s", args.settle.max(1)),
-                    ],
-                    flags.clone(),
-                ]
-                .concat()
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-            )
-            .await?,
-        ),
-        None => None,
-    };
+    let stats_addr = tap.unwrap_or_else(|| crate::knative::stats::AUTOSCALER_STATS_ADDR.to_string());
     let times = Arc::new(Mutex::new(Times::default()));
     let rv = current_resource_version(record).await?;
     let t = times.clone();

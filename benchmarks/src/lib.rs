@@ -7,6 +7,7 @@ pub mod churn;
 pub mod cluster;
 pub mod coldstart;
 pub mod external;
+pub mod interrupt;
 pub mod failure;
 pub mod jobs;
 pub mod knative;

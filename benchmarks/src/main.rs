@@ -86,7 +86,20 @@ enum ClusterCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    tokio::select! {
+        result = run(command) => result,
+        signal = ste_bench::interrupt::signalled() => {
+            eprintln!("{signal}: stopping the processes this run started (results written so far are kept)");
+            let n = ste_bench::interrupt::stop_children(std::time::Duration::from_secs(10)).await;
+            eprintln!("stopped {n} process group(s)");
+            std::process::exit(130)
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Router(args) => router_bench::run(args).await,
         Command::Cluster {
             command: ClusterCommand::Up(args),

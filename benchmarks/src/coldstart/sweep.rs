@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::bail;
 
 use super::{
-    bridge_binary, bridge_flags, create_service, keep_node_leases, tap_address, wait_at_zero,
+    bridge_binary, bridge_flags, create_service, keep_node_leases, start_bridge, wait_at_zero,
 };
 use super::{BridgeProcess, ColdstartArgs, Knative};
 use crate::api::client_for;
@@ -328,18 +328,8 @@ impl Series<'_> {
                     .dir
                     .join("logs")
                     .join(format!("bridge-sweep-{mode}.log"));
-                let mode_flags = bridge_flags(mode).map_err(anyhow::Error::msg)?;
-                let flags = [
-                    vec![
-                        "--lease-namespace=default".to_string(),
-                        format!("--settle={}s", self.args.settle.max(1)),
-                    ],
-                    mode_flags.clone(),
-                ]
-                .concat();
-                let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-                let bridge = BridgeProcess::start(bin, record, &log, &flags).await?;
-                (Some(bridge), tap_address(&mode_flags))
+                let (b, tap) = start_bridge(bin, record, &log, mode, self.args.settle).await?;
+                (Some(b), tap)
             }
         };
         // With the tap, this series' stats go through the bridge, as the

@@ -94,30 +94,71 @@ pub struct StepResult {
     pub wakes: Vec<SweepWake>,
 }
 
-/// The revisions at zero (Deployment at 0 replicas, no pod), listed every
-/// [`ZERO_POLL`] from kube-apiserver's watch cache by a task of its own, so
-/// the step's sends never wait on a list.
+/// The revisions at zero, listed every [`ZERO_POLL`] from kube-apiserver's
+/// watch cache by a task of its own, so the step's sends never wait on a
+/// list.
 struct ZeroWatch {
     at_zero: Arc<Mutex<HashSet<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-/// The revisions `deployments` and `pods` (lists as JSON) show at zero.
-pub fn revisions_at_zero(deployments: &Value, pods: &Value) -> HashSet<String> {
+/// One listing of the pool's objects (lists as JSON).
+pub struct ZeroLists {
+    pub deployments: Value,
+    pub replicasets: Value,
+    pub endpoints: Value,
+    pub pods: Value,
+}
+
+/// The revisions `lists` show at zero: Deployment at 0 (spec and status),
+/// every ReplicaSet at 0 (spec and status), no address in the private
+/// Endpoints and no pod. The Deployment alone is not enough: when the
+/// controllers are seconds behind, a revision the autoscaler has scaled back
+/// to 0 can show no pod for a moment while its ReplicaSet is still at 1 —
+/// its pod then appears after the next wake was sent, is Ready and in the
+/// Endpoints before the bench follows that wake, and the wake looks
+/// unanswered (seen at 6/s, 6 of 360 wakes).
+pub fn revisions_at_zero(lists: &ZeroLists) -> HashSet<String> {
     let revision = |o: &Value| {
         o["metadata"]["labels"][REVISION_LABEL]
             .as_str()
             .map(String::from)
     };
     let items = |l: &Value| l["items"].as_array().cloned().unwrap_or_default();
-    let with_pods: HashSet<String> = items(pods).iter().filter_map(revision).collect();
-    items(deployments)
+    let at_zero = |o: &Value| {
+        o["spec"]["replicas"] == 0 && o["status"]["replicas"].as_u64().unwrap_or(0) == 0
+    };
+    let mut busy: HashSet<String> = items(&lists.pods).iter().filter_map(revision).collect();
+    busy.extend(
+        items(&lists.replicasets)
+            .iter()
+            .filter(|rs| !at_zero(rs))
+            .filter_map(revision),
+    );
+    // By name, as the hops are: the revision's private Service.
+    let private = |e: &Value| {
+        e["metadata"]["name"]
+            .as_str()
+            .and_then(|n| n.strip_suffix("-private"))
+            .map(String::from)
+    };
+    busy.extend(
+        items(&lists.endpoints)
+            .iter()
+            .filter(|e| {
+                e["subsets"].as_array().into_iter().flatten().any(|s| {
+                    ["addresses", "notReadyAddresses"]
+                        .iter()
+                        .any(|k| s[*k].as_array().is_some_and(|a| !a.is_empty()))
+                })
+            })
+            .filter_map(private),
+    );
+    items(&lists.deployments)
         .iter()
-        .filter(|d| {
-            d["spec"]["replicas"] == 0 && d["status"]["replicas"].as_u64().unwrap_or(0) == 0
-        })
+        .filter(|d| at_zero(d))
         .filter_map(revision)
-        .filter(|r| !with_pods.contains(r))
+        .filter(|r| !busy.contains(r))
         .collect()
 }
 
@@ -134,15 +175,31 @@ impl ZeroWatch {
             &record.namespace,
             &resource_of::<k8s_openapi::api::core::v1::Pod>(),
         );
+        let replicasets = dynamic(
+            &client,
+            &record.namespace,
+            &resource_of::<k8s_openapi::api::apps::v1::ReplicaSet>(),
+        );
+        let endpoints = dynamic(
+            &client,
+            &record.namespace,
+            &resource_of::<k8s_openapi::api::core::v1::Endpoints>(),
+        );
         let at_zero: Arc<Mutex<HashSet<String>>> = Arc::default();
         let shared = at_zero.clone();
         let task = tokio::spawn(async move {
             let params = ListParams::default().labels(REVISION_LABEL).match_any();
+            let all = ListParams::default().match_any();
             loop {
                 let listed = async {
-                    let d = list_json(&deployments, &params).await?;
-                    let p = list_json(&pods, &params).await?;
-                    anyhow::Ok(revisions_at_zero(&d, &p))
+                    let lists = ZeroLists {
+                        deployments: list_json(&deployments, &params).await?,
+                        replicasets: list_json(&replicasets, &params).await?,
+                        // Endpoints by name (see `revisions_at_zero`).
+                        endpoints: list_json(&endpoints, &all).await?,
+                        pods: list_json(&pods, &params).await?,
+                    };
+                    anyhow::Ok(revisions_at_zero(&lists))
                 }
                 .await;
                 match listed {
@@ -416,20 +473,44 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn scaled(rev: &str, name: &str, spec: u64, status: u64) -> Value {
+        json!({"metadata": {"name": name, "labels": {REVISION_LABEL: rev}},
+            "spec": {"replicas": spec}, "status": {"replicas": status}})
+    }
+
+    fn lists(deployments: Vec<Value>) -> ZeroLists {
+        ZeroLists {
+            deployments: json!({ "items": deployments }),
+            replicasets: json!({"items": []}),
+            endpoints: json!({"items": []}),
+            pods: json!({"items": []}),
+        }
+    }
+
     #[test]
     fn a_revision_is_at_zero_with_its_deployment_at_zero_and_no_pod() {
-        let d = |rev: &str, spec: u64, status: u64| {
-            json!({"metadata": {"labels": {REVISION_LABEL: rev}},
-                "spec": {"replicas": spec}, "status": {"replicas": status}})
-        };
-        let deployments =
-            json!({"items": [d("a", 0, 0), d("b", 1, 1), d("c", 0, 1), d("e", 0, 0)]});
-        let pods = json!({"items": [{"metadata": {"labels": {REVISION_LABEL: "e"}}}]});
-        let zero = revisions_at_zero(&deployments, &pods);
-        assert_eq!(zero, HashSet::from(["a".to_string()]));
+        let d = |rev: &str, spec, status| scaled(rev, rev, spec, status);
+        let mut l = lists(vec![d("a", 0, 0), d("b", 1, 1), d("c", 0, 1), d("e", 0, 0)]);
+        l.pods = json!({"items": [{"metadata": {"labels": {REVISION_LABEL: "e"}}}]});
+        assert_eq!(revisions_at_zero(&l), HashSet::from(["a".to_string()]));
         // A Deployment without status yet is at zero too.
-        let fresh = json!({"items": [{"metadata": {"labels": {REVISION_LABEL: "f"}}, "spec": {"replicas": 0}}]});
-        assert!(revisions_at_zero(&fresh, &json!({"items": []})).contains("f"));
+        let fresh = json!({"metadata": {"labels": {REVISION_LABEL: "f"}}, "spec": {"replicas": 0}});
+        assert!(revisions_at_zero(&lists(vec![fresh])).contains("f"));
+    }
+
+    #[test]
+    fn a_revision_whose_replicaset_or_private_endpoints_are_not_at_zero_is_busy() {
+        let mut l = lists(["a", "b", "c", "d"].map(|r| scaled(r, r, 0, 0)).to_vec());
+        // The controllers behind: the ReplicaSet still at 1, or its status.
+        l.replicasets = json!({"items": [scaled("a", "a-1", 1, 0), scaled("b", "b-1", 0, 1),
+            scaled("d", "d-1", 0, 0)]});
+        let address = json!([{"ip": "10.244.0.9"}]);
+        l.endpoints = json!({"items": [
+            {"metadata": {"name": "c-private"}, "subsets": [{"notReadyAddresses": address}]},
+            // The public Service's Endpoints are Knative's (the activator's).
+            {"metadata": {"name": "d"}, "subsets": [{"addresses": address}]},
+        ]});
+        assert_eq!(revisions_at_zero(&l), HashSet::from(["d".to_string()]));
     }
 
     #[test]
