@@ -332,7 +332,8 @@ async fn round(
         None => (None, None),
     };
     // With the tap, the bench's activator sends its stats through the bridge.
-    let stats_addr = tap.unwrap_or_else(|| crate::knative::stats::AUTOSCALER_STATS_ADDR.to_string());
+    let stats_addr =
+        tap.unwrap_or_else(|| crate::knative::stats::AUTOSCALER_STATS_ADDR.to_string());
     let times = Arc::new(Mutex::new(Times::default()));
     let rv = current_resource_version(record).await?;
     let t = times.clone();
