@@ -10,7 +10,7 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     /// created, nothing_missing, no_safe_node, unsafe_template, not_leader,
-    /// dry_run, below_burst, stale, error.
+    /// dry_run, below_burst, stale, error, already_decided, own_pods_fill.
     pub decision: String,
 }
 

@@ -275,7 +275,7 @@ struct Series<'a> {
 /// the short name the report uses. The tap's show whether it wrote a wake's
 /// 0→1 or stood aside: a wake whose Deployment the bridge's cache did not
 /// show at 0 is not in `tap_wakes_seen`.
-const BRIDGE_COUNTERS: [(&str, &str); 9] = [
+const BRIDGE_COUNTERS: [(&str, &str); 11] = [
     ("pods_created", "ste_activator_bridge_pods_created_total"),
     (
         "duplicates_deleted",
@@ -300,6 +300,14 @@ const BRIDGE_COUNTERS: [(&str, &str); 9] = [
         "ste_activator_bridge_tap_wakes_total{result=\"skipped\"}",
     ),
     ("tap_reverts", "ste_activator_bridge_tap_reverts_total"),
+    (
+        "own_pods_fill",
+        "ste_activator_bridge_decisions_total{decision=\"own_pods_fill\"}",
+    ),
+    (
+        "already_decided",
+        "ste_activator_bridge_decisions_total{decision=\"already_decided\"}",
+    ),
 ];
 
 async fn bridge_counters(
