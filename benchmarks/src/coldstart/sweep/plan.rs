@@ -57,8 +57,27 @@ pub fn default_pool(rates: &[f64]) -> usize {
 enum Busy {
     /// Its wake's request is held (not yet answered, not timed out).
     Held,
-    /// The request is gone; back in the pool once at zero for [`ZERO_GRACE`].
-    Draining { zero_since: Option<Instant> },
+    /// The request is gone; back in the pool once at zero for [`ZERO_GRACE`]
+    /// in snapshots listed after `released`.
+    Draining {
+        released: Instant,
+        zero_since: Option<Instant>,
+    },
+}
+
+/// The revisions at zero in lists that began at `listed_at`.
+///
+/// A snapshot says nothing about a revision released after its lists
+/// began: lists made before a wake show the revision at zero, and with the
+/// tap a wake is answered in ~100 ms, well inside one round of lists
+/// (four lists and a 0.5 s pause, over a second under load). Counting
+/// such a snapshot let 2 of 360 wakes at 6/s (2026-12-03, stock-qps + tap)
+/// take a revision whose last wake's pod was still Ready; its wake then
+/// had no hop to show and timed out.
+#[derive(Debug, Clone)]
+pub struct ZeroSnapshot {
+    pub listed_at: Instant,
+    pub revisions: HashSet<String>,
 }
 
 /// The revisions of a sweep: free ones are at zero; a wake takes the one
@@ -93,31 +112,42 @@ impl Pool {
         }
     }
 
-    /// The wake's request is gone (answered, timed out or failed to send).
-    pub fn release(&mut self, revision: &str) {
+    /// The wake's request is gone (answered, timed out or failed to send) at `now`.
+    pub fn release(&mut self, revision: &str, now: Instant) {
         if let Some(b) = self.busy.get_mut(revision) {
             if *b == Busy::Held {
-                *b = Busy::Draining { zero_since: None };
+                *b = Busy::Draining {
+                    released: now,
+                    zero_since: None,
+                };
             }
         }
     }
 
-    /// What the cluster showed at `now`: `at_zero` are the revisions with
-    /// no pod and their Deployment at 0; `reported(rev)` is whether the
-    /// bench's activator still reports on one. Returns the revisions back
-    /// in the pool.
+    /// What the cluster showed at `now`: `at_zero` holds the revisions at
+    /// zero (`step::revisions_at_zero`) in lists begun at its `listed_at`;
+    /// `reported(rev)` is whether the bench's activator still reports on
+    /// one. A revision released after those lists began is left as it is.
+    /// Returns the revisions back in the pool.
     pub fn observe(
         &mut self,
-        at_zero: &HashSet<String>,
+        at_zero: &ZeroSnapshot,
         reported: impl Fn(&str) -> bool,
         now: Instant,
     ) -> Vec<String> {
         let mut back = Vec::new();
         for (rev, busy) in &mut self.busy {
-            let Busy::Draining { zero_since } = busy else {
+            let Busy::Draining {
+                released,
+                zero_since,
+            } = busy
+            else {
                 continue;
             };
-            if !at_zero.contains(rev) || reported(rev) {
+            if at_zero.listed_at < *released {
+                continue;
+            }
+            if !at_zero.revisions.contains(rev) || reported(rev) {
                 *zero_since = None;
                 continue;
             }
@@ -189,32 +219,70 @@ mod tests {
         assert_eq!(pool.take().as_deref(), Some("b"));
         assert_eq!(pool.take(), None);
         assert_eq!((pool.free(), pool.busy(), pool.misses()), (0, 2, 1));
-        let zero: HashSet<String> = ["a".to_string(), "b".to_string()].into();
+        let both = || HashSet::from(["a".to_string(), "b".to_string()]);
+        // Lists begun at `at` showing a and b at zero.
+        let zero = |at: Instant| ZeroSnapshot {
+            listed_at: at,
+            revisions: both(),
+        };
         // Held: never back, even at zero.
-        assert!(pool.observe(&zero, |_| false, t0).is_empty());
-        pool.release("a");
-        pool.release("b");
+        assert!(pool.observe(&zero(t0), |_| false, t0).is_empty());
+        pool.release("a", t0);
+        pool.release("b", t0);
         // At zero, but the activator still reports on b.
-        assert!(pool.observe(&zero, |r| r == "b", t0).is_empty());
+        assert!(pool.observe(&zero(t0), |r| r == "b", t0).is_empty());
         assert!(pool
-            .observe(&zero, |r| r == "b", t0 + ZERO_GRACE / 2)
+            .observe(&zero(t0), |r| r == "b", t0 + ZERO_GRACE / 2)
             .is_empty());
-        assert_eq!(pool.observe(&zero, |_| false, t0 + ZERO_GRACE), ["a"]);
+        assert_eq!(pool.observe(&zero(t0), |_| false, t0 + ZERO_GRACE), ["a"]);
         // b left zero in between: its grace starts again.
-        let none = HashSet::new();
+        let none = ZeroSnapshot {
+            listed_at: t0 + ZERO_GRACE,
+            revisions: HashSet::new(),
+        };
         assert!(pool
             .observe(&none, |_| false, t0 + ZERO_GRACE * 2)
             .is_empty());
+        let later = zero(t0 + ZERO_GRACE * 2);
         assert!(pool
-            .observe(&zero, |_| false, t0 + ZERO_GRACE * 3)
+            .observe(&later, |_| false, t0 + ZERO_GRACE * 3)
             .is_empty());
-        assert_eq!(pool.observe(&zero, |_| false, t0 + ZERO_GRACE * 4), ["b"]);
+        assert_eq!(pool.observe(&later, |_| false, t0 + ZERO_GRACE * 4), ["b"]);
         assert_eq!((pool.free(), pool.busy(), pool.misses()), (2, 0, 1));
         pool.reset_misses();
         assert_eq!(pool.misses(), 0);
         // Releasing an unknown or free revision changes nothing.
-        pool.release("zzz");
-        pool.release("a");
+        pool.release("zzz", t0);
+        pool.release("a", t0);
         assert_eq!((pool.free(), pool.busy()), (2, 0));
+    }
+
+    #[test]
+    fn lists_begun_before_the_release_never_bring_a_revision_back() {
+        let t0 = Instant::now();
+        let mut pool = Pool::new(["a".to_string()]);
+        assert_eq!(pool.take().as_deref(), Some("a"));
+        let released = t0 + Duration::from_millis(100);
+        pool.release("a", released);
+        // The same stale snapshot (lists begun before the wake was answered)
+        // seen for well over the grace: the revision stays out.
+        let stale = ZeroSnapshot {
+            listed_at: t0,
+            revisions: HashSet::from(["a".to_string()]),
+        };
+        for k in 0..5 {
+            assert!(pool
+                .observe(&stale, |_| false, released + ZERO_GRACE * k)
+                .is_empty());
+        }
+        assert_eq!(pool.busy(), 1);
+        // Lists begun after the release count, with their grace.
+        let fresh = ZeroSnapshot {
+            listed_at: released + Duration::from_millis(1),
+            revisions: HashSet::from(["a".to_string()]),
+        };
+        let t1 = released + ZERO_GRACE * 5;
+        assert!(pool.observe(&fresh, |_| false, t1).is_empty());
+        assert_eq!(pool.observe(&fresh, |_| false, t1 + ZERO_GRACE), ["a"]);
     }
 }

@@ -12,7 +12,7 @@ use kube::api::ListParams;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::plan::{schedule, Pool};
+use super::plan::{schedule, Pool, ZeroSnapshot};
 use super::verdict::{quantile, verdict, Counts, Verdict};
 use crate::api::{client_for, dynamic, list_json, resource_of};
 use crate::cluster::ClusterRecord;
@@ -98,7 +98,7 @@ pub struct StepResult {
 /// watch cache by a task of its own, so the step's sends never wait on a
 /// list.
 struct ZeroWatch {
-    at_zero: Arc<Mutex<HashSet<String>>>,
+    at_zero: Arc<Mutex<ZeroSnapshot>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -185,12 +185,16 @@ impl ZeroWatch {
             &record.namespace,
             &resource_of::<k8s_openapi::api::core::v1::Endpoints>(),
         );
-        let at_zero: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let at_zero = Arc::new(Mutex::new(ZeroSnapshot {
+            listed_at: Instant::now(),
+            revisions: HashSet::new(),
+        }));
         let shared = at_zero.clone();
         let task = tokio::spawn(async move {
             let params = ListParams::default().labels(REVISION_LABEL).match_any();
             let all = ListParams::default().match_any();
             loop {
+                let listed_at = Instant::now();
                 let listed = async {
                     let lists = ZeroLists {
                         deployments: list_json(&deployments, &params).await?,
@@ -203,7 +207,12 @@ impl ZeroWatch {
                 }
                 .await;
                 match listed {
-                    Ok(zero) => *shared.lock().unwrap_or_else(|p| p.into_inner()) = zero,
+                    Ok(revisions) => {
+                        *shared.lock().unwrap_or_else(|p| p.into_inner()) = ZeroSnapshot {
+                            listed_at,
+                            revisions,
+                        }
+                    }
                     Err(e) => tracing::warn!("listing the sweep's revisions: {e}"),
                 }
                 tokio::time::sleep(ZERO_POLL).await;
@@ -212,7 +221,7 @@ impl ZeroWatch {
         Ok(ZeroWatch { at_zero, task })
     }
 
-    fn get(&self) -> HashSet<String> {
+    fn get(&self) -> ZeroSnapshot {
         self.at_zero
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -279,7 +288,7 @@ impl Running<'_> {
             Err(e) => {
                 tracing::warn!("waking {revision}: {e}");
                 self.counts.send_failed += 1;
-                pool.release(&revision);
+                pool.release(&revision, Instant::now());
             }
         }
     }
@@ -295,7 +304,7 @@ impl Running<'_> {
                 continue;
             }
             self.activator.request_out(&h.key);
-            pool.release(&h.revision);
+            pool.release(&h.revision, now);
             if answered {
                 self.counts.answered += 1;
             } else {
