@@ -552,6 +552,12 @@ impl Bridge {
             })
     }
 
+    /// A scale-up this bridge already decided within `--settle`.
+    fn already_decided(&self, object: &str) {
+        self.metrics.decision("already_decided");
+        debug!(object = %object, "already decided for this scale-up");
+    }
+
     async fn create_missing(
         &self,
         trigger: &Trigger,
@@ -570,8 +576,7 @@ impl Bridge {
             if t.started.elapsed() < self.settings.settle {
                 // Already decided for this scale-up (aggressive mode sees both
                 // the Deployment's and the ReplicaSet's).
-                self.metrics.decision("already_decided");
-                debug!(object = %object, "already decided for this scale-up");
+                self.already_decided(&object);
                 return Ok(());
             }
         }
@@ -628,8 +633,7 @@ impl Bridge {
                     .get(&rs_uid)
                     .is_some_and(|t| t.started.elapsed() < self.settings.settle)
                 {
-                    self.metrics.decision("already_decided");
-                    debug!(object = %object, "already decided for this scale-up");
+                    self.already_decided(&object);
                     return Ok(());
                 }
                 // Marks the decision (its race is counted below or at settle).
@@ -652,9 +656,8 @@ impl Bridge {
                 .iter()
                 .any(|p| p.annotations().contains_key(CREATED_BY_ANNOTATION));
             if missing == 0 && (reserved_here > 0 || ours_active) {
-                // This bridge's own pods fill the ReplicaSet. Counted and
-                // logged: on 4 of 360 wakes of a sweep (2026-12-03, stock-qps
-                // + tap at 6/s) no pod came and no decision was logged.
+                // This bridge's own pods fill the ReplicaSet (counted and
+                // logged, as every scale-up the bridge leaves alone).
                 self.metrics.decision("own_pods_fill");
                 let pods: Vec<String> = active.iter().map(|p| p.name_any()).collect();
                 debug!(object = %object, ?pods, reserved = reserved_here, "the bridge's own pods fill the ReplicaSet");

@@ -226,17 +226,18 @@ pub(crate) async fn start_bridge(
     settle: u64,
 ) -> anyhow::Result<(BridgeProcess, Option<String>)> {
     let mode_flags = bridge_flags(mode).map_err(anyhow::Error::msg)?;
+    let tap = tap_address(&mode_flags);
     let flags = [
         vec![
             "--lease-namespace=default".to_string(),
             format!("--settle={}s", settle.max(1)),
         ],
-        mode_flags.clone(),
+        mode_flags,
     ]
     .concat();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let bridge = BridgeProcess::start(bin, record, log, &flags).await?;
-    Ok((bridge, tap_address(&mode_flags)))
+    Ok((bridge, tap))
 }
 
 /// Where the bridge's stat tap listens, if its flags start one.
