@@ -275,7 +275,7 @@ struct Series<'a> {
 /// the short name the report uses. The tap's show whether it wrote a wake's
 /// 0→1 or stood aside: a wake whose Deployment the bridge's cache did not
 /// show at 0 is not in `tap_wakes_seen`.
-const BRIDGE_COUNTERS: [(&str, &str); 11] = [
+const BRIDGE_COUNTERS: [(&str, &str); 13] = [
     ("pods_created", "ste_activator_bridge_pods_created_total"),
     (
         "duplicates_deleted",
@@ -307,6 +307,14 @@ const BRIDGE_COUNTERS: [(&str, &str); 11] = [
     (
         "already_decided",
         "ste_activator_bridge_decisions_total{decision=\"already_decided\"}",
+    ),
+    (
+        "deployment_at_zero",
+        "ste_activator_bridge_decisions_total{decision=\"deployment_at_zero\"}",
+    ),
+    (
+        "late_pod_gated",
+        "ste_activator_bridge_decisions_total{decision=\"late_pod_gated\"}",
     ),
 ];
 

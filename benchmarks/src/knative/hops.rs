@@ -20,6 +20,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::ApiResource;
 
 use super::objects::REVISION_LABEL;
+use super::pods_per_wake::{PodLedger, PodTally};
 use crate::api::{client_for, collection_version, dynamic, resource_of};
 use crate::cluster::ClusterRecord;
 use crate::measure::{all_open, watch_objects_started};
@@ -71,7 +72,14 @@ struct Wake {
     seen: BTreeMap<Hop, Instant>,
 }
 
-type State = Arc<Mutex<HashMap<String, Wake>>>;
+/// The wakes followed, and the pods each brought.
+#[derive(Default)]
+struct Followed {
+    wakes: HashMap<String, Wake>,
+    pods: PodLedger,
+}
+
+type State = Arc<Mutex<Followed>>;
 
 /// The watches of one round. Only revisions registered with
 /// [`HopWatch::woke`] are followed; each hop keeps its first time.
@@ -80,12 +88,12 @@ pub struct HopWatch {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn lock(state: &State) -> std::sync::MutexGuard<'_, HashMap<String, Wake>> {
+fn lock(state: &State) -> std::sync::MutexGuard<'_, Followed> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn mark(state: &State, revision: &str, hop: Hop, now: Instant) {
-    if let Some(w) = lock(state).get_mut(revision) {
+    if let Some(w) = lock(state).wakes.get_mut(revision) {
         w.seen.entry(hop).or_insert(now);
     }
 }
@@ -177,6 +185,7 @@ impl HopWatch {
             let (task, open) =
                 watch_objects_started(record, &resource, &rv, move |object, now| {
                     if let Some((rev, hops)) = hops_of(kind, object) {
+                        lock(&s).pods.saw(kind, &rev, object);
                         for hop in hops {
                             mark(&s, &rev, hop, now);
                         }
@@ -192,7 +201,9 @@ impl HopWatch {
 
     /// The wake of `revision` was sent at `at`; its hops are followed from now on.
     pub fn woke(&self, revision: &str, at: Instant) {
-        lock(&self.state).insert(
+        let mut state = lock(&self.state);
+        state.pods.woke(revision);
+        state.wakes.insert(
             revision.to_string(),
             Wake {
                 sent: at,
@@ -204,6 +215,7 @@ impl HopWatch {
     /// Whether `revision` reached `hop`.
     pub fn reached(&self, revision: &str, hop: Hop) -> bool {
         lock(&self.state)
+            .wakes
             .get(revision)
             .is_some_and(|w| w.seen.contains_key(&hop))
     }
@@ -211,6 +223,7 @@ impl HopWatch {
     /// How many followed revisions reached `hop`.
     pub fn count(&self, hop: Hop) -> usize {
         lock(&self.state)
+            .wakes
             .values()
             .filter(|w| w.seen.contains_key(&hop))
             .count()
@@ -219,6 +232,7 @@ impl HopWatch {
     /// Per revision, milliseconds from the wake to each hop seen.
     pub fn wakes(&self) -> Vec<WakeHops> {
         let mut out: Vec<WakeHops> = lock(&self.state)
+            .wakes
             .iter()
             .map(|(rev, w)| WakeHops {
                 revision: rev.clone(),
@@ -236,7 +250,7 @@ impl HopWatch {
     /// Milliseconds from `revision`'s current wake to each hop it reached so
     /// far (a revision woken again starts over at [`HopWatch::woke`]).
     pub fn wake_of(&self, revision: &str) -> Option<WakeHops> {
-        lock(&self.state).get(revision).map(|w| WakeHops {
+        lock(&self.state).wakes.get(revision).map(|w| WakeHops {
             revision: revision.to_string(),
             ms: w
                 .seen
@@ -249,6 +263,7 @@ impl HopWatch {
     /// When each followed revision's wake was sent.
     pub fn sent(&self) -> HashMap<String, Instant> {
         lock(&self.state)
+            .wakes
             .iter()
             .map(|(rev, w)| (rev.clone(), w.sent))
             .collect()
@@ -259,6 +274,7 @@ impl HopWatch {
     pub fn scale_pace_ms(&self) -> f64 {
         let state = lock(&self.state);
         let scaled: Vec<Instant> = state
+            .wakes
             .values()
             .filter_map(|w| w.seen.get(&Hop::Scaled).copied())
             .collect();
@@ -266,6 +282,11 @@ impl HopWatch {
             (Some(first), Some(last)) => millis(last.saturating_duration_since(*first)),
             _ => 0.0,
         }
+    }
+
+    /// The pods each wake brought so far, duplicates counted.
+    pub fn pods(&self) -> PodTally {
+        lock(&self.state).pods.tally()
     }
 
     pub fn stop(self) {

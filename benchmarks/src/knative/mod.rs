@@ -5,6 +5,7 @@
 
 pub mod hops;
 pub mod objects;
+pub mod pods_per_wake;
 pub mod processes;
 pub mod real;
 pub mod real_image;

@@ -104,12 +104,12 @@ impl SweepReport {
             self.duration_s, self.deadline_s, self.pool
         );
         out.push_str(
-            "| arm | bridge | offered /s | scheduled | sent | answered | timed out | pool misses | not sent | achieved /s | bound p50 / p95 / p99 (ms) | Ready p50 / p95 / p99 (ms) | Endpoints p50 / p95 / p99 (ms) | sustained |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|\n",
+            "| arm | bridge | offered /s | scheduled | sent | answered | timed out | pool misses | not sent | achieved /s | bound p50 / p95 / p99 (ms) | Ready p50 / p95 / p99 (ms) | Endpoints p50 / p95 / p99 (ms) | pods created / bound | duplicates created / bound | sustained |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|---|\n",
         );
         for s in &self.steps {
             let c = &s.counts;
             out.push_str(&format!(
-                "| {:?} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {:?} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} | {} |\n",
                 s.arm,
                 s.bridge,
                 s.rate_per_s,
@@ -123,6 +123,10 @@ impl SweepReport {
                 s.bound_ms.cell(),
                 s.ready_ms.cell(),
                 s.endpoints_ms.cell(),
+                s.pods.pods_created,
+                s.pods.pods_bound,
+                s.pods.extra_created,
+                s.pods.extra_bound,
                 verdict_cell(s),
             ));
         }
@@ -162,13 +166,15 @@ fn verdict_cell(s: &StepResult) -> String {
 pub fn one_line(s: &StepResult) -> String {
     let c = &s.counts;
     format!(
-        "{}/s: scheduled {}, answered {}, timed out {}, pool misses {}, Endpoints p50/p95/p99 {} ms, {}",
+        "{}/s: scheduled {}, answered {}, timed out {}, pool misses {}, Endpoints p50/p95/p99 {} ms, duplicates created {} / bound {}, {}",
         s.rate_per_s,
         c.scheduled,
         c.answered,
         c.timed_out,
         c.pool_misses,
         s.endpoints_ms.cell(),
+        s.pods.extra_created,
+        s.pods.extra_bound,
         verdict_cell(s)
     )
 }

@@ -18,6 +18,7 @@ use crate::api::{client_for, dynamic, list_json, resource_of};
 use crate::cluster::ClusterRecord;
 use crate::knative::hops::{Hop, HopWatch};
 use crate::knative::objects::REVISION_LABEL;
+use crate::knative::pods_per_wake::PodTally;
 use crate::knative::stats::{Activator, RevisionKey};
 use crate::progress::Progress;
 
@@ -89,6 +90,9 @@ pub struct StepResult {
     /// Revisions not back at zero within 180 s after the step (left out of
     /// the pool for the following steps).
     pub stuck_after: usize,
+    /// The pods the step's wakes brought, duplicates counted: followed from
+    /// the first wake until the pool is back at zero.
+    pub pods: PodTally,
     /// The bridge's counters over the step (bridge modes only).
     pub bridge_counters: Option<BTreeMap<String, f64>>,
     pub wakes: Vec<SweepWake>,
@@ -385,16 +389,14 @@ pub async fn run(
         tokio::time::sleep_until(wake_at.into()).await;
     }
     step.counts.pool_misses = pool.misses();
-    step.watch.stop();
+    // The watch runs until the pool is back at zero: a late duplicate of the
+    // last wakes is counted too.
     let stuck = back_to_zero(activator, record, pool, &zero).await;
-    Ok(result(
-        plan,
-        pool,
-        step.counts,
-        step.wakes,
-        step.max_lag,
-        stuck,
-    ))
+    let pods = step.watch.pods();
+    step.watch.stop();
+    let mut out = result(plan, pool, step.counts, step.wakes, step.max_lag, stuck);
+    out.pods = pods;
+    Ok(out)
 }
 
 fn reported(activator: &Activator, record: &ClusterRecord, revision: &str) -> bool {
@@ -472,6 +474,7 @@ fn result(
             plan.p95_max.as_secs_f64() * 1000.0,
         ),
         stuck_after: stuck,
+        pods: PodTally::default(),
         bridge_counters: None,
         wakes,
     }
