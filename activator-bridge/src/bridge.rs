@@ -490,6 +490,9 @@ impl Bridge {
         let (rs, want) = match trigger.target {
             Target::ReplicaSet => {
                 let rs = self.get_replicaset(&trigger.ns, &trigger.name).await?;
+                if self.deployment_at_zero(&rs) {
+                    return Ok(());
+                }
                 let want = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
                 (rs, want)
             }
@@ -550,6 +553,29 @@ impl Bridge {
                 ns: ns.into(),
                 name: deployment.into(),
             })
+    }
+
+    /// Whether `rs`'s revision is back at zero as the bridge sees it (its
+    /// Deployment cached at 0 and no 0→1 of the tap pending; kept in
+    /// aggressive and tap modes, else never). Then the ReplicaSet's 0→N is
+    /// the Deployment controller catching up with a wake that is already
+    /// over, and a pod made for it would reach a node only to be deleted.
+    /// Seen at 6 wakes/s at default client QPS: the Deployment controller
+    /// scaled a ReplicaSet to 1 twelve seconds after the tap's 0→1, 150 ms
+    /// after the autoscaler had scaled the revision back to 0, and the
+    /// bridge (its decision for that wake older than `--settle`) created a
+    /// second pod, deleted 0.4 s later.
+    pub(crate) fn revision_at_zero(&self, rs: &ReplicaSet) -> bool {
+        self.desired(rs) == 0
+    }
+
+    fn deployment_at_zero(&self, rs: &ReplicaSet) -> bool {
+        let at_zero = self.revision_at_zero(rs);
+        if at_zero {
+            self.metrics.decision("deployment_at_zero");
+            debug!(replicaset = %key(&rs.namespace().unwrap_or_default(), &rs.name_any()), "the ReplicaSet's scale-up is late: its revision is back at zero");
+        }
+        at_zero
     }
 
     /// A scale-up this bridge already decided within `--settle`.

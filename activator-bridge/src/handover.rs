@@ -68,7 +68,7 @@ impl Bridge {
     /// The revision's replicas as the bridge sees them: the Deployment's
     /// when it is cached (a 0→1 the tap wrote counts before the watch shows
     /// it), else the ReplicaSet's.
-    fn desired(&self, rs: &ReplicaSet) -> i32 {
+    pub(crate) fn desired(&self, rs: &ReplicaSet) -> i32 {
         let ns = rs.namespace().unwrap_or_default();
         let deployment = deployment_of(rs).and_then(|(_, uid)| {
             self.deployments

@@ -70,7 +70,16 @@ impl Bridge {
                     let rs = self
                         .replicasets
                         .find(|rs| rs.metadata.uid.as_deref() == Some(owner.as_str()))?;
-                    let want = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                    // Wanted by the ReplicaSet AND by its revision: a
+                    // ReplicaSet still at 1 whose Deployment is back at 0
+                    // is the controllers catching up; its late pod stays
+                    // gated (and is deleted as surplus), see `admission`.
+                    let want = rs
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.replicas)
+                        .unwrap_or(1)
+                        .min(self.desired(&rs));
                     let have = pods
                         .iter()
                         .filter(|p| {

@@ -861,7 +861,8 @@ fn controller_of(p: &Pod) -> Option<(String, String)> {
 /// Deployment controller nor the ReplicaSet controller acts. The bridge's pod
 /// serves at once, held by the Deployment (nothing may delete it: the
 /// ReplicaSet controller ignores pods another controller owns). A wake undone
-/// while frozen: the bridge deletes its own pod. When the controllers resume,
+/// while frozen: the bridge deletes its own pod, and a late pod of its
+/// ReplicaSet is gated, never bound, and deleted. When the controllers resume,
 /// the ReplicaSet controller's late pod is gated, the bridge hands its pod to
 /// the ReplicaSet and the gated one goes: one pod ever bound, Ready never
 /// goes down.
@@ -927,6 +928,22 @@ async fn held_pods_serve_while_the_controllers_are_frozen_then_are_handed_over()
     h.scale(&undone, 0).await;
     h.all_gone("undone", "the undone revision's pod deleted by the bridge")
         .await;
+    // The ReplicaSet controller acting late on the undone wake, from a cache
+    // still at 1 (seen at 6 wakes/s: such a pod was bound once the bridge's
+    // was gone): the revision is back at zero, so it is gated, never bound,
+    // and the sweep deletes it as surplus.
+    let undone_rs = rses
+        .list(&kube::api::ListParams::default().labels(&format!("{REVISION}=undone")))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    h.pods()
+        .create(&PostParams::default(), &late_pod(&undone_rs))
+        .await
+        .unwrap();
+    h.all_gone("undone", "the late pod gated, then deleted as surplus")
+        .await;
 
     drop(frozen);
     h.converged(&held, 1, Duration::from_secs(60)).await;
@@ -956,6 +973,16 @@ async fn held_pods_serve_while_the_controllers_are_frozen_then_are_handed_over()
     let gated = assert_no_duplicate_reached_a_node(&h, &held, Some(1), 1);
     {
         let history = h.history.lock().unwrap();
+        let undone_pods: Vec<&PodSeen> = history
+            .pods
+            .values()
+            .filter(|p| p.revision == "undone")
+            .collect();
+        let late: Vec<&&PodSeen> = undone_pods.iter().filter(|p| !p.by_bridge).collect();
+        assert!(
+            !late.is_empty() && late.iter().all(|p| p.gated_at_creation && p.bound_at.is_none()),
+            "the undone revision's late pods gated, never bound: {undone_pods:?}"
+        );
         let bound: Vec<&PodSeen> = history
             .pods
             .values()
@@ -980,6 +1007,30 @@ async fn held_pods_serve_while_the_controllers_are_frozen_then_are_handed_over()
         w.abort();
     }
     leases.abort();
+}
+
+/// A pod of `rs` as the ReplicaSet controller makes it.
+fn late_pod(rs: &k8s_openapi::api::apps::v1::ReplicaSet) -> Pod {
+    let template = rs.spec.as_ref().unwrap().template.clone().unwrap();
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": format!("{}-", rs.name_any()),
+            "namespace": "default",
+            "labels": template.metadata.as_ref().and_then(|m| m.labels.clone()),
+            "ownerReferences": [{
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "name": rs.name_any(),
+                "uid": rs.uid().unwrap(),
+                "controller": true,
+                "blockOwnerDeletion": true,
+            }],
+        },
+        "spec": template.spec,
+    }))
+    .unwrap()
 }
 
 /// No gated pod of these revisions left.
