@@ -11,6 +11,7 @@
 //! - `shard/`: how a shard etcd is reached (`ShardClient`), fences, cuts, scans;
 //! - `ring_changes/`: shards joining, draining, lost; `replication/`: copies;
 //! - `membership/`: which shards are members; `leader`: one writer at a time;
+//! - `serve/`: the gRPC server (a connection's calls on its own task);
 //! - `keys`, `envelope`, `leases`, `retry`, `admin`, `metrics`, `tls`.
 
 pub mod admin;
@@ -28,6 +29,7 @@ pub mod replication;
 pub mod retry;
 pub mod revision;
 pub mod ring_changes;
+pub mod serve;
 pub mod shard;
 pub mod store;
 pub mod tls;
@@ -68,6 +70,8 @@ pub struct RouterConfig {
     /// Also serve the etcd API on this Unix socket (a kube-apiserver on the
     /// same host); bound while this router serves, removed when it stops.
     pub listen_unix: Option<std::path::PathBuf>,
+    /// How client connections are served (where their calls run).
+    pub serve: serve::ServeOptions,
 }
 
 impl Default for RouterConfig {
@@ -81,6 +85,7 @@ impl Default for RouterConfig {
             membership: membership::MembershipConfig::default(),
             leader: None,
             listen_unix: None,
+            serve: serve::ServeOptions::default(),
         }
     }
 }
@@ -95,8 +100,6 @@ pub enum RouterError {
     Leader(#[from] leader::LeaderError),
     #[error("opening the store failed: {0}")]
     Store(#[from] StoreError),
-    #[error("gRPC server failed: {0}")]
-    Grpc(#[from] tonic::transport::Error),
     #[error("admin server failed: {0}")]
     Admin(#[from] std::io::Error),
 }
@@ -116,14 +119,31 @@ fn incoming(
     })
 }
 
-/// Serves `server` on a Unix socket at `path` (a stale socket file from an
-/// earlier run is replaced) until `stopped`, then removes the file. Plain
+/// Serves `services` on a Unix socket at `path` (a stale socket file from an
+/// earlier run is replaced) until `stop`, then removes the file. Plain
 /// gRPC: a local peer is trusted by the socket's file permissions.
-fn serve_unix(
-    server: tonic::transport::server::Router,
+fn serve_unix<H>(
+    services: serve::Services<H>,
+    options: serve::ServeOptions,
     path: &std::path::Path,
-    stopped: impl Future<Output = ()> + Send + 'static,
-) -> Result<tokio::task::JoinHandle<()>, RouterError> {
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, RouterError>
+where
+    serve::Services<H>: Clone,
+    H: tower_service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+            Future = tonic::codegen::BoxFuture<
+                http::Response<tonic::body::Body>,
+                std::convert::Infallible,
+            >,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
     let bind_error = |e: std::io::Error| {
         RouterError::Admin(std::io::Error::new(
             e.kind(),
@@ -140,9 +160,7 @@ fn serve_unix(
     let path = path.to_path_buf();
     Ok(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-        if let Err(err) = server.serve_with_incoming_shutdown(incoming, stopped).await {
-            warn!(error = %err, "the Unix socket server stopped");
-        }
+        serve::serve(incoming, services, options, stop).await;
         let _ = std::fs::remove_file(&path);
     }))
 }
@@ -359,59 +377,52 @@ async fn serve(
 
     let member_id = config.store.member_id;
     info!(address = %client_url, shards = shards.len(), "ste-router serving etcd v3 gRPC");
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(health_service)
-        .add_service(
-            KvServer::new(api::kv::KvService {
-                store: store.clone(),
-            })
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(
-            WatchServer::new(api::watch::WatchService {
-                store: store.clone(),
-                progress_interval: config.progress_interval,
-            })
-            .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(LeaseServer::new(api::lease::LeaseService {
+    let services = serve::Services {
+        kv: KvServer::new(api::kv::KvService {
             store: store.clone(),
-        }))
-        .add_service(MaintenanceServer::new(
-            api::maintenance::MaintenanceService {
-                store: store.clone(),
-            },
-        ))
-        .add_service(ClusterServer::new(api::cluster::ClusterService {
+        })
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX),
+        watch: WatchServer::new(api::watch::WatchService {
+            store: store.clone(),
+            progress_interval: config.progress_interval,
+        })
+        .max_encoding_message_size(usize::MAX),
+        lease: LeaseServer::new(api::lease::LeaseService {
+            store: store.clone(),
+        }),
+        maintenance: MaintenanceServer::new(api::maintenance::MaintenanceService {
+            store: store.clone(),
+        }),
+        cluster: ClusterServer::new(api::cluster::ClusterService {
             store: store.clone(),
             member_id,
             client_url,
-        }));
+        }),
+        health: health_service,
+    };
     // The server stops once the store is closed (its streams are ended by then).
-    let stopped = store.closing().cancelled_owned();
     let unix = match &config.listen_unix {
         Some(path) => Some(serve_unix(
-            server.clone(),
+            services.clone(),
+            config.serve,
             path,
-            store.closing().cancelled_owned(),
+            store.closing(),
         )?),
         None => None,
     };
-    let result = match &config.server_tls {
+    match &config.server_tls {
         Some(tls) => {
-            server
-                .serve_with_incoming_shutdown(tls.incoming(listener), stopped)
-                .await
+            serve::serve(
+                tls.incoming(listener),
+                services,
+                config.serve,
+                store.closing(),
+            )
+            .await
         }
-        None => {
-            server
-                .serve_with_incoming_shutdown(incoming(listener), stopped)
-                .await
-        }
-    };
+        None => serve::serve(incoming(listener), services, config.serve, store.closing()).await,
+    }
     if let Some(unix) = unix {
         // Stopped with the store; its socket file goes with it.
         let _ = unix.await;
@@ -420,5 +431,5 @@ async fn serve(
     membership_task.abort();
     store.shutdown();
     slot.clear();
-    Ok(result?)
+    Ok(())
 }

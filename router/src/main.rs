@@ -30,6 +30,18 @@ struct Args {
     #[arg(long, env = "STE_ROUTER_LISTEN_UNIX")]
     listen_unix: Option<PathBuf>,
 
+    /// Where a client connection's gRPC calls run: `inline` on the
+    /// connection's own task (no task per call; the fastest on a small
+    /// control plane), or `spawn`, each call on a task of its own (one
+    /// connection's calls on several cores at once, as tonic's server did).
+    #[arg(
+        long,
+        env = "STE_ROUTER_REQUEST_TASKS",
+        value_enum,
+        default_value = "inline"
+    )]
+    request_tasks: ste_router::serve::RequestTasks,
+
     /// How to speak gRPC to shards: `h2` (the router's own HTTP/2 connections, one for
     /// writes and one for reads per shard) or `tonic` (tonic's Channel, the transport before;
     /// kept to compare the two in `ste-bench router`).
@@ -344,6 +356,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         shards,
         progress_interval: args.progress_interval,
         listen_unix: args.listen_unix.clone(),
+        serve: ste_router::serve::ServeOptions {
+            requests: args.request_tasks,
+            ..Default::default()
+        },
         ..RouterConfig::default()
     };
     let listener = TcpListener::bind(args.listen)

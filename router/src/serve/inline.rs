@@ -1,0 +1,213 @@
+//! Running a connection's request streams on the connection's own task.
+//!
+//! hyper's HTTP/2 server hands every new stream (one gRPC call) to an
+//! executor; with tokio's, each call is a task of its own: a spawn, a
+//! wake-up on whichever worker picks it, and a wake-up of the connection
+//! task for every frame it answers. [`Inline`] is an executor that keeps
+//! the streams in the connection's task instead: [`drive`] polls the
+//! connection and its streams together, so a unary call is decoded,
+//! handled and answered without leaving the task that read it.
+
+use std::future::{poll_fn, Future};
+use std::panic::AssertUnwindSafe;
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+
+use futures::stream::FuturesUnordered;
+use futures::task::AtomicWaker;
+use futures::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// An executor whose futures run in [`drive`], on the caller's task.
+#[derive(Clone, Default)]
+pub struct Inline {
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Streams handed over since [`drive`] last looked.
+    queue: Mutex<Vec<Stream>>,
+    /// The task running [`drive`] (hyper calls `execute` from inside the
+    /// connection's poll, so this is only a safety net).
+    waker: AtomicWaker,
+}
+
+impl<F> hyper::rt::Executor<F> for Inline
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        // A handler that panics ends its own stream (dropped: hyper resets
+        // it), not the connection with every other call on it.
+        let stream = AssertUnwindSafe(stream).catch_unwind().map(|r| {
+            if r.is_err() {
+                warn!("a gRPC call's handler panicked; its stream was reset");
+            }
+        });
+        self.shared
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::pin(stream));
+        self.shared.waker.wake();
+    }
+}
+
+impl Inline {
+    fn take(&self, into: &mut FuturesUnordered<Stream>) -> bool {
+        let mut queue = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let any = !queue.is_empty();
+        into.extend(queue.drain(..));
+        any
+    }
+}
+
+/// What [`drive`] needs of a connection: a future that can be told to
+/// finish its streams and stop (hyper's `graceful_shutdown`).
+pub trait Connection: Future {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, E, B> Connection for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self)
+    }
+}
+
+/// Runs `connection`, whose executor is `streams`, with the streams it
+/// starts, until it ends; once `stop` is cancelled it finishes the calls in
+/// flight, takes no new ones and ends.
+pub async fn drive<C: Connection>(
+    connection: C,
+    streams: Inline,
+    stop: CancellationToken,
+) -> C::Output {
+    let mut connection = pin!(connection);
+    let mut stopped = pin!(stop.cancelled_owned());
+    let mut stopping = false;
+    let mut running: FuturesUnordered<Stream> = FuturesUnordered::new();
+    poll_fn(|cx| {
+        streams.shared.waker.register(cx.waker());
+        if !stopping && stopped.as_mut().poll(cx).is_ready() {
+            stopping = true;
+            connection.as_mut().graceful_shutdown();
+        }
+        // Twice: what the streams answered is written by the connection in
+        // the same turn, without a wake-up of this task in between.
+        for _ in 0..2 {
+            if let Poll::Ready(done) = connection.as_mut().poll(cx) {
+                return Poll::Ready(done);
+            }
+            let started = streams.take(&mut running);
+            let mut progressed = started;
+            while let Poll::Ready(Some(())) = running.poll_next_unpin(cx) {
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::rt::Executor;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A stand-in connection: starts `n` streams on its first poll, each
+    /// counting `done` when run; ends once they all ran.
+    struct Fake {
+        exec: Inline,
+        n: usize,
+        started: bool,
+        done: Arc<AtomicUsize>,
+        shutdown: bool,
+    }
+
+    impl Future for Fake {
+        type Output = (usize, bool);
+        fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+            if !self.started {
+                self.started = true;
+                for i in 0..self.n {
+                    let done = self.done.clone();
+                    let waker = cx.waker().clone();
+                    self.exec.execute(async move {
+                        if i == 0 {
+                            panic!("one handler panics");
+                        }
+                        tokio::task::yield_now().await;
+                        done.fetch_add(1, Ordering::SeqCst);
+                        waker.wake();
+                    });
+                }
+            }
+            let done = self.done.load(Ordering::SeqCst);
+            if done + 1 == self.n || self.shutdown {
+                Poll::Ready((done, self.shutdown))
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    impl Connection for Fake {
+        fn graceful_shutdown(mut self: Pin<&mut Self>) {
+            self.shutdown = true;
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_run_on_the_driving_task_and_a_panic_ends_only_its_own() {
+        let exec = Inline::default();
+        let fake = Fake {
+            exec: exec.clone(),
+            n: 5,
+            started: false,
+            done: Arc::default(),
+            shutdown: false,
+        };
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            drive(fake, exec, CancellationToken::new()),
+        )
+        .await
+        .expect("the streams ran");
+        assert_eq!(out, (4, false));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_token_shuts_the_connection_down() {
+        let exec = Inline::default();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let fake = Fake {
+            exec: exec.clone(),
+            n: 0,
+            started: true,
+            done: Arc::default(),
+            shutdown: false,
+        };
+        let out = tokio::time::timeout(std::time::Duration::from_secs(5), drive(fake, exec, stop))
+            .await
+            .expect("shut down");
+        assert_eq!(out, (0, true));
+    }
+}
