@@ -980,7 +980,10 @@ async fn held_pods_serve_while_the_controllers_are_frozen_then_are_handed_over()
             .collect();
         let late: Vec<&&PodSeen> = undone_pods.iter().filter(|p| !p.by_bridge).collect();
         assert!(
-            !late.is_empty() && late.iter().all(|p| p.gated_at_creation && p.bound_at.is_none()),
+            !late.is_empty()
+                && late
+                    .iter()
+                    .all(|p| p.gated_at_creation && p.bound_at.is_none()),
             "the undone revision's late pods gated, never bound: {undone_pods:?}"
         );
         let bound: Vec<&PodSeen> = history

@@ -122,28 +122,12 @@ fn incoming(
 /// Serves `services` on a Unix socket at `path` (a stale socket file from an
 /// earlier run is replaced) until `stop`, then removes the file. Plain
 /// gRPC: a local peer is trusted by the socket's file permissions.
-fn serve_unix<H>(
+fn serve_unix<H: serve::Health>(
     services: serve::Services<H>,
     options: serve::ServeOptions,
     path: &std::path::Path,
     stop: CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>, RouterError>
-where
-    serve::Services<H>: Clone,
-    H: tower_service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-            Future = tonic::codegen::BoxFuture<
-                http::Response<tonic::body::Body>,
-                std::convert::Infallible,
-            >,
-        > + tonic::server::NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-{
+) -> Result<tokio::task::JoinHandle<()>, RouterError> {
     let bind_error = |e: std::io::Error| {
         RouterError::Admin(std::io::Error::new(
             e.kind(),

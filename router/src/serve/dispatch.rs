@@ -64,16 +64,7 @@ fn named<H: NamedService>(path: &str) -> Option<Named> {
 
 type Answer = Result<Response<Body>, Infallible>;
 
-impl<H> hyper::service::Service<Request<Incoming>> for Services<H>
-where
-    H: Service<
-            Request<Incoming>,
-            Response = Response<Body>,
-            Error = Infallible,
-            Future = BoxFuture<Response<Body>, Infallible>,
-        > + NamedService
-        + Clone,
-{
+impl<H: super::Health> hyper::service::Service<Request<Incoming>> for Services<H> {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture<Response<Body>, Infallible>;

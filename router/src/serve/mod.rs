@@ -36,6 +36,36 @@ use tracing::{debug, warn};
 
 pub use dispatch::Services;
 
+/// What [`Services`] needs of its gRPC health server (tonic-health's
+/// `HealthServer<impl Health>`, a type its crate does not name).
+pub trait Health:
+    tower_service::Service<
+        Request<Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = BoxFuture<Response<Body>, Infallible>,
+    > + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<H> Health for H where
+    H: tower_service::Service<
+            Request<Incoming>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future = BoxFuture<Response<Body>, Infallible>,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Where a connection's gRPC calls run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum RequestTasks {
@@ -80,16 +110,7 @@ pub async fn serve<I, IO, E, H>(
     I: Stream<Item = Result<IO, E>>,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     E: Display,
-    H: tower_service::Service<
-            Request<Incoming>,
-            Response = Response<Body>,
-            Error = Infallible,
-            Future = BoxFuture<Response<Body>, Infallible>,
-        > + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    H: Health,
 {
     let mut incoming = std::pin::pin!(incoming);
     let mut connections = JoinSet::new();
@@ -127,16 +148,7 @@ async fn connection<IO, H>(
     stop: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: tower_service::Service<
-            Request<Incoming>,
-            Response = Response<Body>,
-            Error = Infallible,
-            Future = BoxFuture<Response<Body>, Infallible>,
-        > + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    H: Health,
 {
     let io = TokioIo::new(io);
     let ended = match options.requests {
