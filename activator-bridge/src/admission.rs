@@ -7,6 +7,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use serde_json::{json, Value};
@@ -82,7 +83,13 @@ impl Bridge {
         let mut reservations = self.reservations.lock().unwrap();
         let all_pods = self.pods.state();
         prune_reservations(&mut reservations, &all_pods);
-        if self.is_duplicate(&owner, &all_pods, &reservations) || self.late(&owner) {
+        // The pod's ReplicaSet, looked up once for both rules.
+        let rs = self
+            .replicasets
+            .find(|rs| rs.metadata.uid.as_deref() == Some(owner.as_str()));
+        if self.is_duplicate(&owner, rs.as_deref(), &all_pods, &reservations)
+            || self.late(rs.as_deref())
+        {
             return Verdict::Gate;
         }
         let mut usage = placement::usage_from_pods(all_pods.iter().map(|p| p.as_ref()));
@@ -116,7 +123,7 @@ impl Bridge {
         Verdict::Bind(node)
     }
 
-    /// A pod of ReplicaSet `owner` is late when its revision is already
+    /// A pod of ReplicaSet `rs` is late when its revision is already
     /// back at zero as the bridge sees it ([`Bridge::revision_at_zero`]):
     /// the ReplicaSet controller acting on a scale-up from a cache seconds
     /// behind. Gated, it never reaches a node; the ReplicaSet controller
@@ -127,11 +134,8 @@ impl Bridge {
     /// the revision went back to 0, and 0.3 s later the controller's late
     /// pod was bound here, since no bridge pod was left to make it a
     /// duplicate (6 of 360 wakes).
-    fn late(&self, owner: &str) -> bool {
-        let late = self
-            .replicasets
-            .find(|rs| rs.metadata.uid.as_deref() == Some(owner))
-            .is_some_and(|rs| self.revision_at_zero(&rs));
+    fn late(&self, rs: Option<&ReplicaSet>) -> bool {
+        let late = rs.is_some_and(|rs| self.revision_at_zero(rs));
         if late {
             self.metrics.decision("late_pod_gated");
         }
@@ -140,7 +144,13 @@ impl Bridge {
 
     /// A pod of `owner` is a duplicate when the bridge created pods for it
     /// and the ReplicaSet already has the pods it wants ([`is_duplicate_of`]).
-    fn is_duplicate(&self, owner: &str, pods: &[Arc<Pod>], reservations: &[Reservation]) -> bool {
+    fn is_duplicate(
+        &self,
+        owner: &str,
+        rs: Option<&ReplicaSet>,
+        pods: &[Arc<Pod>],
+        reservations: &[Reservation],
+    ) -> bool {
         let tracked_want = self
             .tracking
             .lock()
@@ -148,9 +158,7 @@ impl Bridge {
             .get(owner)
             .filter(|t| t.started.elapsed() < self.settings.settle)
             .map(|t| t.want);
-        let cached_want = self
-            .replicasets
-            .find(|rs| rs.metadata.uid.as_deref() == Some(owner))
+        let cached_want = rs
             .and_then(|rs| rs.spec.as_ref().and_then(|s| s.replicas))
             .unwrap_or(0);
         is_duplicate_of(owner, tracked_want, cached_want, pods, reservations)

@@ -92,9 +92,18 @@ fn lock(state: &State) -> std::sync::MutexGuard<'_, Followed> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn mark(state: &State, revision: &str, hop: Hop, now: Instant) {
-    if let Some(w) = lock(state).wakes.get_mut(revision) {
-        w.seen.entry(hop).or_insert(now);
+impl Followed {
+    /// `object` of `kind` seen at `now`: its revision's hops and pods.
+    fn saw(&mut self, kind: &str, object: &Value, now: Instant) {
+        let Some((rev, hops)) = hops_of(kind, object) else {
+            return;
+        };
+        self.pods.saw(kind, &rev, object);
+        if let Some(w) = self.wakes.get_mut(&rev) {
+            for hop in hops {
+                w.seen.entry(hop).or_insert(now);
+            }
+        }
     }
 }
 
@@ -184,12 +193,7 @@ impl HopWatch {
             let s = state.clone();
             let (task, open) =
                 watch_objects_started(record, &resource, &rv, move |object, now| {
-                    if let Some((rev, hops)) = hops_of(kind, object) {
-                        lock(&s).pods.saw(kind, &rev, object);
-                        for hop in hops {
-                            mark(&s, &rev, hop, now);
-                        }
-                    }
+                    lock(&s).saw(kind, object, now);
                 })?;
             tasks.push(task);
             opened.push(open);

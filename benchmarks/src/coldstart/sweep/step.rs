@@ -394,9 +394,15 @@ pub async fn run(
     let stuck = back_to_zero(activator, record, pool, &zero).await;
     let pods = step.watch.pods();
     step.watch.stop();
-    let mut out = result(plan, pool, step.counts, step.wakes, step.max_lag, stuck);
-    out.pods = pods;
-    Ok(out)
+    Ok(result(
+        plan,
+        pool,
+        step.counts,
+        step.wakes,
+        step.max_lag,
+        stuck,
+        pods,
+    ))
 }
 
 fn reported(activator: &Activator, record: &ClusterRecord, revision: &str) -> bool {
@@ -440,6 +446,7 @@ fn result(
     mut wakes: Vec<SweepWake>,
     max_lag: Duration,
     stuck: usize,
+    pods: PodTally,
 ) -> StepResult {
     wakes.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
     let answered: Vec<&SweepWake> = wakes.iter().filter(|w| w.answered).collect();
@@ -474,7 +481,7 @@ fn result(
             plan.p95_max.as_secs_f64() * 1000.0,
         ),
         stuck_after: stuck,
-        pods: PodTally::default(),
+        pods,
         bridge_counters: None,
         wakes,
     }
