@@ -102,8 +102,18 @@ pub async fn collection_version(api: &Api<DynamicObject>) -> anyhow::Result<Stri
 
 /// The namespace's current resourceVersion of pods, to watch from.
 pub async fn current_resource_version(record: &ClusterRecord) -> anyhow::Result<String> {
+    current_version_of::<Pod>(record).await
+}
+
+/// The namespace's current resourceVersion of `K`, to watch `K` from. Pods
+/// and the rest are in different stores on the override and ste arms, so
+/// each resource's versions count apart: a watch of ReplicaSets from a pod
+/// version waits for a version the durable etcd may never reach.
+pub async fn current_version_of<K: Resource<DynamicType = ()>>(
+    record: &ClusterRecord,
+) -> anyhow::Result<String> {
     let client = client_for(record)?;
-    collection_version(&dynamic(&client, &record.namespace, &resource_of::<Pod>())).await
+    collection_version(&dynamic(&client, &record.namespace, &resource_of::<K>())).await
 }
 
 /// How many pods the namespace holds (a one-item list and its remaining count).

@@ -175,6 +175,17 @@ pub fn dir_name(arm: Arm, env: &Environment) -> String {
     name
 }
 
+/// The arms of repeat `repeat`, in `--arms` order on even repeats and
+/// reversed on odd ones, so slow drift of a shared machine's load falls on
+/// every arm alike.
+pub fn arm_order<T: Clone>(arms: &[T], repeat: u64) -> Vec<T> {
+    let mut order = arms.to_vec();
+    if repeat % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,11 +4,12 @@
 
 use anyhow::bail;
 
-use crate::arms::qps_name;
 use crate::cluster::Arm;
 use crate::load::run_steps;
 pub use crate::load::{run_arm, ArmResult, ChurnArgs, Mode};
-use crate::measure::cpu_per_100;
+
+mod report;
+use report::print_report;
 
 pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
     if args.interarrival.is_zero() || args.duration.is_zero() {
@@ -41,6 +42,9 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
         })
         .await?;
     }
+    if args.external.kubeconfig.is_some() && args.repeats > 1 {
+        bail!("--repeats applies to the local arms; run the external cluster again instead");
+    }
     let runs: Vec<(Arm, Option<u32>)> = if args.external.kubeconfig.is_some() {
         Vec::new()
     } else {
@@ -49,28 +53,51 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
             .flat_map(|qps| args.arms.iter().map(move |arm| (*arm, *qps)))
             .collect()
     };
-    for (i, (arm, qps)) in runs.iter().enumerate() {
-        eprintln!(
-            "[{}/{}] {arm:?} arm, client QPS {}: {:?} churn",
-            i + 1,
-            runs.len(),
-            qps.map(|q| q.to_string())
-                .unwrap_or_else(|| "default".into()),
-            args.mode
-        );
-        results.extend(run_arm(&args, *arm, *qps).await?);
+    let total = runs.len() as u64 * args.repeats;
+    for repeat in 0..args.repeats {
+        for (i, (arm, qps)) in crate::arms::arm_order(&runs, repeat).iter().enumerate() {
+            eprintln!(
+                "[{}/{total}] {arm:?} arm, client QPS {}: {:?} churn{}",
+                repeat * runs.len() as u64 + i as u64 + 1,
+                qps.map(|q| q.to_string())
+                    .unwrap_or_else(|| "default".into()),
+                args.mode,
+                if args.repeats > 1 {
+                    format!(", repeat {}/{}", repeat + 1, args.repeats)
+                } else {
+                    String::new()
+                }
+            );
+            for mut result in run_arm(&args, *arm, *qps).await? {
+                result.repeat = repeat;
+                results.push(result);
+            }
+            // Kept after every arm, so a long run that fails later keeps what it measured.
+            std::fs::write(
+                args.output.join("results.json"),
+                serde_json::to_string_pretty(&results)?,
+            )?;
+        }
     }
-    let plotted = serde_json::to_value(&results)?;
+    let mut repeats = Vec::new();
+    for repeat in 0..args.repeats {
+        let of_repeat: Vec<&ArmResult> = results.iter().filter(|r| r.repeat == repeat).collect();
+        repeats.push((
+            format!("repeat {}", repeat + 1),
+            serde_json::to_value(of_repeat)?,
+        ));
+    }
     let suite = crate::plots::Suite::Churn;
-    crate::plots::write_suite(suite, "churn", plotted, &args.output)?;
+    crate::plots::write_suite_repeats(suite, "churn", &repeats, &args.output)?;
     print_report(&args, &results);
     let json_path = args.output.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
-    let mut csv = String::from("arm,etcd_members,mode,client_qps,offered_per_s,sustained,sent,bound,achieved_per_s,bound_p50_ms,bound_p99_ms,bound_p999_ms,running_p50_ms,running_p99_ms\n");
+    let mut csv = String::from("arm,repeat,etcd_members,mode,client_qps,offered_per_s,sustained,sent,bound,achieved_per_s,bound_p50_ms,bound_p99_ms,bound_p999_ms,running_p50_ms,running_p99_ms\n");
     for r in &results {
         csv.push_str(&format!(
-            "{:?},{},{:?},{},{:.2},{},{},{},{:.2},{:.1},{:.1},{:.1},{:.1},{:.1}\n",
+            "{:?},{},{},{:?},{},{:.2},{},{},{},{:.2},{:.1},{:.1},{:.1},{:.1},{:.1}\n",
             r.arm,
+            r.repeat,
             r.etcd_members,
             r.mode,
             r.client_qps
@@ -95,94 +122,4 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
         dir = args.output.display()
     );
     Ok(results)
-}
-
-fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
-    println!();
-    println!(
-        "Pod churn ({:?}): {} for {:?} per step, {}",
-        args.mode,
-        if args.sweep.is_empty() {
-            format!("a Deployment every {:?}", args.interarrival)
-        } else {
-            format!("sweep {:?}/s", args.sweep)
-        },
-        args.duration,
-        match &args.external.kubeconfig {
-            Some(path) => format!(
-                "on the cluster of {} (namespace {})",
-                path.display(),
-                args.external.namespace
-            ),
-            None => format!(
-                "{} fake nodes, durable etcd of {} member(s) with fsync delay {}, STE replication factor {}",
-                args.nodes,
-                args.topology.etcd_members,
-                args.fsync_delay
-                    .map(|d| format!("{d:?}"))
-                    .unwrap_or_else(|| "none".into()),
-                args.topology.replication_factor
-            ),
-        },
-    );
-    println!();
-    println!("| arm | etcd members | client limits (every arm) | offered/s | achieved/s | sustained | bound | create→bound p50 / p99 / p99.9 ms | create→Running p50 / p99 ms | CPU s per 100 Deployments |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for r in results {
-        let cpu = cpu_per_100(r.arm, &r.cpu_seconds, r.sent);
-        println!(
-            "| {:?} | {} | {} | {:.1} | {:.1} | {} | {}/{} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {} |",
-            r.arm, r.etcd_members, if r.arm == Arm::External { "the cluster's own".into() } else { qps_name(r.client_qps) }, r.offered_per_s, r.achieved_per_s, if r.sustained { "yes" } else { "no" },
-            r.bound, r.sent, r.bound_p50_ms, r.bound_p99_ms, r.bound_p999_ms, r.running_p50_ms, r.running_p99_ms, cpu
-        );
-    }
-    println!();
-    // Ratios against stock and tuned, at the same client limits and offered rate.
-    for r in results.iter().filter(|r| r.arm == Arm::Ste) {
-        for base_arm in [Arm::Stock, Arm::Tuned, Arm::Override] {
-            let base = results.iter().find(|b| {
-                b.arm == base_arm
-                    && b.client_qps == r.client_qps
-                    && b.etcd_members == r.etcd_members
-                    && (b.offered_per_s - r.offered_per_s).abs() < 1e-6
-            });
-            if let Some(base) = base {
-                println!(
-                    "Ste vs {:?} ({}, {:.1}/s offered): create→bound p50 ×{:.2}, p99 ×{:.2}, achieved ×{:.2}",
-                    base_arm, qps_name(r.client_qps), r.offered_per_s,
-                    r.bound_p50_ms / base.bound_p50_ms, r.bound_p99_ms / base.bound_p99_ms, r.achieved_per_s / base.achieved_per_s
-                );
-            }
-        }
-    }
-    if !args.sweep.is_empty() {
-        let runs: Vec<(Arm, Option<u32>)> = if args.external.kubeconfig.is_some() {
-            vec![(Arm::External, None)]
-        } else {
-            args.client_qps
-                .iter()
-                .flat_map(|qps| args.arms.iter().map(move |arm| (*arm, *qps)))
-                .collect()
-        };
-        for (arm, qps) in runs {
-            let best = results
-                .iter()
-                .filter(|r| r.arm == arm && r.client_qps == qps && r.sustained)
-                .map(|r| r.offered_per_s)
-                .fold(f64::NAN, f64::max);
-            let limits = if arm == Arm::External {
-                "the cluster's own limits".into()
-            } else {
-                qps_name(qps)
-            };
-            println!(
-                "highest sustained rate, {arm:?}, {limits}: {}",
-                if best.is_nan() {
-                    "none of the swept rates".into()
-                } else {
-                    format!("{best:.1}/s")
-                }
-            );
-        }
-    }
 }

@@ -522,17 +522,6 @@ async fn api_writes(
     )))
 }
 
-/// The arms of repeat `repeat`, in `--arms` order on even repeats and
-/// reversed on odd ones, so slow drift of a shared machine's load falls on
-/// every arm alike.
-pub fn arm_order(arms: &[Arm], repeat: u64) -> Vec<Arm> {
-    let mut order = arms.to_vec();
-    if repeat % 2 == 1 {
-        order.reverse();
-    }
-    order
-}
-
 impl ColdstartArgs {
     /// The cluster every arm of the run gets (rounds and sweep alike).
     pub(crate) fn environment(&self) -> crate::arms::Environment {
@@ -703,7 +692,7 @@ pub async fn run(args: ColdstartArgs) -> anyhow::Result<Vec<RoundResult>> {
     std::fs::create_dir_all(&args.output)?;
     let mut results = Vec::new();
     for repeat in 0..args.repeats {
-        for arm in arm_order(&args.arms, repeat) {
+        for arm in crate::arms::arm_order(&args.arms, repeat) {
             results.extend(run_arm(&args, arm, repeat, bridge_bin.as_deref()).await?);
             // Kept after every arm, so a long run that fails later keeps its rounds.
             std::fs::write(

@@ -15,17 +15,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::api::{
     clear_namespace, client_for, create, current_resource_version, delete_deployment,
 };
 use crate::arms::{parse_qps, qps_name};
 use crate::cluster::{self, Arm, ClusterRecord};
-use crate::measure::{cpu_by_component, cpu_used, watch_pods};
+use crate::measure::{cpu_by_component, cpu_used, watch_objects, watch_pods};
 use crate::progress::Progress;
 use crate::stats::Samples;
+
+pub mod hops;
+use hops::{Hop, Moments};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 pub enum Mode {
@@ -80,6 +83,13 @@ pub struct ChurnArgs {
     /// Where clusters, logs and results go.
     #[arg(long, env = "STE_CHURN_OUTPUT", default_value = "target/bench/churn")]
     pub output: PathBuf,
+    /// Times the whole run is repeated on this machine. Arms are interleaved:
+    /// repeat r runs every arm once, each on a fresh cluster, in the order of
+    /// `--arms` on even repeats and reversed on odd ones. The report gives
+    /// each repeat's ratios and the ratios of the percentiles over every
+    /// repeat's samples pooled.
+    #[arg(long, env = "STE_CHURN_REPEATS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeats: u64,
     #[command(flatten)]
     pub topology: crate::arms::Topology,
     #[command(flatten)]
@@ -89,6 +99,8 @@ pub struct ChurnArgs {
 #[derive(Serialize, Clone, Debug)]
 pub struct ArmResult {
     pub arm: Arm,
+    /// Which repeat (0-based) of `--repeats` this is.
+    pub repeat: u64,
     pub mode: Mode,
     /// None: Kubernetes' default client limits (on every arm alike).
     pub client_qps: Option<u32>,
@@ -109,29 +121,8 @@ pub struct ArmResult {
     pub cpu_seconds: Vec<(String, f64)>,
     /// Raw data: per bound Deployment, (seconds from start to bound, create→bound ms).
     pub bound_samples: Vec<(f64, f64)>,
-}
-
-/// When each Deployment's first pod was bound and Running, by Deployment name.
-#[derive(Default)]
-struct PodTimes {
-    bound: HashMap<String, Instant>,
-    running: HashMap<String, Instant>,
-}
-
-/// Records when each Deployment's (`app` label) first pod was bound and Running.
-fn track_deployments(times: Arc<Mutex<PodTimes>>) -> impl FnMut(&Value, Instant) + Send + 'static {
-    move |pod, now| {
-        let Some(app) = pod["metadata"]["labels"]["app"].as_str() else {
-            return;
-        };
-        let mut times = times.lock().expect("times lock");
-        if pod["spec"]["nodeName"].is_string() {
-            times.bound.entry(app.to_string()).or_insert(now);
-        }
-        if pod["status"]["phase"] == "Running" {
-            times.running.entry(app.to_string()).or_insert(now);
-        }
-    }
+    /// Where the time went, hop by hop ([`hops`]).
+    pub hops: Vec<Hop>,
 }
 
 /// The cluster settings of one run of `args` at `client_qps`.
@@ -206,8 +197,23 @@ async fn measure(
 ) -> anyhow::Result<ArmResult> {
     let http = client_for(record)?;
     let resource_version = current_resource_version(record).await?;
-    let times = Arc::new(Mutex::new(PodTimes::default()));
-    let watcher = watch_pods(record, &resource_version, track_deployments(times.clone()))?;
+    let times = Arc::new(Mutex::new(Moments::default()));
+    let pods = times.clone();
+    let watcher = watch_pods(record, &resource_version, move |pod, now| {
+        pods.lock().expect("times lock").see_pod(pod, now)
+    })?;
+    let replicasets = times.clone();
+    let replicaset_watcher = watch_objects(
+        record,
+        &crate::api::resource_of::<ReplicaSet>(),
+        &crate::api::current_version_of::<ReplicaSet>(record).await?,
+        move |replicaset, now| {
+            replicasets
+                .lock()
+                .expect("times lock")
+                .see_replicaset(replicaset, now)
+        },
+    )?;
 
     let mut live: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     if args.mode == Mode::Steady {
@@ -257,6 +263,7 @@ async fn measure(
         // Latency counts from when the Deployment was due (open loop).
         sent_at.insert(name.clone(), due);
         let (http, record, errors) = (http.clone(), record.clone(), errors.clone());
+        let accepted = times.clone();
         let victim = if args.mode == Mode::Steady {
             live.pop_front()
         } else {
@@ -264,8 +271,16 @@ async fn measure(
         };
         live.push_back(name.clone());
         requests.push(tokio::spawn(async move {
-            if let Err(err) = create(&http, &record, &name).await {
-                errors.lock().expect("errors").push(err.to_string());
+            match create(&http, &record, &name).await {
+                Ok(()) => {
+                    let now = Instant::now();
+                    accepted
+                        .lock()
+                        .expect("times lock")
+                        .accepted
+                        .insert(name, now);
+                }
+                Err(err) => errors.lock().expect("errors").push(err.to_string()),
             }
             if let Some(victim) = victim {
                 if let Err(err) = delete_deployment(&http, &record, &victim).await {
@@ -295,6 +310,7 @@ async fn measure(
     }
     let cpu_after = cpu_by_component(record);
     watcher.abort();
+    replicaset_watcher.abort();
     let errors = errors.lock().expect("errors").clone();
     if !errors.is_empty() {
         eprintln!("  {} request errors, first: {}", errors.len(), errors[0]);
@@ -322,9 +338,11 @@ async fn measure(
         }
     }
     let cpu_seconds = cpu_used(&cpu_before, &cpu_after);
+    let hops = hops::split(&sent_at, &times);
     bound_samples.sort_by(|a, b| a.0.total_cmp(&b.0));
     Ok(ArmResult {
         arm,
+        repeat: 0,
         mode: args.mode,
         client_qps: crate::arms::client_qps(arm, client_qps),
         etcd_members: record.durable_etcd.len(),
@@ -340,5 +358,6 @@ async fn measure(
         running_p50_ms: running.percentile(50.0) / 1e3,
         running_p99_ms: running.percentile(99.0) / 1e3,
         cpu_seconds,
+        hops,
     })
 }

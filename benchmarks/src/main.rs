@@ -147,6 +147,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 output: "target/bench/demo".into(),
                 topology: Default::default(),
                 external: Default::default(),
+                repeats: 1,
             };
             churn::run(args).await.map(|_| ())
         }

@@ -275,6 +275,7 @@ async fn pod_latency(args: &MembersArgs, members: usize) -> anyhow::Result<Vec<A
             replication_factor: 1,
         },
         external: Default::default(),
+        repeats: 1,
     };
     let mut results = Vec::new();
     for arm in &args.arms {

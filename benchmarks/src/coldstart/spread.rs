@@ -109,7 +109,7 @@ mod tests {
     fn arms_alternate_order_per_repeat() {
         use crate::cluster::Arm;
         let arms = [Arm::Stock, Arm::Ste];
-        assert_eq!(super::super::arm_order(&arms, 0), arms);
-        assert_eq!(super::super::arm_order(&arms, 1), [Arm::Ste, Arm::Stock]);
+        assert_eq!(crate::arms::arm_order(&arms, 0), arms);
+        assert_eq!(crate::arms::arm_order(&arms, 1), [Arm::Ste, Arm::Stock]);
     }
 }

@@ -126,7 +126,18 @@ pub fn write_suite(
     results: serde_json::Value,
     dir: &Path,
 ) -> Result<Vec<PathBuf>, PlotError> {
-    match suite.read(name, &[("this run".into(), results)]) {
+    write_suite_repeats(suite, name, &[("this run".into(), results)], dir)
+}
+
+/// [`write_suite`] for a run of several repeats: one results value per
+/// repeat, named.
+pub fn write_suite_repeats(
+    suite: Suite,
+    name: &str,
+    repeats: &[(String, serde_json::Value)],
+    dir: &Path,
+) -> Result<Vec<PathBuf>, PlotError> {
+    match suite.read(name, repeats) {
         Ok(plots) => match write(&plots, dir) {
             Err(PlotError::Draw(e)) => {
                 eprintln!("plots not drawn: {e}");
