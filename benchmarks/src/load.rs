@@ -28,6 +28,7 @@ use crate::progress::Progress;
 use crate::stats::Samples;
 
 pub mod hops;
+pub mod router_time;
 use hops::{Hop, Moments};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -123,6 +124,8 @@ pub struct ArmResult {
     pub bound_samples: Vec<(f64, f64)>,
     /// Where the time went, hop by hop ([`hops`]).
     pub hops: Vec<Hop>,
+    /// On the ste arm, ste-router's own share of the step ([`router_time`]).
+    pub router: Option<router_time::RouterTime>,
 }
 
 /// The cluster settings of one run of `args` at `client_qps`.
@@ -238,6 +241,11 @@ async fn measure(
     }
 
     let cpu_before = cpu_by_component(record);
+    let metrics_http = reqwest::Client::new();
+    let router_before = match &record.router_admin {
+        Some(admin) => Some(router_time::read(&metrics_http, admin).await?),
+        None => None,
+    };
     let total = (args.duration.as_secs_f64() / interarrival.as_secs_f64()).floor() as usize;
     eprintln!(
         "  {arm:?}: {:.1} Deployments/s for {:?}",
@@ -309,6 +317,13 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let cpu_after = cpu_by_component(record);
+    let router = match (&record.router_admin, router_before) {
+        (Some(admin), Some(before)) => {
+            let after = router_time::read(&metrics_http, admin).await?;
+            Some(router_time::between(&before, &after, total))
+        }
+        _ => None,
+    };
     watcher.abort();
     replicaset_watcher.abort();
     let errors = errors.lock().expect("errors").clone();
@@ -359,5 +374,6 @@ async fn measure(
         running_p99_ms: running.percentile(99.0) / 1e3,
         cpu_seconds,
         hops,
+        router,
     })
 }

@@ -1,6 +1,8 @@
 //! Measurement shared by the suites: watches that time-stamp each object as
 //! it arrives, and CPU seconds per component.
 
+pub mod prometheus;
+
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;

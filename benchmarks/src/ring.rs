@@ -25,6 +25,7 @@ use ste_testkit::{shapes, shard_specs, Etcd, Router};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
+use crate::measure::prometheus::{labeled, metric, scrape};
 use crate::progress::Progress;
 use crate::stats::Samples;
 
@@ -140,7 +141,7 @@ impl HopCounters {
         admin: &str,
         shards: &[&Etcd],
     ) -> anyhow::Result<HopCounters> {
-        let text = metrics(http, admin).await?;
+        let text = scrape(http, admin).await?;
         let router = |method: &str| {
             let labels = format!("{{method=\"{method}\"}}");
             (
@@ -185,14 +186,6 @@ impl HopCounters {
             shard_range_mean_ms: mean(self.shard_range, before.shard_range),
         }
     }
-}
-
-/// Sum of the samples of `name` whose labels contain `labels`.
-fn labeled(text: &str, name: &str, labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[derive(Serialize, Clone)]
@@ -378,10 +371,7 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
     // Join: the new shard takes its share of the ring and keys move to it.
     let new_name = joining.name.clone();
     eprintln!("join: {new_name} at {}", joining.endpoint());
-    let moved_before = metric(
-        &metrics(&http, &admin).await?,
-        "ste_router_keys_moved_total",
-    )?;
+    let moved_before = metric(&scrape(&http, &admin).await?, "ste_router_keys_moved_total")?;
     let before = HopCounters::read(&http, &admin, &all).await?;
     let load = Load::start(kv.clone(), table.clone(), args.rate, args.value_bytes);
     let started = Instant::now();
@@ -400,7 +390,7 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
     let mut first_move = None;
     let mut progress = Progress::new(format!("join of {new_name}: keys moved"), 0);
     loop {
-        let text = metrics(&http, &admin).await?;
+        let text = scrape(&http, &admin).await?;
         let moved = metric(&text, "ste_router_keys_moved_total")? - moved_before;
         let to_move = metric(&text, "ste_router_keys_to_move")?;
         if moved > 0.0 && first_move.is_none() {
@@ -427,10 +417,8 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
         tokio::time::sleep(POLL).await;
     }
     let duration = started.elapsed();
-    let moved = (metric(
-        &metrics(&http, &admin).await?,
-        "ste_router_keys_moved_total",
-    )? - moved_before) as u64;
+    let moved = (metric(&scrape(&http, &admin).await?, "ste_router_keys_moved_total")?
+        - moved_before) as u64;
     let outcome = load.finish().await;
     let hops = HopCounters::read(&http, &admin, &all)
         .await?
@@ -456,10 +444,7 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
     let drained = shards[0].name.clone();
     let keys_on_drained = member_keys(&http, &admin, &drained).await?.unwrap_or(0);
     eprintln!("drain: {drained} ({keys_on_drained} keys)");
-    let moved_before = metric(
-        &metrics(&http, &admin).await?,
-        "ste_router_keys_moved_total",
-    )?;
+    let moved_before = metric(&scrape(&http, &admin).await?, "ste_router_keys_moved_total")?;
     let before = HopCounters::read(&http, &admin, &all).await?;
     let load = Load::start(kv.clone(), table.clone(), args.rate, args.value_bytes);
     let started = Instant::now();
@@ -482,7 +467,7 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
     );
     let mut last_moved = 0.0;
     loop {
-        let text = metrics(&http, &admin).await?;
+        let text = scrape(&http, &admin).await?;
         let moved = metric(&text, "ste_router_keys_moved_total")? - moved_before;
         let to_move = metric(&text, "ste_router_keys_to_move")?;
         if moved > 0.0 && first_move.is_none() {
@@ -509,10 +494,8 @@ async fn run_one(args: &RingArgs, n: usize) -> anyhow::Result<RunResult> {
         tokio::time::sleep(POLL).await;
     }
     let duration = started.elapsed();
-    let moved = (metric(
-        &metrics(&http, &admin).await?,
-        "ste_router_keys_moved_total",
-    )? - moved_before) as u64;
+    let moved = (metric(&scrape(&http, &admin).await?, "ste_router_keys_moved_total")?
+        - moved_before) as u64;
     let outcome = load.finish().await;
     let hops = HopCounters::read(&http, &admin, &all)
         .await?
@@ -804,27 +787,6 @@ impl XorShift {
         self.0 ^= self.0 << 17;
         self.0
     }
-}
-
-/// The router's /metrics text. Each read counts keys per shard (one pass
-/// over the router's index), so it is read once per poll.
-async fn metrics(http: &reqwest::Client, admin: &str) -> anyhow::Result<String> {
-    Ok(http
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?)
-}
-
-/// One sample of a Prometheus text metric.
-fn metric(text: &str, name: &str) -> anyhow::Result<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("the router's /metrics has no {name}"))
 }
 
 /// The key count `GET /shards` gives for a member (None: not a member).

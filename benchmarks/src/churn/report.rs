@@ -19,6 +19,7 @@ pub fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
     println!();
     print_table(args, results);
     print_hops(args, results);
+    print_router(args, results);
     println!();
     for ratio in ratios(results) {
         println!("{}", ratio.line(args.repeats));
@@ -112,6 +113,35 @@ fn print_hops(args: &ChurnArgs, results: &[ArmResult]) {
             label(r, args.repeats),
             r.offered_per_s,
             cells.join(" | ")
+        );
+    }
+}
+
+/// On the ste arm, the router's own share of each step (load/router_time.rs).
+fn print_router(args: &ChurnArgs, results: &[ArmResult]) {
+    let rows: Vec<_> = results
+        .iter()
+        .filter_map(|r| r.router.as_ref().map(|t| (r, t)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!("ste-router during each step (its /metrics):");
+    println!();
+    println!("| arm | offered/s | Txn calls per Deployment | Txn in the router, mean ms | shard Txn, mean ms | writes per shard Txn | Range calls per Deployment, mean ms |");
+    println!("|---|---|---|---|---|---|---|");
+    for (r, t) in rows {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1}, {:.2} |",
+            label(r, args.repeats),
+            r.offered_per_s,
+            t.txn_per_deployment,
+            t.txn_mean_ms,
+            t.shard_txn_mean_ms,
+            t.writes_per_batch,
+            t.range_per_deployment,
+            t.range_mean_ms
         );
     }
 }
@@ -297,6 +327,7 @@ mod tests {
             cpu_seconds: Vec::new(),
             bound_samples: latencies_ms.iter().map(|ms| (0.0, *ms)).collect(),
             hops: Vec::new(),
+            router: None,
         }
     }
 

@@ -6,6 +6,7 @@
 pub mod hops;
 pub mod objects;
 pub mod pods_per_wake;
+pub mod port;
 pub mod processes;
 pub mod real;
 pub mod real_image;

@@ -145,6 +145,26 @@ fn log_tail(path: &Path, n: usize) -> String {
     }
 }
 
+/// The autoscaler's stat server port (`statsServerAddr = ":8080"`).
+const STAT_PORT: u16 = 8080;
+
+/// Waits (at most 30 s) until the autoscaler can bind its stat port, or
+/// says which process holds it: if the bind fails the autoscaler cancels
+/// itself at start without saying why (see [`super::port`]).
+async fn stat_port_free() -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !super::port::free(STAT_PORT) {
+        if Instant::now() > deadline {
+            bail!(
+                "Knative's autoscaler needs :{STAT_PORT}, which has been taken for 30 s by {:?}",
+                super::port::listeners(STAT_PORT)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 /// Knative Serving's controller and autoscaler, running against a local cluster.
 pub struct Knative {
     processes: Vec<Owned>,
@@ -203,6 +223,7 @@ impl Knative {
             processes: Vec::new(),
             _port_lock: lock,
         };
+        stat_port_free().await?;
         for component in COMPONENTS {
             let process = spawn_component(record, logs, component, false)?;
             knative.processes.push(process);
@@ -239,8 +260,14 @@ impl Knative {
                 // It leads when started again.
                 restarts += 1;
                 log_from = std::fs::metadata(&autoscaler_log).map_or(0, |m| m.len() as usize);
-                eprintln!("  (Knative's autoscaler stopped leading at start; restarting it, {restarts} of 2)");
+                // Kept in this output: the log may be in a test's temporary directory.
+                eprintln!(
+                    "  (Knative's autoscaler stopped leading at start; restarting it, {restarts} of 2; :8080 held by {:?}; its last lines:\n{})",
+                    super::port::listeners(STAT_PORT),
+                    log_tail(&autoscaler_log, 15)
+                );
                 knative.processes.retain(|p| p.name != COMPONENTS[1].0);
+                stat_port_free().await?;
                 let process = spawn_component(record, logs, COMPONENTS[1], true)?;
                 knative.processes.push(process);
             }
