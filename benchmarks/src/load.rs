@@ -29,6 +29,7 @@ use crate::stats::Samples;
 
 pub mod hops;
 pub mod router_time;
+pub mod store_time;
 use hops::{Hop, Moments};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -126,6 +127,8 @@ pub struct ArmResult {
     pub hops: Vec<Hop>,
     /// On the ste arm, ste-router's own share of the step ([`router_time`]).
     pub router: Option<router_time::RouterTime>,
+    /// kube-apiserver's calls to the pod store, on every arm ([`store_time`]).
+    pub pod_store: Vec<store_time::StoreCalls>,
 }
 
 /// The cluster settings of one run of `args` at `client_qps`.
@@ -241,6 +244,7 @@ async fn measure(
     }
 
     let cpu_before = cpu_by_component(record);
+    let store_before = store_time::read(&http).await?;
     let metrics_http = reqwest::Client::new();
     let router_before = match &record.router_admin {
         Some(admin) => Some(router_time::read(&metrics_http, admin).await?),
@@ -317,6 +321,7 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let cpu_after = cpu_by_component(record);
+    let pod_store = store_time::between(&store_before, &store_time::read(&http).await?, total);
     let router = match (&record.router_admin, router_before) {
         (Some(admin), Some(before)) => {
             let after = router_time::read(&metrics_http, admin).await?;
@@ -375,5 +380,6 @@ async fn measure(
         cpu_seconds,
         hops,
         router,
+        pod_store,
     })
 }

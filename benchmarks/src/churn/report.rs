@@ -19,6 +19,7 @@ pub fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
     println!();
     print_table(args, results);
     print_hops(args, results);
+    print_pod_store(args, results);
     print_router(args, results);
     println!();
     for ratio in ratios(results) {
@@ -107,6 +108,32 @@ fn print_hops(args: &ChurnArgs, results: &[ArmResult]) {
             .hops
             .iter()
             .map(|h| format!("{:.1} / {:.1}", h.p50_ms, h.p99_ms))
+            .collect();
+        println!(
+            "| {} | {:.1} | {} |",
+            label(r, args.repeats),
+            r.offered_per_s,
+            cells.join(" | ")
+        );
+    }
+}
+
+/// Every arm's pod store as kube-apiserver timed it (load/store_time.rs).
+fn print_pod_store(args: &ChurnArgs, results: &[ArmResult]) {
+    let Some(first) = results.first() else {
+        return;
+    };
+    println!();
+    println!("kube-apiserver's calls to the pod store (its etcd_request_duration_seconds; calls per Deployment, mean ms):");
+    println!();
+    let names: Vec<&str> = first.pod_store.iter().map(|c| c.operation).collect();
+    println!("| arm | offered/s | {} |", names.join(" | "));
+    println!("|---|---|{}", "---|".repeat(names.len()));
+    for r in results {
+        let cells: Vec<String> = r
+            .pod_store
+            .iter()
+            .map(|c| format!("{:.1}, {:.2}", c.per_deployment, c.mean_ms))
             .collect();
         println!(
             "| {} | {:.1} | {} |",
@@ -328,6 +355,7 @@ mod tests {
             bound_samples: latencies_ms.iter().map(|ms| (0.0, *ms)).collect(),
             hops: Vec::new(),
             router: None,
+            pod_store: Vec::new(),
         }
     }
 
