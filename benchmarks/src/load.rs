@@ -193,6 +193,71 @@ pub async fn run_steps(
     Ok(results)
 }
 
+/// Watches the namespace's ReplicaSets into `times`; None (and a line
+/// saying so) when they cannot be listed, e.g. an external cluster's RBAC:
+/// only the hops from them go unmeasured.
+async fn watch_replicasets(
+    record: &ClusterRecord,
+    times: Arc<Mutex<Moments>>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let version = match crate::api::current_version_of::<ReplicaSet>(record).await {
+        Ok(version) => version,
+        Err(err) => {
+            eprintln!("  (ReplicaSets not watched: {err:#}; their hops are not measured)");
+            return Ok(None);
+        }
+    };
+    let resource = crate::api::resource_of::<ReplicaSet>();
+    let watcher = watch_objects(record, &resource, &version, move |replicaset, now| {
+        let mut times = times.lock().expect("times lock");
+        times.see_replicaset(replicaset, now)
+    })?;
+    Ok(Some(watcher))
+}
+
+/// The metrics read before and after a step, below the pod hops. Each is
+/// optional: a cluster that does not expose one (an external cluster's
+/// RBAC on kube-apiserver's /metrics) loses only that table.
+struct Readings {
+    store: Option<String>,
+    router: Option<router_time::Counters>,
+}
+
+impl Readings {
+    async fn take(http: &kube::Client, metrics: &reqwest::Client, record: &ClusterRecord) -> Self {
+        let store = store_time::read(http).await.map_err(|err| {
+            eprintln!("  (kube-apiserver's /metrics not read: {err:#}; no pod-store timing)")
+        });
+        let router = match &record.router_admin {
+            Some(admin) => router_time::read(metrics, admin).await.map_err(|err| {
+                eprintln!("  (ste-router's /metrics not read: {err:#}; no router timing)")
+            }),
+            None => Err(()),
+        };
+        Readings {
+            store: store.ok(),
+            router: router.ok(),
+        }
+    }
+
+    /// What happened from `self` to `after`, for `deployments` sent.
+    fn between(
+        self,
+        after: Readings,
+        deployments: usize,
+    ) -> (Vec<store_time::StoreCalls>, Option<router_time::RouterTime>) {
+        let pod_store = match (self.store, after.store) {
+            (Some(before), Some(after)) => store_time::between(&before, &after, deployments),
+            _ => Vec::new(),
+        };
+        let router = match (self.router, after.router) {
+            (Some(before), Some(after)) => Some(router_time::between(&before, &after, deployments)),
+            _ => None,
+        };
+        (pod_store, router)
+    }
+}
+
 async fn measure(
     args: &ChurnArgs,
     arm: Arm,
@@ -208,18 +273,7 @@ async fn measure(
     let watcher = watch_pods(record, &resource_version, move |pod, now| {
         pods.lock().expect("times lock").see_pod(pod, now)
     })?;
-    let replicasets = times.clone();
-    let replicaset_watcher = watch_objects(
-        record,
-        &crate::api::resource_of::<ReplicaSet>(),
-        &crate::api::current_version_of::<ReplicaSet>(record).await?,
-        move |replicaset, now| {
-            replicasets
-                .lock()
-                .expect("times lock")
-                .see_replicaset(replicaset, now)
-        },
-    )?;
+    let replicaset_watcher = watch_replicasets(record, times.clone()).await?;
 
     let mut live: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     if args.mode == Mode::Steady {
@@ -244,12 +298,8 @@ async fn measure(
     }
 
     let cpu_before = cpu_by_component(record);
-    let store_before = store_time::read(&http).await?;
     let metrics_http = reqwest::Client::new();
-    let router_before = match &record.router_admin {
-        Some(admin) => Some(router_time::read(&metrics_http, admin).await?),
-        None => None,
-    };
+    let readings_before = Readings::take(&http, &metrics_http, record).await;
     let total = (args.duration.as_secs_f64() / interarrival.as_secs_f64()).floor() as usize;
     eprintln!(
         "  {arm:?}: {:.1} Deployments/s for {:?}",
@@ -321,16 +371,12 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let cpu_after = cpu_by_component(record);
-    let pod_store = store_time::between(&store_before, &store_time::read(&http).await?, total);
-    let router = match (&record.router_admin, router_before) {
-        (Some(admin), Some(before)) => {
-            let after = router_time::read(&metrics_http, admin).await?;
-            Some(router_time::between(&before, &after, total))
-        }
-        _ => None,
-    };
+    let readings_after = Readings::take(&http, &metrics_http, record).await;
+    let (pod_store, router) = readings_before.between(readings_after, total);
     watcher.abort();
-    replicaset_watcher.abort();
+    if let Some(replicaset_watcher) = replicaset_watcher {
+        replicaset_watcher.abort();
+    }
     let errors = errors.lock().expect("errors").clone();
     if !errors.is_empty() {
         eprintln!("  {} request errors, first: {}", errors.len(), errors[0]);

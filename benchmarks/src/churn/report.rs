@@ -120,7 +120,7 @@ fn print_hops(args: &ChurnArgs, results: &[ArmResult]) {
 
 /// Every arm's pod store as kube-apiserver timed it (load/store_time.rs).
 fn print_pod_store(args: &ChurnArgs, results: &[ArmResult]) {
-    let Some(first) = results.first() else {
+    let Some(first) = results.iter().find(|r| !r.pod_store.is_empty()) else {
         return;
     };
     println!();
@@ -129,7 +129,7 @@ fn print_pod_store(args: &ChurnArgs, results: &[ArmResult]) {
     let names: Vec<&str> = first.pod_store.iter().map(|c| c.operation).collect();
     println!("| arm | offered/s | {} |", names.join(" | "));
     println!("|---|---|{}", "---|".repeat(names.len()));
-    for r in results {
+    for r in results.iter().filter(|r| !r.pod_store.is_empty()) {
         let cells: Vec<String> = r
             .pod_store
             .iter()
