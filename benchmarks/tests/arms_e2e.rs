@@ -229,3 +229,67 @@ async fn failure_scenario_reports_losses_per_arm() {
     assert!(rf1.whole_after_s.is_some(), "{rf1:?}");
     assert!(dir.path().join("results.json").is_file());
 }
+
+/// The churn suite with its arms interleaved over two repeats, override and
+/// STE: each repeat has both arms (the second in reverse order), and on the
+/// STE arm the router's own share of the step and kube-apiserver's timing of
+/// its pod-store calls are read from their /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_repeats_interleave_the_arms_and_time_the_pod_store() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ste_bench::churn::ChurnArgs,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().display().to_string();
+    let cli = Cli::try_parse_from([
+        "churn",
+        "--arms=override,ste",
+        "--repeats=2",
+        "--interarrival=250ms",
+        "--duration=1s",
+        "--nodes=1",
+        "--shards=1",
+        &format!("--output={output}"),
+    ])
+    .unwrap();
+    let results = ste_bench::churn::run(cli.args).await.unwrap();
+    let order: Vec<(Arm, u64)> = results.iter().map(|r| (r.arm, r.repeat)).collect();
+    assert_eq!(
+        order,
+        [
+            (Arm::Override, 0),
+            (Arm::Ste, 0),
+            (Arm::Ste, 1),
+            (Arm::Override, 1)
+        ]
+    );
+    for r in &results {
+        assert_eq!((r.sent, r.bound), (4, 4), "{:?} #{}", r.arm, r.repeat);
+        let creates = r
+            .pod_store
+            .iter()
+            .find(|c| c.operation == "create")
+            .expect("pod creates timed");
+        assert!(
+            creates.per_deployment >= 1.0 && creates.mean_ms > 0.0,
+            "{creates:?}"
+        );
+        match (r.arm, &r.router) {
+            (Arm::Ste, Some(router)) => {
+                // A pod's create and its binding at least, each in a shard Txn.
+                assert!(router.txn_per_deployment >= 2.0, "{router:?}");
+                assert!(router.txn_mean_ms >= router.shard_txn_mean_ms, "{router:?}");
+                assert!(router.writes_per_batch >= 1.0, "{router:?}");
+            }
+            (Arm::Override, None) => {}
+            (arm, router) => panic!("{arm:?} with router timing {router:?}"),
+        }
+    }
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved.as_array().map(Vec::len), Some(4));
+}

@@ -78,6 +78,26 @@ async fn churn_runs_against_a_cluster_given_by_kubeconfig() {
     assert_eq!(results[0]["sent"], 5);
     assert_eq!(results[0]["bound"], 5, "{stdout}\n{stderr}");
     assert_eq!(results[0]["cpu_seconds"], serde_json::json!([]));
+    // One level down: each Deployment's hops up to its pod bound, from the
+    // watches, and kube-apiserver's own timing of its pod-store calls.
+    let hops = results[0]["hops"].as_array().expect("hops");
+    for hop in &hops[..4] {
+        assert_eq!(
+            hop["samples"], 5,
+            "every Deployment reached both ends: {hop}"
+        );
+        assert!(hop["p50_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{hop}");
+    }
+    let creates = results[0]["pod_store"]
+        .as_array()
+        .and_then(|calls| calls.iter().find(|c| c["operation"] == "create"))
+        .unwrap_or_else(|| panic!("no pod create timing: {}", results[0]["pod_store"]));
+    assert!(
+        creates["per_deployment"].as_f64().is_some_and(|n| n >= 1.0)
+            && creates["mean_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "a pod created per Deployment, timed: {creates}"
+    );
+    assert!(results[0]["router"].is_null(), "no ste-router here");
     // The table: the arm's name and no CPU figures.
     let row = stdout
         .lines()
