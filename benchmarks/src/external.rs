@@ -38,6 +38,20 @@ pub struct ExternalArgs {
     pub namespace: String,
 }
 
+impl ExternalArgs {
+    /// "on the cluster of <kubeconfig> (namespace <ns>)" for a report's
+    /// heading; None when the run is on the local arms.
+    pub fn heading(&self) -> Option<String> {
+        self.kubeconfig.as_ref().map(|path| {
+            format!(
+                "on the cluster of {} (namespace {})",
+                path.display(),
+                self.namespace
+            )
+        })
+    }
+}
+
 impl Default for ExternalArgs {
     fn default() -> Self {
         ExternalArgs {

@@ -410,24 +410,17 @@ fn print_report(args: &StartupArgs, results: &[LevelResult]) {
     println!(
         "Pod startup: parallelism {:?}, {}",
         args.parallelism,
-        match &args.external.kubeconfig {
-            Some(path) => format!(
-                "on the cluster of {} (namespace {})",
-                path.display(),
-                args.external.namespace
-            ),
-            None => format!(
-                "{} fake nodes, client QPS {}, durable etcd fsync delay {}",
-                args.nodes,
-                args.client_qps
-                    .0
-                    .map(|q| q.to_string())
-                    .unwrap_or_else(|| "Kubernetes defaults".into()),
-                args.fsync_delay
-                    .map(|d| format!("{d:?}"))
-                    .unwrap_or_else(|| "none".into())
-            ),
-        },
+        args.external.heading().unwrap_or_else(|| format!(
+            "{} fake nodes, client QPS {}, durable etcd fsync delay {}",
+            args.nodes,
+            args.client_qps
+                .0
+                .map(|q| q.to_string())
+                .unwrap_or_else(|| "Kubernetes defaults".into()),
+            args.fsync_delay
+                .map(|d| format!("{d:?}"))
+                .unwrap_or_else(|| "none".into())
+        )),
     );
     println!();
     println!("| arm | parallelism | create→pod p50 / p99 ms | create→bound p50 / p99 ms | create→Running p50 / p99 ms | all available s | Deployments available/s | CPU s per 100 Deployments |");

@@ -45,13 +45,7 @@ fn heading(args: &ChurnArgs) -> String {
         } else {
             String::new()
         },
-        match &args.external.kubeconfig {
-            Some(path) => format!(
-                "on the cluster of {} (namespace {})",
-                path.display(),
-                args.external.namespace
-            ),
-            None => format!(
+        args.external.heading().unwrap_or_else(|| format!(
                 "{} fake nodes, durable etcd of {} member(s) with fsync delay {}, STE replication factor {}",
                 args.nodes,
                 args.topology.etcd_members,
@@ -59,8 +53,7 @@ fn heading(args: &ChurnArgs) -> String {
                     .map(|d| format!("{d:?}"))
                     .unwrap_or_else(|| "none".into()),
                 args.topology.replication_factor
-            ),
-        },
+            )),
     )
 }
 
@@ -94,47 +87,50 @@ fn print_table(args: &ChurnArgs, results: &[ArmResult]) {
 
 /// One level below create→bound: each hop's p50 / p99 per arm and rate.
 fn print_hops(args: &ChurnArgs, results: &[ArmResult]) {
-    let Some(first) = results.first() else {
-        return;
-    };
-    println!();
-    println!("Where the time goes (p50 / p99 ms of each hop; see load/hops.rs):");
-    println!();
-    let names: Vec<&str> = first.hops.iter().map(|h| h.name).collect();
-    println!("| arm | offered/s | {} |", names.join(" | "));
-    println!("|---|---|{}", "---|".repeat(names.len()));
-    for r in results {
-        let cells: Vec<String> = r
+    let rows = results.iter().map(|r| {
+        let columns = r.hops.iter().map(|h| h.name.to_string()).collect();
+        let cells = r
             .hops
             .iter()
             .map(|h| format!("{:.1} / {:.1}", h.p50_ms, h.p99_ms))
             .collect();
-        println!(
-            "| {} | {:.1} | {} |",
-            label(r, args.repeats),
-            r.offered_per_s,
-            cells.join(" | ")
-        );
-    }
+        (r, columns, cells)
+    });
+    let title = "Where the time goes (p50 / p99 ms of each hop; see load/hops.rs):";
+    print_per_row(args, title, rows.collect());
 }
 
 /// Every arm's pod store as kube-apiserver timed it (load/store_time.rs).
 fn print_pod_store(args: &ChurnArgs, results: &[ArmResult]) {
-    let Some(first) = results.iter().find(|r| !r.pod_store.is_empty()) else {
-        return;
-    };
-    println!();
-    println!("kube-apiserver's calls to the pod store (its etcd_request_duration_seconds; calls per Deployment, mean ms):");
-    println!();
-    let names: Vec<&str> = first.pod_store.iter().map(|c| c.operation).collect();
-    println!("| arm | offered/s | {} |", names.join(" | "));
-    println!("|---|---|{}", "---|".repeat(names.len()));
-    for r in results.iter().filter(|r| !r.pod_store.is_empty()) {
-        let cells: Vec<String> = r
+    let rows = results.iter().filter(|r| !r.pod_store.is_empty()).map(|r| {
+        let columns = r
+            .pod_store
+            .iter()
+            .map(|c| c.operation.to_string())
+            .collect();
+        let cells = r
             .pod_store
             .iter()
             .map(|c| format!("{:.1}, {:.2}", c.per_deployment, c.mean_ms))
             .collect();
+        (r, columns, cells)
+    });
+    let title = "kube-apiserver's calls to the pod store (its etcd_request_duration_seconds; calls per Deployment, mean ms):";
+    print_per_row(args, title, rows.collect());
+}
+
+/// A table with one row per result: its arm and rate, then its cells under
+/// the first row's column names. Nothing without rows.
+fn print_per_row(args: &ChurnArgs, title: &str, rows: Vec<(&ArmResult, Vec<String>, Vec<String>)>) {
+    let Some((_, columns, _)) = rows.first() else {
+        return;
+    };
+    println!();
+    println!("{title}");
+    println!();
+    println!("| arm | offered/s | {} |", columns.join(" | "));
+    println!("|---|---|{}", "---|".repeat(columns.len()));
+    for (r, _, cells) in &rows {
         println!(
             "| {} | {:.1} | {} |",
             label(r, args.repeats),
