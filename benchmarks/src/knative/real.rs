@@ -304,12 +304,27 @@ impl RealWake {
             .collect();
         for [before, after] in PATH {
             if let (Some(a), Some(b)) = (self.ms.get(before), self.ms.get(after)) {
-                if b + 0.5 < *a {
+                if b + skew(after) < *a {
                     out.push(format!("{after}: {b} ms, before {before} ({a} ms)"));
                 }
             }
         }
         out
+    }
+}
+
+/// How much earlier than the hop before it a hop may be seen and still be in
+/// order. The watched hops arrive on this bench's watches (0.5 ms: rounding
+/// of one clock). The first response is timed by the client itself, and the
+/// activator that forwards it learns the pod's IP from a watch of its own,
+/// which is not ordered with ours: one CI run saw the answer 1.7 ms before
+/// our watch showed the IP. A response that did not go through the listed
+/// pod would come hundreds of ms earlier, and is still caught.
+fn skew(after: &str) -> f64 {
+    if after == FIRST_RESPONSE {
+        10.0
+    } else {
+        0.5
     }
 }
 
@@ -695,6 +710,14 @@ mod tests {
         hops.retain(|(h, _)| *h != "pod Ready");
         hops.push(("pod Ready", 1000.0));
         assert!(wake(&hops).problems().is_empty());
+        // Our watch may show the IP a little after the activator's answer.
+        hops.retain(|(h, _)| *h != IP_LISTED);
+        hops.push((IP_LISTED, 51.7));
+        assert!(
+            wake(&hops).problems().is_empty(),
+            "{:?}",
+            wake(&hops).problems()
+        );
         hops.retain(|(h, _)| *h != IP_LISTED);
         hops.push((IP_LISTED, 999.0));
         assert_eq!(
