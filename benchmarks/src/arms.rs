@@ -175,6 +175,24 @@ pub fn dir_name(arm: Arm, env: &Environment) -> String {
     name
 }
 
+/// A local run's heading: "<n> fake nodes, client QPS <q>, durable etcd
+/// fsync delay <d>" (jobs, startup).
+pub fn local_heading(
+    nodes: usize,
+    client_qps: Option<u32>,
+    fsync_delay: Option<Duration>,
+) -> String {
+    format!(
+        "{nodes} fake nodes, client QPS {}, durable etcd fsync delay {}",
+        client_qps
+            .map(|q| q.to_string())
+            .unwrap_or_else(|| "Kubernetes defaults".into()),
+        fsync_delay
+            .map(|d| format!("{d:?}"))
+            .unwrap_or_else(|| "none".into())
+    )
+}
+
 /// The arms of repeat `repeat`, in `--arms` order on even repeats and
 /// reversed on odd ones, so slow drift of a shared machine's load falls on
 /// every arm alike.
@@ -189,6 +207,18 @@ pub fn arm_order<T: Clone>(arms: &[T], repeat: u64) -> Vec<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_headings_name_the_defaults() {
+        assert_eq!(
+            local_heading(10, Some(200), Some(Duration::from_millis(8))),
+            "10 fake nodes, client QPS 200, durable etcd fsync delay 8ms"
+        );
+        assert_eq!(
+            local_heading(1, None, None),
+            "1 fake nodes, client QPS Kubernetes defaults, durable etcd fsync delay none"
+        );
+    }
 
     #[test]
     fn members_are_one_three_or_five() {

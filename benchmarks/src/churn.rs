@@ -45,13 +45,10 @@ pub async fn run(args: ChurnArgs) -> anyhow::Result<Vec<ArmResult>> {
     if args.external.kubeconfig.is_some() && args.repeats > 1 {
         bail!("--repeats applies to the local arms; run the external cluster again instead");
     }
-    let runs: Vec<(Arm, Option<u32>)> = if args.external.kubeconfig.is_some() {
+    let runs = if args.external.kubeconfig.is_some() {
         Vec::new()
     } else {
-        args.client_qps
-            .iter()
-            .flat_map(|qps| args.arms.iter().map(move |arm| (*arm, *qps)))
-            .collect()
+        args.local_runs()
     };
     let total = runs.len() as u64 * args.repeats;
     for repeat in 0..args.repeats {

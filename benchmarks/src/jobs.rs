@@ -236,16 +236,13 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<Vec<BurstResult>> {
     println!();
     println!(
         "Job bursts: {n} Jobs × 1 pod (jobs-x1) and 1 Job × {n} pods (job-x-pods), {}",
-        args.external.heading().unwrap_or_else(|| format!(
-            "{} fake nodes, client QPS {}, durable etcd fsync delay {}",
-            args.nodes,
-            args.client_qps
-                .map(|q| q.to_string())
-                .unwrap_or_else(|| "Kubernetes defaults".into()),
-            args.fsync_delay
-                .map(|d| format!("{d:?}"))
-                .unwrap_or_else(|| "none".into())
-        )),
+        args.external
+            .heading()
+            .unwrap_or_else(|| crate::arms::local_heading(
+                args.nodes,
+                args.client_qps,
+                args.fsync_delay
+            )),
         n = args.pods,
     );
     println!();

@@ -131,6 +131,16 @@ pub struct ArmResult {
     pub pod_store: Vec<store_time::StoreCalls>,
 }
 
+impl ChurnArgs {
+    /// The local runs, in `--arms` order: every arm at each client limit.
+    pub fn local_runs(&self) -> Vec<(Arm, Option<u32>)> {
+        self.client_qps
+            .iter()
+            .flat_map(|qps| self.arms.iter().map(move |arm| (*arm, *qps)))
+            .collect()
+    }
+}
+
 /// The cluster settings of one run of `args` at `client_qps`.
 pub fn environment(args: &ChurnArgs, client_qps: Option<u32>) -> crate::arms::Environment {
     crate::arms::Environment {
@@ -229,14 +239,17 @@ impl Readings {
             eprintln!("  (kube-apiserver's /metrics not read: {err:#}; no pod-store timing)")
         });
         let router = match &record.router_admin {
-            Some(admin) => router_time::read(metrics, admin).await.map_err(|err| {
-                eprintln!("  (ste-router's /metrics not read: {err:#}; no router timing)")
-            }),
-            None => Err(()),
+            Some(admin) => router_time::read(metrics, admin)
+                .await
+                .map_err(|err| {
+                    eprintln!("  (ste-router's /metrics not read: {err:#}; no router timing)")
+                })
+                .ok(),
+            None => None,
         };
         Readings {
             store: store.ok(),
-            router: router.ok(),
+            router,
         }
     }
 

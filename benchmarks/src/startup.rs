@@ -410,17 +410,13 @@ fn print_report(args: &StartupArgs, results: &[LevelResult]) {
     println!(
         "Pod startup: parallelism {:?}, {}",
         args.parallelism,
-        args.external.heading().unwrap_or_else(|| format!(
-            "{} fake nodes, client QPS {}, durable etcd fsync delay {}",
-            args.nodes,
-            args.client_qps
-                .0
-                .map(|q| q.to_string())
-                .unwrap_or_else(|| "Kubernetes defaults".into()),
-            args.fsync_delay
-                .map(|d| format!("{d:?}"))
-                .unwrap_or_else(|| "none".into())
-        )),
+        args.external
+            .heading()
+            .unwrap_or_else(|| crate::arms::local_heading(
+                args.nodes,
+                args.client_qps.0,
+                args.fsync_delay
+            )),
     );
     println!();
     println!("| arm | parallelism | create→pod p50 / p99 ms | create→bound p50 / p99 ms | create→Running p50 / p99 ms | all available s | Deployments available/s | CPU s per 100 Deployments |");

@@ -284,13 +284,10 @@ fn add(samples: &mut Samples, r: &ArmResult) {
 
 /// The highest rate each arm sustained, per repeat.
 fn print_sustained(args: &ChurnArgs, results: &[ArmResult]) {
-    let runs: Vec<(Arm, Option<u32>)> = if args.external.kubeconfig.is_some() {
+    let runs = if args.external.kubeconfig.is_some() {
         vec![(Arm::External, None)]
     } else {
-        args.client_qps
-            .iter()
-            .flat_map(|qps| args.arms.iter().map(move |arm| (*arm, *qps)))
-            .collect()
+        args.local_runs()
     };
     for (arm, qps) in runs {
         let best: Vec<String> = (0..args.repeats)
