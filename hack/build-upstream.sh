@@ -196,7 +196,8 @@ main() {
 
 # --- Knative Serving (hack/knative/go.mod) -----------------------------------
 # knative-controller, knative-autoscaler, knative-activator, knative-queue:
-# Knative Serving's own components at the release pinned in
+# Knative Serving's own components (the controller through a wrapper that
+# turns off its health-probe server, see hack/knative/controller/main.go) at the release pinned in
 # hack/knative/go.mod, for the activator-bridge tests and `ste-bench
 # coldstart` (docs/activator-bridge.md). knative-queue is queue-proxy
 # (cmd/queue), the sidecar of every revision pod; hack/build-images.sh puts
@@ -214,6 +215,10 @@ module_dir() {
 }
 build_args() {
   case "$1" in
+    # The controller is built from the local wrapper package
+    # (hack/knative/controller: upstream's main with its health probes off,
+    # which would race the autoscaler for the constant port 8080 on one host).
+    knative-controller) printf '%s\n' -trimpath -ldflags "-s -w" ./controller ;;
     knative-*) printf '%s\n' -trimpath -ldflags "-s -w" "knative.dev/serving/cmd/${1#knative-}" ;;
     *) _core_build_args "$1" ;;
   esac
