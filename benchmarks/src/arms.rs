@@ -124,6 +124,12 @@ pub struct Topology {
     /// Copies of each pod key behind ste-router (ste arm): 1 or 2.
     #[arg(long, env = "STE_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub replication_factor: u8,
+    /// Reach the RAM store over Unix sockets, as on a single-host (edge)
+    /// control plane: kube-apiserver dials override's etcd or ste-router at
+    /// a socket (`/pods#unix:///…`), and ste-router its shards. Both RAM arms
+    /// alike; the durable etcd stays on TCP. Default: TCP on 127.0.0.1.
+    #[arg(long, env = "STE_LOCAL_SOCKETS")]
+    pub local_sockets: bool,
 }
 
 impl Default for Topology {
@@ -131,6 +137,7 @@ impl Default for Topology {
         Topology {
             etcd_members: 1,
             replication_factor: 1,
+            local_sockets: false,
         }
     }
 }
@@ -171,6 +178,9 @@ pub fn dir_name(arm: Arm, env: &Environment) -> String {
     }
     if arm == Arm::Ste && env.topology.replication_factor != 1 {
         name.push_str(&format!("-rf{}", env.topology.replication_factor));
+    }
+    if arm.pods_in_ram() && env.topology.local_sockets {
+        name.push_str("-unix");
     }
     name
 }
@@ -237,10 +247,20 @@ mod tests {
             topology: Topology {
                 etcd_members: 3,
                 replication_factor: 2,
+                local_sockets: false,
             },
         };
         assert_eq!(dir_name(Arm::Ste, &env), "ste-qps200-m3-rf2");
         assert_eq!(dir_name(Arm::Override, &env), "override-qps200-m3");
+        let unix = Environment {
+            topology: Topology {
+                local_sockets: true,
+                ..env.topology.clone()
+            },
+            ..env.clone()
+        };
+        assert_eq!(dir_name(Arm::Ste, &unix), "ste-qps200-m3-rf2-unix");
+        assert_eq!(dir_name(Arm::Stock, &unix), "stock-qps200-m3");
         let default = Environment {
             client_qps: None,
             ..env

@@ -239,8 +239,29 @@ impl Launcher {
     ) -> anyhow::Result<String> {
         let members = [(name.to_string(), data.to_path_buf())];
         Ok(self
-            .start_etcd_members(&members, ram, fsync_delay)?
+            .start_etcd_members(&members, ram, fsync_delay, None)?
             .remove(0))
+    }
+
+    /// A RAM etcd (no fsync) for pods and events: its TCP endpoint, and the
+    /// one the store's client dials — with `local_socket`, the Unix socket
+    /// it also serves beside its data directory (`unix:///…/<name>.sock`).
+    fn start_ram_store(
+        &mut self,
+        name: &str,
+        data: &Path,
+        local_socket: bool,
+    ) -> anyhow::Result<(String, String)> {
+        let socket = local_socket.then(|| data.with_extension("sock"));
+        let members = [(name.to_string(), data.to_path_buf())];
+        let tcp = self
+            .start_etcd_members(&members, true, None, socket.as_deref())?
+            .remove(0);
+        let dial = match &socket {
+            Some(path) => format!("unix://{}", path.display()),
+            None => tcp.clone(),
+        };
+        Ok((tcp, dial))
     }
 
     /// Starts one etcd cluster of `members` (name, data directory) on
@@ -251,6 +272,7 @@ impl Launcher {
         members: &[(String, PathBuf)],
         ram: bool,
         fsync_delay: Option<Duration>,
+        socket: Option<&Path>,
     ) -> anyhow::Result<Vec<String>> {
         let ports: Vec<(u16, u16)> = members.iter().map(|_| (free_port(), free_port())).collect();
         let initial_cluster = members
@@ -266,7 +288,13 @@ impl Launcher {
             let mut args = vec![
                 format!("--name={name}"),
                 format!("--data-dir={}", data.display()),
-                format!("--listen-client-urls={endpoint}"),
+                match socket {
+                    // etcd 3.6 creates the socket at an absolute unix:/// path.
+                    Some(path) => {
+                        format!("--listen-client-urls={endpoint},unix://{}", path.display())
+                    }
+                    None => format!("--listen-client-urls={endpoint}"),
+                },
                 format!("--advertise-client-urls={endpoint}"),
                 format!("--listen-peer-urls={peer_url}"),
                 format!("--initial-advertise-peer-urls={peer_url}"),
@@ -331,7 +359,7 @@ impl Launcher {
                 (name, data)
             })
             .collect();
-        let endpoints = self.start_etcd_members(&members, false, fsync_delay)?;
+        let endpoints = self.start_etcd_members(&members, false, fsync_delay, None)?;
         self.record.durable_etcd = endpoints.clone();
         self.save()?;
         Ok(endpoints)
@@ -687,9 +715,10 @@ async fn start_all(
         step("override: pods and events in one etcd on a RAM disk, no fsync");
         let ram = ram_directory(&dir, "ste-override-")?;
         launcher.record.ram_dir = Some(ram.clone());
-        let endpoint = launcher.start_etcd("etcd-override", &ram.join("etcd"), true, None)?;
-        overrides.push(format!("/pods#{endpoint}"));
-        overrides.push(format!("/events#{endpoint}"));
+        let (endpoint, dial) =
+            launcher.start_ram_store("etcd-override", &ram.join("etcd"), topology.local_sockets)?;
+        overrides.push(format!("/pods#{dial}"));
+        overrides.push(format!("/events#{dial}"));
         launcher.record.ram_etcd = Some(endpoint);
         launcher.save()?;
     }
@@ -700,18 +729,27 @@ async fn start_all(
         let mut shard_specs = Vec::new();
         for i in 0..args.shards {
             let name = format!("shard-{i}");
-            let endpoint = launcher.start_etcd(&name, &ram.join(&name), true, None)?;
-            shard_specs.push(format!("{name}={endpoint}"));
+            let (_, dial) =
+                launcher.start_ram_store(&name, &ram.join(&name), topology.local_sockets)?;
+            shard_specs.push(format!("{name}={dial}"));
         }
         let listen = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
-        let router_args = vec![
+        let mut router_args = vec![
             format!("--listen={listen}"),
             format!("--admin-listen={admin}"),
             format!("--shards={}", shard_specs.join(",")),
             format!("--replication-factor={}", topology.replication_factor),
         ];
-        let mut router_args = router_args;
+        // kube-apiserver dials the router's socket; the TCP listener stays
+        // for the bench's own clients.
+        let socket = ram.join("router.sock");
+        let store = if topology.local_sockets {
+            router_args.push(format!("--listen-unix={}", socket.display()));
+            format!("unix://{}", socket.display())
+        } else {
+            format!("http://{listen}")
+        };
         if agents.shard_agents > 0 {
             // The kubeconfig exists before kube-apiserver does: the router
             // serves pods first, and its Shard watcher retries until the API is up.
@@ -730,9 +768,9 @@ async fn start_all(
                 std::future::ready(http_ok(&ready))
             })
             .await?;
-        overrides.push(format!("/pods#http://{listen}"));
+        overrides.push(format!("/pods#{store}"));
         if args.events_to_ste {
-            overrides.push(format!("/events#http://{listen}"));
+            overrides.push(format!("/events#{store}"));
         }
         launcher.record.router = Some(format!("http://{listen}"));
         launcher.record.router_admin = Some(format!("http://{admin}"));

@@ -463,6 +463,7 @@ async fn run_arm(args: &FailureArgs, victim: Victim) -> anyhow::Result<FailureRe
         topology: Topology {
             etcd_members: 1,
             replication_factor: victim.replication_factor(),
+            ..Default::default()
         },
     };
     let dir = std::path::absolute(args.output.join(arms::dir_name(victim.arm(), &env)))?;

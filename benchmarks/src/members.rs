@@ -273,6 +273,7 @@ async fn pod_latency(args: &MembersArgs, members: usize) -> anyhow::Result<Vec<A
         topology: Topology {
             etcd_members: members,
             replication_factor: 1,
+            ..Default::default()
         },
         external: Default::default(),
         repeats: 1,

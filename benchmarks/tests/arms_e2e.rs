@@ -71,6 +71,7 @@ async fn override_arm_on_three_etcd_members_keeps_pods_in_its_ram_etcd() {
         topology: Topology {
             etcd_members: 3,
             replication_factor: 1,
+            ..Default::default()
         },
     };
     let record = cluster::up_arm(Arm::Override, &env, PathBuf::from(dir.path()))
@@ -292,4 +293,87 @@ async fn churn_repeats_interleave_the_arms_and_time_the_pod_store() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json")).unwrap())
             .unwrap();
     assert_eq!(saved.as_array().map(Vec::len), Some(4));
+}
+
+/// `--local-sockets`: kube-apiserver reaches override's RAM etcd and
+/// ste-router at Unix sockets (its pod override names no TCP address, so
+/// Running pods prove the socket carries the pod store), and the router
+/// reaches its shard at the shard's socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_sockets_carry_the_pod_store_on_both_ram_arms() {
+    for arm in [Arm::Override, Arm::Ste] {
+        let dir = tempfile::tempdir().unwrap();
+        let env = Environment {
+            shards: 1,
+            nodes: 2,
+            client_qps: Some(100),
+            fsync_delay: None,
+            topology: Topology {
+                local_sockets: true,
+                ..Default::default()
+            },
+        };
+        let record = cluster::up_arm(arm, &env, PathBuf::from(dir.path()))
+            .await
+            .unwrap();
+        let running = RunningCluster::new(record);
+        let record = running.record();
+        let args_of = |name: &str| {
+            record
+                .processes
+                .iter()
+                .find(|p| p.name == name)
+                .unwrap_or_else(|| panic!("{arm:?}: no {name} process"))
+                .args
+                .join(" ")
+        };
+        let apiserver = args_of("kube-apiserver");
+        let pods_at = apiserver
+            .split(|c| c == ' ' || c == ',')
+            .find_map(|a| a.split("/pods#").nth(1))
+            .unwrap_or_else(|| panic!("{arm:?}: no pods override in {apiserver}"));
+        assert!(
+            pods_at.starts_with("unix:///"),
+            "{arm:?}: pods at {pods_at}"
+        );
+        if arm == Arm::Ste {
+            let router = args_of("ste-router");
+            assert!(router.contains("--shards=shard-0=unix:///"), "{router}");
+            assert!(router.contains("--listen-unix="), "{router}");
+        }
+
+        let api = record.api();
+        let deployment = serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "sock"},
+            "spec": {
+                "replicas": 3,
+                "selector": {"matchLabels": {"app": "sock"}},
+                "template": {"metadata": {"labels": {"app": "sock"}},
+                             "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
+            }
+        });
+        let (code, body) = api
+            .send_json(
+                "POST",
+                "/apis/apps/v1/namespaces/default/deployments",
+                &deployment.to_string(),
+            )
+            .unwrap();
+        assert_eq!(code, 201, "{arm:?}: {body}");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while running_pods(&api, "sock") < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "{arm:?}: 3 pods not Running within 90 s"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // Read back over TCP: the same store the socket wrote to.
+        let store = record.ram_etcd.clone().or_else(|| record.router.clone());
+        let keys = etcd_keys(&store.unwrap(), "/registry/pods/default/sock-");
+        assert_eq!(keys.len(), 3, "{arm:?}: pods in the RAM store: {keys:?}");
+        let durable = etcd_keys(&record.durable_etcd[0], "/registry/pods/");
+        assert!(durable.is_empty(), "{arm:?}: no pod durable: {durable:?}");
+    }
 }

@@ -46,13 +46,14 @@ fn heading(args: &ChurnArgs) -> String {
             String::new()
         },
         args.external.heading().unwrap_or_else(|| format!(
-                "{} fake nodes, durable etcd of {} member(s) with fsync delay {}, STE replication factor {}",
+                "{} fake nodes, durable etcd of {} member(s) with fsync delay {}, STE replication factor {}, RAM store reached over {}",
                 args.nodes,
                 args.topology.etcd_members,
                 args.fsync_delay
                     .map(|d| format!("{d:?}"))
                     .unwrap_or_else(|| "none".into()),
-                args.topology.replication_factor
+                args.topology.replication_factor,
+                if args.topology.local_sockets { "Unix sockets" } else { "TCP" }
             )),
     )
 }
