@@ -60,6 +60,18 @@ fn running_pods(api: &Api, app: &str) -> usize {
         .count()
 }
 
+/// Waits up to 90 s until `n` pods of `app` are Running on a node.
+async fn wait_running(api: &Api, app: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while running_pods(api, app) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{n} pods of {app} not Running within 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn override_arm_on_three_etcd_members_keeps_pods_in_its_ram_etcd() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,29 +106,8 @@ async fn override_arm_on_three_etcd_members_keeps_pods_in_its_ram_etcd() {
     assert!(record.router.is_none(), "no router on the override arm");
 
     let api = record.api();
-    let deployment = serde_json::json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "web"},
-        "spec": {
-            "replicas": 5,
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {"metadata": {"labels": {"app": "web"}},
-                         "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
-        }
-    });
-    let (code, body) = api
-        .send_json(
-            "POST",
-            "/apis/apps/v1/namespaces/default/deployments",
-            &deployment.to_string(),
-        )
-        .unwrap();
-    assert_eq!(code, 201, "{body}");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while running_pods(&api, "web") < 5 {
-        assert!(Instant::now() < deadline, "5 pods not Running within 90 s");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    api.create_deployment("web", 5);
+    wait_running(&api, "web", 5).await;
 
     let in_ram = etcd_keys(&ram, "/registry/pods/default/web-");
     assert_eq!(in_ram.len(), 5, "the pods are in the RAM etcd: {in_ram:?}");
@@ -343,32 +334,8 @@ async fn local_sockets_carry_the_pod_store_on_both_ram_arms() {
         }
 
         let api = record.api();
-        let deployment = serde_json::json!({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "sock"},
-            "spec": {
-                "replicas": 3,
-                "selector": {"matchLabels": {"app": "sock"}},
-                "template": {"metadata": {"labels": {"app": "sock"}},
-                             "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
-            }
-        });
-        let (code, body) = api
-            .send_json(
-                "POST",
-                "/apis/apps/v1/namespaces/default/deployments",
-                &deployment.to_string(),
-            )
-            .unwrap();
-        assert_eq!(code, 201, "{arm:?}: {body}");
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while running_pods(&api, "sock") < 3 {
-            assert!(
-                Instant::now() < deadline,
-                "{arm:?}: 3 pods not Running within 90 s"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        api.create_deployment("sock", 3);
+        wait_running(&api, "sock", 3).await;
         // Read back over TCP: the same store the socket wrote to.
         let store = record.ram_etcd.clone().or_else(|| record.router.clone());
         let keys = etcd_keys(&store.unwrap(), "/registry/pods/default/sock-");

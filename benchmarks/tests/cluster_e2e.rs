@@ -30,27 +30,6 @@ fn get(api: &Api, path: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
-fn create_deployment(api: &Api, name: &str, replicas: u32) {
-    let deployment = json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {"metadata": {"labels": {"app": name}},
-                         "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
-        }
-    });
-    let (code, body) = api
-        .send_json(
-            "POST",
-            "/apis/apps/v1/namespaces/default/deployments",
-            &deployment.to_string(),
-        )
-        .unwrap();
-    assert_eq!(code, 201, "{body}");
-}
-
 fn scale(api: &Api, name: &str, replicas: u32) {
     let path = format!("/apis/apps/v1/namespaces/default/deployments/{name}");
     let (code, body) = api
@@ -203,7 +182,7 @@ async fn lifecycle(arm: Arm) -> Duration {
         .unwrap()
         .to_string();
     let watch = PodWatch::start(&api, &from);
-    create_deployment(&api, "web", 5);
+    api.create_deployment("web", 5);
     wait_pods(&api, "web", 5, Duration::from_secs(60)).await;
     scale(&api, "web", 50);
     let names = wait_pods(&api, "web", 50, Duration::from_secs(120)).await;
@@ -300,7 +279,7 @@ async fn pods_of_a_lost_shard_come_back_through_their_replicaset() {
     let dir = tempfile::tempdir().unwrap();
     let running = RunningCluster::new(cluster::up(&up_args(Arm::Ste, dir.path())).await.unwrap());
     let api = running.record().api();
-    create_deployment(&api, "svc", 30);
+    api.create_deployment("svc", 30);
     let before: BTreeSet<String> = wait_pods(&api, "svc", 30, Duration::from_secs(120))
         .await
         .into_iter()
@@ -339,7 +318,7 @@ async fn router_and_apiserver_restarts_during_churn_lose_no_pod() {
     let dir = tempfile::tempdir().unwrap();
     let running = RunningCluster::new(cluster::up(&up_args(Arm::Ste, dir.path())).await.unwrap());
     let api = running.record().api();
-    create_deployment(&api, "churn", 20);
+    api.create_deployment("churn", 20);
     wait_pods(&api, "churn", 20, Duration::from_secs(120)).await;
 
     // The router crashes while the ReplicaSet controller is creating pods.
@@ -501,7 +480,7 @@ async fn shard_agents_lost_and_drained_under_a_deployment() {
         .await;
     }
 
-    create_deployment(&api, "agents", 30);
+    api.create_deployment("agents", 30);
     wait_pods(&api, "agents", 30, Duration::from_secs(120)).await;
     wait_for(
         "keys to settle on their shards",
@@ -690,20 +669,6 @@ async fn deployment_write(api: &Api, method: &str, path: &str, body: &str, want:
     }
 }
 
-fn deployment(name: &str, replicas: u32) -> String {
-    json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {"metadata": {"labels": {"app": name}},
-                         "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
-        }
-    })
-    .to_string()
-}
-
 /// The pods' watch cache of kube-apiserver against the router, checked by
 /// kube-apiserver itself, with the consistency checker's period shortened to
 /// 10 s so that it runs in the default (CI) run: about a minute.
@@ -878,7 +843,14 @@ async fn watch_cache_checker_through_churn_and_a_router_restart(
             }
         }
         let name = |k: usize| format!("cc-{k}");
-        deployment_write(&api, "POST", base, &deployment(&name(round), 6), 201).await;
+        deployment_write(
+            &api,
+            "POST",
+            base,
+            &ste_testkit::deployment_json(&name(round), 6),
+            201,
+        )
+        .await;
         if round >= 1 {
             deployment_write(
                 &api,

@@ -820,6 +820,29 @@ impl Api {
         };
         self.curl(&[path, "-X", method, "-H", content_type, "-d", body])
     }
+
+    /// Creates Deployment `name` in `default` with `replicas` pods labelled
+    /// `app: <name>` (image `nginx`, which fake nodes never pull); panics
+    /// unless kube-apiserver answers 201.
+    pub fn create_deployment(&self, name: &str, replicas: u32) {
+        let deployment = deployment_json(name, replicas);
+        let (code, body) = self
+            .send_json(
+                "POST",
+                "/apis/apps/v1/namespaces/default/deployments",
+                &deployment,
+            )
+            .expect("POST deployment");
+        assert_eq!(code, 201, "creating Deployment {name}: {body}");
+    }
+}
+
+/// Deployment `name` in `default`: `replicas` pods labelled `app: <name>`,
+/// one container of image `nginx` (fake nodes never pull it), as JSON.
+pub fn deployment_json(name: &str, replicas: u32) -> String {
+    format!(
+        r#"{{"apiVersion":"apps/v1","kind":"Deployment","metadata":{{"name":"{name}"}},"spec":{{"replicas":{replicas},"selector":{{"matchLabels":{{"app":"{name}"}}}},"template":{{"metadata":{{"labels":{{"app":"{name}"}}}},"spec":{{"containers":[{{"name":"c","image":"nginx"}}]}}}}}}}}"#
+    )
 }
 
 /// What kube-apiserver needs to run on one machine for tests and the local cluster.
@@ -975,5 +998,23 @@ pub mod shapes {
             success: vec![put(key, value)],
             failure: vec![get(key)],
         }
+    }
+}
+
+#[cfg(test)]
+mod deployment_json_tests {
+    #[test]
+    fn is_a_deployment_whose_selector_matches_its_pods() {
+        let text = super::deployment_json("web", 5);
+        let d: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        assert_eq!(d["kind"], "Deployment");
+        assert_eq!(d["metadata"]["name"], "web");
+        assert_eq!(d["spec"]["replicas"], 5);
+        assert_eq!(d["spec"]["selector"]["matchLabels"]["app"], "web");
+        assert_eq!(d["spec"]["template"]["metadata"]["labels"]["app"], "web");
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"][0]["image"],
+            "nginx"
+        );
     }
 }
