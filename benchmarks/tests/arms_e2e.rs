@@ -320,7 +320,7 @@ async fn local_sockets_carry_the_pod_store_on_both_ram_arms() {
         };
         let apiserver = args_of("kube-apiserver");
         let pods_at = apiserver
-            .split(|c| c == ' ' || c == ',')
+            .split([' ', ','])
             .find_map(|a| a.split("/pods#").nth(1))
             .unwrap_or_else(|| panic!("{arm:?}: no pods override in {apiserver}"));
         assert!(
