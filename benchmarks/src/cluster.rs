@@ -230,22 +230,10 @@ impl Launcher {
         }
     }
 
-    fn start_etcd(
-        &mut self,
-        name: &str,
-        data: &Path,
-        ram: bool,
-        fsync_delay: Option<Duration>,
-    ) -> anyhow::Result<String> {
-        let members = [(name.to_string(), data.to_path_buf())];
-        Ok(self
-            .start_etcd_members(&members, ram, fsync_delay, None)?
-            .remove(0))
-    }
-
-    /// A RAM etcd (no fsync) for pods and events: its TCP endpoint, and the
-    /// one the store's client dials — with `local_socket`, the Unix socket
-    /// it also serves beside its data directory (`unix:///…/<name>.sock`).
+    /// A RAM etcd (no fsync; tuned's store, override's, each STE shard): its
+    /// TCP endpoint, and the one the store's client dials — with
+    /// `local_socket`, the Unix socket it also serves beside its data
+    /// directory (`unix:///…/<name>.sock`).
     fn start_ram_store(
         &mut self,
         name: &str,
@@ -697,7 +685,8 @@ async fn start_all(
         step("etcd on a RAM disk, no fsync");
         let ram = ram_directory(&dir, "ste-tuned-")?;
         launcher.record.ram_dir = Some(ram.clone());
-        let endpoint = launcher.start_etcd("etcd-main", &ram.join("etcd"), true, None)?;
+        // --local-sockets is for the pod store; tuned's one etcd stays on TCP.
+        let (endpoint, _) = launcher.start_ram_store("etcd-main", &ram.join("etcd"), false)?;
         // Tuned's one etcd holds what the durable etcd holds on other arms.
         launcher.record.durable_etcd = vec![endpoint.clone()];
         endpoint
@@ -743,8 +732,8 @@ async fn start_all(
         ];
         // kube-apiserver dials the router's socket; the TCP listener stays
         // for the bench's own clients.
-        let socket = ram.join("router.sock");
         let store = if topology.local_sockets {
+            let socket = ram.join("router.sock");
             router_args.push(format!("--listen-unix={}", socket.display()));
             format!("unix://{}", socket.display())
         } else {
