@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::stats::{process_cpu_seconds, Samples};
+use crate::stats::{process_context_switches, process_cpu_seconds, Samples};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -60,6 +60,15 @@ pub struct Args {
     /// Writes timed from send to their watch event.
     #[arg(long, env = "STE_BENCH_WATCH_OPS", default_value_t = 500)]
     watch_ops: usize,
+    /// Writes at --paced-rate, each watched, for the CPU per write at a
+    /// control plane's churn rate (0 skips the phase). At 30 Deployments/s
+    /// kube-apiserver sends the pod store ~180 writes/s, one at a time; the
+    /// saturation phase's CPU per write says nothing about that regime.
+    #[arg(long, env = "STE_BENCH_PACED_OPS", default_value_t = 1000)]
+    paced_ops: usize,
+    /// Writes per second of the paced phase.
+    #[arg(long, env = "STE_BENCH_PACED_RATE", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    paced_rate: u32,
     /// Where the etcd data directories go (a RAM disk, like the shards').
     #[arg(long, env = "STE_BENCH_DATA_DIR", default_value = "/dev/shm")]
     data_dir: PathBuf,
@@ -70,7 +79,7 @@ pub struct Args {
     /// router arm then also runs with it, just before, named `… (baseline)`.
     #[arg(long, env = "STE_BENCH_BASELINE_ROUTER_BIN")]
     baseline_router_bin: Option<PathBuf>,
-    /// Worker threads of the router (its --worker-threads; default: one per CPU).
+    /// Worker threads of the router (its --worker-threads; default: the router's own, 1).
     #[arg(long, env = "STE_BENCH_ROUTER_THREADS")]
     router_threads: Option<usize>,
     /// JSON results file.
@@ -157,6 +166,12 @@ struct ArmResult {
     saturated_writes_per_s: f64,
     router_cpu_us_per_write: Option<f64>,
     etcd_cpu_us_per_write: f64,
+    /// CPU per write at --paced-rate, each write watched (None: phase skipped).
+    paced_router_cpu_us_per_write: Option<f64>,
+    paced_etcd_cpu_us_per_write: Option<f64>,
+    /// Context switches per write in the paced phase (every thread).
+    paced_router_switches_per_write: Option<f64>,
+    paced_etcd_switches_per_write: Option<f64>,
 }
 
 struct RouterProcess(Child);
@@ -551,7 +566,7 @@ async fn measure(
             })),
         })
         .await?;
-    let mut stream = WatchClient::new(channel)
+    let mut stream = WatchClient::new(channel.clone())
         .watch(ReceiverStream::new(req_rx))
         .await?
         .into_inner();
@@ -585,6 +600,10 @@ async fn measure(
     }
     drop(req_tx);
     eprintln!("  watch delivery p99 {:.0} µs", watch.percentile(99.0));
+    let paced = match args.paced_ops {
+        0 => None,
+        _ => Some(paced(&name, &channel, &value, router_pid, etcd_pids, args).await?),
+    };
 
     Ok(ArmResult {
         arm: name,
@@ -604,7 +623,124 @@ async fn measure(
         saturated_writes_per_s: writes / elapsed,
         router_cpu_us_per_write: router_cpu,
         etcd_cpu_us_per_write: etcd_cpu,
+        paced_router_cpu_us_per_write: paced.and_then(|p| p.router),
+        paced_etcd_cpu_us_per_write: paced.map(|p| p.etcd),
+        paced_router_switches_per_write: paced.and_then(|p| p.router_switches),
+        paced_etcd_switches_per_write: paced.map(|p| p.etcd_switches),
     })
+}
+
+/// CPU per write (µs) and context switches per write of the paced phase.
+#[derive(Clone, Copy)]
+struct PacedCpu {
+    router: Option<f64>,
+    etcd: f64,
+    router_switches: Option<f64>,
+    etcd_switches: f64,
+}
+
+fn switches(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| process_context_switches(*p))
+        .sum()
+}
+
+/// Creates at `--paced-rate`, one at a time, with a watch on their prefix
+/// (as kube-apiserver's watch cache): the CPU each process spends per write
+/// when writes arrive one by one, not in a saturated stream.
+async fn paced(
+    name: &str,
+    channel: &Channel,
+    value: &Bytes,
+    router_pid: Option<u32>,
+    etcd_pids: &[u32],
+    args: &Args,
+) -> anyhow::Result<PacedCpu> {
+    let prefix = "/registry/pods/paced/";
+    let (req_tx, req_rx) = mpsc::channel(1);
+    req_tx
+        .send(WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: Bytes::from_static(prefix.as_bytes()),
+                range_end: Bytes::from_static(b"/registry/pods/paced0"),
+                ..Default::default()
+            })),
+        })
+        .await?;
+    let mut stream = WatchClient::new(channel.clone())
+        .watch(ReceiverStream::new(req_rx))
+        .await?
+        .into_inner();
+    let created = stream.message().await?.context("watch stream closed")?;
+    if !created.created {
+        bail!("{name}: paced watch not created");
+    }
+    let ops = args.paced_ops;
+    let seen = tokio::spawn(async move {
+        let mut events = 0;
+        while events < ops {
+            let Some(r) = stream.message().await? else {
+                break;
+            };
+            events += r.events.len();
+        }
+        anyhow::Ok(events)
+    });
+    let mut kv = KvClient::new(channel.clone());
+    let cpu_router_before = router_pid.and_then(process_cpu_seconds);
+    let cpu_etcd_before = cpu(etcd_pids);
+    let switches_router_before = router_pid.and_then(process_context_switches);
+    let switches_etcd_before = switches(etcd_pids);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1) / args.paced_rate);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    for i in 0..ops {
+        ticker.tick().await;
+        let key = Bytes::from(format!("{prefix}pod-{i:06}"));
+        if !kv
+            .txn(shapes::create(&key, value))
+            .await?
+            .into_inner()
+            .succeeded
+        {
+            bail!("{name}: paced create of {key:?} failed");
+        }
+    }
+    let events = tokio::time::timeout(Duration::from_secs(30), seen)
+        .await
+        .with_context(|| {
+            format!("{name}: paced writes' watch events not all seen within 30 s")
+        })???;
+    if events < ops {
+        bail!("{name}: paced watch closed after {events} of {ops} events");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(req_tx);
+    let per_write = |after: f64, before: f64| (after - before) / ops as f64 * 1e6;
+    let cpu = PacedCpu {
+        router: router_pid
+            .and_then(process_cpu_seconds)
+            .zip(cpu_router_before)
+            .map(|(after, before)| per_write(after, before)),
+        etcd: per_write(cpu(etcd_pids), cpu_etcd_before),
+        router_switches: router_pid
+            .and_then(process_context_switches)
+            .zip(switches_router_before)
+            .map(|(after, before)| after.saturating_sub(before) as f64 / ops as f64),
+        // Threads that exit take their counts with them: never below zero.
+        etcd_switches: switches(etcd_pids).saturating_sub(switches_etcd_before) as f64 / ops as f64,
+    };
+    eprintln!(
+        "  paced: {ops} watched creates at {:.0}/s: per write, router {}, etcd {:.0} µs CPU and {:.1} context switches",
+        ops as f64 / elapsed,
+        cpu.router
+            .zip(cpu.router_switches)
+            .map(|(c, s)| format!("{c:.0} µs CPU and {s:.1} context switches"))
+            .unwrap_or_else(|| "–".into()),
+        cpu.etcd,
+        cpu.etcd_switches
+    );
+    Ok(cpu)
 }
 
 fn print_report(results: &[ArmResult], args: &Args) {
@@ -631,6 +767,9 @@ fn print_report(results: &[ArmResult], args: &Args) {
             r.etcd_cpu_us_per_write,
         );
     }
+    if args.paced_ops > 0 {
+        print_paced(results, args);
+    }
     println!();
     for r in results.iter().filter(|r| r.shards > 0) {
         // A router arm against the plain etcd reached the same way (TCP or Unix).
@@ -648,6 +787,40 @@ fn print_report(results: &[ArmResult], args: &Args) {
             r.create_p50_us - etcd.create_p50_us,
             r.update_p50_us - etcd.update_p50_us,
             r.watch_p99_us,
+        );
+    }
+}
+
+/// The paced phase: CPU per write at a churn-like rate, the pod store's whole
+/// cost (router and shards) against plain etcd's.
+fn print_paced(results: &[ArmResult], args: &Args) {
+    println!();
+    println!(
+        "Paced: {} creates at {}/s, one at a time, each watched. CPU µs per write:",
+        args.paced_ops, args.paced_rate
+    );
+    println!();
+    println!("| arm | router | etcd (the shards) | pod store in all | × plain etcd | context switches per write: router / etcd |");
+    println!("|---|---|---|---|---|---|");
+    let base = results[0].paced_etcd_cpu_us_per_write;
+    for r in results {
+        let Some(etcd) = r.paced_etcd_cpu_us_per_write else {
+            continue;
+        };
+        let total = etcd + r.paced_router_cpu_us_per_write.unwrap_or(0.0);
+        let router_switches = r
+            .paced_router_switches_per_write
+            .map(|s| format!("{s:.1}"))
+            .unwrap_or_else(|| "–".into());
+        println!(
+            "| {} | {} | {etcd:.0} | {total:.0} | {} | {router_switches} / {:.1} |",
+            r.arm,
+            r.paced_router_cpu_us_per_write
+                .map(|c| format!("{c:.0}"))
+                .unwrap_or_else(|| "–".into()),
+            base.map(|b| format!("{:.2}", total / b))
+                .unwrap_or_else(|| "–".into()),
+            r.paced_etcd_switches_per_write.unwrap_or(f64::NAN),
         );
     }
 }

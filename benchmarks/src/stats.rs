@@ -80,6 +80,24 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / clock_ticks_per_second())
 }
 
+/// Context switches (voluntary and not) of every thread of `pid` so far: how
+/// often the process went to sleep and was woken, the cost that dominates
+/// when requests arrive one at a time.
+pub fn process_context_switches(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let switches = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum();
+    Some(switches)
+}
+
 /// User + system CPU seconds of every live process in process group `pgid`
 /// (a component started as its own group, e.g. etcd under strace).
 pub fn process_group_cpu_seconds(pgid: u32) -> f64 {
@@ -125,5 +143,22 @@ mod tests {
     fn own_cpu_time_is_readable() {
         let spent = process_cpu_seconds(std::process::id()).expect("/proc readable");
         assert!(spent >= 0.0);
+    }
+
+    #[test]
+    fn context_switches_count_a_thread_that_sleeps() {
+        let me = std::process::id();
+        let before = process_context_switches(me).expect("/proc readable");
+        std::thread::spawn(|| {
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+        .join()
+        .unwrap();
+        let after = process_context_switches(me).expect("/proc readable");
+        // The joined thread is gone from /proc, but the main thread slept in join.
+        assert!(after > before, "{before} → {after}");
+        assert_eq!(process_context_switches(u32::MAX), None);
     }
 }
