@@ -1,12 +1,22 @@
 //! etcd's Watch service, fed from the router's event history.
 //!
-//! One task per stream serves all of its watches in turn: each pass delivers,
+//! One loop per stream serves all of its watches in turn: each pass delivers,
 //! for every watch, the events up to the published revision P, and only then
 //! answers progress requests with P. So a progress notification with P always
 //! follows every event ≤ P on that stream, as kube-apiserver requires.
+//!
+//! The loop has no task of its own: it runs when the stream's answers are
+//! polled ([`Answers`]), i.e. on the connection's task (`serve/inline.rs`).
+//! A published revision then wakes that task directly, which builds the
+//! events and writes them in one turn; with a task per stream, each event
+//! woke the stream's task, which woke the connection's — one more sleep and
+//! wake-up per event, the cost that dominates when pods change one at a time.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +26,7 @@ use ste_etcd_proto::pb::{
     WatchCreateRequest, WatchRequest, WatchResponse,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -56,13 +66,13 @@ impl Watcher {
 
 #[tonic::async_trait]
 impl Watch for WatchService {
-    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+    type WatchStream = Answers;
 
     async fn watch(
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let (tx, rx) = mpsc::channel(128);
+        let (tx, rx) = mpsc::channel(ANSWERS_QUEUED);
         let stream = WatchStream {
             store: self.store.clone(),
             tx,
@@ -70,8 +80,44 @@ impl Watch for WatchService {
             next_id: 0,
             progress_requested: false,
         };
-        tokio::spawn(stream.run(request.into_inner(), self.progress_interval));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Answers {
+            serve: Some(Box::pin(
+                stream.run(request.into_inner(), self.progress_interval),
+            )),
+            rx,
+        }))
+    }
+}
+
+/// Answers a stream's loop may queue before it waits for them to be taken:
+/// small, so that a watch catching up on many events yields the connection's
+/// task to its other calls every few answers.
+const ANSWERS_QUEUED: usize = 8;
+
+/// A watch stream's answers. Polling it runs the stream's loop until the loop
+/// waits (for a request, a published revision, the progress ticker or room
+/// for answers) and hands out what the loop queued. Dropping it (the client
+/// went away) drops the loop.
+pub struct Answers {
+    serve: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    rx: mpsc::Receiver<Result<WatchResponse, Status>>,
+}
+
+impl Stream for Answers {
+    type Item = Result<WatchResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // Queued answers first: the loop runs again once they are taken.
+        if let Poll::Ready(Some(answer)) = self.rx.poll_recv(cx) {
+            return Poll::Ready(Some(answer));
+        }
+        if let Some(serve) = self.serve.as_mut() {
+            if serve.as_mut().poll(cx).is_ready() {
+                // The loop is done and its sender dropped: the queue ends the stream.
+                self.serve = None;
+            }
+        }
+        self.rx.poll_recv(cx)
     }
 }
 
@@ -86,6 +132,17 @@ struct WatchStream {
 /// The client went away; stop serving the stream.
 struct Gone;
 
+impl Drop for WatchStream {
+    /// However the stream ends (the loop returns, or the client goes away and
+    /// the loop is dropped mid-wait), its watchers stop counting.
+    fn drop(&mut self) {
+        self.store
+            .metrics()
+            .watchers
+            .dec_by(self.watchers.len() as i64);
+    }
+}
+
 impl WatchStream {
     async fn run(mut self, mut inbound: Streaming<WatchRequest>, progress_interval: Duration) {
         let mut published = self.store.sequencer().subscribe();
@@ -95,10 +152,6 @@ impl WatchStream {
         let _ = self
             .serve(&mut inbound, &mut published, &closing, &mut ticker)
             .await;
-        self.store
-            .metrics()
-            .watchers
-            .dec_by(self.watchers.len() as i64);
     }
 
     async fn serve(
