@@ -556,24 +556,7 @@ async fn measure(
     eprintln!("  paged list of {} keys: {best:.1} ms", args.keys);
 
     // Watch delivery: from sending a write to receiving its event.
-    let (req_tx, req_rx) = mpsc::channel(1);
-    req_tx
-        .send(WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                key: Bytes::from_static(b"/registry/pods/watch/"),
-                range_end: Bytes::from_static(b"/registry/pods/watch0"),
-                ..Default::default()
-            })),
-        })
-        .await?;
-    let mut stream = WatchClient::new(channel.clone())
-        .watch(ReceiverStream::new(req_rx))
-        .await?
-        .into_inner();
-    let created = stream.message().await?.context("watch stream closed")?;
-    if !created.created {
-        bail!("{name}: watch not created");
-    }
+    let (req_tx, mut stream) = open_watch(&name, &channel, "/registry/pods/watch/").await?;
     let mut watch = Samples::default();
     for i in 0..args.watch_ops {
         let k = Bytes::from(format!("/registry/pods/watch/{i}"));
@@ -630,6 +613,38 @@ async fn measure(
     })
 }
 
+/// A watch on every key under `prefix` (which ends in '/'), created: the
+/// request sender (the stream lives while it does) and the answers.
+async fn open_watch(
+    name: &str,
+    channel: &Channel,
+    prefix: &'static str,
+) -> anyhow::Result<(
+    mpsc::Sender<WatchRequest>,
+    tonic::Streaming<ste_etcd_proto::pb::WatchResponse>,
+)> {
+    let range_end = format!("{}0", prefix.trim_end_matches('/'));
+    let (req_tx, req_rx) = mpsc::channel(1);
+    req_tx
+        .send(WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: Bytes::from_static(prefix.as_bytes()),
+                range_end: Bytes::from(range_end),
+                ..Default::default()
+            })),
+        })
+        .await?;
+    let mut stream = WatchClient::new(channel.clone())
+        .watch(ReceiverStream::new(req_rx))
+        .await?
+        .into_inner();
+    let created = stream.message().await?.context("watch stream closed")?;
+    if !created.created {
+        bail!("{name}: watch on {prefix} not created");
+    }
+    Ok((req_tx, stream))
+}
+
 /// CPU per write (µs) and context switches per write of the paced phase.
 #[derive(Clone, Copy)]
 struct PacedCpu {
@@ -657,24 +672,7 @@ async fn paced(
     args: &Args,
 ) -> anyhow::Result<PacedCpu> {
     let prefix = "/registry/pods/paced/";
-    let (req_tx, req_rx) = mpsc::channel(1);
-    req_tx
-        .send(WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                key: Bytes::from_static(prefix.as_bytes()),
-                range_end: Bytes::from_static(b"/registry/pods/paced0"),
-                ..Default::default()
-            })),
-        })
-        .await?;
-    let mut stream = WatchClient::new(channel.clone())
-        .watch(ReceiverStream::new(req_rx))
-        .await?
-        .into_inner();
-    let created = stream.message().await?.context("watch stream closed")?;
-    if !created.created {
-        bail!("{name}: paced watch not created");
-    }
+    let (req_tx, mut stream) = open_watch(name, channel, prefix).await?;
     let ops = args.paced_ops;
     let seen = tokio::spawn(async move {
         let mut events = 0;

@@ -350,7 +350,102 @@ fn chunk_by_revision(events: &[Arc<StoredEvent>], max: usize) -> Vec<&[Arc<Store
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio_stream::StreamExt;
+
     use super::*;
+    use crate::metrics::Metrics;
+    use crate::placement::ring::ShardId;
+    use crate::shard::memory::MemoryShard;
+    use crate::shard::{Connector, Origin, ShardClient, ShardSpec};
+    use crate::store::StoreConfig;
+
+    #[tokio::test]
+    async fn answers_run_the_loop_when_polled_and_end_with_it() {
+        let (tx, rx) = mpsc::channel(ANSWERS_QUEUED);
+        let sent = Arc::new(AtomicUsize::new(0));
+        let counter = sent.clone();
+        let serve = async move {
+            // More answers than the queue holds: the loop must wait for room.
+            for id in 0..3 * ANSWERS_QUEUED as i64 {
+                tx.send(Ok(WatchResponse {
+                    watch_id: id,
+                    ..Default::default()
+                }))
+                .await
+                .expect("answers still taken");
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        let answers = Answers {
+            serve: Some(Box::pin(serve)),
+            rx,
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(sent.load(Ordering::SeqCst), 0, "no task runs the loop");
+        let ids: Vec<i64> = answers.map(|a| a.unwrap().watch_id).collect().await;
+        assert_eq!(ids, (0..3 * ANSWERS_QUEUED as i64).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_mid_wait_takes_its_watchers_off_the_gauge() {
+        let shard = MemoryShard::new();
+        let connector: Connector = Arc::new(move |_: &ShardSpec| {
+            let client: Arc<dyn ShardClient> = Arc::new(shard.clone());
+            Ok(client)
+        });
+        let spec = ShardSpec {
+            id: ShardId::new("s0"),
+            endpoint: "memory://s0".into(),
+            origin: Origin::Static,
+        };
+        let store = Store::open_with(
+            StoreConfig::default(),
+            &[spec],
+            Arc::new(Metrics::default()),
+            connector,
+        )
+        .await
+        .expect("store opens on a memory shard");
+        let (tx, rx) = mpsc::channel(ANSWERS_QUEUED);
+        let mut stream = WatchStream {
+            store: store.clone(),
+            tx,
+            watchers: BTreeMap::new(),
+            next_id: 0,
+            progress_requested: false,
+        };
+        for id in 0..2 {
+            stream.watchers.insert(
+                id,
+                Watcher {
+                    key: Bytes::from_static(b"/registry/pods/"),
+                    range_end: Bytes::from_static(b"/registry/pods0"),
+                    next: 1,
+                    prev_kv: false,
+                    progress_notify: false,
+                    no_put: false,
+                    no_delete: false,
+                },
+            );
+            store.metrics().watchers.inc();
+        }
+        // The loop holds the stream and waits, as it waits for a revision.
+        let serve = async move {
+            let _stream = stream;
+            std::future::pending::<()>().await
+        };
+        let mut answers = Answers {
+            serve: Some(Box::pin(serve)),
+            rx,
+        };
+        let polled = tokio::time::timeout(Duration::from_millis(20), answers.next()).await;
+        assert!(polled.is_err(), "a waiting loop yields nothing");
+        assert_eq!(store.metrics().watchers.get(), 2);
+        drop(answers);
+        assert_eq!(store.metrics().watchers.get(), 0);
+    }
 
     #[test]
     fn chunks_never_split_a_revision() {
