@@ -146,19 +146,22 @@ mod tests {
     }
 
     #[test]
-    fn context_switches_count_a_thread_that_sleeps() {
-        let me = std::process::id();
-        let before = process_context_switches(me).expect("/proc readable");
-        std::thread::spawn(|| {
-            for _ in 0..5 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        })
-        .join()
-        .unwrap();
-        let after = process_context_switches(me).expect("/proc readable");
-        // The joined thread is gone from /proc, but the main thread slept in join.
-        assert!(after > before, "{before} → {after}");
+    fn context_switches_count_a_process_that_sleeps() {
+        // A child of its own: this test binary's other threads come and go.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep runs");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut seen = process_context_switches(child.id());
+        while seen < Some(1) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            seen = process_context_switches(child.id());
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        // Once asleep, it has been switched out at least once.
+        assert!(seen >= Some(1), "{seen:?}");
         assert_eq!(process_context_switches(u32::MAX), None);
     }
 }
