@@ -354,8 +354,41 @@ fn key(i: usize) -> Bytes {
     Bytes::from(format!("/registry/pods/bench/pod-{i:06}"))
 }
 
-fn cpu(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|p| process_cpu_seconds(*p)).sum()
+/// CPU seconds and context switches of the router and of the etcds so far.
+struct Usage {
+    router: Option<(f64, u64)>,
+    etcd: (f64, u64),
+}
+
+/// What a process spent per write between two [`Usage`]s.
+#[derive(Clone, Copy)]
+struct PerWrite {
+    cpu_us: f64,
+    switches: f64,
+}
+
+impl Usage {
+    fn now(router_pid: Option<u32>, etcd_pids: &[u32]) -> Usage {
+        let of = |pid: u32| Some((process_cpu_seconds(pid)?, process_context_switches(pid)?));
+        let etcds = etcd_pids.iter().filter_map(|p| of(*p));
+        Usage {
+            router: router_pid.and_then(of),
+            etcd: etcds.fold((0.0, 0), |(c, s), (c1, s1)| (c + c1, s + s1)),
+        }
+    }
+
+    /// Per write since `before`: the router's (None without one) and the etcds'.
+    fn since(&self, before: &Usage, writes: f64) -> (Option<PerWrite>, PerWrite) {
+        let per_write = |(c1, s1): (f64, u64), (c0, s0): (f64, u64)| PerWrite {
+            cpu_us: (c1 - c0) / writes * 1e6,
+            // Threads that exit take their counts with them: never below zero.
+            switches: s1.saturating_sub(s0) as f64 / writes,
+        };
+        (
+            self.router.zip(before.router).map(|(a, b)| per_write(a, b)),
+            per_write(self.etcd, before.etcd),
+        )
+    }
 }
 
 /// A gRPC channel to `http://…` or `unix:///…`.
@@ -477,8 +510,7 @@ async fn measure(
     );
 
     // Saturation: the rest of the keys from many concurrent clients.
-    let cpu_router_before = router_pid.and_then(process_cpu_seconds);
-    let cpu_etcd_before = cpu(etcd_pids);
+    let usage_before = Usage::now(router_pid, etcd_pids);
     let next = Arc::new(AtomicUsize::new(args.latency_ops));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -502,11 +534,7 @@ async fn measure(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let writes = (args.keys - args.latency_ops) as f64;
-    let router_cpu = router_pid
-        .and_then(process_cpu_seconds)
-        .zip(cpu_router_before)
-        .map(|(after, before)| (after - before) / writes * 1e6);
-    let etcd_cpu = (cpu(etcd_pids) - cpu_etcd_before) / writes * 1e6;
+    let (router_spent, etcd_spent) = Usage::now(router_pid, etcd_pids).since(&usage_before, writes);
     eprintln!(
         "  saturated: {:.0} writes/s with {} clients",
         writes / elapsed,
@@ -604,12 +632,12 @@ async fn measure(
         watch_p50_us: watch.percentile(50.0),
         watch_p99_us: watch.percentile(99.0),
         saturated_writes_per_s: writes / elapsed,
-        router_cpu_us_per_write: router_cpu,
-        etcd_cpu_us_per_write: etcd_cpu,
-        paced_router_cpu_us_per_write: paced.and_then(|p| p.router),
-        paced_etcd_cpu_us_per_write: paced.map(|p| p.etcd),
-        paced_router_switches_per_write: paced.and_then(|p| p.router_switches),
-        paced_etcd_switches_per_write: paced.map(|p| p.etcd_switches),
+        router_cpu_us_per_write: router_spent.map(|r| r.cpu_us),
+        etcd_cpu_us_per_write: etcd_spent.cpu_us,
+        paced_router_cpu_us_per_write: paced.and_then(|(r, _)| r).map(|r| r.cpu_us),
+        paced_etcd_cpu_us_per_write: paced.map(|(_, e)| e.cpu_us),
+        paced_router_switches_per_write: paced.and_then(|(r, _)| r).map(|r| r.switches),
+        paced_etcd_switches_per_write: paced.map(|(_, e)| e.switches),
     })
 }
 
@@ -645,21 +673,6 @@ async fn open_watch(
     Ok((req_tx, stream))
 }
 
-/// CPU per write (µs) and context switches per write of the paced phase.
-#[derive(Clone, Copy)]
-struct PacedCpu {
-    router: Option<f64>,
-    etcd: f64,
-    router_switches: Option<f64>,
-    etcd_switches: f64,
-}
-
-fn switches(pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|p| process_context_switches(*p))
-        .sum()
-}
-
 /// Creates at `--paced-rate`, one at a time, with a watch on their prefix
 /// (as kube-apiserver's watch cache): the CPU each process spends per write
 /// when writes arrive one by one, not in a saturated stream.
@@ -670,7 +683,7 @@ async fn paced(
     router_pid: Option<u32>,
     etcd_pids: &[u32],
     args: &Args,
-) -> anyhow::Result<PacedCpu> {
+) -> anyhow::Result<(Option<PerWrite>, PerWrite)> {
     let prefix = "/registry/pods/paced/";
     let (req_tx, mut stream) = open_watch(name, channel, prefix).await?;
     let ops = args.paced_ops;
@@ -685,10 +698,7 @@ async fn paced(
         anyhow::Ok(events)
     });
     let mut kv = KvClient::new(channel.clone());
-    let cpu_router_before = router_pid.and_then(process_cpu_seconds);
-    let cpu_etcd_before = cpu(etcd_pids);
-    let switches_router_before = router_pid.and_then(process_context_switches);
-    let switches_etcd_before = switches(etcd_pids);
+    let usage_before = Usage::now(router_pid, etcd_pids);
     let mut ticker = tokio::time::interval(Duration::from_secs(1) / args.paced_rate);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = Instant::now();
@@ -714,31 +724,17 @@ async fn paced(
     }
     let elapsed = started.elapsed().as_secs_f64();
     drop(req_tx);
-    let per_write = |after: f64, before: f64| (after - before) / ops as f64 * 1e6;
-    let cpu = PacedCpu {
-        router: router_pid
-            .and_then(process_cpu_seconds)
-            .zip(cpu_router_before)
-            .map(|(after, before)| per_write(after, before)),
-        etcd: per_write(cpu(etcd_pids), cpu_etcd_before),
-        router_switches: router_pid
-            .and_then(process_context_switches)
-            .zip(switches_router_before)
-            .map(|(after, before)| after.saturating_sub(before) as f64 / ops as f64),
-        // Threads that exit take their counts with them: never below zero.
-        etcd_switches: switches(etcd_pids).saturating_sub(switches_etcd_before) as f64 / ops as f64,
-    };
+    let (router, etcd) = Usage::now(router_pid, etcd_pids).since(&usage_before, ops as f64);
     eprintln!(
         "  paced: {ops} watched creates at {:.0}/s: per write, router {}, etcd {:.0} µs CPU and {:.1} context switches",
         ops as f64 / elapsed,
-        cpu.router
-            .zip(cpu.router_switches)
-            .map(|(c, s)| format!("{c:.0} µs CPU and {s:.1} context switches"))
+        router
+            .map(|r| format!("{:.0} µs CPU and {:.1} context switches", r.cpu_us, r.switches))
             .unwrap_or_else(|| "–".into()),
-        cpu.etcd,
-        cpu.etcd_switches
+        etcd.cpu_us,
+        etcd.switches
     );
-    Ok(cpu)
+    Ok((router, etcd))
 }
 
 fn print_report(results: &[ArmResult], args: &Args) {

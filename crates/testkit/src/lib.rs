@@ -840,9 +840,17 @@ impl Api {
 /// Deployment `name` in `default`: `replicas` pods labelled `app: <name>`,
 /// one container of image `nginx` (fake nodes never pull it), as JSON.
 pub fn deployment_json(name: &str, replicas: u32) -> String {
-    format!(
-        r#"{{"apiVersion":"apps/v1","kind":"Deployment","metadata":{{"name":"{name}"}},"spec":{{"replicas":{replicas},"selector":{{"matchLabels":{{"app":"{name}"}}}},"template":{{"metadata":{{"labels":{{"app":"{name}"}}}},"spec":{{"containers":[{{"name":"c","image":"nginx"}}]}}}}}}}}"#
-    )
+    serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                         "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
+        }
+    })
+    .to_string()
 }
 
 /// What kube-apiserver needs to run on one machine for tests and the local cluster.

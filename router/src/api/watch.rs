@@ -356,9 +356,7 @@ mod tests {
 
     use super::*;
     use crate::metrics::Metrics;
-    use crate::placement::ring::ShardId;
-    use crate::shard::memory::MemoryShard;
-    use crate::shard::{Connector, Origin, ShardClient, ShardSpec};
+    use crate::shard::memory::{self, MemoryShard};
     use crate::store::StoreConfig;
 
     #[tokio::test]
@@ -390,21 +388,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_gone_mid_wait_takes_its_watchers_off_the_gauge() {
-        let shard = MemoryShard::new();
-        let connector: Connector = Arc::new(move |_: &ShardSpec| {
-            let client: Arc<dyn ShardClient> = Arc::new(shard.clone());
-            Ok(client)
-        });
-        let spec = ShardSpec {
-            id: ShardId::new("s0"),
-            endpoint: "memory://s0".into(),
-            origin: Origin::Static,
-        };
+        let shards = BTreeMap::from([("s0".to_string(), MemoryShard::new())]);
         let store = Store::open_with(
             StoreConfig::default(),
-            &[spec],
+            &[memory::spec("s0")],
             Arc::new(Metrics::default()),
-            connector,
+            memory::connector(&shards),
         )
         .await
         .expect("store opens on a memory shard");

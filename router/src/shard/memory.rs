@@ -362,6 +362,28 @@ impl Default for MemoryShard {
     }
 }
 
+/// A connector that hands out the memory shard named by each spec's id
+/// (an unknown name is an error, as an unreachable shard would be).
+pub fn connector(shards: &BTreeMap<String, MemoryShard>) -> super::Connector {
+    let by_name = shards.clone();
+    Arc::new(move |spec: &super::ShardSpec| {
+        let shard = by_name.get(spec.id.as_str()).cloned().ok_or_else(|| {
+            crate::error::StoreError::Internal(format!("no memory shard {}", spec.id))
+        })?;
+        let client: Arc<dyn ShardClient> = Arc::new(shard);
+        Ok(client)
+    })
+}
+
+/// The spec of memory shard `name` (endpoint `memory://<name>`).
+pub fn spec(name: &str) -> super::ShardSpec {
+    super::ShardSpec {
+        id: crate::placement::ring::ShardId::new(name),
+        endpoint: format!("memory://{name}"),
+        origin: super::Origin::Static,
+    }
+}
+
 impl MemoryShard {
     pub fn new() -> Self {
         MemoryShard {

@@ -22,16 +22,8 @@ mod cache;
 use crate::error::StoreError;
 use crate::metrics::Metrics;
 use crate::placement::ring::ShardId;
-use crate::shard::memory::{Call, Fault, MemoryShard};
-use crate::shard::{Connector, Origin, ShardClient, ShardSpec};
-
-fn spec(name: &str) -> ShardSpec {
-    ShardSpec {
-        id: ShardId::new(name),
-        endpoint: format!("memory://{name}"),
-        origin: Origin::Static,
-    }
-}
+use crate::shard::memory::{self, spec, Call, Fault, MemoryShard};
+use crate::shard::ShardSpec;
 
 /// Shards by name; a store opened on some of them, the others can join.
 struct Fixture {
@@ -74,15 +66,7 @@ impl Fixture {
         specs: &[ShardSpec],
         config: StoreConfig,
     ) -> Arc<Store> {
-        let by_name = shards.clone();
-        let connector: Connector = Arc::new(move |spec: &ShardSpec| {
-            let shard = by_name
-                .get(spec.id.as_str())
-                .cloned()
-                .ok_or_else(|| StoreError::Internal(format!("no memory shard {}", spec.id)))?;
-            let client: Arc<dyn ShardClient> = Arc::new(shard);
-            Ok(client)
-        });
+        let connector = memory::connector(shards);
         let config = StoreConfig {
             shard_timeout: Duration::from_millis(500),
             load_timeout: Duration::from_millis(200),
