@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod coalesce;
 pub mod envelope;
 pub mod error;
 pub mod history;

@@ -20,6 +20,8 @@ use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::coalesce::Cork;
+
 type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// An executor whose futures run in [`drive`], on the caller's task.
@@ -89,11 +91,17 @@ where
 
 /// Runs `connection`, whose executor is `streams`, with the streams it
 /// starts, until it ends; once `stop` is cancelled it finishes the calls in
-/// flight, takes no new ones and ends.
+/// flight, takes no new ones and ends. `cork` is the one of the
+/// connection's socket ([`Coalesce::corked`]): held while the connection
+/// and its streams are polled, so that what a turn answers (a watch event,
+/// a Txn's answer) leaves in one write, made by a last poll of the turn.
+///
+/// [`Coalesce::corked`]: crate::coalesce::Coalesce::corked
 pub async fn drive<C: Connection>(
     connection: C,
     streams: Inline,
     stop: CancellationToken,
+    cork: Cork,
 ) -> C::Output {
     let mut connection = pin!(connection);
     let mut stopped = pin!(stop.cancelled_owned());
@@ -105,19 +113,28 @@ pub async fn drive<C: Connection>(
             stopping = true;
             connection.as_mut().graceful_shutdown();
         }
-        // Twice: what the streams answered is written by the connection in
-        // the same turn, without a wake-up of this task in between.
+        cork.hold();
+        // The connection, then the streams, twice: what the streams answer
+        // is handed to the connection in the same turn, without a wake-up
+        // of this task in between.
+        let mut progressed = false;
         for _ in 0..2 {
             if let Poll::Ready(done) = connection.as_mut().poll(cx) {
+                cork.release();
                 return Poll::Ready(done);
             }
-            let started = streams.take(&mut running);
-            let mut progressed = started;
+            progressed = streams.take(&mut running);
             while let Poll::Ready(Some(())) = running.poll_next_unpin(cx) {
                 progressed = true;
             }
             if !progressed {
                 break;
+            }
+        }
+        // One last poll writes what the turn put off, in one write.
+        if cork.release() || progressed {
+            if let Poll::Ready(done) = connection.as_mut().poll(cx) {
+                return Poll::Ready(done);
             }
         }
         Poll::Pending
@@ -186,7 +203,7 @@ mod tests {
         };
         let out = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            drive(fake, exec, CancellationToken::new()),
+            drive(fake, exec, CancellationToken::new(), Cork::default()),
         )
         .await
         .expect("the streams ran");
@@ -205,9 +222,12 @@ mod tests {
             done: Arc::default(),
             shutdown: false,
         };
-        let out = tokio::time::timeout(std::time::Duration::from_secs(5), drive(fake, exec, stop))
-            .await
-            .expect("shut down");
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            drive(fake, exec, stop, Cork::default()),
+        )
+        .await
+        .expect("shut down");
         assert_eq!(out, (0, true));
     }
 }

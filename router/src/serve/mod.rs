@@ -36,6 +36,8 @@ use tracing::{debug, warn};
 
 pub use dispatch::Services;
 
+use crate::coalesce::{Coalesce, Cork};
+
 /// What [`Services`] needs of its gRPC health server (tonic-health's
 /// `HealthServer<impl Health>`, a type its crate does not name).
 pub trait Health:
@@ -150,16 +152,17 @@ async fn connection<IO, H>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Health,
 {
-    let io = TokioIo::new(io);
+    let cork = Cork::default();
+    let io = TokioIo::new(Coalesce::corked(io, cork.clone()));
     let ended = match options.requests {
         RequestTasks::Inline => {
             let streams = inline::Inline::default();
             let connection = builder(streams.clone(), options).serve_connection(io, services);
-            inline::drive(connection, streams, stop).await
+            inline::drive(connection, streams, stop, cork).await
         }
         RequestTasks::Spawn => {
             let connection = builder(TokioExecutor::new(), options).serve_connection(io, services);
-            inline::drive(connection, inline::Inline::default(), stop).await
+            inline::drive(connection, inline::Inline::default(), stop, cork).await
         }
     };
     if let Err(e) = ended {

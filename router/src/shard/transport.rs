@@ -39,6 +39,7 @@ use tonic::transport::Uri;
 use tonic::{Code, Status};
 use tracing::debug;
 
+use crate::coalesce::Coalesce;
 use crate::tls::ClientTls;
 
 /// Where a shard's etcd listens.
@@ -147,7 +148,7 @@ impl Peer {
                     CallError::Transport(format!("connecting to {}: {e}", path.display()))
                 })?),
             };
-            handshake(io).await
+            handshake(Box::new(Coalesce::new(io))).await
         };
         tokio::time::timeout(connect_timeout, connecting)
             .await
