@@ -136,7 +136,7 @@ impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
 /// True when `bytes` is one or more ACKs of gRPC-Go's BDP PING, nothing else.
 fn only_bdp_ping_acks(bytes: &[u8]) -> bool {
     !bytes.is_empty()
-        && bytes.len() % PING_FRAME_LEN == 0
+        && bytes.len().is_multiple_of(PING_FRAME_LEN)
         && bytes.chunks(PING_FRAME_LEN).all(|frame| {
             let (head, payload) = frame.split_at(9);
             // length 8, type PING (6), flags ACK (1), stream 0
