@@ -262,7 +262,8 @@ mod tests {
         let mut io = Coalesce::new(Recorder::default());
         io.write_all(b"headers").await.unwrap();
         let slices = [io::IoSlice::new(b"+data"), io::IoSlice::new(b"+more")];
-        io.write_vectored(&slices).await.unwrap();
+        let n = io.write_vectored(&slices).await.unwrap();
+        assert_eq!(n, 10, "every slice is taken at once");
         assert!(
             io.inner.writes.is_empty(),
             "nothing is written before a flush"
