@@ -202,22 +202,25 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Coalesce<IO> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use futures::FutureExt;
-    use std::future::poll_fn;
-    use tokio::io::AsyncWriteExt;
 
     /// A socket that records each write it is given; it takes at most
     /// `limit` bytes per write, and says Pending (waking at once) to every
     /// other write when `stutter` is set.
     #[derive(Default)]
-    struct Recorder {
-        writes: Vec<Vec<u8>>,
-        limit: Option<usize>,
-        stutter: bool,
-        refused: bool,
-        shut: bool,
+    pub(crate) struct Recorder {
+        pub(crate) writes: Vec<Vec<u8>>,
+        pub(crate) limit: Option<usize>,
+        pub(crate) stutter: bool,
+        pub(crate) refused: bool,
+        pub(crate) shut: bool,
+    }
+
+    impl<IO> Coalesce<IO> {
+        pub(crate) fn socket(&self) -> &IO {
+            &self.inner
+        }
     }
 
     impl AsyncWrite for Recorder {
@@ -244,6 +247,15 @@ mod tests {
             Poll::Ready(Ok(()))
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Recorder;
+    use super::*;
+    use futures::FutureExt;
+    use std::future::poll_fn;
+    use tokio::io::AsyncWriteExt;
 
     fn ping_ack(payload: [u8; 8]) -> Vec<u8> {
         let mut frame = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];

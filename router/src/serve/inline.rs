@@ -145,8 +145,10 @@ pub async fn drive<C: Connection>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::coalesce::{testing::Recorder, Coalesce};
     use hyper::rt::Executor;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWrite;
 
     /// A stand-in connection: starts `n` streams on its first poll, each
     /// counting `done` when run; ends once they all ran.
@@ -208,6 +210,57 @@ mod tests {
         .await
         .expect("the streams ran");
         assert_eq!(out, (4, false));
+    }
+
+    /// A connection writing through a corked socket: one frame per poll,
+    /// each flushed at once; it starts one stream on its first poll and
+    /// ends as soon as anything reached the socket.
+    struct Writer {
+        io: Coalesce<Recorder>,
+        exec: Inline,
+        polls: usize,
+    }
+
+    impl Future for Writer {
+        type Output = Vec<Vec<u8>>;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+            self.polls += 1;
+            if self.polls == 1 {
+                self.exec.execute(async {});
+            }
+            let frame = format!("frame{};", self.polls);
+            let io = Pin::new(&mut self.io);
+            assert!(matches!(
+                io.poll_write(cx, frame.as_bytes()),
+                Poll::Ready(Ok(_))
+            ));
+            let io = Pin::new(&mut self.io);
+            assert!(matches!(io.poll_flush(cx), Poll::Ready(Ok(()))));
+            match self.io.socket().writes.is_empty() {
+                true => Poll::Pending,
+                false => Poll::Ready(self.io.socket().writes.clone()),
+            }
+        }
+    }
+
+    impl Connection for Writer {
+        fn graceful_shutdown(self: Pin<&mut Self>) {}
+    }
+
+    #[tokio::test]
+    async fn what_a_turn_writes_leaves_in_one_write_by_its_last_poll() {
+        let exec = Inline::default();
+        let cork = Cork::default();
+        let writer = Writer {
+            io: Coalesce::corked(Recorder::default(), cork.clone()),
+            exec: exec.clone(),
+            polls: 0,
+        };
+        let writes = drive(writer, exec, CancellationToken::new(), cork)
+            .now_or_never()
+            .expect("done within the first turn");
+        // Polled for the stream it started, then once more uncorked.
+        assert_eq!(writes, vec![b"frame1;frame2;frame3;".to_vec()]);
     }
 
     #[tokio::test]
