@@ -112,6 +112,14 @@ pub struct RunArgs {
     )]
     pub etcd_args: Vec<String>,
 
+    /// Go's GOMAXPROCS for etcd: the most cores it runs Go code on at once.
+    /// 1 (the default) keeps a shard to one core beside the node's pods and
+    /// halves etcd's thread wake-ups per write (Go's scheduler otherwise
+    /// wakes idle threads to look for work; docs/benchmarks.md, "GOMAXPROCS
+    /// of the RAM etcds"). 0: leave it to Go (one per CPU of the node).
+    #[arg(long, env = "STE_SHARD_ETCD_GOMAXPROCS", default_value_t = 1)]
+    pub etcd_gomaxprocs: u16,
+
     /// Interval between health checks of etcd (GET /health?exclude=NOSPACE:
     /// a full shard still serves reads and deletes, so it is not restarted).
     #[arg(long, env = "STE_SHARD_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
@@ -199,6 +207,8 @@ pub struct Config {
     pub tls: Option<ServerTlsFiles>,
     pub client_tls: Option<ClientTlsFiles>,
     pub etcd_args: Vec<String>,
+    /// 0: Go's own default.
+    pub etcd_gomaxprocs: u16,
     pub health_interval: Duration,
     pub health_timeout: Duration,
     pub unhealthy_after: Duration,
@@ -399,6 +409,7 @@ impl RunArgs {
                 .into_iter()
                 .filter(|a| !a.is_empty())
                 .collect(),
+            etcd_gomaxprocs: self.etcd_gomaxprocs,
             health_interval: self.health_interval,
             health_timeout: self.health_timeout,
             unhealthy_after: self.unhealthy_after,

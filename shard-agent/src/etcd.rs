@@ -49,6 +49,8 @@ pub enum EtcdError {
 pub struct EtcdCommand {
     pub binary: PathBuf,
     pub args: Vec<String>,
+    /// Set in etcd's environment (on top of the agent's own).
+    pub env: Vec<(String, String)>,
     pub data_dir: PathBuf,
     pub log: PathBuf,
 }
@@ -91,9 +93,14 @@ impl EtcdCommand {
             }
         }
         args.extend(config.etcd_args.iter().cloned());
+        let env = match config.etcd_gomaxprocs {
+            0 => Vec::new(),
+            n => vec![("GOMAXPROCS".to_string(), n.to_string())],
+        };
         EtcdCommand {
             binary: config.etcd_binary.clone(),
             args,
+            env,
             data_dir: config.data_dir.clone(),
             log: config.etcd_log.clone(),
         }
@@ -144,6 +151,7 @@ impl EtcdCommand {
         let mut command = Command::new(&self.binary);
         command
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr)

@@ -377,3 +377,29 @@ async fn a_router_on_the_same_host_reaches_the_shard_on_its_unix_socket() {
     assert!(stored.ends_with(b"over the socket"));
     router.stop().await.expect("router stops");
 }
+
+/// GOMAXPROCS in the environment of the agent's etcd child, if any.
+fn etcd_gomaxprocs(agent: &Agent) -> Option<String> {
+    let pid = agent.etcd_pid().expect("etcd runs as the agent's child");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("etcd's environment");
+    environ
+        .split(|b| *b == 0)
+        .filter_map(|var| std::str::from_utf8(var).ok())
+        .find_map(|var| var.strip_prefix("GOMAXPROCS=").map(str::to_string))
+}
+
+#[tokio::test]
+async fn etcd_runs_on_one_core_unless_told_otherwise() {
+    let mut agent = Agent::start("shard-procs", &["--no-register"]);
+    agent.wait_ready(Duration::from_secs(30)).await;
+    assert_eq!(etcd_gomaxprocs(&agent).as_deref(), Some("1"));
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(20)).await.success());
+
+    // 0: the agent leaves etcd's GOMAXPROCS to Go (and to its own environment).
+    let mut agent = Agent::start("shard-procs-all", &["--no-register", "--etcd-gomaxprocs=0"]);
+    agent.wait_ready(Duration::from_secs(30)).await;
+    assert_eq!(etcd_gomaxprocs(&agent), std::env::var("GOMAXPROCS").ok());
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(20)).await.success());
+}
