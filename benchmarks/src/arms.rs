@@ -130,6 +130,38 @@ pub struct Topology {
     /// alike; the durable etcd stays on TCP. Default: TCP on 127.0.0.1.
     #[arg(long, env = "STE_LOCAL_SOCKETS")]
     pub local_sockets: bool,
+    /// GOMAXPROCS of the ste arm's RAM etcd shards: what ste-shard-agent
+    /// runs them with (its --etcd-gomaxprocs, default 1). 0: Go's default,
+    /// one per CPU.
+    #[arg(long, env = "STE_SHARD_GOMAXPROCS", default_value_t = 1)]
+    pub shard_gomaxprocs: u16,
+    /// GOMAXPROCS of override's RAM etcd. 0 (the default): Go's default, as
+    /// a user runs etcd; 1 gives it what STE's shards get.
+    #[arg(long, env = "STE_OVERRIDE_GOMAXPROCS", default_value_t = 0)]
+    pub override_gomaxprocs: u16,
+}
+
+impl Topology {
+    /// The environment of a RAM etcd run with `gomaxprocs` (0: none set).
+    pub fn gomaxprocs_env(gomaxprocs: u16) -> Vec<(String, String)> {
+        match gomaxprocs {
+            0 => Vec::new(),
+            n => vec![("GOMAXPROCS".to_string(), n.to_string())],
+        }
+    }
+
+    /// How reports name the RAM etcds' GOMAXPROCS.
+    pub fn gomaxprocs_name(&self) -> String {
+        let name = |n: u16| match n {
+            0 => "Go's default".to_string(),
+            n => n.to_string(),
+        };
+        format!(
+            "RAM etcd GOMAXPROCS: STE's shards {}, override's {}",
+            name(self.shard_gomaxprocs),
+            name(self.override_gomaxprocs)
+        )
+    }
 }
 
 impl Default for Topology {
@@ -138,6 +170,8 @@ impl Default for Topology {
             etcd_members: 1,
             replication_factor: 1,
             local_sockets: false,
+            shard_gomaxprocs: 1,
+            override_gomaxprocs: 0,
         }
     }
 }
@@ -238,6 +272,19 @@ mod tests {
     }
 
     #[test]
+    fn ram_etcds_get_gomaxprocs_only_when_asked_and_reports_say_which() {
+        assert!(Topology::gomaxprocs_env(0).is_empty());
+        assert_eq!(
+            Topology::gomaxprocs_env(2),
+            vec![("GOMAXPROCS".to_string(), "2".to_string())]
+        );
+        assert_eq!(
+            Topology::default().gomaxprocs_name(),
+            "RAM etcd GOMAXPROCS: STE's shards 1, override's Go's default"
+        );
+    }
+
+    #[test]
     fn directory_names_say_members_and_copies() {
         let env = Environment {
             shards: 2,
@@ -247,7 +294,7 @@ mod tests {
             topology: Topology {
                 etcd_members: 3,
                 replication_factor: 2,
-                local_sockets: false,
+                ..Default::default()
             },
         };
         assert_eq!(dir_name(Arm::Ste, &env), "ste-qps200-m3-rf2");

@@ -239,11 +239,13 @@ impl Launcher {
         name: &str,
         data: &Path,
         local_socket: bool,
+        gomaxprocs: u16,
     ) -> anyhow::Result<(String, String)> {
         let socket = local_socket.then(|| data.with_extension("sock"));
         let members = [(name.to_string(), data.to_path_buf())];
+        let env = crate::arms::Topology::gomaxprocs_env(gomaxprocs);
         let tcp = self
-            .start_etcd_members(&members, true, None, socket.as_deref())?
+            .start_etcd_members(&members, true, None, socket.as_deref(), &env)?
             .remove(0);
         let dial = match &socket {
             Some(path) => format!("unix://{}", path.display()),
@@ -261,6 +263,7 @@ impl Launcher {
         ram: bool,
         fsync_delay: Option<Duration>,
         socket: Option<&Path>,
+        env: &[(String, String)],
     ) -> anyhow::Result<Vec<String>> {
         let ports: Vec<(u16, u16)> = members.iter().map(|_| (free_port(), free_port())).collect();
         let initial_cluster = members
@@ -294,7 +297,7 @@ impl Launcher {
             if ram {
                 args.push("--unsafe-no-fsync".into());
             }
-            self.spawn_etcd(name, args, fsync_delay)?;
+            self.spawn_etcd(name, args, fsync_delay, env)?;
             endpoints.push(endpoint);
         }
         Ok(endpoints)
@@ -306,10 +309,11 @@ impl Launcher {
         name: &str,
         args: Vec<String>,
         fsync_delay: Option<Duration>,
+        env: &[(String, String)],
     ) -> anyhow::Result<()> {
         let etcd = upstream_binary("etcd", "STE_ETCD_BIN")?;
         let Some(delay) = fsync_delay else {
-            return self.spawn(name, &etcd, &args);
+            return self.spawn_with_env(name, &etcd, &args, env);
         };
         // Only fsync and fdatasync are stopped, each for `delay` on exit.
         let us = delay.as_micros();
@@ -330,7 +334,7 @@ impl Launcher {
         traced.extend(args);
         let strace =
             which("strace").context("--fsync-delay needs strace (apt-get install strace)")?;
-        self.spawn(name, &strace, &traced)
+        self.spawn_with_env(name, &strace, &traced, env)
     }
 
     /// The durable etcd: `members` processes named etcd-main, etcd-main-1, …
@@ -347,7 +351,7 @@ impl Launcher {
                 (name, data)
             })
             .collect();
-        let endpoints = self.start_etcd_members(&members, false, fsync_delay, None)?;
+        let endpoints = self.start_etcd_members(&members, false, fsync_delay, None, &[])?;
         self.record.durable_etcd = endpoints.clone();
         self.save()?;
         Ok(endpoints)
@@ -439,7 +443,11 @@ fn shard_agent_binary() -> anyhow::Result<PathBuf> {
 
 /// Applies the Shard CRD and starts `n` ste-shard-agent processes with RAM
 /// data dirs, waiting until the router has taken each shard in.
-async fn start_shard_agents(launcher: &mut Launcher, n: usize) -> anyhow::Result<()> {
+async fn start_shard_agents(
+    launcher: &mut Launcher,
+    n: usize,
+    gomaxprocs: u16,
+) -> anyhow::Result<()> {
     eprintln!("• the Shard CRD and {n} ste-shard-agent(s)");
     let kubeconfig = launcher.record.kubeconfig.display().to_string();
     let crd = launcher.dir.join("crd-shards.yaml");
@@ -490,6 +498,7 @@ async fn start_shard_agents(launcher: &mut Launcher, n: usize) -> anyhow::Result
             format!("--admin-listen=127.0.0.1:{}", free_port()),
             format!("--kubeconfig={kubeconfig}"),
             "--heartbeat-interval=2s".into(),
+            format!("--etcd-gomaxprocs={gomaxprocs}"),
         ];
         launcher.spawn(&name, &binary, &args)?;
     }
@@ -686,7 +695,7 @@ async fn start_all(
         let ram = ram_directory(&dir, "ste-tuned-")?;
         launcher.record.ram_dir = Some(ram.clone());
         // --local-sockets is for the pod store; tuned's one etcd stays on TCP.
-        let (endpoint, _) = launcher.start_ram_store("etcd-main", &ram.join("etcd"), false)?;
+        let (endpoint, _) = launcher.start_ram_store("etcd-main", &ram.join("etcd"), false, 0)?;
         // Tuned's one etcd holds what the durable etcd holds on other arms.
         launcher.record.durable_etcd = vec![endpoint.clone()];
         endpoint
@@ -704,8 +713,12 @@ async fn start_all(
         step("override: pods and events in one etcd on a RAM disk, no fsync");
         let ram = ram_directory(&dir, "ste-override-")?;
         launcher.record.ram_dir = Some(ram.clone());
-        let (endpoint, dial) =
-            launcher.start_ram_store("etcd-override", &ram.join("etcd"), topology.local_sockets)?;
+        let (endpoint, dial) = launcher.start_ram_store(
+            "etcd-override",
+            &ram.join("etcd"),
+            topology.local_sockets,
+            topology.override_gomaxprocs,
+        )?;
         overrides.push(format!("/pods#{dial}"));
         overrides.push(format!("/events#{dial}"));
         launcher.record.ram_etcd = Some(endpoint);
@@ -718,8 +731,12 @@ async fn start_all(
         let mut shard_specs = Vec::new();
         for i in 0..args.shards {
             let name = format!("shard-{i}");
-            let (_, dial) =
-                launcher.start_ram_store(&name, &ram.join(&name), topology.local_sockets)?;
+            let (_, dial) = launcher.start_ram_store(
+                &name,
+                &ram.join(&name),
+                topology.local_sockets,
+                topology.shard_gomaxprocs,
+            )?;
             shard_specs.push(format!("{name}={dial}"));
         }
         let listen = format!("127.0.0.1:{}", free_port());
@@ -810,7 +827,7 @@ async fn start_all(
         .await?;
     write_kubeconfig(&launcher.record)?;
     if agents.shard_agents > 0 {
-        start_shard_agents(launcher, agents.shard_agents).await?;
+        start_shard_agents(launcher, agents.shard_agents, topology.shard_gomaxprocs).await?;
     }
 
     step("kube-controller-manager and kube-scheduler");

@@ -46,14 +46,15 @@ fn heading(args: &ChurnArgs) -> String {
             String::new()
         },
         args.external.heading().unwrap_or_else(|| format!(
-                "{} fake nodes, durable etcd of {} member(s) with fsync delay {}, STE replication factor {}, RAM store reached over {}",
+                "{} fake nodes, durable etcd of {} member(s) with fsync delay {}, STE replication factor {}, RAM store reached over {}, {}",
                 args.nodes,
                 args.topology.etcd_members,
                 args.fsync_delay
                     .map(|d| format!("{d:?}"))
                     .unwrap_or_else(|| "none".into()),
                 args.topology.replication_factor,
-                if args.topology.local_sockets { "Unix sockets" } else { "TCP" }
+                if args.topology.local_sockets { "Unix sockets" } else { "TCP" },
+                args.topology.gomaxprocs_name()
             )),
     )
 }
