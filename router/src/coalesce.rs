@@ -431,11 +431,17 @@ mod tests {
         frame
     }
 
-    #[tokio::test]
-    async fn a_bdp_ping_ack_rides_after_the_next_write_once_it_has_waited() {
-        let mut io = Coalesce::new(Recorder::default()).holding_acks_for(Duration::ZERO);
+    /// A socket that was asked to write a BDP PING's ACK, and flushed.
+    async fn holding_an_ack(hold: Duration) -> Coalesce<Recorder> {
+        let mut io = Coalesce::new(Recorder::default()).holding_acks_for(hold);
         io.write_all(&BDP_PING_ACK).await.unwrap();
         io.flush().await.unwrap();
+        io
+    }
+
+    #[tokio::test]
+    async fn a_bdp_ping_ack_rides_after_the_next_write_once_it_has_waited() {
+        let mut io = holding_an_ack(Duration::ZERO).await;
         assert!(io.inner.writes.is_empty(), "an ACK alone waits");
         let answer = data_frame(40, b'a');
         io.write_all(&answer).await.unwrap();
@@ -450,9 +456,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bdp_ping_ack_waits_out_its_hold_across_writes() {
-        let mut io = Coalesce::new(Recorder::default()).holding_acks_for(Duration::from_secs(3600));
-        io.write_all(&BDP_PING_ACK).await.unwrap();
-        io.flush().await.unwrap();
+        let mut io = holding_an_ack(Duration::from_secs(3600)).await;
         // Flushes under the bulk bound, until a mebibyte has gone out.
         let frame = data_frame(ACK_NOW_FLUSH_BYTES / 2, 3);
         let flushes = ACK_HOLD_BYTES.div_ceil(frame.len());
@@ -475,9 +479,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_large_flush_takes_the_held_ack_at_once() {
-        let mut io = Coalesce::new(Recorder::default()).holding_acks_for(Duration::from_secs(3600));
-        io.write_all(&BDP_PING_ACK).await.unwrap();
-        io.flush().await.unwrap();
+        let mut io = holding_an_ack(Duration::from_secs(3600)).await;
         let small = data_frame(ACK_NOW_FLUSH_BYTES - FRAME_HEADER_LEN - 1, 1);
         io.write_all(&small).await.unwrap();
         io.flush().await.unwrap();
