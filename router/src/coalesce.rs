@@ -115,17 +115,17 @@ pub struct Coalesce<IO> {
     /// Where in `buf` the bytes not yet looked at for ACKs begin, at a
     /// frame boundary; `None` after a write cut a frame (see module docs).
     unscanned: Option<usize>,
-    held: HeldAcks,
+    /// BDP PING ACKs taken out of the stream, waiting to go out.
+    held: Option<HeldAcks>,
     hold: Duration,
     cork: Option<Cork>,
 }
 
-/// BDP PING ACKs taken out of the stream, waiting to go out.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct HeldAcks {
     count: usize,
     /// When the first of them was taken out.
-    since: Option<Instant>,
+    since: Instant,
     /// Bytes written since then.
     bytes: usize,
 }
@@ -138,7 +138,7 @@ impl<IO> Coalesce<IO> {
             buf: Vec::new(),
             sent: 0,
             unscanned: Some(0),
-            held: HeldAcks::default(),
+            held: None,
             hold: ACK_HOLD,
             cork: None,
         }
@@ -167,27 +167,36 @@ impl<IO> Coalesce<IO> {
     /// other bytes go out with them. The end of `buf` must be a frame
     /// boundary (it is when the connection flushes).
     fn hold_or_release_acks(&mut self) {
-        if let Some(from) = self.unscanned {
-            let taken = take_bdp_ping_acks(&mut self.buf, from);
-            if taken > 0 {
-                self.held.count += taken;
-                self.held.since.get_or_insert_with(Instant::now);
-            }
+        let taken = match self.unscanned {
+            Some(from) => take_bdp_ping_acks(&mut self.buf, from),
+            None => 0,
+        };
+        if taken > 0 {
+            let held = self.held.get_or_insert_with(|| HeldAcks {
+                count: 0,
+                since: Instant::now(),
+                bytes: 0,
+            });
+            held.count += taken;
         }
         let unheld = self.buf.len() - self.unscanned.unwrap_or(self.sent);
-        if self.held.count > 0 && unheld > 0 {
-            self.held.bytes += unheld;
-            let waited = self.held.since.is_some_and(|t| t.elapsed() >= self.hold);
-            let bulk = unheld >= ACK_NOW_FLUSH_BYTES || self.held.bytes >= ACK_HOLD_BYTES;
+        if let Some(held) = self.held.as_mut().filter(|_| unheld > 0) {
+            held.bytes += unheld;
+            let waited = held.since.elapsed() >= self.hold;
+            let bulk = unheld >= ACK_NOW_FLUSH_BYTES || held.bytes >= ACK_HOLD_BYTES;
             if waited || bulk {
-                for _ in 0..self.held.count {
-                    self.buf.extend_from_slice(&BDP_PING_ACK);
-                }
-                self.held = HeldAcks::default();
+                self.release_acks();
             }
         }
         // Whatever the scan could not see (after a cut) is behind us now.
         self.unscanned = Some(self.buf.len());
+    }
+
+    /// Puts the held ACKs at the end of `buf`, which must be a frame boundary.
+    fn release_acks(&mut self) {
+        for _ in 0..self.held.take().map_or(0, |held| held.count) {
+            self.buf.extend_from_slice(&BDP_PING_ACK);
+        }
     }
 }
 
@@ -295,10 +304,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
     /// Writes what is buffered, then the held ACKs if the stream is at a
     /// frame boundary (it is when the last thing done was a flush).
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.held.count > 0 && self.unscanned == Some(self.buf.len()) {
-            for _ in 0..std::mem::take(&mut self.held).count {
-                self.buf.extend_from_slice(&BDP_PING_ACK);
-            }
+        if self.unscanned == Some(self.buf.len()) {
+            self.release_acks();
             self.unscanned = Some(self.buf.len());
         }
         ready!(self.poll_drain(cx))?;
