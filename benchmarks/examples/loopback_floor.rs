@@ -1,0 +1,496 @@
+//! The floor under one loopback hop on this machine: how long a round trip
+//! between two processes takes, and what it costs in CPU, with no HTTP/2,
+//! gRPC or etcd in it.
+//!
+//! A write through ste-router costs one hop more than a write to plain etcd
+//! (docs/benchmarks.md, "The floor under a hop"). This measures that hop's
+//! parts that no router code can remove: the kernel's loopback path and the
+//! wake-up of a process sleeping in `read` or `epoll_wait`. The server is a
+//! child process (this program again, with `--serve`) echoing fixed-size
+//! messages; the client times each round trip.
+//!
+//! ```sh
+//! cargo run --release -p ste-bench --example loopback_floor -- --help
+//! hack/experiments/hop-floor.sh     # also a plain etcd and ste-router over one shard
+//! ```
+
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+
+/// Round trips between two processes over loopback TCP or a Unix socket,
+/// with each side blocking in `read`, spinning on non-blocking reads, or
+/// (server) on a current-thread tokio runtime; closed loop, and paced at a
+/// churn rate. Prints round-trip percentiles and CPU per round trip.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Round trips per closed-loop case (one after another, no pause).
+    #[arg(long, env = "FLOOR_ROUNDS", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(100..))]
+    rounds: u32,
+    /// Round trips per paced case.
+    #[arg(long, env = "FLOOR_PACED_ROUNDS", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(100..))]
+    paced_rounds: u32,
+    /// Round trips per second of the paced cases (kube-apiserver sends the
+    /// pod store ~180 writes/s at 30 Deployments/s, one at a time).
+    #[arg(long, env = "FLOOR_PACED_RATE", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    paced_rate: u32,
+    /// Bytes each way per round trip (a small Txn answer is ~40–100 B).
+    #[arg(long, env = "FLOOR_SIZE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    size: u32,
+    /// Also time gRPC calls against these etcd v3 endpoints (`name=url`,
+    /// repeatable; e.g. a plain etcd and a ste-router): a call the server
+    /// answers by itself (Maintenance.Alarm) and a create Txn of `--size`
+    /// bytes, from a client on a current-thread runtime and from one on the
+    /// main thread of a two-worker runtime (how `ste-bench` calls).
+    #[arg(long = "grpc", env = "FLOOR_GRPC", value_delimiter = ',')]
+    grpc: Vec<String>,
+    /// Internal: run as the echo server of one case.
+    #[arg(long, hide = true, value_enum)]
+    serve: Option<Style>,
+    /// Internal: the server's transport.
+    #[arg(long, hide = true, value_enum, default_value_t = Transport::Tcp)]
+    transport: Transport,
+    /// Internal: the Unix socket path.
+    #[arg(long, hide = true)]
+    path: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    Tcp,
+    Unix,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Style {
+    /// Sleep in a blocking `read` until the bytes come.
+    Block,
+    /// Spin on a non-blocking `read`: no sleep, no wake-up.
+    Spin,
+    /// A current-thread tokio runtime: `epoll_wait`, then the read.
+    Tokio,
+}
+
+struct Case {
+    transport: Transport,
+    server: Style,
+    client: Style,
+    paced: bool,
+}
+
+/// CPU time (ns) and context switches of every thread of this process.
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    cpu_ns: u64,
+    switches: u64,
+}
+
+impl Usage {
+    fn now() -> Result<Usage> {
+        let mut usage = Usage::default();
+        for task in std::fs::read_dir("/proc/self/task").context("reading /proc/self/task")? {
+            let dir = task?.path();
+            let schedstat = std::fs::read_to_string(dir.join("schedstat"))?;
+            usage.cpu_ns += first_number(&schedstat)?;
+            let status = std::fs::read_to_string(dir.join("status"))?;
+            for line in status.lines() {
+                if let Some(rest) = line
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    usage.switches += first_number(rest)?;
+                }
+            }
+        }
+        Ok(usage)
+    }
+
+    fn since(self, before: Usage) -> Usage {
+        Usage {
+            cpu_ns: self.cpu_ns.saturating_sub(before.cpu_ns),
+            switches: self.switches.saturating_sub(before.switches),
+        }
+    }
+}
+
+fn first_number(text: &str) -> Result<u64> {
+    let word = text.split_whitespace().next().unwrap_or_default();
+    word.parse()
+        .with_context(|| format!("not a number: {word:?}"))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(style) = args.serve {
+        return serve(
+            style,
+            args.transport,
+            args.path.as_deref(),
+            args.size as usize,
+        );
+    }
+    let cases = [
+        (Transport::Tcp, Style::Block, Style::Block, false),
+        (Transport::Unix, Style::Block, Style::Block, false),
+        (Transport::Tcp, Style::Spin, Style::Spin, false),
+        (Transport::Tcp, Style::Tokio, Style::Block, false),
+        (Transport::Tcp, Style::Block, Style::Block, true),
+        (Transport::Unix, Style::Block, Style::Block, true),
+        (Transport::Tcp, Style::Tokio, Style::Block, true),
+    ];
+    println!("| transport | server | client | pacing | round trip p50 / p90 / p99 µs | client CPU µs / round trip | server CPU µs | server switches |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (transport, server, client, paced) in cases {
+        let case = Case {
+            transport,
+            server,
+            client,
+            paced,
+        };
+        run_case(&args, &case)
+            .with_context(|| format!("case {transport:?} {server:?}/{client:?}"))?;
+    }
+    if !args.grpc.is_empty() {
+        grpc::run(&args.grpc, args.rounds, args.size as usize)?;
+    }
+    Ok(())
+}
+
+fn run_case(args: &Args, case: &Case) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("echo.sock");
+    let (mut child, mut lines) = spawn_server(case, &path)?;
+    let address = read_line(&mut lines)?;
+    let rounds = if case.paced {
+        args.paced_rounds
+    } else {
+        args.rounds
+    };
+    let gap = case.paced.then(|| Duration::from_secs(1) / args.paced_rate);
+    let measured = match case.transport {
+        Transport::Tcp => {
+            let stream = TcpStream::connect(address.trim())?;
+            stream.set_nodelay(true)?;
+            client(stream, case.client, args.size as usize, rounds, gap)?
+        }
+        Transport::Unix => client(
+            UnixStream::connect(&path)?,
+            case.client,
+            args.size as usize,
+            rounds,
+            gap,
+        )?,
+    };
+    let server = read_line(&mut lines)?;
+    wait(&mut child)?;
+    let mut words = server.split_whitespace().map(str::parse::<u64>);
+    let (Some(Ok(server_ns)), Some(Ok(server_switches))) = (words.next(), words.next()) else {
+        bail!("the server's usage line is malformed: {server:?}");
+    };
+    let (histogram, usage) = measured;
+    let per = |value: u64| value as f64 / f64::from(rounds);
+    println!(
+        "| {:?} | {:?} | {:?} | {} | {} / {} / {} | {:.1} | {:.1} | {:.2} |",
+        case.transport,
+        case.server,
+        case.client,
+        gap.map_or("closed loop".to_string(), |_| format!(
+            "{}/s",
+            args.paced_rate
+        )),
+        histogram.value_at_quantile(0.50),
+        histogram.value_at_quantile(0.90),
+        histogram.value_at_quantile(0.99),
+        per(usage.cpu_ns) / 1000.0,
+        per(server_ns) / 1000.0,
+        per(server_switches),
+    );
+    Ok(())
+}
+
+fn spawn_server(case: &Case, path: &Path) -> Result<(Child, BufReader<ChildStdout>)> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .arg("--serve")
+        .arg(style_name(case.server))
+        .arg("--transport")
+        .arg(match case.transport {
+            Transport::Tcp => "tcp",
+            Transport::Unix => "unix",
+        })
+        .arg("--path")
+        .arg(path)
+        .stdout(Stdio::piped());
+    let mut child = command.spawn().context("starting the echo server")?;
+    let stdout = child.stdout.take().context("the echo server's stdout")?;
+    Ok((child, BufReader::new(stdout)))
+}
+
+fn style_name(style: Style) -> &'static str {
+    match style {
+        Style::Block => "block",
+        Style::Spin => "spin",
+        Style::Tokio => "tokio",
+    }
+}
+
+fn read_line(lines: &mut BufReader<ChildStdout>) -> Result<String> {
+    let mut line = String::new();
+    if lines.read_line(&mut line)? == 0 {
+        bail!("the echo server exited early");
+    }
+    Ok(line)
+}
+
+fn wait(child: &mut Child) -> Result<()> {
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("the echo server failed: {status}");
+    }
+    Ok(())
+}
+
+fn client<S: Read + Write + Nonblocking>(
+    mut stream: S,
+    style: Style,
+    size: usize,
+    rounds: u32,
+    gap: Option<Duration>,
+) -> Result<(Histogram<u64>, Usage)> {
+    if style == Style::Spin {
+        stream.nonblocking()?;
+    }
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+    let message = vec![7u8; size];
+    let mut answer = vec![0u8; size];
+    let before = Usage::now()?;
+    let mut due = Instant::now();
+    for _ in 0..rounds {
+        if let Some(gap) = gap {
+            due += gap;
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+        let started = Instant::now();
+        write_all(&mut stream, &message)?;
+        read_exact(&mut stream, &mut answer)?;
+        histogram.record(started.elapsed().as_micros().max(1) as u64)?;
+    }
+    let usage = Usage::now()?.since(before);
+    Ok((histogram, usage))
+}
+
+/// Blocking or not, the same loop: a non-blocking socket spins on
+/// `WouldBlock`.
+fn read_exact(stream: &mut impl Read, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match stream.read(&mut buf[done..]) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn write_all(stream: &mut impl Write, buf: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match stream.write(&buf[done..]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+trait Nonblocking {
+    fn nonblocking(&self) -> io::Result<()>;
+}
+
+impl Nonblocking for TcpStream {
+    fn nonblocking(&self) -> io::Result<()> {
+        self.set_nonblocking(true)
+    }
+}
+
+impl Nonblocking for UnixStream {
+    fn nonblocking(&self) -> io::Result<()> {
+        self.set_nonblocking(true)
+    }
+}
+
+/// The child: accept one connection, echo until EOF, print "cpu_ns
+/// switches" spent from the accept to the EOF.
+fn serve(style: Style, transport: Transport, path: Option<&str>, size: usize) -> Result<()> {
+    if style == Style::Tokio {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?
+            .block_on(serve_tokio(transport, path, size));
+    }
+    let usage = match transport {
+        Transport::Tcp => {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            announce(&listener.local_addr()?.to_string())?;
+            let (stream, _) = listener.accept()?;
+            stream.set_nodelay(true)?;
+            echo(stream, style, size)?
+        }
+        Transport::Unix => {
+            let listener = UnixListener::bind(path.context("--path for a Unix socket")?)?;
+            announce("unix")?;
+            let (stream, _) = listener.accept()?;
+            echo(stream, style, size)?
+        }
+    };
+    announce(&format!("{} {}", usage.cpu_ns, usage.switches))
+}
+
+fn announce(line: &str) -> Result<()> {
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+    Ok(())
+}
+
+fn echo<S: Read + Write + Nonblocking>(mut stream: S, style: Style, size: usize) -> Result<Usage> {
+    if style == Style::Spin {
+        stream.nonblocking()?;
+    }
+    let before = Usage::now()?;
+    let mut buf = vec![0u8; size];
+    loop {
+        match read_exact(&mut stream, &mut buf) {
+            Ok(()) => write_all(&mut stream, &buf)?,
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Usage::now()?.since(before))
+}
+
+async fn serve_tokio(transport: Transport, path: Option<&str>, size: usize) -> Result<()> {
+    let usage = match transport {
+        Transport::Tcp => {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            announce(&listener.local_addr()?.to_string())?;
+            let (stream, _) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            echo_tokio(stream, size).await?
+        }
+        Transport::Unix => {
+            let listener =
+                tokio::net::UnixListener::bind(path.context("--path for a Unix socket")?)?;
+            announce("unix")?;
+            let (stream, _) = listener.accept().await?;
+            echo_tokio(stream, size).await?
+        }
+    };
+    announce(&format!("{} {}", usage.cpu_ns, usage.switches))
+}
+
+async fn echo_tokio<S>(mut stream: S, size: usize) -> Result<Usage>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let before = Usage::now()?;
+    let mut buf = vec![0u8; size];
+    loop {
+        match stream.read_exact(&mut buf).await {
+            Ok(_) => stream.write_all(&buf).await?,
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Usage::now()?.since(before))
+}
+
+/// gRPC round trips through tonic, against real etcd v3 servers.
+mod grpc {
+    use std::time::Instant;
+
+    use anyhow::{Context, Result};
+    use bytes::Bytes;
+    use hdrhistogram::Histogram;
+    use ste_etcd_proto::pb::{
+        kv_client::KvClient, maintenance_client::MaintenanceClient, AlarmRequest,
+    };
+    use tonic::transport::Channel;
+
+    pub fn run(endpoints: &[String], rounds: u32, size: usize) -> Result<()> {
+        println!();
+        println!("| endpoint | client | bare call p50 / p90 µs | create p50 / p90 µs |");
+        println!("|---|---|---|---|");
+        for endpoint in endpoints {
+            let (name, url) = endpoint
+                .split_once('=')
+                .with_context(|| format!("--grpc {endpoint:?}: expected name=url"))?;
+            // The style ste-bench uses: the calls on block_on's thread, the
+            // connection's tasks on the workers.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let line = runtime.block_on(calls(url, rounds, size))?;
+            println!("| {name} | main thread, 2 workers | {line} |");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let line = runtime.block_on(calls(url, rounds, size))?;
+            println!("| {name} | current thread | {line} |");
+        }
+        Ok(())
+    }
+
+    async fn calls(url: &str, rounds: u32, size: usize) -> Result<String> {
+        let channel = Channel::from_shared(url.to_string())?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        let mut maintenance = MaintenanceClient::new(channel.clone());
+        let mut kv = KvClient::new(channel);
+        for _ in 0..100 {
+            maintenance.alarm(AlarmRequest::default()).await?;
+        }
+        let mut bare = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+        for _ in 0..rounds {
+            let started = Instant::now();
+            maintenance.alarm(AlarmRequest::default()).await?;
+            bare.record(started.elapsed().as_micros().max(1) as u64)?;
+        }
+        let value = Bytes::from(vec![b'x'; size]);
+        let mut create = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos();
+        for i in 0..rounds {
+            let key = Bytes::from(format!("/registry/pods/loopback-floor/{run}-{i}"));
+            let txn = ste_testkit::shapes::create(&key, &value);
+            let started = Instant::now();
+            let answer = kv.txn(txn).await?.into_inner();
+            create.record(started.elapsed().as_micros().max(1) as u64)?;
+            anyhow::ensure!(answer.succeeded, "create of {key:?} lost its compare");
+        }
+        Ok(format!(
+            "{} / {} | {} / {}",
+            bare.value_at_quantile(0.5),
+            bare.value_at_quantile(0.9),
+            create.value_at_quantile(0.5),
+            create.value_at_quantile(0.9)
+        ))
+    }
+}
