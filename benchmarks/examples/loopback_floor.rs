@@ -419,21 +419,24 @@ where
     Ok(Usage::now()?.since(before))
 }
 
-/// gRPC round trips through tonic, against real etcd v3 servers.
+/// gRPC round trips against real etcd v3 servers: through tonic, and
+/// through ste-router's own client connection.
 mod grpc {
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     use anyhow::{Context, Result};
     use bytes::Bytes;
     use hdrhistogram::Histogram;
     use ste_etcd_proto::pb::{
-        kv_client::KvClient, maintenance_client::MaintenanceClient, AlarmRequest,
+        kv_client::KvClient, maintenance_client::MaintenanceClient, AlarmRequest, AlarmResponse,
+        TxnRequest, TxnResponse,
     };
+    use ste_router::shard::transport::{OwnedConnection, Target};
     use tonic::transport::Channel;
 
     pub fn run(endpoints: &[String], rounds: u32, size: usize) -> Result<()> {
         println!();
-        println!("| endpoint | client | bare call p50 / p90 µs | create p50 / p90 µs |");
+        println!("| endpoint | client | bare call p50 / p90 / mean µs | create p50 / p90 / mean µs |");
         println!("|---|---|---|---|");
         for endpoint in endpoints {
             let (name, url) = endpoint
@@ -445,35 +448,103 @@ mod grpc {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            let line = runtime.block_on(calls(url, rounds, size))?;
-            println!("| {name} | main thread, 2 workers | {line} |");
+            let line = runtime.block_on(async {
+                let client = Tonic::connect(url).await?;
+                calls(client, rounds, size).await
+            })?;
+            println!("| {name} | tonic, main thread, 2 workers | {line} |");
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let line = runtime.block_on(calls(url, rounds, size))?;
-            println!("| {name} | current thread | {line} |");
+            let line = runtime.block_on(async {
+                let client = Tonic::connect(url).await?;
+                calls(client, rounds, size).await
+            })?;
+            println!("| {name} | tonic, current thread | {line} |");
+            let line = runtime.block_on(async {
+                let target = Target::parse(url, None).map_err(anyhow::Error::msg)?;
+                let client = OwnedConnection::new(target, Duration::from_secs(5));
+                calls(Own(client), rounds, size).await
+            })?;
+            println!("| {name} | ste-router's shard connection, current thread | {line} |");
         }
         Ok(())
     }
 
-    async fn calls(url: &str, rounds: u32, size: usize) -> Result<String> {
-        let channel = Channel::from_shared(url.to_string())?
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {url}"))?;
-        let mut maintenance = MaintenanceClient::new(channel.clone());
-        let mut kv = KvClient::new(channel);
+    /// The two calls timed, on either client.
+    trait Client {
+        async fn alarm(&mut self) -> Result<()>;
+        async fn txn(&mut self, txn: TxnRequest) -> Result<TxnResponse>;
+    }
+
+    struct Tonic {
+        maintenance: MaintenanceClient<Channel>,
+        kv: KvClient<Channel>,
+    }
+
+    impl Tonic {
+        async fn connect(url: &str) -> Result<Tonic> {
+            let channel = Channel::from_shared(url.to_string())?
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {url}"))?;
+            Ok(Tonic {
+                maintenance: MaintenanceClient::new(channel.clone()),
+                kv: KvClient::new(channel),
+            })
+        }
+    }
+
+    impl Client for Tonic {
+        async fn alarm(&mut self) -> Result<()> {
+            self.maintenance.alarm(AlarmRequest::default()).await?;
+            Ok(())
+        }
+
+        async fn txn(&mut self, txn: TxnRequest) -> Result<TxnResponse> {
+            Ok(self.kv.txn(txn).await?.into_inner())
+        }
+    }
+
+    /// h2 polled by the caller, no tonic: what ste-router uses towards
+    /// its shards (`router/src/shard/transport.rs`).
+    struct Own(OwnedConnection);
+
+    impl Client for Own {
+        async fn alarm(&mut self) -> Result<()> {
+            let call = self
+                .0
+                .try_call::<_, AlarmResponse>(
+                    "/etcdserverpb.Maintenance/Alarm",
+                    &AlarmRequest::default(),
+                )
+                .context("the connection is busy")?;
+            call.await?;
+            Ok(())
+        }
+
+        async fn txn(&mut self, txn: TxnRequest) -> Result<TxnResponse> {
+            let call = self
+                .0
+                .try_call::<_, TxnResponse>("/etcdserverpb.KV/Txn", &txn)
+                .context("the connection is busy")?;
+            Ok(call.await?)
+        }
+    }
+
+    async fn calls(mut client: impl Client, rounds: u32, size: usize) -> Result<String> {
         for _ in 0..100 {
-            maintenance.alarm(AlarmRequest::default()).await?;
+            client.alarm().await?;
         }
         let mut bare = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
         for _ in 0..rounds {
             let started = Instant::now();
-            maintenance.alarm(AlarmRequest::default()).await?;
-            bare.record(started.elapsed().as_micros().max(1) as u64)?;
+            client.alarm().await?;
+            bare.record(micros(started))?;
         }
         let value = Bytes::from(vec![b'x'; size]);
         let mut create = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+        // A prefix no earlier run used, so that every create finds its key new.
         let run = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_nanos();
@@ -481,16 +552,22 @@ mod grpc {
             let key = Bytes::from(format!("/registry/pods/loopback-floor/{run}-{i}"));
             let txn = ste_testkit::shapes::create(&key, &value);
             let started = Instant::now();
-            let answer = kv.txn(txn).await?.into_inner();
-            create.record(started.elapsed().as_micros().max(1) as u64)?;
+            let answer = client.txn(txn).await?;
+            create.record(micros(started))?;
             anyhow::ensure!(answer.succeeded, "create of {key:?} lost its compare");
         }
         Ok(format!(
-            "{} / {} | {} / {}",
+            "{} / {} / {:.0} | {} / {} / {:.0}",
             bare.value_at_quantile(0.5),
             bare.value_at_quantile(0.9),
+            bare.mean(),
             create.value_at_quantile(0.5),
-            create.value_at_quantile(0.9)
+            create.value_at_quantile(0.9),
+            create.mean()
         ))
+    }
+
+    fn micros(started: Instant) -> u64 {
+        started.elapsed().as_micros().max(1) as u64
     }
 }

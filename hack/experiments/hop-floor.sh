@@ -34,3 +34,10 @@ curl -sf http://127.0.0.1:25991/readyz > /dev/null || { echo "router not ready; 
 cd "$ROOT"
 cargo run --quiet --release --locked -p ste-bench --example loopback_floor -- \
     --grpc plain-etcd=http://127.0.0.1:25790,ste-router=http://127.0.0.1:25990 "$@"
+# Where a create's time went inside the router (means over every Txn above).
+curl -sf http://127.0.0.1:25991/metrics | awk '
+    /^ste_router_rpc_duration_seconds_sum\{method="Txn"\}/ { rs = $2 }
+    /^ste_router_rpc_duration_seconds_count\{method="Txn"\}/ { rc = $2 }
+    /^ste_router_shard_txn_duration_seconds_sum/ { ss = $2 }
+    /^ste_router_shard_txn_duration_seconds_count/ { sc = $2 }
+    END { if (rc > 0 && sc > 0) printf "\nste-router, mean per Txn: %.0f µs in its handler, of which %.0f µs the shard Txn\n", rs / rc * 1e6, ss / sc * 1e6 }'
