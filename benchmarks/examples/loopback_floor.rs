@@ -436,7 +436,9 @@ mod grpc {
 
     pub fn run(endpoints: &[String], rounds: u32, size: usize) -> Result<()> {
         println!();
-        println!("| endpoint | client | bare call p50 / p90 / mean µs | create p50 / p90 / mean µs |");
+        println!(
+            "| endpoint | client | bare call p50 / p90 / mean µs | create p50 / p90 / mean µs |"
+        );
         println!("|---|---|---|---|");
         for endpoint in endpoints {
             let (name, url) = endpoint
