@@ -45,10 +45,12 @@ struct Args {
     #[arg(long, env = "FLOOR_SIZE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     size: u32,
     /// Also time gRPC calls against these etcd v3 endpoints (`name=url`,
-    /// repeatable; e.g. a plain etcd and a ste-router): a call the server
-    /// answers by itself (Maintenance.Alarm) and a create Txn of `--size`
-    /// bytes, from a client on a current-thread runtime and from one on the
-    /// main thread of a two-worker runtime (how `ste-bench` calls).
+    /// comma-separated; e.g. a plain etcd and a ste-router): a call the
+    /// server answers by itself (Maintenance.Alarm) and a create Txn of
+    /// `--size` bytes under /registry/pods/loopback-floor/, `--rounds` of
+    /// each, from three clients: tonic on the main thread of a two-worker
+    /// runtime (how `ste-bench` calls), tonic on a current-thread runtime,
+    /// and ste-router's own shard connection (h2, no tonic).
     #[arg(long = "grpc", env = "FLOOR_GRPC", value_delimiter = ',')]
     grpc: Vec<String>,
     /// Internal: run as the echo server of one case.
@@ -136,6 +138,9 @@ fn main() -> Result<()> {
             args.size as usize,
         );
     }
+    if let Some(bad) = args.grpc.iter().find(|e| !e.contains('=')) {
+        bail!("--grpc {bad:?}: expected name=url, e.g. plain-etcd=http://127.0.0.1:2379");
+    }
     let cases = [
         (Transport::Tcp, Style::Block, Style::Block, false),
         (Transport::Unix, Style::Block, Style::Block, false),
@@ -166,7 +171,7 @@ fn main() -> Result<()> {
 fn run_case(args: &Args, case: &Case) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("echo.sock");
-    let (mut child, mut lines) = spawn_server(case, &path)?;
+    let (mut server, mut lines) = spawn_server(case, &path)?;
     let address = read_line(&mut lines)?;
     let rounds = if case.paced {
         args.paced_rounds
@@ -188,11 +193,11 @@ fn run_case(args: &Args, case: &Case) -> Result<()> {
             gap,
         )?,
     };
-    let server = read_line(&mut lines)?;
-    wait(&mut child)?;
-    let mut words = server.split_whitespace().map(str::parse::<u64>);
+    let usage_line = read_line(&mut lines)?;
+    server.finish()?;
+    let mut words = usage_line.split_whitespace().map(str::parse::<u64>);
     let (Some(Ok(server_ns)), Some(Ok(server_switches))) = (words.next(), words.next()) else {
-        bail!("the server's usage line is malformed: {server:?}");
+        bail!("the server's usage line is malformed: {usage_line:?}");
     };
     let (histogram, usage) = measured;
     let per = |value: u64| value as f64 / f64::from(rounds);
@@ -215,7 +220,33 @@ fn run_case(args: &Args, case: &Case) -> Result<()> {
     Ok(())
 }
 
-fn spawn_server(case: &Case, path: &Path) -> Result<(Child, BufReader<ChildStdout>)> {
+/// The echo server's process: killed if the case ends early (an error),
+/// waited for otherwise.
+struct Server(Option<Child>);
+
+impl Server {
+    fn finish(&mut self) -> Result<()> {
+        let Some(mut child) = self.0.take() else {
+            return Ok(());
+        };
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("the echo server failed: {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn_server(case: &Case, path: &Path) -> Result<(Server, BufReader<ChildStdout>)> {
     let mut command = Command::new(std::env::current_exe()?);
     command
         .arg("--serve")
@@ -230,7 +261,7 @@ fn spawn_server(case: &Case, path: &Path) -> Result<(Child, BufReader<ChildStdou
         .stdout(Stdio::piped());
     let mut child = command.spawn().context("starting the echo server")?;
     let stdout = child.stdout.take().context("the echo server's stdout")?;
-    Ok((child, BufReader::new(stdout)))
+    Ok((Server(Some(child)), BufReader::new(stdout)))
 }
 
 fn style_name(style: Style) -> &'static str {
@@ -247,14 +278,6 @@ fn read_line(lines: &mut BufReader<ChildStdout>) -> Result<String> {
         bail!("the echo server exited early");
     }
     Ok(line)
-}
-
-fn wait(child: &mut Child) -> Result<()> {
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("the echo server failed: {status}");
-    }
-    Ok(())
 }
 
 fn client<S: Read + Write + Nonblocking>(
