@@ -53,6 +53,18 @@ struct Args {
     /// and ste-router's own shard connection (h2, no tonic).
     #[arg(long = "grpc", env = "FLOOR_GRPC", value_delimiter = ',')]
     grpc: Vec<String>,
+    /// Which of the three gRPC clients to run, comma-separated.
+    #[arg(
+        long,
+        env = "FLOOR_GRPC_CLIENTS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "tonic-main,tonic-current,own"
+    )]
+    grpc_clients: Vec<GrpcClient>,
+    /// Skip the raw round trips (only the `--grpc` calls).
+    #[arg(long, env = "FLOOR_NO_RAW")]
+    no_raw: bool,
     /// Internal: run as the echo server of one case.
     #[arg(long, hide = true, value_enum)]
     serve: Option<Style>,
@@ -68,6 +80,17 @@ struct Args {
 enum Transport {
     Tcp,
     Unix,
+}
+
+/// A gRPC client of `--grpc`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum GrpcClient {
+    /// tonic, the calls on the main thread of a two-worker runtime.
+    TonicMain,
+    /// tonic on a current-thread runtime.
+    TonicCurrent,
+    /// ste-router's own shard connection on a current-thread runtime.
+    Own,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -141,6 +164,22 @@ fn main() -> Result<()> {
     if let Some(bad) = args.grpc.iter().find(|e| !e.contains('=')) {
         bail!("--grpc {bad:?}: expected name=url, e.g. plain-etcd=http://127.0.0.1:2379");
     }
+    if !args.no_raw {
+        raw_cases(&args)?;
+    }
+    if !args.grpc.is_empty() {
+        grpc::run(
+            &args.grpc,
+            &args.grpc_clients,
+            args.rounds,
+            args.size as usize,
+        )?;
+    }
+    Ok(())
+}
+
+/// The round trips between two processes, every transport and style.
+fn raw_cases(args: &Args) -> Result<()> {
     let cases = [
         (Transport::Tcp, Style::Block, Style::Block, false),
         (Transport::Unix, Style::Block, Style::Block, false),
@@ -159,11 +198,8 @@ fn main() -> Result<()> {
             client,
             paced,
         };
-        run_case(&args, &case)
+        run_case(args, &case)
             .with_context(|| format!("case {transport:?} {server:?}/{client:?}"))?;
-    }
-    if !args.grpc.is_empty() {
-        grpc::run(&args.grpc, args.rounds, args.size as usize)?;
     }
     Ok(())
 }
@@ -309,27 +345,30 @@ fn client<S: Read + Write + Nonblocking>(
     Ok((histogram, usage))
 }
 
-/// Blocking or not, the same loop: a non-blocking socket spins on
-/// `WouldBlock`.
 fn read_exact(stream: &mut impl Read, buf: &mut [u8]) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match stream.read(&mut buf[done..]) {
-            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => std::hint::spin_loop(),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    whole(buf.len(), ErrorKind::UnexpectedEof, |done| {
+        stream.read(&mut buf[done..])
+    })
 }
 
 fn write_all(stream: &mut impl Write, buf: &[u8]) -> io::Result<()> {
+    whole(buf.len(), ErrorKind::WriteZero, |done| {
+        stream.write(&buf[done..])
+    })
+}
+
+/// Repeats `step` (a read or a write from offset `done`) until `len` bytes
+/// went through. Blocking or not, the same loop: a non-blocking socket
+/// spins on `WouldBlock`; 0 bytes means the peer is gone (`ended`).
+fn whole(
+    len: usize,
+    ended: ErrorKind,
+    mut step: impl FnMut(usize) -> io::Result<usize>,
+) -> io::Result<()> {
     let mut done = 0;
-    while done < buf.len() {
-        match stream.write(&buf[done..]) {
-            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+    while done < len {
+        match step(done) {
+            Ok(0) => return Err(ended.into()),
             Ok(n) => done += n,
             Err(e) if e.kind() == ErrorKind::WouldBlock => std::hint::spin_loop(),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -457,7 +496,14 @@ mod grpc {
     use ste_router::shard::transport::{OwnedConnection, Target};
     use tonic::transport::Channel;
 
-    pub fn run(endpoints: &[String], rounds: u32, size: usize) -> Result<()> {
+    use super::GrpcClient;
+
+    pub fn run(
+        endpoints: &[String],
+        clients: &[GrpcClient],
+        rounds: u32,
+        size: usize,
+    ) -> Result<()> {
         println!();
         println!(
             "| endpoint | client | bare call p50 / p90 / mean µs | create p50 / p90 / mean µs |"
@@ -467,33 +513,46 @@ mod grpc {
             let (name, url) = endpoint
                 .split_once('=')
                 .with_context(|| format!("--grpc {endpoint:?}: expected name=url"))?;
-            // The style ste-bench uses: the calls on block_on's thread, the
-            // connection's tasks on the workers.
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            let line = runtime.block_on(async {
-                let client = Tonic::connect(url).await?;
-                calls(client, rounds, size).await
-            })?;
-            println!("| {name} | tonic, main thread, 2 workers | {line} |");
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let line = runtime.block_on(async {
-                let client = Tonic::connect(url).await?;
-                calls(client, rounds, size).await
-            })?;
-            println!("| {name} | tonic, current thread | {line} |");
-            let line = runtime.block_on(async {
-                let target = Target::parse(url, None).map_err(anyhow::Error::msg)?;
-                let client = OwnedConnection::new(target, Duration::from_secs(5));
-                calls(Own(client), rounds, size).await
-            })?;
-            println!("| {name} | ste-router's shard connection, current thread | {line} |");
+            for &client in clients {
+                let line = match client {
+                    // The style ste-bench uses: the calls on block_on's
+                    // thread, the connection's tasks on the workers.
+                    GrpcClient::TonicMain => tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()?
+                        .block_on(async {
+                            calls(Tonic::connect(url).await?, rounds, size).await
+                        })?,
+                    GrpcClient::TonicCurrent => current_thread()?.block_on(async {
+                        calls(Tonic::connect(url).await?, rounds, size).await
+                    })?,
+                    GrpcClient::Own => current_thread()?.block_on(async {
+                        let target = Target::parse(url, None).map_err(anyhow::Error::msg)?;
+                        let connection = OwnedConnection::new(target, Duration::from_secs(5));
+                        calls(Own(connection), rounds, size).await
+                    })?,
+                };
+                println!("| {name} | {} | {line} |", client.label());
+            }
         }
         Ok(())
+    }
+
+    fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+
+    impl GrpcClient {
+        fn label(self) -> &'static str {
+            match self {
+                GrpcClient::TonicMain => "tonic, main thread, 2 workers",
+                GrpcClient::TonicCurrent => "tonic, current thread",
+                GrpcClient::Own => "ste-router's shard connection, current thread",
+            }
+        }
     }
 
     /// The two calls timed, on either client.
