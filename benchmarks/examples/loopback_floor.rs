@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use hdrhistogram::Histogram;
+use ste_bench::stats::Samples;
 
 /// Round trips between two processes over loopback TCP or a Unix socket,
 /// with each side blocking in `read`, spinning on non-blocking reads, or
@@ -118,23 +118,17 @@ struct Usage {
 }
 
 impl Usage {
+    /// CPU from `schedstat` (nanoseconds: a paced case's few ms of CPU is
+    /// below `/proc/<pid>/stat`'s 10 ms ticks); switches as the bench counts them.
     fn now() -> Result<Usage> {
-        let mut usage = Usage::default();
+        let mut cpu_ns = 0;
         for task in std::fs::read_dir("/proc/self/task").context("reading /proc/self/task")? {
-            let dir = task?.path();
-            let schedstat = std::fs::read_to_string(dir.join("schedstat"))?;
-            usage.cpu_ns += first_number(&schedstat)?;
-            let status = std::fs::read_to_string(dir.join("status"))?;
-            for line in status.lines() {
-                if let Some(rest) = line
-                    .strip_prefix("voluntary_ctxt_switches:")
-                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-                {
-                    usage.switches += first_number(rest)?;
-                }
-            }
+            let schedstat = std::fs::read_to_string(task?.path().join("schedstat"))?;
+            cpu_ns += first_number(&schedstat)?;
         }
-        Ok(usage)
+        let switches = ste_bench::stats::process_context_switches(std::process::id())
+            .context("reading this process's context switches")?;
+        Ok(Usage { cpu_ns, switches })
     }
 
     fn since(self, before: Usage) -> Usage {
@@ -235,10 +229,10 @@ fn run_case(args: &Args, case: &Case) -> Result<()> {
     let (Some(Ok(server_ns)), Some(Ok(server_switches))) = (words.next(), words.next()) else {
         bail!("the server's usage line is malformed: {usage_line:?}");
     };
-    let (histogram, usage) = measured;
+    let (samples, usage) = measured;
     let per = |value: u64| value as f64 / f64::from(rounds);
     println!(
-        "| {:?} | {:?} | {:?} | {} | {} / {} / {} | {:.1} | {:.1} | {:.2} |",
+        "| {:?} | {:?} | {:?} | {} | {:.0} / {:.0} / {:.0} | {:.1} | {:.1} | {:.2} |",
         case.transport,
         case.server,
         case.client,
@@ -246,9 +240,9 @@ fn run_case(args: &Args, case: &Case) -> Result<()> {
             "{}/s",
             args.paced_rate
         )),
-        histogram.value_at_quantile(0.50),
-        histogram.value_at_quantile(0.90),
-        histogram.value_at_quantile(0.99),
+        samples.percentile(50.0),
+        samples.percentile(90.0),
+        samples.percentile(99.0),
         per(usage.cpu_ns) / 1000.0,
         per(server_ns) / 1000.0,
         per(server_switches),
@@ -286,12 +280,9 @@ fn spawn_server(case: &Case, path: &Path) -> Result<(Server, BufReader<ChildStdo
     let mut command = Command::new(std::env::current_exe()?);
     command
         .arg("--serve")
-        .arg(style_name(case.server))
+        .arg(flag(case.server))
         .arg("--transport")
-        .arg(match case.transport {
-            Transport::Tcp => "tcp",
-            Transport::Unix => "unix",
-        })
+        .arg(flag(case.transport))
         .arg("--path")
         .arg(path)
         .stdout(Stdio::piped());
@@ -300,12 +291,12 @@ fn spawn_server(case: &Case, path: &Path) -> Result<(Server, BufReader<ChildStdo
     Ok((Server(Some(child)), BufReader::new(stdout)))
 }
 
-fn style_name(style: Style) -> &'static str {
-    match style {
-        Style::Block => "block",
-        Style::Spin => "spin",
-        Style::Tokio => "tokio",
-    }
+/// How clap spells `value` on the command line.
+fn flag(value: impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
 }
 
 fn read_line(lines: &mut BufReader<ChildStdout>) -> Result<String> {
@@ -322,11 +313,11 @@ fn client<S: Read + Write + Nonblocking>(
     size: usize,
     rounds: u32,
     gap: Option<Duration>,
-) -> Result<(Histogram<u64>, Usage)> {
+) -> Result<(Samples, Usage)> {
     if style == Style::Spin {
         stream.nonblocking()?;
     }
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+    let mut samples = Samples::default();
     let message = vec![7u8; size];
     let mut answer = vec![0u8; size];
     let before = Usage::now()?;
@@ -339,10 +330,10 @@ fn client<S: Read + Write + Nonblocking>(
         let started = Instant::now();
         write_all(&mut stream, &message)?;
         read_exact(&mut stream, &mut answer)?;
-        histogram.record(started.elapsed().as_micros().max(1) as u64)?;
+        samples.push(started.elapsed());
     }
     let usage = Usage::now()?.since(before);
-    Ok((histogram, usage))
+    Ok((samples, usage))
 }
 
 fn read_exact(stream: &mut impl Read, buf: &mut [u8]) -> io::Result<()> {
@@ -488,7 +479,7 @@ mod grpc {
 
     use anyhow::{Context, Result};
     use bytes::Bytes;
-    use hdrhistogram::Histogram;
+    use ste_bench::stats::Samples;
     use ste_etcd_proto::pb::{
         kv_client::KvClient, maintenance_client::MaintenanceClient, AlarmRequest, AlarmResponse,
         TxnRequest, TxnResponse,
@@ -620,14 +611,14 @@ mod grpc {
         for _ in 0..100 {
             client.alarm().await?;
         }
-        let mut bare = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+        let mut bare = Samples::default();
         for _ in 0..rounds {
             let started = Instant::now();
             client.alarm().await?;
-            bare.record(micros(started))?;
+            bare.push(started.elapsed());
         }
         let value = Bytes::from(vec![b'x'; size]);
-        let mut create = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+        let mut create = Samples::default();
         // A prefix no earlier run used, so that every create finds its key new.
         let run = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
@@ -637,21 +628,19 @@ mod grpc {
             let txn = ste_testkit::shapes::create(&key, &value);
             let started = Instant::now();
             let answer = client.txn(txn).await?;
-            create.record(micros(started))?;
+            create.push(started.elapsed());
             anyhow::ensure!(answer.succeeded, "create of {key:?} lost its compare");
         }
-        Ok(format!(
-            "{} / {} / {:.0} | {} / {} / {:.0}",
-            bare.value_at_quantile(0.5),
-            bare.value_at_quantile(0.9),
-            bare.mean(),
-            create.value_at_quantile(0.5),
-            create.value_at_quantile(0.9),
-            create.mean()
-        ))
+        Ok(format!("{} | {}", summary(&bare), summary(&create)))
     }
 
-    fn micros(started: Instant) -> u64 {
-        started.elapsed().as_micros().max(1) as u64
+    /// "p50 / p90 / mean" in µs.
+    fn summary(samples: &Samples) -> String {
+        format!(
+            "{:.0} / {:.0} / {:.0}",
+            samples.percentile(50.0),
+            samples.percentile(90.0),
+            samples.mean()
+        )
     }
 }

@@ -60,6 +60,14 @@ impl Samples {
         self.max_us = self.max_us.max(other.max_us);
     }
 
+    /// The mean in microseconds; NaN without samples.
+    pub fn mean(&self) -> f64 {
+        if self.histogram.is_empty() {
+            return f64::NAN;
+        }
+        self.histogram.mean()
+    }
+
     pub fn len(&self) -> usize {
         self.histogram.len() as usize
     }
@@ -137,6 +145,16 @@ mod tests {
         assert!((s.percentile(99.0) - 99.0).abs() <= 1.0);
         assert_eq!(s.len(), 100);
         assert!(Samples::default().percentile(50.0).is_nan());
+    }
+
+    #[test]
+    fn the_mean_is_of_every_sample() {
+        let mut s = Samples::default();
+        for us in [100, 200, 600] {
+            s.push(Duration::from_micros(us));
+        }
+        assert!((s.mean() - 300.0).abs() <= 1.0, "mean {}", s.mean());
+        assert!(Samples::default().mean().is_nan());
     }
 
     #[test]
