@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod coldstart;
 pub mod external;
 pub mod failure;
+pub mod host;
 pub mod interrupt;
 pub mod jobs;
 pub mod knative;

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+use crate::host::IdlePolicy;
 use crate::stats::{process_context_switches, process_cpu_seconds, Samples};
 
 #[derive(clap::Args)]
@@ -744,6 +745,7 @@ fn print_report(results: &[ArmResult], args: &Args) {
         "Router benchmark: {} keys of {} B, {} sequential ops, {} clients at saturation, {} watched writes",
         args.keys, args.value_size, args.latency_ops, args.concurrency, args.watch_ops
     );
+    println!("Machine: {}", IdlePolicy::read());
     println!();
     println!("| arm | get p50/p99 µs | create p50/p99 µs | update p50/p99 µs | List {} keys (limit 500) ms | watch p50/p99 µs | writes/s saturated | × etcd | router CPU µs/write | etcd CPU µs/write | Txn in router / shard Txn, mean µs |", args.keys);
     println!("|---|---|---|---|---|---|---|---|---|---|---|");

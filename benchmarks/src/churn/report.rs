@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::arms::qps_name;
 use crate::cluster::Arm;
+use crate::host::IdlePolicy;
 use crate::load::{ArmResult, ChurnArgs};
 use crate::measure::cpu_per_100;
 use crate::stats::Samples;
@@ -16,6 +17,7 @@ const BASES: [Arm; 3] = [Arm::Stock, Arm::Tuned, Arm::Override];
 pub fn print_report(args: &ChurnArgs, results: &[ArmResult]) {
     println!();
     println!("{}", heading(args));
+    println!("Machine: {}", IdlePolicy::read());
     println!();
     print_table(args, results);
     print_hops(args, results);
