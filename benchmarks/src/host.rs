@@ -48,7 +48,7 @@ impl fmt::Display for IdlePolicy {
         match (self.driver.as_deref(), self.guest_halt_poll_ns) {
             (Some("haltpoll"), Some(0)) => write!(
                 f,
-                "idle vCPUs halt at once (cpuidle haltpoll, guest_halt_poll_ns 0): every wake-up of an idle vCPU is a VM exit, which roughly doubles a loopback hop"
+                "idle vCPUs halt at once (cpuidle haltpoll, guest_halt_poll_ns 0): every wake-up of an idle vCPU is a VM exit, tens of µs per process hop"
             ),
             (Some("haltpoll"), Some(ns)) => write!(
                 f,
