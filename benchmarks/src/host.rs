@@ -6,15 +6,16 @@
 //! halts, so a message that comes within the window wakes it without a VM
 //! exit. With it off (`haltpoll.guest_halt_poll_ns=0` on the kernel command
 //! line, as on the VMs this project's figures come from) every wake-up of
-//! an idle vCPU is a VM exit and an IPI. Every extra process hop pays that twice, which is most
-//! of what the router's hop costs there (docs/benchmarks.md, "Guest halt
-//! polling"), so reports print the policy next to their figures.
+//! an idle vCPU is a VM exit and an IPI. Every extra process hop pays that
+//! twice, which is most of what the router's hop costs there
+//! (docs/benchmarks.md, "Guest halt polling"), so the router and churn
+//! reports print the policy next to their figures.
 
 use std::fmt;
 use std::path::Path;
 
 /// How this machine's CPUs wait when idle, as far as sysfs tells.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct IdlePolicy {
     /// `/sys/devices/system/cpu/cpuidle/current_driver` (None: no cpuidle).
     pub driver: Option<String>,
